@@ -1,0 +1,301 @@
+#include "client/client.h"
+
+#include <google/protobuf/util/json_util.h>
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace rapidin::client {
+namespace {
+
+using nlohmann::json;
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+absl::Status ReadFloats(const json& arr, const char* field, google::protobuf::RepeatedField<float>* out) {
+  if (!arr.is_array()) return absl::InvalidArgumentError(absl::StrCat("\"", field, "\" must be an array of numbers"));
+  out->Reserve(static_cast<int>(arr.size()));
+  for (size_t i = 0; i < arr.size(); ++i) {
+    if (!arr[i].is_number()) {
+      return absl::InvalidArgumentError(absl::StrCat("\"", field, "\"[", i, "] is not a number"));
+    }
+    out->Add(arr[i].get<float>());
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<json> ParseObject(const std::string& line) {
+  json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return absl::InvalidArgumentError("malformed JSON");
+  if (!j.is_object()) return absl::InvalidArgumentError("expected a JSON object");
+  return j;
+}
+
+// Shortens to at most n display characters without splitting a UTF-8 sequence; newlines become spaces.
+std::string Clip(const std::string& s, size_t n) {
+  std::string out;
+  size_t chars = 0;
+  for (size_t i = 0; i < s.size(); ++i) {
+    const unsigned char c = s[i];
+    if ((c & 0xC0) != 0x80) {
+      if (chars == n) {
+        out += "...";
+        break;
+      }
+      ++chars;
+    }
+    out += (c == '\n' || c == '\t' || c == '\r') ? ' ' : static_cast<char>(c);
+  }
+  return out;
+}
+
+std::string RecordSummary(const rapidin::v1::Record& r) {
+  if (!r.text().empty()) return r.text();
+  std::string s = r.instruction();
+  if (!r.input().empty()) s += " | " + r.input();
+  if (!r.output().empty()) s += " -> " + r.output();
+  return s;
+}
+
+}  // namespace
+
+absl::StatusOr<rapidin::v1::IngestRecord> ParseRecordLine(const std::string& line) {
+  auto j = ParseObject(line);
+  if (!j.ok()) return j.status();
+  rapidin::v1::IngestRecord out;
+  auto* rec = out.mutable_record();
+  auto str = [&](const char* key, std::string* dst) -> absl::Status {
+    auto it = j->find(key);
+    if (it == j->end() || it->is_null()) return absl::OkStatus();
+    if (!it->is_string()) return absl::InvalidArgumentError(absl::StrCat("\"", key, "\" must be a string"));
+    *dst = it->get<std::string>();
+    return absl::OkStatus();
+  };
+  auto id = j->find("id");
+  if (id == j->end()) return absl::InvalidArgumentError("missing \"id\"");
+  if (id->is_number_integer()) {
+    rec->set_id(std::to_string(id->get<int64_t>()));
+  } else if (id->is_string()) {
+    rec->set_id(id->get<std::string>());
+  } else {
+    return absl::InvalidArgumentError("\"id\" must be a string or an integer");
+  }
+  for (auto [k, dst] : {std::pair<const char*, std::string*>{"instruction", rec->mutable_instruction()},
+                        {"input", rec->mutable_input()},
+                        {"output", rec->mutable_output()},
+                        {"text", rec->mutable_text()}}) {
+    absl::Status st = str(k, dst);
+    if (!st.ok()) return st;
+  }
+  auto md = j->find("metadata");
+  if (md != j->end() && !md->is_null()) {
+    if (!md->is_object()) return absl::InvalidArgumentError("\"metadata\" must be an object of strings");
+    for (auto it = md->begin(); it != md->end(); ++it) {
+      (*rec->mutable_metadata())[it.key()] = it->is_string() ? it->get<std::string>() : it->dump();
+    }
+  }
+  auto vec = j->find("vector");
+  if (vec == j->end()) return absl::InvalidArgumentError("missing \"vector\"");
+  absl::Status st = ReadFloats(*vec, "vector", out.mutable_vector());
+  if (!st.ok()) return st;
+  return out;
+}
+
+absl::StatusOr<rapidin::v1::QueryVector> ParseQueryLine(const std::string& line) {
+  auto j = ParseObject(line);
+  if (!j.ok()) return j.status();
+  rapidin::v1::QueryVector out;
+  auto vec = j->find("vector");
+  if (vec == j->end()) return absl::InvalidArgumentError("missing \"vector\"");
+  absl::Status st = ReadFloats(*vec, "vector", out.mutable_values());
+  if (!st.ok()) return st;
+  auto w = j->find("weight");
+  if (w != j->end()) {
+    if (!w->is_number()) return absl::InvalidArgumentError("\"weight\" must be a number");
+    out.set_weight(w->get<float>());
+  }
+  return out;
+}
+
+absl::Status ForEachLine(const std::string& path,
+                         const std::function<absl::Status(int64_t, const std::string&)>& fn) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  std::string line;
+  int64_t no = 0;
+  while (std::getline(in, line)) {
+    ++no;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    absl::Status st = fn(no, line);
+    if (!st.ok()) return absl::Status(st.code(), absl::StrCat(path, ":", no, ": ", st.message()));
+  }
+  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading ", path));
+  return absl::OkStatus();
+}
+
+std::unique_ptr<Client> Client::Connect(const std::string& address, double deadline_s, int max_message_bytes) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(max_message_bytes);
+  args.SetMaxSendMessageSize(max_message_bytes);
+  auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  std::unique_ptr<Client> c(new Client());
+  c->stub_ = rapidin::v1::InfluenceService::NewStub(channel);
+  c->deadline_s_ = deadline_s;
+  return c;
+}
+
+void Client::SetDeadline(grpc::ClientContext* ctx) const {
+  if (deadline_s_ > 0) {
+    ctx->set_deadline(std::chrono::system_clock::now() +
+                      std::chrono::microseconds(static_cast<int64_t>(deadline_s_ * 1e6)));
+  }
+}
+
+absl::StatusOr<rapidin::v1::IngestResponse> Client::Ingest(
+    const std::function<bool(rapidin::v1::IngestRequest*)>& next_batch,
+    const std::function<void(uint64_t)>& progress) {
+  grpc::ClientContext ctx;
+  rapidin::v1::IngestResponse resp;
+  auto writer = stub_->Ingest(&ctx, &resp);
+  rapidin::v1::IngestRequest batch;
+  uint64_t sent = 0;
+  while (next_batch(&batch)) {
+    if (!writer->Write(batch)) break;  // the server ended the stream: Finish says why
+    sent += batch.records_size();
+    if (progress) progress(sent);
+    batch.Clear();
+  }
+  writer->WritesDone();
+  grpc::Status st = writer->Finish();
+  if (!st.ok()) return FromGrpc(st);
+  return resp;
+}
+
+absl::StatusOr<rapidin::v1::QueryByVectorResponse> Client::QueryByVector(
+    const rapidin::v1::QueryByVectorRequest& req) {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  rapidin::v1::QueryByVectorResponse resp;
+  absl::Status st = FromGrpc(stub_->QueryByVector(&ctx, req, &resp));
+  if (!st.ok()) return st;
+  return resp;
+}
+
+absl::StatusOr<rapidin::v1::QueryResponse> Client::Query(const rapidin::v1::QueryRequest& req) {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  rapidin::v1::QueryResponse resp;
+  absl::Status st = FromGrpc(stub_->Query(&ctx, req, &resp));
+  if (!st.ok()) return st;
+  return resp;
+}
+
+absl::StatusOr<rapidin::v1::StatsResponse> Client::Stats() {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  rapidin::v1::StatsResponse resp;
+  absl::Status st = FromGrpc(stub_->Stats(&ctx, rapidin::v1::StatsRequest(), &resp));
+  if (!st.ok()) return st;
+  return resp;
+}
+
+absl::StatusOr<rapidin::v1::GetRecordResponse> Client::GetRecord(const std::string& id, bool include_vector) {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx);
+  rapidin::v1::GetRecordRequest req;
+  req.set_id(id);
+  req.set_include_vector(include_vector);
+  rapidin::v1::GetRecordResponse resp;
+  absl::Status st = FromGrpc(stub_->GetRecord(&ctx, req, &resp));
+  if (!st.ok()) return st;
+  return resp;
+}
+
+std::string ToJson(const google::protobuf::Message& m) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions o;
+  o.preserve_proto_field_names = true;
+  o.always_print_primitive_fields = true;
+  (void)google::protobuf::util::MessageToJsonString(m, &out, o);
+  return out;
+}
+
+std::string ResultTable(const rapidin::v1::QueryResult& r, const std::string& title) {
+  std::string out;
+  auto section = [&](const char* name, const auto& list) {
+    if (list.empty()) return;
+    absl::StrAppend(&out, title, name, "\n");
+    absl::StrAppendFormat(&out, "  %4s  %12s  %-20s  %s\n", "rank", "score", "id", "record");
+    for (const auto& s : list) {
+      absl::StrAppendFormat(&out, "  %4d  %12.6g  %-20s  %s\n", s.rank(), s.score(), Clip(s.id(), 20),
+                            Clip(RecordSummary(s.record()), 70));
+    }
+  };
+  section(" helpful (largest influence)", r.helpful());
+  section(" harmful (most negative influence)", r.harmful());
+  return out;
+}
+
+std::string QueryTable(const rapidin::v1::QueryByVectorResponse& r) {
+  std::string out;
+  for (int i = 0; i < r.results_size(); ++i) {
+    absl::StrAppend(&out, ResultTable(r.results(i), r.results_size() > 1 ? absl::StrCat("query ", i + 1, ":")
+                                                                        : std::string("query:")));
+  }
+  double max_ms = 0;
+  uint64_t bytes = 0;
+  for (const auto& t : r.shard_timings()) {
+    max_ms = std::max(max_ms, t.scan_ms());
+    bytes += t.bytes_scanned();
+  }
+  absl::StrAppendFormat(&out, "%d shards (%s), %.1f MB scanned, slowest shard %.2f ms, total %.2f ms, %d vectors in scan\n",
+                        r.shard_timings_size(),
+                        r.shard_timings_size() ? r.shard_timings(0).backend() : std::string("-"), bytes / 1e6,
+                        max_ms, r.total_ms(), r.vectors_in_scan());
+  return out;
+}
+
+std::string StatsTable(const rapidin::v1::StatsResponse& s) {
+  std::string out;
+  absl::StrAppendFormat(&out, "%-20s %s\n", "store", s.store_path());
+  absl::StrAppendFormat(&out, "%-20s %d\n", "records", s.num_records());
+  absl::StrAppendFormat(&out, "%-20s %d\n", "K", s.k());
+  absl::StrAppendFormat(&out, "%-20s %s\n", "dtype", rapidin::v1::VectorDType_Name(s.dtype()));
+  absl::StrAppendFormat(&out, "%-20s %s\n", "projection state", s.projection_state_id());
+  absl::StrAppendFormat(&out, "%-20s %d (format)\n", "version", s.format_version());
+  absl::StrAppendFormat(&out, "%-20s %d shards, %d workers, %s\n", "scan", s.num_shards(), s.num_workers(),
+                        s.backend());
+  absl::StrAppendFormat(&out, "%-20s %s\n", "model", s.model_loaded() ? "loaded" : "none (QueryByVector only)");
+  for (const auto& t : s.tiers()) {
+    absl::StrAppendFormat(&out, "%-20s %d records, %.2f MB\n", "tier " + t.tier(), t.records(), t.bytes() / 1e6);
+  }
+  return out;
+}
+
+std::string RecordTable(const rapidin::v1::GetRecordResponse& r) {
+  std::string out;
+  const auto& rec = r.record();
+  absl::StrAppendFormat(&out, "%-12s %s\n%-12s %d\n", "id", rec.id(), "row", r.index());
+  if (!rec.instruction().empty()) absl::StrAppendFormat(&out, "%-12s %s\n", "instruction", rec.instruction());
+  if (!rec.input().empty()) absl::StrAppendFormat(&out, "%-12s %s\n", "input", rec.input());
+  if (!rec.output().empty()) absl::StrAppendFormat(&out, "%-12s %s\n", "output", rec.output());
+  if (!rec.text().empty()) absl::StrAppendFormat(&out, "%-12s %s\n", "text", rec.text());
+  for (const auto& [k, v] : rec.metadata()) absl::StrAppendFormat(&out, "%-12s %s=%s\n", "metadata", k, v);
+  if (r.vector_size() > 0) {
+    double n2 = 0;
+    for (float v : r.vector()) n2 += static_cast<double>(v) * v;
+    absl::StrAppendFormat(&out, "%-12s %d values, L2 norm %.6g\n", "vector", r.vector_size(), std::sqrt(n2));
+  }
+  return out;
+}
+
+}  // namespace rapidin::client

@@ -1,0 +1,60 @@
+// The rapidin client library behind the `rapidin` CLI: JSONL parsing with line-numbered errors, a thin gRPC
+// client, and the table/JSON renderings of results.
+#ifndef RAPIDIN_CLIENT_CLIENT_H_
+#define RAPIDIN_CLIENT_CLIENT_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "rapidin/v1/rapidin.grpc.pb.h"
+
+namespace rapidin::client {
+
+// One JSONL line {"id", "instruction"?, "input"?, "output"?, "text"?, "metadata"?: {str: str}, "vector": [..]}.
+// Errors name the problem (the caller adds the line number).
+absl::StatusOr<rapidin::v1::IngestRecord> ParseRecordLine(const std::string& line);
+// One JSONL line {"vector": [..], "weight"?: w}.
+absl::StatusOr<rapidin::v1::QueryVector> ParseQueryLine(const std::string& line);
+
+// Reads a JSONL file, calling fn(line_number, line) for each non-blank line; stops at fn's first error,
+// which is returned as "FILE:LINE: message".
+absl::Status ForEachLine(const std::string& path,
+                         const std::function<absl::Status(int64_t line_no, const std::string& line)>& fn);
+
+class Client {
+ public:
+  // deadline_s <= 0: no deadline.
+  static std::unique_ptr<Client> Connect(const std::string& address, double deadline_s = 60,
+                                         int max_message_bytes = 64 << 20);
+
+  // Streams `batches`; each is applied atomically by the server. progress(records_sent) after each batch.
+  absl::StatusOr<rapidin::v1::IngestResponse> Ingest(
+      const std::function<bool(rapidin::v1::IngestRequest*)>& next_batch,
+      const std::function<void(uint64_t)>& progress = nullptr);
+  absl::StatusOr<rapidin::v1::QueryByVectorResponse> QueryByVector(const rapidin::v1::QueryByVectorRequest& req);
+  absl::StatusOr<rapidin::v1::QueryResponse> Query(const rapidin::v1::QueryRequest& req);
+  absl::StatusOr<rapidin::v1::StatsResponse> Stats();
+  absl::StatusOr<rapidin::v1::GetRecordResponse> GetRecord(const std::string& id, bool include_vector);
+
+ private:
+  Client() = default;
+  void SetDeadline(grpc::ClientContext* ctx) const;
+  std::unique_ptr<rapidin::v1::InfluenceService::Stub> stub_;
+  double deadline_s_ = 60;
+};
+
+// Renderings. JSON is one object per call, stable field names (protobuf's JSON mapping).
+std::string ToJson(const google::protobuf::Message& m);
+std::string QueryTable(const rapidin::v1::QueryByVectorResponse& r);
+std::string ResultTable(const rapidin::v1::QueryResult& r, const std::string& title);
+std::string StatsTable(const rapidin::v1::StatsResponse& s);
+std::string RecordTable(const rapidin::v1::GetRecordResponse& r);
+
+}  // namespace rapidin::client
+
+#endif  // RAPIDIN_CLIENT_CLIENT_H_

@@ -1,0 +1,241 @@
+// rapidin: the command-line client. Exit codes: 0 success, 1 the server or a file refused the request,
+// 2 bad usage. Errors are one line on stderr.
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "client/client.h"
+
+namespace {
+
+using rapidin::client::Client;
+
+int Fail(const absl::Status& st) {
+  std::string msg(st.message());
+  for (char& c : msg) {
+    if (c == '\n') c = ' ';
+  }
+  std::fprintf(stderr, "rapidin: %s: %s\n", absl::StatusCodeToString(st.code()).c_str(), msg.c_str());
+  return 1;
+}
+
+int Ingest(const std::string& server, const std::string& file, int batch_size, double deadline) {
+  // Parse the whole file first so that a bad line is reported before anything is sent.
+  std::vector<rapidin::v1::IngestRecord> records;
+  absl::Status st = rapidin::client::ForEachLine(file, [&](int64_t, const std::string& line) -> absl::Status {
+    auto r = rapidin::client::ParseRecordLine(line);
+    if (!r.ok()) return r.status();
+    records.push_back(std::move(*r));
+    return absl::OkStatus();
+  });
+  if (!st.ok()) return Fail(st);
+  auto client = Client::Connect(server, deadline);
+  size_t next = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  const bool tty = isatty(STDERR_FILENO);
+  auto resp = client->Ingest(
+      [&](rapidin::v1::IngestRequest* b) {
+        if (next >= records.size()) return false;
+        for (int i = 0; i < batch_size && next < records.size(); ++i) *b->add_records() = std::move(records[next++]);
+        return true;
+      },
+      [&](uint64_t sent) {
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        if (tty || sent == records.size()) {
+          std::fprintf(stderr, "%singested %llu/%zu records (%.0f records/s)%s", tty ? "\r" : "",
+                       static_cast<unsigned long long>(sent), records.size(), s > 0 ? sent / s : 0.0,
+                       tty && sent < records.size() ? "" : "\n");
+        }
+      });
+  if (!resp.ok()) return Fail(resp.status());
+  std::printf("%llu batches applied: %llu inserted, %llu replaced; store holds %llu records\n",
+              static_cast<unsigned long long>(resp->batches_applied()),
+              static_cast<unsigned long long>(resp->records_inserted()),
+              static_cast<unsigned long long>(resp->records_replaced()),
+              static_cast<unsigned long long>(resp->record_count()));
+  return 0;
+}
+
+int QueryVectors(const std::string& server, const std::string& file, uint32_t top_k, uint32_t harmful_k,
+                 bool aggregate, const std::string& psid, bool json, bool omit_text, double deadline) {
+  rapidin::v1::QueryByVectorRequest req;
+  absl::Status st = rapidin::client::ForEachLine(file, [&](int64_t, const std::string& line) -> absl::Status {
+    auto q = rapidin::client::ParseQueryLine(line);
+    if (!q.ok()) return q.status();
+    *req.add_queries() = std::move(*q);
+    return absl::OkStatus();
+  });
+  if (!st.ok()) return Fail(st);
+  req.set_top_k(top_k);
+  req.set_harmful_k(harmful_k);
+  req.set_aggregate(aggregate);
+  req.set_projection_state_id(psid);
+  req.set_omit_text(omit_text);
+  auto resp = Client::Connect(server, deadline)->QueryByVector(req);
+  if (!resp.ok()) return Fail(resp.status());
+  std::cout << (json ? rapidin::client::ToJson(*resp) + "\n" : rapidin::client::QueryTable(*resp));
+  return 0;
+}
+
+int QueryText(const std::string& server, const std::string& instruction, const std::string& input,
+              const std::string& generation, uint32_t top_k, uint32_t harmful_k, bool json, double deadline) {
+  rapidin::v1::QueryRequest req;
+  req.set_instruction(instruction);
+  req.set_input(input);
+  req.set_generation(generation);
+  req.set_top_k(top_k);
+  req.set_harmful_k(harmful_k);
+  auto resp = Client::Connect(server, deadline)->Query(req);
+  if (!resp.ok()) return Fail(resp.status());
+  std::cout << (json ? rapidin::client::ToJson(*resp) + "\n" : rapidin::client::ResultTable(resp->result(), "query:"));
+  return 0;
+}
+
+// Writes a demo data set: records (Alpaca text when available) with random unit vectors, and query vectors
+// made from chosen records' vectors plus noise, so the expected top hit of each query is known.
+int MakeDemo(const std::string& alpaca, int n, int k, uint32_t seed, int queries, const std::string& out_records,
+             const std::string& out_queries) {
+  nlohmann::json texts = nlohmann::json::array();
+  if (!alpaca.empty()) {
+    std::ifstream in(alpaca);
+    if (!in) return Fail(absl::NotFoundError(absl::StrCat("cannot open ", alpaca)));
+    texts = nlohmann::json::parse(in, nullptr, false);
+    if (texts.is_discarded() || !texts.is_array()) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat(alpaca, ": not a JSON array")));
+    }
+  }
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::ofstream rec(out_records), qf(out_queries);
+  if (!rec || !qf) return Fail(absl::PermissionDeniedError("cannot write the output files"));
+  std::vector<std::vector<float>> kept;
+  const float inv = 1.0f / std::sqrt(static_cast<float>(k));
+  for (int i = 0; i < n; ++i) {
+    nlohmann::json j;
+    j["id"] = absl::StrCat("alpaca-", i);
+    if (!texts.empty()) {
+      const auto& t = texts[i % texts.size()];
+      j["instruction"] = t.value("instruction", "");
+      j["input"] = t.value("input", "");
+      j["output"] = t.value("output", "");
+    } else {
+      j["text"] = absl::StrCat("synthetic record ", i);
+    }
+    std::vector<float> v(k);
+    for (auto& x : v) x = g(rng) * inv;
+    j["vector"] = v;
+    rec << j.dump() << "\n";
+    if (static_cast<int>(kept.size()) < queries && i % std::max(1, n / std::max(1, queries)) == 0) {
+      kept.push_back(v);
+    }
+  }
+  for (auto& v : kept) {
+    for (auto& x : v) x += 0.5f * g(rng) * inv;
+    qf << nlohmann::json{{"vector", v}}.dump() << "\n";
+  }
+  std::printf("wrote %d records to %s and %zu queries to %s\n", n, out_records.c_str(), kept.size(),
+              out_queries.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"rapidin: which training records led to this output?"};
+  app.require_subcommand(1);
+  std::string server = "127.0.0.1:50051";
+  double deadline = 60;
+  bool json = false;
+
+  auto* ingest = app.add_subcommand("ingest", "stream records with compressed vectors into the store");
+  std::string file;
+  int batch_size = 256;
+  ingest->add_option("--server", server)->capture_default_str();
+  ingest->add_option("--file", file, "JSONL: {id, instruction, input, output | text, metadata, vector}")->required();
+  ingest->add_option("--batch-size", batch_size, "records per atomic batch")->capture_default_str()->check(
+      CLI::Range(1, 1 << 20));
+  ingest->add_option("--timeout", deadline, "seconds (0: none)");
+
+  auto* query = app.add_subcommand("query", "top-k helpful/harmful records for query vectors or a generation");
+  std::string vector_file, instruction, input, generation, psid;
+  uint32_t top_k = 10, harmful_k = 0;
+  bool aggregate = false, omit_text = false;
+  query->add_option("--server", server)->capture_default_str();
+  query->add_option("--vector-file", vector_file, "JSONL: {vector, weight?}");
+  query->add_option("--instruction", instruction, "prompt instruction (query by text, needs a model)");
+  query->add_option("--input", input, "prompt input");
+  query->add_option("--generation", generation, "the generation to explain");
+  query->add_option("--top-k", top_k)->capture_default_str();
+  query->add_option("--harmful-k", harmful_k)->capture_default_str();
+  query->add_flag("--aggregate", aggregate, "one ranking for the weighted sum of the query vectors");
+  query->add_option("--projection-state", psid, "refuse unless the store uses this projection-state id");
+  query->add_flag("--ids-only", omit_text, "omit record text");
+  query->add_flag("--json", json, "JSON instead of a table");
+  query->add_option("--timeout", deadline, "seconds (0: none)");
+
+  auto* stats = app.add_subcommand("stats", "store and server statistics");
+  stats->add_option("--server", server)->capture_default_str();
+  stats->add_flag("--json", json);
+
+  auto* get = app.add_subcommand("get", "one record by id");
+  std::string id;
+  bool with_vector = false;
+  get->add_option("--server", server)->capture_default_str();
+  get->add_option("--id", id)->required();
+  get->add_flag("--vector", with_vector, "include the stored vector");
+  get->add_flag("--json", json);
+
+  auto* demo = app.add_subcommand("make-demo", "write demo records (Alpaca text, random vectors) and queries");
+  std::string alpaca, out_records = "demo_records.jsonl", out_queries = "demo_queries.jsonl";
+  int n = 5000, k = 4096, nq = 2;
+  uint32_t seed = 1;
+  demo->add_option("--alpaca", alpaca, "Alpaca JSON array for record text (optional)");
+  demo->add_option("--n", n)->capture_default_str()->check(CLI::Range(1, 100000000));
+  demo->add_option("--k", k)->capture_default_str()->check(CLI::Range(1, 1 << 20));
+  demo->add_option("--queries", nq)->capture_default_str()->check(CLI::Range(1, 1000));
+  demo->add_option("--seed", seed)->capture_default_str();
+  demo->add_option("--out", out_records)->capture_default_str();
+  demo->add_option("--out-queries", out_queries)->capture_default_str();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);
+    std::fprintf(stderr, "rapidin: %s (see --help)\n", e.what());
+    return 2;
+  }
+
+  if (*ingest) return Ingest(server, file, batch_size, deadline);
+  if (*query) {
+    if (!vector_file.empty() == !generation.empty()) {
+      std::fprintf(stderr, "rapidin: query needs exactly one of --vector-file or --generation\n");
+      return 2;
+    }
+    if (!vector_file.empty()) {
+      return QueryVectors(server, vector_file, top_k, harmful_k, aggregate, psid, json, omit_text, deadline);
+    }
+    return QueryText(server, instruction, input, generation, top_k, harmful_k, json, deadline);
+  }
+  if (*stats) {
+    auto r = Client::Connect(server, deadline)->Stats();
+    if (!r.ok()) return Fail(r.status());
+    std::cout << (json ? rapidin::client::ToJson(*r) + "\n" : rapidin::client::StatsTable(*r));
+    return 0;
+  }
+  if (*get) {
+    auto r = Client::Connect(server, deadline)->GetRecord(id, with_vector);
+    if (!r.ok()) return Fail(r.status());
+    std::cout << (json ? rapidin::client::ToJson(*r) + "\n" : rapidin::client::RecordTable(*r));
+    return 0;
+  }
+  if (*demo) return MakeDemo(alpaca, n, k, seed, nq, out_records, out_queries);
+  return 2;
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs every Debian package the build needs, then configures and builds (at most 2 jobs).
+# Usage: scripts/setup.sh [--no-build] [extra cmake args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKGS=(
+  build-essential cmake ninja-build pkg-config git ca-certificates
+  libgrpc++-dev libgrpc-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libtorch-dev libopenblas0-serial
+  librocksdb-dev libabsl-dev prometheus-cpp-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+  libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libsentencepiece-dev
+  libfaiss-dev libcpp-httplib-dev libtbb-dev
+)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[setup] installing ${#missing[@]} Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+[ "${1:-}" = "--no-build" ] && exit 0
+
+CUDA_ARGS=()
+if [ "${RAPIDIN_ENABLE_CUDA:-OFF}" = "ON" ]; then
+  CUDA_ARGS=(-DRAPIDIN_ENABLE_CUDA=ON -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}")
+fi
+BUILD_DIR="${BUILD_DIR:-build}"
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DRAPIDIN_BUILD_TESTS=ON "${CUDA_ARGS[@]}" "$@"
+cmake --build "$BUILD_DIR" -j 2

@@ -1,0 +1,71 @@
+// rapidin-server: serves a gradient store over gRPC until SIGTERM/SIGINT.
+#include <signal.h>
+#include <spdlog/spdlog.h>
+
+#include <CLI/CLI.hpp>
+#include <atomic>
+#include <cstdio>
+#include <thread>
+
+#include "server/server.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"rapidin-server: influence queries over a RapidIn gradient store"};
+  rapidin::server::ServerOptions o;
+  std::string impl = "auto";
+  double grace_s = 5;
+  std::string log_level = "info";
+  app.add_option("--store", o.store_path, "store directory")->required();
+  app.add_option("--listen", o.listen, "gRPC HOST:PORT")->capture_default_str();
+  app.add_option("--metrics-listen", o.metrics_listen, "Prometheus /metrics HOST:PORT ('' disables)")
+      ->capture_default_str();
+  app.add_option("--shards", o.shards, "host-tier shards = scan workers (0: one per hardware thread)");
+  app.add_option("--k", o.create_k, "create the store with this K if it does not exist");
+  app.add_option("--backend", o.backend, "auto|cpu")->capture_default_str();
+  app.add_option("--kernels", impl, "auto|avx2|portable")->capture_default_str();
+  app.add_option("--max-top-k", o.max_top_k, "largest top_k / harmful_k accepted")->capture_default_str();
+  app.add_option("--max-query-vectors", o.max_query_vectors, "query vectors per request")->capture_default_str();
+  app.add_option("--max-message-mb", o.max_message_bytes, "largest gRPC message, MiB")
+      ->transform([](std::string s) { return std::to_string(std::stoll(s) << 20); });
+  app.add_option("--max-batch-vectors", o.max_batch_vectors, "query vectors that may share one scan")
+      ->capture_default_str();
+  app.add_option("--shutdown-grace", grace_s, "seconds in-flight RPCs get at shutdown")->capture_default_str();
+  app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  spdlog::set_level(spdlog::level::from_str(log_level));
+  if (impl == "avx2") {
+    o.impl = rapidin::kernels::ScoreImpl::kAvx2;
+  } else if (impl == "portable") {
+    o.impl = rapidin::kernels::ScoreImpl::kPortable;
+  } else if (impl != "auto") {
+    std::fprintf(stderr, "rapidin-server: --kernels must be auto, avx2 or portable\n");
+    return 2;
+  }
+
+  // Signals are taken by one thread with sigwait, so shutdown runs outside a signal handler.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+
+  o.load_progress = [](uint64_t done, uint64_t total) {
+    if (total >= 10000) spdlog::info("loading vectors: {}/{} ({:.0f}%)", done, total, 100.0 * done / total);
+  };
+  auto server = rapidin::server::Server::Create(o);
+  if (!server.ok()) {
+    std::fprintf(stderr, "rapidin-server: %s\n", server.status().ToString().c_str());
+    return 1;
+  }
+  std::thread signals([&] {
+    int sig = 0;
+    sigwait(&set, &sig);
+    spdlog::info("received {}", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+    (*server)->Shutdown(absl::Seconds(grace_s));
+  });
+  (*server)->Wait();
+  // Wait returns after Shutdown; if it returned for another reason, wake the signal thread.
+  pthread_kill(signals.native_handle(), SIGTERM);
+  signals.join();
+  return 0;
+}

@@ -1,0 +1,370 @@
+#include "server/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <cmath>
+#include <mutex>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "rapidin/v1/rapidin.grpc.pb.h"
+#include "server/metrics.h"
+#include "server/query_engine.h"
+#include "storage/store.h"
+
+namespace rapidin::server {
+namespace {
+
+namespace v1 = rapidin::v1;
+
+// The one place absl::Status becomes grpc::Status (the codes map one to one).
+grpc::Status ToGrpc(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+const char* CodeName(grpc::StatusCode c) {
+  static const char* const kNames[] = {"OK",
+                                       "CANCELLED",
+                                       "UNKNOWN",
+                                       "INVALID_ARGUMENT",
+                                       "DEADLINE_EXCEEDED",
+                                       "NOT_FOUND",
+                                       "ALREADY_EXISTS",
+                                       "PERMISSION_DENIED",
+                                       "RESOURCE_EXHAUSTED",
+                                       "FAILED_PRECONDITION",
+                                       "ABORTED",
+                                       "OUT_OF_RANGE",
+                                       "UNIMPLEMENTED",
+                                       "INTERNAL",
+                                       "UNAVAILABLE",
+                                       "DATA_LOSS",
+                                       "UNAUTHENTICATED"};
+  const int i = static_cast<int>(c);
+  return i >= 0 && i <= 16 ? kNames[i] : "UNKNOWN";
+}
+
+absl::Time DeadlineOf(const grpc::ServerContext* ctx) {
+  const auto d = ctx->deadline();
+  if (d == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
+  return absl::FromChrono(d);
+}
+
+class InfluenceServiceImpl final : public v1::InfluenceService::Service {
+ public:
+  InfluenceServiceImpl(storage::Store* store, QueryEngine* engine, Metrics* metrics, const ServerOptions& options)
+      : store_(store), engine_(engine), metrics_(metrics), options_(options) {}
+
+  grpc::Status Query(grpc::ServerContext*, const v1::QueryRequest*, v1::QueryResponse*) override {
+    return Observe("Query", std::chrono::steady_clock::now(),
+                   absl::FailedPreconditionError(
+                       "Query by text needs a model: this server was started without --model; use QueryByVector "
+                       "with precomputed compressed gradients"));
+  }
+
+  grpc::Status QueryByVector(grpc::ServerContext* ctx, const v1::QueryByVectorRequest* req,
+                             v1::QueryByVectorResponse* resp) override {
+    const auto t0 = std::chrono::steady_clock::now();
+    return Observe("QueryByVector", t0, DoQueryByVector(ctx, *req, resp, t0));
+  }
+
+  grpc::Status Ingest(grpc::ServerContext* ctx, grpc::ServerReader<v1::IngestRequest>* reader,
+                      v1::IngestResponse* resp) override {
+    const auto t0 = std::chrono::steady_clock::now();
+    v1::IngestRequest msg;
+    absl::Status st;
+    while (reader->Read(&msg)) {
+      if (ctx->IsCancelled()) {
+        st = absl::CancelledError("ingest cancelled by the client");
+        break;
+      }
+      std::vector<storage::IngestItem> items(msg.records_size());
+      for (int i = 0; i < msg.records_size(); ++i) {
+        auto* r = msg.mutable_records(i);
+        items[i].record = std::move(*r->mutable_record());
+        items[i].vector.assign(r->vector().begin(), r->vector().end());
+      }
+      auto res = store_->Ingest(items);
+      if (!res.ok()) {
+        st = absl::Status(res.status().code(),
+                          absl::StrCat("batch ", resp->batches_applied() + 1, " rejected (", resp->batches_applied(),
+                                       " earlier batches were applied): ", res.status().message()));
+        break;
+      }
+      resp->set_batches_applied(resp->batches_applied() + 1);
+      resp->set_records_inserted(resp->records_inserted() + res->inserted);
+      resp->set_records_replaced(resp->records_replaced() + res->replaced);
+      resp->set_record_count(store_->size());
+    }
+    resp->set_record_count(store_->size());
+    UpdateTierMetrics();
+    spdlog::info("ingest: {} batches, {} inserted, {} replaced, store now {} records{}", resp->batches_applied(),
+                 resp->records_inserted(), resp->records_replaced(), resp->record_count(),
+                 st.ok() ? "" : absl::StrCat(" (", st.message(), ")"));
+    return Observe("Ingest", t0, st);
+  }
+
+  grpc::Status GetRecord(grpc::ServerContext*, const v1::GetRecordRequest* req, v1::GetRecordResponse* resp) override {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (req->id().empty()) return Observe("GetRecord", t0, absl::InvalidArgumentError("id is empty"));
+    auto sr = store_->GetRecordById(req->id());
+    if (!sr.ok()) return Observe("GetRecord", t0, sr.status());
+    *resp->mutable_record() = sr->record();
+    resp->set_index(sr->index());
+    if (req->include_vector()) {
+      auto v = store_->GetVector(sr->index());
+      if (!v.ok()) return Observe("GetRecord", t0, v.status());
+      resp->mutable_vector()->Add(v->begin(), v->end());
+    }
+    return Observe("GetRecord", t0, absl::OkStatus());
+  }
+
+  grpc::Status Stats(grpc::ServerContext*, const v1::StatsRequest*, v1::StatsResponse* resp) override {
+    const auto t0 = std::chrono::steady_clock::now();
+    const v1::Manifest m = store_->manifest();
+    resp->set_num_records(m.record_count());
+    resp->set_k(m.k());
+    resp->set_dtype(m.dtype());
+    resp->set_projection_state_id(m.projection_state_id());
+    resp->set_format_version(m.format_version());
+    resp->set_num_shards(store_->num_shards());
+    resp->set_num_workers(engine_->num_workers());
+    resp->set_backend(engine_->backend());
+    resp->set_store_path(store_->path());
+    resp->set_max_top_k(options_.max_top_k);
+    resp->set_model_loaded(false);
+    const storage::TierUsage u = store_->Usage();
+    auto* host = resp->add_tiers();
+    host->set_tier("host");
+    host->set_records(u.host_records);
+    host->set_bytes(u.host_bytes);
+    auto* disk = resp->add_tiers();
+    disk->set_tier("disk");
+    disk->set_records(m.record_count());
+    disk->set_bytes(u.disk_bytes);
+    return Observe("Stats", t0, absl::OkStatus());
+  }
+
+  void UpdateTierMetrics() {
+    const storage::TierUsage u = store_->Usage();
+    metrics_->SetTier("host", static_cast<double>(u.host_records), static_cast<double>(u.host_bytes));
+    metrics_->SetTier("disk", static_cast<double>(store_->size()), static_cast<double>(u.disk_bytes));
+  }
+
+ private:
+  grpc::Status Observe(const char* method, std::chrono::steady_clock::time_point t0, const absl::Status& st) {
+    grpc::Status g = ToGrpc(st);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    metrics_->ObserveRequest(method, CodeName(g.error_code()), secs);
+    if (!st.ok()) spdlog::debug("{} -> {}: {}", method, CodeName(g.error_code()), std::string(st.message()));
+    return g;
+  }
+
+  // Validates the request and returns the query matrix (q x K), aggregated into one row when asked.
+  absl::StatusOr<std::vector<float>> QueryMatrix(const v1::QueryByVectorRequest& req, int* q) const {
+    const v1::Manifest m = store_->manifest();
+    const uint32_t k = m.k();
+    if (req.queries_size() == 0) return absl::InvalidArgumentError("no query vectors");
+    if (req.queries_size() > options_.max_query_vectors) {
+      return absl::InvalidArgumentError(absl::StrCat(req.queries_size(), " query vectors; at most ",
+                                                     options_.max_query_vectors, " per request"));
+    }
+    if (req.top_k() == 0 || req.top_k() > options_.max_top_k) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("top_k must be 1..", options_.max_top_k, ", got ", req.top_k()));
+    }
+    if (req.harmful_k() > options_.max_top_k) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("harmful_k must be 0..", options_.max_top_k, ", got ", req.harmful_k()));
+    }
+    if (!req.projection_state_id().empty() && req.projection_state_id() != m.projection_state_id()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "query vectors were compressed with projection state ", req.projection_state_id(),
+          " but this store uses ", m.projection_state_id(), "; scores would be meaningless"));
+    }
+    const int nq = req.queries_size();
+    std::vector<float> out(static_cast<size_t>(req.aggregate() ? 1 : nq) * k, 0.0f);
+    for (int j = 0; j < nq; ++j) {
+      const auto& v = req.queries(j);
+      if (static_cast<uint32_t>(v.values_size()) != k) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("query vector ", j, " has ", v.values_size(), " values; the store's K is ", k));
+      }
+      const float w = v.weight() == 0.0f ? 1.0f : v.weight();
+      if (!std::isfinite(w)) return absl::InvalidArgumentError(absl::StrCat("query vector ", j, ": weight is not finite"));
+      for (uint32_t c = 0; c < k; ++c) {
+        const float x = v.values(c);
+        if (!std::isfinite(x)) {
+          return absl::InvalidArgumentError(absl::StrCat("query vector ", j, ": value ", c, " is not finite"));
+        }
+        if (req.aggregate()) {
+          out[c] += w * x;
+        } else {
+          out[static_cast<size_t>(j) * k + c] = x;
+        }
+      }
+    }
+    if (req.aggregate()) {
+      for (uint32_t c = 0; c < k; ++c) {
+        if (!std::isfinite(out[c])) return absl::InvalidArgumentError("weighted sum of the query vectors overflows");
+      }
+    }
+    *q = req.aggregate() ? 1 : nq;
+    return out;
+  }
+
+  absl::Status FillRecords(const std::vector<kernels::Candidate>& cands, bool omit_text,
+                           google::protobuf::RepeatedPtrField<v1::ScoredRecord>* out) const {
+    uint32_t rank = 0;
+    for (const auto& c : cands) {
+      auto* sr = out->Add();
+      sr->set_rank(++rank);
+      sr->set_score(c.score);
+      sr->set_index(c.index);
+      auto rec = store_->GetRecordByIndex(c.index);
+      if (!rec.ok()) return rec.status();
+      sr->set_id(rec->record().id());
+      if (!omit_text) *sr->mutable_record() = std::move(*rec->mutable_record());
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status DoQueryByVector(grpc::ServerContext* ctx, const v1::QueryByVectorRequest& req,
+                               v1::QueryByVectorResponse* resp, std::chrono::steady_clock::time_point t0) {
+    int q = 0;
+    auto matrix = QueryMatrix(req, &q);
+    if (!matrix.ok()) return matrix.status();
+    if (ctx->IsCancelled()) return absl::CancelledError("cancelled by the client");
+    auto res = engine_->Search(std::move(*matrix), q, static_cast<int>(req.top_k()),
+                               static_cast<int>(req.harmful_k()), DeadlineOf(ctx));
+    if (!res.ok()) return res.status();
+    double bytes = 0;
+    for (const auto& t : res->shard_timings) {
+      auto* st = resp->add_shard_timings();
+      st->set_shard(t.shard);
+      st->set_backend(t.backend);
+      st->set_rows(t.rows);
+      st->set_scan_ms(t.scan_ms);
+      st->set_bytes_scanned(t.bytes_scanned);
+      bytes += static_cast<double>(t.bytes_scanned);
+    }
+    metrics_->AddBytesScanned(bytes * q / std::max(1, res->vectors_in_scan));  // this request's share
+    metrics_->AddVectorsScanned(q);
+    resp->set_vectors_in_scan(res->vectors_in_scan);
+    for (int j = 0; j < q; ++j) {
+      auto* r = resp->add_results();
+      absl::Status st = FillRecords(res->helpful[j], req.omit_text(), r->mutable_helpful());
+      if (st.ok()) st = FillRecords(res->harmful[j], req.omit_text(), r->mutable_harmful());
+      if (!st.ok()) return st;
+    }
+    resp->set_total_ms(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    return absl::OkStatus();
+  }
+
+  storage::Store* store_;
+  QueryEngine* engine_;
+  Metrics* metrics_;
+  ServerOptions options_;
+};
+
+}  // namespace
+
+struct Server::Impl {
+  ServerOptions options;
+  std::unique_ptr<storage::Store> store;
+  std::unique_ptr<QueryEngine> engine;
+  std::unique_ptr<Metrics> metrics;
+  std::unique_ptr<InfluenceServiceImpl> service;
+  std::unique_ptr<grpc::Server> grpc_server;
+  int port = 0;
+  std::once_flag shutdown_once;
+};
+
+Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Server::~Server() { Shutdown(absl::Seconds(1)); }
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& options) {
+  if (options.store_path.empty()) return absl::InvalidArgumentError("--store is required");
+  if (options.backend != "auto" && options.backend != "cpu") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("backend \"", options.backend, "\" is not available in this build (auto|cpu)"));
+  }
+  if (options.max_top_k == 0 || options.max_query_vectors <= 0 || options.max_message_bytes <= 0) {
+    return absl::InvalidArgumentError("limits must be positive");
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  storage::StoreOptions so;
+  so.create_if_missing = options.create_k > 0;
+  so.k = options.create_k;
+  so.num_shards = options.shards > 0 ? options.shards : std::max(1u, std::thread::hardware_concurrency());
+  so.progress = options.load_progress;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto store = storage::Store::Open(options.store_path, so);
+  if (!store.ok()) return store.status();
+  impl->store = std::move(*store);
+  spdlog::info("store {}: {} records, K={}, projection state {}, {} shards, loaded in {:.2f} s",
+               options.store_path, impl->store->size(), impl->store->k(),
+               impl->store->manifest().projection_state_id(), impl->store->num_shards(),
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+
+  QueryEngine::Options eo;
+  eo.max_batch_vectors = options.max_batch_vectors;
+  eo.impl = options.impl;
+  if (eo.impl == kernels::ScoreImpl::kAvx2 && !kernels::Avx2Available()) {
+    return absl::FailedPreconditionError("AVX2/F16C/FMA kernels requested but this CPU lacks them");
+  }
+  impl->engine = std::make_unique<QueryEngine>(impl->store.get(), eo);
+  impl->metrics = std::make_unique<Metrics>();
+  if (!options.metrics_listen.empty()) {
+    absl::Status st = impl->metrics->Serve(options.metrics_listen);
+    if (!st.ok()) return st;
+  }
+  impl->service =
+      std::make_unique<InfluenceServiceImpl>(impl->store.get(), impl->engine.get(), impl->metrics.get(), options);
+  impl->service->UpdateTierMetrics();
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &impl->port);
+  builder.SetMaxReceiveMessageSize(options.max_message_bytes);
+  builder.SetMaxSendMessageSize(options.max_message_bytes);
+  builder.RegisterService(impl->service.get());
+  impl->grpc_server = builder.BuildAndStart();
+  if (!impl->grpc_server || impl->port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
+  }
+  impl->grpc_server->GetHealthCheckService()->SetServingStatus("rapidin.v1.InfluenceService", true);
+  impl->grpc_server->GetHealthCheckService()->SetServingStatus("", true);
+  spdlog::info("serving rapidin.v1.InfluenceService on port {} ({} workers, {} kernels){}", impl->port,
+               impl->engine->num_workers(), impl->engine->backend(),
+               options.metrics_listen.empty() ? ""
+                                              : absl::StrCat(", metrics on port ", impl->metrics->port()));
+  return std::unique_ptr<Server>(new Server(std::move(impl)));
+}
+
+int Server::port() const { return impl_->port; }
+int Server::metrics_port() const { return impl_->options.metrics_listen.empty() ? 0 : impl_->metrics->port(); }
+
+void Server::Wait() { impl_->grpc_server->Wait(); }
+
+void Server::Shutdown(absl::Duration grace) {
+  std::call_once(impl_->shutdown_once, [&] {
+    spdlog::info("shutting down (grace {} ms)", absl::ToInt64Milliseconds(grace));
+    impl_->grpc_server->GetHealthCheckService()->SetServingStatus(false);
+    impl_->grpc_server->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+    impl_->metrics->Stop();
+    impl_->engine.reset();
+    impl_->store.reset();
+    spdlog::info("shutdown complete");
+  });
+}
+
+}  // namespace rapidin::server

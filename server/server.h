@@ -1,0 +1,55 @@
+// rapidin-server: start here for the service.
+//
+// Server::Create opens the store, starts the query engine (one worker per shard), the gRPC server
+// (InfluenceService, grpc.health.v1, reflection) and the metrics listener. All of it is torn down by Shutdown or
+// the destructor. Thread-safety: Wait and Shutdown may be called from different threads.
+#ifndef RAPIDIN_SERVER_SERVER_H_
+#define RAPIDIN_SERVER_SERVER_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "kernels/score.h"
+
+namespace rapidin::server {
+
+struct ServerOptions {
+  std::string store_path;
+  std::string listen = "127.0.0.1:50051";          // port 0 picks a free port (see Server::port)
+  std::string metrics_listen = "127.0.0.1:9464";   // empty disables /metrics
+  int shards = 0;                                  // 0: one per hardware thread
+  uint32_t create_k = 0;                           // create the store with this K when it does not exist
+  uint32_t max_top_k = 1000;                       // limit on top_k and harmful_k
+  int max_query_vectors = 64;                      // per request
+  int max_message_bytes = 64 << 20;                // larger requests get RESOURCE_EXHAUSTED
+  int max_batch_vectors = 64;                      // query vectors that may share one scan
+  std::string backend = "auto";                    // auto | cpu
+  kernels::ScoreImpl impl = kernels::ScoreImpl::kAuto;
+  std::function<void(uint64_t, uint64_t)> load_progress;
+};
+
+class Server {
+ public:
+  // Errors: those of storage::Store::Open, INVALID_ARGUMENT for bad options, UNAVAILABLE when a port is taken.
+  static absl::StatusOr<std::unique_ptr<Server>> Create(const ServerOptions& options);
+  ~Server();
+
+  int port() const;          // the gRPC port actually bound
+  int metrics_port() const;  // 0 when metrics are disabled
+  void Wait();               // until Shutdown
+  // Stops accepting RPCs, lets in-flight ones finish until `grace`, then cancels the rest.
+  void Shutdown(absl::Duration grace = absl::Seconds(5));
+
+ private:
+  struct Impl;
+  explicit Server(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace rapidin::server
+
+#endif  // RAPIDIN_SERVER_SERVER_H_

@@ -1,0 +1,60 @@
+// One shard of the host tier: a growable, 64-byte aligned, row-major fp16 array.
+#ifndef RAPIDIN_STORAGE_INTERNAL_HOST_SHARD_H_
+#define RAPIDIN_STORAGE_INTERNAL_HOST_SHARD_H_
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+namespace rapidin::storage::internal {
+
+class AlignedRows {
+ public:
+  static constexpr size_t kAlign = 64;
+
+  explicit AlignedRows(int64_t k) : k_(k) {}
+  ~AlignedRows() { std::free(data_); }
+  AlignedRows(const AlignedRows&) = delete;
+  AlignedRows& operator=(const AlignedRows&) = delete;
+
+  // Ensures room for `rows` rows; false when memory cannot be had (existing rows untouched).
+  bool Reserve(int64_t rows) {
+    if (rows <= capacity_) return true;
+    int64_t cap = capacity_ == 0 ? 1024 : capacity_;
+    while (cap < rows) cap *= 2;
+    size_t bytes = static_cast<size_t>(cap) * k_ * sizeof(uint16_t);
+    bytes = (bytes + kAlign - 1) / kAlign * kAlign;
+    void* p = std::aligned_alloc(kAlign, bytes == 0 ? kAlign : bytes);
+    if (p == nullptr) return false;
+    if (n_ > 0) std::memcpy(p, data_, static_cast<size_t>(n_) * k_ * sizeof(uint16_t));
+    std::free(data_);
+    data_ = static_cast<uint16_t*>(p);
+    capacity_ = cap;
+    return true;
+  }
+
+  // Requires Reserve(n()+1) first.
+  void Append(const uint16_t* row) {
+    std::memcpy(data_ + static_cast<size_t>(n_) * k_, row, k_ * sizeof(uint16_t));
+    ++n_;
+  }
+  void Overwrite(int64_t r, const uint16_t* row) {
+    std::memcpy(data_ + static_cast<size_t>(r) * k_, row, k_ * sizeof(uint16_t));
+  }
+
+  const uint16_t* data() const { return data_; }
+  const uint16_t* row(int64_t r) const { return data_ + static_cast<size_t>(r) * k_; }
+  int64_t n() const { return n_; }
+  uint64_t bytes() const { return static_cast<uint64_t>(n_) * k_ * sizeof(uint16_t); }
+
+ private:
+  int64_t k_;
+  int64_t n_ = 0;
+  int64_t capacity_ = 0;
+  uint16_t* data_ = nullptr;
+};
+
+}  // namespace rapidin::storage::internal
+
+#endif  // RAPIDIN_STORAGE_INTERNAL_HOST_SHARD_H_

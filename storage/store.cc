@@ -1,0 +1,421 @@
+#include "storage/store.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <mutex>
+#include <shared_mutex>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "kernels/half.h"
+#include "rocksdb/db.h"
+#include "rocksdb/options.h"
+#include "rocksdb/utilities/options_util.h"
+#include "rocksdb/write_batch.h"
+#include "storage/internal/host_shard.h"
+
+namespace rapidin::storage {
+namespace {
+
+constexpr char kManifestKey[] = "manifest";
+const char* const kCfNames[] = {"manifest", "records", "vectors"};
+
+// The one place RocksDB statuses become absl::Status.
+absl::Status FromRocks(const rocksdb::Status& s, absl::string_view what) {
+  if (s.ok()) return absl::OkStatus();
+  const std::string msg = absl::StrCat(what, ": ", s.ToString());
+  if (s.IsNotFound()) return absl::NotFoundError(msg);
+  if (s.IsCorruption()) return absl::DataLossError(msg);
+  if (s.IsIOError() && s.ToString().find("lock") != std::string::npos) {
+    return absl::UnavailableError(absl::StrCat(msg, " (is another process using this store?)"));
+  }
+  if (s.IsInvalidArgument()) return absl::InvalidArgumentError(msg);
+  return absl::InternalError(msg);
+}
+
+std::string BigEndian64(uint64_t v) {
+  std::string s(8, '\0');
+  for (int i = 7; i >= 0; --i) {
+    s[i] = static_cast<char>(v & 0xff);
+    v >>= 8;
+  }
+  return s;
+}
+
+uint64_t FromBigEndian64(const rocksdb::Slice& s) {
+  uint64_t v = 0;
+  for (size_t i = 0; i < 8 && i < s.size(); ++i) v = (v << 8) | static_cast<uint8_t>(s[i]);
+  return v;
+}
+
+std::string RecordKey(uint64_t index) { return "r" + BigEndian64(index); }
+std::string IdKey(const std::string& id) { return "i" + id; }
+
+}  // namespace
+
+std::string ProjectionStateId(const std::string& projection_state) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : projection_state) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return absl::StrFormat("%016x", h);
+}
+
+struct Store::Impl {
+  std::string path;
+  StoreOptions options;
+  std::unique_ptr<rocksdb::DB> db;
+  std::vector<rocksdb::ColumnFamilyHandle*> handles;  // manifest, records, vectors
+  rocksdb::ColumnFamilyHandle* cf_manifest() const { return handles[0]; }
+  rocksdb::ColumnFamilyHandle* cf_records() const { return handles[1]; }
+  rocksdb::ColumnFamilyHandle* cf_vectors() const { return handles[2]; }
+
+  mutable absl::Mutex manifest_mu;
+  rapidin::v1::Manifest manifest ABSL_GUARDED_BY(manifest_mu);
+
+  std::mutex ingest_mu;  // serialises writers
+  struct Shard {
+    explicit Shard(int64_t k) : rows(k) {}
+    mutable std::shared_mutex mu;
+    internal::AlignedRows rows;
+  };
+  std::vector<std::unique_ptr<Shard>> shards;
+
+  ~Impl() {
+    for (auto* h : handles) {
+      if (db) db->DestroyColumnFamilyHandle(h);
+    }
+    if (db) db->Close();
+  }
+
+  int num_shards() const { return static_cast<int>(shards.size()); }
+  uint32_t k() const {
+    absl::MutexLock l(&manifest_mu);
+    return manifest.k();
+  }
+
+  absl::Status WriteManifest(const rapidin::v1::Manifest& m) {
+    rocksdb::WriteOptions wo;
+    wo.sync = options.sync_writes;
+    return FromRocks(db->Put(wo, cf_manifest(), kManifestKey, m.SerializeAsString()), "writing manifest");
+  }
+
+  absl::Status LoadHostTier(uint64_t count, uint32_t k) {
+    const int s_count = num_shards();
+    for (int s = 0; s < s_count; ++s) {
+      const int64_t rows = static_cast<int64_t>((count + s_count - 1 - s) / s_count);
+      if (!shards[s]->rows.Reserve(rows)) {
+        return absl::ResourceExhaustedError(absl::StrCat("cannot allocate the host tier for ", count, " rows"));
+      }
+    }
+    std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions(), cf_vectors()));
+    uint64_t expect = 0;
+    const uint64_t step = count / 100 + 1;
+    for (it->SeekToFirst(); it->Valid(); it->Next()) {
+      const uint64_t index = FromBigEndian64(it->key());
+      if (it->key().size() != 8 || index != expect) {
+        return absl::DataLossError(absl::StrCat("vectors: expected row ", expect, ", found key of row ", index));
+      }
+      if (it->value().size() != k * sizeof(uint16_t)) {
+        return absl::DataLossError(absl::StrCat("vectors: row ", index, " has ", it->value().size(),
+                                                " bytes, expected ", k * sizeof(uint16_t)));
+      }
+      if (index >= count) break;  // caught below
+      shards[index % s_count]->rows.Append(reinterpret_cast<const uint16_t*>(it->value().data()));
+      ++expect;
+      if (options.progress && expect % step == 0) options.progress(expect, count);
+    }
+    if (!it->status().ok()) return FromRocks(it->status(), "reading vectors");
+    if (expect != count) {
+      return absl::DataLossError(
+          absl::StrCat("manifest says ", count, " records but the vectors column family holds ", expect));
+    }
+    if (options.progress) options.progress(count, count);
+    return absl::OkStatus();
+  }
+};
+
+Store::Store(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Store::~Store() = default;
+
+absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path, const StoreOptions& options) {
+  if (options.num_shards < 1 || options.num_shards > 1024) {
+    return absl::InvalidArgumentError(absl::StrCat("num_shards must be 1..1024, got ", options.num_shards));
+  }
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const bool exists = fs::exists(fs::path(path) / "CURRENT", ec);
+  if (!exists) {
+    if (!options.create_if_missing) {
+      return absl::NotFoundError(absl::StrCat("no store at ", path, " (create it with a K, e.g. --k 4096)"));
+    }
+    if (options.k == 0) return absl::InvalidArgumentError("creating a store needs K > 0");
+    if (fs::exists(path, ec) && fs::is_directory(path, ec) && !fs::is_empty(path, ec)) {
+      return absl::InvalidArgumentError(absl::StrCat(path, " exists, is not empty and is not a store"));
+    }
+  }
+
+  auto impl = std::make_unique<Impl>();
+  impl->path = path;
+  impl->options = options;
+  rocksdb::DBOptions dbo;
+  dbo.create_if_missing = !exists;
+  dbo.create_missing_column_families = !exists;
+  dbo.paranoid_checks = true;
+  std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
+  cfs.emplace_back(rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions());
+  for (const char* name : kCfNames) cfs.emplace_back(name, rocksdb::ColumnFamilyOptions());
+  std::vector<rocksdb::ColumnFamilyHandle*> handles;
+  rocksdb::DB* raw = nullptr;
+  absl::Status st = FromRocks(rocksdb::DB::Open(dbo, path, cfs, &handles, &raw), absl::StrCat("opening ", path));
+  if (!st.ok()) {
+    if (exists && absl::IsInvalidArgument(st)) {
+      return absl::DataLossError(absl::StrCat(st.message(), " (not a rapidin store?)"));
+    }
+    return st;
+  }
+  impl->db.reset(raw);
+  raw->DestroyColumnFamilyHandle(handles[0]);  // default CF unused
+  impl->handles.assign(handles.begin() + 1, handles.end());
+
+  rapidin::v1::Manifest m;
+  std::string blob;
+  rocksdb::Status rs = impl->db->Get(rocksdb::ReadOptions(), impl->cf_manifest(), kManifestKey, &blob);
+  if (rs.IsNotFound()) {
+    if (exists) return absl::DataLossError(absl::StrCat(path, ": store has no manifest"));
+    m.set_format_version(kFormatVersion);
+    m.set_k(options.k);
+    m.set_dtype(rapidin::v1::VECTOR_DTYPE_FP16);
+    m.set_projection_state(options.projection_state);
+    m.set_projection_state_id(ProjectionStateId(options.projection_state));
+    m.set_record_count(0);
+    m.set_created_unix(std::chrono::duration_cast<std::chrono::seconds>(
+                           std::chrono::system_clock::now().time_since_epoch())
+                           .count());
+    st = impl->WriteManifest(m);
+    if (!st.ok()) return st;
+  } else if (!rs.ok()) {
+    return FromRocks(rs, "reading manifest");
+  } else if (!m.ParseFromString(blob)) {
+    return absl::DataLossError(absl::StrCat(path, ": manifest does not parse"));
+  }
+
+  // Validate what we found against the format and the caller's expectations.
+  if (m.format_version() != kFormatVersion) {
+    return absl::FailedPreconditionError(absl::StrCat("store format version ", m.format_version(),
+                                                      " is not supported (this build reads ", kFormatVersion, ")"));
+  }
+  if (m.k() == 0) return absl::DataLossError("manifest has K = 0");
+  if (m.dtype() != rapidin::v1::VECTOR_DTYPE_FP16) {
+    return absl::FailedPreconditionError(absl::StrCat("vector dtype ", rapidin::v1::VectorDType_Name(m.dtype()),
+                                                      " is not supported on the CPU tier"));
+  }
+  if (m.projection_state_id() != ProjectionStateId(m.projection_state())) {
+    return absl::DataLossError("manifest's projection_state_id does not match its projection state");
+  }
+  if (options.k != 0 && options.k != m.k()) {
+    return absl::InvalidArgumentError(absl::StrCat("store has K = ", m.k(), ", but K = ", options.k, " was asked for"));
+  }
+  if (!options.projection_state.empty() && options.projection_state != m.projection_state()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("store was built with projection state ", m.projection_state_id(), ", not ",
+                     ProjectionStateId(options.projection_state)));
+  }
+  {
+    absl::MutexLock l(&impl->manifest_mu);
+    impl->manifest = m;
+  }
+  for (int s = 0; s < options.num_shards; ++s) impl->shards.push_back(std::make_unique<Impl::Shard>(m.k()));
+  st = impl->LoadHostTier(m.record_count(), m.k());
+  if (!st.ok()) return st;
+  return std::unique_ptr<Store>(new Store(std::move(impl)));
+}
+
+absl::StatusOr<IngestResult> Store::Ingest(const std::vector<IngestItem>& batch) {
+  Impl& d = *impl_;
+  const uint32_t k = d.k();
+  // 1. Validate everything before touching anything.
+  std::vector<std::vector<uint16_t>> halves(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const IngestItem& item = batch[i];
+    const std::string& id = item.record.id();
+    if (id.empty()) return absl::InvalidArgumentError(absl::StrCat("record ", i, " of the batch has an empty id"));
+    if (id.size() > kMaxIdBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("record ", i, ": id longer than ", kMaxIdBytes, " bytes"));
+    }
+    if (item.vector.size() != k) {
+      return absl::InvalidArgumentError(absl::StrCat("record ", i, " (id \"", id, "\"): vector has ",
+                                                     item.vector.size(), " values, the store's K is ", k));
+    }
+    halves[i].resize(k);
+    for (uint32_t c = 0; c < k; ++c) {
+      const float v = item.vector[c];
+      if (!std::isfinite(v)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("record ", i, " (id \"", id, "\"): vector[", c, "] is not finite"));
+      }
+      if (!kernels::FitsHalf(v)) {
+        return absl::InvalidArgumentError(absl::StrCat("record ", i, " (id \"", id, "\"): vector[", c, "] = ", v,
+                                                       " is outside the fp16 range (|x| <= 65504)"));
+      }
+      halves[i][c] = kernels::FloatToHalf(v);
+    }
+  }
+
+  std::lock_guard<std::mutex> writer(d.ingest_mu);
+  rapidin::v1::Manifest m = manifest();
+  const uint64_t old_count = m.record_count();
+  uint64_t next = old_count;
+  // 2. Resolve each id to its row: existing rows are replaced, new ids get the next rows.
+  absl::flat_hash_map<std::string, uint64_t> batch_rows;
+  std::vector<uint64_t> rows(batch.size());
+  IngestResult result;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const std::string& id = batch[i].record.id();
+    auto it = batch_rows.find(id);
+    if (it != batch_rows.end()) {
+      rows[i] = it->second;
+      continue;
+    }
+    std::string val;
+    rocksdb::Status rs = d.db->Get(rocksdb::ReadOptions(), d.cf_records(), IdKey(id), &val);
+    if (rs.ok()) {
+      rows[i] = FromBigEndian64(val);
+      ++result.replaced;
+    } else if (rs.IsNotFound()) {
+      rows[i] = next++;
+      ++result.inserted;
+    } else {
+      return FromRocks(rs, "looking up record id");
+    }
+    batch_rows[id] = rows[i];
+  }
+  // 3. Make room in memory first, so that nothing can fail after the disk write.
+  const int S = d.num_shards();
+  for (int s = 0; s < S; ++s) {
+    const int64_t need = static_cast<int64_t>((next + S - 1 - s) / S);
+    std::unique_lock<std::shared_mutex> l(d.shards[s]->mu);
+    if (!d.shards[s]->rows.Reserve(need)) {
+      return absl::ResourceExhaustedError("host tier: out of memory for this batch");
+    }
+  }
+  // 4. One atomic, synced write.
+  rocksdb::WriteBatch wb;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    rapidin::v1::StoredRecord sr;
+    *sr.mutable_record() = batch[i].record;
+    sr.set_index(rows[i]);
+    wb.Put(d.cf_records(), RecordKey(rows[i]), sr.SerializeAsString());
+    wb.Put(d.cf_records(), IdKey(batch[i].record.id()), BigEndian64(rows[i]));
+    wb.Put(d.cf_vectors(), BigEndian64(rows[i]),
+           rocksdb::Slice(reinterpret_cast<const char*>(halves[i].data()), k * sizeof(uint16_t)));
+  }
+  m.set_record_count(next);
+  wb.Put(d.cf_manifest(), kManifestKey, m.SerializeAsString());
+  rocksdb::WriteOptions wo;
+  wo.sync = d.options.sync_writes;
+  absl::Status st = FromRocks(d.db->Write(wo, &wb), "writing batch");
+  if (!st.ok()) return st;
+  // 5. Memory follows disk: the last occurrence of each row's id wins, as it did in the WriteBatch. New rows
+  // are appended in index order so that local positions stay g / S.
+  absl::flat_hash_map<uint64_t, size_t> last_item;
+  for (size_t i = 0; i < batch.size(); ++i) last_item[rows[i]] = i;
+  std::vector<std::pair<uint64_t, size_t>> by_row(last_item.begin(), last_item.end());
+  std::sort(by_row.begin(), by_row.end());
+  for (const auto& [g, i] : by_row) {
+    auto& shard = *d.shards[g % S];
+    std::unique_lock<std::shared_mutex> l(shard.mu);
+    if (g < old_count) {
+      shard.rows.Overwrite(static_cast<int64_t>(g / S), halves[i].data());
+    } else {
+      shard.rows.Append(halves[i].data());
+    }
+  }
+  {
+    absl::MutexLock l(&d.manifest_mu);
+    d.manifest.set_record_count(next);
+  }
+  return result;
+}
+
+absl::StatusOr<rapidin::v1::StoredRecord> Store::GetRecordByIndex(uint64_t index) const {
+  std::string val;
+  absl::Status st =
+      FromRocks(impl_->db->Get(rocksdb::ReadOptions(), impl_->cf_records(), RecordKey(index), &val), "record");
+  if (absl::IsNotFound(st)) return absl::NotFoundError(absl::StrCat("no record at row ", index));
+  if (!st.ok()) return st;
+  rapidin::v1::StoredRecord sr;
+  if (!sr.ParseFromString(val)) return absl::DataLossError(absl::StrCat("record at row ", index, " does not parse"));
+  return sr;
+}
+
+absl::StatusOr<rapidin::v1::StoredRecord> Store::GetRecordById(const std::string& id) const {
+  std::string val;
+  rocksdb::Status rs = impl_->db->Get(rocksdb::ReadOptions(), impl_->cf_records(), IdKey(id), &val);
+  if (rs.IsNotFound()) return absl::NotFoundError(absl::StrCat("no record with id \"", id, "\""));
+  if (!rs.ok()) return FromRocks(rs, "looking up record id");
+  return GetRecordByIndex(FromBigEndian64(val));
+}
+
+absl::StatusOr<std::vector<float>> Store::GetVector(uint64_t index) const {
+  const int S = impl_->num_shards();
+  const auto& shard = *impl_->shards[index % S];
+  std::shared_lock<std::shared_mutex> l(shard.mu);
+  const int64_t r = static_cast<int64_t>(index / S);
+  if (r >= shard.rows.n()) return absl::NotFoundError(absl::StrCat("no vector at row ", index));
+  const uint32_t k = impl_->k();
+  std::vector<float> out(k);
+  const uint16_t* row = shard.rows.row(r);
+  for (uint32_t c = 0; c < k; ++c) out[c] = kernels::HalfToFloat(row[c]);
+  return out;
+}
+
+absl::Status Store::WithShard(int s, const std::function<absl::Status(const ShardView&)>& fn) const {
+  if (s < 0 || s >= impl_->num_shards()) return absl::OutOfRangeError(absl::StrCat("no shard ", s));
+  const auto& shard = *impl_->shards[s];
+  std::shared_lock<std::shared_mutex> l(shard.mu);
+  ShardView v;
+  v.shard = s;
+  v.rows = shard.rows.data();
+  v.n = shard.rows.n();
+  v.k = impl_->k();
+  v.first_index = s;
+  v.index_stride = impl_->num_shards();
+  return fn(v);
+}
+
+rapidin::v1::Manifest Store::manifest() const {
+  absl::MutexLock l(&impl_->manifest_mu);
+  return impl_->manifest;
+}
+uint64_t Store::size() const { return manifest().record_count(); }
+uint32_t Store::k() const { return impl_->k(); }
+int Store::num_shards() const { return impl_->num_shards(); }
+const std::string& Store::path() const { return impl_->path; }
+
+TierUsage Store::Usage() const {
+  TierUsage u;
+  for (const auto& s : impl_->shards) {
+    std::shared_lock<std::shared_mutex> l(s->mu);
+    u.host_records += s->rows.n();
+    u.host_bytes += s->rows.bytes();
+  }
+  uint64_t sst = 0, wal = 0;
+  for (auto* h : impl_->handles) {
+    uint64_t v = 0;
+    if (impl_->db->GetIntProperty(h, "rocksdb.live-sst-files-size", &v)) sst += v;
+  }
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(impl_->path, ec)) {
+    if (e.path().extension() == ".log") wal += e.file_size(ec);
+  }
+  u.disk_bytes = sst + wal;
+  return u;
+}
+
+}  // namespace rapidin::storage

@@ -1,0 +1,112 @@
+// The gradient store: start here for storage.
+//
+// A store is a directory holding one RocksDB database with three column families:
+//   manifest  "manifest" -> rapidin.v1.Manifest (K, dtype, projection state, record count, format version)
+//   records   'r' + be64(index) -> StoredRecord, 'i' + id -> be64(index)
+//   vectors   be64(index) -> K little-endian fp16 values
+// Rows are numbered 0..N-1 in ingest order. Every ingest batch is one RocksDB WriteBatch (records, vectors and
+// the manifest's record count together, WAL fsynced), so a process killed mid-ingest leaves each batch either
+// fully present or absent, and the store opens.
+//
+// Host tier: at Open all vectors are loaded into `num_shards` contiguous, 64-byte aligned row-major fp16 arrays.
+// Rows are dealt round-robin: global index g lives in shard g % S at local row g / S, so shards stay balanced as
+// ingest appends to memory and disk together.
+//
+// Thread-safety: all methods are safe to call concurrently. Ingest calls are serialised; scans (WithShard) hold
+// a shard's reader lock and only block an ingest that touches that shard.
+#ifndef RAPIDIN_STORAGE_STORE_H_
+#define RAPIDIN_STORAGE_STORE_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "rapidin/v1/store.pb.h"
+
+namespace rapidin::storage {
+
+constexpr uint32_t kFormatVersion = 1;
+constexpr size_t kMaxIdBytes = 1024;
+
+struct StoreOptions {
+  bool create_if_missing = false;
+  uint32_t k = 0;                    // required to create; if set when opening, must match the store
+  std::string projection_state;      // written at creation; if non-empty when opening, must match
+  int num_shards = 1;                // host-tier shards (not part of the on-disk format)
+  bool sync_writes = true;           // fsync the WAL on every batch
+  // Called while loading vectors at Open (every ~1% and at the end).
+  std::function<void(uint64_t loaded, uint64_t total)> progress;
+};
+
+struct IngestItem {
+  rapidin::v1::Record record;
+  std::vector<float> vector;         // K values
+};
+
+struct IngestResult {
+  uint64_t inserted = 0;
+  uint64_t replaced = 0;
+};
+
+// Read-only view of one shard's rows, valid while the callback of WithShard runs.
+struct ShardView {
+  int shard = 0;
+  const uint16_t* rows = nullptr;    // n x k fp16, 64-byte aligned
+  int64_t n = 0;
+  int64_t k = 0;
+  int64_t first_index = 0;           // global index of local row 0
+  int64_t index_stride = 1;          // global index of local row r = first_index + r * index_stride
+};
+
+struct TierUsage {
+  uint64_t host_records = 0;
+  uint64_t host_bytes = 0;           // bytes of vector data resident in host memory
+  uint64_t disk_bytes = 0;           // RocksDB's live SST + WAL size estimate
+};
+
+// Hex hash identifying a projection state blob (FNV-1a 64).
+std::string ProjectionStateId(const std::string& projection_state);
+
+class Store {
+ public:
+  // Opens (or creates) the store at `path` and loads the host tier.
+  // Errors: NOT_FOUND (no store and !create_if_missing), INVALID_ARGUMENT (bad options, or options that
+  // contradict the manifest), DATA_LOSS (corrupt manifest or vectors), UNAVAILABLE (locked by another process).
+  static absl::StatusOr<std::unique_ptr<Store>> Open(const std::string& path, const StoreOptions& options);
+  ~Store();
+  Store(const Store&) = delete;
+  Store& operator=(const Store&) = delete;
+
+  // Applies the batch atomically: every item is validated first (non-empty id of at most kMaxIdBytes, K finite
+  // values within fp16 range); any bad item rejects the whole batch (INVALID_ARGUMENT, naming the item).
+  // An id already in the store is replaced in place; within a batch the last occurrence of an id wins.
+  absl::StatusOr<IngestResult> Ingest(const std::vector<IngestItem>& batch);
+
+  absl::StatusOr<rapidin::v1::StoredRecord> GetRecordById(const std::string& id) const;
+  absl::StatusOr<rapidin::v1::StoredRecord> GetRecordByIndex(uint64_t index) const;
+  // The row's vector as stored (fp16 widened to float).
+  absl::StatusOr<std::vector<float>> GetVector(uint64_t index) const;
+
+  // Runs fn on shard s under its reader lock.
+  absl::Status WithShard(int s, const std::function<absl::Status(const ShardView&)>& fn) const;
+
+  rapidin::v1::Manifest manifest() const;
+  uint64_t size() const;
+  uint32_t k() const;
+  int num_shards() const;
+  const std::string& path() const;
+  TierUsage Usage() const;
+
+ private:
+  struct Impl;
+  explicit Store(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace rapidin::storage
+
+#endif  // RAPIDIN_STORAGE_STORE_H_
