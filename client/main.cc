@@ -184,6 +184,7 @@ int main(int argc, char** argv) {
   auto* stats = app.add_subcommand("stats", "store and server statistics");
   stats->add_option("--server", server)->capture_default_str();
   stats->add_flag("--json", json);
+  stats->add_option("--timeout", deadline, "seconds (0: none)");
 
   auto* get = app.add_subcommand("get", "one record by id");
   std::string id;
@@ -192,6 +193,7 @@ int main(int argc, char** argv) {
   get->add_option("--id", id)->required();
   get->add_flag("--vector", with_vector, "include the stored vector");
   get->add_flag("--json", json);
+  get->add_option("--timeout", deadline, "seconds (0: none)");
 
   auto* demo = app.add_subcommand("make-demo", "write demo records (Alpaca text, random vectors) and queries");
   std::string alpaca, out_records = "demo_records.jsonl", out_queries = "demo_queries.jsonl";

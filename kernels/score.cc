@@ -79,7 +79,7 @@ absl::Status ScanTopK(const uint16_t* store, int64_t n, int64_t k, const float* 
     return absl::InvalidArgumentError(absl::StrCat("ScanTopK: need ", q, " selectors per side"));
   }
   // Row blocks small enough that the block (and its scores) stays in L2 while q > 8 query blocks revisit it.
-  const int64_t block_bytes = 256 * 1024;
+  const int64_t block_bytes = 512 * 1024;
   int64_t block_rows = k > 0 ? block_bytes / (2 * k) : n;
   if (block_rows < 4) block_rows = 4;
   std::vector<float> scores(static_cast<size_t>(block_rows) * q);

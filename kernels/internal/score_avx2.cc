@@ -1,13 +1,21 @@
-// AVX2 + F16C + FMA scoring. Tiles of R rows x Q queries keep R*Q independent accumulators in registers so the
-// FMA latency is hidden while each row's bytes are loaded once per tile.
+// AVX2 + F16C + FMA scoring.
+//
+// Register tiles of R rows x Q queries keep R*Q independent accumulators (one 8-lane accumulator per row and
+// query, which is the canonical summation order of score.h, so tiling never changes a result). The K dimension
+// is walked in chunks of kChunk elements when there are several query blocks: the rows' chunk is then re-read
+// from L1 by each block, and each row's bytes are loaded from memory exactly once. Accumulators are parked in a
+// small scratch array between chunks.
 #include <immintrin.h>
 
 #include <cmath>
+#include <vector>
 
 #include "kernels/internal/score_impl.h"
 
 namespace rapidin::kernels::internal {
 namespace {
+
+constexpr int64_t kChunk = 2048;  // 4 queries x 2048 floats = 32 KiB: fits L1
 
 inline float Reduce8(__m256 v) {
   // Canonical order: (l0+l4, l1+l5, l2+l6, l3+l7) -> (s0+s2, s1+s3) -> sum.
@@ -17,61 +25,77 @@ inline float Reduce8(__m256 v) {
   return _mm_cvtss_f32(s1);
 }
 
+// acc[r * Q + j] += rows[r][c0:c1] * queries[j][c0:c1], lane-wise.
 template <int R, int Q>
-void Tile(const uint16_t* rows, int64_t k, const float* queries, int q_stride_rows, float* out, int out_stride) {
-  (void)q_stride_rows;
-  __m256 acc[R][Q];
+void TileChunk(const uint16_t* rows, int64_t k, const float* queries, int64_t c0, int64_t c1, __m256* acc) {
+  __m256 a[R][Q];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < Q; ++j) acc[r][j] = _mm256_setzero_ps();
-  const int64_t k8 = k & ~int64_t{7};
-  for (int64_t c = 0; c < k8; c += 8) {
+    for (int j = 0; j < Q; ++j) a[r][j] = acc[r * Q + j];
+  for (int64_t c = c0; c < c1; c += 8) {
     __m256 x[R];
     for (int r = 0; r < R; ++r) {
       x[r] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + r * k + c)));
     }
     for (int j = 0; j < Q; ++j) {
       const __m256 qv = _mm256_loadu_ps(queries + j * k + c);
-      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(x[r], qv, acc[r][j]);
+      for (int r = 0; r < R; ++r) a[r][j] = _mm256_fmadd_ps(x[r], qv, a[r][j]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    for (int j = 0; j < Q; ++j) {
-      float s = Reduce8(acc[r][j]);
-      for (int64_t c = k8; c < k; ++c) {
-        const float xv = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(rows[r * k + c])));
-        s = std::fma(xv, queries[j * k + c], s);
-      }
-      out[r * out_stride + j] = s;
-    }
-  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < Q; ++j) acc[r * Q + j] = a[r][j];
 }
 
-template <int Q>
-void RowsForQ(const uint16_t* store, int64_t n, int64_t k, const float* queries, float* out, int q) {
-  constexpr int R = Q == 1 ? 4 : (Q == 2 ? 2 : 1);
-  int64_t r = 0;
-  for (; r + R <= n; r += R) Tile<R, Q>(store + r * k, k, queries, 0, out + r * q, q);
-  for (; r < n; ++r) Tile<1, Q>(store + r * k, k, queries, 0, out + r * q, q);
+using ChunkFn = void (*)(const uint16_t*, int64_t, const float*, int64_t, int64_t, __m256*);
+
+// Tile shapes per query-block size: R*Q accumulators + R row registers + 1 query register <= 16.
+struct Shape {
+  int r;
+  ChunkFn full, one;  // R-row tile and 1-row tile (for the n % R leftover rows)
+};
+template <int R, int Q>
+constexpr Shape MakeShape() {
+  return {R, &TileChunk<R, Q>, &TileChunk<1, Q>};
 }
+const Shape kShapes[5] = {{}, MakeShape<4, 1>(), MakeShape<4, 2>(), MakeShape<3, 3>(), MakeShape<3, 4>()};
+constexpr int kMaxQB = 4;
 
 }  // namespace
 
 void ScoreF16Avx2(const uint16_t* store, int64_t n, int64_t k, const float* queries, int q, float* out) {
-  // Query blocks of up to 8; within a block every row is read once (later blocks re-read it from cache when
-  // the caller scores rows in small chunks, as ScanTopK does).
-  for (int j0 = 0; j0 < q; j0 += 8) {
-    const int qb = q - j0 < 8 ? q - j0 : 8;
-    const float* qs = queries + static_cast<int64_t>(j0) * k;
-    float* o = out + j0;
-    switch (qb) {
-      case 1: RowsForQ<1>(store, n, k, qs, o, q); break;
-      case 2: RowsForQ<2>(store, n, k, qs, o, q); break;
-      case 3: RowsForQ<3>(store, n, k, qs, o, q); break;
-      case 4: RowsForQ<4>(store, n, k, qs, o, q); break;
-      case 5: RowsForQ<5>(store, n, k, qs, o, q); break;
-      case 6: RowsForQ<6>(store, n, k, qs, o, q); break;
-      case 7: RowsForQ<7>(store, n, k, qs, o, q); break;
-      default: RowsForQ<8>(store, n, k, qs, o, q); break;
+  const int nblocks = (q + kMaxQB - 1) / kMaxQB;
+  std::vector<__m256> acc(static_cast<size_t>(n) * q, _mm256_setzero_ps());
+  const int64_t k8 = k & ~int64_t{7};
+  // One query block needs no chunking (its rows are read once anyway); several blocks re-read the rows of a
+  // chunk from L1 instead of memory.
+  const int64_t chunk = nblocks == 1 ? (k8 > 0 ? k8 : 8) : kChunk;
+  for (int64_t c0 = 0; c0 < k8; c0 += chunk) {
+    const int64_t c1 = c0 + chunk < k8 ? c0 + chunk : k8;
+    for (int b = 0; b < nblocks; ++b) {
+      const int j0 = b * kMaxQB;
+      const int qb = q - j0 < kMaxQB ? q - j0 : kMaxQB;
+      const Shape& s = kShapes[qb];
+      const float* qs = queries + static_cast<int64_t>(j0) * k;
+      // acc layout: row-major [row][query], so a tile's R x qb block is strided; keep a contiguous copy per tile.
+      int64_t r = 0;
+      for (; r + s.r <= n; r += s.r) {
+        __m256 t[4 * kMaxQB];
+        for (int i = 0; i < s.r; ++i)
+          for (int j = 0; j < qb; ++j) t[i * qb + j] = acc[(r + i) * q + j0 + j];
+        s.full(store + r * k, k, qs, c0, c1, t);
+        for (int i = 0; i < s.r; ++i)
+          for (int j = 0; j < qb; ++j) acc[(r + i) * q + j0 + j] = t[i * qb + j];
+      }
+      for (; r < n; ++r) s.one(store + r * k, k, qs, c0, c1, &acc[r * q + j0]);
+    }
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    for (int j = 0; j < q; ++j) {
+      float s = Reduce8(acc[r * q + j]);
+      for (int64_t c = k8; c < k; ++c) {
+        const float xv = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(store[r * k + c])));
+        s = std::fma(xv, queries[static_cast<int64_t>(j) * k + c], s);
+      }
+      out[r * q + j] = s;
     }
   }
 }

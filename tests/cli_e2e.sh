@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# End-to-end test of the binaries: rapidin-server on loopback, driven by the rapidin CLI. Checks output, JSON,
+# exit codes with one-line reasons, and a clean SIGTERM shutdown.
+set -u
+SERVER_BIN=$1
+CLI=$2
+work=$(mktemp -d)
+trap 'kill -9 $spid 2>/dev/null; rm -rf "$work"' EXIT
+fail() { echo "FAIL: $*"; [ -f "$work/server.log" ] && tail -20 "$work/server.log"; exit 1; }
+
+port=$((20000 + RANDOM % 20000)); mport=$((port + 1))
+"$CLI" make-demo --n 300 --k 33 --queries 3 --seed 7 --out "$work/rec.jsonl" --out-queries "$work/q.jsonl" >/dev/null \
+  || fail "make-demo"
+"$SERVER_BIN" --store "$work/store" --k 33 --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:$mport --shards 2 \
+  >"$work/server.log" 2>&1 &
+spid=$!
+for _ in $(seq 50); do "$CLI" stats --server 127.0.0.1:$port >/dev/null 2>&1 && break; sleep 0.1; done
+
+"$CLI" ingest --server 127.0.0.1:$port --file "$work/rec.jsonl" --batch-size 64 >"$work/ingest.out" 2>&1 \
+  || fail "ingest: $(cat "$work/ingest.out")"
+grep -q "300 inserted" "$work/ingest.out" || fail "ingest output: $(cat "$work/ingest.out")"
+
+# Each demo query is a stored record's vector plus noise: that record must come first.
+"$CLI" query --server 127.0.0.1:$port --vector-file "$work/q.jsonl" --top-k 3 --harmful-k 2 --json >"$work/q.json" \
+  || fail "query --json"
+python3 - "$work/q.json" <<'PY' || fail "query JSON content"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert len(r["results"]) == 3, r
+for i, res in enumerate(r["results"]):
+    assert res["helpful"][0]["id"] == f"alpaca-{i * 100}", res["helpful"][0]
+    assert len(res["helpful"]) == 3 and len(res["harmful"]) == 2
+    s = [h["score"] for h in res["helpful"]]
+    assert s == sorted(s, reverse=True)
+PY
+"$CLI" query --server 127.0.0.1:$port --vector-file "$work/q.jsonl" --top-k 2 | grep -q "helpful" || fail "table"
+"$CLI" stats --server 127.0.0.1:$port --json | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["num_records"]=="300", d' \
+  || fail "stats json"
+"$CLI" get --server 127.0.0.1:$port --id alpaca-5 | grep -q "alpaca-5" || fail "get"
+
+# Errors: non-zero exit, one line on stderr.
+expect_err() {  # expected-code words... -- command
+  local code=$1; shift; local words=$1; shift
+  "$@" >/dev/null 2>"$work/err"; local rc=$?
+  [ $rc -eq "$code" ] || fail "exit $rc (want $code) for: $* ($(cat "$work/err"))"
+  [ "$(wc -l <"$work/err")" -eq 1 ] || fail "stderr not one line for: $*: $(cat "$work/err")"
+  grep -q -- "$words" "$work/err" || fail "stderr lacks '$words': $(cat "$work/err")"
+}
+expect_err 1 "NOT_FOUND" "$CLI" get --server 127.0.0.1:$port --id nope
+echo '{"vector": [1, 2]}' >"$work/badk.jsonl"
+expect_err 1 "K is 33" "$CLI" query --server 127.0.0.1:$port --vector-file "$work/badk.jsonl"
+echo '{"vector": [1, 2' >"$work/broken.jsonl"
+expect_err 1 "broken.jsonl:1: malformed JSON" "$CLI" query --server 127.0.0.1:$port --vector-file "$work/broken.jsonl"
+expect_err 1 "top_k" "$CLI" query --server 127.0.0.1:$port --vector-file "$work/q.jsonl" --top-k 0
+expect_err 1 "FAILED_PRECONDITION" "$CLI" query --server 127.0.0.1:$port --generation "hi"
+expect_err 2 "exactly one of" "$CLI" query --server 127.0.0.1:$port
+expect_err 2 "" "$CLI" frobnicate
+expect_err 1 "UNAVAILABLE" "$CLI" stats --server 127.0.0.1:1 --timeout 2
+
+curl -sf "http://127.0.0.1:$mport/metrics" | grep -q 'rapidin_requests_total{code="OK",method="Ingest"} 1' \
+  || fail "metrics"
+kill -TERM $spid
+wait $spid; rc=$?
+[ $rc -eq 0 ] || fail "server exit code $rc after SIGTERM"
+grep -q "shutdown complete" "$work/server.log" || fail "no graceful shutdown in log"
+# Reopen: data persisted.
+"$SERVER_BIN" --store "$work/store" --listen 127.0.0.1:$port --metrics-listen "" >"$work/server.log" 2>&1 &
+spid=$!
+for _ in $(seq 50); do "$CLI" stats --server 127.0.0.1:$port >/dev/null 2>&1 && break; sleep 0.1; done
+"$CLI" stats --server 127.0.0.1:$port | grep -q "records *300" || fail "records after restart"
+echo "cli_e2e: all checks passed"

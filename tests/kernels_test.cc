@@ -1,0 +1,223 @@
+// kernels/: fp16 conversion, scoring against a double-precision reference, AVX2 vs portable, top-k.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "kernels/half.h"
+#include "kernels/score.h"
+#include "kernels/topk.h"
+
+namespace rapidin::kernels {
+namespace {
+
+std::mt19937_64& Rng() {
+  static std::mt19937_64 rng(std::random_device{}());
+  return rng;
+}
+
+std::vector<uint16_t> RandomHalves(size_t n) {
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::vector<uint16_t> out(n);
+  for (auto& h : out) h = FloatToHalf(g(Rng()));
+  return out;
+}
+
+std::vector<float> RandomFloats(size_t n) {
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::vector<float> out(n);
+  for (auto& x : out) x = g(Rng());
+  return out;
+}
+
+TEST(Half, RoundTripsEveryHalf) {
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float f = HalfToFloat(static_cast<uint16_t>(h));
+    if (std::isnan(f)) {
+      EXPECT_TRUE(std::isnan(HalfToFloat(FloatToHalf(f))));
+      continue;
+    }
+    EXPECT_EQ(FloatToHalf(f), h) << "half 0x" << std::hex << h;
+  }
+}
+
+TEST(Half, KnownValues) {
+  EXPECT_EQ(FloatToHalf(1.0f), 0x3c00);
+  EXPECT_EQ(FloatToHalf(-2.0f), 0xc000);
+  EXPECT_EQ(FloatToHalf(65504.0f), 0x7bff);
+  EXPECT_EQ(FloatToHalf(65520.0f), 0x7c00);  // rounds up to inf
+  EXPECT_EQ(FloatToHalf(5.9604645e-08f), 0x0001);  // smallest subnormal
+  EXPECT_EQ(FloatToHalf(2.9802322e-08f), 0x0000);  // 2^-25: tie to even (0)
+  EXPECT_TRUE(FitsHalf(65504.0f));
+  EXPECT_TRUE(FitsHalf(65519.0f));
+  EXPECT_FALSE(FitsHalf(65520.0f));
+  EXPECT_FALSE(FitsHalf(std::nanf("")));
+  EXPECT_FLOAT_EQ(HalfToFloat(0x3555), 0.33325195f);
+}
+
+// FloatToHalf must return the nearest half, ties to even: checked against the neighbours in double.
+TEST(Half, RoundsToNearestEven) {
+  std::uniform_int_distribution<uint32_t> bits(0, 0x477fefffu);
+  for (int i = 0; i < 200000; ++i) {
+    uint32_t b = bits(Rng()) | (i % 2 ? 0x80000000u : 0u);
+    float f;
+    std::memcpy(&f, &b, 4);
+    const uint16_t h = FloatToHalf(f);
+    const double err = std::fabs(static_cast<double>(HalfToFloat(h)) - f);
+    for (int d : {-1, 1}) {
+      const uint16_t n = static_cast<uint16_t>(h + d);
+      if ((n & 0x7c00) == 0x7c00 || ((h ^ n) & 0x8000)) continue;  // inf/nan or crossed the sign
+      const double en = std::fabs(static_cast<double>(HalfToFloat(n)) - f);
+      ASSERT_TRUE(err < en || (err == en && (h & 1) == 0)) << f << " -> 0x" << std::hex << h;
+    }
+  }
+}
+
+struct Shape {
+  int64_t n, k;
+  int q;
+};
+
+class ScoreTest : public ::testing::TestWithParam<Shape> {};
+
+TEST_P(ScoreTest, MatchesDoubleReference) {
+  const auto [n, k, q] = GetParam();
+  const auto store = RandomHalves(n * k);
+  const auto queries = RandomFloats(q * k);
+  for (ScoreImpl impl : {ScoreImpl::kPortable, ScoreImpl::kAuto}) {
+    std::vector<float> out(n * q, -1.0f);
+    ASSERT_TRUE(ScoreF16(store.data(), n, k, queries.data(), q, out.data(), impl).ok());
+    for (int64_t r = 0; r < n; ++r) {
+      for (int j = 0; j < q; ++j) {
+        double ref = 0, mag = 0;
+        for (int64_t c = 0; c < k; ++c) {
+          const double p = static_cast<double>(HalfToFloat(store[r * k + c])) * queries[j * k + c];
+          ref += p;
+          mag += std::fabs(p);
+        }
+        // fp32 accumulation over ~k/8 terms per lane: error grows at most linearly in the chain length.
+        const double tol = (static_cast<double>(k) / 8 + 16) * 6e-8 * mag + 1e-30;
+        ASSERT_NEAR(out[r * q + j], ref, tol) << ImplName(impl) << " row " << r << " query " << j;
+      }
+    }
+  }
+}
+
+TEST_P(ScoreTest, Avx2EqualsPortableBitwise) {
+  if (!Avx2Available()) GTEST_SKIP() << "this CPU lacks AVX2/F16C/FMA";
+  const auto [n, k, q] = GetParam();
+  const auto store = RandomHalves(n * k);
+  const auto queries = RandomFloats(q * k);
+  std::vector<float> a(n * q), b(n * q);
+  ASSERT_TRUE(ScoreF16(store.data(), n, k, queries.data(), q, a.data(), ScoreImpl::kAvx2).ok());
+  ASSERT_TRUE(ScoreF16(store.data(), n, k, queries.data(), q, b.data(), ScoreImpl::kPortable).ok());
+  ASSERT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)));
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, ScoreTest,
+                         ::testing::Values(Shape{1, 1, 1}, Shape{7, 3, 1}, Shape{13, 8, 2}, Shape{33, 257, 1},
+                                           Shape{17, 1031, 3}, Shape{9, 4096, 8}, Shape{11, 129, 11},
+                                           Shape{5, 4099, 17}, Shape{7, 5000, 9}, Shape{64, 64, 4}, Shape{3, 65536, 1}));
+
+TEST(Score, RejectsNegativeSizes) {
+  float out[1];
+  EXPECT_EQ(ScoreF16(nullptr, -1, 4, nullptr, 1, out).code(), absl::StatusCode::kInvalidArgument);
+}
+
+std::vector<Candidate> BruteTopK(const std::vector<float>& scores, int k, bool largest) {
+  std::vector<Candidate> all;
+  for (size_t i = 0; i < scores.size(); ++i) {
+    if (!std::isnan(scores[i])) all.push_back({scores[i], static_cast<int64_t>(i)});
+  }
+  std::sort(all.begin(), all.end(), [&](const Candidate& a, const Candidate& b) {
+    if (a.score != b.score) return largest ? a.score > b.score : a.score < b.score;
+    return a.index < b.index;
+  });
+  if (static_cast<int>(all.size()) > k) all.resize(k);
+  return all;
+}
+
+TEST(TopK, MatchesSortWithTiesAndNaN) {
+  std::uniform_int_distribution<int> small(-5, 5);
+  for (int trial = 0; trial < 50; ++trial) {
+    const int n = 1 + trial * 7;
+    std::vector<float> scores(n);
+    for (auto& s : scores) s = static_cast<float>(small(Rng()));  // many ties
+    scores[n / 2] = std::nanf("");
+    for (int k : {0, 1, 3, n / 2, n, n + 5}) {
+      for (bool largest : {true, false}) {
+        TopK sel(k, largest);
+        for (int i = 0; i < n; ++i) sel.Push(scores[i], i);
+        const auto got = sel.Sorted();
+        const auto want = BruteTopK(scores, k, largest);
+        ASSERT_EQ(got.size(), want.size());
+        for (size_t i = 0; i < got.size(); ++i) {
+          ASSERT_EQ(got[i].index, want[i].index) << "k=" << k << " largest=" << largest << " pos " << i;
+          ASSERT_EQ(got[i].score, want[i].score);
+        }
+      }
+    }
+  }
+}
+
+TEST(TopK, MergeOfPartsEqualsWhole) {
+  std::vector<float> scores(1000);
+  std::uniform_int_distribution<int> small(-20, 20);
+  for (auto& s : scores) s = static_cast<float>(small(Rng()));
+  std::vector<std::vector<Candidate>> parts(3);
+  for (int p = 0; p < 3; ++p) {
+    TopK sel(25, true);
+    for (size_t i = p; i < scores.size(); i += 3) sel.Push(scores[i], static_cast<int64_t>(i));
+    parts[p] = sel.Sorted();
+  }
+  const auto merged = MergeTopK(parts, 25, true);
+  const auto want = BruteTopK(scores, 25, true);
+  ASSERT_EQ(merged.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(merged[i].index, want[i].index);
+}
+
+// ScanTopK on interleaved shards, merged, equals the top-k of all scores (N not a multiple of the shards, k > N).
+TEST(ScanTopK, ShardedScanEqualsBruteForce) {
+  const int64_t n = 1001, k = 37;
+  const int q = 3, shards = 4;
+  const auto store = RandomHalves(n * k);
+  const auto queries = RandomFloats(q * k);
+  std::vector<float> all(n * q);
+  ASSERT_TRUE(ScoreF16(store.data(), n, k, queries.data(), q, all.data(), ScoreImpl::kPortable).ok());
+  for (int top : {5, 2000}) {
+    std::vector<std::vector<std::vector<Candidate>>> help(q), harm(q);
+    for (int s = 0; s < shards; ++s) {
+      std::vector<uint16_t> rows;
+      for (int64_t g = s; g < n; g += shards) rows.insert(rows.end(), store.begin() + g * k, store.begin() + (g + 1) * k);
+      std::vector<TopK> h, m;
+      for (int j = 0; j < q; ++j) {
+        h.emplace_back(top, true);
+        m.emplace_back(top, false);
+      }
+      ASSERT_TRUE(ScanTopK(rows.data(), rows.size() / k, k, queries.data(), q, s, shards, &h, &m).ok());
+      for (int j = 0; j < q; ++j) {
+        help[j].push_back(h[j].Sorted());
+        harm[j].push_back(m[j].Sorted());
+      }
+    }
+    for (int j = 0; j < q; ++j) {
+      std::vector<float> sj(n);
+      for (int64_t r = 0; r < n; ++r) sj[r] = all[r * q + j];
+      for (bool largest : {true, false}) {
+        const auto got = MergeTopK(largest ? help[j] : harm[j], top, largest);
+        const auto want = BruteTopK(sj, top, largest);
+        ASSERT_EQ(got.size(), want.size());
+        for (size_t i = 0; i < want.size(); ++i) {
+          ASSERT_EQ(got[i].index, want[i].index);
+          ASSERT_EQ(got[i].score, want[i].score);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace rapidin::kernels

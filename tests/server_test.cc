@@ -1,0 +1,338 @@
+// server/ end to end over loopback gRPC: query results against a brute-force reference, every limit, deadlines,
+// concurrency, health and metrics.
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <httplib.h>
+
+#include <algorithm>
+#include <cmath>
+#include <future>
+#include <thread>
+
+#include "client/client.h"
+#include "kernels/half.h"
+#include "kernels/score.h"
+#include "server/server.h"
+#include "tests/test_util.h"
+
+namespace rapidin::server {
+namespace {
+
+using rapidin::testing::SeededVector;
+using rapidin::testing::TempDir;
+namespace v1 = rapidin::v1;
+
+constexpr int kK = 67;  // odd on purpose
+constexpr int kN = 1003;  // not a multiple of the shard count
+
+class ServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ServerOptions o;
+    o.store_path = dir_.path("store");
+    o.listen = "127.0.0.1:0";
+    o.metrics_listen = "127.0.0.1:0";
+    o.shards = 3;
+    o.create_k = kK;
+    o.max_top_k = 50;
+    o.max_query_vectors = 8;
+    o.max_message_bytes = 1 << 20;
+    auto s = Server::Create(o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    server_ = std::move(*s);
+    addr_ = "127.0.0.1:" + std::to_string(server_->port());
+    client_ = client::Client::Connect(addr_, 30, 8 << 20);
+    std::mt19937_64 rng(12345);
+    std::normal_distribution<float> g;
+    for (int i = 0; i < kN; ++i) {
+      std::vector<float> v(kK);
+      for (auto& x : v) x = g(rng);
+      vectors_.push_back(v);
+    }
+    // Ingest in batches of 100 through the streaming RPC.
+    size_t next = 0;
+    auto r = client_->Ingest([&](v1::IngestRequest* b) {
+      if (next >= vectors_.size()) return false;
+      for (int i = 0; i < 100 && next < vectors_.size(); ++i, ++next) {
+        auto* rec = b->add_records();
+        rec->mutable_record()->set_id("rec-" + std::to_string(next));
+        rec->mutable_record()->set_instruction("instruction " + std::to_string(next));
+        (*rec->mutable_record()->mutable_metadata())["source"] = "test";
+        rec->mutable_vector()->Add(vectors_[next].begin(), vectors_[next].end());
+      }
+      return true;
+    });
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_EQ(r->record_count(), static_cast<uint64_t>(kN));
+    ASSERT_EQ(r->batches_applied(), 11u);
+  }
+
+  v1::QueryByVectorRequest Request(const std::vector<std::vector<float>>& qs, int top_k, int harmful_k) {
+    v1::QueryByVectorRequest req;
+    for (const auto& q : qs) req.add_queries()->mutable_values()->Add(q.begin(), q.end());
+    req.set_top_k(top_k);
+    req.set_harmful_k(harmful_k);
+    return req;
+  }
+
+  // Double-precision scores of the fp16-rounded store.
+  std::vector<double> RefScores(const std::vector<float>& q) {
+    std::vector<double> s(kN);
+    for (int i = 0; i < kN; ++i) {
+      double acc = 0;
+      for (int c = 0; c < kK; ++c) acc += double(kernels::HalfToFloat(kernels::FloatToHalf(vectors_[i][c]))) * q[c];
+      s[i] = acc;
+    }
+    return s;
+  }
+
+  // The returned lists agree with the brute-force reference: scores match, order is right, nothing better missed.
+  void CheckAgainstReference(const v1::QueryResult& r, const std::vector<float>& q, int top_k, int harmful_k) {
+    const auto ref = RefScores(q);
+    std::vector<int> order(kN);
+    for (int i = 0; i < kN; ++i) order[i] = i;
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return ref[a] > ref[b]; });
+    ASSERT_EQ(r.helpful_size(), std::min(top_k, kN));
+    ASSERT_EQ(r.harmful_size(), std::min(harmful_k, kN));
+    const double tol = 1e-4;
+    for (int i = 0; i < r.helpful_size(); ++i) {
+      const auto& s = r.helpful(i);
+      EXPECT_EQ(s.rank(), static_cast<uint32_t>(i + 1));
+      EXPECT_EQ(s.id(), "rec-" + std::to_string(s.index()));
+      EXPECT_EQ(s.record().id(), s.id());
+      EXPECT_NEAR(s.score(), ref[s.index()], tol);
+      // The i-th best by the reference has the same score up to rounding (same id unless a near-tie).
+      EXPECT_NEAR(s.score(), ref[order[i]], tol);
+      if (std::fabs(ref[order[i]] - ref[order[std::min(i + 1, kN - 1)]]) > tol && (i == 0 || std::fabs(ref[order[i]] - ref[order[i - 1]]) > tol)) {
+        EXPECT_EQ(s.index(), static_cast<uint64_t>(order[i]));
+      }
+    }
+    for (int i = 0; i < r.harmful_size(); ++i) {
+      EXPECT_NEAR(r.harmful(i).score(), ref[order[kN - 1 - i]], tol);
+    }
+  }
+
+  TempDir dir_;
+  std::unique_ptr<Server> server_;
+  std::string addr_;
+  std::unique_ptr<client::Client> client_;
+  std::vector<std::vector<float>> vectors_;
+};
+
+TEST_F(ServerTest, QueryByVectorMatchesBruteForce) {
+  std::vector<std::vector<float>> qs = {SeededVector(1, kK), SeededVector(2, kK), SeededVector(3, kK)};
+  for (int top_k : {1, 7, 50}) {
+    auto r = client_->QueryByVector(Request(qs, top_k, top_k / 2));
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_EQ(r->results_size(), 3);
+    ASSERT_EQ(r->shard_timings_size(), 3);
+    uint64_t rows = 0;
+    for (const auto& t : r->shard_timings()) rows += t.rows();
+    EXPECT_EQ(rows, static_cast<uint64_t>(kN));
+    for (int j = 0; j < 3; ++j) CheckAgainstReference(r->results(j), qs[j], top_k, top_k / 2);
+  }
+}
+
+TEST_F(ServerTest, ExactTopKEqualsSingleShardKernel) {
+  // Same kernel, one shard, brute-force selection over all rows: ids and scores must be identical.
+  const auto q = SeededVector(77, kK);
+  std::vector<uint16_t> store;
+  for (const auto& v : vectors_) {
+    for (float x : v) store.push_back(kernels::FloatToHalf(x));
+  }
+  std::vector<float> scores(kN);
+  ASSERT_TRUE(kernels::ScoreF16(store.data(), kN, kK, q.data(), 1, scores.data()).ok());
+  kernels::TopK best(50, true), worst(50, false);
+  for (int i = 0; i < kN; ++i) {
+    best.Push(scores[i], i);
+    worst.Push(scores[i], i);
+  }
+  auto r = client_->QueryByVector(Request({q}, 50, 50));
+  ASSERT_TRUE(r.ok()) << r.status();
+  const auto b = best.Sorted(), w = worst.Sorted();
+  for (int i = 0; i < 50; ++i) {
+    EXPECT_EQ(r->results(0).helpful(i).index(), static_cast<uint64_t>(b[i].index));
+    EXPECT_EQ(static_cast<float>(r->results(0).helpful(i).score()), b[i].score);
+    EXPECT_EQ(r->results(0).harmful(i).index(), static_cast<uint64_t>(w[i].index));
+  }
+}
+
+TEST_F(ServerTest, AggregateIsWeightedSum) {
+  const auto a = SeededVector(5, kK), b = SeededVector(6, kK);
+  auto req = Request({a, b}, 10, 3);
+  req.mutable_queries(0)->set_weight(2.0f);
+  req.mutable_queries(1)->set_weight(-0.5f);
+  req.set_aggregate(true);
+  auto r = client_->QueryByVector(req);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->results_size(), 1);
+  std::vector<float> sum(kK);
+  for (int c = 0; c < kK; ++c) sum[c] = 2.0f * a[c] - 0.5f * b[c];
+  CheckAgainstReference(r->results(0), sum, 10, 3);
+}
+
+TEST_F(ServerTest, GetRecordAndStats) {
+  auto g = client_->GetRecord("rec-42", true);
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_EQ(g->index(), 42u);
+  EXPECT_EQ(g->record().instruction(), "instruction 42");
+  EXPECT_EQ(g->record().metadata().at("source"), "test");
+  ASSERT_EQ(g->vector_size(), kK);
+  for (int c = 0; c < kK; ++c) EXPECT_EQ(g->vector(c), kernels::HalfToFloat(kernels::FloatToHalf(vectors_[42][c])));
+  auto s = client_->Stats();
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s->num_records(), static_cast<uint64_t>(kN));
+  EXPECT_EQ(s->k(), static_cast<uint32_t>(kK));
+  EXPECT_EQ(s->dtype(), v1::VECTOR_DTYPE_FP16);
+  EXPECT_EQ(s->num_shards(), 3u);
+  EXPECT_EQ(s->num_workers(), 3u);
+  ASSERT_GE(s->tiers_size(), 2);
+  EXPECT_EQ(s->tiers(0).tier(), "host");
+  EXPECT_EQ(s->tiers(0).bytes(), static_cast<uint64_t>(kN) * kK * 2);
+  EXPECT_GT(s->tiers(1).bytes(), 0u);
+}
+
+TEST_F(ServerTest, BadInputGetsClearErrorsAndServerKeepsServing) {
+  const auto good = SeededVector(9, kK);
+  auto expect_code = [&](v1::QueryByVectorRequest req, absl::StatusCode code, const std::string& words) {
+    auto r = client_->QueryByVector(req);
+    ASSERT_EQ(r.status().code(), code) << r.status();
+    EXPECT_NE(r.status().message().find(words), std::string::npos) << r.status();
+  };
+  expect_code(Request({SeededVector(9, kK - 1)}, 5, 0), absl::StatusCode::kInvalidArgument, "K is 67");
+  auto nan = good;
+  nan[3] = std::nanf("");
+  expect_code(Request({nan}, 5, 0), absl::StatusCode::kInvalidArgument, "not finite");
+  auto inf = good;
+  inf[0] = -INFINITY;
+  expect_code(Request({inf}, 5, 0), absl::StatusCode::kInvalidArgument, "not finite");
+  expect_code(Request({}, 5, 0), absl::StatusCode::kInvalidArgument, "no query vectors");
+  expect_code(Request({good}, 0, 0), absl::StatusCode::kInvalidArgument, "top_k");
+  expect_code(Request({good}, 51, 0), absl::StatusCode::kInvalidArgument, "top_k must be 1..50");
+  expect_code(Request({good}, 5, 51), absl::StatusCode::kInvalidArgument, "harmful_k");
+  expect_code(Request(std::vector<std::vector<float>>(9, good), 5, 0), absl::StatusCode::kInvalidArgument,
+              "at most 8");
+  auto other_state = Request({good}, 5, 0);
+  other_state.set_projection_state_id("0123456789abcdef");
+  expect_code(other_state, absl::StatusCode::kFailedPrecondition, "projection state");
+  // Oversized message (the server's limit is 1 MiB).
+  expect_code(Request({std::vector<float>(400000, 0.5f)}, 5, 0), absl::StatusCode::kResourceExhausted, "");
+
+  EXPECT_EQ(client_->GetRecord("missing", false).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(client_->GetRecord("", false).status().code(), absl::StatusCode::kInvalidArgument);
+  v1::QueryRequest text;
+  text.set_generation("hello");
+  text.set_top_k(3);
+  auto t = client_->Query(text);
+  EXPECT_EQ(t.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(t.status().message().find("--model"), std::string::npos);
+
+  // A bad ingest batch is refused whole; batches before it stay applied.
+  int sent = 0;
+  auto ing = client_->Ingest([&](v1::IngestRequest* b) {
+    if (sent == 2) return false;
+    for (int i = 0; i < 3; ++i) {
+      auto* rec = b->add_records();
+      rec->mutable_record()->set_id("new-" + std::to_string(sent) + "-" + std::to_string(i));
+      const auto v = SeededVector(100 + i, sent == 1 && i == 2 ? kK + 1 : kK);
+      rec->mutable_vector()->Add(v.begin(), v.end());
+    }
+    ++sent;
+    return true;
+  });
+  ASSERT_EQ(ing.status().code(), absl::StatusCode::kInvalidArgument) << ing.status();
+  EXPECT_NE(ing.status().message().find("batch 2 rejected"), std::string::npos) << ing.status();
+  EXPECT_TRUE(client_->GetRecord("new-0-2", false).ok());
+  EXPECT_EQ(client_->GetRecord("new-1-0", false).status().code(), absl::StatusCode::kNotFound);
+
+  // Still serving, with correct answers.
+  auto r = client_->QueryByVector(Request({good}, 5, 2));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(client_->Stats()->num_records(), static_cast<uint64_t>(kN + 3));
+}
+
+TEST_F(ServerTest, DeadlineIsHonoured) {
+  auto stub = v1::InfluenceService::NewStub(grpc::CreateChannel(addr_, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() - std::chrono::milliseconds(1));
+  v1::QueryByVectorResponse resp;
+  auto st = stub->QueryByVector(&ctx, Request({SeededVector(1, kK)}, 5, 0), &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_TRUE(client_->QueryByVector(Request({SeededVector(1, kK)}, 5, 0)).ok());
+}
+
+TEST_F(ServerTest, ConcurrentQueriesGetTheirOwnAnswers) {
+  std::vector<std::vector<float>> qs;
+  for (int i = 0; i < 16; ++i) qs.push_back(SeededVector(1000 + i, kK));
+  std::vector<v1::QueryByVectorResponse> serial;
+  for (const auto& q : qs) serial.push_back(*client_->QueryByVector(Request({q}, 10, 10)));
+  std::vector<std::future<absl::StatusOr<v1::QueryByVectorResponse>>> futs;
+  for (const auto& q : qs) {
+    futs.push_back(std::async(std::launch::async, [&, q] {
+      return client::Client::Connect(addr_)->QueryByVector(Request({q}, 10, 10));
+    }));
+  }
+  for (size_t i = 0; i < qs.size(); ++i) {
+    auto r = futs[i].get();
+    ASSERT_TRUE(r.ok()) << r.status();
+    for (int j = 0; j < 10; ++j) {
+      EXPECT_EQ(r->results(0).helpful(j).index(), serial[i].results(0).helpful(j).index());
+      EXPECT_EQ(r->results(0).harmful(j).score(), serial[i].results(0).harmful(j).score());
+    }
+  }
+}
+
+TEST_F(ServerTest, HealthAndMetrics) {
+  // grpc.health.v1.Health/Check with a hand-encoded HealthCheckRequest{service: "rapidin.v1.InfluenceService"}.
+  auto channel = grpc::CreateChannel(addr_, grpc::InsecureChannelCredentials());
+  grpc::GenericStub generic(channel);
+  const std::string service = "rapidin.v1.InfluenceService";
+  std::string req_bytes = std::string("\x0a", 1) + static_cast<char>(service.size()) + service;
+  grpc::Slice slice(req_bytes);
+  grpc::ByteBuffer req(&slice, 1), resp;
+  grpc::ClientContext ctx;
+  std::promise<grpc::Status> done;
+  generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &req, &resp,
+                    [&](grpc::Status s) { done.set_value(s); });
+  auto st = done.get_future().get();
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(resp.Dump(&slices).ok());
+  std::string bytes;
+  for (auto& s : slices) bytes += std::string(reinterpret_cast<const char*>(s.begin()), s.size());
+  EXPECT_EQ(bytes, std::string("\x08\x01", 2));  // status: SERVING
+
+  ASSERT_TRUE(client_->QueryByVector(Request({SeededVector(1, kK)}, 5, 0)).ok());
+  (void)client_->GetRecord("missing", false);
+  httplib::Client http("127.0.0.1", server_->metrics_port());
+  auto res = http.Get("/metrics");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 200);
+  for (const char* want : {"rapidin_requests_total{code=\"OK\",method=\"QueryByVector\"}",
+                           "rapidin_requests_total{code=\"NOT_FOUND\",method=\"GetRecord\"}",
+                           "rapidin_request_latency_seconds_bucket", "rapidin_scanned_bytes_total",
+                           "rapidin_tier_bytes{tier=\"host\"}", "rapidin_tier_records{tier=\"disk\"} 1003"}) {
+    EXPECT_NE(res->body.find(want), std::string::npos) << want;
+  }
+}
+
+TEST_F(ServerTest, RestartKeepsData) {
+  server_->Shutdown(absl::Seconds(1));
+  server_.reset();
+  ServerOptions o;
+  o.store_path = dir_.path("store");
+  o.listen = "127.0.0.1:0";
+  o.metrics_listen = "";
+  o.shards = 2;  // a different shard count over the same store
+  auto s = Server::Create(o);
+  ASSERT_TRUE(s.ok()) << s.status();
+  auto c = client::Client::Connect("127.0.0.1:" + std::to_string((*s)->port()));
+  const auto q = SeededVector(4, kK);
+  auto r = c->QueryByVector(Request({q}, 20, 5));
+  ASSERT_TRUE(r.ok()) << r.status();
+  CheckAgainstReference(r->results(0), q, 20, 5);
+}
+
+}  // namespace
+}  // namespace rapidin::server

@@ -1,0 +1,227 @@
+// storage/: manifest validation, atomic idempotent ingest, host-tier sharding, crash safety.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <thread>
+
+#include "kernels/half.h"
+#include "storage/store.h"
+#include "tests/test_util.h"
+
+namespace rapidin::storage {
+namespace {
+
+using rapidin::testing::Item;
+using rapidin::testing::SeededVector;
+using rapidin::testing::TempDir;
+
+std::unique_ptr<Store> MustOpen(const std::string& path, uint32_t k, int shards = 2, bool create = true,
+                                const std::string& ps = "") {
+  StoreOptions o;
+  o.create_if_missing = create;
+  o.k = k;
+  o.num_shards = shards;
+  o.projection_state = ps;
+  auto s = Store::Open(path, o);
+  EXPECT_TRUE(s.ok()) << s.status();
+  return s.ok() ? std::move(*s) : nullptr;
+}
+
+std::vector<float> Rounded(std::vector<float> v) {
+  for (auto& x : v) x = kernels::HalfToFloat(kernels::FloatToHalf(x));
+  return v;
+}
+
+TEST(Store, CreateOpenAndValidateManifest) {
+  TempDir dir;
+  const std::string path = dir.path("s");
+  {
+    StoreOptions o;
+    auto missing = Store::Open(path, o);
+    EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+    o.create_if_missing = true;
+    EXPECT_EQ(Store::Open(path, o).status().code(), absl::StatusCode::kInvalidArgument);  // no K
+  }
+  { auto s = MustOpen(path, 16, 2, true, "state-A"); ASSERT_NE(s, nullptr); EXPECT_EQ(s->k(), 16u); }
+  {
+    StoreOptions o;
+    auto s = Store::Open(path, o);  // K and state come from the manifest
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ((*s)->manifest().projection_state(), "state-A");
+    EXPECT_EQ((*s)->manifest().projection_state_id(), ProjectionStateId("state-A"));
+    EXPECT_EQ((*s)->manifest().format_version(), kFormatVersion);
+  }
+  StoreOptions wrong_k;
+  wrong_k.k = 32;
+  EXPECT_EQ(Store::Open(path, wrong_k).status().code(), absl::StatusCode::kInvalidArgument);
+  StoreOptions wrong_state;
+  wrong_state.projection_state = "state-B";
+  auto st = Store::Open(path, wrong_state).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(st.message().find(ProjectionStateId("state-A")), std::string::npos) << st;
+  StoreOptions bad_shards;
+  bad_shards.num_shards = 0;
+  EXPECT_EQ(Store::Open(path, bad_shards).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(Store, RefusesNonStoreDirectoryAndSecondOpener) {
+  TempDir dir;
+  std::FILE* f = std::fopen(dir.path("junk.txt").c_str(), "w");
+  std::fputs("x", f);
+  std::fclose(f);
+  StoreOptions o;
+  o.create_if_missing = true;
+  o.k = 4;
+  EXPECT_EQ(Store::Open(dir.path(), o).status().code(), absl::StatusCode::kInvalidArgument);
+  auto a = MustOpen(dir.path("s"), 4);
+  auto b = Store::Open(dir.path("s"), o);
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kUnavailable) << b.status();
+}
+
+TEST(Store, IngestGetReplaceAndReopen) {
+  TempDir dir;
+  const int k = 13;
+  std::vector<std::vector<float>> vecs;
+  {
+    auto s = MustOpen(dir.path("s"), k, 3);
+    std::vector<IngestItem> batch;
+    for (int i = 0; i < 10; ++i) {
+      vecs.push_back(SeededVector(i, k));
+      batch.push_back(Item("id" + std::to_string(i), vecs.back()));
+    }
+    auto r = s->Ingest(batch);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->inserted, 10u);
+    EXPECT_EQ(s->size(), 10u);
+    // Replace id3, add id10, and send id10 twice: the last occurrence wins.
+    vecs[3] = SeededVector(103, k);
+    vecs.push_back(SeededVector(110, k));
+    r = s->Ingest({Item("id3", vecs[3], "new text"), Item("id10", SeededVector(999, k)), Item("id10", vecs[10])});
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->inserted, 1u);
+    EXPECT_EQ(r->replaced, 1u);
+    EXPECT_EQ(s->size(), 11u);
+    // Idempotent: the same batch again changes nothing but counts replacements.
+    r = s->Ingest({Item("id3", vecs[3], "new text")});
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ(s->size(), 11u);
+  }
+  for (int shards : {1, 3, 4}) {
+    auto s = MustOpen(dir.path("s"), k, shards, false);
+    ASSERT_EQ(s->size(), 11u);
+    for (int i = 0; i < 11; ++i) {
+      auto rec = s->GetRecordById("id" + std::to_string(i));
+      ASSERT_TRUE(rec.ok()) << rec.status();
+      EXPECT_EQ(rec->index(), static_cast<uint64_t>(i));
+      auto v = s->GetVector(rec->index());
+      ASSERT_TRUE(v.ok());
+      EXPECT_EQ(*v, Rounded(vecs[i])) << "row " << i << " with " << shards << " shards";
+    }
+    EXPECT_EQ(s->GetRecordById("id3")->record().text(), "new text");
+    EXPECT_EQ(s->GetRecordById("nope").status().code(), absl::StatusCode::kNotFound);
+    // Shards interleave rows round-robin, arrays are 64-byte aligned, and together hold every row once.
+    int64_t total = 0;
+    for (int sh = 0; sh < shards; ++sh) {
+      ASSERT_TRUE(s->WithShard(sh, [&](const ShardView& v) {
+                     EXPECT_EQ(reinterpret_cast<uintptr_t>(v.rows) % 64, 0u);
+                     EXPECT_EQ(v.first_index, sh);
+                     EXPECT_EQ(v.index_stride, shards);
+                     for (int64_t r = 0; r < v.n; ++r) {
+                       const auto want = Rounded(vecs[v.first_index + r * v.index_stride]);
+                       for (int c = 0; c < k; ++c) EXPECT_EQ(kernels::HalfToFloat(v.rows[r * k + c]), want[c]);
+                     }
+                     total += v.n;
+                     return absl::OkStatus();
+                   }).ok());
+    }
+    EXPECT_EQ(total, 11);
+    EXPECT_EQ(s->Usage().host_bytes, 11u * k * 2);
+  }
+}
+
+TEST(Store, BadBatchIsRejectedWhole) {
+  TempDir dir;
+  const int k = 8;
+  auto s = MustOpen(dir.path("s"), k);
+  ASSERT_TRUE(s->Ingest({Item("a", SeededVector(1, k))}).ok());
+  auto nan = SeededVector(2, k);
+  nan[5] = std::nanf("");
+  auto big = SeededVector(3, k);
+  big[0] = 1e6f;
+  auto inf = SeededVector(4, k);
+  inf[7] = INFINITY;
+  const std::vector<std::vector<IngestItem>> bad = {
+      {Item("b", SeededVector(5, k)), Item("c", SeededVector(6, k - 1))},  // wrong K
+      {Item("b", SeededVector(5, k)), Item("d", nan)},
+      {Item("b", SeededVector(5, k)), Item("e", big)},
+      {Item("b", SeededVector(5, k)), Item("f", inf)},
+      {Item("b", SeededVector(5, k)), Item("", SeededVector(7, k))},
+      {Item(std::string(kMaxIdBytes + 1, 'x'), SeededVector(7, k))},
+      {Item("a", SeededVector(8, k)), Item("g", SeededVector(9, k + 1))},  // would replace "a"
+  };
+  for (const auto& b : bad) {
+    auto r = s->Ingest(b);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+    EXPECT_EQ(s->size(), 1u);
+    EXPECT_EQ(s->GetRecordById("b").status().code(), absl::StatusCode::kNotFound);
+    EXPECT_EQ(*s->GetVector(0), Rounded(SeededVector(1, k)));
+  }
+}
+
+// A writer process is SIGKILLed in the middle of ingesting; the store must open with every batch either
+// fully present (records and vectors) or absent.
+TEST(Store, KilledWriterLeavesWholeBatches) {
+  const int k = 64, batch = 40;
+  for (int trial = 0; trial < 3; ++trial) {
+    TempDir dir;
+    const std::string path = dir.path("s");
+    int out[2];
+    ASSERT_EQ(pipe(out), 0);
+    const pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      dup2(out[1], STDOUT_FILENO);
+      close(out[0]);
+      execl(RAPIDIN_CRASH_WRITER, RAPIDIN_CRASH_WRITER, path.c_str(), std::to_string(k).c_str(),
+            std::to_string(batch).c_str(), static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    close(out[1]);
+    // Wait until a few batches committed, then kill at a varying moment.
+    std::FILE* in = fdopen(out[0], "r");
+    int committed = -1, b = 0;
+    while (committed < 3 + trial * 4 && std::fscanf(in, "%d", &b) == 1) committed = b;
+    std::this_thread::sleep_for(std::chrono::microseconds(300 * trial));
+    kill(pid, SIGKILL);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    std::fclose(in);
+    ASSERT_TRUE(WIFSIGNALED(status)) << "writer exited on its own: " << status;
+    ASSERT_GE(committed, 3);
+
+    auto s = MustOpen(path, k, 2, false);
+    ASSERT_NE(s, nullptr);
+    const uint64_t n = s->size();
+    ASSERT_EQ(n % batch, 0u) << "a partial batch survived: " << n << " records";
+    ASSERT_GE(n / batch, static_cast<uint64_t>(committed + 1)) << "a committed batch was lost";
+    for (uint64_t row = 0; row < n; ++row) {
+      const int bb = static_cast<int>(row / batch), i = static_cast<int>(row % batch);
+      auto rec = s->GetRecordByIndex(row);
+      ASSERT_TRUE(rec.ok()) << rec.status();
+      ASSERT_EQ(rec->record().id(), "b" + std::to_string(bb) + "-" + std::to_string(i));
+      ASSERT_EQ(*s->GetVector(row), Rounded(SeededVector(bb * 1000 + i, k)));
+    }
+    // The next batch's first record must be absent.
+    EXPECT_EQ(s->GetRecordById("b" + std::to_string(n / batch) + "-0").status().code(),
+              absl::StatusCode::kNotFound);
+    // And the store keeps working.
+    ASSERT_TRUE(s->Ingest({Item("after-crash", SeededVector(7, k))}).ok());
+  }
+}
+
+}  // namespace
+}  // namespace rapidin::storage
