@@ -1,0 +1,393 @@
+// The only model/ translation unit that includes LibTorch.
+#include "model/engine.h"
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <fstream>
+#include <random>
+#include <regex>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace rapidin::model {
+
+std::string AlpacaPrompt(const std::string& instruction, const std::string& input) {
+  if (input.empty()) {
+    return absl::StrCat(
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\n",
+        instruction, "\n\n### Response:\n");
+  }
+  return absl::StrCat(
+      "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+      "response that appropriately completes the request.\n\n### Instruction:\n",
+      instruction, "\n\n### Input:\n", input, "\n\n### Response:\n");
+}
+
+namespace {
+
+uint64_t Fnv(uint64_t h, const void* data, size_t n) {
+  const unsigned char* p = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < n; ++i) {
+    h ^= p[i];
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+}  // namespace
+
+struct GradientEngine::Impl {
+  EngineOptions options;
+  ModelConfig cfg;
+  std::unique_ptr<Tokenizer> tok;
+  std::vector<std::string> names;  // every parameter, in file order
+  std::map<std::string, torch::Tensor> w;
+  std::vector<torch::Tensor> selected;
+  std::vector<ParamInfo> infos;
+  int64_t dim = 0;
+  torch::Tensor cos, sin;  // [seq_len, head_dim / 2]
+  std::string hash;
+  torch::Dtype dtype = torch::kFloat;
+
+  const torch::Tensor& W(const std::string& n) const { return w.at(n); }
+
+  void Add(const std::string& name, torch::Tensor t) {
+    names.push_back(name);
+    w[name] = t.to(dtype).clone().set_requires_grad(true);  // own storage: no views into the file buffer
+  }
+
+  absl::Status Finish() {
+    const int hd = cfg.dim / cfg.n_heads;
+    auto freqs = torch::arange(0, hd, 2, torch::kDouble) / hd;
+    freqs = torch::pow(static_cast<double>(cfg.rope_theta), -freqs);  // [hd/2]
+    auto pos = torch::arange(0, cfg.seq_len, torch::kDouble);
+    auto ang = torch::outer(pos, freqs);
+    cos = torch::cos(ang).to(dtype);
+    sin = torch::sin(ang).to(dtype);
+    // Parameter selection.
+    std::regex re;
+    try {
+      if (!options.param_pattern.empty()) re = std::regex(options.param_pattern);
+    } catch (const std::regex_error& e) {
+      return absl::InvalidArgumentError(absl::StrCat("bad --params pattern \"", options.param_pattern, "\": ", e.what()));
+    }
+    for (const auto& n : names) {
+      const auto& t = w[n];
+      const bool take = options.param_pattern.empty() ? t.dim() == 2 : std::regex_search(n, re);
+      if (!take) continue;
+      selected.push_back(t);
+      infos.push_back({n, t.numel(), dim});
+      dim += t.numel();
+    }
+    if (selected.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("parameter pattern \"", options.param_pattern,
+                                                     "\" selects no parameter"));
+    }
+    uint64_t h = 1469598103934665603ull;
+    for (const auto& n : names) {
+      auto c = w[n].detach().to(torch::kFloat).contiguous();
+      h = Fnv(h, n.data(), n.size());
+      h = Fnv(h, c.data_ptr<float>(), c.numel() * sizeof(float));
+    }
+    const std::string sel = options.param_pattern.empty() ? "<matrices>" : options.param_pattern;
+    h = Fnv(h, sel.data(), sel.size());
+    const std::string tmpl = absl::StrCat("alpaca/v1 max_length=", options.max_length);
+    h = Fnv(h, tmpl.data(), tmpl.size());
+    hash = absl::StrFormat("%016x", h);
+    return absl::OkStatus();
+  }
+
+  torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& g) const {
+    return x * torch::rsqrt(x.pow(2).mean(-1, true) + cfg.norm_eps) * g;
+  }
+
+  // x: [B, T, H, hd]; llama2.c rotates interleaved pairs (2i, 2i+1).
+  torch::Tensor Rope(const torch::Tensor& x) const {
+    const int64_t B = x.size(0), T = x.size(1), H = x.size(2), hd = x.size(3);
+    auto xr = x.reshape({B, T, H, hd / 2, 2});
+    auto x0 = xr.select(-1, 0), x1 = xr.select(-1, 1);
+    auto c = cos.slice(0, 0, T).view({1, T, 1, hd / 2});
+    auto s = sin.slice(0, 0, T).view({1, T, 1, hd / 2});
+    return torch::stack({x0 * c - x1 * s, x0 * s + x1 * c}, -1).reshape({B, T, H, hd});
+  }
+
+  // ids: [B, T] int64 -> logits [B, T, vocab].
+  torch::Tensor Forward(const torch::Tensor& ids) const {
+    const int64_t B = ids.size(0), T = ids.size(1);
+    const int H = cfg.n_heads, KV = cfg.n_kv_heads, hd = cfg.dim / cfg.n_heads;
+    auto x = torch::embedding(W("tok_embeddings.weight"), ids);
+    auto mask = torch::full({T, T}, -std::numeric_limits<double>::infinity(), torch::TensorOptions().dtype(dtype))
+                    .triu(1);
+    for (int l = 0; l < cfg.n_layers; ++l) {
+      const std::string p = absl::StrCat("layers.", l, ".");
+      auto h = RmsNorm(x, W(p + "attention_norm.weight"));
+      auto q = torch::matmul(h, W(p + "attention.wq.weight").t()).view({B, T, H, hd});
+      auto k = torch::matmul(h, W(p + "attention.wk.weight").t()).view({B, T, KV, hd});
+      auto v = torch::matmul(h, W(p + "attention.wv.weight").t()).view({B, T, KV, hd});
+      q = Rope(q);
+      k = Rope(k);
+      if (KV != H) {
+        k = k.repeat_interleave(H / KV, 2);
+        v = v.repeat_interleave(H / KV, 2);
+      }
+      q = q.transpose(1, 2);
+      k = k.transpose(1, 2);
+      v = v.transpose(1, 2);
+      auto att = torch::softmax(torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(hd)) + mask, -1);
+      auto o = torch::matmul(att, v).transpose(1, 2).reshape({B, T, cfg.dim});
+      x = x + torch::matmul(o, W(p + "attention.wo.weight").t());
+      h = RmsNorm(x, W(p + "ffn_norm.weight"));
+      auto a = torch::silu(torch::matmul(h, W(p + "feed_forward.w1.weight").t())) *
+               torch::matmul(h, W(p + "feed_forward.w3.weight").t());
+      x = x + torch::matmul(a, W(p + "feed_forward.w2.weight").t());
+    }
+    x = RmsNorm(x, W("norm.weight"));
+    const auto& out = cfg.tied_output ? W("tok_embeddings.weight") : W("output.weight");
+    return torch::matmul(x, out.t());
+  }
+
+  torch::Tensor Ids(const std::vector<int32_t>& ids) const {
+    std::vector<int64_t> v(ids.begin(), ids.end());
+    return torch::tensor(v, torch::kLong).view({1, static_cast<int64_t>(v.size())});
+  }
+
+  // Mean cross-entropy of positions [from-1, T-1) predicting tokens [from, T).
+  torch::Tensor ResponseLoss(const TokenizedExample& t) const {
+    auto ids = Ids(t.ids);
+    auto logits = Forward(ids);
+    const int64_t T = ids.size(1);
+    auto pred = logits[0].slice(0, t.response_begin - 1, T - 1);
+    auto target = ids[0].slice(0, t.response_begin, T);
+    return torch::nn::functional::cross_entropy(pred, target);
+  }
+};
+
+GradientEngine::GradientEngine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+GradientEngine::~GradientEngine() = default;
+
+absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Load(const EngineOptions& options) {
+  if (options.max_length < 4) return absl::InvalidArgumentError("max_length must be at least 4");
+  std::ifstream in(options.model_path, std::ios::binary | std::ios::ate);
+  if (!in) return absl::NotFoundError(absl::StrCat("model file not found: ", options.model_path));
+  const int64_t size = in.tellg();
+  in.seekg(0);
+  int32_t hdr[7];
+  if (size < 28 || !in.read(reinterpret_cast<char*>(hdr), sizeof hdr)) {
+    return absl::DataLossError(absl::StrCat(options.model_path, ": too short for a llama2.c checkpoint"));
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->dtype = options.use_double ? torch::kDouble : torch::kFloat;
+  ModelConfig& c = impl->cfg;
+  c.dim = hdr[0];
+  c.hidden_dim = hdr[1];
+  c.n_layers = hdr[2];
+  c.n_heads = hdr[3];
+  c.n_kv_heads = hdr[4];
+  c.tied_output = hdr[5] > 0;
+  c.vocab_size = std::abs(hdr[5]);
+  c.seq_len = hdr[6];
+  if (c.dim <= 0 || c.hidden_dim <= 0 || c.n_layers <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 ||
+      c.vocab_size <= 0 || c.seq_len <= 0 || c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0 ||
+      (c.dim / c.n_heads) % 2 != 0 || c.dim > 65536 || c.n_layers > 1024 || c.vocab_size > 10000000) {
+    return absl::DataLossError(absl::StrCat(options.model_path, ": implausible llama2.c header"));
+  }
+  const int64_t D = c.dim, F = c.hidden_dim, L = c.n_layers, V = c.vocab_size, hd = D / c.n_heads;
+  const int64_t KVD = hd * c.n_kv_heads;
+  const int64_t floats = V * D + L * D + L * D * D + 2 * L * KVD * D + L * D * D + L * D + 3 * L * F * D + D +
+                         c.seq_len * hd + (c.tied_output ? 0 : V * D);
+  if (size != 28 + floats * 4) {
+    return absl::DataLossError(absl::StrFormat("%s: %d bytes, but the header implies %d", options.model_path, size,
+                                               28 + floats * 4));
+  }
+  std::vector<float> buf(floats);
+  if (!in.read(reinterpret_cast<char*>(buf.data()), floats * 4)) {
+    return absl::DataLossError(absl::StrCat(options.model_path, ": read failed"));
+  }
+  int64_t off = 0;
+  auto take = [&](std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (auto s : shape) n *= s;
+    auto t = torch::from_blob(buf.data() + off, shape, torch::kFloat).clone();
+    off += n;
+    return t;
+  };
+  auto emb = take({V, D});
+  auto rms_att = take({L, D});
+  auto wq = take({L, D, D});
+  auto wk = take({L, KVD, D});
+  auto wv = take({L, KVD, D});
+  auto wo = take({L, D, D});
+  auto rms_ffn = take({L, D});
+  auto w1 = take({L, F, D});
+  auto w2 = take({L, D, F});
+  auto w3 = take({L, F, D});
+  auto rms_final = take({D});
+  off += c.seq_len * hd;  // freq_cis_real / imag: recomputed
+  impl->Add("tok_embeddings.weight", emb);
+  for (int l = 0; l < L; ++l) {
+    const std::string p = absl::StrCat("layers.", l, ".");
+    impl->Add(p + "attention_norm.weight", rms_att[l]);
+    impl->Add(p + "attention.wq.weight", wq[l]);
+    impl->Add(p + "attention.wk.weight", wk[l]);
+    impl->Add(p + "attention.wv.weight", wv[l]);
+    impl->Add(p + "attention.wo.weight", wo[l]);
+    impl->Add(p + "ffn_norm.weight", rms_ffn[l]);
+    impl->Add(p + "feed_forward.w1.weight", w1[l]);
+    impl->Add(p + "feed_forward.w2.weight", w2[l]);
+    impl->Add(p + "feed_forward.w3.weight", w3[l]);
+  }
+  impl->Add("norm.weight", rms_final);
+  if (!c.tied_output) impl->Add("output.weight", take({V, D}));
+  if (!options.tokenizer_path.empty()) {
+    auto tok = Tokenizer::Load(options.tokenizer_path, c.vocab_size);
+    if (!tok.ok()) return tok.status();
+    impl->tok = std::move(*tok);
+  }
+  absl::Status st = impl->Finish();
+  if (!st.ok()) return st;
+  return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
+}
+
+absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Random(const ModelConfig& c, uint64_t seed,
+                                                                       const EngineOptions& options) {
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->cfg = c;
+  impl->dtype = options.use_double ? torch::kDouble : torch::kFloat;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> g(0.0, 1.0);
+  auto rnd = [&](std::vector<int64_t> shape, double scale, double mean) {
+    auto t = torch::empty(shape, torch::kDouble);
+    auto* p = t.data_ptr<double>();
+    for (int64_t i = 0; i < t.numel(); ++i) p[i] = mean + scale * g(rng);
+    return t;
+  };
+  const int64_t D = c.dim, F = c.hidden_dim, hd = D / c.n_heads, KVD = hd * c.n_kv_heads;
+  impl->Add("tok_embeddings.weight", rnd({c.vocab_size, D}, 0.5, 0));
+  for (int l = 0; l < c.n_layers; ++l) {
+    const std::string p = absl::StrCat("layers.", l, ".");
+    impl->Add(p + "attention_norm.weight", rnd({D}, 0.1, 1));
+    impl->Add(p + "attention.wq.weight", rnd({D, D}, 0.3, 0));
+    impl->Add(p + "attention.wk.weight", rnd({KVD, D}, 0.3, 0));
+    impl->Add(p + "attention.wv.weight", rnd({KVD, D}, 0.3, 0));
+    impl->Add(p + "attention.wo.weight", rnd({D, D}, 0.3, 0));
+    impl->Add(p + "ffn_norm.weight", rnd({D}, 0.1, 1));
+    impl->Add(p + "feed_forward.w1.weight", rnd({F, D}, 0.3, 0));
+    impl->Add(p + "feed_forward.w2.weight", rnd({D, F}, 0.3, 0));
+    impl->Add(p + "feed_forward.w3.weight", rnd({F, D}, 0.3, 0));
+  }
+  impl->Add("norm.weight", rnd({D}, 0.1, 1));
+  if (!c.tied_output) impl->Add("output.weight", rnd({c.vocab_size, D}, 0.5, 0));
+  absl::Status st = impl->Finish();
+  if (!st.ok()) return st;
+  return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
+}
+
+const ModelConfig& GradientEngine::config() const { return impl_->cfg; }
+const std::vector<ParamInfo>& GradientEngine::params() const { return impl_->infos; }
+int64_t GradientEngine::grad_dim() const { return impl_->dim; }
+std::string GradientEngine::model_hash() const { return impl_->hash; }
+const Tokenizer* GradientEngine::tokenizer() const { return impl_->tok.get(); }
+
+absl::StatusOr<TokenizedExample> GradientEngine::Tokenize(const Example& ex) const {
+  if (!impl_->tok) return absl::FailedPreconditionError("no tokenizer loaded");
+  const Encoding p = impl_->tok->Encode(AlpacaPrompt(ex.instruction, ex.input), /*dummy_prefix=*/true);
+  const Encoding r = impl_->tok->Encode(ex.output, /*dummy_prefix=*/false);
+  TokenizedExample t;
+  t.ids.push_back(Tokenizer::kBos);
+  t.ids.insert(t.ids.end(), p.ids.begin(), p.ids.end());
+  t.response_begin = static_cast<int32_t>(t.ids.size());
+  t.ids.insert(t.ids.end(), r.ids.begin(), r.ids.end());
+  t.ids.push_back(Tokenizer::kEos);
+  t.response_spans = r.spans;
+  const int32_t len = static_cast<int32_t>(ex.output.size());
+  t.response_spans.push_back({len, len});
+  const int max_len = std::min(impl_->options.max_length, impl_->cfg.seq_len);
+  if (static_cast<int>(t.ids.size()) > max_len) {
+    if (t.response_begin >= max_len) {
+      return absl::InvalidArgumentError(absl::StrCat("the prompt alone is ", t.response_begin,
+                                                     " tokens; max_length is ", max_len));
+    }
+    t.ids.resize(max_len);
+    t.response_spans.resize(max_len - t.response_begin);
+    t.truncated = true;
+  }
+  return t;
+}
+
+absl::StatusOr<double> GradientEngine::MeanNll(const std::string& text, int64_t* tokens) const {
+  if (!impl_->tok) return absl::FailedPreconditionError("no tokenizer loaded");
+  torch::NoGradGuard no_grad;
+  Encoding e = impl_->tok->Encode(text, true);
+  std::vector<int32_t> ids = {Tokenizer::kBos};
+  ids.insert(ids.end(), e.ids.begin(), e.ids.end());
+  if (static_cast<int>(ids.size()) > impl_->cfg.seq_len) ids.resize(impl_->cfg.seq_len);
+  if (ids.size() < 2) return absl::InvalidArgumentError("text is empty");
+  auto t = impl_->Ids(ids);
+  auto logits = impl_->Forward(t);
+  const int64_t T = t.size(1);
+  auto loss = torch::nn::functional::cross_entropy(logits[0].slice(0, 0, T - 1), t[0].slice(0, 1, T));
+  if (tokens) *tokens = T - 1;
+  return loss.item<double>();
+}
+
+absl::StatusOr<double> GradientEngine::LossIds(const TokenizedExample& t) const {
+  torch::NoGradGuard no_grad;
+  if (t.response_begin < 1 || t.response_begin >= static_cast<int>(t.ids.size())) {
+    return absl::InvalidArgumentError("no response tokens");
+  }
+  return impl_->ResponseLoss(t).item<double>();
+}
+
+absl::StatusOr<GradInfo> GradientEngine::GradientIds(const TokenizedExample& t, bool normalize,
+                                                     std::vector<double>* out) const {
+  if (t.response_begin < 1 || t.response_begin >= static_cast<int>(t.ids.size())) {
+    return absl::InvalidArgumentError("no response tokens");
+  }
+  for (int32_t id : t.ids) {
+    if (id < 0 || id >= impl_->cfg.vocab_size) return absl::InvalidArgumentError(absl::StrCat("token id ", id));
+  }
+  auto loss = impl_->ResponseLoss(t);
+  auto grads = torch::autograd::grad({loss}, impl_->selected);
+  out->resize(impl_->dim);
+  for (size_t p = 0; p < grads.size(); ++p) {
+    auto g = grads[p].detach().to(torch::kDouble).contiguous().view({-1});
+    if (normalize) {
+      const double n = g.norm().item<double>();
+      if (n > 0) g = g / n;
+    }
+    std::memcpy(out->data() + impl_->infos[p].offset, g.data_ptr<double>(), g.numel() * sizeof(double));
+  }
+  GradInfo info;
+  info.tokens = static_cast<int>(t.ids.size());
+  info.response_tokens = static_cast<int>(t.ids.size()) - t.response_begin;
+  info.truncated = t.truncated;
+  info.loss = loss.item<double>();
+  return info;
+}
+
+absl::StatusOr<GradInfo> GradientEngine::Gradient(const Example& ex, bool normalize, std::vector<float>* out) const {
+  auto t = Tokenize(ex);
+  if (!t.ok()) return t.status();
+  std::vector<double> g;
+  auto info = GradientIds(*t, normalize, &g);
+  if (!info.ok()) return info.status();
+  out->assign(g.begin(), g.end());
+  return info;
+}
+
+absl::Status GradientEngine::Perturb(int p, int64_t i, double delta) {
+  if (p < 0 || p >= static_cast<int>(impl_->selected.size()) || i < 0 || i >= impl_->infos[p].numel) {
+    return absl::OutOfRangeError("no such parameter element");
+  }
+  torch::NoGradGuard no_grad;
+  auto flat = impl_->selected[p].view({-1});
+  flat[i] += delta;
+  return absl::OkStatus();
+}
+
+}  // namespace rapidin::model

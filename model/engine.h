@@ -1,0 +1,106 @@
+// The gradient engine: start here for model/.
+//
+// Loads a Llama-architecture causal LM (llama2.c checkpoint + tokenizer) and computes, per record, the gradient
+// of the LM loss on the response tokens with respect to the selected parameters, layer-wise L2-normalised and
+// concatenated (the `N(grad L(z))` of ARCHITECTURE.md). LibTorch stays behind this header.
+//
+// Records become tokens with the Alpaca prompt template RapidIn uses:
+//   [BOS] encode(prompt) encode(output) [EOS]; the loss is the mean next-token cross-entropy over the output
+//   tokens and EOS (the logit at position t predicts token t+1; prompt positions are masked).
+// Records longer than max_length are truncated at the end (counted in GradInfo::truncated).
+//
+// Thread-safety: Gradient, Loss, Tokenize and MeanNll may run concurrently (autograd::grad, no shared .grad).
+#ifndef RAPIDIN_MODEL_ENGINE_H_
+#define RAPIDIN_MODEL_ENGINE_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "model/tokenizer.h"
+
+namespace rapidin::model {
+
+struct ModelConfig {
+  int dim = 0, hidden_dim = 0, n_layers = 0, n_heads = 0, n_kv_heads = 0, vocab_size = 0, seq_len = 0;
+  bool tied_output = true;
+  float norm_eps = 1e-5f;
+  float rope_theta = 10000.0f;
+};
+
+struct EngineOptions {
+  std::string model_path;       // llama2.c checkpoint (.bin)
+  std::string tokenizer_path;   // llama2.c tokenizer (.bin)
+  std::string param_pattern;    // ECMAScript regex over parameter names; empty: every weight matrix (2-D)
+  int max_length = 512;         // tokens, BOS and EOS included
+  bool use_double = false;      // compute in float64 (tests)
+};
+
+struct Example {
+  std::string instruction, input, output;
+};
+
+// The Alpaca prompt (everything before the response).
+std::string AlpacaPrompt(const std::string& instruction, const std::string& input);
+
+struct ParamInfo {
+  std::string name;
+  int64_t numel = 0;
+  int64_t offset = 0;  // in the concatenated gradient
+};
+
+struct TokenizedExample {
+  std::vector<int32_t> ids;   // BOS, prompt, response, EOS (possibly truncated)
+  int32_t response_begin = 0; // index of the first response token in ids
+  bool truncated = false;
+  std::vector<Span> response_spans;  // byte spans of the response tokens in Example::output (EOS: empty at end)
+};
+
+struct GradInfo {
+  int tokens = 0;
+  int response_tokens = 0;
+  bool truncated = false;
+  double loss = 0;
+};
+
+class GradientEngine {
+ public:
+  // Errors: NOT_FOUND (missing file), DATA_LOSS (malformed file), INVALID_ARGUMENT (options, or a pattern that
+  // selects no parameter).
+  static absl::StatusOr<std::unique_ptr<GradientEngine>> Load(const EngineOptions& options);
+  // A randomly initialised model (tests): no tokenizer; use the *Ids methods.
+  static absl::StatusOr<std::unique_ptr<GradientEngine>> Random(const ModelConfig& config, uint64_t seed,
+                                                                const EngineOptions& options);
+  ~GradientEngine();
+
+  const ModelConfig& config() const;
+  const std::vector<ParamInfo>& params() const;  // the selected parameters, in gradient order
+  int64_t grad_dim() const;
+  // Identifies weights + parameter selection + template + max_length (hex).
+  std::string model_hash() const;
+  const Tokenizer* tokenizer() const;
+
+  absl::StatusOr<TokenizedExample> Tokenize(const Example& ex) const;
+  // Mean NLL (nats/token) of [BOS] encode(text) predicting every token after BOS.
+  absl::StatusOr<double> MeanNll(const std::string& text, int64_t* tokens) const;
+
+  // Response-loss gradient. normalize: layer-wise unit L2 norm per parameter tensor (zero gradients stay zero).
+  // out receives grad_dim() values.
+  absl::StatusOr<GradInfo> Gradient(const Example& ex, bool normalize, std::vector<float>* out) const;
+  absl::StatusOr<GradInfo> GradientIds(const TokenizedExample& t, bool normalize, std::vector<double>* out) const;
+  absl::StatusOr<double> LossIds(const TokenizedExample& t) const;
+  // Adds delta to element i of selected parameter p (finite-difference tests).
+  absl::Status Perturb(int p, int64_t i, double delta);
+
+ private:
+  struct Impl;
+  explicit GradientEngine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace rapidin::model
+
+#endif  // RAPIDIN_MODEL_ENGINE_H_

@@ -1,0 +1,54 @@
+// Featurizer: a record or a generation -> its compressed gradient C(N(grad L)), K floats.
+//
+// Owns a GradientEngine and a RapidGrad sketch sized to the engine's gradient. Its projection state is the text
+// blob that a store's manifest records: the sketch parameters and the model hash (weights, parameter selection,
+// prompt template, max length). A store is only ever scored with vectors made from an identical state.
+// Thread-safety: Compress may run concurrently.
+#ifndef RAPIDIN_MODEL_FEATURIZER_H_
+#define RAPIDIN_MODEL_FEATURIZER_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/rapidgrad.h"
+#include "model/engine.h"
+
+namespace rapidin::model {
+
+struct FeaturizerOptions {
+  EngineOptions engine;
+  int64_t k = 4096;
+  int lambda = 4;
+  uint64_t seed = 0;
+};
+
+class Featurizer {
+ public:
+  static absl::StatusOr<std::unique_ptr<Featurizer>> Create(const FeaturizerOptions& options);
+
+  // out receives k floats. Timing breakdown (seconds) is added to *timing when non-null.
+  struct Timing {
+    double grad = 0, normalize = 0, sketch = 0;
+  };
+  absl::StatusOr<GradInfo> Compress(const Example& ex, std::vector<float>* out, Timing* timing = nullptr) const;
+
+  const GradientEngine& engine() const { return *engine_; }
+  const kernels::RapidGrad& sketch() const { return *sketch_; }
+  // "rapidgrad/v1 d=.. k=.. lambda=.. seed=..\nmodel=<hash>\nparams=<names>\n"
+  const std::string& projection_state() const { return state_; }
+
+ private:
+  Featurizer() = default;
+  std::unique_ptr<GradientEngine> engine_;
+  std::unique_ptr<kernels::RapidGrad> sketch_;
+  std::string state_;
+};
+
+// "" when the two projection states are equal, otherwise which fields differ, in words.
+std::string DescribeStateDifference(const std::string& store_state, const std::string& model_state);
+
+}  // namespace rapidin::model
+
+#endif  // RAPIDIN_MODEL_FEATURIZER_H_

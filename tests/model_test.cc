@@ -1,0 +1,268 @@
+// model/: tokenizer, the stories260K sanity check, gradients against finite differences in double precision,
+// layer-wise normalisation, the Alpaca template, and clear errors for bad files.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include "model/engine.h"
+#include "model/featurizer.h"
+#include "tests/test_util.h"
+
+namespace rapidin::model {
+namespace {
+
+std::string SharedData() {
+  const char* env = std::getenv("RAPIDIN_SHARED_DATA");
+  return env ? env : RAPIDIN_SOURCE_DIR "/../shared/data";
+}
+std::string ModelPath() { return SharedData() + "/models/stories260K.bin"; }
+std::string TokPath() { return SharedData() + "/models/tok512.bin"; }
+bool HaveData() { return std::ifstream(ModelPath()).good() && std::ifstream(TokPath()).good(); }
+#define REQUIRE_SHARED_DATA()                                                                            \
+  if (!HaveData()) GTEST_SKIP() << "shared data not found at " << SharedData()                           \
+                                << " (set RAPIDIN_SHARED_DATA to the folder with models/stories260K.bin)"
+
+std::unique_ptr<GradientEngine> Stories(bool use_double = false) {
+  EngineOptions o;
+  o.model_path = ModelPath();
+  o.tokenizer_path = TokPath();
+  o.use_double = use_double;
+  auto e = GradientEngine::Load(o);
+  EXPECT_TRUE(e.ok()) << e.status();
+  return e.ok() ? std::move(*e) : nullptr;
+}
+
+TEST(Tokenizer, SpansMapBackToText) {
+  REQUIRE_SHARED_DATA();
+  auto tok = Tokenizer::Load(TokPath(), 512);
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  for (std::string text : {"Once upon a time, there was a little girl.", "Howdy! caf\xc3\xa9 \xe2\x9c\x93 42\n\tx"}) {
+    const Encoding e = (*tok)->Encode(text, true);
+    ASSERT_EQ(e.ids.size(), e.spans.size());
+    std::string joined;
+    int32_t prev_end = 0;
+    for (size_t i = 0; i < e.ids.size(); ++i) {
+      joined += (*tok)->Piece(e.ids[i]);
+      if (i == 0) {  // the dummy-prefix space merges into the first token: its span starts at 0
+        EXPECT_EQ(e.spans[0].begin, 0);
+        prev_end = e.spans[0].end;
+        continue;
+      }
+      EXPECT_EQ(e.spans[i].begin, prev_end);
+      EXPECT_EQ(text.substr(e.spans[i].begin, e.spans[i].end - e.spans[i].begin), (*tok)->Piece(e.ids[i]));
+      prev_end = e.spans[i].end;
+    }
+    EXPECT_EQ(joined, " " + text);
+    EXPECT_EQ(prev_end, static_cast<int32_t>(text.size()));
+  }
+}
+
+TEST(Engine, StoriesNllMatchesPublishedValue) {
+  REQUIRE_SHARED_DATA();
+  auto e = Stories();
+  ASSERT_NE(e, nullptr);
+  EXPECT_EQ(e->config().dim, 64);
+  EXPECT_EQ(e->config().n_kv_heads, 4);
+  std::ifstream in(SharedData() + "/instructions/tinystories_sample.txt");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string all = ss.str();
+  double nll = 0;
+  int64_t count = 0;
+  size_t pos = 0;
+  while (pos < all.size()) {
+    size_t end = all.find("<|endoftext|>", pos);
+    if (end == std::string::npos) end = all.size();
+    std::string story = all.substr(pos, end - pos);
+    story.erase(0, story.find_first_not_of(" \n\r\t"));
+    story.erase(story.find_last_not_of(" \n\r\t") + 1);
+    pos = end + 13;
+    if (story.empty()) continue;
+    int64_t n = 0;
+    auto r = e->MeanNll(story, &n);
+    ASSERT_TRUE(r.ok()) << r.status();
+    nll += *r * n;
+    count += n;
+  }
+  ASSERT_GT(count, 500);
+  EXPECT_NEAR(nll / count, 1.28, 0.05) << "mean NLL over " << count << " tokens";
+}
+
+TEST(Engine, MissingAndMalformedFilesAreClearErrors) {
+  rapidin::testing::TempDir dir;
+  EngineOptions o;
+  o.model_path = dir.path("nope.bin");
+  EXPECT_EQ(GradientEngine::Load(o).status().code(), absl::StatusCode::kNotFound);
+  std::ofstream(dir.path("short.bin")) << "abc";
+  o.model_path = dir.path("short.bin");
+  EXPECT_EQ(GradientEngine::Load(o).status().code(), absl::StatusCode::kDataLoss);
+  if (!HaveData()) return;
+  std::ifstream src(ModelPath(), std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(src)), std::istreambuf_iterator<char>());
+  std::ofstream(dir.path("cut.bin"), std::ios::binary) << bytes.substr(0, bytes.size() - 100);
+  o.model_path = dir.path("cut.bin");
+  auto st = GradientEngine::Load(o).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(st.message().find("header implies"), std::string::npos) << st;
+  o.model_path = ModelPath();
+  o.tokenizer_path = dir.path("cut.bin");  // not a tokenizer
+  EXPECT_FALSE(GradientEngine::Load(o).ok());
+  o.tokenizer_path = TokPath();
+  o.param_pattern = "no_such_param";
+  EXPECT_EQ(GradientEngine::Load(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o.param_pattern = "([";
+  EXPECT_EQ(GradientEngine::Load(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+ModelConfig Tiny(bool tied) {
+  ModelConfig c;
+  c.dim = 8;
+  c.hidden_dim = 12;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.vocab_size = 11;
+  c.seq_len = 16;
+  c.tied_output = tied;
+  return c;
+}
+
+// Response-loss gradient against central finite differences, all in float64, on random weights and tokens.
+TEST(Engine, GradientMatchesFiniteDifferences) {
+  for (bool tied : {true, false}) {
+    EngineOptions o;
+    o.use_double = true;
+    o.param_pattern = ".";  // every parameter, norms included
+    auto e = GradientEngine::Random(Tiny(tied), std::random_device{}(), o);
+    ASSERT_TRUE(e.ok()) << e.status();
+    std::mt19937 rng(std::random_device{}());
+    TokenizedExample t;
+    for (int i = 0; i < 12; ++i) t.ids.push_back(static_cast<int32_t>(rng() % 11));
+    t.response_begin = 5;
+    std::vector<double> g;
+    ASSERT_TRUE((*e)->GradientIds(t, false, &g).ok());
+    ASSERT_EQ(static_cast<int64_t>(g.size()), (*e)->grad_dim());
+    double max_rel = 0;
+    int checked = 0;
+    for (size_t p = 0; p < (*e)->params().size(); ++p) {
+      const auto& info = (*e)->params()[p];
+      for (int s = 0; s < 3; ++s) {
+        const int64_t i = rng() % info.numel;
+        const double h = 1e-5;
+        ASSERT_TRUE((*e)->Perturb(p, i, h).ok());
+        const double up = *(*e)->LossIds(t);
+        ASSERT_TRUE((*e)->Perturb(p, i, -2 * h).ok());
+        const double down = *(*e)->LossIds(t);
+        ASSERT_TRUE((*e)->Perturb(p, i, h).ok());
+        const double fd = (up - down) / (2 * h);
+        const double an = g[info.offset + i];
+        EXPECT_NEAR(an, fd, 1e-7 + 1e-6 * std::fabs(fd)) << info.name << "[" << i << "]";
+        if (std::fabs(fd) > 1e-6) max_rel = std::max(max_rel, std::fabs(an - fd) / std::fabs(fd));
+        ++checked;
+      }
+    }
+    EXPECT_GT(checked, 50);
+    EXPECT_LT(max_rel, 1e-6);
+  }
+}
+
+// Prompt tokens must not influence the loss except through context: changing a response token changes the
+// loss, and the gradient is exactly zero for the embedding rows of tokens that appear nowhere.
+TEST(Engine, LayerwiseNormalisation) {
+  EngineOptions o;
+  o.use_double = true;
+  auto e = GradientEngine::Random(Tiny(true), 7, o);
+  ASSERT_TRUE(e.ok());
+  TokenizedExample t;
+  t.ids = {1, 3, 4, 5, 6, 7, 8, 2};
+  t.response_begin = 4;
+  std::vector<double> raw, norm;
+  ASSERT_TRUE((*e)->GradientIds(t, false, &raw).ok());
+  ASSERT_TRUE((*e)->GradientIds(t, true, &norm).ok());
+  for (const auto& p : (*e)->params()) {
+    EXPECT_EQ(p.name.find("norm"), std::string::npos) << "default selection is weight matrices only";
+    double n = 0, rn = 0;
+    for (int64_t i = 0; i < p.numel; ++i) {
+      n += norm[p.offset + i] * norm[p.offset + i];
+      rn += raw[p.offset + i] * raw[p.offset + i];
+    }
+    EXPECT_NEAR(n, 1.0, 1e-12) << p.name;
+    for (int64_t i = 0; i < p.numel; ++i) EXPECT_NEAR(norm[p.offset + i], raw[p.offset + i] / std::sqrt(rn), 1e-12);
+  }
+}
+
+TEST(Engine, AlpacaTemplateShiftAndTruncation) {
+  REQUIRE_SHARED_DATA();
+  auto e = Stories();
+  ASSERT_NE(e, nullptr);
+  Example ex{"Say hello.", "", "Hello there!"};
+  auto t = e->Tokenize(ex);
+  ASSERT_TRUE(t.ok());
+  EXPECT_EQ(t->ids.front(), Tokenizer::kBos);
+  EXPECT_EQ(t->ids.back(), Tokenizer::kEos);
+  EXPECT_FALSE(t->truncated);
+  const Encoding prompt = e->tokenizer()->Encode(AlpacaPrompt("Say hello.", ""), true);
+  EXPECT_EQ(t->response_begin, 1 + static_cast<int>(prompt.ids.size()));
+  std::string resp;
+  for (size_t i = t->response_begin; i + 1 < t->ids.size(); ++i) resp += e->tokenizer()->Piece(t->ids[i]);
+  EXPECT_EQ(resp, "Hello there!");
+  EXPECT_NE(AlpacaPrompt("a", "b").find("### Input:\nb"), std::string::npos);
+  EXPECT_EQ(AlpacaPrompt("a", "").find("### Input:"), std::string::npos);
+  // The loss with response_begin = 1 is the plain next-token NLL of the same ids (the shift is the same).
+  TokenizedExample all = *t;
+  all.response_begin = 1;
+  int64_t n = 0;
+  const std::string text = AlpacaPrompt("Say hello.", "") + "Hello there!";
+  std::vector<int32_t> ids = {Tokenizer::kBos};
+  auto enc = e->tokenizer()->Encode(text, true);
+  ids.insert(ids.end(), enc.ids.begin(), enc.ids.end());
+  all.ids = ids;
+  EXPECT_NEAR(*e->LossIds(all), *e->MeanNll(text, &n), 1e-5);
+  // Truncation.
+  EngineOptions o;
+  o.model_path = ModelPath();
+  o.tokenizer_path = TokPath();
+  o.max_length = static_cast<int>(t->response_begin) + 2;
+  auto short_e = GradientEngine::Load(o);
+  ASSERT_TRUE(short_e.ok());
+  auto tt = (*short_e)->Tokenize(ex);
+  ASSERT_TRUE(tt.ok());
+  EXPECT_TRUE(tt->truncated);
+  EXPECT_EQ(static_cast<int>(tt->ids.size()), o.max_length);
+  o.max_length = 10;
+  auto tiny = GradientEngine::Load(o);
+  EXPECT_EQ((*tiny)->Tokenize(ex).status().code(), absl::StatusCode::kInvalidArgument);
+  // Model hash depends on max_length (it changes the tokens a record becomes).
+  EXPECT_NE((*tiny)->model_hash(), e->model_hash());
+}
+
+TEST(Featurizer, CompressIsSketchOfNormalisedGradient) {
+  REQUIRE_SHARED_DATA();
+  FeaturizerOptions o;
+  o.engine.model_path = ModelPath();
+  o.engine.tokenizer_path = TokPath();
+  o.k = 1024;
+  o.seed = 3;
+  auto f = Featurizer::Create(o);
+  ASSERT_TRUE(f.ok()) << f.status();
+  // Every weight matrix: embedding 512x64 + 5 layers of wq, wo (64x64), wk, wv (32x64), w1, w2, w3 (172x64).
+  EXPECT_EQ((*f)->engine().grad_dim(), 512 * 64 + 5 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 172 * 64));
+  Example ex{"Tell a story.", "", "Once upon a time there was a cat."};
+  std::vector<float> c, g;
+  ASSERT_TRUE((*f)->Compress(ex, &c).ok());
+  ASSERT_TRUE((*f)->engine().Gradient(ex, true, &g).ok());
+  EXPECT_EQ(c, (*f)->sketch().Apply(g));
+  EXPECT_NE((*f)->projection_state().find("rapidgrad/v1 d=259328 k=1024 lambda=4 seed=3"), std::string::npos);
+  EXPECT_EQ(DescribeStateDifference((*f)->projection_state(), (*f)->projection_state()), "");
+  o.seed = 4;
+  auto other = Featurizer::Create(o);
+  const std::string diff = DescribeStateDifference((*f)->projection_state(), (*other)->projection_state());
+  EXPECT_NE(diff.find("seed: store 3, model 4"), std::string::npos) << diff;
+}
+
+}  // namespace
+}  // namespace rapidin::model
