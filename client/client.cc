@@ -264,6 +264,18 @@ std::string QueryTable(const rapidin::v1::QueryByVectorResponse& r) {
   return out;
 }
 
+std::string TextQueryTable(const rapidin::v1::QueryResponse& r) {
+  std::string out = ResultTable(r.result(), "query:");
+  double max_ms = 0;
+  for (const auto& t : r.shard_timings()) max_ms = std::max(max_ms, t.scan_ms());
+  absl::StrAppendFormat(&out,
+                        "generation: %d tokens%s, loss %.3f nats/token; gradient %.1f ms, scan %.2f ms (%d shards), "
+                        "total %.1f ms\n",
+                        r.generation_tokens(), r.truncated() ? " (truncated)" : "", r.generation_loss(),
+                        r.gradient_ms(), max_ms, r.shard_timings_size(), r.total_ms());
+  return out;
+}
+
 std::string StatsTable(const rapidin::v1::StatsResponse& s) {
   std::string out;
   absl::StrAppendFormat(&out, "%-20s %s\n", "store", s.store_path());

@@ -52,6 +52,7 @@ class Client {
 std::string ToJson(const google::protobuf::Message& m);
 std::string QueryTable(const rapidin::v1::QueryByVectorResponse& r);
 std::string ResultTable(const rapidin::v1::QueryResult& r, const std::string& title);
+std::string TextQueryTable(const rapidin::v1::QueryResponse& r);
 std::string StatsTable(const rapidin::v1::StatsResponse& s);
 std::string RecordTable(const rapidin::v1::GetRecordResponse& r);
 

@@ -4,6 +4,7 @@
 
 #include <CLI/CLI.hpp>
 #include <chrono>
+#include <filesystem>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -12,6 +13,7 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "client/cache.h"
 #include "client/client.h"
 
 namespace {
@@ -95,7 +97,7 @@ int QueryText(const std::string& server, const std::string& instruction, const s
   req.set_harmful_k(harmful_k);
   auto resp = Client::Connect(server, deadline)->Query(req);
   if (!resp.ok()) return Fail(resp.status());
-  std::cout << (json ? rapidin::client::ToJson(*resp) + "\n" : rapidin::client::ResultTable(resp->result(), "query:"));
+  std::cout << (json ? rapidin::client::ToJson(*resp) + "\n" : rapidin::client::TextQueryTable(*resp));
   return 0;
 }
 
@@ -143,6 +145,40 @@ int MakeDemo(const std::string& alpaca, int n, int k, uint32_t seed, int queries
   }
   std::printf("wrote %d records to %s and %zu queries to %s\n", n, out_records.c_str(), kept.size(),
               out_queries.c_str());
+  return 0;
+}
+
+int Cache(rapidin::client::CacheOptions o, const std::string& adapter, bool json) {
+  if (!adapter.empty()) {
+    return Fail(absl::UnimplementedError("LoRA adapters (--adapter) are not supported by this build yet"));
+  }
+  auto s = rapidin::client::RunCache(o);
+  if (!s.ok()) return Fail(s.status());
+  if (json) {
+    nlohmann::json j = {{"total", s->total}, {"cached", s->cached}, {"skipped_existing", s->skipped_existing},
+                        {"bad", s->bad}, {"truncated", s->truncated}, {"seconds", s->seconds},
+                        {"records_per_second", s->seconds > 0 ? s->cached / s->seconds : 0},
+                        {"grad_seconds", s->grad_s}, {"normalize_seconds", s->normalize_s},
+                        {"sketch_seconds", s->sketch_s}, {"write_seconds", s->write_s},
+                        {"mean_response_loss", s->mean_loss}, {"store_records", s->store_records},
+                        {"projection_state_id", s->projection_state_id}};
+    nlohmann::json bad = nlohmann::json::array();
+    for (const auto& b : s->bad_records) bad.push_back({{"where", b.where}, {"reason", b.reason}});
+    j["bad_records"] = bad;
+    std::cout << j.dump() << "\n";
+    return 0;
+  }
+  std::printf("cache summary\n");
+  std::printf("  %-22s %lld (%lld cached now, %lld already in the store, %lld bad, %lld truncated)\n", "records",
+              static_cast<long long>(s->total), static_cast<long long>(s->cached),
+              static_cast<long long>(s->skipped_existing), static_cast<long long>(s->bad),
+              static_cast<long long>(s->truncated));
+  std::printf("  %-22s %.1f s (%.1f records/s)\n", "time", s->seconds, s->seconds > 0 ? s->cached / s->seconds : 0);
+  std::printf("  %-22s fwd+bwd %.2f s, normalise %.2f s, sketch %.2f s, store write %.2f s\n", "breakdown",
+              s->grad_s, s->normalize_s, s->sketch_s, s->write_s);
+  std::printf("  %-22s %.4f nats/token\n", "mean response loss", s->mean_loss);
+  std::printf("  %-22s %lld records, projection state %s\n", "store", static_cast<long long>(s->store_records),
+              s->projection_state_id.c_str());
   return 0;
 }
 
@@ -207,6 +243,26 @@ int main(int argc, char** argv) {
   demo->add_option("--out", out_records)->capture_default_str();
   demo->add_option("--out-queries", out_queries)->capture_default_str();
 
+  auto* cache = app.add_subcommand("cache", "compute compressed gradients of a training set into a store");
+  rapidin::client::CacheOptions co;
+  std::string adapter;
+  cache->add_option("--model", co.featurizer.engine.model_path, "llama2.c checkpoint (.bin)")->required();
+  cache->add_option("--tokenizer", co.featurizer.engine.tokenizer_path, "tokenizer (default: next to the model)");
+  cache->add_option("--adapter", adapter, "PEFT LoRA adapter directory");
+  cache->add_option("--data", co.data_path, "training data: JSON array or JSONL of {instruction, input, output}")
+      ->required();
+  cache->add_option("--store", co.store_path, "store directory (created, or resumed)")->required();
+  cache->add_option("--k", co.featurizer.k, "sketch dimension K")->capture_default_str()->check(CLI::Range(1, 1 << 24));
+  cache->add_option("--lambda", co.featurizer.lambda, "RapidGrad shuffle rounds")->capture_default_str()->check(
+      CLI::Range(0, 64));
+  cache->add_option("--seed", co.featurizer.seed, "RapidGrad seed")->capture_default_str();
+  cache->add_option("--max-length", co.featurizer.engine.max_length, "tokens per record")->capture_default_str();
+  cache->add_option("--params", co.featurizer.engine.param_pattern, "regex over parameter names (default: matrices)");
+  cache->add_option("--threads", co.threads, "records in parallel")->capture_default_str()->check(CLI::Range(1, 256));
+  cache->add_option("--batch-size", co.batch_size, "records per atomic store batch")->capture_default_str();
+  cache->add_option("--limit", co.limit, "cache only the first N records (0: all)");
+  cache->add_flag("--json", json, "summary as JSON");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -238,6 +294,7 @@ int main(int argc, char** argv) {
     std::cout << (json ? rapidin::client::ToJson(*r) + "\n" : rapidin::client::RecordTable(*r));
     return 0;
   }
+  if (*cache) return Cache(co, adapter, json);
   if (*demo) return MakeDemo(alpaca, n, k, seed, nq, out_records, out_queries);
   return 2;
 }

@@ -13,6 +13,8 @@
 
 namespace rapidin::model {
 
+void SetComputeThreads(int threads) { at::set_num_threads(threads < 1 ? 1 : threads); }
+
 std::string AlpacaPrompt(const std::string& instruction, const std::string& input) {
   if (input.empty()) {
     return absl::StrCat(

@@ -43,6 +43,9 @@ struct Example {
   std::string instruction, input, output;
 };
 
+// Sets LibTorch's intra-op thread count for this process (1 is best when records are spread over threads).
+void SetComputeThreads(int threads);
+
 // The Alpaca prompt (everything before the response).
 std::string AlpacaPrompt(const std::string& instruction, const std::string& input);
 

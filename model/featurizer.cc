@@ -1,8 +1,10 @@
 #include "model/featurizer.h"
 
 #include <chrono>
+#include <filesystem>
 #include <map>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -11,17 +13,30 @@ namespace rapidin::model {
 
 absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerOptions& options) {
   std::unique_ptr<Featurizer> f(new Featurizer());
-  auto engine = GradientEngine::Load(options.engine);
+  EngineOptions eo = options.engine;
+  if (eo.tokenizer_path.empty()) {  // llama2.c keeps its tokenizer next to the checkpoint
+    const auto dir = std::filesystem::path(eo.model_path).parent_path();
+    for (const char* name : {"tokenizer.bin", "tok512.bin"}) {
+      if (std::filesystem::exists(dir / name)) {
+        eo.tokenizer_path = (dir / name).string();
+        break;
+      }
+    }
+    if (eo.tokenizer_path.empty() && std::filesystem::exists(eo.model_path)) {
+      return absl::InvalidArgumentError(absl::StrCat("no tokenizer.bin next to ", eo.model_path,
+                                                     "; pass the tokenizer path (--tokenizer)"));
+    }
+  }
+  auto engine = GradientEngine::Load(eo);
   if (!engine.ok()) return engine.status();
   f->engine_ = std::move(*engine);
-  if (!f->engine_->tokenizer()) return absl::InvalidArgumentError("a tokenizer is required (--tokenizer)");
   auto sketch = kernels::RapidGrad::Create({f->engine_->grad_dim(), options.k, options.lambda, options.seed});
   if (!sketch.ok()) return sketch.status();
   f->sketch_ = std::move(*sketch);
   std::vector<std::string> names;
   for (const auto& p : f->engine_->params()) names.push_back(p.name);
   f->state_ = absl::StrCat(f->sketch_->Describe(), "\nmodel=", f->engine_->model_hash(),
-                           "\nparams=", names.size(), " tensors, D=", f->engine_->grad_dim(), "\n");
+                           " max_length=", options.engine.max_length, " tensors=", names.size(), "\n");
   return f;
 }
 
@@ -45,6 +60,29 @@ absl::StatusOr<GradInfo> Featurizer::Compress(const Example& ex, std::vector<flo
     timing->sketch += std::chrono::duration<double>(t3 - t2).count();
   }
   return info;
+}
+
+absl::StatusOr<FeaturizerOptions> OptionsFromState(const std::string& state, const EngineOptions& engine) {
+  FeaturizerOptions o;
+  o.engine = engine;
+  int64_t d = 0;
+  int found = 0;
+  for (absl::string_view tok : absl::StrSplit(state, absl::ByAnyChar(" \n"), absl::SkipEmpty())) {
+    std::pair<std::string, std::string> kv = absl::StrSplit(tok, absl::MaxSplits('=', 1));
+    const std::string& v = kv.second;
+    bool ok = true;
+    if (kv.first == "k") ok = absl::SimpleAtoi(v, &o.k), ++found;
+    else if (kv.first == "lambda") ok = absl::SimpleAtoi(v, &o.lambda), ++found;
+    else if (kv.first == "seed") ok = absl::SimpleAtoi(v, &o.seed), ++found;
+    else if (kv.first == "max_length") ok = absl::SimpleAtoi(v, &o.engine.max_length), ++found;
+    else if (kv.first == "d") ok = absl::SimpleAtoi(v, &d);
+    if (!ok) return absl::DataLossError(absl::StrCat("projection state: bad value in \"", tok, "\""));
+  }
+  if (state.rfind("rapidgrad/v1 ", 0) != 0 || found != 4) {
+    return absl::FailedPreconditionError(
+        "the store's projection state is not a rapidgrad/v1 state (was it built by `rapidin cache`?)");
+  }
+  return o;
 }
 
 std::string DescribeStateDifference(const std::string& store_state, const std::string& model_state) {

@@ -36,7 +36,7 @@ class Featurizer {
 
   const GradientEngine& engine() const { return *engine_; }
   const kernels::RapidGrad& sketch() const { return *sketch_; }
-  // "rapidgrad/v1 d=.. k=.. lambda=.. seed=..\nmodel=<hash>\nparams=<names>\n"
+  // "rapidgrad/v1 d=.. k=.. lambda=.. seed=..\nmodel=<hash> max_length=.. tensors=..\n"
   const std::string& projection_state() const { return state_; }
 
  private:
@@ -45,6 +45,10 @@ class Featurizer {
   std::unique_ptr<kernels::RapidGrad> sketch_;
   std::string state_;
 };
+
+// The sketch parameters and max_length recorded in a projection state, on top of `engine` (model paths).
+// Errors: FAILED_PRECONDITION when the state is not a rapidgrad/v1 state.
+absl::StatusOr<FeaturizerOptions> OptionsFromState(const std::string& state, const EngineOptions& engine);
 
 // "" when the two projection states are equal, otherwise which fields differ, in words.
 std::string DescribeStateDifference(const std::string& store_state, const std::string& model_state);

@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <cstdio>
+#include <filesystem>
 #include <thread>
 
 #include "server/server.h"
@@ -30,6 +31,9 @@ int main(int argc, char** argv) {
   app.add_option("--max-batch-vectors", o.max_batch_vectors, "query vectors that may share one scan")
       ->capture_default_str();
   app.add_option("--shutdown-grace", grace_s, "seconds in-flight RPCs get at shutdown")->capture_default_str();
+  app.add_option("--model", o.model_path, "model for query by text (the one the store was cached with)");
+  app.add_option("--tokenizer", o.tokenizer_path, "its tokenizer (default: next to the model)");
+  app.add_option("--params", o.param_pattern, "parameter regex used by `rapidin cache --params`");
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::from_str(log_level));

@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "rapidin/v1/rapidin.grpc.pb.h"
+#include "model/featurizer.h"
 #include "server/metrics.h"
 #include "server/query_engine.h"
 #include "storage/store.h"
@@ -57,14 +58,13 @@ absl::Time DeadlineOf(const grpc::ServerContext* ctx) {
 
 class InfluenceServiceImpl final : public v1::InfluenceService::Service {
  public:
-  InfluenceServiceImpl(storage::Store* store, QueryEngine* engine, Metrics* metrics, const ServerOptions& options)
-      : store_(store), engine_(engine), metrics_(metrics), options_(options) {}
+  InfluenceServiceImpl(storage::Store* store, QueryEngine* engine, Metrics* metrics,
+                       const model::Featurizer* featurizer, const ServerOptions& options)
+      : store_(store), engine_(engine), metrics_(metrics), featurizer_(featurizer), options_(options) {}
 
-  grpc::Status Query(grpc::ServerContext*, const v1::QueryRequest*, v1::QueryResponse*) override {
-    return Observe("Query", std::chrono::steady_clock::now(),
-                   absl::FailedPreconditionError(
-                       "Query by text needs a model: this server was started without --model; use QueryByVector "
-                       "with precomputed compressed gradients"));
+  grpc::Status Query(grpc::ServerContext* ctx, const v1::QueryRequest* req, v1::QueryResponse* resp) override {
+    const auto t0 = std::chrono::steady_clock::now();
+    return Observe("Query", t0, DoQuery(ctx, *req, resp, t0));
   }
 
   grpc::Status QueryByVector(grpc::ServerContext* ctx, const v1::QueryByVectorRequest* req,
@@ -137,7 +137,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     resp->set_backend(engine_->backend());
     resp->set_store_path(store_->path());
     resp->set_max_top_k(options_.max_top_k);
-    resp->set_model_loaded(false);
+    resp->set_model_loaded(featurizer_ != nullptr);
     const storage::TierUsage u = store_->Usage();
     auto* host = resp->add_tiers();
     host->set_tier("host");
@@ -174,14 +174,8 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
       return absl::InvalidArgumentError(absl::StrCat(req.queries_size(), " query vectors; at most ",
                                                      options_.max_query_vectors, " per request"));
     }
-    if (req.top_k() == 0 || req.top_k() > options_.max_top_k) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("top_k must be 1..", options_.max_top_k, ", got ", req.top_k()));
-    }
-    if (req.harmful_k() > options_.max_top_k) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("harmful_k must be 0..", options_.max_top_k, ", got ", req.harmful_k()));
-    }
+    absl::Status st = CheckK(req.top_k(), req.harmful_k());
+    if (!st.ok()) return st;
     if (!req.projection_state_id().empty() && req.projection_state_id() != m.projection_state_id()) {
       return absl::FailedPreconditionError(absl::StrCat(
           "query vectors were compressed with projection state ", req.projection_state_id(),
@@ -234,6 +228,58 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     return absl::OkStatus();
   }
 
+  absl::Status CheckK(uint32_t top_k, uint32_t harmful_k) const {
+    if (top_k == 0 || top_k > options_.max_top_k) {
+      return absl::InvalidArgumentError(absl::StrCat("top_k must be 1..", options_.max_top_k, ", got ", top_k));
+    }
+    if (harmful_k > options_.max_top_k) {
+      return absl::InvalidArgumentError(absl::StrCat("harmful_k must be 0..", options_.max_top_k, ", got ", harmful_k));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status DoQuery(grpc::ServerContext* ctx, const v1::QueryRequest& req, v1::QueryResponse* resp,
+                       std::chrono::steady_clock::time_point t0) {
+    if (featurizer_ == nullptr) {
+      return absl::FailedPreconditionError(
+          "Query by text needs a model: this server was started without --model; use QueryByVector with "
+          "precomputed compressed gradients");
+    }
+    if (req.generation().empty()) return absl::InvalidArgumentError("generation is empty");
+    if (req.instruction().empty()) return absl::InvalidArgumentError("instruction is empty");
+    absl::Status st = CheckK(req.top_k(), req.harmful_k());
+    if (!st.ok()) return st;
+    std::vector<float> q;
+    auto info = featurizer_->Compress({req.instruction(), req.input(), req.generation()}, &q);
+    if (!info.ok()) return info.status();
+    resp->set_gradient_ms(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    resp->set_generation_tokens(info->response_tokens);
+    resp->set_truncated(info->truncated);
+    resp->set_generation_loss(info->loss);
+    if (ctx->IsCancelled()) return absl::CancelledError("cancelled by the client");
+    auto res = engine_->Search(std::move(q), 1, static_cast<int>(req.top_k()), static_cast<int>(req.harmful_k()),
+                               DeadlineOf(ctx));
+    if (!res.ok()) return res.status();
+    double bytes = 0;
+    for (const auto& t : res->shard_timings) {
+      auto* out = resp->add_shard_timings();
+      out->set_shard(t.shard);
+      out->set_backend(t.backend);
+      out->set_rows(t.rows);
+      out->set_scan_ms(t.scan_ms);
+      out->set_bytes_scanned(t.bytes_scanned);
+      bytes += static_cast<double>(t.bytes_scanned);
+    }
+    metrics_->AddBytesScanned(bytes / std::max(1, res->vectors_in_scan));
+    metrics_->AddVectorsScanned(1);
+    st = FillRecords(res->helpful[0], req.omit_text(), resp->mutable_result()->mutable_helpful());
+    if (st.ok()) st = FillRecords(res->harmful[0], req.omit_text(), resp->mutable_result()->mutable_harmful());
+    if (!st.ok()) return st;
+    resp->set_total_ms(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    return absl::OkStatus();
+  }
+
   absl::Status DoQueryByVector(grpc::ServerContext* ctx, const v1::QueryByVectorRequest& req,
                                v1::QueryByVectorResponse* resp, std::chrono::steady_clock::time_point t0) {
     int q = 0;
@@ -269,6 +315,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
   storage::Store* store_;
   QueryEngine* engine_;
   Metrics* metrics_;
+  const model::Featurizer* featurizer_;
   ServerOptions options_;
 };
 
@@ -277,6 +324,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
 struct Server::Impl {
   ServerOptions options;
   std::unique_ptr<storage::Store> store;
+  std::unique_ptr<model::Featurizer> featurizer;
   std::unique_ptr<QueryEngine> engine;
   std::unique_ptr<Metrics> metrics;
   std::unique_ptr<InfluenceServiceImpl> service;
@@ -314,6 +362,28 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
                impl->store->manifest().projection_state_id(), impl->store->num_shards(),
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
 
+  if (!options.model_path.empty()) {
+    const std::string state = impl->store->manifest().projection_state();
+    model::EngineOptions mo;
+    mo.model_path = options.model_path;
+    mo.tokenizer_path = options.tokenizer_path;
+    mo.param_pattern = options.param_pattern;
+    auto fo = model::OptionsFromState(state, mo);
+    if (!fo.ok()) return fo.status();
+    model::SetComputeThreads(1);
+    auto f = model::Featurizer::Create(*fo);
+    if (!f.ok()) return f.status();
+    const std::string diff = model::DescribeStateDifference(state, (*f)->projection_state());
+    if (!diff.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat("store ", options.store_path,
+                                                        " was not built with this model and parameter selection: ",
+                                                        diff));
+    }
+    impl->featurizer = std::move(*f);
+    spdlog::info("model {}: gradient dimension {}, {}", options.model_path, impl->featurizer->engine().grad_dim(),
+                 impl->featurizer->sketch().Describe());
+  }
+
   QueryEngine::Options eo;
   eo.max_batch_vectors = options.max_batch_vectors;
   eo.impl = options.impl;
@@ -326,8 +396,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     absl::Status st = impl->metrics->Serve(options.metrics_listen);
     if (!st.ok()) return st;
   }
-  impl->service =
-      std::make_unique<InfluenceServiceImpl>(impl->store.get(), impl->engine.get(), impl->metrics.get(), options);
+  impl->service = std::make_unique<InfluenceServiceImpl>(impl->store.get(), impl->engine.get(), impl->metrics.get(),
+                                                         impl->featurizer.get(), options);
   impl->service->UpdateTierMetrics();
 
   grpc::EnableDefaultHealthCheckService(true);

@@ -30,6 +30,11 @@ struct ServerOptions {
   std::string backend = "auto";                    // auto | cpu
   kernels::ScoreImpl impl = kernels::ScoreImpl::kAuto;
   std::function<void(uint64_t, uint64_t)> load_progress;
+  // Query by text: the model whose gradients the store holds. The sketch parameters come from the store's
+  // projection state; a model, parameter selection or max_length that differs is refused at start-up.
+  std::string model_path;
+  std::string tokenizer_path;
+  std::string param_pattern;
 };
 
 class Server {

@@ -1,0 +1,229 @@
+#include "client/cache.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+#include <unordered_set>
+
+#include "absl/strings/str_cat.h"
+#include "storage/store.h"
+
+namespace rapidin::client {
+namespace {
+
+using nlohmann::json;
+
+// Fills rec from one JSON value; returns the reason when it is not a usable record.
+std::string ToRecord(const json& j, const std::string& default_id, DataRecord* rec) {
+  if (!j.is_object()) return "not a JSON object";
+  auto str = [&](const char* key, bool required, std::string* dst) -> std::string {
+    auto it = j.find(key);
+    if (it == j.end() || it->is_null()) return required ? absl::StrCat("missing \"", key, "\"") : "";
+    if (!it->is_string()) return absl::StrCat("\"", key, "\" is not a string");
+    *dst = it->get<std::string>();
+    return "";
+  };
+  std::string why;
+  if (!(why = str("instruction", true, &rec->example.instruction)).empty()) return why;
+  if (!(why = str("input", false, &rec->example.input)).empty()) return why;
+  if (!(why = str("output", true, &rec->example.output)).empty()) return why;
+  if (rec->example.output.empty()) return "empty output";
+  if (rec->example.instruction.empty()) return "empty instruction";
+  auto id = j.find("id");
+  if (id == j.end() || id->is_null()) {
+    rec->id = default_id;
+  } else if (id->is_string() && !id->get<std::string>().empty()) {
+    rec->id = id->get<std::string>();
+  } else if (id->is_number_integer()) {
+    rec->id = std::to_string(id->get<int64_t>());
+  } else {
+    return "\"id\" must be a non-empty string or an integer";
+  }
+  if (rec->id.size() > storage::kMaxIdBytes) return "id too long";
+  return "";
+}
+
+std::string Eta(double s) {
+  if (s < 60) return absl::StrCat(static_cast<int>(s), " s");
+  return absl::StrCat(static_cast<int>(s / 60), " min ", static_cast<int>(s) % 60, " s");
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<DataRecord>> ReadInstructionData(const std::string& path, std::vector<BadRecord>* bad) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("data file not found: ", path));
+  const std::string stem = std::filesystem::path(path).stem().string();
+  std::vector<DataRecord> out;
+  std::unordered_set<std::string> seen;
+  auto add = [&](const json& j, int64_t pos, const std::string& where) {
+    DataRecord rec;
+    rec.where = where;
+    rec.position = pos;
+    std::string why = ToRecord(j, absl::StrCat(stem, "-", pos), &rec);
+    if (why.empty() && !seen.insert(rec.id).second) why = absl::StrCat("duplicate id \"", rec.id, "\"");
+    if (!why.empty()) {
+      bad->push_back({where, why, pos});
+      return;
+    }
+    out.push_back(std::move(rec));
+  };
+  // A JSON array, or JSON lines.
+  char first = 0;
+  while (in.get(first) && std::isspace(static_cast<unsigned char>(first))) {
+  }
+  in.seekg(0);
+  if (first == '[') {
+    json arr = json::parse(in, nullptr, false);
+    if (arr.is_discarded() || !arr.is_array()) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": malformed JSON array"));
+    }
+    for (size_t i = 0; i < arr.size(); ++i) add(arr[i], static_cast<int64_t>(i), absl::StrCat(path, " record ", i + 1));
+    return out;
+  }
+  std::string line;
+  int64_t no = 0, pos = 0;
+  while (std::getline(in, line)) {
+    ++no;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    json j = json::parse(line, nullptr, false);
+    const std::string where = absl::StrCat(path, ":", no);
+    if (j.is_discarded()) {
+      bad->push_back({where, "malformed JSON", pos});
+      ++pos;
+      continue;
+    }
+    add(j, pos++, where);
+  }
+  return out;
+}
+
+absl::StatusOr<CacheSummary> RunCache(const CacheOptions& o) {
+  using Clock = std::chrono::steady_clock;
+  const auto t_start = Clock::now();
+  CacheSummary sum;
+  auto data = ReadInstructionData(o.data_path, &sum.bad_records);
+  if (!data.ok()) return data.status();
+  if (o.limit > 0) {  // the first `limit` records of the file, good or bad
+    auto beyond = [&](const auto& r) { return r.position >= o.limit; };
+    data->erase(std::remove_if(data->begin(), data->end(), beyond), data->end());
+    sum.bad_records.erase(std::remove_if(sum.bad_records.begin(), sum.bad_records.end(), beyond),
+                          sum.bad_records.end());
+  }
+  sum.total = static_cast<int64_t>(data->size() + sum.bad_records.size());  // every record considered
+  sum.bad = static_cast<int64_t>(sum.bad_records.size());
+  for (const auto& b : sum.bad_records) std::fprintf(stderr, "skipping %s: %s\n", b.where.c_str(), b.reason.c_str());
+
+  model::SetComputeThreads(1);  // parallelism comes from records, one per thread
+  auto feat = model::Featurizer::Create(o.featurizer);
+  if (!feat.ok()) return feat.status();
+  const std::string state = (*feat)->projection_state();
+
+  // Open the store; an existing one must have been built with the same projection state.
+  storage::StoreOptions so;
+  auto store = storage::Store::Open(o.store_path, so);
+  if (absl::IsNotFound(store.status())) {
+    so.create_if_missing = true;
+    so.k = static_cast<uint32_t>(o.featurizer.k);
+    so.projection_state = state;
+    store = storage::Store::Open(o.store_path, so);
+  } else if (store.ok()) {
+    const std::string diff = model::DescribeStateDifference((*store)->manifest().projection_state(), state);
+    if (!diff.empty()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(o.store_path, " was built with another projection state (", diff,
+                       "); use a new --store or the original model and sketch options"));
+    }
+  }
+  if (!store.ok()) return store.status();
+  sum.projection_state_id = (*store)->manifest().projection_state_id();
+
+  // Resume: drop records already in the store.
+  std::vector<const DataRecord*> todo;
+  for (const auto& r : *data) {
+    if ((*store)->GetRecordById(r.id).ok()) {
+      ++sum.skipped_existing;
+    } else {
+      todo.push_back(&r);
+    }
+  }
+  if (o.progress && sum.skipped_existing > 0) {
+    std::fprintf(stderr, "resuming: %lld records already cached\n", static_cast<long long>(sum.skipped_existing));
+  }
+
+  const int threads = std::max(1, o.threads);
+  const size_t bs = static_cast<size_t>(std::max(1, o.batch_size));
+  double loss_sum = 0;
+  auto last_print = Clock::now();
+  const auto t_compute = Clock::now();
+  for (size_t b0 = 0; b0 < todo.size(); b0 += bs) {
+    const size_t b1 = std::min(todo.size(), b0 + bs);
+    std::vector<storage::IngestItem> items(b1 - b0);
+    std::vector<absl::Status> status(b1 - b0);
+    std::vector<model::GradInfo> infos(b1 - b0);
+    std::vector<model::Featurizer::Timing> timing(threads);
+    std::atomic<size_t> next{b0};
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        for (size_t i; (i = next.fetch_add(1)) < b1;) {
+          const DataRecord& r = *todo[i];
+          auto info = (*feat)->Compress(r.example, &items[i - b0].vector, &timing[t]);
+          if (!info.ok()) {
+            status[i - b0] = info.status();
+            continue;
+          }
+          infos[i - b0] = *info;
+          auto& rec = items[i - b0].record;
+          rec.set_id(r.id);
+          rec.set_instruction(r.example.instruction);
+          rec.set_input(r.example.input);
+          rec.set_output(r.example.output);
+        }
+      });
+    }
+    for (auto& th : pool) th.join();
+    for (const auto& tm : timing) {
+      sum.grad_s += tm.grad / threads;  // wall-clock share
+      sum.normalize_s += tm.normalize / threads;
+      sum.sketch_s += tm.sketch / threads;
+    }
+    std::vector<storage::IngestItem> good;
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (!status[i].ok()) {
+        ++sum.failed;
+        std::fprintf(stderr, "skipping %s: %s\n", todo[b0 + i]->where.c_str(), std::string(status[i].message()).c_str());
+        sum.bad_records.push_back({todo[b0 + i]->where, std::string(status[i].message()), todo[b0 + i]->position});
+        continue;
+      }
+      loss_sum += infos[i].loss;
+      sum.truncated += infos[i].truncated ? 1 : 0;
+      good.push_back(std::move(items[i]));
+    }
+    const auto tw = Clock::now();
+    auto res = (*store)->Ingest(good);
+    sum.write_s += std::chrono::duration<double>(Clock::now() - tw).count();
+    if (!res.ok()) return res.status();
+    sum.cached += static_cast<int64_t>(good.size());
+    const auto now = Clock::now();
+    if (o.progress && (now - last_print > std::chrono::seconds(1) || b1 == todo.size())) {
+      const double el = std::chrono::duration<double>(now - t_compute).count();
+      const double rate = b1 / el;
+      std::fprintf(stderr, "cached %zu/%zu records (%.1f records/s, ETA %s)\n", b1, todo.size(), rate,
+                   Eta((todo.size() - b1) / std::max(rate, 1e-9)).c_str());
+      last_print = now;
+    }
+  }
+  sum.mean_loss = sum.cached > 0 ? loss_sum / sum.cached : 0;
+  sum.bad = static_cast<int64_t>(sum.bad_records.size());
+  sum.store_records = static_cast<int64_t>((*store)->size());
+  sum.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
+  return sum;
+}
+
+}  // namespace rapidin::client

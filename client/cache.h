@@ -1,0 +1,57 @@
+// `rapidin cache`: builds (or resumes) a store of RapidGrad-compressed gradients from an instruction data set.
+#ifndef RAPIDIN_CLIENT_CACHE_H_
+#define RAPIDIN_CLIENT_CACHE_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/engine.h"
+#include "model/featurizer.h"
+
+namespace rapidin::client {
+
+struct DataRecord {
+  std::string id;
+  model::Example example;
+  std::string where;  // "FILE:LINE" or "FILE record N", for messages
+  int64_t position = 0;  // 0-based position in the file
+};
+
+struct BadRecord {
+  std::string where;
+  std::string reason;
+  int64_t position = 0;
+};
+
+// Reads a JSON array or JSONL file of {id?, instruction, input?, output}. Records without an id get
+// "<file stem>-<0-based position>". Bad records (unparsable line, missing or non-string fields, empty output,
+// duplicate id) are returned in *bad and skipped. Errors: NOT_FOUND, INVALID_ARGUMENT (a JSON array that does
+// not parse at all).
+absl::StatusOr<std::vector<DataRecord>> ReadInstructionData(const std::string& path, std::vector<BadRecord>* bad);
+
+struct CacheOptions {
+  model::FeaturizerOptions featurizer;
+  std::string data_path;
+  std::string store_path;
+  int threads = 1;
+  int batch_size = 64;
+  int64_t limit = 0;       // cache at most this many records of the file (0: all)
+  bool progress = true;    // progress lines on stderr
+};
+
+struct CacheSummary {
+  int64_t total = 0, cached = 0, skipped_existing = 0, bad = 0, truncated = 0, failed = 0;
+  double seconds = 0, grad_s = 0, normalize_s = 0, sketch_s = 0, write_s = 0;
+  double mean_loss = 0;
+  int64_t store_records = 0;
+  std::string projection_state_id;
+  std::vector<BadRecord> bad_records;
+};
+
+absl::StatusOr<CacheSummary> RunCache(const CacheOptions& options);
+
+}  // namespace rapidin::client
+
+#endif  // RAPIDIN_CLIENT_CACHE_H_

@@ -1,0 +1,153 @@
+// client/cache + query by text: bad records reported with their line numbers and skipped, resumable caching,
+// refusal of a store made with another projection state, and a record's own text ranking it first.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <fstream>
+
+#include "client/cache.h"
+#include "client/client.h"
+#include "server/server.h"
+#include "tests/test_util.h"
+
+namespace rapidin::client {
+namespace {
+
+std::string SharedData() {
+  const char* env = std::getenv("RAPIDIN_SHARED_DATA");
+  return env ? env : RAPIDIN_SOURCE_DIR "/../shared/data";
+}
+std::string ModelPath() { return SharedData() + "/models/stories260K.bin"; }
+#define REQUIRE_SHARED_DATA()                                                                  \
+  if (!std::ifstream(ModelPath()).good())                                                      \
+  GTEST_SKIP() << "shared data not found at " << SharedData() << " (set RAPIDIN_SHARED_DATA)"
+
+TEST(ReadInstructionData, ReportsBadRecordsWithLineNumbers) {
+  rapidin::testing::TempDir dir;
+  const std::string path = dir.path("train.jsonl");
+  std::ofstream(path) << R"({"instruction": "a", "output": "b"})" << "\n"
+                      << R"({"instruction": "c", "output": ""})" << "\n"
+                      << "{broken\n"
+                      << R"({"output": "d"})" << "\n\n"
+                      << R"({"id": "x", "instruction": "e", "input": 5, "output": "f"})" << "\n"
+                      << R"({"id": "x", "instruction": "g", "output": "h"})" << "\n"
+                      << R"({"id": "x", "instruction": "i", "output": "j"})" << "\n";
+  std::vector<BadRecord> bad;
+  auto recs = ReadInstructionData(path, &bad);
+  ASSERT_TRUE(recs.ok()) << recs.status();
+  ASSERT_EQ(recs->size(), 2u);
+  EXPECT_EQ((*recs)[0].id, "train-0");
+  EXPECT_EQ((*recs)[1].id, "x");
+  ASSERT_EQ(bad.size(), 5u);
+  EXPECT_EQ(bad[0].where, path + ":2");
+  EXPECT_EQ(bad[0].reason, "empty output");
+  EXPECT_EQ(bad[1].where, path + ":3");
+  EXPECT_EQ(bad[1].reason, "malformed JSON");
+  EXPECT_EQ(bad[2].reason, "missing \"instruction\"");
+  EXPECT_EQ(bad[3].where, path + ":6");
+  EXPECT_EQ(bad[3].reason, "\"input\" is not a string");
+  EXPECT_EQ(bad[4].reason, "duplicate id \"x\"");
+  EXPECT_EQ(ReadInstructionData(dir.path("none.json"), &bad).status().code(), absl::StatusCode::kNotFound);
+  std::ofstream(dir.path("arr.json")) << "[{\"instruction\": 1";
+  EXPECT_EQ(ReadInstructionData(dir.path("arr.json"), &bad).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+class CacheTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    data_ = dir_.path("train.json");
+    std::ofstream(data_) << R"([
+      {"instruction": "Name a color.", "input": "", "output": "Blue is a color of the sky."},
+      {"instruction": "Add the numbers.", "input": "2 and 3", "output": "The sum is 5."},
+      {"instruction": "Write a story about a dog.", "input": "", "output": "Once upon a time a dog ran home."},
+      {"instruction": "Translate to French.", "input": "cat", "output": ""},
+      {"instruction": "Give a greeting.", "input": "", "output": "Howdy! Nice to meet you."},
+      {"instruction": "List two fruits.", "input": "", "output": "Apple and banana."}
+    ])";
+    o_.featurizer.engine.model_path = ModelPath();
+    o_.featurizer.engine.tokenizer_path = SharedData() + "/models/tok512.bin";
+    o_.featurizer.k = 512;
+    o_.data_path = data_;
+    o_.store_path = dir_.path("store");
+    o_.threads = 2;
+    o_.batch_size = 2;
+    o_.progress = false;
+  }
+  rapidin::testing::TempDir dir_;
+  std::string data_;
+  CacheOptions o_;
+};
+
+TEST_F(CacheTest, CachesResumesAndRefusesOtherState) {
+  REQUIRE_SHARED_DATA();
+  o_.limit = 3;  // the first three records (as if a run was killed after them)
+  auto s = RunCache(o_);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->cached, 3);
+  o_.limit = 0;
+  s = RunCache(o_);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->skipped_existing, 3);
+  EXPECT_EQ(s->cached, 2);
+  EXPECT_EQ(s->bad, 1);
+  EXPECT_EQ(s->bad_records[0].where, data_ + " record 4");
+  EXPECT_EQ(s->store_records, 5);
+  EXPECT_GT(s->mean_loss, 0);
+  o_.featurizer.seed = 99;
+  auto other = RunCache(o_);
+  EXPECT_EQ(other.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(other.status().message().find("seed: store 0, model 99"), std::string::npos) << other.status();
+}
+
+TEST_F(CacheTest, QueryByTextFindsTheRecordItself) {
+  REQUIRE_SHARED_DATA();
+  ASSERT_TRUE(RunCache(o_).ok());
+  server::ServerOptions so;
+  so.store_path = o_.store_path;
+  so.listen = "127.0.0.1:0";
+  so.metrics_listen = "";
+  so.shards = 2;
+  so.model_path = ModelPath();
+  so.tokenizer_path = o_.featurizer.engine.tokenizer_path;
+  auto srv = server::Server::Create(so);
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  auto c = Client::Connect("127.0.0.1:" + std::to_string((*srv)->port()));
+  rapidin::v1::QueryRequest q;
+  q.set_instruction("Give a greeting.");
+  q.set_generation("Howdy! Nice to meet you.");
+  q.set_top_k(3);
+  q.set_harmful_k(1);
+  auto r = c->Query(q);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->result().helpful_size(), 3);
+  EXPECT_EQ(r->result().helpful(0).id(), "train-4");
+  EXPECT_EQ(r->result().helpful(0).record().output(), "Howdy! Nice to meet you.");
+  EXPECT_GT(r->generation_tokens(), 3u);
+  EXPECT_TRUE(c->Stats()->model_loaded());
+  // The same vector through QueryByVector gives the same scores (one pipeline).
+  q.set_generation("");
+  EXPECT_EQ(c->Query(q).status().code(), absl::StatusCode::kInvalidArgument);
+  q.set_generation("x");
+  q.set_top_k(0);
+  EXPECT_EQ(c->Query(q).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(CacheTest, ServerRefusesStoreOfAnotherModelState) {
+  REQUIRE_SHARED_DATA();
+  o_.featurizer.engine.max_length = 100;
+  ASSERT_TRUE(RunCache(o_).ok());
+  server::ServerOptions so;
+  so.store_path = o_.store_path;
+  so.listen = "127.0.0.1:0";
+  so.metrics_listen = "";
+  so.model_path = ModelPath();
+  so.param_pattern = "attention";  // the store was cached with every matrix
+  auto srv = server::Server::Create(so);
+  ASSERT_EQ(srv.status().code(), absl::StatusCode::kFailedPrecondition) << srv.status();
+  EXPECT_NE(srv.status().message().find("model: store"), std::string::npos) << srv.status();
+  so.model_path = dir_.path("missing.bin");
+  EXPECT_EQ(server::Server::Create(so).status().code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace rapidin::client
