@@ -156,6 +156,14 @@ absl::StatusOr<CacheSummary> RunCache(const CacheOptions& o) {
     std::fprintf(stderr, "resuming: %lld records already cached\n", static_cast<long long>(sum.skipped_existing));
   }
 
+  // Records of similar length share a forward/backward pass, so padding (and the T^2 attention cost of the
+  // longest record) stays small. Stable, so the order is deterministic.
+  if (o.grad_batch > 1) {
+    auto len = [](const DataRecord* r) {
+      return r->example.instruction.size() + r->example.input.size() + r->example.output.size();
+    };
+    std::stable_sort(todo.begin(), todo.end(), [&](const DataRecord* a, const DataRecord* b) { return len(a) < len(b); });
+  }
   const int threads = std::max(1, o.threads);
   const size_t bs = static_cast<size_t>(std::max(1, o.batch_size));
   double loss_sum = 0;
@@ -167,23 +175,33 @@ absl::StatusOr<CacheSummary> RunCache(const CacheOptions& o) {
     std::vector<absl::Status> status(b1 - b0);
     std::vector<model::GradInfo> infos(b1 - b0);
     std::vector<model::Featurizer::Timing> timing(threads);
+    // Threads take sub-batches of grad_batch records; each sub-batch is one forward/backward pass.
+    const size_t gb = static_cast<size_t>(std::max(1, o.grad_batch));
     std::atomic<size_t> next{b0};
     std::vector<std::thread> pool;
     for (int t = 0; t < threads; ++t) {
       pool.emplace_back([&, t] {
-        for (size_t i; (i = next.fetch_add(1)) < b1;) {
-          const DataRecord& r = *todo[i];
-          auto info = (*feat)->Compress(r.example, &items[i - b0].vector, &timing[t]);
-          if (!info.ok()) {
-            status[i - b0] = info.status();
-            continue;
+        for (size_t s0; (s0 = next.fetch_add(gb)) < b1;) {
+          const size_t s1 = std::min(b1, s0 + gb);
+          std::vector<model::Example> exs;
+          for (size_t i = s0; i < s1; ++i) exs.push_back(todo[i]->example);
+          std::vector<std::vector<float>> vecs;
+          std::vector<absl::StatusOr<model::GradInfo>> res;
+          (*feat)->CompressBatch(exs, &vecs, &res, &timing[t]);
+          for (size_t i = s0; i < s1; ++i) {
+            const DataRecord& r = *todo[i];
+            if (!res[i - s0].ok()) {
+              status[i - b0] = res[i - s0].status();
+              continue;
+            }
+            infos[i - b0] = *res[i - s0];
+            items[i - b0].vector = std::move(vecs[i - s0]);
+            auto& rec = items[i - b0].record;
+            rec.set_id(r.id);
+            rec.set_instruction(r.example.instruction);
+            rec.set_input(r.example.input);
+            rec.set_output(r.example.output);
           }
-          infos[i - b0] = *info;
-          auto& rec = items[i - b0].record;
-          rec.set_id(r.id);
-          rec.set_instruction(r.example.instruction);
-          rec.set_input(r.example.input);
-          rec.set_output(r.example.output);
         }
       });
     }

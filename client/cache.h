@@ -36,7 +36,8 @@ struct CacheOptions {
   std::string data_path;
   std::string store_path;
   int threads = 1;
-  int batch_size = 64;
+  int batch_size = 64;      // records per atomic store write
+  int grad_batch = 1;       // records per forward/backward pass (1 was faster here: bench/results/cache.md)
   int64_t limit = 0;       // cache at most this many records of the file (0: all)
   bool progress = true;    // progress lines on stderr
 };

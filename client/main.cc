@@ -260,6 +260,9 @@ int main(int argc, char** argv) {
   cache->add_option("--params", co.featurizer.engine.param_pattern, "regex over parameter names (default: matrices)");
   cache->add_option("--threads", co.threads, "records in parallel")->capture_default_str()->check(CLI::Range(1, 256));
   cache->add_option("--batch-size", co.batch_size, "records per atomic store batch")->capture_default_str();
+  cache->add_option("--grad-batch", co.grad_batch, "records per forward/backward pass (1: one at a time)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1024));
   cache->add_option("--limit", co.limit, "cache only the first N records (0: all)");
   cache->add_flag("--json", json, "summary as JSON");
 

@@ -41,6 +41,17 @@ uint64_t Fnv(uint64_t h, const void* data, size_t n) {
 
 }  // namespace
 
+// Activations recorded during a forward pass so that per-sample weight gradients can be formed from one
+// backward pass: for y = x W^T, dL_b/dW = dy_b^T x_b for each sample b (samples never interact).
+struct Captures {
+  struct Linear {
+    std::string weight;
+    torch::Tensor x, y;  // [B, T, in], [B, T, out]
+  };
+  std::vector<Linear> linears;
+  torch::Tensor ids, emb_out;  // embedding lookup: [B, T], [B, T, dim]
+};
+
 struct GradientEngine::Impl {
   EngineOptions options;
   ModelConfig cfg;
@@ -116,19 +127,29 @@ struct GradientEngine::Impl {
     return torch::stack({x0 * c - x1 * s, x0 * s + x1 * c}, -1).reshape({B, T, H, hd});
   }
 
-  // ids: [B, T] int64 -> logits [B, T, vocab].
-  torch::Tensor Forward(const torch::Tensor& ids) const {
+  torch::Tensor Lin(const torch::Tensor& x, const std::string& name, Captures* cap) const {
+    auto y = torch::matmul(x, W(name).t());
+    if (cap) cap->linears.push_back({name, x.detach(), y});
+    return y;
+  }
+
+  // ids: [B, T] int64 -> logits [B, T, vocab]. With cap, records every linear layer's input and output.
+  torch::Tensor Forward(const torch::Tensor& ids, Captures* cap = nullptr) const {
     const int64_t B = ids.size(0), T = ids.size(1);
     const int H = cfg.n_heads, KV = cfg.n_kv_heads, hd = cfg.dim / cfg.n_heads;
     auto x = torch::embedding(W("tok_embeddings.weight"), ids);
+    if (cap) {
+      cap->ids = ids;
+      cap->emb_out = x;
+    }
     auto mask = torch::full({T, T}, -std::numeric_limits<double>::infinity(), torch::TensorOptions().dtype(dtype))
                     .triu(1);
     for (int l = 0; l < cfg.n_layers; ++l) {
       const std::string p = absl::StrCat("layers.", l, ".");
       auto h = RmsNorm(x, W(p + "attention_norm.weight"));
-      auto q = torch::matmul(h, W(p + "attention.wq.weight").t()).view({B, T, H, hd});
-      auto k = torch::matmul(h, W(p + "attention.wk.weight").t()).view({B, T, KV, hd});
-      auto v = torch::matmul(h, W(p + "attention.wv.weight").t()).view({B, T, KV, hd});
+      auto q = Lin(h, p + "attention.wq.weight", cap).view({B, T, H, hd});
+      auto k = Lin(h, p + "attention.wk.weight", cap).view({B, T, KV, hd});
+      auto v = Lin(h, p + "attention.wv.weight", cap).view({B, T, KV, hd});
       q = Rope(q);
       k = Rope(k);
       if (KV != H) {
@@ -140,15 +161,14 @@ struct GradientEngine::Impl {
       v = v.transpose(1, 2);
       auto att = torch::softmax(torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(hd)) + mask, -1);
       auto o = torch::matmul(att, v).transpose(1, 2).reshape({B, T, cfg.dim});
-      x = x + torch::matmul(o, W(p + "attention.wo.weight").t());
+      x = x + Lin(o, p + "attention.wo.weight", cap);
       h = RmsNorm(x, W(p + "ffn_norm.weight"));
-      auto a = torch::silu(torch::matmul(h, W(p + "feed_forward.w1.weight").t())) *
-               torch::matmul(h, W(p + "feed_forward.w3.weight").t());
-      x = x + torch::matmul(a, W(p + "feed_forward.w2.weight").t());
+      auto a = torch::silu(Lin(h, p + "feed_forward.w1.weight", cap)) *
+               Lin(h, p + "feed_forward.w3.weight", cap);
+      x = x + Lin(a, p + "feed_forward.w2.weight", cap);
     }
     x = RmsNorm(x, W("norm.weight"));
-    const auto& out = cfg.tied_output ? W("tok_embeddings.weight") : W("output.weight");
-    return torch::matmul(x, out.t());
+    return Lin(x, cfg.tied_output ? "tok_embeddings.weight" : "output.weight", cap);
   }
 
   torch::Tensor Ids(const std::vector<int32_t>& ids) const {
@@ -370,6 +390,97 @@ absl::StatusOr<GradInfo> GradientEngine::GradientIds(const TokenizedExample& t, 
   info.truncated = t.truncated;
   info.loss = loss.item<double>();
   return info;
+}
+
+absl::Status GradientEngine::GradientIdsBatch(const std::vector<TokenizedExample>& batch, bool normalize,
+                                              std::vector<std::vector<double>>* out,
+                                              std::vector<GradInfo>* infos) const {
+  const Impl& d = *impl_;
+  const int64_t B = static_cast<int64_t>(batch.size());
+  out->assign(B, {});
+  infos->assign(B, {});
+  if (B == 0) return absl::OkStatus();
+  bool capturable = true;
+  for (const auto& p : d.infos) capturable = capturable && d.w.at(p.name).dim() == 2;
+  if (!capturable || B == 1) {
+    for (int64_t b = 0; b < B; ++b) {
+      auto info = GradientIds(batch[b], normalize, &(*out)[b]);
+      if (!info.ok()) return info.status();
+      (*infos)[b] = *info;
+    }
+    return absl::OkStatus();
+  }
+  int64_t T = 0;
+  for (const auto& t : batch) {
+    if (t.response_begin < 1 || t.response_begin >= static_cast<int>(t.ids.size())) {
+      return absl::InvalidArgumentError("no response tokens");
+    }
+    T = std::max<int64_t>(T, t.ids.size());
+  }
+  // Pad at the end: under the causal mask padding never reaches the real positions, and its loss weight is 0.
+  std::vector<int64_t> flat(B * T, Tokenizer::kEos);
+  std::vector<double> wts(B * (T - 1), 0.0);
+  for (int64_t b = 0; b < B; ++b) {
+    const auto& t = batch[b];
+    const int64_t len = t.ids.size();
+    for (int64_t i = 0; i < len; ++i) {
+      if (t.ids[i] < 0 || t.ids[i] >= d.cfg.vocab_size) return absl::InvalidArgumentError("token id out of range");
+      flat[b * T + i] = t.ids[i];
+    }
+    for (int64_t i = t.response_begin - 1; i < len - 1; ++i) wts[b * (T - 1) + i] = 1.0 / (len - t.response_begin);
+  }
+  auto ids = torch::from_blob(flat.data(), {B, T}, torch::kLong).clone();
+  auto weight = torch::from_blob(wts.data(), {B, T - 1}, torch::kDouble).to(d.dtype);
+  Captures cap;
+  auto logits = d.Forward(ids, &cap);
+  auto logp = torch::log_softmax(logits.slice(1, 0, T - 1), -1);
+  auto nll = -logp.gather(2, ids.slice(1, 1, T).unsqueeze(-1)).squeeze(-1);  // [B, T-1]
+  auto losses = (nll * weight).sum(1);                                      // [B]
+  std::map<std::string, int> index;
+  for (size_t i = 0; i < d.infos.size(); ++i) index[d.infos[i].name] = static_cast<int>(i);
+  std::vector<torch::Tensor> wrt;  // outputs of the selected linears, in capture order, then the embedding
+  for (const auto& l : cap.linears) {
+    if (index.count(l.weight)) wrt.push_back(l.y);
+  }
+  const bool emb = index.count("tok_embeddings.weight") > 0;
+  if (emb) wrt.push_back(cap.emb_out);
+  auto grads = torch::autograd::grad({losses.sum()}, wrt, {}, false, false, /*allow_unused=*/true);
+  std::vector<torch::Tensor> per(d.infos.size());  // [B, out, in]
+  size_t gi = 0;
+  for (const auto& l : cap.linears) {
+    auto it = index.find(l.weight);
+    if (it == index.end()) continue;
+    const auto& g = grads[gi++];
+    if (!g.defined()) continue;
+    auto contrib = torch::matmul(g.transpose(1, 2), l.x);  // [B, out, in]
+    auto& acc = per[it->second];
+    acc = acc.defined() ? acc + contrib : contrib;
+  }
+  if (emb && grads.back().defined()) {
+    const int p = index["tok_embeddings.weight"];
+    auto e = torch::zeros({B, d.cfg.vocab_size, d.cfg.dim}, torch::TensorOptions().dtype(d.dtype));
+    for (int64_t b = 0; b < B; ++b) e[b].index_add_(0, ids[b], grads.back()[b]);
+    per[p] = per[p].defined() ? per[p] + e : e;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    auto& o = (*out)[b];
+    o.assign(d.dim, 0.0);
+    for (size_t p = 0; p < d.infos.size(); ++p) {
+      if (!per[p].defined()) continue;
+      auto g = per[p][b].to(torch::kDouble).contiguous().view({-1});
+      if (normalize) {
+        const double n = g.norm().item<double>();
+        if (n > 0) g = g / n;
+      }
+      std::memcpy(o.data() + d.infos[p].offset, g.data_ptr<double>(), g.numel() * sizeof(double));
+    }
+    GradInfo& info = (*infos)[b];
+    info.tokens = static_cast<int>(batch[b].ids.size());
+    info.response_tokens = info.tokens - batch[b].response_begin;
+    info.truncated = batch[b].truncated;
+    info.loss = losses[b].item<double>();
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<GradInfo> GradientEngine::Gradient(const Example& ex, bool normalize, std::vector<float>* out) const {

@@ -94,6 +94,11 @@ class GradientEngine {
   // out receives grad_dim() values.
   absl::StatusOr<GradInfo> Gradient(const Example& ex, bool normalize, std::vector<float>* out) const;
   absl::StatusOr<GradInfo> GradientIds(const TokenizedExample& t, bool normalize, std::vector<double>* out) const;
+  // Per-record gradients of several records from one padded forward and one backward pass: each linear layer's
+  // per-sample weight gradient is dy_b^T x_b from its recorded input and output gradient. Equal to GradientIds
+  // per record up to rounding. When a selected parameter is not a weight matrix it falls back to the loop.
+  absl::Status GradientIdsBatch(const std::vector<TokenizedExample>& batch, bool normalize,
+                                std::vector<std::vector<double>>* out, std::vector<GradInfo>* infos) const;
   absl::StatusOr<double> LossIds(const TokenizedExample& t) const;
   // Adds delta to element i of selected parameter p (finite-difference tests).
   absl::Status Perturb(int p, int64_t i, double delta);

@@ -62,6 +62,49 @@ absl::StatusOr<GradInfo> Featurizer::Compress(const Example& ex, std::vector<flo
   return info;
 }
 
+void Featurizer::CompressBatch(const std::vector<Example>& exs, std::vector<std::vector<float>>* out,
+                               std::vector<absl::StatusOr<GradInfo>>* infos, Timing* timing) const {
+  using Clock = std::chrono::steady_clock;
+  const auto t0 = Clock::now();
+  out->assign(exs.size(), {});
+  infos->assign(exs.size(), absl::UnknownError("not computed"));
+  std::vector<TokenizedExample> batch;
+  std::vector<size_t> where;
+  for (size_t i = 0; i < exs.size(); ++i) {
+    auto t = engine_->Tokenize(exs[i]);
+    if (!t.ok()) {
+      (*infos)[i] = t.status();
+      continue;
+    }
+    batch.push_back(std::move(*t));
+    where.push_back(i);
+  }
+  std::vector<std::vector<double>> grads;
+  std::vector<GradInfo> gi;
+  absl::Status st = engine_->GradientIdsBatch(batch, /*normalize=*/true, &grads, &gi);
+  const auto t1 = Clock::now();
+  double sketch_s = 0;
+  std::vector<float> gf;
+  for (size_t j = 0; j < where.size(); ++j) {
+    if (!st.ok()) {
+      (*infos)[where[j]] = st;
+      continue;
+    }
+    gf.assign(grads[j].begin(), grads[j].end());
+    const auto ts = Clock::now();
+    auto& o = (*out)[where[j]];
+    o.resize(sketch_->params().k);
+    sketch_->Apply(gf.data(), o.data());
+    sketch_s += std::chrono::duration<double>(Clock::now() - ts).count();
+    (*infos)[where[j]] = gi[j];
+  }
+  if (timing) {
+    timing->grad += std::chrono::duration<double>(t1 - t0).count();
+    timing->sketch += sketch_s;
+    timing->normalize += std::chrono::duration<double>(Clock::now() - t1).count() - sketch_s;
+  }
+}
+
 absl::StatusOr<FeaturizerOptions> OptionsFromState(const std::string& state, const EngineOptions& engine) {
   FeaturizerOptions o;
   o.engine = engine;

@@ -34,6 +34,11 @@ class Featurizer {
   };
   absl::StatusOr<GradInfo> Compress(const Example& ex, std::vector<float>* out, Timing* timing = nullptr) const;
 
+  // Several records through one padded forward/backward (GradientEngine::GradientIdsBatch). A record that
+  // cannot be tokenised gets its error in (*infos)[i] and is left out of the batch.
+  void CompressBatch(const std::vector<Example>& exs, std::vector<std::vector<float>>* out,
+                     std::vector<absl::StatusOr<GradInfo>>* infos, Timing* timing = nullptr) const;
+
   const GradientEngine& engine() const { return *engine_; }
   const kernels::RapidGrad& sketch() const { return *sketch_; }
   // "rapidgrad/v1 d=.. k=.. lambda=.. seed=..\nmodel=<hash> max_length=.. tensors=..\n"
