@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "bench/bench_util.h"
 #include "bench/torch_baseline.h"
 #include "kernels/half.h"
 #include "kernels/score.h"
@@ -28,51 +29,10 @@
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-template <class T>
-T* AlignedAlloc(size_t n) {
-  size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
-  return static_cast<T*>(std::aligned_alloc(64, bytes));
-}
-
-// Runs fn(t) on T threads and returns the wall time of the slowest.
-double Parallel(int threads, const std::function<void(int)>& fn) {
-  const auto t0 = Clock::now();
-  std::vector<std::thread> ts;
-  for (int t = 0; t < threads; ++t) ts.emplace_back(fn, t);
-  for (auto& t : ts) t.join();
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-// STREAM-like read: sum a buffer far larger than the last-level cache with T threads, 8 accumulators each.
-double ReadBandwidth(int threads, size_t bytes, int reps) {
-  const size_t n = bytes / sizeof(float);
-  float* buf = AlignedAlloc<float>(n);
-  Parallel(threads, [&](int t) {  // first touch by the thread that reads it
-    for (size_t i = n * t / threads; i < n * (t + 1) / threads; ++i) buf[i] = static_cast<float>(i & 7);
-  });
-  std::vector<double> times;
-  volatile float sink = 0;
-  for (int r = 0; r < reps; ++r) {
-    times.push_back(Parallel(threads, [&](int t) {
-      const size_t lo = n * t / threads / 64 * 64, hi = n * (t + 1) / threads / 64 * 64;
-      float acc[16] = {0};
-      for (size_t i = lo; i < hi; i += 16) {
-        for (int l = 0; l < 16; ++l) acc[l] += buf[i + l];
-      }
-      float s = 0;
-      for (float a : acc) s += a;
-      sink = sink + s;
-    }));
-  }
-  std::free(buf);
-  return bytes / Median(times) / 1e9;
-}
+using rapidin::bench::AlignedAlloc;
+using rapidin::bench::Median;
+using rapidin::bench::Parallel;
+using rapidin::bench::ReadBandwidth;
 
 struct Row {
   std::string shape, method;
