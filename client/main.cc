@@ -148,10 +148,7 @@ int MakeDemo(const std::string& alpaca, int n, int k, uint32_t seed, int queries
   return 0;
 }
 
-int Cache(rapidin::client::CacheOptions o, const std::string& adapter, bool json) {
-  if (!adapter.empty()) {
-    return Fail(absl::UnimplementedError("LoRA adapters (--adapter) are not supported by this build yet"));
-  }
+int Cache(const rapidin::client::CacheOptions& o, bool json) {
   auto s = rapidin::client::RunCache(o);
   if (!s.ok()) return Fail(s.status());
   if (json) {
@@ -245,10 +242,10 @@ int main(int argc, char** argv) {
 
   auto* cache = app.add_subcommand("cache", "compute compressed gradients of a training set into a store");
   rapidin::client::CacheOptions co;
-  std::string adapter;
-  cache->add_option("--model", co.featurizer.engine.model_path, "llama2.c checkpoint (.bin)")->required();
+  cache->add_option("--model", co.featurizer.engine.model_path,
+                    "llama2.c checkpoint (.bin) or Hugging Face model directory")->required();
   cache->add_option("--tokenizer", co.featurizer.engine.tokenizer_path, "tokenizer (default: next to the model)");
-  cache->add_option("--adapter", adapter, "PEFT LoRA adapter directory");
+  cache->add_option("--adapter", co.featurizer.engine.adapter_path, "PEFT LoRA adapter directory");
   cache->add_option("--data", co.data_path, "training data: JSON array or JSONL of {instruction, input, output}")
       ->required();
   cache->add_option("--store", co.store_path, "store directory (created, or resumed)")->required();
@@ -297,7 +294,7 @@ int main(int argc, char** argv) {
     std::cout << (json ? rapidin::client::ToJson(*r) + "\n" : rapidin::client::RecordTable(*r));
     return 0;
   }
-  if (*cache) return Cache(co, adapter, json);
+  if (*cache) return Cache(co, json);
   if (*demo) return MakeDemo(alpaca, n, k, seed, nq, out_records, out_queries);
   return 2;
 }

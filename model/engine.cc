@@ -4,6 +4,9 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <set>
 #include <fstream>
 #include <random>
 #include <regex>
@@ -64,6 +67,9 @@ struct GradientEngine::Impl {
   torch::Tensor cos, sin;  // [seq_len, head_dim / 2]
   std::string hash;
   torch::Dtype dtype = torch::kFloat;
+  bool rope_half = false;  // Hugging Face rotates (i, i + hd/2) pairs; llama2.c interleaved (2i, 2i+1) pairs
+  std::map<std::string, std::pair<std::string, std::string>> lora;  // weight -> (A, B) parameter names
+  double lora_scale = 0;
 
   const torch::Tensor& W(const std::string& n) const { return w.at(n); }
 
@@ -89,7 +95,9 @@ struct GradientEngine::Impl {
     }
     for (const auto& n : names) {
       const auto& t = w[n];
-      const bool take = options.param_pattern.empty() ? t.dim() == 2 : std::regex_search(n, re);
+      const bool take = !options.param_pattern.empty() ? std::regex_search(n, re)
+                        : !lora.empty()                 ? n.find(".lora_") != std::string::npos
+                                                        : t.dim() == 2;
       if (!take) continue;
       selected.push_back(t);
       infos.push_back({n, t.numel(), dim});
@@ -117,9 +125,15 @@ struct GradientEngine::Impl {
     return x * torch::rsqrt(x.pow(2).mean(-1, true) + cfg.norm_eps) * g;
   }
 
-  // x: [B, T, H, hd]; llama2.c rotates interleaved pairs (2i, 2i+1).
+  // x: [B, T, H, hd]; llama2.c rotates interleaved pairs (2i, 2i+1), Hugging Face (i, i + hd/2).
   torch::Tensor Rope(const torch::Tensor& x) const {
     const int64_t B = x.size(0), T = x.size(1), H = x.size(2), hd = x.size(3);
+    if (rope_half) {
+      auto x0 = x.slice(-1, 0, hd / 2), x1 = x.slice(-1, hd / 2, hd);
+      auto c = cos.slice(0, 0, T).view({1, T, 1, hd / 2});
+      auto s = sin.slice(0, 0, T).view({1, T, 1, hd / 2});
+      return torch::cat({x0 * c - x1 * s, x1 * c + x0 * s}, -1);
+    }
     auto xr = x.reshape({B, T, H, hd / 2, 2});
     auto x0 = xr.select(-1, 0), x1 = xr.select(-1, 1);
     auto c = cos.slice(0, 0, T).view({1, T, 1, hd / 2});
@@ -130,6 +144,8 @@ struct GradientEngine::Impl {
   torch::Tensor Lin(const torch::Tensor& x, const std::string& name, Captures* cap) const {
     auto y = torch::matmul(x, W(name).t());
     if (cap) cap->linears.push_back({name, x.detach(), y});
+    auto it = lora.find(name);
+    if (it != lora.end()) y = y + Lin(Lin(x, it->second.first, cap), it->second.second, cap) * lora_scale;
     return y;
   }
 
@@ -187,11 +203,79 @@ struct GradientEngine::Impl {
   }
 };
 
+
+namespace {
+
+absl::StatusOr<nlohmann::json> ReadJson(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("file not found: ", path));
+  auto j = nlohmann::json::parse(in, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return absl::DataLossError(absl::StrCat(path, ": malformed JSON"));
+  return j;
+}
+
+// Reads every tensor of a .safetensors file as float32 (F32, F16 and BF16 are accepted).
+absl::Status ReadSafetensors(const std::string& path, std::map<std::string, torch::Tensor>* out) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) return absl::NotFoundError(absl::StrCat("file not found: ", path));
+  const int64_t size = in.tellg();
+  in.seekg(0);
+  uint64_t hlen = 0;
+  if (size < 8 || !in.read(reinterpret_cast<char*>(&hlen), 8) || hlen > static_cast<uint64_t>(size - 8)) {
+    return absl::DataLossError(absl::StrCat(path, ": not a safetensors file"));
+  }
+  std::string header(hlen, '\0');
+  in.read(header.data(), hlen);
+  auto h = nlohmann::json::parse(header, nullptr, false);
+  if (h.is_discarded() || !h.is_object()) return absl::DataLossError(absl::StrCat(path, ": bad safetensors header"));
+  std::string data(size - 8 - hlen, '\0');
+  if (!in.read(data.data(), data.size())) return absl::DataLossError(absl::StrCat(path, ": truncated"));
+  for (auto it = h.begin(); it != h.end(); ++it) {
+    if (it.key() == "__metadata__") continue;
+    const auto& t = it.value();
+    if (!t.is_object() || !t.contains("dtype") || !t.contains("shape") || !t.contains("data_offsets")) {
+      return absl::DataLossError(absl::StrCat(path, ": bad entry for ", it.key()));
+    }
+    const std::string dt = t["dtype"].get<std::string>();
+    torch::Dtype type;
+    int64_t width;
+    if (dt == "F32") type = torch::kFloat, width = 4;
+    else if (dt == "F16") type = torch::kHalf, width = 2;
+    else if (dt == "BF16") type = torch::kBFloat16, width = 2;
+    else return absl::DataLossError(absl::StrCat(path, ": ", it.key(), " has unsupported dtype ", dt));
+    std::vector<int64_t> shape = t["shape"].get<std::vector<int64_t>>();
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    const auto off = t["data_offsets"].get<std::vector<int64_t>>();
+    if (off.size() != 2 || off[0] < 0 || off[1] > static_cast<int64_t>(data.size()) || off[1] - off[0] != n * width) {
+      return absl::DataLossError(absl::StrCat(path, ": ", it.key(), " has inconsistent offsets"));
+    }
+    (*out)[it.key()] = torch::from_blob(data.data() + off[0], shape, type).to(torch::kFloat).clone();
+  }
+  return absl::OkStatus();
+}
+
+// Hugging Face Llama module path (inside a layer) -> our name.
+const std::vector<std::pair<std::string, std::string>>& HfModules() {
+  static const std::vector<std::pair<std::string, std::string>> k = {
+      {"self_attn.q_proj", "attention.wq"}, {"self_attn.k_proj", "attention.wk"},
+      {"self_attn.v_proj", "attention.wv"}, {"self_attn.o_proj", "attention.wo"},
+      {"mlp.gate_proj", "feed_forward.w1"}, {"mlp.down_proj", "feed_forward.w2"},
+      {"mlp.up_proj", "feed_forward.w3"}};
+  return k;
+}
+
+}  // namespace
+
 GradientEngine::GradientEngine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 GradientEngine::~GradientEngine() = default;
 
 absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Load(const EngineOptions& options) {
   if (options.max_length < 4) return absl::InvalidArgumentError("max_length must be at least 4");
+  if (std::filesystem::is_directory(options.model_path)) return LoadHf(options);
+  if (!options.adapter_path.empty()) {
+    return absl::InvalidArgumentError("LoRA adapters need a Hugging Face model directory as the base model");
+  }
   std::ifstream in(options.model_path, std::ios::binary | std::ios::ate);
   if (!in) return absl::NotFoundError(absl::StrCat("model file not found: ", options.model_path));
   const int64_t size = in.tellg();
@@ -274,6 +358,144 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Load(const Engin
   return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
 }
 
+
+absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::LoadHf(const EngineOptions& options) {
+  namespace fs = std::filesystem;
+  const fs::path dir(options.model_path);
+  auto cj = ReadJson((dir / "config.json").string());
+  if (!cj.ok()) return cj.status();
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->dtype = options.use_double ? torch::kDouble : torch::kFloat;
+  impl->rope_half = true;
+  ModelConfig& c = impl->cfg;
+  try {
+    const auto& j = *cj;
+    c.dim = j.at("hidden_size").get<int>();
+    c.hidden_dim = j.at("intermediate_size").get<int>();
+    c.n_layers = j.at("num_hidden_layers").get<int>();
+    c.n_heads = j.at("num_attention_heads").get<int>();
+    c.n_kv_heads = j.value("num_key_value_heads", c.n_heads);
+    c.vocab_size = j.at("vocab_size").get<int>();
+    c.seq_len = j.value("max_position_embeddings", 2048);
+    c.norm_eps = j.value("rms_norm_eps", 1e-6f);
+    c.rope_theta = j.value("rope_theta", 10000.0f);
+    c.tied_output = j.value("tie_word_embeddings", false);
+    if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
+      return absl::UnimplementedError("config.json: rope_scaling is not supported");
+    }
+  } catch (const std::exception& e) {
+    return absl::DataLossError(absl::StrCat((dir / "config.json").string(), ": ", e.what()));
+  }
+  if (c.dim <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 || c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0 ||
+      c.n_layers <= 0 || c.vocab_size <= 0 || c.hidden_dim <= 0) {
+    return absl::DataLossError("config.json: implausible model dimensions");
+  }
+  // Weights: one file, or an index naming the shards.
+  std::map<std::string, torch::Tensor> t;
+  std::vector<std::string> files;
+  if (fs::exists(dir / "model.safetensors.index.json")) {
+    auto idx = ReadJson((dir / "model.safetensors.index.json").string());
+    if (!idx.ok()) return idx.status();
+    if (!idx->contains("weight_map") || !(*idx)["weight_map"].is_object()) {
+      return absl::DataLossError("model.safetensors.index.json has no weight_map");
+    }
+    std::set<std::string> shards;
+    for (auto it = (*idx)["weight_map"].begin(); it != (*idx)["weight_map"].end(); ++it) {
+      shards.insert(it.value().get<std::string>());
+    }
+    files.assign(shards.begin(), shards.end());
+  } else if (fs::exists(dir / "model.safetensors")) {
+    files.push_back("model.safetensors");
+  } else {
+    return absl::NotFoundError(absl::StrCat("no model.safetensors or model.safetensors.index.json in ", dir.string()));
+  }
+  for (const auto& f : files) {
+    absl::Status st = ReadSafetensors((dir / f).string(), &t);
+    if (!st.ok()) return st;
+  }
+  const int64_t D = c.dim, F = c.hidden_dim, hd = D / c.n_heads, KVD = hd * c.n_kv_heads, V = c.vocab_size;
+  auto take = [&](const std::string& hf, std::vector<int64_t> shape, const std::string& ours) -> absl::Status {
+    auto it = t.find(hf);
+    if (it == t.end()) return absl::DataLossError(absl::StrCat("weights lack ", hf));
+    if (it->second.sizes().vec() != shape) {
+      return absl::DataLossError(absl::StrCat(hf, " has shape ", c10::str(it->second.sizes()), ", expected ",
+                                              c10::str(c10::IntArrayRef(shape))));
+    }
+    impl->Add(ours, it->second);
+    return absl::OkStatus();
+  };
+  absl::Status st = take("model.embed_tokens.weight", {V, D}, "tok_embeddings.weight");
+  const std::map<std::string, std::vector<int64_t>> shapes = {
+      {"attention.wq", {D, D}}, {"attention.wk", {KVD, D}}, {"attention.wv", {KVD, D}}, {"attention.wo", {D, D}},
+      {"feed_forward.w1", {F, D}}, {"feed_forward.w2", {D, F}}, {"feed_forward.w3", {F, D}}};
+  for (int l = 0; l < c.n_layers && st.ok(); ++l) {
+    const std::string hp = absl::StrCat("model.layers.", l, "."), p = absl::StrCat("layers.", l, ".");
+    st = take(hp + "input_layernorm.weight", {D}, p + "attention_norm.weight");
+    for (const auto& [hf, ours] : HfModules()) {
+      if (st.ok()) st = take(hp + hf + ".weight", shapes.at(ours), p + ours + ".weight");
+    }
+    if (st.ok()) st = take(hp + "post_attention_layernorm.weight", {D}, p + "ffn_norm.weight");
+  }
+  if (st.ok()) st = take("model.norm.weight", {D}, "norm.weight");
+  if (st.ok() && !c.tied_output) st = take("lm_head.weight", {V, D}, "output.weight");
+  if (!st.ok()) return st;
+
+  if (!options.adapter_path.empty()) {
+    const fs::path ad(options.adapter_path);
+    auto aj = ReadJson((ad / "adapter_config.json").string());
+    if (!aj.ok()) return aj.status();
+    int r = 0;
+    double alpha = 0;
+    std::set<std::string> targets;
+    try {
+      if (aj->value("peft_type", "LORA") != "LORA") return absl::InvalidArgumentError("adapter is not a LoRA adapter");
+      r = aj->at("r").get<int>();
+      alpha = aj->at("lora_alpha").get<double>();
+      if (aj->value("fan_in_fan_out", false)) return absl::UnimplementedError("fan_in_fan_out LoRA is not supported");
+      const auto& tm = aj->at("target_modules");
+      if (tm.is_string()) targets.insert(tm.get<std::string>());
+      else for (const auto& m : tm) targets.insert(m.get<std::string>());
+      impl->lora_scale = aj->value("use_rslora", false) ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r;
+    } catch (const std::exception& e) {
+      return absl::DataLossError(absl::StrCat((ad / "adapter_config.json").string(), ": ", e.what()));
+    }
+    if (r <= 0) return absl::DataLossError("adapter_config.json: r must be positive");
+    std::map<std::string, torch::Tensor> at;
+    st = ReadSafetensors((ad / "adapter_model.safetensors").string(), &at);
+    if (!st.ok()) return st;
+    int found = 0;
+    for (int l = 0; l < c.n_layers; ++l) {
+      for (const auto& [hf, ours] : HfModules()) {
+        const std::string shortname = hf.substr(hf.find('.') + 1);
+        if (!targets.count(shortname)) continue;
+        const std::string base = absl::StrCat("base_model.model.model.layers.", l, ".", hf);
+        const std::string p = absl::StrCat("layers.", l, ".", ours);
+        const auto& w = impl->W(p + ".weight");
+        auto a = at.find(base + ".lora_A.weight"), b = at.find(base + ".lora_B.weight");
+        if (a == at.end() || b == at.end()) return absl::DataLossError(absl::StrCat("adapter lacks ", base, " A/B"));
+        if (a->second.sizes().vec() != std::vector<int64_t>{r, w.size(1)} ||
+            b->second.sizes().vec() != std::vector<int64_t>{w.size(0), r}) {
+          return absl::DataLossError(absl::StrCat(base, ": LoRA shapes do not match the base weight and r"));
+        }
+        impl->Add(p + ".lora_A.weight", a->second);
+        impl->Add(p + ".lora_B.weight", b->second);
+        impl->lora[p + ".weight"] = {p + ".lora_A.weight", p + ".lora_B.weight"};
+        ++found;
+      }
+    }
+    if (found == 0) return absl::DataLossError("the adapter's target_modules match no Llama module");
+  }
+  if (!options.tokenizer_path.empty()) {
+    auto tok = Tokenizer::Load(options.tokenizer_path, c.vocab_size);
+    if (!tok.ok()) return tok.status();
+    impl->tok = std::move(*tok);
+  }
+  st = impl->Finish();
+  if (!st.ok()) return st;
+  return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
+}
+
 absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Random(const ModelConfig& c, uint64_t seed,
                                                                        const EngineOptions& options) {
   auto impl = std::make_unique<Impl>();
@@ -320,11 +542,11 @@ absl::StatusOr<TokenizedExample> GradientEngine::Tokenize(const Example& ex) con
   const Encoding p = impl_->tok->Encode(AlpacaPrompt(ex.instruction, ex.input), /*dummy_prefix=*/true);
   const Encoding r = impl_->tok->Encode(ex.output, /*dummy_prefix=*/false);
   TokenizedExample t;
-  t.ids.push_back(Tokenizer::kBos);
+  t.ids.push_back(impl_->tok->bos());
   t.ids.insert(t.ids.end(), p.ids.begin(), p.ids.end());
   t.response_begin = static_cast<int32_t>(t.ids.size());
   t.ids.insert(t.ids.end(), r.ids.begin(), r.ids.end());
-  t.ids.push_back(Tokenizer::kEos);
+  t.ids.push_back(impl_->tok->eos());
   t.response_spans = r.spans;
   const int32_t len = static_cast<int32_t>(ex.output.size());
   t.response_spans.push_back({len, len});
@@ -345,7 +567,7 @@ absl::StatusOr<double> GradientEngine::MeanNll(const std::string& text, int64_t*
   if (!impl_->tok) return absl::FailedPreconditionError("no tokenizer loaded");
   torch::NoGradGuard no_grad;
   Encoding e = impl_->tok->Encode(text, true);
-  std::vector<int32_t> ids = {Tokenizer::kBos};
+  std::vector<int32_t> ids = {impl_->tok->bos()};
   ids.insert(ids.end(), e.ids.begin(), e.ids.end());
   if (static_cast<int>(ids.size()) > impl_->cfg.seq_len) ids.resize(impl_->cfg.seq_len);
   if (ids.size() < 2) return absl::InvalidArgumentError("text is empty");
@@ -355,6 +577,16 @@ absl::StatusOr<double> GradientEngine::MeanNll(const std::string& text, int64_t*
   auto loss = torch::nn::functional::cross_entropy(logits[0].slice(0, 0, T - 1), t[0].slice(0, 1, T));
   if (tokens) *tokens = T - 1;
   return loss.item<double>();
+}
+
+absl::StatusOr<std::vector<float>> GradientEngine::LogitsIds(const std::vector<int32_t>& ids) const {
+  torch::NoGradGuard no_grad;
+  if (ids.empty() || static_cast<int>(ids.size()) > impl_->cfg.seq_len) return absl::InvalidArgumentError("bad length");
+  for (int32_t id : ids) {
+    if (id < 0 || id >= impl_->cfg.vocab_size) return absl::InvalidArgumentError(absl::StrCat("token id ", id));
+  }
+  auto l = impl_->Forward(impl_->Ids(ids)).to(torch::kFloat).contiguous();
+  return std::vector<float>(l.data_ptr<float>(), l.data_ptr<float>() + l.numel());
 }
 
 absl::StatusOr<double> GradientEngine::LossIds(const TokenizedExample& t) const {
@@ -418,7 +650,7 @@ absl::Status GradientEngine::GradientIdsBatch(const std::vector<TokenizedExample
     T = std::max<int64_t>(T, t.ids.size());
   }
   // Pad at the end: under the causal mask padding never reaches the real positions, and its loss weight is 0.
-  std::vector<int64_t> flat(B * T, Tokenizer::kEos);
+  std::vector<int64_t> flat(B * T, 0);  // padding id: never seen by a real position
   std::vector<double> wts(B * (T - 1), 0.0);
   for (int64_t b = 0; b < B; ++b) {
     const auto& t = batch[b];

@@ -32,8 +32,13 @@ struct ModelConfig {
 };
 
 struct EngineOptions {
-  std::string model_path;       // llama2.c checkpoint (.bin)
+  // A llama2.c checkpoint (.bin), or a Hugging Face model directory (config.json + model.safetensors or
+  // model.safetensors.index.json with its shards; LlamaForCausalLM tensor names).
+  std::string model_path;
   std::string tokenizer_path;   // llama2.c tokenizer (.bin)
+  // A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors); its A/B matrices become
+  // the parameters whose gradients are taken (unless param_pattern says otherwise).
+  std::string adapter_path;
   std::string param_pattern;    // ECMAScript regex over parameter names; empty: every weight matrix (2-D)
   int max_length = 512;         // tokens, BOS and EOS included
   bool use_double = false;      // compute in float64 (tests)
@@ -82,7 +87,7 @@ class GradientEngine {
   const ModelConfig& config() const;
   const std::vector<ParamInfo>& params() const;  // the selected parameters, in gradient order
   int64_t grad_dim() const;
-  // Identifies weights + parameter selection + template + max_length (hex).
+  // Identifies weights (adapter included) + parameter selection + template + max_length (hex).
   std::string model_hash() const;
   const Tokenizer* tokenizer() const;
 
@@ -100,12 +105,15 @@ class GradientEngine {
   absl::Status GradientIdsBatch(const std::vector<TokenizedExample>& batch, bool normalize,
                                 std::vector<std::vector<double>>* out, std::vector<GradInfo>* infos) const;
   absl::StatusOr<double> LossIds(const TokenizedExample& t) const;
+  // Logits of a token sequence, T x vocab, row-major (reference comparisons).
+  absl::StatusOr<std::vector<float>> LogitsIds(const std::vector<int32_t>& ids) const;
   // Adds delta to element i of selected parameter p (finite-difference tests).
   absl::Status Perturb(int p, int64_t i, double delta);
 
  private:
   struct Impl;
   explicit GradientEngine(std::unique_ptr<Impl> impl);
+  static absl::StatusOr<std::unique_ptr<GradientEngine>> LoadHf(const EngineOptions& options);
   std::unique_ptr<Impl> impl_;
 };
 

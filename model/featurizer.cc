@@ -15,7 +15,8 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerO
   std::unique_ptr<Featurizer> f(new Featurizer());
   EngineOptions eo = options.engine;
   if (eo.tokenizer_path.empty()) {  // llama2.c keeps its tokenizer next to the checkpoint
-    const auto dir = std::filesystem::path(eo.model_path).parent_path();
+    const std::filesystem::path model(eo.model_path);
+    const auto dir = std::filesystem::is_directory(model) ? model : model.parent_path();
     for (const char* name : {"tokenizer.bin", "tok512.bin"}) {
       if (std::filesystem::exists(dir / name)) {
         eo.tokenizer_path = (dir / name).string();
@@ -23,7 +24,7 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerO
       }
     }
     if (eo.tokenizer_path.empty() && std::filesystem::exists(eo.model_path)) {
-      return absl::InvalidArgumentError(absl::StrCat("no tokenizer.bin next to ", eo.model_path,
+      return absl::InvalidArgumentError(absl::StrCat("no llama2.c tokenizer.bin with ", eo.model_path,
                                                      "; pass the tokenizer path (--tokenizer)"));
     }
   }

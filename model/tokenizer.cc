@@ -3,15 +3,44 @@
 #include <cstdio>
 #include <fstream>
 
+#include <unordered_map>
+
 #include "absl/strings/str_cat.h"
 
 namespace rapidin::model {
+namespace {
+
+class Llama2cTokenizer : public Tokenizer {
+ public:
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> Load(const std::string& path, int32_t vocab_size);
+  Encoding Encode(const std::string& text, bool dummy_prefix) const override;
+  std::string Piece(int32_t id) const override;
+  int32_t vocab_size() const override { return static_cast<int32_t>(pieces_.size()); }
+
+ private:
+  std::vector<std::string> pieces_;
+  std::vector<float> scores_;
+  std::unordered_map<std::string, int32_t> lookup_;
+};
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& path, int32_t vocab_size) {
   if (vocab_size <= 0) return absl::InvalidArgumentError("tokenizer: vocab_size must be positive");
+  if (!std::ifstream(path).good()) return absl::NotFoundError(absl::StrCat("tokenizer file not found: ", path));
+  if (path.size() > 6 && path.compare(path.size() - 6, 6, ".model") == 0) {
+    // libsentencepiece carries its own copy of protobuf-lite, whose symbols collide with libprotobuf's in one
+    // process (a crash in static initialisation, seen with Debian's packages); not supported yet.
+    return absl::UnimplementedError(absl::StrCat(path, ": SentencePiece .model tokenizers are not supported yet; ",
+                                                 "use a llama2.c tokenizer.bin"));
+  }
+  return Llama2cTokenizer::Load(path, vocab_size);
+}
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> Llama2cTokenizer::Load(const std::string& path, int32_t vocab_size) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat("tokenizer file not found: ", path));
-  std::unique_ptr<Tokenizer> t(new Tokenizer());
+  std::unique_ptr<Llama2cTokenizer> t(new Llama2cTokenizer());
   int32_t max_len = 0;
   if (!in.read(reinterpret_cast<char*>(&max_len), 4) || max_len <= 0 || max_len > 4096) {
     return absl::DataLossError(absl::StrCat(path, ": not a llama2.c tokenizer (bad header)"));
@@ -32,10 +61,10 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& pa
   }
   in.peek();
   if (!in.eof()) return absl::DataLossError(absl::StrCat(path, ": has more tokens than vocab_size ", vocab_size));
-  return t;
+  return std::unique_ptr<Tokenizer>(std::move(t));
 }
 
-Encoding Tokenizer::Encode(const std::string& text, bool dummy_prefix) const {
+Encoding Llama2cTokenizer::Encode(const std::string& text, bool dummy_prefix) const {
   Encoding e;
   if (dummy_prefix && !text.empty()) {
     auto it = lookup_.find(" ");
@@ -93,7 +122,7 @@ Encoding Tokenizer::Encode(const std::string& text, bool dummy_prefix) const {
   return e;
 }
 
-std::string Tokenizer::Piece(int32_t id) const {
+std::string Llama2cTokenizer::Piece(int32_t id) const {
   if (id < 0 || id >= vocab_size()) return "";
   const std::string& p = pieces_[id];
   unsigned int byte = 0;

@@ -1,6 +1,6 @@
-// The llama2.c tokenizer (tokenizer.bin): a SentencePiece-style BPE vocabulary with scores, encoded by
-// greedily merging the adjacent pair whose merge has the highest score. ids 0 = <unk>, 1 = BOS, 2 = EOS,
-// 3..258 = byte fallback <0x00>..<0xFF>.
+// Tokenizers: the llama2.c format (tokenizer.bin: a SentencePiece-style BPE vocabulary with scores, encoded by
+// greedily merging the adjacent pair whose merge has the highest score; ids 0 = <unk>, 1 = BOS, 2 = EOS,
+// 3..258 = byte fallback). SentencePiece .model files are refused with UNIMPLEMENTED for now.
 //
 // Encode also returns, for every token, the byte range of the input it covers, so attributions can be mapped
 // back to text. Thread-safety: immutable after Load.
@@ -10,7 +10,6 @@
 #include <cstdint>
 #include <memory>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -29,23 +28,19 @@ struct Encoding {
 
 class Tokenizer {
  public:
-  static constexpr int32_t kBos = 1;
-  static constexpr int32_t kEos = 2;
+  virtual ~Tokenizer() = default;
 
-  // Errors: NOT_FOUND (missing file), DATA_LOSS (truncated or inconsistent file), INVALID_ARGUMENT (vocab_size).
+  // Loads a llama2.c tokenizer.bin. Errors: NOT_FOUND (missing file), DATA_LOSS (truncated or inconsistent
+  // file), INVALID_ARGUMENT (vocab_size), UNIMPLEMENTED (a SentencePiece ".model").
   static absl::StatusOr<std::unique_ptr<Tokenizer>> Load(const std::string& path, int32_t vocab_size);
 
-  // dummy_prefix: prepend " " as SentencePiece does at the start of a text (the prefix token gets an empty span).
-  Encoding Encode(const std::string& text, bool dummy_prefix) const;
+  // dummy_prefix: prepend " " at the start of a text (llama2.c; the prefix token gets an empty span).
+  virtual Encoding Encode(const std::string& text, bool dummy_prefix) const = 0;
   // The text of one token (byte tokens decode to their byte).
-  std::string Piece(int32_t id) const;
-  int32_t vocab_size() const { return static_cast<int32_t>(pieces_.size()); }
-
- private:
-  Tokenizer() = default;
-  std::vector<std::string> pieces_;
-  std::vector<float> scores_;
-  std::unordered_map<std::string, int32_t> lookup_;
+  virtual std::string Piece(int32_t id) const = 0;
+  virtual int32_t vocab_size() const = 0;
+  virtual int32_t bos() const { return 1; }
+  virtual int32_t eos() const { return 2; }
 };
 
 }  // namespace rapidin::model

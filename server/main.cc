@@ -32,6 +32,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--shutdown-grace", grace_s, "seconds in-flight RPCs get at shutdown")->capture_default_str();
   app.add_option("--model", o.model_path, "model for query by text (the one the store was cached with)");
+  app.add_option("--adapter", o.adapter_path, "PEFT LoRA adapter the store was cached with");
   app.add_option("--tokenizer", o.tokenizer_path, "its tokenizer (default: next to the model)");
   app.add_option("--params", o.param_pattern, "parameter regex used by `rapidin cache --params`");
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();

@@ -367,6 +367,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     model::EngineOptions mo;
     mo.model_path = options.model_path;
     mo.tokenizer_path = options.tokenizer_path;
+    mo.adapter_path = options.adapter_path;
     mo.param_pattern = options.param_pattern;
     auto fo = model::OptionsFromState(state, mo);
     if (!fo.ok()) return fo.status();

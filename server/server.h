@@ -33,6 +33,7 @@ struct ServerOptions {
   // Query by text: the model whose gradients the store holds. The sketch parameters come from the store's
   // projection state; a model, parameter selection or max_length that differs is refused at start-up.
   std::string model_path;
+  std::string adapter_path;
   std::string tokenizer_path;
   std::string param_pattern;
 };

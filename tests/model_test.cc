@@ -238,8 +238,8 @@ TEST(Engine, AlpacaTemplateShiftAndTruncation) {
   Example ex{"Say hello.", "", "Hello there!"};
   auto t = e->Tokenize(ex);
   ASSERT_TRUE(t.ok());
-  EXPECT_EQ(t->ids.front(), Tokenizer::kBos);
-  EXPECT_EQ(t->ids.back(), Tokenizer::kEos);
+  EXPECT_EQ(t->ids.front(), e->tokenizer()->bos());
+  EXPECT_EQ(t->ids.back(), e->tokenizer()->eos());
   EXPECT_FALSE(t->truncated);
   const Encoding prompt = e->tokenizer()->Encode(AlpacaPrompt("Say hello.", ""), true);
   EXPECT_EQ(t->response_begin, 1 + static_cast<int>(prompt.ids.size()));
@@ -253,7 +253,7 @@ TEST(Engine, AlpacaTemplateShiftAndTruncation) {
   all.response_begin = 1;
   int64_t n = 0;
   const std::string text = AlpacaPrompt("Say hello.", "") + "Hello there!";
-  std::vector<int32_t> ids = {Tokenizer::kBos};
+  std::vector<int32_t> ids = {e->tokenizer()->bos()};
   auto enc = e->tokenizer()->Encode(text, true);
   ids.insert(ids.end(), enc.ids.begin(), enc.ids.end());
   all.ids = ids;
