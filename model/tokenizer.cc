@@ -3,7 +3,10 @@
 #include <cstdio>
 #include <fstream>
 
+#include <limits>
 #include <unordered_map>
+
+#include "sentencepiece/model_min.pb.h"
 
 #include "absl/strings/str_cat.h"
 
@@ -23,16 +26,162 @@ class Llama2cTokenizer : public Tokenizer {
   std::unordered_map<std::string, int32_t> lookup_;
 };
 
+
+// SentencePiece BPE models (tokenizer.model), read with rapidin's copy of the model schema and encoded the
+// way SentencePiece's BPE model does: whitespace handling of the normaliser spec (dummy prefix, collapsed
+// spaces, spaces as U+2581), greedy highest-score merges (leftmost first on ties), and byte fallback for
+// characters left unknown (the character's span goes to its last byte piece, earlier ones get empty spans,
+// as libsentencepiece reports them). NFKC normalisation is not applied: text is taken as it comes.
+class SentencePieceBpe : public Tokenizer {
+ public:
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> Load(const std::string& path, int32_t vocab_size) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return absl::NotFoundError(absl::StrCat("tokenizer file not found: ", path));
+    rapidin::sentencepiece::ModelProto m;
+    if (!m.ParseFromIstream(&in)) return absl::DataLossError(absl::StrCat(path, ": not a SentencePiece model"));
+    if (m.trainer_spec().model_type() != rapidin::sentencepiece::TrainerSpec::BPE) {
+      return absl::UnimplementedError(absl::StrCat(path, ": only SentencePiece BPE models are supported"));
+    }
+    if (m.pieces_size() != vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(path, " has ", m.pieces_size(),
+                                                     " pieces; the model's vocabulary is ", vocab_size));
+    }
+    std::unique_ptr<SentencePieceBpe> t(new SentencePieceBpe());
+    t->m_ = m;
+    for (int i = 0; i < m.pieces_size(); ++i) {
+      const auto& p = m.pieces(i);
+      using P = rapidin::sentencepiece::ModelProto::SentencePiece;
+      if (p.type() == P::NORMAL || p.type() == P::USER_DEFINED) t->lookup_.emplace(p.piece(), i);
+      if (p.type() == P::BYTE) {
+        unsigned int b = 0;
+        if (std::sscanf(p.piece().c_str(), "<0x%02X>", &b) == 1 && b < 256) t->byte_id_[b] = i;
+      }
+    }
+    return std::unique_ptr<Tokenizer>(std::move(t));
+  }
+
+  Encoding Encode(const std::string& text, bool) const override {
+    static const std::string kSpace = "\xe2\x96\x81";
+    const auto& ns = m_.normalizer_spec();
+    // 1. Characters with their source byte spans; spaces become U+2581 (collapsed and trimmed when asked).
+    struct Sym {
+      std::string s;
+      int32_t begin, end;
+      bool unknown;
+    };
+    std::vector<Sym> syms;
+    size_t i = 0;
+    const size_t n = text.size();
+    if (ns.remove_extra_whitespaces()) {
+      while (i < n && text[i] == ' ') ++i;
+    }
+    size_t stop = n;
+    if (ns.remove_extra_whitespaces()) {
+      while (stop > i && text[stop - 1] == ' ') --stop;
+    }
+    if (ns.add_dummy_prefix() && i < stop) syms.push_back({kSpace, static_cast<int32_t>(i), static_cast<int32_t>(i), false});
+    while (i < stop) {
+      size_t len = 1;
+      const unsigned char c = text[i];
+      if (c >= 0xF0) len = 4;
+      else if (c >= 0xE0) len = 3;
+      else if (c >= 0xC0) len = 2;
+      if (i + len > stop) len = 1;
+      if (text[i] == ' ' && ns.escape_whitespaces()) {
+        syms.push_back({kSpace, static_cast<int32_t>(i), static_cast<int32_t>(i + 1), false});
+        ++i;
+        if (ns.remove_extra_whitespaces()) {
+          while (i < stop && text[i] == ' ') ++i;
+          syms.back().end = static_cast<int32_t>(i);
+        }
+        continue;
+      }
+      std::string ch = text.substr(i, len);
+      const bool unknown = lookup_.find(ch) == lookup_.end();
+      syms.push_back({ch, static_cast<int32_t>(i), static_cast<int32_t>(i + len), unknown});
+      i += len;
+    }
+    // 2. Greedy merges.
+    for (;;) {
+      float best = -std::numeric_limits<float>::infinity();
+      int best_i = -1, best_id = -1;
+      for (size_t j = 0; j + 1 < syms.size(); ++j) {
+        if (syms[j].unknown || syms[j + 1].unknown) continue;
+        auto it = lookup_.find(syms[j].s + syms[j + 1].s);
+        if (it == lookup_.end()) continue;
+        const float sc = m_.pieces(it->second).score();
+        if (sc > best) {
+          best = sc;
+          best_i = static_cast<int>(j);
+          best_id = it->second;
+        }
+      }
+      if (best_i < 0) break;
+      syms[best_i].s += syms[best_i + 1].s;
+      syms[best_i].end = syms[best_i + 1].end;
+      syms.erase(syms.begin() + best_i + 1);
+      (void)best_id;
+    }
+    // 3. Ids, with byte fallback for unknown characters.
+    Encoding e;
+    for (const auto& sym : syms) {
+      if (!sym.unknown) {
+        e.ids.push_back(lookup_.at(sym.s));
+        e.spans.push_back({sym.begin, sym.end});
+        continue;
+      }
+      if (m_.trainer_spec().byte_fallback()) {
+        for (size_t b = 0; b < sym.s.size(); ++b) {
+          e.ids.push_back(byte_id_[static_cast<unsigned char>(sym.s[b])]);
+          const bool last = b + 1 == sym.s.size();
+          e.spans.push_back({sym.begin, last ? sym.end : sym.begin});
+        }
+      } else {
+        e.ids.push_back(m_.trainer_spec().unk_id());
+        e.spans.push_back({sym.begin, sym.end});
+      }
+    }
+    return e;
+  }
+
+  std::string Piece(int32_t id) const override {
+    if (id < 0 || id >= vocab_size()) return "";
+    const auto& p = m_.pieces(id);
+    unsigned int byte = 0;
+    if (p.type() == rapidin::sentencepiece::ModelProto::SentencePiece::BYTE &&
+        std::sscanf(p.piece().c_str(), "<0x%02X>", &byte) == 1) {
+      return std::string(1, static_cast<char>(byte));
+    }
+    std::string out;
+    for (size_t i = 0; i < p.piece().size();) {
+      if (p.piece().compare(i, 3, "\xe2\x96\x81") == 0) {
+        out += ' ';
+        i += 3;
+      } else {
+        out += p.piece()[i++];
+      }
+    }
+    return out;
+  }
+  int32_t vocab_size() const override { return m_.pieces_size(); }
+  int32_t bos() const override { return m_.trainer_spec().bos_id(); }
+  int32_t eos() const override { return m_.trainer_spec().eos_id(); }
+
+ private:
+  rapidin::sentencepiece::ModelProto m_;
+  std::unordered_map<std::string, int32_t> lookup_;
+  int32_t byte_id_[256] = {0};
+};
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& path, int32_t vocab_size) {
   if (vocab_size <= 0) return absl::InvalidArgumentError("tokenizer: vocab_size must be positive");
   if (!std::ifstream(path).good()) return absl::NotFoundError(absl::StrCat("tokenizer file not found: ", path));
   if (path.size() > 6 && path.compare(path.size() - 6, 6, ".model") == 0) {
-    // libsentencepiece carries its own copy of protobuf-lite, whose symbols collide with libprotobuf's in one
-    // process (a crash in static initialisation, seen with Debian's packages); not supported yet.
-    return absl::UnimplementedError(absl::StrCat(path, ": SentencePiece .model tokenizers are not supported yet; ",
-                                                 "use a llama2.c tokenizer.bin"));
+    // Read with rapidin's own copy of the schema: libsentencepiece embeds protobuf-lite, whose symbols collide
+    // with libprotobuf's in one process (a crash during static initialisation with Debian's packages).
+    return SentencePieceBpe::Load(path, vocab_size);
   }
   return Llama2cTokenizer::Load(path, vocab_size);
 }

@@ -1,6 +1,6 @@
 // Tokenizers: the llama2.c format (tokenizer.bin: a SentencePiece-style BPE vocabulary with scores, encoded by
 // greedily merging the adjacent pair whose merge has the highest score; ids 0 = <unk>, 1 = BOS, 2 = EOS,
-// 3..258 = byte fallback). SentencePiece .model files are refused with UNIMPLEMENTED for now.
+// 3..258 = byte fallback) and SentencePiece BPE models (tokenizer.model, as Llama ships).
 //
 // Encode also returns, for every token, the byte range of the input it covers, so attributions can be mapped
 // back to text. Thread-safety: immutable after Load.
@@ -30,11 +30,13 @@ class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
 
-  // Loads a llama2.c tokenizer.bin. Errors: NOT_FOUND (missing file), DATA_LOSS (truncated or inconsistent
-  // file), INVALID_ARGUMENT (vocab_size), UNIMPLEMENTED (a SentencePiece ".model").
+  // A path ending in ".model" is a SentencePiece model, anything else a llama2.c tokenizer.bin.
+  // Errors: NOT_FOUND (missing file), DATA_LOSS (malformed file), INVALID_ARGUMENT (vocab size differs from the
+  // model's), UNIMPLEMENTED (a SentencePiece model that is not BPE).
   static absl::StatusOr<std::unique_ptr<Tokenizer>> Load(const std::string& path, int32_t vocab_size);
 
   // dummy_prefix: prepend " " at the start of a text (llama2.c; the prefix token gets an empty span).
+  // SentencePiece models follow their normaliser spec instead.
   virtual Encoding Encode(const std::string& text, bool dummy_prefix) const = 0;
   // The text of one token (byte tokens decode to their byte).
   virtual std::string Piece(int32_t id) const = 0;

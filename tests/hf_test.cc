@@ -103,8 +103,39 @@ TEST(HuggingFace, BaseModelAndClearErrors) {
   o.adapter_path = dir.path("no_adapter");
   EXPECT_EQ(GradientEngine::Load(o).status().code(), absl::StatusCode::kNotFound);
   o.adapter_path = "";
+  o.tokenizer_path = dir.path("config.json");  // not a tokenizer
+  EXPECT_FALSE(GradientEngine::Load(o).ok());
+}
+
+// The SentencePiece BPE tokenizer gives the ids and byte offsets that the sentencepiece Python package gave.
+TEST(HuggingFace, SentencePieceMatchesReference) {
+  auto tok = Tokenizer::Load(kDir + "/tokenizer.model", 320);
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  EXPECT_EQ((*tok)->bos(), 1);
+  EXPECT_EQ((*tok)->eos(), 2);
+  for (const auto& r : Reference()["tokenizer"]) {
+    const std::string text = r["text"].get<std::string>();
+    const Encoding e = (*tok)->Encode(text, true);
+    EXPECT_EQ(e.ids, r["ids"].get<std::vector<int32_t>>()) << text;
+    const auto b = r["begin"].get<std::vector<int32_t>>(), en = r["end"].get<std::vector<int32_t>>();
+    ASSERT_EQ(e.spans.size(), b.size()) << text;
+    for (size_t i = 0; i < b.size(); ++i) {
+      EXPECT_EQ(e.spans[i].begin, b[i]) << text << " piece " << i;
+      EXPECT_EQ(e.spans[i].end, en[i]) << text << " piece " << i;
+    }
+  }
+  EXPECT_EQ(Tokenizer::Load(kDir + "/tokenizer.model", 321).status().code(), absl::StatusCode::kInvalidArgument);
+  // The whole HF directory with its tokenizer. Its 64-position context cannot hold the Alpaca prompt: a clear error.
+  EngineOptions o;
+  o.model_path = kDir;
+  o.adapter_path = kDir + "/adapter";
   o.tokenizer_path = kDir + "/tokenizer.model";
-  EXPECT_EQ(GradientEngine::Load(o).status().code(), absl::StatusCode::kUnimplemented);
+  auto e = GradientEngine::Load(o);
+  ASSERT_TRUE(e.ok()) << e.status();
+  std::vector<float> g;
+  auto info = (*e)->Gradient({"Give three tips for staying healthy.", "", "Eat well."}, true, &g);
+  EXPECT_EQ(info.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(info.status().message().find("the prompt alone is"), std::string::npos) << info.status();
 }
 
 }  // namespace
