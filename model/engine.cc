@@ -715,6 +715,34 @@ absl::Status GradientEngine::GradientIdsBatch(const std::vector<TokenizedExample
   return absl::OkStatus();
 }
 
+absl::Status GradientEngine::TokenGradientsIds(const std::vector<int32_t>& ids, int from, bool normalize, int chunk,
+                                               std::vector<std::vector<double>>* out) const {
+  const int T = static_cast<int>(ids.size());
+  if (from < 1 || from >= T) return absl::InvalidArgumentError(absl::StrCat("token range [", from, ", ", T, ") is empty"));
+  if (chunk < 1) return absl::InvalidArgumentError("chunk must be >= 1");
+  out->clear();
+  for (int s0 = from; s0 < T; s0 += chunk) {
+    std::vector<TokenizedExample> copies;
+    for (int s = s0; s < std::min(T, s0 + chunk); ++s) {
+      TokenizedExample t;
+      t.ids.assign(ids.begin(), ids.begin() + s + 1);  // the prefix and token s: loss on token s alone
+      t.response_begin = s;
+      copies.push_back(std::move(t));
+    }
+    std::vector<std::vector<double>> g;
+    std::vector<GradInfo> infos;
+    absl::Status st = chunk == 1 ? absl::OkStatus() : GradientIdsBatch(copies, normalize, &g, &infos);
+    if (chunk == 1) {
+      g.resize(1);
+      auto info = GradientIds(copies[0], normalize, &g[0]);
+      if (!info.ok()) st = info.status();
+    }
+    if (!st.ok()) return st;
+    for (auto& v : g) out->push_back(std::move(v));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<GradInfo> GradientEngine::Gradient(const Example& ex, bool normalize, std::vector<float>* out) const {
   auto t = Tokenize(ex);
   if (!t.ok()) return t.status();

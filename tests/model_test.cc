@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "model/engine.h"
+#include "kernels/rapidgrad.h"
 #include "model/featurizer.h"
 #include "tests/test_util.h"
 
@@ -298,6 +299,63 @@ TEST(Featurizer, CompressIsSketchOfNormalisedGradient) {
   auto other = Featurizer::Create(o);
   const std::string diff = DescribeStateDifference((*f)->projection_state(), (*other)->projection_state());
   EXPECT_NE(diff.find("seed: store 3, model 4"), std::string::npos) << diff;
+}
+
+}  // namespace
+}  // namespace rapidin::model
+
+namespace rapidin::model {
+namespace {
+
+// Token-wise gradients: batched copies equal one backward pass per token, and (unnormalised, through the
+// linear sketch) the per-token scores of a generation sum to its total score: L = mean_t l_t.
+TEST(TokenGradients, BatchedCopiesEqualPerTokenLoopAndSumToTotal) {
+  EngineOptions o;
+  o.use_double = true;
+  auto e = GradientEngine::Random(Tiny(false), std::random_device{}(), o);
+  ASSERT_TRUE(e.ok());
+  std::mt19937 rng(std::random_device{}());
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 14; ++i) ids.push_back(static_cast<int32_t>(rng() % 11));
+  const int from = 6;
+  std::vector<std::vector<double>> fast, slow;
+  ASSERT_TRUE((*e)->TokenGradientsIds(ids, from, false, 5, &fast).ok());
+  ASSERT_TRUE((*e)->TokenGradientsIds(ids, from, false, 1, &slow).ok());
+  ASSERT_EQ(fast.size(), 8u);
+  ASSERT_EQ(slow.size(), 8u);
+  for (size_t t = 0; t < fast.size(); ++t) {
+    for (size_t i = 0; i < fast[t].size(); ++i) ASSERT_NEAR(fast[t][i], slow[t][i], 1e-12) << "token " << t;
+  }
+  // Sum property through the sketch (linear): mean over tokens of C(grad l_t) . x == C(grad L) . x.
+  TokenizedExample whole;
+  whole.ids = ids;
+  whole.response_begin = from;
+  std::vector<double> total;
+  ASSERT_TRUE((*e)->GradientIds(whole, false, &total).ok());
+  auto sk = kernels::RapidGrad::Create({(*e)->grad_dim(), 64, 3, 11});
+  ASSERT_TRUE(sk.ok());
+  std::vector<float> x(64);
+  for (auto& v : x) v = std::normal_distribution<float>()(rng);
+  auto score = [&](const std::vector<double>& g) {
+    std::vector<float> gf(g.begin(), g.end());
+    const auto c = (*sk)->Apply(gf);
+    double s = 0;
+    for (int k = 0; k < 64; ++k) s += double(c[k]) * x[k];
+    return s;
+  };
+  double sum = 0;
+  for (const auto& g : fast) sum += score(g) / fast.size();
+  EXPECT_NEAR(sum, score(total), 1e-5 * std::max(1.0, std::fabs(score(total))));
+  // Normalised per-token vectors have unit norm per parameter tensor.
+  std::vector<std::vector<double>> normed;
+  ASSERT_TRUE((*e)->TokenGradientsIds(ids, from, true, 4, &normed).ok());
+  for (const auto& p : (*e)->params()) {
+    double n = 0;
+    for (int64_t i = 0; i < p.numel; ++i) n += normed[3][p.offset + i] * normed[3][p.offset + i];
+    EXPECT_NEAR(n, 1.0, 1e-10) << p.name;
+  }
+  EXPECT_FALSE((*e)->TokenGradientsIds(ids, 0, true, 4, &normed).ok());
+  EXPECT_FALSE((*e)->TokenGradientsIds(ids, 14, true, 4, &normed).ok());
 }
 
 }  // namespace
