@@ -228,6 +228,23 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     return absl::OkStatus();
   }
 
+  // Copies the scan's per-shard timings into the response and counts this request's share of the bytes read
+  // (a scan may serve several batched requests).
+  void RecordScan(const SearchResult& res, int q, google::protobuf::RepeatedPtrField<v1::ShardTiming>* out) {
+    double bytes = 0;
+    for (const auto& t : res.shard_timings) {
+      auto* st = out->Add();
+      st->set_shard(t.shard);
+      st->set_backend(t.backend);
+      st->set_rows(t.rows);
+      st->set_scan_ms(t.scan_ms);
+      st->set_bytes_scanned(t.bytes_scanned);
+      bytes += static_cast<double>(t.bytes_scanned);
+    }
+    metrics_->AddBytesScanned(bytes * q / std::max(1, res.vectors_in_scan));
+    metrics_->AddVectorsScanned(q);
+  }
+
   absl::Status CheckK(uint32_t top_k, uint32_t harmful_k) const {
     if (top_k == 0 || top_k > options_.max_top_k) {
       return absl::InvalidArgumentError(absl::StrCat("top_k must be 1..", options_.max_top_k, ", got ", top_k));
@@ -261,18 +278,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     auto res = engine_->Search(std::move(q), 1, static_cast<int>(req.top_k()), static_cast<int>(req.harmful_k()),
                                DeadlineOf(ctx));
     if (!res.ok()) return res.status();
-    double bytes = 0;
-    for (const auto& t : res->shard_timings) {
-      auto* out = resp->add_shard_timings();
-      out->set_shard(t.shard);
-      out->set_backend(t.backend);
-      out->set_rows(t.rows);
-      out->set_scan_ms(t.scan_ms);
-      out->set_bytes_scanned(t.bytes_scanned);
-      bytes += static_cast<double>(t.bytes_scanned);
-    }
-    metrics_->AddBytesScanned(bytes / std::max(1, res->vectors_in_scan));
-    metrics_->AddVectorsScanned(1);
+    RecordScan(*res, 1, resp->mutable_shard_timings());
     st = FillRecords(res->helpful[0], req.omit_text(), resp->mutable_result()->mutable_helpful());
     if (st.ok()) st = FillRecords(res->harmful[0], req.omit_text(), resp->mutable_result()->mutable_harmful());
     if (!st.ok()) return st;
@@ -289,18 +295,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     auto res = engine_->Search(std::move(*matrix), q, static_cast<int>(req.top_k()),
                                static_cast<int>(req.harmful_k()), DeadlineOf(ctx));
     if (!res.ok()) return res.status();
-    double bytes = 0;
-    for (const auto& t : res->shard_timings) {
-      auto* st = resp->add_shard_timings();
-      st->set_shard(t.shard);
-      st->set_backend(t.backend);
-      st->set_rows(t.rows);
-      st->set_scan_ms(t.scan_ms);
-      st->set_bytes_scanned(t.bytes_scanned);
-      bytes += static_cast<double>(t.bytes_scanned);
-    }
-    metrics_->AddBytesScanned(bytes * q / std::max(1, res->vectors_in_scan));  // this request's share
-    metrics_->AddVectorsScanned(q);
+    RecordScan(*res, q, resp->mutable_shard_timings());
     resp->set_vectors_in_scan(res->vectors_in_scan);
     for (int j = 0; j < q; ++j) {
       auto* r = resp->add_results();

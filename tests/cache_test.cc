@@ -13,10 +13,7 @@
 namespace rapidin::client {
 namespace {
 
-std::string SharedData() {
-  const char* env = std::getenv("RAPIDIN_SHARED_DATA");
-  return env ? env : RAPIDIN_SOURCE_DIR "/../shared/data";
-}
+using rapidin::testing::SharedData;
 std::string ModelPath() { return SharedData() + "/models/stories260K.bin"; }
 #define REQUIRE_SHARED_DATA()                                                                  \
   if (!std::ifstream(ModelPath()).good())                                                      \

@@ -16,10 +16,7 @@
 namespace rapidin::model {
 namespace {
 
-std::string SharedData() {
-  const char* env = std::getenv("RAPIDIN_SHARED_DATA");
-  return env ? env : RAPIDIN_SOURCE_DIR "/../shared/data";
-}
+using rapidin::testing::SharedData;
 std::string ModelPath() { return SharedData() + "/models/stories260K.bin"; }
 std::string TokPath() { return SharedData() + "/models/tok512.bin"; }
 bool HaveData() { return std::ifstream(ModelPath()).good() && std::ifstream(TokPath()).good(); }

@@ -2,6 +2,7 @@
 #ifndef RAPIDIN_TESTS_TEST_UTIL_H_
 #define RAPIDIN_TESTS_TEST_UTIL_H_
 
+#include <cstdlib>
 #include <filesystem>
 #include <random>
 #include <string>
@@ -28,6 +29,16 @@ class TempDir {
  private:
   std::filesystem::path path_;
 };
+
+// The shared data folder: $RAPIDIN_SHARED_DATA or ../shared/data beside the checkout.
+inline std::string SharedData() {
+  const char* env = std::getenv("RAPIDIN_SHARED_DATA");
+#ifdef RAPIDIN_SOURCE_DIR
+  return env ? env : RAPIDIN_SOURCE_DIR "/../shared/data";
+#else
+  return env ? env : "../shared/data";
+#endif
+}
 
 // Deterministic vector for (seed, row): used by the crash test's child and parent alike.
 inline std::vector<float> SeededVector(uint64_t seed, int k) {
