@@ -276,6 +276,51 @@ std::string TextQueryTable(const rapidin::v1::QueryResponse& r) {
   return out;
 }
 
+namespace {
+
+// One token rendered by influence: a background shade (terminal) or a marker (plain text).
+std::string Shade(const std::string& text, double score, double max_abs, bool color) {
+  std::string t;
+  for (char c : text) t += c == '\n' ? std::string("\\n") : std::string(1, c);
+  const double r = max_abs > 0 ? score / max_abs : 0;
+  if (color) {
+    static const int kPos[] = {0, 22, 28, 34, 40, 46}, kNeg[] = {0, 52, 88, 124, 160, 196};
+    const int level = std::min(5, static_cast<int>(std::fabs(r) * 5.999));
+    if (level == 0) return t;
+    return absl::StrCat("\x1b[48;5;", r > 0 ? kPos[level] : kNeg[level], "m", t, "\x1b[0m");
+  }
+  if (r >= 0.5) return absl::StrCat("[+", t, "]");
+  if (r <= -0.5) return absl::StrCat("[-", t, "]");
+  return t;
+}
+
+std::string TokenLine(const google::protobuf::RepeatedPtrField<rapidin::v1::TokenScore>& toks, bool color) {
+  double max_abs = 0;
+  for (const auto& t : toks) max_abs = std::max(max_abs, std::fabs(static_cast<double>(t.score())));
+  std::string out;
+  for (const auto& t : toks) out += Shade(t.text(), t.score(), max_abs, color);
+  return out;
+}
+
+}  // namespace
+
+std::string AttributionText(const rapidin::v1::QueryResponse& r, bool color) {
+  std::string out = color ? "legend: \x1b[48;5;40m helps \x1b[0m \x1b[48;5;160m hurts \x1b[0m (shade ~ |score| / "
+                            "largest |score| in the line)\n"
+                          : "legend: [+token] helps, [-token] hurts (|score| >= half the largest in the line)\n";
+  auto section = [&](const char* name, const auto& list) {
+    for (const auto& s : list) {
+      absl::StrAppendFormat(&out, "\n%s #%d  %s  score %.6g\n", name, s.rank(), s.id(), s.score());
+      absl::StrAppend(&out, "  generation: ", TokenLine(s.generation_tokens(), color), "\n");
+      absl::StrAppend(&out, "  record:     ", TokenLine(s.record_tokens(), color), "\n");
+    }
+  };
+  section("helpful", r.result().helpful());
+  section("harmful", r.result().harmful());
+  absl::StrAppendFormat(&out, "\nattributions took %.0f ms\n", r.attribution_ms());
+  return out;
+}
+
 std::string StatsTable(const rapidin::v1::StatsResponse& s) {
   std::string out;
   absl::StrAppendFormat(&out, "%-20s %s\n", "store", s.store_path());

@@ -53,6 +53,9 @@ std::string ToJson(const google::protobuf::Message& m);
 std::string QueryTable(const rapidin::v1::QueryByVectorResponse& r);
 std::string ResultTable(const rapidin::v1::QueryResult& r, const std::string& title);
 std::string TextQueryTable(const rapidin::v1::QueryResponse& r);
+// Each returned record with its generation and record tokens shaded by influence (ANSI colours when color,
+// otherwise [+tok]/[-tok] markers), with a legend.
+std::string AttributionText(const rapidin::v1::QueryResponse& r, bool color);
 std::string StatsTable(const rapidin::v1::StatsResponse& s);
 std::string RecordTable(const rapidin::v1::GetRecordResponse& r);
 

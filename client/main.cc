@@ -88,16 +88,23 @@ int QueryVectors(const std::string& server, const std::string& file, uint32_t to
 }
 
 int QueryText(const std::string& server, const std::string& instruction, const std::string& input,
-              const std::string& generation, uint32_t top_k, uint32_t harmful_k, bool json, double deadline) {
+              const std::string& generation, uint32_t top_k, uint32_t harmful_k, bool json, bool tokens,
+              double deadline) {
   rapidin::v1::QueryRequest req;
   req.set_instruction(instruction);
   req.set_input(input);
   req.set_generation(generation);
   req.set_top_k(top_k);
   req.set_harmful_k(harmful_k);
+  req.set_attributions(tokens);
   auto resp = Client::Connect(server, deadline)->Query(req);
   if (!resp.ok()) return Fail(resp.status());
-  std::cout << (json ? rapidin::client::ToJson(*resp) + "\n" : rapidin::client::TextQueryTable(*resp));
+  if (json) {
+    std::cout << rapidin::client::ToJson(*resp) << "\n";
+    return 0;
+  }
+  std::cout << rapidin::client::TextQueryTable(*resp);
+  if (tokens) std::cout << "\n" << rapidin::client::AttributionText(*resp, isatty(STDOUT_FILENO));
   return 0;
 }
 
@@ -200,7 +207,7 @@ int main(int argc, char** argv) {
   auto* query = app.add_subcommand("query", "top-k helpful/harmful records for query vectors or a generation");
   std::string vector_file, instruction, input, generation, psid;
   uint32_t top_k = 10, harmful_k = 0;
-  bool aggregate = false, omit_text = false;
+  bool aggregate = false, omit_text = false, tokens = false;
   query->add_option("--server", server)->capture_default_str();
   query->add_option("--vector-file", vector_file, "JSONL: {vector, weight?}");
   query->add_option("--instruction", instruction, "prompt instruction (query by text, needs a model)");
@@ -212,6 +219,7 @@ int main(int argc, char** argv) {
   query->add_option("--projection-state", psid, "refuse unless the store uses this projection-state id");
   query->add_flag("--ids-only", omit_text, "omit record text");
   query->add_flag("--json", json, "JSON instead of a table");
+  query->add_flag("--tokens", tokens, "token-level attributions for each returned record (query by text)");
   query->add_option("--timeout", deadline, "seconds (0: none)");
 
   auto* stats = app.add_subcommand("stats", "store and server statistics");
@@ -280,7 +288,7 @@ int main(int argc, char** argv) {
     if (!vector_file.empty()) {
       return QueryVectors(server, vector_file, top_k, harmful_k, aggregate, psid, json, omit_text, deadline);
     }
-    return QueryText(server, instruction, input, generation, top_k, harmful_k, json, deadline);
+    return QueryText(server, instruction, input, generation, top_k, harmful_k, json, tokens, deadline);
   }
   if (*stats) {
     auto r = Client::Connect(server, deadline)->Stats();

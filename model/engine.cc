@@ -548,6 +548,7 @@ absl::StatusOr<TokenizedExample> GradientEngine::Tokenize(const Example& ex) con
   t.ids.insert(t.ids.end(), r.ids.begin(), r.ids.end());
   t.ids.push_back(impl_->tok->eos());
   t.response_spans = r.spans;
+  t.prompt_spans = p.spans;
   const int32_t len = static_cast<int32_t>(ex.output.size());
   t.response_spans.push_back({len, len});
   const int max_len = std::min(impl_->options.max_length, impl_->cfg.seq_len);

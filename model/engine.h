@@ -65,6 +65,7 @@ struct TokenizedExample {
   int32_t response_begin = 0; // index of the first response token in ids
   bool truncated = false;
   std::vector<Span> response_spans;  // byte spans of the response tokens in Example::output (EOS: empty at end)
+  std::vector<Span> prompt_spans;    // byte spans of the prompt tokens in AlpacaPrompt(instruction, input)
 };
 
 struct GradInfo {

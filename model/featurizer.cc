@@ -106,6 +106,20 @@ void Featurizer::CompressBatch(const std::vector<Example>& exs, std::vector<std:
   }
 }
 
+absl::Status Featurizer::TokenSketches(const std::vector<int32_t>& ids, int from,
+                                      std::vector<std::vector<float>>* out) const {
+  std::vector<std::vector<double>> g;
+  absl::Status st = engine_->TokenGradientsIds(ids, from, /*normalize=*/true, /*chunk=*/1, &g);
+  if (!st.ok()) return st;
+  out->assign(g.size(), std::vector<float>(sketch_->params().k));
+  std::vector<float> gf;
+  for (size_t i = 0; i < g.size(); ++i) {
+    gf.assign(g[i].begin(), g[i].end());
+    sketch_->Apply(gf.data(), (*out)[i].data());
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<FeaturizerOptions> OptionsFromState(const std::string& state, const EngineOptions& engine) {
   FeaturizerOptions o;
   o.engine = engine;

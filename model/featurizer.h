@@ -39,6 +39,9 @@ class Featurizer {
   void CompressBatch(const std::vector<Example>& exs, std::vector<std::vector<float>>* out,
                      std::vector<absl::StatusOr<GradInfo>>* infos, Timing* timing = nullptr) const;
 
+  // C(N(grad l_s)) for every token s in [from, ids.size()) (token-wise attribution), one K-vector each.
+  absl::Status TokenSketches(const std::vector<int32_t>& ids, int from, std::vector<std::vector<float>>* out) const;
+
   const GradientEngine& engine() const { return *engine_; }
   const kernels::RapidGrad& sketch() const { return *sketch_; }
   // "rapidgrad/v1 d=.. k=.. lambda=.. seed=..\nmodel=<hash> max_length=.. tensors=..\n"

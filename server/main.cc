@@ -28,6 +28,8 @@ int main(int argc, char** argv) {
   app.add_option("--max-query-vectors", o.max_query_vectors, "query vectors per request")->capture_default_str();
   app.add_option("--max-message-mb", o.max_message_bytes, "largest gRPC message, MiB")
       ->transform([](std::string s) { return std::to_string(std::stoll(s) << 20); });
+  app.add_option("--max-attributed-records", o.max_attributed_records,
+                 "records per query that may get token attributions")->capture_default_str();
   app.add_option("--max-batch-vectors", o.max_batch_vectors, "query vectors that may share one scan")
       ->capture_default_str();
   app.add_option("--shutdown-grace", grace_s, "seconds in-flight RPCs get at shutdown")->capture_default_str();

@@ -245,6 +245,88 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     metrics_->AddVectorsScanned(q);
   }
 
+  static double Dot(const std::vector<float>& a, const std::vector<float>& b) {
+    double s = 0;
+    for (size_t i = 0; i < a.size() && i < b.size(); ++i) s += static_cast<double>(a[i]) * b[i];
+    return s;
+  }
+
+  // Where a prompt token's byte span falls: inside the instruction, the input, or the template's own text.
+  static void SetPromptField(const model::Example& z, model::Span sp, v1::TokenScore* ts) {
+    const std::string prompt = model::AlpacaPrompt(z.instruction, z.input);
+    const int32_t ib = static_cast<int32_t>(prompt.find("### Instruction:\n") + 17);
+    const int32_t ie = ib + static_cast<int32_t>(z.instruction.size());
+    const int32_t nb = z.input.empty() ? -1 : static_cast<int32_t>(prompt.find("### Input:\n", ie) + 11);
+    const int32_t ne = nb + static_cast<int32_t>(z.input.size());
+    if (sp.begin >= ib && sp.end <= ie) {
+      ts->set_field("instruction");
+      ts->set_begin(sp.begin - ib);
+      ts->set_end(sp.end - ib);
+    } else if (nb >= 0 && sp.begin >= nb && sp.end <= ne) {
+      ts->set_field("input");
+      ts->set_begin(sp.begin - nb);
+      ts->set_end(sp.end - nb);
+    } else {
+      ts->set_field("template");
+      ts->set_begin(sp.begin);
+      ts->set_end(sp.end);
+    }
+  }
+
+  // Token-level views for every returned record: generation side (per generated token, against the record's
+  // stored vector) and training side (per token of the record, against the query vector q).
+  absl::Status Attribute(const model::Example& gen, const std::vector<float>& q, v1::QueryResult* result) {
+    const model::GradientEngine& eng = featurizer_->engine();
+    auto gt = eng.Tokenize(gen);
+    if (!gt.ok()) return gt.status();
+    std::vector<std::vector<float>> g_tok;
+    absl::Status st = featurizer_->TokenSketches(gt->ids, gt->response_begin, &g_tok);
+    if (!st.ok()) return st;
+    auto attribute = [&](v1::ScoredRecord* sr) -> absl::Status {
+      auto x = store_->GetVector(sr->index());
+      if (!x.ok()) return x.status();
+      for (size_t t = 0; t < g_tok.size(); ++t) {
+        auto* ts = sr->add_generation_tokens();
+        ts->set_text(eng.tokenizer()->Piece(gt->ids[gt->response_begin + t]));
+        ts->set_field("generation");
+        ts->set_begin(gt->response_spans[t].begin);
+        ts->set_end(gt->response_spans[t].end);
+        ts->set_score(static_cast<float>(Dot(g_tok[t], *x)));
+      }
+      auto rec = store_->GetRecordByIndex(sr->index());
+      if (!rec.ok()) return rec.status();
+      const model::Example z{rec->record().instruction(), rec->record().input(), rec->record().output()};
+      auto zt = eng.Tokenize(z);
+      if (!zt.ok()) return zt.status();
+      std::vector<std::vector<float>> z_tok;
+      absl::Status s2 = featurizer_->TokenSketches(zt->ids, 1, &z_tok);
+      if (!s2.ok()) return s2;
+      for (size_t s = 1; s < zt->ids.size(); ++s) {
+        auto* ts = sr->add_record_tokens();
+        ts->set_text(eng.tokenizer()->Piece(zt->ids[s]));
+        ts->set_score(static_cast<float>(Dot(z_tok[s - 1], q)));
+        if (static_cast<int32_t>(s) < zt->response_begin) {
+          SetPromptField(z, zt->prompt_spans[s - 1], ts);
+        } else {
+          const model::Span sp = zt->response_spans[s - zt->response_begin];
+          ts->set_field("output");
+          ts->set_begin(sp.begin);
+          ts->set_end(sp.end);
+        }
+      }
+      return absl::OkStatus();
+    };
+    for (auto& sr : *result->mutable_helpful()) {
+      st = attribute(&sr);
+      if (!st.ok()) return st;
+    }
+    for (auto& sr : *result->mutable_harmful()) {
+      st = attribute(&sr);
+      if (!st.ok()) return st;
+    }
+    return absl::OkStatus();
+  }
+
   absl::Status CheckK(uint32_t top_k, uint32_t harmful_k) const {
     if (top_k == 0 || top_k > options_.max_top_k) {
       return absl::InvalidArgumentError(absl::StrCat("top_k must be 1..", options_.max_top_k, ", got ", top_k));
@@ -266,6 +348,11 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     if (req.instruction().empty()) return absl::InvalidArgumentError("instruction is empty");
     absl::Status st = CheckK(req.top_k(), req.harmful_k());
     if (!st.ok()) return st;
+    if (req.attributions() && req.top_k() + req.harmful_k() > options_.max_attributed_records) {
+      return absl::InvalidArgumentError(absl::StrCat("token attributions are computed for at most ",
+                                                     options_.max_attributed_records, " records per query; asked for ",
+                                                     req.top_k() + req.harmful_k(), " (top_k + harmful_k)"));
+    }
     std::vector<float> q;
     auto info = featurizer_->Compress({req.instruction(), req.input(), req.generation()}, &q);
     if (!info.ok()) return info.status();
@@ -275,6 +362,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     resp->set_truncated(info->truncated);
     resp->set_generation_loss(info->loss);
     if (ctx->IsCancelled()) return absl::CancelledError("cancelled by the client");
+    const std::vector<float> q_copy = req.attributions() ? q : std::vector<float>();
     auto res = engine_->Search(std::move(q), 1, static_cast<int>(req.top_k()), static_cast<int>(req.harmful_k()),
                                DeadlineOf(ctx));
     if (!res.ok()) return res.status();
@@ -282,6 +370,13 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     st = FillRecords(res->helpful[0], req.omit_text(), resp->mutable_result()->mutable_helpful());
     if (st.ok()) st = FillRecords(res->harmful[0], req.omit_text(), resp->mutable_result()->mutable_harmful());
     if (!st.ok()) return st;
+    if (req.attributions()) {
+      const auto ta = std::chrono::steady_clock::now();
+      st = Attribute({req.instruction(), req.input(), req.generation()}, q_copy, resp->mutable_result());
+      if (!st.ok()) return st;
+      resp->set_attribution_ms(
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - ta).count());
+    }
     resp->set_total_ms(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
     return absl::OkStatus();
   }

@@ -27,6 +27,7 @@ struct ServerOptions {
   int max_query_vectors = 64;                      // per request
   int max_message_bytes = 64 << 20;                // larger requests get RESOURCE_EXHAUSTED
   int max_batch_vectors = 64;                      // query vectors that may share one scan
+  uint32_t max_attributed_records = 10;            // top_k + harmful_k allowed with token attributions
   std::string backend = "auto";                    // auto | cpu
   kernels::ScoreImpl impl = kernels::ScoreImpl::kAuto;
   std::function<void(uint64_t, uint64_t)> load_progress;

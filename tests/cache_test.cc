@@ -7,6 +7,7 @@
 
 #include "client/cache.h"
 #include "client/client.h"
+#include "model/engine.h"
 #include "server/server.h"
 #include "tests/test_util.h"
 
@@ -127,6 +128,73 @@ TEST_F(CacheTest, QueryByTextFindsTheRecordItself) {
   q.set_generation("x");
   q.set_top_k(0);
   EXPECT_EQ(c->Query(q).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(CacheTest, TokenAttributionsMapBackToTextAndAreDeterministic) {
+  REQUIRE_SHARED_DATA();
+  ASSERT_TRUE(RunCache(o_).ok());
+  server::ServerOptions so;
+  so.store_path = o_.store_path;
+  so.listen = "127.0.0.1:0";
+  so.metrics_listen = "";
+  so.model_path = ModelPath();
+  so.max_attributed_records = 3;
+  auto srv = server::Server::Create(so);
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  auto c = Client::Connect("127.0.0.1:" + std::to_string((*srv)->port()));
+  rapidin::v1::QueryRequest q;
+  q.set_instruction("Give a greeting.");
+  q.set_generation("Howdy! Nice\nto meet you.");
+  q.set_top_k(2);
+  q.set_harmful_k(1);
+  q.set_attributions(true);
+  auto r = c->Query(q);
+  ASSERT_TRUE(r.ok()) << r.status();
+  auto again = c->Query(q);
+  ASSERT_TRUE(again.ok());
+  const std::string& gen = q.generation();
+  for (int side = 0; side < 2; ++side) {
+    const auto& list = side == 0 ? r->result().helpful() : r->result().harmful();
+    const auto& list2 = side == 0 ? again->result().helpful() : again->result().harmful();
+    for (int i = 0; i < list.size(); ++i) {
+      const auto& sr = list[i];
+      ASSERT_EQ(static_cast<uint32_t>(sr.generation_tokens_size()), r->generation_tokens());
+      ASSERT_GT(sr.record_tokens_size(), 10);
+      for (int t = 0; t < sr.generation_tokens_size(); ++t) {
+        const auto& ts = sr.generation_tokens(t);
+        EXPECT_EQ(ts.field(), "generation");
+        if (ts.end() > ts.begin()) EXPECT_EQ(gen.substr(ts.begin(), ts.end() - ts.begin()), ts.text());
+        EXPECT_EQ(ts.score(), list2[i].generation_tokens(t).score());  // deterministic
+      }
+      const auto& rec = sr.record();
+      const std::string prompt = model::AlpacaPrompt(rec.instruction(), rec.input());
+      int seen_instruction = 0, seen_output = 0;
+      for (int t = 0; t < sr.record_tokens_size(); ++t) {
+        const auto& ts = sr.record_tokens(t);
+        EXPECT_EQ(ts.score(), list2[i].record_tokens(t).score());
+        const std::string* field = ts.field() == "instruction" ? &rec.instruction()
+                                   : ts.field() == "input"     ? &rec.input()
+                                   : ts.field() == "output"    ? &rec.output()
+                                                               : &prompt;
+        ASSERT_LE(ts.end(), field->size()) << ts.field();
+        const std::string span = field->substr(ts.begin(), ts.end() - ts.begin());
+        if (t == 0) {
+          EXPECT_EQ(" " + span, ts.text());  // the dummy-prefix space merged into the first token
+        } else if (ts.end() > ts.begin()) {
+          EXPECT_EQ(span, ts.text()) << ts.field() << " token " << t;
+        }
+        seen_instruction += ts.field() == "instruction";
+        seen_output += ts.field() == "output";
+      }
+      EXPECT_GT(seen_instruction, 0);
+      EXPECT_GT(seen_output, 0);
+    }
+  }
+  EXPECT_GT(r->attribution_ms(), 0);
+  q.set_top_k(3);  // 3 + 1 > max_attributed_records
+  auto too_many = c->Query(q);
+  EXPECT_EQ(too_many.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(too_many.status().message().find("at most 3 records"), std::string::npos) << too_many.status();
 }
 
 TEST_F(CacheTest, ServerRefusesStoreOfAnotherModelState) {

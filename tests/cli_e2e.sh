@@ -99,6 +99,11 @@ PY
     --top-k 3 --json >"$work/tq.json" || fail "query by text"
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); assert r["result"]["helpful"][0]["id"]=="alpaca_5000-7", r["result"]["helpful"][0]' \
     "$work/tq.json" || fail "query by text: record 7 not first"
+  # Token attributions, plain markers when stdout is not a terminal.
+  "$CLI" query --server 127.0.0.1:$port --instruction "Explain the concept of cash flow." \
+    --generation "Cash flow is money." --top-k 1 --tokens >"$work/tok.out" || fail "query --tokens"
+  grep -q "legend: \[+token\] helps" "$work/tok.out" || fail "no plain legend: $(cat "$work/tok.out")"
+  grep -q "generation: " "$work/tok.out" && ! grep -q $'\x1b' "$work/tok.out" || fail "tokens output: $(cat "$work/tok.out")"
   kill -TERM $spid; wait $spid
   # A server given another model state refuses to start, saying what differs.
   "$SERVER_BIN" --store "$work/cache" --model "$DATA/models/stories260K.bin" --params "attention" \
