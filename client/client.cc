@@ -321,6 +321,73 @@ std::string AttributionText(const rapidin::v1::QueryResponse& r, bool color) {
   return out;
 }
 
+namespace {
+
+std::string HtmlEscape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    switch (c) {
+      case '&': out += "&amp;"; break;
+      case '<': out += "&lt;"; break;
+      case '>': out += "&gt;"; break;
+      case '"': out += "&quot;"; break;
+      case '\n': out += "&#9166;<br>"; break;
+      default: out += c;
+    }
+  }
+  return out;
+}
+
+std::string HtmlTokens(const google::protobuf::RepeatedPtrField<rapidin::v1::TokenScore>& toks) {
+  double max_abs = 0;
+  for (const auto& t : toks) max_abs = std::max(max_abs, std::fabs(static_cast<double>(t.score())));
+  std::string out;
+  for (const auto& t : toks) {
+    const double r = max_abs > 0 ? t.score() / max_abs : 0;
+    const std::string rgb = r >= 0 ? "22,163,74" : "220,38,38";
+    absl::StrAppendFormat(&out, "<span class=\"t\" style=\"background:rgba(%s,%.3f)\" title=\"%s [%d,%d) score %.6g\">%s</span>",
+                          rgb, std::fabs(r) * 0.85, HtmlEscape(t.field()), t.begin(), t.end(), t.score(),
+                          HtmlEscape(t.text()));
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string AttributionHtml(const rapidin::v1::QueryRequest& q, const rapidin::v1::QueryResponse& r) {
+  std::string out =
+      "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>rapidin influence report</title><style>"
+      "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#111}"
+      ".t{border-radius:3px;padding:0 1px;white-space:pre-wrap}.box{border:1px solid #ddd;border-radius:6px;"
+      "padding:.8em;margin:.6em 0;font-family:ui-monospace,monospace;font-size:.9em;line-height:1.7}"
+      "h2{margin-top:1.6em}.meta{color:#555;font-size:.9em}.legend span{padding:0 .4em;border-radius:3px}"
+      "</style></head><body><h1>Which training records explain this generation?</h1>";
+  absl::StrAppend(&out, "<p class=\"meta\">Instruction: <b>", HtmlEscape(q.instruction()), "</b>");
+  if (!q.input().empty()) absl::StrAppend(&out, "<br>Input: <b>", HtmlEscape(q.input()), "</b>");
+  absl::StrAppendFormat(&out, "<br>Generation: %d tokens, loss %.3f nats/token. Gradient and scan %.1f ms, attributions %.0f ms.</p>",
+                        r.generation_tokens(), r.generation_loss(), r.total_ms() - r.attribution_ms(),
+                        r.attribution_ms());
+  absl::StrAppend(&out, "<p class=\"legend\">Token shading: <span style=\"background:rgba(22,163,74,.85)\">",
+                  "helps</span> <span style=\"background:rgba(220,38,38,.85)\">hurts</span>, relative to the largest ",
+                  "|score| in the same box. Hover a token for its field, byte offsets and score.</p>");
+  auto section = [&](const char* title, const auto& list) {
+    if (list.empty()) return;
+    absl::StrAppend(&out, "<h2>", title, "</h2>");
+    for (const auto& s : list) {
+      absl::StrAppendFormat(&out, "<h3>#%d %s <span class=\"meta\">score %.6g</span></h3>", s.rank(),
+                            HtmlEscape(s.id()), s.score());
+      absl::StrAppend(&out, "<div class=\"meta\">generation, per generated token</div><div class=\"box\">",
+                      HtmlTokens(s.generation_tokens()), "</div>");
+      absl::StrAppend(&out, "<div class=\"meta\">training record, per token</div><div class=\"box\">",
+                      HtmlTokens(s.record_tokens()), "</div>");
+    }
+  };
+  section("Most helpful records", r.result().helpful());
+  section("Most harmful records", r.result().harmful());
+  out += "</body></html>\n";
+  return out;
+}
+
 std::string StatsTable(const rapidin::v1::StatsResponse& s) {
   std::string out;
   absl::StrAppendFormat(&out, "%-20s %s\n", "store", s.store_path());

@@ -56,6 +56,9 @@ std::string TextQueryTable(const rapidin::v1::QueryResponse& r);
 // Each returned record with its generation and record tokens shaded by influence (ANSI colours when color,
 // otherwise [+tok]/[-tok] markers), with a legend.
 std::string AttributionText(const rapidin::v1::QueryResponse& r, bool color);
+// One self-contained HTML page (no network access needed): the generation and each returned record with tokens
+// shaded by influence; hovering a token shows its field, byte offsets and score.
+std::string AttributionHtml(const rapidin::v1::QueryRequest& q, const rapidin::v1::QueryResponse& r);
 std::string StatsTable(const rapidin::v1::StatsResponse& s);
 std::string RecordTable(const rapidin::v1::GetRecordResponse& r);
 

@@ -89,16 +89,22 @@ int QueryVectors(const std::string& server, const std::string& file, uint32_t to
 
 int QueryText(const std::string& server, const std::string& instruction, const std::string& input,
               const std::string& generation, uint32_t top_k, uint32_t harmful_k, bool json, bool tokens,
-              double deadline) {
+              const std::string& html, double deadline) {
   rapidin::v1::QueryRequest req;
   req.set_instruction(instruction);
   req.set_input(input);
   req.set_generation(generation);
   req.set_top_k(top_k);
   req.set_harmful_k(harmful_k);
-  req.set_attributions(tokens);
+  req.set_attributions(tokens || !html.empty());
   auto resp = Client::Connect(server, deadline)->Query(req);
   if (!resp.ok()) return Fail(resp.status());
+  if (!html.empty()) {
+    std::ofstream f(html);
+    f << rapidin::client::AttributionHtml(req, *resp);
+    if (!f) return Fail(absl::PermissionDeniedError(absl::StrCat("cannot write ", html)));
+    std::fprintf(stderr, "wrote %s\n", html.c_str());
+  }
   if (json) {
     std::cout << rapidin::client::ToJson(*resp) << "\n";
     return 0;
@@ -220,6 +226,8 @@ int main(int argc, char** argv) {
   query->add_flag("--ids-only", omit_text, "omit record text");
   query->add_flag("--json", json, "JSON instead of a table");
   query->add_flag("--tokens", tokens, "token-level attributions for each returned record (query by text)");
+  std::string html;
+  query->add_option("--html", html, "also write a self-contained HTML report with token attributions");
   query->add_option("--timeout", deadline, "seconds (0: none)");
 
   auto* stats = app.add_subcommand("stats", "store and server statistics");
@@ -288,7 +296,7 @@ int main(int argc, char** argv) {
     if (!vector_file.empty()) {
       return QueryVectors(server, vector_file, top_k, harmful_k, aggregate, psid, json, omit_text, deadline);
     }
-    return QueryText(server, instruction, input, generation, top_k, harmful_k, json, tokens, deadline);
+    return QueryText(server, instruction, input, generation, top_k, harmful_k, json, tokens, html, deadline);
   }
   if (*stats) {
     auto r = Client::Connect(server, deadline)->Stats();

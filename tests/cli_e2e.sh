@@ -104,6 +104,18 @@ PY
     --generation "Cash flow is money." --top-k 1 --tokens >"$work/tok.out" || fail "query --tokens"
   grep -q "legend: \[+token\] helps" "$work/tok.out" || fail "no plain legend: $(cat "$work/tok.out")"
   grep -q "generation: " "$work/tok.out" && ! grep -q $'\x1b' "$work/tok.out" || fail "tokens output: $(cat "$work/tok.out")"
+  # HTML report: self-contained (no http/https references); rendered by headless Chromium when installed.
+  "$CLI" query --server 127.0.0.1:$port --instruction "Explain the concept of cash flow." \
+    --generation "Cash flow is money." --top-k 1 --html "$work/report.html" >/dev/null 2>&1 || fail "query --html"
+  grep -q 'class="t"' "$work/report.html" || fail "report has no tokens"
+  ! grep -qE '(src|href)="?https?:' "$work/report.html" || fail "report references the network"
+  if command -v chromium >/dev/null; then
+    timeout 60 chromium --headless --no-sandbox --disable-gpu --screenshot="$work/report.png" --window-size=1000,800 \
+      "file://$work/report.html" >/dev/null 2>&1
+    [ -s "$work/report.png" ] || fail "chromium did not render the report"
+  else
+    echo "cli_e2e: chromium not installed; HTML rendering not checked"
+  fi
   kill -TERM $spid; wait $spid
   # A server given another model state refuses to start, saying what differs.
   "$SERVER_BIN" --store "$work/cache" --model "$DATA/models/stories260K.bin" --params "attention" \
