@@ -89,7 +89,7 @@ int QueryVectors(const std::string& server, const std::string& file, uint32_t to
 
 int QueryText(const std::string& server, const std::string& instruction, const std::string& input,
               const std::string& generation, uint32_t top_k, uint32_t harmful_k, bool json, bool tokens,
-              const std::string& html, double deadline) {
+              const std::string& html, const std::vector<std::string>& hotwords, double deadline) {
   rapidin::v1::QueryRequest req;
   req.set_instruction(instruction);
   req.set_input(input);
@@ -97,6 +97,7 @@ int QueryText(const std::string& server, const std::string& instruction, const s
   req.set_top_k(top_k);
   req.set_harmful_k(harmful_k);
   req.set_attributions(tokens || !html.empty());
+  for (const auto& h : hotwords) req.add_hotwords(h);
   auto resp = Client::Connect(server, deadline)->Query(req);
   if (!resp.ok()) return Fail(resp.status());
   if (!html.empty()) {
@@ -226,6 +227,8 @@ int main(int argc, char** argv) {
   query->add_flag("--ids-only", omit_text, "omit record text");
   query->add_flag("--json", json, "JSON instead of a table");
   query->add_flag("--tokens", tokens, "token-level attributions for each returned record (query by text)");
+  std::vector<std::string> hotwords;
+  query->add_option("--hotword", hotwords, "restrict the generation's loss to this span of it (repeatable)");
   std::string html;
   query->add_option("--html", html, "also write a self-contained HTML report with token attributions");
   query->add_option("--timeout", deadline, "seconds (0: none)");
@@ -296,7 +299,7 @@ int main(int argc, char** argv) {
     if (!vector_file.empty()) {
       return QueryVectors(server, vector_file, top_k, harmful_k, aggregate, psid, json, omit_text, deadline);
     }
-    return QueryText(server, instruction, input, generation, top_k, harmful_k, json, tokens, html, deadline);
+    return QueryText(server, instruction, input, generation, top_k, harmful_k, json, tokens, html, hotwords, deadline);
   }
   if (*stats) {
     auto r = Client::Connect(server, deadline)->Stats();

@@ -199,7 +199,11 @@ struct GradientEngine::Impl {
     const int64_t T = ids.size(1);
     auto pred = logits[0].slice(0, t.response_begin - 1, T - 1);
     auto target = ids[0].slice(0, t.response_begin, T);
-    return torch::nn::functional::cross_entropy(pred, target);
+    if (t.loss_weights.empty()) return torch::nn::functional::cross_entropy(pred, target);
+    auto w = torch::tensor(t.loss_weights, torch::kDouble).to(dtype);
+    auto ce = torch::nn::functional::cross_entropy(
+        pred, target, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
+    return (ce * w).sum() / w.sum();
   }
 };
 
@@ -561,6 +565,25 @@ absl::StatusOr<TokenizedExample> GradientEngine::Tokenize(const Example& ex) con
     t.response_spans.resize(max_len - t.response_begin);
     t.truncated = true;
   }
+  if (!ex.hotwords.empty()) {
+    t.loss_weights.assign(t.response_spans.size(), 0.0);
+    for (const std::string& hw : ex.hotwords) {
+      if (hw.empty()) return absl::InvalidArgumentError("empty hotword");
+      bool found = false;
+      for (size_t pos = ex.output.find(hw); pos != std::string::npos; pos = ex.output.find(hw, pos + 1)) {
+        found = true;
+        const int32_t b = static_cast<int32_t>(pos), e = static_cast<int32_t>(pos + hw.size());
+        for (size_t i = 0; i < t.response_spans.size(); ++i) {
+          const Span sp = t.response_spans[i];
+          if (sp.begin < e && sp.end > b) t.loss_weights[i] = 1.0;
+        }
+      }
+      if (!found) return absl::InvalidArgumentError(absl::StrCat("hotword \"", hw, "\" does not occur in the generation"));
+    }
+    double sum = 0;
+    for (double w : t.loss_weights) sum += w;
+    if (sum == 0) return absl::InvalidArgumentError("the hotwords fall outside the tokens kept after truncation");
+  }
   return t;
 }
 
@@ -660,7 +683,14 @@ absl::Status GradientEngine::GradientIdsBatch(const std::vector<TokenizedExample
       if (t.ids[i] < 0 || t.ids[i] >= d.cfg.vocab_size) return absl::InvalidArgumentError("token id out of range");
       flat[b * T + i] = t.ids[i];
     }
-    for (int64_t i = t.response_begin - 1; i < len - 1; ++i) wts[b * (T - 1) + i] = 1.0 / (len - t.response_begin);
+    double wsum = 0;
+    for (int64_t i = t.response_begin; i < len; ++i) {
+      wsum += t.loss_weights.empty() ? 1.0 : t.loss_weights[i - t.response_begin];
+    }
+    for (int64_t i = t.response_begin - 1; i < len - 1; ++i) {
+      const double w = t.loss_weights.empty() ? 1.0 : t.loss_weights[i + 1 - t.response_begin];
+      wts[b * (T - 1) + i] = w / wsum;
+    }
   }
   auto ids = torch::from_blob(flat.data(), {B, T}, torch::kLong).clone();
   auto weight = torch::from_blob(wts.data(), {B, T - 1}, torch::kDouble).to(d.dtype);

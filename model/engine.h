@@ -46,6 +46,9 @@ struct EngineOptions {
 
 struct Example {
   std::string instruction, input, output;
+  // RapidIn's hotwords: when non-empty, the loss covers only the output tokens that overlap an occurrence of one
+  // of these strings in `output` (query side).
+  std::vector<std::string> hotwords;
 };
 
 // Sets LibTorch's intra-op thread count for this process (1 is best when records are spread over threads).
@@ -66,6 +69,7 @@ struct TokenizedExample {
   bool truncated = false;
   std::vector<Span> response_spans;  // byte spans of the response tokens in Example::output (EOS: empty at end)
   std::vector<Span> prompt_spans;    // byte spans of the prompt tokens in AlpacaPrompt(instruction, input)
+  std::vector<double> loss_weights;  // per response token; empty: uniform (the mean over response tokens)
 };
 
 struct GradInfo {
@@ -92,6 +96,7 @@ class GradientEngine {
   std::string model_hash() const;
   const Tokenizer* tokenizer() const;
 
+  // Errors: INVALID_ARGUMENT when the prompt alone exceeds max_length or a hotword does not occur in the output.
   absl::StatusOr<TokenizedExample> Tokenize(const Example& ex) const;
   // Mean NLL (nats/token) of [BOS] encode(text) predicting every token after BOS.
   absl::StatusOr<double> MeanNll(const std::string& text, int64_t* tokens) const;

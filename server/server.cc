@@ -295,7 +295,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
       }
       auto rec = store_->GetRecordByIndex(sr->index());
       if (!rec.ok()) return rec.status();
-      const model::Example z{rec->record().instruction(), rec->record().input(), rec->record().output()};
+      const model::Example z{rec->record().instruction(), rec->record().input(), rec->record().output(), {}};
       auto zt = eng.Tokenize(z);
       if (!zt.ok()) return zt.status();
       std::vector<std::vector<float>> z_tok;
@@ -354,7 +354,9 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
                                                      req.top_k() + req.harmful_k(), " (top_k + harmful_k)"));
     }
     std::vector<float> q;
-    auto info = featurizer_->Compress({req.instruction(), req.input(), req.generation()}, &q);
+    const model::Example gen{req.instruction(), req.input(), req.generation(),
+                             {req.hotwords().begin(), req.hotwords().end()}};
+    auto info = featurizer_->Compress(gen, &q);
     if (!info.ok()) return info.status();
     resp->set_gradient_ms(
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
@@ -372,7 +374,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     if (!st.ok()) return st;
     if (req.attributions()) {
       const auto ta = std::chrono::steady_clock::now();
-      st = Attribute({req.instruction(), req.input(), req.generation()}, q_copy, resp->mutable_result());
+      st = Attribute(gen, q_copy, resp->mutable_result());
       if (!st.ok()) return st;
       resp->set_attribution_ms(
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - ta).count());

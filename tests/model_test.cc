@@ -357,3 +357,53 @@ TEST(TokenGradients, BatchedCopiesEqualPerTokenLoopAndSumToTotal) {
 
 }  // namespace
 }  // namespace rapidin::model
+
+namespace rapidin::model {
+namespace {
+
+// Hotwords restrict the generation's loss to the tokens overlapping them.
+TEST(Engine, HotwordsRestrictTheLoss) {
+  REQUIRE_SHARED_DATA();
+  auto e = Stories();
+  ASSERT_NE(e, nullptr);
+  Example ex{"Tell a story.", "", "Once upon a time there was a cat.", {}};
+  ex.hotwords = {ex.output};  // every output token, but not EOS (its span is empty at the end)
+  auto t = e->Tokenize(ex);
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_EQ(t->loss_weights.size(), t->response_spans.size());
+  EXPECT_EQ(t->loss_weights.back(), 0.0);
+  TokenizedExample no_eos = *t;
+  no_eos.ids.pop_back();
+  no_eos.loss_weights.clear();
+  EXPECT_NEAR(*e->LossIds(*t), *e->LossIds(no_eos), 1e-5);
+  // A single hotword marks only the tokens that overlap it; the batched path honours the weights too.
+  ex.hotwords = {"cat"};
+  auto h = e->Tokenize(ex);
+  ASSERT_TRUE(h.ok());
+  int marked = 0;
+  for (size_t i = 0; i < h->loss_weights.size(); ++i) {
+    if (h->loss_weights[i] > 0) {
+      ++marked;
+      const Span sp = h->response_spans[i];
+      EXPECT_NE(ex.output.substr(sp.begin, sp.end - sp.begin).find_first_of("cat"), std::string::npos);
+    }
+  }
+  EXPECT_GE(marked, 1);
+  EXPECT_LE(marked, 3);
+  std::vector<double> loop;
+  ASSERT_TRUE(e->GradientIds(*h, false, &loop).ok());
+  std::vector<std::vector<double>> batch;
+  std::vector<GradInfo> infos;
+  ASSERT_TRUE(e->GradientIdsBatch({*h, *t}, false, &batch, &infos).ok());
+  double err = 0, mag = 0;
+  for (size_t i = 0; i < loop.size(); ++i) {
+    err = std::max(err, std::fabs(batch[0][i] - loop[i]));
+    mag = std::max(mag, std::fabs(loop[i]));
+  }
+  EXPECT_LT(err, 1e-4 * mag);
+  ex.hotwords = {"dog"};
+  EXPECT_EQ(e->Tokenize(ex).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace rapidin::model
