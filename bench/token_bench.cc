@@ -29,20 +29,22 @@ int main(int argc, char** argv) {
   auto t = (*e)->Tokenize(ex);
   if (!t.ok()) return 1;
   const int n = static_cast<int>(t->ids.size()) - t->response_begin;
-  std::printf("| record tokens | response tokens | copies per pass | ms total | ms per token | speed-up |\n");
-  std::printf("|---|---|---|---|---|---|\n");
+  std::printf("| record tokens | response tokens | copies per pass | threads | ms total | ms per token | speed-up |\n");
+  std::printf("|---|---|---|---|---|---|---|\n");
   double base = 0;
-  for (int chunk : {1, 4, 8, 16}) {
+  const std::vector<std::pair<int, int>> configs = {{1, 1}, {4, 1}, {8, 1}, {16, 1}, {1, 2}};
+  for (const auto& [chunk, threads] : configs) {
     std::vector<double> times;
     for (int r = 0; r < (quick ? 1 : 3); ++r) {
       std::vector<std::vector<double>> g;
       const auto t0 = std::chrono::steady_clock::now();
-      if (!(*e)->TokenGradientsIds(t->ids, t->response_begin, true, chunk, &g).ok()) return 1;
+      if (!(*e)->TokenGradientsIds(t->ids, t->response_begin, true, chunk, &g, threads).ok()) return 1;
       times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
     const double s = rapidin::bench::Median(times);
-    if (chunk == 1) base = s;
-    std::printf("| %zu | %d | %d | %.1f | %.2f | %.2fx |\n", t->ids.size(), n, chunk, s * 1e3, s * 1e3 / n, base / s);
+    if (chunk == 1 && threads == 1) base = s;
+    std::printf("| %zu | %d | %d | %d | %.1f | %.2f | %.2fx |\n", t->ids.size(), n, chunk, threads, s * 1e3,
+                s * 1e3 / n, base / s);
   }
   return 0;
 }

@@ -3,7 +3,9 @@
 
 #include <torch/torch.h>
 
+#include <atomic>
 #include <cmath>
+#include <thread>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -149,8 +151,10 @@ struct GradientEngine::Impl {
     return y;
   }
 
-  // ids: [B, T] int64 -> logits [B, T, vocab]. With cap, records every linear layer's input and output.
-  torch::Tensor Forward(const torch::Tensor& ids, Captures* cap = nullptr) const {
+  // ids: [B, T] int64 -> logits [B, T - from, vocab] for positions [from, T) (the output head is the largest
+  // matrix product, and a loss usually needs only the response positions). With cap, records every linear
+  // layer's input and output.
+  torch::Tensor Forward(const torch::Tensor& ids, Captures* cap = nullptr, int64_t from = 0) const {
     const int64_t B = ids.size(0), T = ids.size(1);
     const int H = cfg.n_heads, KV = cfg.n_kv_heads, hd = cfg.dim / cfg.n_heads;
     auto x = torch::embedding(W("tok_embeddings.weight"), ids);
@@ -183,6 +187,7 @@ struct GradientEngine::Impl {
                Lin(h, p + "feed_forward.w3.weight", cap);
       x = x + Lin(a, p + "feed_forward.w2.weight", cap);
     }
+    if (from > 0) x = x.slice(1, from, T);
     x = RmsNorm(x, W("norm.weight"));
     return Lin(x, cfg.tied_output ? "tok_embeddings.weight" : "output.weight", cap);
   }
@@ -195,9 +200,9 @@ struct GradientEngine::Impl {
   // Mean cross-entropy of positions [from-1, T-1) predicting tokens [from, T).
   torch::Tensor ResponseLoss(const TokenizedExample& t) const {
     auto ids = Ids(t.ids);
-    auto logits = Forward(ids);
     const int64_t T = ids.size(1);
-    auto pred = logits[0].slice(0, t.response_begin - 1, T - 1);
+    auto logits = Forward(ids, nullptr, t.response_begin - 1);  // positions [response_begin - 1, T)
+    auto pred = logits[0].slice(0, 0, T - t.response_begin);
     auto target = ids[0].slice(0, t.response_begin, T);
     if (t.loss_weights.empty()) return torch::nn::functional::cross_entropy(pred, target);
     auto w = torch::tensor(t.loss_weights, torch::kDouble).to(dtype);
@@ -747,29 +752,48 @@ absl::Status GradientEngine::GradientIdsBatch(const std::vector<TokenizedExample
 }
 
 absl::Status GradientEngine::TokenGradientsIds(const std::vector<int32_t>& ids, int from, bool normalize, int chunk,
-                                               std::vector<std::vector<double>>* out) const {
+                                               std::vector<std::vector<double>>* out, int threads) const {
   const int T = static_cast<int>(ids.size());
   if (from < 1 || from >= T) return absl::InvalidArgumentError(absl::StrCat("token range [", from, ", ", T, ") is empty"));
-  if (chunk < 1) return absl::InvalidArgumentError("chunk must be >= 1");
-  out->clear();
-  for (int s0 = from; s0 < T; s0 += chunk) {
-    std::vector<TokenizedExample> copies;
-    for (int s = s0; s < std::min(T, s0 + chunk); ++s) {
-      TokenizedExample t;
-      t.ids.assign(ids.begin(), ids.begin() + s + 1);  // the prefix and token s: loss on token s alone
-      t.response_begin = s;
-      copies.push_back(std::move(t));
+  if (chunk < 1 || threads < 1) return absl::InvalidArgumentError("chunk and threads must be >= 1");
+  out->assign(T - from, {});
+  // Work items are chunks of consecutive tokens; threads take them in turn (autograd::grad is thread-safe).
+  std::atomic<int> next{from};
+  std::vector<absl::Status> status(threads);
+  auto work = [&](int w) {
+    for (int s0; (s0 = next.fetch_add(chunk)) < T;) {
+      std::vector<TokenizedExample> copies;
+      for (int s = s0; s < std::min(T, s0 + chunk); ++s) {
+        TokenizedExample t;
+        t.ids.assign(ids.begin(), ids.begin() + s + 1);  // the prefix and token s: loss on token s alone
+        t.response_begin = s;
+        copies.push_back(std::move(t));
+      }
+      std::vector<std::vector<double>> g(copies.size());
+      absl::Status st;
+      if (copies.size() == 1) {
+        auto info = GradientIds(copies[0], normalize, &g[0]);
+        if (!info.ok()) st = info.status();
+      } else {
+        std::vector<GradInfo> infos;
+        st = GradientIdsBatch(copies, normalize, &g, &infos);
+      }
+      if (!st.ok()) {
+        status[w] = st;
+        return;
+      }
+      for (size_t i = 0; i < g.size(); ++i) (*out)[s0 - from + i] = std::move(g[i]);
     }
-    std::vector<std::vector<double>> g;
-    std::vector<GradInfo> infos;
-    absl::Status st = chunk == 1 ? absl::OkStatus() : GradientIdsBatch(copies, normalize, &g, &infos);
-    if (chunk == 1) {
-      g.resize(1);
-      auto info = GradientIds(copies[0], normalize, &g[0]);
-      if (!info.ok()) st = info.status();
-    }
+  };
+  if (threads == 1) {
+    work(0);
+  } else {
+    std::vector<std::thread> pool;
+    for (int w = 0; w < threads; ++w) pool.emplace_back(work, w);
+    for (auto& th : pool) th.join();
+  }
+  for (const auto& st : status) {
     if (!st.ok()) return st;
-    for (auto& v : g) out->push_back(std::move(v));
   }
   return absl::OkStatus();
 }

@@ -113,9 +113,9 @@ class GradientEngine {
   // Per-token gradients: for every position s in [from, ids.size()), the gradient of the single-token loss
   // l_s = -log p(ids[s] | ids[<s]) (token-wise attribution). Computed by batching copies of the sequence, one
   // per token, each with a one-token loss, `chunk` copies per forward/backward pass (1: the reference loop of
-  // one backward pass per token). normalize: layer-wise, per token.
+  // one backward pass per token), spread over `threads` threads. normalize: layer-wise, per token.
   absl::Status TokenGradientsIds(const std::vector<int32_t>& ids, int from, bool normalize, int chunk,
-                                 std::vector<std::vector<double>>* out) const;
+                                 std::vector<std::vector<double>>* out, int threads = 1) const;
   absl::StatusOr<double> LossIds(const TokenizedExample& t) const;
   // Logits of a token sequence, T x vocab, row-major (reference comparisons).
   absl::StatusOr<std::vector<float>> LogitsIds(const std::vector<int32_t>& ids) const;

@@ -1,6 +1,8 @@
 #include "model/featurizer.h"
 
+#include <algorithm>
 #include <chrono>
+#include <thread>
 #include <filesystem>
 #include <map>
 
@@ -109,7 +111,8 @@ void Featurizer::CompressBatch(const std::vector<Example>& exs, std::vector<std:
 absl::Status Featurizer::TokenSketches(const std::vector<int32_t>& ids, int from,
                                       std::vector<std::vector<float>>* out) const {
   std::vector<std::vector<double>> g;
-  absl::Status st = engine_->TokenGradientsIds(ids, from, /*normalize=*/true, /*chunk=*/1, &g);
+  const int threads = static_cast<int>(std::max(1u, std::min(4u, std::thread::hardware_concurrency())));
+  absl::Status st = engine_->TokenGradientsIds(ids, from, /*normalize=*/true, /*chunk=*/1, &g, threads);
   if (!st.ok()) return st;
   out->assign(g.size(), std::vector<float>(sketch_->params().k));
   std::vector<float> gf;

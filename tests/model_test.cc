@@ -323,6 +323,9 @@ TEST(TokenGradients, BatchedCopiesEqualPerTokenLoopAndSumToTotal) {
   for (size_t t = 0; t < fast.size(); ++t) {
     for (size_t i = 0; i < fast[t].size(); ++i) ASSERT_NEAR(fast[t][i], slow[t][i], 1e-12) << "token " << t;
   }
+  std::vector<std::vector<double>> threaded;  // tokens spread over threads: the same values, in token order
+  ASSERT_TRUE((*e)->TokenGradientsIds(ids, from, false, 1, &threaded, 3).ok());
+  EXPECT_EQ(threaded, slow);
   // Sum property through the sketch (linear): mean over tokens of C(grad l_t) . x == C(grad L) . x.
   TokenizedExample whole;
   whole.ids = ids;
