@@ -1,6 +1,7 @@
 // The only model/ translation unit that includes LibTorch.
 #include "model/engine.h"
 
+#include <dlfcn.h>
 #include <torch/torch.h>
 
 #include <atomic>
@@ -18,7 +19,12 @@
 
 namespace rapidin::model {
 
-void SetComputeThreads(int threads) { at::set_num_threads(threads < 1 ? 1 : threads); }
+void SetComputeThreads(int threads) {
+  at::set_num_threads(threads < 1 ? 1 : threads);
+  // OpenBLAS's own pool would oversubscribe the cores that rapidin's threads already use.
+  using SetFn = void (*)(int);
+  if (auto fn = reinterpret_cast<SetFn>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) fn(1);
+}
 
 std::string AlpacaPrompt(const std::string& instruction, const std::string& input) {
   if (input.empty()) {
@@ -57,6 +63,21 @@ struct Captures {
   torch::Tensor ids, emb_out;  // embedding lookup: [B, T], [B, T, dim]
 };
 
+// Autograd leaves for one gradient computation: they share storage with the model's weights but have their own
+// autograd state, so backward passes running concurrently on different threads never share a leaf (sharing one
+// gave wrong gradients under concurrency). Only the selected parameters require grad.
+struct Leaves {
+  std::map<std::string, torch::Tensor> w;
+  std::vector<torch::Tensor> selected;
+};
+thread_local const Leaves* tls_leaves = nullptr;
+
+struct LeavesScope {
+  explicit LeavesScope(const Leaves* l) : prev(tls_leaves) { tls_leaves = l; }
+  ~LeavesScope() { tls_leaves = prev; }
+  const Leaves* prev;
+};
+
 struct GradientEngine::Impl {
   EngineOptions options;
   ModelConfig cfg;
@@ -73,11 +94,22 @@ struct GradientEngine::Impl {
   std::map<std::string, std::pair<std::string, std::string>> lora;  // weight -> (A, B) parameter names
   double lora_scale = 0;
 
-  const torch::Tensor& W(const std::string& n) const { return w.at(n); }
+  const torch::Tensor& W(const std::string& n) const { return tls_leaves ? tls_leaves->w.at(n) : w.at(n); }
+
+  Leaves MakeLeaves() const {
+    Leaves l;
+    for (const auto& [n, t] : w) l.w[n] = t.detach();
+    for (const auto& info : infos) {
+      auto& t = l.w[info.name];
+      t.requires_grad_(true);
+      l.selected.push_back(t);
+    }
+    return l;
+  }
 
   void Add(const std::string& name, torch::Tensor t) {
     names.push_back(name);
-    w[name] = t.to(dtype).clone().set_requires_grad(true);  // own storage: no views into the file buffer
+    w[name] = t.to(dtype).clone();  // own storage: no views into the file buffer
   }
 
   absl::Status Finish() {
@@ -634,8 +666,10 @@ absl::StatusOr<GradInfo> GradientEngine::GradientIds(const TokenizedExample& t, 
   for (int32_t id : t.ids) {
     if (id < 0 || id >= impl_->cfg.vocab_size) return absl::InvalidArgumentError(absl::StrCat("token id ", id));
   }
+  const Leaves leaves = impl_->MakeLeaves();
+  LeavesScope scope(&leaves);
   auto loss = impl_->ResponseLoss(t);
-  auto grads = torch::autograd::grad({loss}, impl_->selected);
+  auto grads = torch::autograd::grad({loss}, leaves.selected);
   out->resize(impl_->dim);
   for (size_t p = 0; p < grads.size(); ++p) {
     auto g = grads[p].detach().to(torch::kDouble).contiguous().view({-1});
@@ -699,6 +733,8 @@ absl::Status GradientEngine::GradientIdsBatch(const std::vector<TokenizedExample
   }
   auto ids = torch::from_blob(flat.data(), {B, T}, torch::kLong).clone();
   auto weight = torch::from_blob(wts.data(), {B, T - 1}, torch::kDouble).to(d.dtype);
+  const Leaves leaves = d.MakeLeaves();
+  LeavesScope scope(&leaves);
   Captures cap;
   auto logits = d.Forward(ids, &cap);
   auto logp = torch::log_softmax(logits.slice(1, 0, T - 1), -1);

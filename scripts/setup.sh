@@ -4,10 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# OpenBLAS: the pthread build, not the serial one. The serial build is not safe to call from several threads at
+# once (measured here: concurrent gradient passes returned wrong values); rapidin sets it to one BLAS thread and
+# parallelises over records/tokens itself.
 PKGS=(
   build-essential cmake ninja-build pkg-config git ca-certificates
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  libtorch-dev libopenblas0-serial
+  libtorch-dev libopenblas0-pthread
   librocksdb-dev libabsl-dev prometheus-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libsentencepiece-dev

@@ -364,6 +364,23 @@ TEST(TokenGradients, BatchedCopiesEqualPerTokenLoopAndSumToTotal) {
 namespace rapidin::model {
 namespace {
 
+// Gradients computed on several threads at once equal the serial ones exactly (a BLAS that is not thread-safe,
+// such as Debian's serial OpenBLAS, fails this).
+TEST(Engine, ConcurrentGradientsEqualSerial) {
+  REQUIRE_SHARED_DATA();
+  SetComputeThreads(1);
+  auto e = Stories();
+  ASSERT_NE(e, nullptr);
+  auto t = e->Tokenize({"Give a greeting.", "", "Howdy! Nice to meet you.", {}});
+  ASSERT_TRUE(t.ok());
+  std::vector<std::vector<double>> serial, parallel;
+  ASSERT_TRUE(e->TokenGradientsIds(t->ids, 1, true, 1, &serial, 1).ok());
+  for (int rep = 0; rep < 2; ++rep) {
+    ASSERT_TRUE(e->TokenGradientsIds(t->ids, 1, true, 1, &parallel, 2).ok());
+    ASSERT_EQ(parallel, serial) << "repetition " << rep;
+  }
+}
+
 // Hotwords restrict the generation's loss to the tokens overlapping them.
 TEST(Engine, HotwordsRestrictTheLoss) {
   REQUIRE_SHARED_DATA();
