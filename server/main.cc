@@ -1,5 +1,8 @@
 // rapidin-server: serves a gradient store over gRPC until SIGTERM/SIGINT.
 #include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
@@ -49,12 +52,23 @@ int main(int argc, char** argv) {
     return 2;
   }
 
-  // Signals are taken by one thread with sigwait, so shutdown runs outside a signal handler.
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  // Signals: a handler that only writes to a pipe, and a thread that reads it and shuts down. (Blocking the
+  // signals and sigwait-ing is not enough: libraries such as OpenBLAS start threads before main, and a signal
+  // delivered to one of those would kill the process.)
+  static int pipe_fds[2];
+  if (pipe(pipe_fds) != 0) {
+    std::fprintf(stderr, "rapidin-server: cannot create the signal pipe\n");
+    return 1;
+  }
+  struct sigaction sa {};
+  sa.sa_handler = [](int sig) {
+    const char c = static_cast<char>(sig);
+    ssize_t n = write(pipe_fds[1], &c, 1);
+    (void)n;
+  };
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
 
   o.load_progress = [](uint64_t done, uint64_t total) {
     if (total >= 10000) spdlog::info("loading vectors: {}/{} ({:.0f}%)", done, total, 100.0 * done / total);
@@ -65,14 +79,17 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::thread signals([&] {
-    int sig = 0;
-    sigwait(&set, &sig);
+    char sig = 0;
+    while (read(pipe_fds[0], &sig, 1) < 0 && errno == EINTR) {
+    }
+    if (sig == 0) return;  // woken by main after a shutdown for another reason
     spdlog::info("received {}", sig == SIGTERM ? "SIGTERM" : "SIGINT");
     (*server)->Shutdown(absl::Seconds(grace_s));
   });
   (*server)->Wait();
-  // Wait returns after Shutdown; if it returned for another reason, wake the signal thread.
-  pthread_kill(signals.native_handle(), SIGTERM);
+  const char zero = 0;
+  ssize_t n = write(pipe_fds[1], &zero, 1);  // wake the signal thread if no signal came
+  (void)n;
   signals.join();
   return 0;
 }
