@@ -124,32 +124,27 @@ int main(int argc, char** argv) {
         add("libtorch matmul+topk (fp32)", times, top1 == ours_top1 ? "same top-1" : "TOP-1 DIFFERS");
       }
       // FAISS IndexFlatIP (fp32: reads twice the bytes) and IndexScalarQuantizer fp16 (same bytes as ours).
-      {
-        faiss::IndexFlatIP flat(k);
-        flat.add(n, store32);
+      auto faiss_run = [&](faiss::Index& index, const std::string& method) {
         std::vector<float> d(static_cast<size_t>(nq) * top_k);
         std::vector<faiss::Index::idx_t> ids(static_cast<size_t>(nq) * top_k);
         std::vector<double> times;
         for (int r = 0; r < reps; ++r) {
           const auto t0 = Clock::now();
-          flat.search(nq, q.data(), top_k, d.data(), ids.data());
+          index.search(nq, q.data(), top_k, d.data(), ids.data());
           times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
         }
-        add("faiss IndexFlatIP (fp32, helpful only)", times, ids[0] == ours_top1 ? "same top-1" : "TOP-1 DIFFERS");
+        add(method, times, ids[0] == ours_top1 ? "same top-1" : "TOP-1 DIFFERS");
+      };
+      {
+        faiss::IndexFlatIP flat(k);
+        flat.add(n, store32);
+        faiss_run(flat, "faiss IndexFlatIP (fp32, helpful only)");
       }
       {
         faiss::IndexScalarQuantizer sq(k, faiss::ScalarQuantizer::QT_fp16, faiss::METRIC_INNER_PRODUCT);
         sq.train(std::min<int64_t>(n, 1000), store32);
         sq.add(n, store32);
-        std::vector<float> d(static_cast<size_t>(nq) * top_k);
-        std::vector<faiss::Index::idx_t> ids(static_cast<size_t>(nq) * top_k);
-        std::vector<double> times;
-        for (int r = 0; r < reps; ++r) {
-          const auto t0 = Clock::now();
-          sq.search(nq, q.data(), top_k, d.data(), ids.data());
-          times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
-        }
-        add("faiss IndexScalarQuantizer fp16", times, ids[0] == ours_top1 ? "same top-1" : "TOP-1 DIFFERS");
+        faiss_run(sq, "faiss IndexScalarQuantizer fp16");
       }
     }
     std::free(store);

@@ -71,6 +71,20 @@ class CacheTest : public ::testing::Test {
     o_.batch_size = 2;
     o_.progress = false;
   }
+  // Options for a loopback server with the model over the cached store.
+  server::ServerOptions ModelServer() const {
+    server::ServerOptions so;
+    so.store_path = o_.store_path;
+    so.listen = "127.0.0.1:0";
+    so.metrics_listen = "";
+    so.shards = 2;
+    so.model_path = ModelPath();
+    return so;
+  }
+  static std::unique_ptr<Client> ClientFor(const server::Server& s) {
+    return Client::Connect("127.0.0.1:" + std::to_string(s.port()));
+  }
+
   rapidin::testing::TempDir dir_;
   std::string data_;
   CacheOptions o_;
@@ -100,16 +114,11 @@ TEST_F(CacheTest, CachesResumesAndRefusesOtherState) {
 TEST_F(CacheTest, QueryByTextFindsTheRecordItself) {
   REQUIRE_SHARED_DATA();
   ASSERT_TRUE(RunCache(o_).ok());
-  server::ServerOptions so;
-  so.store_path = o_.store_path;
-  so.listen = "127.0.0.1:0";
-  so.metrics_listen = "";
-  so.shards = 2;
-  so.model_path = ModelPath();
+  server::ServerOptions so = ModelServer();
   so.tokenizer_path = o_.featurizer.engine.tokenizer_path;
   auto srv = server::Server::Create(so);
   ASSERT_TRUE(srv.ok()) << srv.status();
-  auto c = Client::Connect("127.0.0.1:" + std::to_string((*srv)->port()));
+  auto c = ClientFor(**srv);
   rapidin::v1::QueryRequest q;
   q.set_instruction("Give a greeting.");
   q.set_generation("Howdy! Nice to meet you.");
@@ -133,15 +142,11 @@ TEST_F(CacheTest, QueryByTextFindsTheRecordItself) {
 TEST_F(CacheTest, TokenAttributionsMapBackToTextAndAreDeterministic) {
   REQUIRE_SHARED_DATA();
   ASSERT_TRUE(RunCache(o_).ok());
-  server::ServerOptions so;
-  so.store_path = o_.store_path;
-  so.listen = "127.0.0.1:0";
-  so.metrics_listen = "";
-  so.model_path = ModelPath();
+  server::ServerOptions so = ModelServer();
   so.max_attributed_records = 3;
   auto srv = server::Server::Create(so);
   ASSERT_TRUE(srv.ok()) << srv.status();
-  auto c = Client::Connect("127.0.0.1:" + std::to_string((*srv)->port()));
+  auto c = ClientFor(**srv);
   rapidin::v1::QueryRequest q;
   q.set_instruction("Give a greeting.");
   q.set_generation("Howdy! Nice\nto meet you.");
@@ -201,11 +206,7 @@ TEST_F(CacheTest, ServerRefusesStoreOfAnotherModelState) {
   REQUIRE_SHARED_DATA();
   o_.featurizer.engine.max_length = 100;
   ASSERT_TRUE(RunCache(o_).ok());
-  server::ServerOptions so;
-  so.store_path = o_.store_path;
-  so.listen = "127.0.0.1:0";
-  so.metrics_listen = "";
-  so.model_path = ModelPath();
+  server::ServerOptions so = ModelServer();
   so.param_pattern = "attention";  // the store was cached with every matrix
   auto srv = server::Server::Create(so);
   ASSERT_EQ(srv.status().code(), absl::StatusCode::kFailedPrecondition) << srv.status();
