@@ -12,7 +12,7 @@ FROM debian:12
 # Runtime libraries only (the -dev packages pull them in at build time).
 RUN apt-get update && apt-get install -y --no-install-recommends \
       libgrpc++1.51 libprotobuf32 librocksdb7.8 libprometheus-cpp-core1.0 libspdlog1.10 libcpp-httplib0.11 \
-      libtorch1.13 libopenblas0-serial libsentencepiece0 ca-certificates \
+      libtorch1.13 libopenblas0-pthread ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/rapidin /opt/rapidin
 ENV PATH=/opt/rapidin/bin:$PATH
