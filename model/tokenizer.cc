@@ -104,7 +104,7 @@ class SentencePieceBpe : public Tokenizer {
     // 2. Greedy merges.
     for (;;) {
       float best = -std::numeric_limits<float>::infinity();
-      int best_i = -1, best_id = -1;
+      int best_i = -1;
       for (size_t j = 0; j + 1 < syms.size(); ++j) {
         if (syms[j].unknown || syms[j + 1].unknown) continue;
         auto it = lookup_.find(syms[j].s + syms[j + 1].s);
@@ -113,14 +113,12 @@ class SentencePieceBpe : public Tokenizer {
         if (sc > best) {
           best = sc;
           best_i = static_cast<int>(j);
-          best_id = it->second;
         }
       }
       if (best_i < 0) break;
       syms[best_i].s += syms[best_i + 1].s;
       syms[best_i].end = syms[best_i + 1].end;
       syms.erase(syms.begin() + best_i + 1);
-      (void)best_id;
     }
     // 3. Ids, with byte fallback for unknown characters.
     Encoding e;

@@ -251,21 +251,30 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     return s;
   }
 
-  // Where a prompt token's byte span falls: inside the instruction, the input, or the template's own text.
-  static void SetPromptField(const model::Example& z, model::Span sp, v1::TokenScore* ts) {
+  // Byte ranges of the instruction and the input inside a record's formatted prompt (computed once per record).
+  struct PromptFields {
+    int32_t ib, ie, nb, ne;  // nb = ne = -1 without input
+  };
+  static PromptFields FieldsOf(const model::Example& z) {
     const std::string prompt = model::AlpacaPrompt(z.instruction, z.input);
-    const int32_t ib = static_cast<int32_t>(prompt.find("### Instruction:\n") + 17);
-    const int32_t ie = ib + static_cast<int32_t>(z.instruction.size());
-    const int32_t nb = z.input.empty() ? -1 : static_cast<int32_t>(prompt.find("### Input:\n", ie) + 11);
-    const int32_t ne = nb + static_cast<int32_t>(z.input.size());
-    if (sp.begin >= ib && sp.end <= ie) {
+    PromptFields f;
+    f.ib = static_cast<int32_t>(prompt.find("### Instruction:\n") + 17);
+    f.ie = f.ib + static_cast<int32_t>(z.instruction.size());
+    f.nb = z.input.empty() ? -1 : static_cast<int32_t>(prompt.find("### Input:\n", f.ie) + 11);
+    f.ne = z.input.empty() ? -1 : f.nb + static_cast<int32_t>(z.input.size());
+    return f;
+  }
+
+  // Where a prompt token's byte span falls: inside the instruction, the input, or the template's own text.
+  static void SetPromptField(const PromptFields& f, model::Span sp, v1::TokenScore* ts) {
+    if (sp.begin >= f.ib && sp.end <= f.ie) {
       ts->set_field("instruction");
-      ts->set_begin(sp.begin - ib);
-      ts->set_end(sp.end - ib);
-    } else if (nb >= 0 && sp.begin >= nb && sp.end <= ne) {
+      ts->set_begin(sp.begin - f.ib);
+      ts->set_end(sp.end - f.ib);
+    } else if (f.nb >= 0 && sp.begin >= f.nb && sp.end <= f.ne) {
       ts->set_field("input");
-      ts->set_begin(sp.begin - nb);
-      ts->set_end(sp.end - nb);
+      ts->set_begin(sp.begin - f.nb);
+      ts->set_end(sp.end - f.nb);
     } else {
       ts->set_field("template");
       ts->set_begin(sp.begin);
@@ -301,12 +310,13 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
       std::vector<std::vector<float>> z_tok;
       absl::Status s2 = featurizer_->TokenSketches(zt->ids, 1, &z_tok);
       if (!s2.ok()) return s2;
+      const PromptFields fields = FieldsOf(z);
       for (size_t s = 1; s < zt->ids.size(); ++s) {
         auto* ts = sr->add_record_tokens();
         ts->set_text(eng.tokenizer()->Piece(zt->ids[s]));
         ts->set_score(static_cast<float>(Dot(z_tok[s - 1], q)));
         if (static_cast<int32_t>(s) < zt->response_begin) {
-          SetPromptField(z, zt->prompt_spans[s - 1], ts);
+          SetPromptField(fields, zt->prompt_spans[s - 1], ts);
         } else {
           const model::Span sp = zt->response_spans[s - zt->response_begin];
           ts->set_field("output");

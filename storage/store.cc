@@ -14,7 +14,6 @@
 #include "kernels/half.h"
 #include "rocksdb/db.h"
 #include "rocksdb/options.h"
-#include "rocksdb/utilities/options_util.h"
 #include "rocksdb/write_batch.h"
 #include "storage/internal/host_shard.h"
 
