@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstring>
 
-#include "absl/strings/str_cat.h"
 
 namespace rapidin::kernels {
 
@@ -39,11 +38,14 @@ uint64_t Mix(uint64_t x) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<RapidGrad>> RapidGrad::Create(const RapidGradParams& p) {
-  if (p.d < 1) return absl::InvalidArgumentError(absl::StrCat("RapidGrad: d must be >= 1, got ", p.d));
-  if (p.k < 1) return absl::InvalidArgumentError(absl::StrCat("RapidGrad: k must be >= 1, got ", p.k));
-  if (p.lambda < 0 || p.lambda > 64) {
-    return absl::InvalidArgumentError(absl::StrCat("RapidGrad: lambda must be 0..64, got ", p.lambda));
+std::unique_ptr<RapidGrad> RapidGrad::Create(const RapidGradParams& p, std::string* error) {
+  std::string why;
+  if (p.d < 1) why = "RapidGrad: d must be >= 1, got " + std::to_string(p.d);
+  else if (p.k < 1) why = "RapidGrad: k must be >= 1, got " + std::to_string(p.k);
+  else if (p.lambda < 0 || p.lambda > 64) why = "RapidGrad: lambda must be 0..64, got " + std::to_string(p.lambda);
+  if (!why.empty()) {
+    if (error != nullptr) *error = why;
+    return nullptr;
   }
   std::unique_ptr<RapidGrad> g(new RapidGrad(p));
   g->padded_ = (p.d + p.k - 1) / p.k * p.k;
@@ -122,8 +124,8 @@ std::vector<float> RapidGrad::Apply(const std::vector<float>& x) const {
 }
 
 std::string RapidGrad::Describe() const {
-  return absl::StrCat("rapidgrad/v1 d=", params_.d, " k=", params_.k, " lambda=", params_.lambda,
-                      " seed=", params_.seed);
+  return "rapidgrad/v1 d=" + std::to_string(params_.d) + " k=" + std::to_string(params_.k) +
+         " lambda=" + std::to_string(params_.lambda) + " seed=" + std::to_string(params_.seed);
 }
 
 }  // namespace rapidin::kernels

@@ -20,8 +20,6 @@
 #include <string>
 #include <vector>
 
-#include "absl/status/statusor.h"
-
 namespace rapidin::kernels {
 
 struct RapidGradParams {
@@ -33,8 +31,9 @@ struct RapidGradParams {
 
 class RapidGrad {
  public:
-  // Errors: INVALID_ARGUMENT for d < 1, k < 1, lambda < 0 or lambda > 64.
-  static absl::StatusOr<std::unique_ptr<RapidGrad>> Create(const RapidGradParams& params);
+  // Returns nullptr (and the reason in *error when given) for d < 1, k < 1, lambda < 0 or lambda > 64.
+  // Free of Abseil so the standalone GPU build (scripts/gpu-check.sh) can use it as the reference.
+  static std::unique_ptr<RapidGrad> Create(const RapidGradParams& params, std::string* error = nullptr);
 
   const RapidGradParams& params() const { return params_; }
   int64_t padded_dim() const { return padded_; }

@@ -33,9 +33,10 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerO
   auto engine = GradientEngine::Load(eo);
   if (!engine.ok()) return engine.status();
   f->engine_ = std::move(*engine);
-  auto sketch = kernels::RapidGrad::Create({f->engine_->grad_dim(), options.k, options.lambda, options.seed});
-  if (!sketch.ok()) return sketch.status();
-  f->sketch_ = std::move(*sketch);
+  std::string error;
+  auto sketch = kernels::RapidGrad::Create({f->engine_->grad_dim(), options.k, options.lambda, options.seed}, &error);
+  if (sketch == nullptr) return absl::InvalidArgumentError(error);
+  f->sketch_ = std::move(sketch);
   std::vector<std::string> names;
   for (const auto& p : f->engine_->params()) names.push_back(p.name);
   f->state_ = absl::StrCat(f->sketch_->Describe(), "\nmodel=", f->engine_->model_hash(),

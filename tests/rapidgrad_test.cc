@@ -19,15 +19,19 @@ std::vector<float> RandomVec(int64_t d, uint64_t seed) {
 }
 
 std::unique_ptr<RapidGrad> Make(int64_t d, int64_t k, int lambda, uint64_t seed) {
-  auto g = RapidGrad::Create({d, k, lambda, seed});
-  EXPECT_TRUE(g.ok()) << g.status();
-  return std::move(*g);
+  std::string error;
+  auto g = RapidGrad::Create({d, k, lambda, seed}, &error);
+  EXPECT_NE(g, nullptr) << error;
+  return g;
 }
 
 TEST(RapidGrad, RejectsBadParams) {
-  EXPECT_FALSE(RapidGrad::Create({0, 4, 1, 0}).ok());
-  EXPECT_FALSE(RapidGrad::Create({10, 0, 1, 0}).ok());
-  EXPECT_FALSE(RapidGrad::Create({10, 4, -1, 0}).ok());
+  std::string error;
+  EXPECT_EQ(RapidGrad::Create({0, 4, 1, 0}, &error), nullptr);
+  EXPECT_NE(error.find("d must be"), std::string::npos) << error;
+  EXPECT_EQ(RapidGrad::Create({10, 0, 1, 0}), nullptr);
+  EXPECT_EQ(RapidGrad::Create({10, 4, -1, 0}, &error), nullptr);
+  EXPECT_NE(error.find("lambda"), std::string::npos) << error;
 }
 
 TEST(RapidGrad, DeterministicAndSeedSensitive) {

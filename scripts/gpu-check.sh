@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# All GPU checks in one call: builds the CUDA layer on its own (RAPIDIN_GPU_ONLY: no Debian libraries needed),
+# runs the GPU tests (ctest label "gpu"), compute-sanitizer's memcheck on them when it is installed, and the GPU
+# benchmark, then prints a short table.
+#
+# Needs nvcc, cmake, a C++17 compiler and GoogleTest: installed, or its sources in GTEST_SOURCE_DIR (default:
+# /usr/src/googletest, then .gpu-deps/googletest). NCCL is used when found (NCCL_HOME, the CUDA toolkit, or
+# Python's nvidia-nccl package). Options: --quick (small benchmark), BUILD=<dir>, OUT=<dir for logs>.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+QUICK=""
+[[ "${1:-}" == "--quick" ]] && QUICK="--quick"
+BUILD=${BUILD:-build-gpu-check}
+LOG=${OUT:-$BUILD}
+mkdir -p "$BUILD" "$LOG"
+
+NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
+[[ -x "$NVCC" ]] || { echo "gpu-check: nvcc not found (set NVCC)" >&2; exit 2; }
+GTEST_SRC=${GTEST_SOURCE_DIR:-}
+for d in /usr/src/googletest .gpu-deps/googletest; do
+  [[ -z "$GTEST_SRC" && -f "$d/CMakeLists.txt" ]] && GTEST_SRC=$(realpath "$d")
+done
+if [[ -z "${NCCL_HOME:-}" ]]; then
+  NCCL_HOME=$(python3 -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null || true)
+fi
+export NCCL_HOME
+ARCH=${CUDA_ARCH:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ' || true)}
+ARCH=${ARCH:-90}
+GEN=()
+command -v ninja >/dev/null && GEN=(-G Ninja)
+
+echo "== configure (CUDA arch $ARCH, GoogleTest ${GTEST_SRC:-installed}, NCCL_HOME=${NCCL_HOME:-none})"
+cmake -S . -B "$BUILD" "${GEN[@]}" -DRAPIDIN_GPU_ONLY=ON -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_CUDA_COMPILER="$NVCC" -DCMAKE_CUDA_ARCHITECTURES="$ARCH" ${GTEST_SRC:+-DGTEST_SOURCE_DIR="$GTEST_SRC"} \
+  >"$LOG/configure.log" 2>&1 || { tail -30 "$LOG/configure.log"; exit 1; }
+grep -E "NCCL" "$LOG/configure.log" || true
+echo "== build"
+cmake --build "$BUILD" -j "$(nproc)" >"$LOG/build.log" 2>&1 || { tail -40 "$LOG/build.log"; exit 1; }
+
+echo "== GPU tests"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+test_rc=0
+ctest --test-dir "$BUILD" -L gpu --output-on-failure -j 1 >"$LOG/tests.log" 2>&1 || test_rc=$?
+grep -E "tests passed|Skipped|Failed|\*\*\*" "$LOG/tests.log" | tail -20
+
+san_rc=skipped
+if command -v compute-sanitizer >/dev/null; then
+  echo "== compute-sanitizer memcheck"
+  if compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 "$BUILD/tests/gpu/gpu_kernels_test" \
+       >"$LOG/memcheck.log" 2>&1; then san_rc=0; else san_rc=$?; fi
+  grep -E "ERROR SUMMARY|PASSED|FAILED" "$LOG/memcheck.log" | tail -5
+fi
+
+echo "== GPU benchmark"
+bench_rc=0
+"$BUILD/bench/gpu/gpu_bench" $QUICK | tee "$LOG/gpu_bench.md" || bench_rc=$?
+
+echo
+echo "| check | result |"
+echo "|---|---|"
+echo "| GPU tests (ctest -L gpu) | $( [[ $test_rc == 0 ]] && echo pass || echo "FAIL ($test_rc)") $(grep -Eo '[0-9]+% tests passed.*' "$LOG/tests.log" | tail -1) |"
+echo "| memcheck | $san_rc |"
+echo "| benchmark | $( [[ $bench_rc == 0 ]] && echo done || echo "FAIL ($bench_rc)") |"
+[[ $test_rc == 0 && $bench_rc == 0 && ( $san_rc == 0 || $san_rc == skipped ) ]]
