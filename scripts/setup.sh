@@ -29,10 +29,6 @@ fi
 
 [ "${1:-}" = "--no-build" ] && exit 0
 
-CUDA_ARGS=()
-if [ "${RAPIDIN_ENABLE_CUDA:-OFF}" = "ON" ]; then
-  CUDA_ARGS=(-DRAPIDIN_ENABLE_CUDA=ON -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}")
-fi
 BUILD_DIR="${BUILD_DIR:-build}"
-cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DRAPIDIN_BUILD_TESTS=ON "${CUDA_ARGS[@]}" "$@"
+BUILD_DIR="$BUILD_DIR" bash scripts/configure.sh "$@"
 cmake --build "$BUILD_DIR" -j 2

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR="${BUILD_DIR:-build}"
 if [ ! -f "$BUILD_DIR/CMakeCache.txt" ]; then
-  cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DRAPIDIN_BUILD_TESTS=ON
+  BUILD_DIR="$BUILD_DIR" bash scripts/configure.sh
 fi
 cmake --build "$BUILD_DIR" -j 2
 cd "$BUILD_DIR"

@@ -25,7 +25,16 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--shards", o.shards, "host-tier shards = scan workers (0: one per hardware thread)");
   app.add_option("--k", o.create_k, "create the store with this K if it does not exist");
-  app.add_option("--backend", o.backend, "auto|cpu")->capture_default_str();
+  app.add_option("--backend", o.backend, "auto (CUDA when a GPU is usable) | cpu | cuda")->capture_default_str();
+  app.add_option("--gpu-devices", o.gpu.devices, "CUDA device ordinals (default: all visible)");
+  app.add_option("--gpu-memory-fraction", o.gpu.memory_fraction, "share of free GPU memory for the hot tier")
+      ->check(CLI::Range(0.01, 1.0))
+      ->capture_default_str();
+  uint64_t hot_limit_mb = ~uint64_t{0} >> 20, chunk_mb = 128;
+  app.add_option("--gpu-hot-limit-mb", hot_limit_mb, "per-GPU cap on the hot tier; 0 streams every shard");
+  app.add_option("--gpu-chunk-mb", chunk_mb, "chunk size when streaming from host memory")
+      ->check(CLI::Range(1, 1 << 16))
+      ->capture_default_str();
   app.add_option("--kernels", impl, "auto|avx2|portable")->capture_default_str();
   app.add_option("--max-top-k", o.max_top_k, "largest top_k / harmful_k accepted")->capture_default_str();
   app.add_option("--max-query-vectors", o.max_query_vectors, "query vectors per request")->capture_default_str();
@@ -43,6 +52,8 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::from_str(log_level));
+  o.gpu.hot_limit_bytes = hot_limit_mb >= (~uint64_t{0} >> 20) ? ~uint64_t{0} : hot_limit_mb << 20;
+  o.gpu.chunk_bytes = chunk_mb << 20;
   if (impl == "avx2") {
     o.impl = rapidin::kernels::ScoreImpl::kAvx2;
   } else if (impl == "portable") {

@@ -1,11 +1,95 @@
 #include "server/query_engine.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <future>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+#if RAPIDIN_HAVE_CUDA
+#include <mutex>
+#include <unordered_set>
+
+#include "kernels/cuda/scanner.h"
+#endif
 
 namespace rapidin::server {
+
+#if RAPIDIN_HAVE_CUDA
+namespace {
+
+absl::Status FromGpu(const gpu::Status& st) {
+  switch (st.code()) {
+    case gpu::Code::kOk:
+      return absl::OkStatus();
+    case gpu::Code::kInvalidArgument:
+      return absl::InvalidArgumentError(st.message());
+    case gpu::Code::kResourceExhausted:
+      return absl::ResourceExhaustedError(st.message());
+    case gpu::Code::kUnavailable:
+      return absl::UnavailableError(st.message());
+    default:
+      return absl::InternalError(st.message());
+  }
+}
+
+// Pinned memory when the driver gives it, plain aligned memory otherwise; the set says which to free how.
+std::mutex plain_mu;
+std::unordered_set<void*>* plain_blocks = new std::unordered_set<void*>();
+
+void* HostTierAlloc(size_t bytes) {
+  if (void* p = gpu::PinnedAlloc(bytes)) return p;
+  void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  if (p != nullptr) {
+    std::lock_guard<std::mutex> l(plain_mu);
+    plain_blocks->insert(p);
+  }
+  return p;
+}
+
+void HostTierFree(void* p) {
+  {
+    std::lock_guard<std::mutex> l(plain_mu);
+    if (plain_blocks->erase(p) > 0) {
+      std::free(p);
+      return;
+    }
+  }
+  gpu::PinnedFree(p);
+}
+
+}  // namespace
+
+struct QueryEngine::Gpu {
+  std::unique_ptr<gpu::Scanner> scanner;
+  std::vector<std::vector<int>> shards_of_device;
+};
+
+bool CudaBackendBuilt() { return true; }
+
+absl::Status CudaBackendUsable(std::string* description) {
+  std::vector<gpu::DeviceInfo> devs;
+  const gpu::Status st = gpu::ListDevices(&devs);
+  if (!st.ok()) return FromGpu(st);
+  if (description != nullptr) {
+    std::vector<std::string> names;
+    for (const auto& d : devs) names.push_back(absl::StrCat(d.ordinal, ": ", d.name));
+    *description = absl::StrJoin(names, ", ");
+  }
+  return absl::OkStatus();
+}
+
+storage::internal::HostAllocator CudaHostAllocator() { return {&HostTierAlloc, &HostTierFree}; }
+#else
+struct QueryEngine::Gpu {};
+bool CudaBackendBuilt() { return false; }
+absl::Status CudaBackendUsable(std::string*) {
+  return absl::UnavailableError("this build has no CUDA backend (configure with -DRAPIDIN_ENABLE_CUDA=ON)");
+}
+storage::internal::HostAllocator CudaHostAllocator() { return {}; }
+#endif
 
 struct QueryEngine::Pending {
   std::vector<float> queries;
@@ -56,10 +140,76 @@ struct QueryEngine::Worker {
   }
 };
 
-QueryEngine::QueryEngine(const storage::Store* store, Options options) : store_(store), options_(options) {
+QueryEngine::QueryEngine(const storage::Store* store, Options options)
+    : QueryEngine(store, std::move(options), nullptr) {}
+
+QueryEngine::QueryEngine(const storage::Store* store, Options options, std::unique_ptr<Gpu> gpu)
+    : store_(store), options_(std::move(options)), gpu_(std::move(gpu)) {
   options_.impl = kernels::ResolveImpl(options_.impl);
-  for (int s = 0; s < store_->num_shards(); ++s) workers_.push_back(std::make_unique<Worker>());
+  int workers = store_->num_shards();
+#if RAPIDIN_HAVE_CUDA
+  if (gpu_) workers = gpu_->scanner->num_devices();
+#endif
+  for (int w = 0; w < workers; ++w) workers_.push_back(std::make_unique<Worker>());
   dispatcher_ = std::thread([this] { DispatchLoop(); });
+}
+
+absl::StatusOr<std::unique_ptr<QueryEngine>> QueryEngine::Create(const storage::Store* store, Options options) {
+  if (options.backend == "cpu") return std::unique_ptr<QueryEngine>(new QueryEngine(store, std::move(options)));
+  if (options.backend != "cuda") {
+    return absl::InvalidArgumentError(absl::StrCat("unknown backend \"", options.backend, "\" (cpu|cuda)"));
+  }
+#if RAPIDIN_HAVE_CUDA
+  gpu::ScannerOptions so;
+  so.devices = options.gpu.devices;
+  so.memory_fraction = options.gpu.memory_fraction;
+  so.hot_limit_bytes = options.gpu.hot_limit_bytes;
+  so.chunk_bytes = std::max<uint64_t>(options.gpu.chunk_bytes, uint64_t{store->k()} * 2);
+  auto g = std::make_unique<Gpu>();
+  absl::Status st = FromGpu(gpu::Scanner::Create(store->k(), so, &g->scanner));
+  if (!st.ok()) return absl::Status(st.code(), absl::StrCat("CUDA backend: ", st.message()));
+  // Place every shard by its current size, then upload the hot ones.
+  std::vector<uint64_t> bytes(store->num_shards());
+  for (int s = 0; s < store->num_shards(); ++s) {
+    st = store->WithShard(s, [&](const storage::ShardView& v) {
+      bytes[s] = static_cast<uint64_t>(v.n) * v.k * 2;
+      return absl::OkStatus();
+    });
+    if (!st.ok()) return st;
+  }
+  if (!(st = FromGpu(g->scanner->Place(bytes))).ok()) return st;
+  g->shards_of_device.resize(g->scanner->num_devices());
+  for (int s = 0; s < store->num_shards(); ++s) {
+    g->shards_of_device[g->scanner->shard_device(s)].push_back(s);
+    st = store->WithShard(s, [&](const storage::ShardView& v) {
+      return FromGpu(g->scanner->Sync(s, {v.rows, v.n, v.first_index, v.index_stride, v.generation,
+                                          v.rewrite_generation}));
+    });
+    if (!st.ok()) return st;
+  }
+  return std::unique_ptr<QueryEngine>(new QueryEngine(store, std::move(options), std::move(g)));
+#else
+  return CudaBackendUsable();
+#endif
+}
+
+std::string QueryEngine::backend() const {
+#if RAPIDIN_HAVE_CUDA
+  if (gpu_) return gpu_->scanner->Describe();
+#endif
+  return kernels::ImplName(options_.impl);
+}
+
+GpuTierUsage QueryEngine::GpuUsage() const {
+  GpuTierUsage u;
+#if RAPIDIN_HAVE_CUDA
+  if (gpu_) {
+    const gpu::TierBytes t = gpu_->scanner->Usage();
+    u.hot_bytes = t.hot;
+    u.warm_bytes = t.warm;
+  }
+#endif
+  return u;
 }
 
 QueryEngine::~QueryEngine() {
@@ -134,43 +284,87 @@ void QueryEngine::RunBatch(std::vector<std::shared_ptr<Pending>>& batch) {
     }
   }
   const int S = static_cast<int>(workers_.size());
+  // Per worker: for each query vector of the batch, candidate lists (several per vector when a GPU worker
+  // scans several shards), merged below by the same code for both backends.
   struct ShardOut {
-    std::vector<kernels::TopK> helpful, harmful;
+    std::vector<std::vector<std::vector<kernels::Candidate>>> helpful, harmful;
     ShardTiming timing;
     absl::Status status;
   };
   std::vector<ShardOut> outs(S);
+  // The largest k of the batch: each request's own k is applied at the merge.
+  int max_top = 0, max_harm = 0;
+  for (const auto& p : batch) {
+    max_top = std::max(max_top, p->top_k);
+    max_harm = std::max(max_harm, p->harmful_k);
+  }
+  absl::Status setup;
+#if RAPIDIN_HAVE_CUDA
+  if (gpu_) setup = FromGpu(gpu_->scanner->SetQueries(all.data(), total_q));
+#endif
   std::mutex done_mu;
   std::condition_variable done_cv;
   int remaining = S;
-  for (int s = 0; s < S; ++s) {
+  for (int s = 0; s < S && setup.ok(); ++s) {
     workers_[s]->Post([&, s] {
       ShardOut& o = outs[s];
-      for (const auto& p : batch) {
-        for (int j = 0; j < p->q; ++j) {
-          o.helpful.emplace_back(p->top_k, true);
-          o.harmful.emplace_back(p->harmful_k, false);
-        }
-      }
+      o.helpful.resize(total_q);
+      o.harmful.resize(total_q);
       const auto t0 = std::chrono::steady_clock::now();
-      o.status = store_->WithShard(s, [&](const storage::ShardView& v) {
-        o.timing.rows = v.n;
-        o.timing.bytes_scanned = static_cast<uint64_t>(v.n) * v.k * sizeof(uint16_t);
-        return kernels::ScanTopK(v.rows, v.n, v.k, all.data(), total_q, v.first_index, v.index_stride,
-                                 &o.helpful, &o.harmful, options_.impl);
-      });
       o.timing.shard = s;
-      o.timing.backend = kernels::ImplName(options_.impl);
+      if (!gpu_) {
+        std::vector<kernels::TopK> hp, hm;
+        for (const auto& p : batch) {
+          for (int j = 0; j < p->q; ++j) {
+            hp.emplace_back(p->top_k, true);
+            hm.emplace_back(p->harmful_k, false);
+          }
+        }
+        o.status = store_->WithShard(s, [&](const storage::ShardView& v) {
+          o.timing.rows = v.n;
+          o.timing.bytes_scanned = static_cast<uint64_t>(v.n) * v.k * sizeof(uint16_t);
+          return kernels::ScanTopK(v.rows, v.n, v.k, all.data(), total_q, v.first_index, v.index_stride, &hp,
+                                   &hm, options_.impl);
+        });
+        for (int j = 0; j < total_q; ++j) {
+          o.helpful[j].push_back(hp[j].Sorted());
+          o.harmful[j].push_back(hm[j].Sorted());
+        }
+        o.timing.backend = kernels::ImplName(options_.impl);
+      } else {
+#if RAPIDIN_HAVE_CUDA
+        // One GPU: scan each shard placed on it in turn.
+        const gpu::DeviceInfo& dev = gpu_->scanner->device(s);
+        o.timing.backend = absl::StrCat("cuda:", dev.ordinal);
+        for (int shard : gpu_->shards_of_device[s]) {
+          if (!o.status.ok()) break;
+          o.status = store_->WithShard(shard, [&](const storage::ShardView& v) {
+            o.timing.rows += v.n;
+            o.timing.bytes_scanned += static_cast<uint64_t>(v.n) * v.k * sizeof(uint16_t);
+            std::vector<std::vector<kernels::Candidate>> hp, hm;
+            absl::Status st = FromGpu(gpu_->scanner->ScanShard(
+                shard, {v.rows, v.n, v.first_index, v.index_stride, v.generation, v.rewrite_generation}, max_top,
+                max_harm, &hp, &hm));
+            for (int j = 0; j < total_q && st.ok(); ++j) {
+              o.helpful[j].push_back(std::move(hp[j]));
+              o.harmful[j].push_back(std::move(hm[j]));
+            }
+            return st;
+          });
+        }
+#endif
+      }
       o.timing.scan_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       std::lock_guard<std::mutex> l(done_mu);
       if (--remaining == 0) done_cv.notify_one();
     });
   }
+  if (!setup.ok()) remaining = 0;
   {
     std::unique_lock<std::mutex> l(done_mu);
     done_cv.wait(l, [&] { return remaining == 0; });
   }
-  absl::Status status;
+  absl::Status status = setup;
   std::vector<ShardTiming> timings;
   for (auto& o : outs) {
     if (!o.status.ok() && status.ok()) status = o.status;
@@ -189,8 +383,8 @@ void QueryEngine::RunBatch(std::vector<std::shared_ptr<Pending>>& batch) {
     for (int j = 0; j < p->q; ++j) {
       std::vector<std::vector<kernels::Candidate>> hp, hm;
       for (auto& o : outs) {
-        hp.push_back(o.helpful[base + j].Sorted());
-        hm.push_back(o.harmful[base + j].Sorted());
+        for (auto& c : o.helpful[base + j]) hp.push_back(c);
+        for (auto& c : o.harmful[base + j]) hm.push_back(c);
       }
       r.helpful.push_back(kernels::MergeTopK(hp, p->top_k, true));
       r.harmful.push_back(kernels::MergeTopK(hm, p->harmful_k, false));

@@ -147,6 +147,20 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     disk->set_tier("disk");
     disk->set_records(m.record_count());
     disk->set_bytes(u.disk_bytes);
+    if (engine_->backend().rfind("cuda", 0) == 0) {
+      const GpuTierUsage g = engine_->GpuUsage();
+      const uint64_t row = uint64_t{m.k()} * 2;
+      {
+        auto* hot = resp->add_tiers();
+        hot->set_tier("gpu");
+        hot->set_records(row ? g.hot_bytes / row : 0);
+        hot->set_bytes(g.hot_bytes);
+        auto* warm = resp->add_tiers();
+        warm->set_tier("streamed");
+        warm->set_records(row ? g.warm_bytes / row : 0);
+        warm->set_bytes(g.warm_bytes);
+      }
+    }
     return Observe("Stats", t0, absl::OkStatus());
   }
 
@@ -154,6 +168,12 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     const storage::TierUsage u = store_->Usage();
     metrics_->SetTier("host", static_cast<double>(u.host_records), static_cast<double>(u.host_bytes));
     metrics_->SetTier("disk", static_cast<double>(store_->size()), static_cast<double>(u.disk_bytes));
+    if (engine_->backend().rfind("cuda", 0) == 0) {
+      const GpuTierUsage g = engine_->GpuUsage();
+      const double row = static_cast<double>(store_->k()) * 2;
+      metrics_->SetTier("gpu", g.hot_bytes / row, static_cast<double>(g.hot_bytes));
+      metrics_->SetTier("streamed", g.warm_bytes / row, static_cast<double>(g.warm_bytes));
+    }
   }
 
  private:
@@ -441,9 +461,23 @@ Server::~Server() { Shutdown(absl::Seconds(1)); }
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& options) {
   if (options.store_path.empty()) return absl::InvalidArgumentError("--store is required");
-  if (options.backend != "auto" && options.backend != "cpu") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("backend \"", options.backend, "\" is not available in this build (auto|cpu)"));
+  if (options.backend != "auto" && options.backend != "cpu" && options.backend != "cuda") {
+    return absl::InvalidArgumentError(absl::StrCat("unknown backend \"", options.backend, "\" (auto|cpu|cuda)"));
+  }
+  // Decide the backend before opening the store: the CUDA backend wants the host tier in pinned memory.
+  std::string backend = options.backend;
+  if (backend != "cpu") {
+    std::string devices;
+    const absl::Status usable = CudaBackendUsable(&devices);
+    if (usable.ok()) {
+      spdlog::info("CUDA devices: {}", devices);
+      backend = "cuda";
+    } else if (backend == "cuda") {
+      return absl::FailedPreconditionError(absl::StrCat("--backend cuda: ", usable.message()));
+    } else {
+      spdlog::info("backend auto: CPU ({})", std::string(usable.message()));
+      backend = "cpu";
+    }
   }
   if (options.max_top_k == 0 || options.max_query_vectors <= 0 || options.max_message_bytes <= 0) {
     return absl::InvalidArgumentError("limits must be positive");
@@ -455,6 +489,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   so.k = options.create_k;
   so.num_shards = options.shards > 0 ? options.shards : std::max(1u, std::thread::hardware_concurrency());
   so.progress = options.load_progress;
+  if (backend == "cuda") so.host_allocator = CudaHostAllocator();
   const auto t0 = std::chrono::steady_clock::now();
   auto store = storage::Store::Open(options.store_path, so);
   if (!store.ok()) return store.status();
@@ -493,7 +528,18 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   if (eo.impl == kernels::ScoreImpl::kAvx2 && !kernels::Avx2Available()) {
     return absl::FailedPreconditionError("AVX2/F16C/FMA kernels requested but this CPU lacks them");
   }
-  impl->engine = std::make_unique<QueryEngine>(impl->store.get(), eo);
+  eo.backend = backend;
+  eo.gpu = options.gpu;
+  const auto t1 = std::chrono::steady_clock::now();
+  auto engine = QueryEngine::Create(impl->store.get(), eo);
+  if (!engine.ok()) return engine.status();
+  impl->engine = std::move(*engine);
+  if (backend == "cuda") {
+    const GpuTierUsage g = impl->engine->GpuUsage();
+    spdlog::info("{}: {:.1f} MB hot in GPU memory, {:.1f} MB streamed from host, placed in {:.2f} s",
+                 impl->engine->backend(), g.hot_bytes / 1e6, g.warm_bytes / 1e6,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count());
+  }
   impl->metrics = std::make_unique<Metrics>();
   if (!options.metrics_listen.empty()) {
     absl::Status st = impl->metrics->Serve(options.metrics_listen);

@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "kernels/score.h"
+#include "server/query_engine.h"
 
 namespace rapidin::server {
 
@@ -28,7 +29,8 @@ struct ServerOptions {
   int max_message_bytes = 64 << 20;                // larger requests get RESOURCE_EXHAUSTED
   int max_batch_vectors = 64;                      // query vectors that may share one scan
   uint32_t max_attributed_records = 10;            // top_k + harmful_k allowed with token attributions
-  std::string backend = "auto";                    // auto | cpu
+  std::string backend = "auto";                    // auto (CUDA when a GPU is usable) | cpu | cuda
+  GpuOptions gpu;                                  // CUDA backend: devices, hot-tier budget, chunk size
   kernels::ScoreImpl impl = kernels::ScoreImpl::kAuto;
   std::function<void(uint64_t, uint64_t)> load_progress;
   // Query by text: the model whose gradients the store holds. The sketch parameters come from the store's

@@ -79,9 +79,11 @@ struct Store::Impl {
 
   std::mutex ingest_mu;  // serialises writers
   struct Shard {
-    explicit Shard(int64_t k) : rows(k) {}
+    Shard(int64_t k, internal::HostAllocator a) : rows(k, a) {}
     mutable std::shared_mutex mu;
     internal::AlignedRows rows;
+    uint64_t generation = 1;           // see ShardView
+    uint64_t rewrite_generation = 0;
   };
   std::vector<std::unique_ptr<Shard>> shards;
 
@@ -229,7 +231,9 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path, cons
     absl::MutexLock l(&impl->manifest_mu);
     impl->manifest = m;
   }
-  for (int s = 0; s < options.num_shards; ++s) impl->shards.push_back(std::make_unique<Impl::Shard>(m.k()));
+  for (int s = 0; s < options.num_shards; ++s) {
+    impl->shards.push_back(std::make_unique<Impl::Shard>(m.k(), options.host_allocator));
+  }
   st = impl->LoadHostTier(m.record_count(), m.k());
   if (!st.ok()) return st;
   return std::unique_ptr<Store>(new Store(std::move(impl)));
@@ -329,8 +333,10 @@ absl::StatusOr<IngestResult> Store::Ingest(const std::vector<IngestItem>& batch)
   for (const auto& [g, i] : by_row) {
     auto& shard = *d.shards[g % S];
     std::unique_lock<std::shared_mutex> l(shard.mu);
+    ++shard.generation;
     if (g < old_count) {
       shard.rows.Overwrite(static_cast<int64_t>(g / S), halves[i].data());
+      shard.rewrite_generation = shard.generation;
     } else {
       shard.rows.Append(halves[i].data());
     }
@@ -385,6 +391,8 @@ absl::Status Store::WithShard(int s, const std::function<absl::Status(const Shar
   v.k = impl_->k();
   v.first_index = s;
   v.index_stride = impl_->num_shards();
+  v.generation = shard.generation;
+  v.rewrite_generation = shard.rewrite_generation;
   return fn(v);
 }
 

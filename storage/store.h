@@ -26,6 +26,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "rapidin/v1/store.pb.h"
+#include "storage/internal/host_shard.h"
 
 namespace rapidin::storage {
 
@@ -38,6 +39,8 @@ struct StoreOptions {
   std::string projection_state;      // written at creation; if non-empty when opening, must match
   int num_shards = 1;                // host-tier shards (not part of the on-disk format)
   bool sync_writes = true;           // fsync the WAL on every batch
+  // Allocator of the host tier (page-locked memory for the CUDA backend's warm tier).
+  internal::HostAllocator host_allocator;
   // Called while loading vectors at Open (every ~1% and at the end).
   std::function<void(uint64_t loaded, uint64_t total)> progress;
 };
@@ -60,6 +63,8 @@ struct ShardView {
   int64_t k = 0;
   int64_t first_index = 0;           // global index of local row 0
   int64_t index_stride = 1;          // global index of local row r = first_index + r * index_stride
+  uint64_t generation = 0;           // bumped by every change to this shard's rows
+  uint64_t rewrite_generation = 0;   // generation of the last in-place overwrite (appends leave it)
 };
 
 struct TierUsage {

@@ -143,6 +143,66 @@ TEST(Store, IngestGetReplaceAndReopen) {
   }
 }
 
+// GPU tiers keep device copies in sync by these numbers: appends bump the generation, in-place replaces also
+// set the rewrite generation; a shard the batch did not touch keeps both.
+TEST(Store, ShardGenerationsTrackAppendsAndRewrites) {
+  TempDir dir;
+  auto s = MustOpen(dir.path("s"), 8, 2);
+  ASSERT_NE(s, nullptr);
+  auto gens = [&](int shard) {
+    std::pair<uint64_t, uint64_t> g;
+    EXPECT_TRUE(s->WithShard(shard, [&](const ShardView& v) {
+      g = {v.generation, v.rewrite_generation};
+      return absl::OkStatus();
+    }).ok());
+    return g;
+  };
+  const auto g0 = gens(0), g1 = gens(1);
+  ASSERT_TRUE(s->Ingest({Item("a", SeededVector(1, 8)), Item("b", SeededVector(2, 8))}).ok());  // rows 0, 1
+  const auto a0 = gens(0), a1 = gens(1);
+  EXPECT_GT(a0.first, g0.first);
+  EXPECT_GT(a1.first, g1.first);
+  EXPECT_EQ(a0.second, g0.second);  // appends only
+  ASSERT_TRUE(s->Ingest({Item("c", SeededVector(3, 8))}).ok());  // row 2: shard 0 only
+  EXPECT_GT(gens(0).first, a0.first);
+  EXPECT_EQ(gens(1), a1);
+  ASSERT_TRUE(s->Ingest({Item("b", SeededVector(4, 8))}).ok());  // replaces row 1 in shard 1
+  const auto r1 = gens(1);
+  EXPECT_GT(r1.first, a1.first);
+  EXPECT_EQ(r1.second, r1.first);
+}
+
+int allocations = 0, frees = 0;
+void* CountingAlloc(size_t bytes) {
+  ++allocations;
+  return std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+}
+void CountingFree(void* p) {
+  ++frees;
+  std::free(p);
+}
+
+TEST(Store, HostTierUsesTheGivenAllocator) {
+  TempDir dir;
+  allocations = frees = 0;
+  {
+    StoreOptions o;
+    o.create_if_missing = true;
+    o.k = 8;
+    o.host_allocator = {&CountingAlloc, &CountingFree};
+    auto s = Store::Open(dir.path("s"), o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    std::vector<rapidin::storage::IngestItem> batch;
+    for (int i = 0; i < 3000; ++i) batch.push_back(Item("r" + std::to_string(i), SeededVector(i, 8)));
+    ASSERT_TRUE((*s)->Ingest(batch).ok());
+    EXPECT_GT(allocations, 0);
+    auto v = (*s)->GetVector(2999);
+    ASSERT_TRUE(v.ok());
+    EXPECT_EQ(*v, Rounded(SeededVector(2999, 8)));
+  }
+  EXPECT_EQ(allocations, frees);  // every block went back through the same allocator
+}
+
 TEST(Store, BadBatchIsRejectedWhole) {
   TempDir dir;
   const int k = 8;

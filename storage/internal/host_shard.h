@@ -9,12 +9,19 @@
 
 namespace rapidin::storage::internal {
 
+// Where the rows live: aligned_alloc by default; the CUDA backend passes page-locked memory so that the warm
+// tier can be streamed to GPUs without a staging copy.
+struct HostAllocator {
+  void* (*alloc)(size_t bytes) = nullptr;  // nullptr: std::aligned_alloc(64, bytes)
+  void (*free)(void* p) = nullptr;
+};
+
 class AlignedRows {
  public:
   static constexpr size_t kAlign = 64;
 
-  explicit AlignedRows(int64_t k) : k_(k) {}
-  ~AlignedRows() { std::free(data_); }
+  explicit AlignedRows(int64_t k, HostAllocator allocator = {}) : k_(k), allocator_(allocator) {}
+  ~AlignedRows() { Free(data_); }
   AlignedRows(const AlignedRows&) = delete;
   AlignedRows& operator=(const AlignedRows&) = delete;
 
@@ -25,10 +32,11 @@ class AlignedRows {
     while (cap < rows) cap *= 2;
     size_t bytes = static_cast<size_t>(cap) * k_ * sizeof(uint16_t);
     bytes = (bytes + kAlign - 1) / kAlign * kAlign;
-    void* p = std::aligned_alloc(kAlign, bytes == 0 ? kAlign : bytes);
+    void* p = allocator_.alloc != nullptr ? allocator_.alloc(bytes == 0 ? kAlign : bytes)
+                                          : std::aligned_alloc(kAlign, bytes == 0 ? kAlign : bytes);
     if (p == nullptr) return false;
     if (n_ > 0) std::memcpy(p, data_, static_cast<size_t>(n_) * k_ * sizeof(uint16_t));
-    std::free(data_);
+    Free(data_);
     data_ = static_cast<uint16_t*>(p);
     capacity_ = cap;
     return true;
@@ -49,7 +57,13 @@ class AlignedRows {
   uint64_t bytes() const { return static_cast<uint64_t>(n_) * k_ * sizeof(uint16_t); }
 
  private:
+  void Free(void* p) {
+    if (p == nullptr) return;
+    allocator_.free != nullptr ? allocator_.free(p) : std::free(p);
+  }
+
   int64_t k_;
+  HostAllocator allocator_;
   int64_t n_ = 0;
   int64_t capacity_ = 0;
   uint16_t* data_ = nullptr;

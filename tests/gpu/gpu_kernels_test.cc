@@ -138,7 +138,12 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Combine(::testing::Values(ScoreCase{1000, 4096, 1}, ScoreCase{777, 4096, 3},
                                          ScoreCase{513, 136, 8}, ScoreCase{301, 1000, 13},
                                          ScoreCase{50, 77, 2}, ScoreCase{3, 8, 5}),
-                       ::testing::Bool()));
+                       ::testing::Bool()),
+    [](const auto& info) {
+      const ScoreCase c = std::get<0>(info.param);
+      return "n" + std::to_string(c.n) + "_k" + std::to_string(c.k) + "_q" + std::to_string(c.q) +
+             (std::get<1>(info.param) ? "_bf16" : "_f16");
+    });
 
 // Top-k on the device equals the CPU selector exactly: same rows, same scores, same order, ties included.
 TEST(GpuKernels, TopKEqualsCpuSelector) {
