@@ -93,6 +93,15 @@ struct GradientEngine::Impl {
   bool rope_half = false;  // Hugging Face rotates (i, i + hd/2) pairs; llama2.c interleaved (2i, 2i+1) pairs
   std::map<std::string, std::pair<std::string, std::string>> lora;  // weight -> (A, B) parameter names
   double lora_scale = 0;
+  int lora_rank = 0;
+  double lora_alpha = 0;
+  std::vector<std::string> lora_targets;  // PEFT module names
+  bool llama2c = false;                   // loaded from a llama2.c checkpoint
+  // AdamW state of the selected parameters (fine-tuning).
+  std::vector<torch::Tensor> adam_m, adam_v;
+  int64_t adam_step = 0;
+
+  absl::Status LoadAdapter(const std::string& path);
 
   const torch::Tensor& W(const std::string& n) const { return tls_leaves ? tls_leaves->w.at(n) : w.at(n); }
 
@@ -120,7 +129,20 @@ struct GradientEngine::Impl {
     auto ang = torch::outer(pos, freqs);
     cos = torch::cos(ang).to(dtype);
     sin = torch::sin(ang).to(dtype);
-    // Parameter selection.
+    absl::Status st = Select();
+    if (!st.ok()) return st;
+    Rehash();
+    return absl::OkStatus();
+  }
+
+  // Parameter selection: the pattern, else the LoRA matrices when an adapter is attached, else every matrix.
+  absl::Status Select() {
+    selected.clear();
+    infos.clear();
+    dim = 0;
+    adam_m.clear();
+    adam_v.clear();
+    adam_step = 0;
     std::regex re;
     try {
       if (!options.param_pattern.empty()) re = std::regex(options.param_pattern);
@@ -141,6 +163,10 @@ struct GradientEngine::Impl {
       return absl::InvalidArgumentError(absl::StrCat("parameter pattern \"", options.param_pattern,
                                                      "\" selects no parameter"));
     }
+    return absl::OkStatus();
+  }
+
+  void Rehash() {
     uint64_t h = 1469598103934665603ull;
     for (const auto& n : names) {
       auto c = w[n].detach().to(torch::kFloat).contiguous();
@@ -152,7 +178,6 @@ struct GradientEngine::Impl {
     const std::string tmpl = absl::StrCat("alpaca/v1 max_length=", options.max_length);
     h = Fnv(h, tmpl.data(), tmpl.size());
     hash = absl::StrFormat("%016x", h);
-    return absl::OkStatus();
   }
 
   torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& g) const {
@@ -308,15 +333,68 @@ const std::vector<std::pair<std::string, std::string>>& HfModules() {
 
 }  // namespace
 
+// Attaches a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors).
+absl::Status GradientEngine::Impl::LoadAdapter(const std::string& path) {
+  namespace fs = std::filesystem;
+  const fs::path ad(path);
+  const ModelConfig& c = cfg;
+  absl::Status st;
+  {
+    auto aj = ReadJson((ad / "adapter_config.json").string());
+    if (!aj.ok()) return aj.status();
+    int r = 0;
+    double alpha = 0;
+    std::set<std::string> targets;
+    try {
+      if (aj->value("peft_type", "LORA") != "LORA") return absl::InvalidArgumentError("adapter is not a LoRA adapter");
+      r = aj->at("r").get<int>();
+      alpha = aj->at("lora_alpha").get<double>();
+      if (aj->value("fan_in_fan_out", false)) return absl::UnimplementedError("fan_in_fan_out LoRA is not supported");
+      const auto& tm = aj->at("target_modules");
+      if (tm.is_string()) targets.insert(tm.get<std::string>());
+      else for (const auto& m : tm) targets.insert(m.get<std::string>());
+      lora_scale = aj->value("use_rslora", false) ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r;
+      lora_alpha = alpha;
+      lora_rank = r;
+      lora_targets.assign(targets.begin(), targets.end());
+    } catch (const std::exception& e) {
+      return absl::DataLossError(absl::StrCat((ad / "adapter_config.json").string(), ": ", e.what()));
+    }
+    if (r <= 0) return absl::DataLossError("adapter_config.json: r must be positive");
+    std::map<std::string, torch::Tensor> at;
+    st = ReadSafetensors((ad / "adapter_model.safetensors").string(), &at);
+    if (!st.ok()) return st;
+    int found = 0;
+    for (int l = 0; l < c.n_layers; ++l) {
+      for (const auto& [hf, ours] : HfModules()) {
+        const std::string shortname = hf.substr(hf.find('.') + 1);
+        if (!targets.count(shortname)) continue;
+        const std::string base = absl::StrCat("base_model.model.model.layers.", l, ".", hf);
+        const std::string p = absl::StrCat("layers.", l, ".", ours);
+        const auto& w = W(p + ".weight");
+        auto a = at.find(base + ".lora_A.weight"), b = at.find(base + ".lora_B.weight");
+        if (a == at.end() || b == at.end()) return absl::DataLossError(absl::StrCat("adapter lacks ", base, " A/B"));
+        if (a->second.sizes().vec() != std::vector<int64_t>{r, w.size(1)} ||
+            b->second.sizes().vec() != std::vector<int64_t>{w.size(0), r}) {
+          return absl::DataLossError(absl::StrCat(base, ": LoRA shapes do not match the base weight and r"));
+        }
+        Add(p + ".lora_A.weight", a->second);
+        Add(p + ".lora_B.weight", b->second);
+        lora[p + ".weight"] = {p + ".lora_A.weight", p + ".lora_B.weight"};
+        ++found;
+      }
+    }
+    if (found == 0) return absl::DataLossError("the adapter's target_modules match no Llama module");
+  }
+  return absl::OkStatus();
+}
+
 GradientEngine::GradientEngine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 GradientEngine::~GradientEngine() = default;
 
 absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Load(const EngineOptions& options) {
   if (options.max_length < 4) return absl::InvalidArgumentError("max_length must be at least 4");
   if (std::filesystem::is_directory(options.model_path)) return LoadHf(options);
-  if (!options.adapter_path.empty()) {
-    return absl::InvalidArgumentError("LoRA adapters need a Hugging Face model directory as the base model");
-  }
   std::ifstream in(options.model_path, std::ios::binary | std::ios::ate);
   if (!in) return absl::NotFoundError(absl::StrCat("model file not found: ", options.model_path));
   const int64_t size = in.tellg();
@@ -389,6 +467,11 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Load(const Engin
   }
   impl->Add("norm.weight", rms_final);
   if (!c.tied_output) impl->Add("output.weight", take({V, D}));
+  impl->llama2c = true;
+  if (!options.adapter_path.empty()) {
+    absl::Status st = impl->LoadAdapter(options.adapter_path);
+    if (!st.ok()) return st;
+  }
   if (!options.tokenizer_path.empty()) {
     auto tok = Tokenizer::Load(options.tokenizer_path, c.vocab_size);
     if (!tok.ok()) return tok.status();
@@ -483,49 +566,8 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::LoadHf(const Eng
   if (!st.ok()) return st;
 
   if (!options.adapter_path.empty()) {
-    const fs::path ad(options.adapter_path);
-    auto aj = ReadJson((ad / "adapter_config.json").string());
-    if (!aj.ok()) return aj.status();
-    int r = 0;
-    double alpha = 0;
-    std::set<std::string> targets;
-    try {
-      if (aj->value("peft_type", "LORA") != "LORA") return absl::InvalidArgumentError("adapter is not a LoRA adapter");
-      r = aj->at("r").get<int>();
-      alpha = aj->at("lora_alpha").get<double>();
-      if (aj->value("fan_in_fan_out", false)) return absl::UnimplementedError("fan_in_fan_out LoRA is not supported");
-      const auto& tm = aj->at("target_modules");
-      if (tm.is_string()) targets.insert(tm.get<std::string>());
-      else for (const auto& m : tm) targets.insert(m.get<std::string>());
-      impl->lora_scale = aj->value("use_rslora", false) ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r;
-    } catch (const std::exception& e) {
-      return absl::DataLossError(absl::StrCat((ad / "adapter_config.json").string(), ": ", e.what()));
-    }
-    if (r <= 0) return absl::DataLossError("adapter_config.json: r must be positive");
-    std::map<std::string, torch::Tensor> at;
-    st = ReadSafetensors((ad / "adapter_model.safetensors").string(), &at);
+    st = impl->LoadAdapter(options.adapter_path);
     if (!st.ok()) return st;
-    int found = 0;
-    for (int l = 0; l < c.n_layers; ++l) {
-      for (const auto& [hf, ours] : HfModules()) {
-        const std::string shortname = hf.substr(hf.find('.') + 1);
-        if (!targets.count(shortname)) continue;
-        const std::string base = absl::StrCat("base_model.model.model.layers.", l, ".", hf);
-        const std::string p = absl::StrCat("layers.", l, ".", ours);
-        const auto& w = impl->W(p + ".weight");
-        auto a = at.find(base + ".lora_A.weight"), b = at.find(base + ".lora_B.weight");
-        if (a == at.end() || b == at.end()) return absl::DataLossError(absl::StrCat("adapter lacks ", base, " A/B"));
-        if (a->second.sizes().vec() != std::vector<int64_t>{r, w.size(1)} ||
-            b->second.sizes().vec() != std::vector<int64_t>{w.size(0), r}) {
-          return absl::DataLossError(absl::StrCat(base, ": LoRA shapes do not match the base weight and r"));
-        }
-        impl->Add(p + ".lora_A.weight", a->second);
-        impl->Add(p + ".lora_B.weight", b->second);
-        impl->lora[p + ".weight"] = {p + ".lora_A.weight", p + ".lora_B.weight"};
-        ++found;
-      }
-    }
-    if (found == 0) return absl::DataLossError("the adapter's target_modules match no Llama module");
   }
   if (!options.tokenizer_path.empty()) {
     auto tok = Tokenizer::Load(options.tokenizer_path, c.vocab_size);
@@ -543,6 +585,7 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Random(const Mod
   impl->options = options;
   impl->cfg = c;
   impl->dtype = options.use_double ? torch::kDouble : torch::kFloat;
+  impl->llama2c = true;  // same layout (interleaved RoPE pairs), so SaveLlama2c can write it
   std::mt19937_64 rng(seed);
   std::normal_distribution<double> g(0.0, 1.0);
   auto rnd = [&](std::vector<int64_t> shape, double scale, double mean) {
@@ -852,6 +895,237 @@ absl::Status GradientEngine::Perturb(int p, int64_t i, double delta) {
   auto flat = impl_->selected[p].view({-1});
   flat[i] += delta;
   return absl::OkStatus();
+}
+
+
+absl::Status GradientEngine::AddLora(const LoraConfig& lc) {
+  Impl& d = *impl_;
+  if (!d.lora.empty()) return absl::FailedPreconditionError("a LoRA adapter is already attached");
+  if (lc.rank < 1 || !(lc.alpha > 0) || lc.target_modules.empty()) {
+    return absl::InvalidArgumentError("LoRA needs rank >= 1, alpha > 0 and at least one target module");
+  }
+  std::set<std::string> targets(lc.target_modules.begin(), lc.target_modules.end());
+  std::set<std::string> known;
+  for (const auto& [hf, ours] : HfModules()) known.insert(hf.substr(hf.find('.') + 1));
+  for (const auto& t : targets) {
+    if (!known.count(t)) return absl::InvalidArgumentError(absl::StrCat("unknown LoRA target module \"", t, "\""));
+  }
+  std::mt19937_64 rng(lc.seed);
+  for (int l = 0; l < d.cfg.n_layers; ++l) {
+    for (const auto& [hf, ours] : HfModules()) {
+      if (!targets.count(hf.substr(hf.find('.') + 1))) continue;
+      const std::string p = absl::StrCat("layers.", l, ".", ours);
+      const torch::Tensor& base = d.w.at(p + ".weight");
+      const int64_t in = base.size(1), out = base.size(0);
+      // PEFT: kaiming_uniform_(a=sqrt(5)) on A, i.e. U(-1/sqrt(in), 1/sqrt(in)); B starts at zero.
+      std::uniform_real_distribution<double> u(-1.0 / std::sqrt(static_cast<double>(in)),
+                                               1.0 / std::sqrt(static_cast<double>(in)));
+      std::vector<float> a(static_cast<size_t>(lc.rank) * in);
+      for (auto& v : a) v = static_cast<float>(u(rng));
+      d.Add(p + ".lora_A.weight", torch::from_blob(a.data(), {lc.rank, in}, torch::kFloat));
+      d.Add(p + ".lora_B.weight", torch::zeros({out, lc.rank}, torch::kFloat));
+      d.lora[p + ".weight"] = {p + ".lora_A.weight", p + ".lora_B.weight"};
+    }
+  }
+  d.lora_rank = lc.rank;
+  d.lora_alpha = lc.alpha;
+  d.lora_scale = lc.alpha / lc.rank;
+  d.lora_targets.assign(targets.begin(), targets.end());
+  absl::Status st = d.Select();
+  if (!st.ok()) return st;
+  d.Rehash();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<double> GradientEngine::TrainStep(const std::vector<TokenizedExample>& batch,
+                                                 const AdamWOptions& o) {
+  Impl& d = *impl_;
+  if (batch.empty()) return absl::InvalidArgumentError("TrainStep: empty batch");
+  if (!(o.lr > 0) || o.beta1 < 0 || o.beta1 >= 1 || o.beta2 < 0 || o.beta2 >= 1 || !(o.eps > 0) ||
+      o.weight_decay < 0) {
+    return absl::InvalidArgumentError("TrainStep: bad AdamW settings");
+  }
+  const int64_t B = static_cast<int64_t>(batch.size());
+  int64_t T = 0;
+  for (const auto& t : batch) {
+    if (t.response_begin < 1 || t.response_begin >= static_cast<int32_t>(t.ids.size())) {
+      return absl::InvalidArgumentError("TrainStep: a record has no response token");
+    }
+    T = std::max<int64_t>(T, static_cast<int64_t>(t.ids.size()));
+  }
+  // Right padding: with the causal mask, padding never influences the real positions; its weight is zero.
+  std::vector<int64_t> ids(B * T, 0);
+  std::vector<double> weight(B * (T - 1), 0.0);
+  for (int64_t b = 0; b < B; ++b) {
+    const auto& t = batch[b];
+    const int64_t n = static_cast<int64_t>(t.ids.size()), r = t.response_begin;
+    for (int64_t i = 0; i < n; ++i) ids[b * T + i] = t.ids[i];
+    double total = 0;
+    for (int64_t s = r; s < n; ++s) total += t.loss_weights.empty() ? 1.0 : t.loss_weights[s - r];
+    if (total <= 0) return absl::InvalidArgumentError("TrainStep: a record's loss weights sum to zero");
+    for (int64_t s = r; s < n; ++s) {
+      weight[b * (T - 1) + s - 1] = (t.loss_weights.empty() ? 1.0 : t.loss_weights[s - r]) / total;
+    }
+  }
+  const Leaves leaves = d.MakeLeaves();
+  LeavesScope scope(&leaves);
+  auto idt = torch::tensor(ids, torch::kLong).view({B, T});
+  auto logp = torch::log_softmax(d.Forward(idt).slice(1, 0, T - 1), -1);
+  auto nll = -logp.gather(-1, idt.slice(1, 1, T).unsqueeze(-1)).squeeze(-1);  // [B, T-1]
+  auto w = torch::tensor(weight, torch::kDouble).to(d.dtype).view({B, T - 1});
+  auto loss = (nll * w).sum() / static_cast<double>(B);
+  const double value = loss.item<double>();
+  if (!std::isfinite(value)) return absl::InternalError("TrainStep: the loss is not finite");
+  auto grads = torch::autograd::grad({loss}, leaves.selected);
+  torch::NoGradGuard no_grad;
+  if (d.adam_m.empty()) {
+    for (const auto& p : d.selected) {
+      d.adam_m.push_back(torch::zeros_like(p));
+      d.adam_v.push_back(torch::zeros_like(p));
+    }
+  }
+  ++d.adam_step;
+  const double bc1 = 1 - std::pow(o.beta1, static_cast<double>(d.adam_step));
+  const double bc2 = 1 - std::pow(o.beta2, static_cast<double>(d.adam_step));
+  for (size_t i = 0; i < d.selected.size(); ++i) {
+    torch::Tensor& p = d.selected[i];
+    const torch::Tensor& g = grads[i];
+    if (o.weight_decay > 0) p.mul_(1 - o.lr * o.weight_decay);
+    d.adam_m[i].mul_(o.beta1).add_(g, 1 - o.beta1);
+    d.adam_v[i].mul_(o.beta2).addcmul_(g, g, 1 - o.beta2);
+    p.addcdiv_(d.adam_m[i] / bc1, (d.adam_v[i] / bc2).sqrt_().add_(o.eps), -o.lr);
+  }
+  d.Rehash();
+  return value;
+}
+
+namespace {
+
+// safetensors: 8-byte little-endian header length, a JSON header, then the raw tensors.
+absl::Status WriteSafetensors(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& ts) {
+  nlohmann::json header = nlohmann::json::object();
+  std::string data;
+  for (const auto& [name, t] : ts) {
+    auto c = t.detach().to(torch::kFloat).contiguous();
+    const size_t begin = data.size();
+    data.append(reinterpret_cast<const char*>(c.data_ptr<float>()), c.numel() * sizeof(float));
+    header[name] = {{"dtype", "F32"}, {"shape", c.sizes().vec()}, {"data_offsets", {begin, data.size()}}};
+  }
+  std::string h = header.dump();
+  while (h.size() % 8 != 0) h += ' ';
+  const uint64_t n = h.size();
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out.write(reinterpret_cast<const char*>(&n), 8);
+    out << h << data;
+    if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);  // a killed writer leaves the old file whole
+  if (ec) return absl::UnavailableError(absl::StrCat("cannot rename ", tmp, ": ", ec.message()));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status GradientEngine::SaveAdapter(const std::string& dir, const std::string& base_model) const {
+  const Impl& d = *impl_;
+  if (d.lora.empty()) return absl::FailedPreconditionError("no LoRA adapter is attached");
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return absl::UnavailableError(absl::StrCat("cannot create ", dir, ": ", ec.message()));
+  std::vector<std::pair<std::string, torch::Tensor>> ts;
+  for (int l = 0; l < d.cfg.n_layers; ++l) {
+    for (const auto& [hf, ours] : HfModules()) {
+      auto it = d.lora.find(absl::StrCat("layers.", l, ".", ours, ".weight"));
+      if (it == d.lora.end()) continue;
+      const std::string base = absl::StrCat("base_model.model.model.layers.", l, ".", hf);
+      ts.push_back({base + ".lora_A.weight", d.w.at(it->second.first)});
+      ts.push_back({base + ".lora_B.weight", d.w.at(it->second.second)});
+    }
+  }
+  absl::Status st = WriteSafetensors((std::filesystem::path(dir) / "adapter_model.safetensors").string(), ts);
+  if (!st.ok()) return st;
+  nlohmann::json cfg = {{"peft_type", "LORA"},         {"task_type", "CAUSAL_LM"},
+                        {"r", d.lora_rank},            {"lora_alpha", d.lora_alpha},
+                        {"target_modules", d.lora_targets}, {"lora_dropout", 0.0},
+                        {"bias", "none"},              {"fan_in_fan_out", false},
+                        {"base_model_name_or_path", base_model}};
+  std::ofstream out(std::filesystem::path(dir) / "adapter_config.json", std::ios::trunc);
+  out << cfg.dump(2) << "\n";
+  if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", dir, "/adapter_config.json"));
+  return absl::OkStatus();
+}
+
+absl::Status GradientEngine::SaveLlama2c(const std::string& path) const {
+  const Impl& d = *impl_;
+  if (!d.llama2c) return absl::UnimplementedError("SaveLlama2c: the base model was not a llama2.c checkpoint");
+  const ModelConfig& c = d.cfg;
+  torch::NoGradGuard no_grad;
+  auto merged = [&](const std::string& name) {
+    torch::Tensor t = d.w.at(name).to(torch::kFloat);
+    auto it = d.lora.find(name);
+    if (it != d.lora.end()) {
+      t = t + torch::matmul(d.w.at(it->second.second), d.w.at(it->second.first)).to(torch::kFloat) * d.lora_scale;
+    }
+    return t.contiguous();
+  };
+  const std::string tmp = path + ".tmp";
+  std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+  const int32_t hdr[7] = {c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads,
+                          c.tied_output ? c.vocab_size : -c.vocab_size, c.seq_len};
+  out.write(reinterpret_cast<const char*>(hdr), sizeof hdr);
+  auto put = [&](const torch::Tensor& t) {
+    auto f = t.to(torch::kFloat).contiguous();
+    out.write(reinterpret_cast<const char*>(f.data_ptr<float>()), f.numel() * sizeof(float));
+  };
+  put(merged("tok_embeddings.weight"));
+  for (const char* k : {"attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
+                        "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"}) {
+    for (int l = 0; l < c.n_layers; ++l) put(merged(absl::StrCat("layers.", l, ".", k, ".weight")));
+  }
+  put(merged("norm.weight"));
+  put(d.cos);  // freq_cis_real / imag, as llama2.c writes them
+  put(d.sin);
+  if (!c.tied_output) put(merged("output.weight"));
+  if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
+  out.close();
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) return absl::UnavailableError(absl::StrCat("cannot rename ", tmp, ": ", ec.message()));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> GradientEngine::Generate(const std::string& instruction, const std::string& input,
+                                                     int max_new) const {
+  const Impl& d = *impl_;
+  if (!d.tok) return absl::FailedPreconditionError("no tokenizer loaded");
+  const Encoding p = d.tok->Encode(AlpacaPrompt(instruction, input), /*dummy_prefix=*/true);
+  std::vector<int32_t> ids = {d.tok->bos()};
+  ids.insert(ids.end(), p.ids.begin(), p.ids.end());
+  const size_t max_len = static_cast<size_t>(std::min(d.options.max_length, d.cfg.seq_len));
+  if (ids.size() >= max_len) return absl::InvalidArgumentError("the prompt fills max_length");
+  torch::NoGradGuard no_grad;
+  std::string text;
+  for (int i = 0; i < max_new && ids.size() < max_len; ++i) {
+    auto logits = d.Forward(d.Ids(ids), nullptr, static_cast<int64_t>(ids.size()) - 1);
+    const int32_t next = static_cast<int32_t>(logits[0][0].argmax().item<int64_t>());
+    if (next == d.tok->eos()) break;
+    ids.push_back(next);
+    text += d.tok->Piece(next);
+  }
+  return text;
+}
+
+std::vector<double> GradientEngine::SelectedValues() const {
+  std::vector<double> out;
+  out.reserve(impl_->dim);
+  for (const auto& t : impl_->selected) {
+    auto c = t.detach().to(torch::kDouble).contiguous();
+    out.insert(out.end(), c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+  }
+  return out;
 }
 
 }  // namespace rapidin::model
