@@ -1,5 +1,6 @@
 // rapidin: the command-line client. Exit codes: 0 success, 1 the server or a file refused the request,
 // 2 bad usage. Errors are one line on stderr.
+#include <malloc.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -14,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/cache.h"
+#include "client/finetune.h"
 #include "client/client.h"
 
 namespace {
@@ -89,8 +91,9 @@ int QueryVectors(const std::string& server, const std::string& file, uint32_t to
 
 int QueryText(const std::string& server, const std::string& instruction, const std::string& input,
               const std::string& generation, uint32_t top_k, uint32_t harmful_k, bool json, bool tokens,
-              const std::string& html, const std::vector<std::string>& hotwords, double deadline) {
+              const std::string& html, const std::vector<std::string>& hotwords, bool omit_text, double deadline) {
   rapidin::v1::QueryRequest req;
+  req.set_omit_text(omit_text);
   req.set_instruction(instruction);
   req.set_input(input);
   req.set_generation(generation);
@@ -193,6 +196,53 @@ int Cache(const rapidin::client::CacheOptions& o, bool json) {
   return 0;
 }
 
+int Finetune(const rapidin::client::FinetuneOptions& o, bool json) {
+  auto s = rapidin::client::RunFinetune(o);
+  if (!s.ok()) return Fail(s.status());
+  if (json) {
+    nlohmann::json bad = nlohmann::json::array();
+    for (const auto& b : s->bad_records) bad.push_back({{"where", b.where}, {"reason", b.reason}});
+    std::cout << nlohmann::json{{"records", s->records}, {"bad", s->bad}, {"truncated", s->truncated},
+                                {"steps", s->steps}, {"epoch_loss", s->epoch_loss}, {"seconds", s->seconds},
+                                {"trained_parameters", s->trained_parameters}, {"out", s->out_path},
+                                {"bad_records", bad}}
+                     .dump()
+              << "\n";
+    return 0;
+  }
+  std::printf("finetune summary\n");
+  std::printf("  %-20s %lld used, %lld bad, %lld truncated\n", "records", static_cast<long long>(s->records),
+              static_cast<long long>(s->bad), static_cast<long long>(s->truncated));
+  std::printf("  %-20s %lld parameters, %lld steps, %.1f s\n", "training", static_cast<long long>(s->trained_parameters),
+              static_cast<long long>(s->steps), s->seconds);
+  for (size_t i = 0; i < s->epoch_loss.size(); ++i) {
+    std::printf("  %-20s %.4f nats/token\n", absl::StrCat("epoch ", i + 1, " loss").c_str(), s->epoch_loss[i]);
+  }
+  std::printf("  %-20s %s\n", "saved", s->out_path.c_str());
+  return 0;
+}
+
+int Eval(const rapidin::model::EngineOptions& eo, const std::string& data, int max_new, bool json) {
+  std::vector<rapidin::client::BadRecord> bad;
+  auto r = rapidin::client::RunEval(eo, data, max_new, &bad);
+  if (!r.ok()) return Fail(r.status());
+  for (const auto& b : bad) std::fprintf(stderr, "rapidin: skipped %s: %s\n", b.where.c_str(), b.reason.c_str());
+  double sum = 0;
+  for (const auto& e : *r) {
+    sum += e.loss;
+    if (json) {
+      nlohmann::json j = {{"id", e.id}, {"loss", e.loss}, {"response_tokens", e.response_tokens}};
+      if (max_new > 0) j["generation"] = e.generation;
+      std::cout << j.dump() << "\n";
+    } else {
+      std::printf("%-24s loss %.4f (%d tokens)%s%s\n", e.id.c_str(), e.loss, e.response_tokens,
+                  max_new > 0 ? "  -> " : "", e.generation.c_str());
+    }
+  }
+  if (!json && !r->empty()) std::printf("mean loss %.4f over %zu records\n", sum / r->size(), r->size());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -282,6 +332,40 @@ int main(int argc, char** argv) {
   cache->add_option("--limit", co.limit, "cache only the first N records (0: all)");
   cache->add_flag("--json", json, "summary as JSON");
 
+  auto* ft = app.add_subcommand("finetune", "fine-tune a model (AdamW; LoRA or full) on instruction data");
+  rapidin::client::FinetuneOptions fo;
+  std::vector<std::string> targets;
+  ft->add_option("--model", fo.engine.model_path, "base model: llama2.c checkpoint or Hugging Face directory")
+      ->required();
+  ft->add_option("--tokenizer", fo.engine.tokenizer_path, "tokenizer (default: next to the model)");
+  ft->add_option("--data", fo.data_path, "JSON array or JSONL of {instruction, input, output}")->required();
+  ft->add_option("--out", fo.out_path, "LoRA: adapter directory (PEFT format); full: llama2.c checkpoint")
+      ->required();
+  ft->add_option("--mode", fo.mode, "lora | full")->capture_default_str();
+  ft->add_option("--rank", fo.lora.rank, "LoRA rank")->capture_default_str()->check(CLI::Range(1, 4096));
+  ft->add_option("--alpha", fo.lora.alpha, "LoRA alpha (scale alpha / rank)")->capture_default_str();
+  ft->add_option("--targets", targets, "LoRA target modules (default: all seven projections)");
+  ft->add_option("--params", fo.engine.param_pattern, "full: regex of the trained parameters (default: matrices)");
+  ft->add_option("--epochs", fo.epochs, "passes over the data")->capture_default_str()->check(CLI::Range(1, 10000));
+  ft->add_option("--batch", fo.batch_size, "records per step")->capture_default_str()->check(CLI::Range(1, 65536));
+  ft->add_option("--lr", fo.adam.lr, "AdamW learning rate")->capture_default_str();
+  ft->add_option("--weight-decay", fo.adam.weight_decay, "AdamW decoupled weight decay")->capture_default_str();
+  ft->add_option("--seed", fo.seed, "record order and LoRA initialisation")->capture_default_str();
+  ft->add_option("--max-length", fo.engine.max_length, "tokens per record")->capture_default_str();
+  ft->add_option("--threads", fo.threads, "LibTorch threads")->capture_default_str()->check(CLI::Range(1, 256));
+  ft->add_flag("--json", json, "summary as JSON");
+
+  auto* ev = app.add_subcommand("eval", "per-record response loss, and greedy generations, of a model");
+  rapidin::model::EngineOptions eo;
+  int max_new = 0;
+  ev->add_option("--model", eo.model_path, "llama2.c checkpoint or Hugging Face directory")->required();
+  ev->add_option("--tokenizer", eo.tokenizer_path, "tokenizer (default: next to the model)");
+  ev->add_option("--adapter", eo.adapter_path, "PEFT LoRA adapter directory");
+  ev->add_option("--data", file, "JSON array or JSONL of {id?, instruction, input, output}")->required();
+  ev->add_option("--generate", max_new, "also generate up to N tokens greedily (0: no)")->capture_default_str();
+  ev->add_option("--max-length", eo.max_length, "tokens per record")->capture_default_str();
+  ev->add_flag("--json", json, "JSON lines");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -299,7 +383,8 @@ int main(int argc, char** argv) {
     if (!vector_file.empty()) {
       return QueryVectors(server, vector_file, top_k, harmful_k, aggregate, psid, json, omit_text, deadline);
     }
-    return QueryText(server, instruction, input, generation, top_k, harmful_k, json, tokens, html, hotwords, deadline);
+    return QueryText(server, instruction, input, generation, top_k, harmful_k, json, tokens, html, hotwords, omit_text,
+                     deadline);
   }
   if (*stats) {
     auto r = Client::Connect(server, deadline)->Stats();
@@ -313,7 +398,24 @@ int main(int argc, char** argv) {
     std::cout << (json ? rapidin::client::ToJson(*r) + "\n" : rapidin::client::RecordTable(*r));
     return 0;
   }
+  if (*cache || *ft || *ev) {
+    // Autograd allocates and frees the same large buffers every pass: keep them in the heap instead of an
+    // mmap/munmap (and page faults) per buffer. Measured: fine-tuning 400 records, 2 threads,
+    // 31.7 s -> 26.0 s wall with the same settings given through the environment.
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);  // glibc's largest accepted value
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    mallopt(M_TOP_PAD, 1 << 30);
+  }
   if (*cache) return Cache(co, json);
+  if (*ft) {
+    if (!targets.empty()) fo.lora.target_modules = targets;
+    if (absl::Status st = rapidin::model::ResolveTokenizer(&fo.engine); !st.ok()) return Fail(st);
+    return Finetune(fo, json);
+  }
+  if (*ev) {
+    if (absl::Status st = rapidin::model::ResolveTokenizer(&eo); !st.ok()) return Fail(st);
+    return Eval(eo, file, max_new, json);
+  }
   if (*demo) return MakeDemo(alpaca, n, k, seed, nq, out_records, out_queries);
   return 2;
 }

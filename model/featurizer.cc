@@ -13,23 +13,29 @@
 
 namespace rapidin::model {
 
+absl::Status ResolveTokenizer(EngineOptions* eo) {
+  if (!eo->tokenizer_path.empty()) return absl::OkStatus();
+  // llama2.c keeps its tokenizer next to the checkpoint.
+  const std::filesystem::path model(eo->model_path);
+  const auto dir = std::filesystem::is_directory(model) ? model : model.parent_path();
+  for (const char* name : {"tokenizer.bin", "tok512.bin"}) {
+    if (std::filesystem::exists(dir / name)) {
+      eo->tokenizer_path = (dir / name).string();
+      return absl::OkStatus();
+    }
+  }
+  if (std::filesystem::exists(eo->model_path) && !std::filesystem::is_directory(model)) {
+    return absl::InvalidArgumentError(absl::StrCat("no llama2.c tokenizer.bin with ", eo->model_path,
+                                                   "; pass the tokenizer path (--tokenizer)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerOptions& options) {
   std::unique_ptr<Featurizer> f(new Featurizer());
   EngineOptions eo = options.engine;
-  if (eo.tokenizer_path.empty()) {  // llama2.c keeps its tokenizer next to the checkpoint
-    const std::filesystem::path model(eo.model_path);
-    const auto dir = std::filesystem::is_directory(model) ? model : model.parent_path();
-    for (const char* name : {"tokenizer.bin", "tok512.bin"}) {
-      if (std::filesystem::exists(dir / name)) {
-        eo.tokenizer_path = (dir / name).string();
-        break;
-      }
-    }
-    if (eo.tokenizer_path.empty() && std::filesystem::exists(eo.model_path)) {
-      return absl::InvalidArgumentError(absl::StrCat("no llama2.c tokenizer.bin with ", eo.model_path,
-                                                     "; pass the tokenizer path (--tokenizer)"));
-    }
-  }
+  absl::Status tst = ResolveTokenizer(&eo);
+  if (!tst.ok()) return tst;
   auto engine = GradientEngine::Load(eo);
   if (!engine.ok()) return engine.status();
   f->engine_ = std::move(*engine);

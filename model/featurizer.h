@@ -24,6 +24,10 @@ struct FeaturizerOptions {
   uint64_t seed = 0;
 };
 
+// Fills eo->tokenizer_path when empty: tokenizer.bin or tok512.bin next to a llama2.c checkpoint (a Hugging
+// Face directory finds its own). INVALID_ARGUMENT when a llama2.c checkpoint has none beside it.
+absl::Status ResolveTokenizer(EngineOptions* eo);
+
 class Featurizer {
  public:
   static absl::StatusOr<std::unique_ptr<Featurizer>> Create(const FeaturizerOptions& options);

@@ -1,0 +1,126 @@
+#include "client/finetune.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <numeric>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+
+namespace rapidin::client {
+
+absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
+  if (o.mode != "lora" && o.mode != "full") {
+    return absl::InvalidArgumentError(absl::StrCat("mode must be lora or full, got \"", o.mode, "\""));
+  }
+  if (o.epochs < 1 || o.batch_size < 1 || o.out_path.empty()) {
+    return absl::InvalidArgumentError("finetune needs epochs >= 1, batch size >= 1 and an output path");
+  }
+  if (o.mode == "lora" && !o.engine.adapter_path.empty()) {
+    return absl::InvalidArgumentError("--adapter: continuing an adapter is not supported; start from the base");
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  FinetuneSummary sum;
+  auto data = ReadInstructionData(o.data_path, &sum.bad_records);
+  if (!data.ok()) return data.status();
+  model::SetComputeThreads(o.threads);
+  auto engine = model::GradientEngine::Load(o.engine);
+  if (!engine.ok()) return engine.status();
+  model::GradientEngine& e = **engine;
+  if (o.mode == "lora") {
+    model::LoraConfig lc = o.lora;
+    lc.seed = o.seed;
+    absl::Status st = e.AddLora(lc);
+    if (!st.ok()) return st;
+  }
+  for (const auto& p : e.params()) sum.trained_parameters += p.numel;
+  std::vector<model::TokenizedExample> examples;
+  for (const auto& r : *data) {
+    auto t = e.Tokenize(r.example);
+    if (!t.ok()) {
+      sum.bad_records.push_back({r.where, std::string(t.status().message()), r.position});
+      continue;
+    }
+    sum.truncated += t->truncated;
+    examples.push_back(std::move(*t));
+  }
+  sum.records = static_cast<int64_t>(examples.size());
+  sum.bad = static_cast<int64_t>(sum.bad_records.size());
+  if (examples.empty()) return absl::InvalidArgumentError("no usable training record");
+  std::mt19937_64 rng(o.seed);
+  std::vector<size_t> order(examples.size());
+  const int64_t steps_per_epoch = (sum.records + o.batch_size - 1) / o.batch_size;
+  const int64_t total_steps = steps_per_epoch * o.epochs;
+  auto last_report = std::chrono::steady_clock::now();
+  for (int epoch = 0; epoch < o.epochs; ++epoch) {
+    // Shuffle, then sort windows of 32 batches by length so that a batch pads little; batches run in random order.
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    const size_t window = static_cast<size_t>(o.batch_size) * 32;
+    for (size_t w = 0; w < order.size(); w += window) {
+      std::sort(order.begin() + w, order.begin() + std::min(order.size(), w + window),
+                [&](size_t a, size_t b) { return examples[a].ids.size() < examples[b].ids.size(); });
+    }
+    std::vector<int64_t> batches(steps_per_epoch);
+    std::iota(batches.begin(), batches.end(), 0);
+    std::shuffle(batches.begin(), batches.end(), rng);
+    double loss_sum = 0;
+    for (int64_t s = 0; s < steps_per_epoch; ++s) {
+      std::vector<model::TokenizedExample> batch;
+      const int64_t b = batches[s];
+      for (int64_t i = b * o.batch_size; i < std::min<int64_t>(sum.records, (b + 1) * o.batch_size); ++i) {
+        batch.push_back(examples[order[i]]);
+      }
+      auto loss = e.TrainStep(batch, o.adam);
+      if (!loss.ok()) return loss.status();
+      loss_sum += *loss;
+      ++sum.steps;
+      const auto now = std::chrono::steady_clock::now();
+      if (o.progress && (std::chrono::duration<double>(now - last_report).count() > 2 || sum.steps == total_steps)) {
+        last_report = now;
+        const double el = std::chrono::duration<double>(now - t0).count();
+        std::fprintf(stderr, "finetune: epoch %d/%d, step %lld/%lld, mean loss %.4f, %.0f s elapsed, ETA %.0f s\n",
+                     epoch + 1, o.epochs, static_cast<long long>(sum.steps), static_cast<long long>(total_steps),
+                     loss_sum / (s + 1), el, el / sum.steps * (total_steps - sum.steps));
+      }
+    }
+    sum.epoch_loss.push_back(loss_sum / steps_per_epoch);
+  }
+  absl::Status st = o.mode == "lora" ? e.SaveAdapter(o.out_path, o.engine.model_path) : e.SaveLlama2c(o.out_path);
+  if (!st.ok()) return st;
+  sum.out_path = o.out_path;
+  sum.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return sum;
+}
+
+absl::StatusOr<std::vector<EvalRecord>> RunEval(const model::EngineOptions& engine, const std::string& data_path,
+                                                int max_new, std::vector<BadRecord>* bad) {
+  auto data = ReadInstructionData(data_path, bad);
+  if (!data.ok()) return data.status();
+  auto e = model::GradientEngine::Load(engine);
+  if (!e.ok()) return e.status();
+  std::vector<EvalRecord> out;
+  for (const auto& r : *data) {
+    auto t = (*e)->Tokenize(r.example);
+    if (!t.ok()) {
+      bad->push_back({r.where, std::string(t.status().message()), r.position});
+      continue;
+    }
+    auto loss = (*e)->LossIds(*t);
+    if (!loss.ok()) return loss.status();
+    EvalRecord er;
+    er.id = r.id;
+    er.loss = *loss;
+    er.response_tokens = static_cast<int>(t->ids.size()) - t->response_begin;
+    if (max_new > 0) {
+      auto g = (*e)->Generate(r.example.instruction, r.example.input, max_new);
+      if (!g.ok()) return g.status();
+      er.generation = std::move(*g);
+    }
+    out.push_back(std::move(er));
+  }
+  return out;
+}
+
+}  // namespace rapidin::client

@@ -1,0 +1,55 @@
+// `rapidin finetune` and `rapidin eval`: fine-tuning with AdamW (full or LoRA) and per-record loss / greedy
+// generation, on the instruction data format of `rapidin cache`.
+#ifndef RAPIDIN_CLIENT_FINETUNE_H_
+#define RAPIDIN_CLIENT_FINETUNE_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "client/cache.h"
+#include "model/engine.h"
+
+namespace rapidin::client {
+
+struct FinetuneOptions {
+  model::EngineOptions engine;      // base model (+ tokenizer); param_pattern selects what full fine-tuning trains
+  std::string data_path;
+  std::string out_path;             // LoRA: adapter directory; full: llama2.c checkpoint file
+  std::string mode = "lora";        // "lora" | "full"
+  model::LoraConfig lora;
+  model::AdamWOptions adam;
+  int epochs = 1;
+  int batch_size = 8;
+  uint64_t seed = 0;                // record order (and the LoRA initialisation)
+  int threads = 2;                  // LibTorch intra-op threads
+  bool progress = true;             // progress lines on stderr
+};
+
+struct FinetuneSummary {
+  int64_t records = 0, bad = 0, truncated = 0, steps = 0;
+  std::vector<double> epoch_loss;   // mean training loss of each epoch (before each step's update)
+  double seconds = 0;
+  int64_t trained_parameters = 0;
+  std::string out_path;
+  std::vector<BadRecord> bad_records;
+};
+
+// Errors: those of the model loader and the data reader; INVALID_ARGUMENT for bad settings.
+absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& options);
+
+struct EvalRecord {
+  std::string id;
+  double loss = 0;                  // mean response loss (nats/token) of the record's output
+  int response_tokens = 0;
+  std::string generation;           // greedy continuation of the prompt (when asked for)
+};
+
+// Per record of the data file: the response loss, and with max_new > 0 a greedy generation.
+absl::StatusOr<std::vector<EvalRecord>> RunEval(const model::EngineOptions& engine, const std::string& data_path,
+                                                int max_new, std::vector<BadRecord>* bad);
+
+}  // namespace rapidin::client
+
+#endif  // RAPIDIN_CLIENT_FINETUNE_H_
