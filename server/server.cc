@@ -20,6 +20,32 @@
 namespace rapidin::server {
 namespace {
 
+// Proto3 strings must be UTF-8, but a byte-fallback token can hold part of a multi-byte character: such bytes
+// become U+FFFD in the token's text. Its byte offsets stay exact, so a client can always cut the original bytes.
+std::string ValidUtf8(const std::string& s) {
+  std::string out;
+  out.reserve(s.size());
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const size_t n = s.size();
+  for (size_t i = 0; i < n;) {
+    const unsigned char c = p[i];
+    size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
+    bool ok = len > 0 && i + len <= n;
+    for (size_t k = 1; ok && k < len; ++k) ok = (p[i + k] & 0xc0) == 0x80;
+    if (ok && len == 2) ok = c >= 0xc2;                                        // overlong
+    if (ok && len == 3) ok = !(c == 0xe0 && p[i + 1] < 0xa0) && !(c == 0xed && p[i + 1] >= 0xa0);  // overlong, surrogates
+    if (ok && len == 4) ok = !(c == 0xf0 && p[i + 1] < 0x90) && !(c == 0xf4 && p[i + 1] >= 0x90) && c <= 0xf4;
+    if (ok) {
+      out.append(s, i, len);
+      i += len;
+    } else {
+      out += "\xef\xbf\xbd";
+      ++i;
+    }
+  }
+  return out;
+}
+
 namespace v1 = rapidin::v1;
 
 // The one place absl::Status becomes grpc::Status (the codes map one to one).
@@ -316,7 +342,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
       if (!x.ok()) return x.status();
       for (size_t t = 0; t < g_tok.size(); ++t) {
         auto* ts = sr->add_generation_tokens();
-        ts->set_text(eng.tokenizer()->Piece(gt->ids[gt->response_begin + t]));
+        ts->set_text(ValidUtf8(eng.tokenizer()->Piece(gt->ids[gt->response_begin + t])));
         ts->set_field("generation");
         ts->set_begin(gt->response_spans[t].begin);
         ts->set_end(gt->response_spans[t].end);
@@ -333,7 +359,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
       const PromptFields fields = FieldsOf(z);
       for (size_t s = 1; s < zt->ids.size(); ++s) {
         auto* ts = sr->add_record_tokens();
-        ts->set_text(eng.tokenizer()->Piece(zt->ids[s]));
+        ts->set_text(ValidUtf8(eng.tokenizer()->Piece(zt->ids[s])));
         ts->set_score(static_cast<float>(Dot(z_tok[s - 1], q)));
         if (static_cast<int32_t>(s) < zt->response_begin) {
           SetPromptField(fields, zt->prompt_spans[s - 1], ts);
