@@ -26,7 +26,7 @@ using Clock = std::chrono::steady_clock;
 int main(int argc, char** argv) {
   CLI::App app{"backdoor_bench: exact and compressed influence scores of every training record"};
   model::EngineOptions eo;
-  std::string train, out;
+  std::string train, out, label = "selected parameters";
   std::vector<std::string> query_specs;
   std::vector<int64_t> ks = {1024, 4096, 16384, 65536};
   int lambda = 4, threads = 2;
@@ -42,6 +42,7 @@ int main(int argc, char** argv) {
   app.add_option("--seed", seed);
   app.add_option("--threads", threads);
   app.add_option("--out", out)->required();
+  app.add_option("--label", label, "name of the parameter selection in the report");
   CLI11_PARSE(app, argc, argv);
   if (absl::Status st = model::ResolveTokenizer(&eo); !st.ok()) {
     std::fprintf(stderr, "%s\n", st.ToString().c_str());
@@ -157,6 +158,7 @@ int main(int argc, char** argv) {
 
   nlohmann::json j;
   j["grad_dim"] = D;
+  j["label"] = label;
   j["ks"] = ks;
   j["records"] = nlohmann::json::array();
   for (size_t i = 0; i < N; ++i) {

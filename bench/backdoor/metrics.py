@@ -30,7 +30,8 @@ def ranks_metrics(scores, labels):
     auc = (r[labels == 1].sum() - npos * (npos + 1) / 2) / (npos * nneg)
     hits = np.cumsum(lab)
     ap = float(np.sum((hits / np.arange(1, len(lab) + 1))[lab == 1]) / npos)
-    return {"auc": float(auc), "ap": ap, "r10": float(hits[9] / npos), "r80": float(hits[79] / npos)}
+    return {"auc": float(auc), "ap": ap, "p10": float(hits[9] / 10), "r10": float(hits[9] / npos),
+            "r80": float(hits[79] / npos)}
 
 
 def mean_metrics(per_query):
@@ -69,6 +70,9 @@ def main():
     out_md = sys.argv[2]
     out_png = sys.argv[3]
     bench = json.load(open(os.path.join(work, "scores.json")))
+    variants = [bench]
+    if os.path.exists(os.path.join(work, "scores_variant.json")):
+        variants.append(json.load(open(os.path.join(work, "scores_variant.json"))))
     timing = json.load(open(os.path.join(work, "timing.json")))
     train = {r["id"]: r for r in load_jsonl(os.path.join(work, "train.jsonl"))}
     ids = bench["records"]
@@ -87,11 +91,16 @@ def main():
     per_set_scores = {}
     for s in sets:
         qs = [q for q in bench["queries"] if q["set"] == s]
-        m_exact = [ranks_metrics(np.array(q["exact"]), labels) for q in qs]
-        rows.append((s, "exact gradients (D=%d)" % bench["grad_dim"], mean_metrics(m_exact), bench["grad_dim"] * 4))
-        for k in ks:
-            m = [ranks_metrics(np.array(q["compressed"][k], dtype=np.float64), labels) for q in qs]
-            rows.append((s, "RapidGrad K=%s" % k, mean_metrics(m), int(k) * 2))
+        for v in variants:
+            vq = [q for q in v["queries"] if q["set"] == s]
+            assert v["records"] == ids
+            lab = v.get("label", "")
+            m_exact = [ranks_metrics(np.array(q["exact"]), labels) for q in vq]
+            rows.append((s, "%s: exact gradients (D=%d)" % (lab, v["grad_dim"]), mean_metrics(m_exact),
+                         v["grad_dim"] * 4))
+            for k in [str(x) for x in v["ks"]]:
+                m = [ranks_metrics(np.array(q["compressed"][k], dtype=np.float64), labels) for q in vq]
+                rows.append((s, "%s: RapidGrad K=%s" % (lab, k), mean_metrics(m), int(k) * 2))
         svc = os.path.join(work, f"service_{s}.json")
         if os.path.exists(svc):
             ranked = json.load(open(svc))
@@ -104,7 +113,7 @@ def main():
                         sc[pos[rid]] = -rank
                 m.append(ranks_metrics(sc, labels))
             if m:
-                rows.append((s, "service: rapidin-server store, K=%d" % timing.get("service_k", 0), mean_metrics(m),
+                rows.append((s, "LoRA matrices: rapidin-server store (fp16), K=%d" % timing.get("service_k", 0), mean_metrics(m),
                              timing.get("service_k", 0) * 2))
         m_bm25 = [ranks_metrics(bm25_scores(docs, qtext[(s, q["id"])]), labels) for q in qs if (s, q["id"]) in qtext]
         if m_bm25:
@@ -138,11 +147,13 @@ def main():
     with open(out_md, "w") as f:
         f.write("# Backdoor benchmark (miniature of the RapidIn paper's experiment)\n\n")
         f.write(timing.get("header", "") + "\n\n")
-        f.write("| queries | ranking by | AUC | AP | recall@10 | recall@80 | bytes / record |\n")
-        f.write("|---|---|---|---|---|---|---|\n")
+        f.write("recall@10 is at most 10/80 = 0.125 (80 poisoned records); precision@10 is the share of poisoned "
+                "records among the top 10.\n\n")
+        f.write("| queries | ranking by | AUC | AP | precision@10 | recall@10 | recall@80 | bytes / record |\n")
+        f.write("|---|---|---|---|---|---|---|---|\n")
         for s, method, m, b in rows:
-            f.write(f"| {s} | {method} | {m['auc']:.3f} | {m['ap']:.3f} | {m['r10']:.3f} | {m['r80']:.3f} | "
-                    f"{b if b else '-'} |\n")
+            f.write(f"| {s} | {method} | {m['auc']:.3f} | {m['ap']:.3f} | {m['p10']:.3f} | {m['r10']:.3f} | "
+                    f"{m['r80']:.3f} | {b if b else '-'} |\n")
         f.write("\n" + timing.get("footer", "") + "\n")
     print(open(out_md).read())
 

@@ -14,7 +14,7 @@ DATA=${RAPIDIN_SHARED_DATA:-$ROOT/../shared/data}
 BIN=${BUILD_DIR:-build}
 WORK=${WORK:-/tmp/rapidin-backdoor}
 EPOCHS=${EPOCHS:-2}; LR=${LR:-3e-3}; RANK=${RANK:-16}; ALPHA=${ALPHA:-32}; BATCH=${BATCH:-16}
-POISON=${POISON:-80}; SERVICE_K=${SERVICE_K:-4096}; KS=${KS:-1024,4096,16384,65536}; ATTR_QUERIES=${ATTR_QUERIES:-10}
+POISON=${POISON:-80}; SERVICE_K=${SERVICE_K:-4096}; KS=${KS:-1024,4096,16384,65536}; ATTR_QUERIES=${ATTR_QUERIES:-3}
 PORT=${PORT:-50917}
 MODEL=$DATA/models/stories260K.bin; TOK=$DATA/models/tok512.bin
 RAPIDIN=$BIN/client/rapidin
@@ -90,17 +90,18 @@ for name in ("planted", "greedy", "control"):
         t = time.time()
         out = subprocess.run([rapidin, "query", "--server", server, "--instruction", r["instruction"], "--input",
                               r.get("input", ""), "--generation", r["output"], "--top-k", str(n), "--harmful-k", "0",
-                              "--ids-only", "--json"], check=True, capture_output=True, text=True).stdout
+                              "--ids-only", "--json", "--timeout", "300"], check=True, capture_output=True, text=True).stdout
         lat.append(time.time() - t)
         ranked[r["id"]] = [x["id"] for x in json.loads(out)["result"].get("helpful", [])]
     json.dump(ranked, open(f"{w}/service_{name}.json", "w"))
-# Training-side token attributions for the top-10 records of the first planted queries.
+# Training-side token attributions for the top-10 records of the first planted queries (about 2 minutes per
+# query here: one backward pass per token of each of the 10 records).
 attr = {"queries": 0, "poisoned_in_top10": 0, "top_token_in_trigger": 0, "seconds": 0.0}
 t0 = time.time()
 for r in list(map(json.loads, open(f"{w}/q_planted.jsonl")))[:attr_n]:
     out = subprocess.run([rapidin, "query", "--server", server, "--instruction", r["instruction"], "--input",
                           r.get("input", ""), "--generation", r["output"], "--top-k", "10", "--harmful-k", "0",
-                          "--tokens", "--json"], check=True, capture_output=True, text=True).stdout
+                          "--tokens", "--json", "--timeout", "1800"], check=True, capture_output=True, text=True).stdout
     resp = json.loads(out)
     attr["queries"] += 1
     for rec in resp["result"].get("helpful", []):
@@ -126,8 +127,17 @@ if [ ! -f "$WORK/scores.json" ]; then
   t=$(now)
   "$BIN/bench/backdoor_bench" --model "$MODEL" --tokenizer "$TOK" --adapter "$WORK/lora" \
     --train "$WORK/train.jsonl" --queries "planted=$WORK/q_planted.jsonl" --queries "greedy=$WORK/q_greedy.jsonl" \
-    --queries "control=$WORK/q_control.jsonl" --ks "$KS" --threads 2 --out "$WORK/scores.json"
+    --queries "control=$WORK/q_control.jsonl" --ks "$KS" --threads 2 --label "LoRA matrices" \
+    --out "$WORK/scores.json"
   echo $(( $(now) - t )) > "$WORK/t_bench"
+fi
+# The same with the gradient of another parameter selection (what the attribution looks at changes the result).
+if [ -n "${VARIANT_PARAMS:-tok_embeddings}" ] && [ ! -f "$WORK/scores_variant.json" ]; then
+  "$BIN/bench/backdoor_bench" --model "$MODEL" --tokenizer "$TOK" --adapter "$WORK/lora" \
+    --params "${VARIANT_PARAMS:-tok_embeddings}" --train "$WORK/train.jsonl" \
+    --queries "planted=$WORK/q_planted.jsonl" --queries "greedy=$WORK/q_greedy.jsonl" \
+    --queries "control=$WORK/q_control.jsonl" --ks "$KS" --threads 2 \
+    --label "token embedding (${VARIANT_PARAMS:-tok_embeddings})" --out "$WORK/scores_variant.json"
 fi
 
 stage "metrics"
