@@ -5,7 +5,8 @@
 #   (planted answer and the model's own greedy generation) and the clean control queries -> exact and K-sweep
 #   scores (backdoor_bench) -> token attributions of the top records -> metrics, BM25 baseline, plot, report.
 # Writes bench/results/backdoor.md and bench/results/backdoor.png. Stages whose outputs exist are skipped (delete
-# $WORK to start over). Settings: WORK, EPOCHS, LR, RANK, ALPHA, BATCH, POISON, SERVICE_K, KS, ATTR_QUERIES.
+# $WORK to start over). Settings: WORK, EPOCHS, LR, RANK, ALPHA, BATCH, POISON, SERVICE_K, KS, ATTR_QUERIES,
+# VARIANT_PARAMS (empty: no second parameter selection), RESULT_MD, RESULT_PNG.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -132,16 +133,18 @@ if [ ! -f "$WORK/scores.json" ]; then
   echo $(( $(now) - t )) > "$WORK/t_bench"
 fi
 # The same with the gradient of another parameter selection (what the attribution looks at changes the result).
-if [ -n "${VARIANT_PARAMS:-tok_embeddings}" ] && [ ! -f "$WORK/scores_variant.json" ]; then
+VARIANT_PARAMS=${VARIANT_PARAMS-tok_embeddings}  # empty: skip the variant
+if [ -n "$VARIANT_PARAMS" ] && [ ! -f "$WORK/scores_variant.json" ]; then
   "$BIN/bench/backdoor_bench" --model "$MODEL" --tokenizer "$TOK" --adapter "$WORK/lora" \
-    --params "${VARIANT_PARAMS:-tok_embeddings}" --train "$WORK/train.jsonl" \
+    --params "$VARIANT_PARAMS" --train "$WORK/train.jsonl" \
     --queries "planted=$WORK/q_planted.jsonl" --queries "greedy=$WORK/q_greedy.jsonl" \
     --queries "control=$WORK/q_control.jsonl" --ks "$KS" --threads 2 \
-    --label "token embedding (${VARIANT_PARAMS:-tok_embeddings})" --out "$WORK/scores_variant.json"
+    --label "token embedding ($VARIANT_PARAMS)" --out "$WORK/scores_variant.json"
 fi
 
 stage "metrics"
 [ -x "$WORK/venv/bin/python" ] || { python3 -m venv "$WORK/venv" && "$WORK/venv/bin/pip" install -q numpy matplotlib; }
 python3 bench/backdoor/report.py "$WORK" "$SERVICE_K" "$EPOCHS" "$LR" "$RANK" "$ALPHA" "$BATCH" "$POISON" \
   > "$WORK/timing.json"
-"$WORK/venv/bin/python" bench/backdoor/metrics.py "$WORK" bench/results/backdoor.md bench/results/backdoor.png
+"$WORK/venv/bin/python" bench/backdoor/metrics.py "$WORK" "${RESULT_MD:-bench/results/backdoor.md}" \
+  "${RESULT_PNG:-bench/results/backdoor.png}"
