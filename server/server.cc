@@ -501,7 +501,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     } else if (backend == "cuda") {
       return absl::FailedPreconditionError(absl::StrCat("--backend cuda: ", usable.message()));
     } else {
-      spdlog::info("backend auto: CPU ({})", std::string(usable.message()));
+      spdlog::info("backend auto: CPU (no usable CUDA device: {})", std::string(usable.message()));
       backend = "cpu";
     }
   }
