@@ -69,6 +69,17 @@ spid=$!
 for _ in $(seq 50); do "$CLI" stats --server 127.0.0.1:$port >/dev/null 2>&1 && break; sleep 0.1; done
 "$CLI" stats --server 127.0.0.1:$port | grep -q "records *300" || fail "records after restart"
 kill -TERM $spid; wait $spid
+# Backends: an unknown one is refused; cuda either starts (a usable GPU) or says why it cannot.
+"$SERVER_BIN" --store "$work/store" --backend tpu --listen 127.0.0.1:0 --metrics-listen "" 2>"$work/be.err" \
+  && fail "server accepted --backend tpu"
+grep -q 'unknown backend "tpu"' "$work/be.err" || fail "backend message: $(cat "$work/be.err")"
+rc=0
+timeout 10 "$SERVER_BIN" --store "$work/store" --backend cuda --listen 127.0.0.1:0 --metrics-listen "" \
+  >"$work/be.out" 2>"$work/be.err" || rc=$?
+if [ $rc -ne 124 ]; then
+  [ $rc -eq 1 ] || fail "--backend cuda exit code $rc"
+  grep -q "FAILED_PRECONDITION: --backend cuda: " "$work/be.err" || fail "cuda refusal: $(cat "$work/be.err")"
+fi
 
 # Caching stage with the real model (skipped without the shared data): kill mid-run, resume, query by text.
 DATA="${RAPIDIN_SHARED_DATA:-$(dirname "$0")/../../shared/data}"
