@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <mutex>
 #include <thread>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -89,6 +90,8 @@ struct GradientEngine::Impl {
   int64_t dim = 0;
   torch::Tensor cos, sin;  // [seq_len, head_dim / 2]
   std::string hash;
+  bool hash_stale = false;   // weights changed by TrainStep since the last Rehash
+  std::mutex hash_mu;
   torch::Dtype dtype = torch::kFloat;
   bool rope_half = false;  // Hugging Face rotates (i, i + hd/2) pairs; llama2.c interleaved (2i, 2i+1) pairs
   std::map<std::string, std::pair<std::string, std::string>> lora;  // weight -> (A, B) parameter names
@@ -337,55 +340,51 @@ const std::vector<std::pair<std::string, std::string>>& HfModules() {
 absl::Status GradientEngine::Impl::LoadAdapter(const std::string& path) {
   namespace fs = std::filesystem;
   const fs::path ad(path);
-  const ModelConfig& c = cfg;
-  absl::Status st;
-  {
-    auto aj = ReadJson((ad / "adapter_config.json").string());
-    if (!aj.ok()) return aj.status();
-    int r = 0;
-    double alpha = 0;
-    std::set<std::string> targets;
-    try {
-      if (aj->value("peft_type", "LORA") != "LORA") return absl::InvalidArgumentError("adapter is not a LoRA adapter");
-      r = aj->at("r").get<int>();
-      alpha = aj->at("lora_alpha").get<double>();
-      if (aj->value("fan_in_fan_out", false)) return absl::UnimplementedError("fan_in_fan_out LoRA is not supported");
-      const auto& tm = aj->at("target_modules");
-      if (tm.is_string()) targets.insert(tm.get<std::string>());
-      else for (const auto& m : tm) targets.insert(m.get<std::string>());
-      lora_scale = aj->value("use_rslora", false) ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r;
-      lora_alpha = alpha;
-      lora_rank = r;
-      lora_targets.assign(targets.begin(), targets.end());
-    } catch (const std::exception& e) {
-      return absl::DataLossError(absl::StrCat((ad / "adapter_config.json").string(), ": ", e.what()));
-    }
-    if (r <= 0) return absl::DataLossError("adapter_config.json: r must be positive");
-    std::map<std::string, torch::Tensor> at;
-    st = ReadSafetensors((ad / "adapter_model.safetensors").string(), &at);
-    if (!st.ok()) return st;
-    int found = 0;
-    for (int l = 0; l < c.n_layers; ++l) {
-      for (const auto& [hf, ours] : HfModules()) {
-        const std::string shortname = hf.substr(hf.find('.') + 1);
-        if (!targets.count(shortname)) continue;
-        const std::string base = absl::StrCat("base_model.model.model.layers.", l, ".", hf);
-        const std::string p = absl::StrCat("layers.", l, ".", ours);
-        const auto& w = W(p + ".weight");
-        auto a = at.find(base + ".lora_A.weight"), b = at.find(base + ".lora_B.weight");
-        if (a == at.end() || b == at.end()) return absl::DataLossError(absl::StrCat("adapter lacks ", base, " A/B"));
-        if (a->second.sizes().vec() != std::vector<int64_t>{r, w.size(1)} ||
-            b->second.sizes().vec() != std::vector<int64_t>{w.size(0), r}) {
-          return absl::DataLossError(absl::StrCat(base, ": LoRA shapes do not match the base weight and r"));
-        }
-        Add(p + ".lora_A.weight", a->second);
-        Add(p + ".lora_B.weight", b->second);
-        lora[p + ".weight"] = {p + ".lora_A.weight", p + ".lora_B.weight"};
-        ++found;
-      }
-    }
-    if (found == 0) return absl::DataLossError("the adapter's target_modules match no Llama module");
+  auto aj = ReadJson((ad / "adapter_config.json").string());
+  if (!aj.ok()) return aj.status();
+  int r = 0;
+  double alpha = 0;
+  std::set<std::string> targets;
+  try {
+    if (aj->value("peft_type", "LORA") != "LORA") return absl::InvalidArgumentError("adapter is not a LoRA adapter");
+    r = aj->at("r").get<int>();
+    alpha = aj->at("lora_alpha").get<double>();
+    if (aj->value("fan_in_fan_out", false)) return absl::UnimplementedError("fan_in_fan_out LoRA is not supported");
+    const auto& tm = aj->at("target_modules");
+    if (tm.is_string()) targets.insert(tm.get<std::string>());
+    else for (const auto& m : tm) targets.insert(m.get<std::string>());
+    lora_scale = aj->value("use_rslora", false) ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r;
+    lora_alpha = alpha;
+    lora_rank = r;
+    lora_targets.assign(targets.begin(), targets.end());
+  } catch (const std::exception& e) {
+    return absl::DataLossError(absl::StrCat((ad / "adapter_config.json").string(), ": ", e.what()));
   }
+  if (r <= 0) return absl::DataLossError("adapter_config.json: r must be positive");
+  std::map<std::string, torch::Tensor> at;
+  absl::Status st = ReadSafetensors((ad / "adapter_model.safetensors").string(), &at);
+  if (!st.ok()) return st;
+  int found = 0;
+  for (int l = 0; l < cfg.n_layers; ++l) {
+    for (const auto& [hf, ours] : HfModules()) {
+      const std::string shortname = hf.substr(hf.find('.') + 1);
+      if (!targets.count(shortname)) continue;
+      const std::string base = absl::StrCat("base_model.model.model.layers.", l, ".", hf);
+      const std::string p = absl::StrCat("layers.", l, ".", ours);
+      const auto& weight = W(p + ".weight");
+      auto a = at.find(base + ".lora_A.weight"), b = at.find(base + ".lora_B.weight");
+      if (a == at.end() || b == at.end()) return absl::DataLossError(absl::StrCat("adapter lacks ", base, " A/B"));
+      if (a->second.sizes().vec() != std::vector<int64_t>{r, weight.size(1)} ||
+          b->second.sizes().vec() != std::vector<int64_t>{weight.size(0), r}) {
+        return absl::DataLossError(absl::StrCat(base, ": LoRA shapes do not match the base weight and r"));
+      }
+      Add(p + ".lora_A.weight", a->second);
+      Add(p + ".lora_B.weight", b->second);
+      lora[p + ".weight"] = {p + ".lora_A.weight", p + ".lora_B.weight"};
+      ++found;
+    }
+  }
+  if (found == 0) return absl::DataLossError("the adapter's target_modules match no Llama module");
   return absl::OkStatus();
 }
 
@@ -618,7 +617,14 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Random(const Mod
 const ModelConfig& GradientEngine::config() const { return impl_->cfg; }
 const std::vector<ParamInfo>& GradientEngine::params() const { return impl_->infos; }
 int64_t GradientEngine::grad_dim() const { return impl_->dim; }
-std::string GradientEngine::model_hash() const { return impl_->hash; }
+std::string GradientEngine::model_hash() const {
+  std::lock_guard<std::mutex> l(impl_->hash_mu);
+  if (impl_->hash_stale) {
+    impl_->Rehash();
+    impl_->hash_stale = false;
+  }
+  return impl_->hash;
+}
 const Tokenizer* GradientEngine::tokenizer() const { return impl_->tok.get(); }
 
 absl::StatusOr<TokenizedExample> GradientEngine::Tokenize(const Example& ex) const {
@@ -995,7 +1001,9 @@ absl::StatusOr<double> GradientEngine::TrainStep(const std::vector<TokenizedExam
     d.adam_v[i].mul_(o.beta2).addcmul_(g, g, 1 - o.beta2);
     p.addcdiv_(d.adam_m[i] / bc1, (d.adam_v[i] / bc2).sqrt_().add_(o.eps), -o.lr);
   }
-  d.Rehash();
+  // Hashing reads every weight (the base model too): do it when the hash is asked for, not every step.
+  std::lock_guard<std::mutex> l(d.hash_mu);
+  d.hash_stale = true;
   return value;
 }
 

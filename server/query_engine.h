@@ -87,7 +87,8 @@ class QueryEngine {
 
   int num_workers() const { return static_cast<int>(workers_.size()); }
   std::string backend() const;
-  GpuTierUsage GpuUsage() const;
+  bool uses_gpu() const { return gpu_ != nullptr; }
+  GpuTierUsage GpuUsage() const;  // zeros for the CPU backend
 
  private:
   struct Pending;

@@ -173,19 +173,17 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     disk->set_tier("disk");
     disk->set_records(m.record_count());
     disk->set_bytes(u.disk_bytes);
-    if (engine_->backend().rfind("cuda", 0) == 0) {
+    if (engine_->uses_gpu()) {
       const GpuTierUsage g = engine_->GpuUsage();
       const uint64_t row = uint64_t{m.k()} * 2;
-      {
-        auto* hot = resp->add_tiers();
-        hot->set_tier("gpu");
-        hot->set_records(row ? g.hot_bytes / row : 0);
-        hot->set_bytes(g.hot_bytes);
-        auto* warm = resp->add_tiers();
-        warm->set_tier("streamed");
-        warm->set_records(row ? g.warm_bytes / row : 0);
-        warm->set_bytes(g.warm_bytes);
-      }
+      auto* hot = resp->add_tiers();
+      hot->set_tier("gpu");
+      hot->set_records(row ? g.hot_bytes / row : 0);
+      hot->set_bytes(g.hot_bytes);
+      auto* warm = resp->add_tiers();
+      warm->set_tier("streamed");
+      warm->set_records(row ? g.warm_bytes / row : 0);
+      warm->set_bytes(g.warm_bytes);
     }
     return Observe("Stats", t0, absl::OkStatus());
   }
@@ -194,7 +192,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     const storage::TierUsage u = store_->Usage();
     metrics_->SetTier("host", static_cast<double>(u.host_records), static_cast<double>(u.host_bytes));
     metrics_->SetTier("disk", static_cast<double>(store_->size()), static_cast<double>(u.disk_bytes));
-    if (engine_->backend().rfind("cuda", 0) == 0) {
+    if (engine_->uses_gpu()) {
       const GpuTierUsage g = engine_->GpuUsage();
       const double row = static_cast<double>(store_->k()) * 2;
       metrics_->SetTier("gpu", g.hot_bytes / row, static_cast<double>(g.hot_bytes));

@@ -506,11 +506,14 @@ TEST(Train, LoraAdapterAndCheckpointRoundTrip) {
   for (const auto& p : (*e)->params()) EXPECT_NE(p.name.find(".lora_"), std::string::npos) << p.name;
   AdamWOptions adam;
   adam.lr = 1e-2;
+  const std::string untrained_hash = (*e)->model_hash();
   const double first = *(*e)->TrainStep(batch, adam);
   double last = first;
   for (int s = 0; s < 30; ++s) last = *(*e)->TrainStep(batch, adam);
   EXPECT_LT(last, first);
   const auto trained = *(*e)->LogitsIds(probe);
+  EXPECT_NE((*e)->model_hash(), untrained_hash);  // the hash follows the trained weights
+  EXPECT_EQ((*e)->model_hash(), (*e)->model_hash());
   ASSERT_TRUE((*e)->SaveAdapter(dir.path("adapter"), dir.path("base.bin")).ok());
   ASSERT_TRUE((*e)->SaveLlama2c(dir.path("merged.bin")).ok());
 

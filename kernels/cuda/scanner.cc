@@ -367,9 +367,7 @@ Status Scanner::ScanShard(int shard, const ShardRows& rows, int top_k, int harmf
                                           true, nullptr, nullptr, dev.compute),
                                "top-k sizing");
   const int ks[2] = {top_k, harmful_k};
-  for (Buffer* b : {&dev.scores}) {
-    if (!(st = b->Ensure(static_cast<size_t>(chunk) * q * sizeof(float), "score buffer")).ok()) return st;
-  }
+  if (!(st = dev.scores.Ensure(static_cast<size_t>(chunk) * q * sizeof(float), "score buffer")).ok()) return st;
   if (!(st = dev.scratch.Ensure(scratch_bytes, "top-k scratch")).ok()) return st;
   for (int side = 0; side < 2; ++side) {
     const size_t bytes = static_cast<size_t>(nchunks) * q * ks[side] * sizeof(uint32_t);
