@@ -44,6 +44,20 @@ struct EngineOptions {
   bool use_double = false;      // compute in float64 (tests)
 };
 
+// How per-token gradients are computed.
+enum class TokenGradMethod {
+  kLoop,    // the reference: one forward and one autograd backward pass per token
+  kCopies,  // copies of the sequence's prefixes, `chunk` per padded autograd pass
+  kShared,  // one forward pass for all tokens, then a hand-written backward of `chunk` token losses at once
+};
+
+struct TokenGradOptions {
+  TokenGradMethod method = TokenGradMethod::kShared;
+  int chunk = 16;         // tokens per backward pass (kCopies, kShared)
+  int threads = 1;        // chunks are spread over this many threads
+  bool normalize = true;  // layer-wise unit L2 norm, per token
+};
+
 struct Example {
   std::string instruction, input, output;
   // RapidIn's hotwords: when non-empty, the loss covers only the output tokens that overlap an occurrence of one
@@ -127,11 +141,11 @@ class GradientEngine {
   absl::Status GradientIdsBatch(const std::vector<TokenizedExample>& batch, bool normalize,
                                 std::vector<std::vector<double>>* out, std::vector<GradInfo>* infos) const;
   // Per-token gradients: for every position s in [from, ids.size()), the gradient of the single-token loss
-  // l_s = -log p(ids[s] | ids[<s]) (token-wise attribution). Computed by batching copies of the sequence, one
-  // per token, each with a one-token loss, `chunk` copies per forward/backward pass (1: the reference loop of
-  // one backward pass per token), spread over `threads` threads. normalize: layer-wise, per token.
-  absl::Status TokenGradientsIds(const std::vector<int32_t>& ids, int from, bool normalize, int chunk,
-                                 std::vector<std::vector<double>>* out, int threads = 1) const;
+  // l_s = -log p(ids[s] | ids[<s]) (token-wise attribution); (*out)[s - from] receives grad_dim() values.
+  // Every method gives the same values up to rounding (tests compare them in float64).
+  // Errors: INVALID_ARGUMENT for an empty range, a token id out of range, or more tokens than the context.
+  absl::Status TokenGradientsIds(const std::vector<int32_t>& ids, int from, const TokenGradOptions& options,
+                                 std::vector<std::vector<double>>* out) const;
   absl::StatusOr<double> LossIds(const TokenizedExample& t) const;
   // Logits of a token sequence, T x vocab, row-major (reference comparisons).
   absl::StatusOr<std::vector<float>> LogitsIds(const std::vector<int32_t>& ids) const;
@@ -155,8 +169,10 @@ class GradientEngine {
   // Greedy decoding after the Alpaca prompt, until EOS or max_new tokens; returns the decoded text.
   absl::StatusOr<std::string> Generate(const std::string& instruction, const std::string& input, int max_new) const;
 
- private:
+ // Opaque outside model/ (defined in model/internal/engine_impl.h).
   struct Impl;
+
+ private:
   explicit GradientEngine(std::unique_ptr<Impl> impl);
   static absl::StatusOr<std::unique_ptr<GradientEngine>> LoadHf(const EngineOptions& options);
   std::unique_ptr<Impl> impl_;

@@ -39,6 +39,7 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerO
   auto engine = GradientEngine::Load(eo);
   if (!engine.ok()) return engine.status();
   f->engine_ = std::move(*engine);
+  f->token_method_ = options.token_method;
   std::string error;
   auto sketch = kernels::RapidGrad::Create({f->engine_->grad_dim(), options.k, options.lambda, options.seed}, &error);
   if (sketch == nullptr) return absl::InvalidArgumentError(error);
@@ -118,8 +119,13 @@ void Featurizer::CompressBatch(const std::vector<Example>& exs, std::vector<std:
 absl::Status Featurizer::TokenSketches(const std::vector<int32_t>& ids, int from,
                                       std::vector<std::vector<float>>* out) const {
   std::vector<std::vector<double>> g;
-  const int threads = static_cast<int>(std::max(1u, std::min(4u, std::thread::hardware_concurrency())));
-  absl::Status st = engine_->TokenGradientsIds(ids, from, /*normalize=*/true, /*chunk=*/1, &g, threads);
+  TokenGradOptions o;
+  o.method = token_method_;
+  o.threads = static_cast<int>(std::max(1u, std::min(4u, std::thread::hardware_concurrency())));
+  // Enough chunks for every thread, none longer than 8 tokens (the fastest size in bench/results/tokens.md).
+  const int n = static_cast<int>(ids.size()) - from;
+  o.chunk = std::max(1, std::min(8, (n + o.threads - 1) / o.threads));
+  absl::Status st = engine_->TokenGradientsIds(ids, from, o, &g);
   if (!st.ok()) return st;
   out->assign(g.size(), std::vector<float>(sketch_->params().k));
   std::vector<float> gf;

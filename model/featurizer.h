@@ -22,6 +22,8 @@ struct FeaturizerOptions {
   int64_t k = 4096;
   int lambda = 4;
   uint64_t seed = 0;
+  // Per-token gradients for token attributions (all exact; kLoop is the slow reference).
+  TokenGradMethod token_method = TokenGradMethod::kShared;
 };
 
 // Fills eo->tokenizer_path when empty: tokenizer.bin or tok512.bin next to a llama2.c checkpoint (a Hugging
@@ -56,6 +58,7 @@ class Featurizer {
   std::unique_ptr<GradientEngine> engine_;
   std::unique_ptr<kernels::RapidGrad> sketch_;
   std::string state_;
+  TokenGradMethod token_method_ = TokenGradMethod::kShared;
 };
 
 // The sketch parameters and max_length recorded in a projection state, on top of `engine` (model paths).

@@ -78,6 +78,35 @@ TEST(HuggingFace, LogitsLossAndLoraGradientsMatchTransformers) {
   }
 }
 
+// Per-token gradients on the Hugging Face layout (rotate-half RoPE, GQA, untied head) with the fixture's PEFT
+// adapter, in float64: the shared-forward method equals the one-backward-per-token reference, for the LoRA
+// matrices and for every parameter.
+TEST(HuggingFace, TokenGradientsSharedEqualsLoop) {
+  for (const std::string pattern : {"", ".*"}) {
+    EngineOptions o;
+    o.model_path = kDir;
+    o.adapter_path = kDir + "/adapter";
+    o.use_double = true;
+    o.param_pattern = pattern;
+    auto e = GradientEngine::Load(o);
+    ASSERT_TRUE(e.ok()) << e.status();
+    const auto ids = Reference()["records"][0]["ids"].get<std::vector<int32_t>>();
+    for (bool normalize : {false, true}) {
+      TokenGradOptions loop, shared;
+      loop.method = TokenGradMethod::kLoop;
+      loop.normalize = shared.normalize = normalize;
+      shared.chunk = 3;
+      std::vector<std::vector<double>> want, got;
+      ASSERT_TRUE((*e)->TokenGradientsIds(ids, 1, loop, &want).ok());
+      ASSERT_TRUE((*e)->TokenGradientsIds(ids, 1, shared, &got).ok());
+      ASSERT_EQ(got.size(), ids.size() - 1);
+      for (size_t t = 0; t < want.size(); ++t) {
+        EXPECT_LT(RelErr(got[t], want[t]), 1e-9) << "pattern '" << pattern << "' token " << t;
+      }
+    }
+  }
+}
+
 TEST(HuggingFace, BaseModelAndClearErrors) {
   EngineOptions o;
   o.model_path = kDir;

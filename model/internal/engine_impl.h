@@ -1,0 +1,278 @@
+// Private to model/: the engine's state and the forward pass, shared by engine.cc and token_grads.cc (the two
+// translation units that include LibTorch).
+#ifndef RAPIDIN_MODEL_INTERNAL_ENGINE_IMPL_H_
+#define RAPIDIN_MODEL_INTERNAL_ENGINE_IMPL_H_
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <regex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "model/engine.h"
+
+namespace rapidin::model {
+
+inline uint64_t Fnv(uint64_t h, const void* data, size_t n) {
+  const unsigned char* p = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < n; ++i) {
+    h ^= p[i];
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+// Activations recorded during a forward pass so that per-sample weight gradients can be formed from one
+// backward pass: for y = x W^T, dL_b/dW = dy_b^T x_b for each sample b (samples never interact).
+struct Captures {
+  struct Linear {
+    std::string weight;
+    torch::Tensor x, y;  // [B, T, in], [B, T, out]
+  };
+  std::vector<Linear> linears;
+  torch::Tensor ids, emb_out;  // embedding lookup: [B, T], [B, T, dim]
+};
+
+// Autograd leaves for one gradient computation: they share storage with the model's weights but have their own
+// autograd state, so backward passes running concurrently on different threads never share a leaf (sharing one
+// gave wrong gradients under concurrency). Only the selected parameters require grad.
+struct Leaves {
+  std::map<std::string, torch::Tensor> w;
+  std::vector<torch::Tensor> selected;
+};
+extern thread_local const Leaves* tls_leaves;
+
+struct LeavesScope {
+  explicit LeavesScope(const Leaves* l) : prev(tls_leaves) { tls_leaves = l; }
+  ~LeavesScope() { tls_leaves = prev; }
+  const Leaves* prev;
+};
+
+struct GradientEngine::Impl {
+  EngineOptions options;
+  ModelConfig cfg;
+  std::unique_ptr<Tokenizer> tok;
+  std::vector<std::string> names;  // every parameter, in file order
+  std::map<std::string, torch::Tensor> w;
+  std::vector<torch::Tensor> selected;
+  std::vector<ParamInfo> infos;
+  int64_t dim = 0;
+  torch::Tensor cos, sin, neg_sin;  // [seq_len, head_dim / 2]
+  std::string hash;
+  bool hash_stale = false;   // weights changed by TrainStep since the last Rehash
+  std::mutex hash_mu;
+  torch::Dtype dtype = torch::kFloat;
+  bool rope_half = false;  // Hugging Face rotates (i, i + hd/2) pairs; llama2.c interleaved (2i, 2i+1) pairs
+  std::map<std::string, std::pair<std::string, std::string>> lora;  // weight -> (A, B) parameter names
+  double lora_scale = 0;
+  int lora_rank = 0;
+  double lora_alpha = 0;
+  std::vector<std::string> lora_targets;  // PEFT module names
+  bool llama2c = false;                   // loaded from a llama2.c checkpoint
+  // AdamW state of the selected parameters (fine-tuning).
+  std::vector<torch::Tensor> adam_m, adam_v;
+  int64_t adam_step = 0;
+
+  absl::Status LoadAdapter(const std::string& path);
+
+  const torch::Tensor& W(const std::string& n) const { return tls_leaves ? tls_leaves->w.at(n) : w.at(n); }
+
+  Leaves MakeLeaves() const {
+    Leaves l;
+    for (const auto& [n, t] : w) l.w[n] = t.detach();
+    for (const auto& info : infos) {
+      auto& t = l.w[info.name];
+      t.requires_grad_(true);
+      l.selected.push_back(t);
+    }
+    return l;
+  }
+
+  void Add(const std::string& name, torch::Tensor t) {
+    names.push_back(name);
+    w[name] = t.to(dtype).clone();  // own storage: no views into the file buffer
+  }
+
+  absl::Status Finish() {
+    const int hd = cfg.dim / cfg.n_heads;
+    auto freqs = torch::arange(0, hd, 2, torch::kDouble) / hd;
+    freqs = torch::pow(static_cast<double>(cfg.rope_theta), -freqs);  // [hd/2]
+    auto pos = torch::arange(0, cfg.seq_len, torch::kDouble);
+    auto ang = torch::outer(pos, freqs);
+    cos = torch::cos(ang).to(dtype);
+    sin = torch::sin(ang).to(dtype);
+    neg_sin = -sin;
+    absl::Status st = Select();
+    if (!st.ok()) return st;
+    Rehash();
+    return absl::OkStatus();
+  }
+
+  // Parameter selection: the pattern, else the LoRA matrices when an adapter is attached, else every matrix.
+  absl::Status Select() {
+    selected.clear();
+    infos.clear();
+    dim = 0;
+    adam_m.clear();
+    adam_v.clear();
+    adam_step = 0;
+    std::regex re;
+    try {
+      if (!options.param_pattern.empty()) re = std::regex(options.param_pattern);
+    } catch (const std::regex_error& e) {
+      return absl::InvalidArgumentError(absl::StrCat("bad --params pattern \"", options.param_pattern, "\": ", e.what()));
+    }
+    for (const auto& n : names) {
+      const auto& t = w[n];
+      const bool take = !options.param_pattern.empty() ? std::regex_search(n, re)
+                        : !lora.empty()                 ? n.find(".lora_") != std::string::npos
+                                                        : t.dim() == 2;
+      if (!take) continue;
+      selected.push_back(t);
+      infos.push_back({n, t.numel(), dim});
+      dim += t.numel();
+    }
+    if (selected.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("parameter pattern \"", options.param_pattern,
+                                                     "\" selects no parameter"));
+    }
+    return absl::OkStatus();
+  }
+
+  void Rehash() {
+    uint64_t h = 1469598103934665603ull;
+    for (const auto& n : names) {
+      auto c = w[n].detach().to(torch::kFloat).contiguous();
+      h = Fnv(h, n.data(), n.size());
+      h = Fnv(h, c.data_ptr<float>(), c.numel() * sizeof(float));
+    }
+    const std::string sel = options.param_pattern.empty() ? "<matrices>" : options.param_pattern;
+    h = Fnv(h, sel.data(), sel.size());
+    const std::string tmpl = absl::StrCat("alpaca/v1 max_length=", options.max_length);
+    h = Fnv(h, tmpl.data(), tmpl.size());
+    hash = absl::StrFormat("%016x", h);
+  }
+
+  torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& g) const {
+    return x * torch::rsqrt(x.pow(2).mean(-1, true) + cfg.norm_eps) * g;
+  }
+
+  // x: [B, T, H, hd]; llama2.c rotates interleaved pairs (2i, 2i+1), Hugging Face (i, i + hd/2).
+  // inverse: rotate back (the transpose, for hand-written backward passes).
+  torch::Tensor Rope(const torch::Tensor& x, bool inverse = false) const {
+    const int64_t B = x.size(0), T = x.size(1), H = x.size(2), hd = x.size(3);
+    const torch::Tensor& sin = inverse ? neg_sin : this->sin;
+    if (rope_half) {
+      auto x0 = x.slice(-1, 0, hd / 2), x1 = x.slice(-1, hd / 2, hd);
+      auto c = cos.slice(0, 0, T).view({1, T, 1, hd / 2});
+      auto s = sin.slice(0, 0, T).view({1, T, 1, hd / 2});
+      return torch::cat({x0 * c - x1 * s, x1 * c + x0 * s}, -1);
+    }
+    auto xr = x.reshape({B, T, H, hd / 2, 2});
+    auto x0 = xr.select(-1, 0), x1 = xr.select(-1, 1);
+    auto c = cos.slice(0, 0, T).view({1, T, 1, hd / 2});
+    auto s = sin.slice(0, 0, T).view({1, T, 1, hd / 2});
+    return torch::stack({x0 * c - x1 * s, x0 * s + x1 * c}, -1).reshape({B, T, H, hd});
+  }
+
+  torch::Tensor Lin(const torch::Tensor& x, const std::string& name, Captures* cap) const {
+    auto y = torch::matmul(x, W(name).t());
+    if (cap) cap->linears.push_back({name, x.detach(), y});
+    auto it = lora.find(name);
+    if (it != lora.end()) y = y + Lin(Lin(x, it->second.first, cap), it->second.second, cap) * lora_scale;
+    return y;
+  }
+
+  // ids: [B, T] int64 -> logits [B, T - from, vocab] for positions [from, T) (the output head is the largest
+  // matrix product, and a loss usually needs only the response positions). With cap, records every linear
+  // layer's input and output.
+  torch::Tensor Forward(const torch::Tensor& ids, Captures* cap = nullptr, int64_t from = 0) const {
+    const int64_t B = ids.size(0), T = ids.size(1);
+    const int H = cfg.n_heads, KV = cfg.n_kv_heads, hd = cfg.dim / cfg.n_heads;
+    auto x = torch::embedding(W("tok_embeddings.weight"), ids);
+    if (cap) {
+      cap->ids = ids;
+      cap->emb_out = x;
+    }
+    auto mask = torch::full({T, T}, -std::numeric_limits<double>::infinity(), torch::TensorOptions().dtype(dtype))
+                    .triu(1);
+    for (int l = 0; l < cfg.n_layers; ++l) {
+      const std::string p = absl::StrCat("layers.", l, ".");
+      auto h = RmsNorm(x, W(p + "attention_norm.weight"));
+      auto q = Lin(h, p + "attention.wq.weight", cap).view({B, T, H, hd});
+      auto k = Lin(h, p + "attention.wk.weight", cap).view({B, T, KV, hd});
+      auto v = Lin(h, p + "attention.wv.weight", cap).view({B, T, KV, hd});
+      q = Rope(q);
+      k = Rope(k);
+      if (KV != H) {
+        k = k.repeat_interleave(H / KV, 2);
+        v = v.repeat_interleave(H / KV, 2);
+      }
+      q = q.transpose(1, 2);
+      k = k.transpose(1, 2);
+      v = v.transpose(1, 2);
+      auto att = torch::softmax(torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(hd)) + mask, -1);
+      auto o = torch::matmul(att, v).transpose(1, 2).reshape({B, T, cfg.dim});
+      x = x + Lin(o, p + "attention.wo.weight", cap);
+      h = RmsNorm(x, W(p + "ffn_norm.weight"));
+      auto a = torch::silu(Lin(h, p + "feed_forward.w1.weight", cap)) *
+               Lin(h, p + "feed_forward.w3.weight", cap);
+      x = x + Lin(a, p + "feed_forward.w2.weight", cap);
+    }
+    if (from > 0) x = x.slice(1, from, T);
+    x = RmsNorm(x, W("norm.weight"));
+    return Lin(x, cfg.tied_output ? "tok_embeddings.weight" : "output.weight", cap);
+  }
+
+  // Per-sample gradients (per[p]: [B, ...] for selected parameter p; undefined: zero) as B vectors of `dim`
+  // doubles, out[first + b]; each parameter's block scaled to unit L2 norm when normalize (a zero block stays zero).
+  void Assemble(const std::vector<torch::Tensor>& per, int64_t B, bool normalize,
+                std::vector<std::vector<double>>* out, size_t first = 0) const {
+    for (int64_t b = 0; b < B; ++b) (*out)[first + b].assign(dim, 0.0);
+    for (size_t p = 0; p < infos.size(); ++p) {
+      if (!per[p].defined()) continue;
+      auto g = per[p].to(torch::kDouble).reshape({B, -1});
+      if (normalize) {
+        auto n = g.norm(2, 1, true);
+        g = g / torch::where(n > 0, n, torch::ones_like(n));
+      }
+      g = g.contiguous();
+      for (int64_t b = 0; b < B; ++b) {
+        std::memcpy((*out)[first + b].data() + infos[p].offset, g[b].data_ptr<double>(), g.size(1) * sizeof(double));
+      }
+    }
+  }
+
+  torch::Tensor Ids(const std::vector<int32_t>& ids) const {
+    std::vector<int64_t> v(ids.begin(), ids.end());
+    return torch::tensor(v, torch::kLong).view({1, static_cast<int64_t>(v.size())});
+  }
+
+  // Mean cross-entropy of positions [from-1, T-1) predicting tokens [from, T).
+  torch::Tensor ResponseLoss(const TokenizedExample& t) const {
+    auto ids = Ids(t.ids);
+    const int64_t T = ids.size(1);
+    auto logits = Forward(ids, nullptr, t.response_begin - 1);  // positions [response_begin - 1, T)
+    auto pred = logits[0].slice(0, 0, T - t.response_begin);
+    auto target = ids[0].slice(0, t.response_begin, T);
+    if (t.loss_weights.empty()) return torch::nn::functional::cross_entropy(pred, target);
+    auto w = torch::tensor(t.loss_weights, torch::kDouble).to(dtype);
+    auto ce = torch::nn::functional::cross_entropy(
+        pred, target, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
+    return (ce * w).sum() / w.sum();
+  }
+};
+
+}  // namespace rapidin::model
+
+#endif  // RAPIDIN_MODEL_INTERNAL_ENGINE_IMPL_H_

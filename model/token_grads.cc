@@ -1,0 +1,346 @@
+// Per-token gradients (token-wise attribution): the reference loop, batched copies, and the shared-forward
+// method with a hand-written backward pass.
+//
+// Why the shared method is cheaper: the single-token losses l_s of one sequence share one forward pass, so it runs
+// once; their backward passes differ only in the cotangent, so `chunk` of them run as one batched backward pass
+// over the positions [0, s) they need, and each linear layer's per-token weight gradient is formed from its
+// recorded input and the batched output gradient (dl_s/dW = sum_p dy_{s,p}^T x_p). Above the last attention layer
+// a loss's cotangent lives at one position only, so that part runs on one position per token.
+#include <atomic>
+#include <cmath>
+#include <thread>
+
+#include "model/internal/engine_impl.h"
+
+namespace rapidin::model {
+namespace {
+
+// A linear layer's input (and, under LoRA, u = x A^T), recorded by the forward pass.
+struct LinRec {
+  torch::Tensor x, u;
+};
+
+// One decoder layer's activations over positions [0, P), batch 1 (shapes [1, P, *] unless noted).
+struct LayerRec {
+  torch::Tensor x_in, r1;      // residual stream in; rsqrt of its mean square
+  torch::Tensor q, k, v;       // [1, H, P, hd]: after RoPE, with the KV heads repeated to H
+  torch::Tensor att, att_scaled;  // [H, P, P]: softmax probabilities; the same / sqrt(hd)
+  torch::Tensor o_heads;          // [H, P, hd]: probabilities x v
+  torch::Tensor x_mid, r2;     // residual stream after attention; rsqrt
+  torch::Tensor a1, a3, s1;    // w1 and w3 outputs, silu(a1)
+  std::map<std::string, LinRec> lin;
+};
+
+class SharedTokenBackprop {
+ public:
+  SharedTokenBackprop(const GradientEngine::Impl& d, const std::vector<int32_t>& ids) : d_(d) {
+    for (size_t i = 0; i < d.infos.size(); ++i) index_[d.infos[i].name] = static_cast<int>(i);
+    std::vector<int64_t> v(ids.begin(), ids.end());
+    ids_ = torch::tensor(v, torch::kLong);
+    Forward();
+  }
+
+  // Per-token gradients of the losses on tokens [s0, s1): per[p] is [s1 - s0, ...] for selected parameter p
+  // (undefined when it receives no gradient).
+  std::vector<torch::Tensor> Backward(int s0, int s1) const {
+    torch::NoGradGuard no_grad;
+    Chunk c{std::vector<torch::Tensor>(d_.infos.size()), s1 - s0, s1 - 1};
+    const auto& cfg = d_.cfg;
+    auto pos = torch::arange(s0 - 1, s1 - 1, torch::kLong);  // the logit of token s sits at position s - 1
+    // Output head and final norm at each loss's own position.
+    const std::string head = cfg.tied_output ? "tok_embeddings.weight" : "output.weight";
+    const LinRec hrec = At(head_rec_, pos);
+    auto logits = torch::matmul(hrec.x, d_.w.at(head).t());
+    auto lr = d_.lora.find(head);
+    if (lr != d_.lora.end()) logits = logits + torch::matmul(hrec.u, d_.w.at(lr->second.second).t()) * d_.lora_scale;
+    auto gl = torch::softmax(logits, -1);  // d(-log p_target)/dlogits = p - onehot(target)
+    auto target = ids_.slice(0, s0, s1);
+    gl.select(1, 0).scatter_add_(1, target.unsqueeze(1),
+                                 torch::full({c.b, 1}, -1.0, torch::TensorOptions().dtype(gl.dtype())));
+    auto gx = LinBack(&c, gl, head, hrec);
+    gx = NormBack(&c, gx, At(x_final_, pos), At(r_final_, pos), "norm.weight");
+    // Last layer's feed-forward block and attention output projection: still one position per loss.
+    const int L = cfg.n_layers;
+    const LayerRec& top = layers_[L - 1];
+    const std::string pt = absl::StrCat("layers.", L - 1, ".");
+    gx = gx + FfnBack(&c, gx, top, pt, &pos);
+    auto go = LinBack(&c, gx, pt + "attention.wo.weight", At(top.lin.at(pt + "attention.wo.weight"), pos));
+    // From here on the cotangents spread over every earlier position: dense [B, P, *].
+    auto dense = [&](const torch::Tensor& g) {
+      auto z = torch::zeros({c.b, c.p, g.size(2)}, g.options());
+      z.index_put_({torch::arange(c.b, torch::kLong), pos}, g.select(1, 0));
+      return z;
+    };
+    gx = dense(gx);
+    gx = gx + AttnBack(&c, dense(go), top, pt);
+    for (int l = L - 2; l >= 0; --l) {
+      const std::string p = absl::StrCat("layers.", l, ".");
+      const LayerRec& r = layers_[l];
+      gx = gx + FfnBack(&c, gx, r, p, nullptr);
+      gx = gx + AttnBack(&c, LinBack(&c, gx, p + "attention.wo.weight", Cut(r.lin.at(p + "attention.wo.weight"), c.p)),
+                         r, p);
+    }
+    auto e = index_.find("tok_embeddings.weight");
+    if (e != index_.end()) {
+      auto g = torch::zeros({c.b, cfg.vocab_size, cfg.dim}, gx.options());
+      g.index_add_(1, ids_.slice(0, 0, c.p), gx);
+      Accum(&c, "tok_embeddings.weight", g);
+    }
+    return c.per;
+  }
+
+ private:
+  struct Chunk {
+    std::vector<torch::Tensor> per;
+    int64_t b;  // losses in the chunk
+    int64_t p;  // positions they need: [0, p)
+  };
+
+  static torch::Tensor Cut(const torch::Tensor& t, int64_t p) { return t.narrow(1, 0, p); }
+  static LinRec Cut(const LinRec& r, int64_t p) {
+    return {Cut(r.x, p), r.u.defined() ? Cut(r.u, p) : torch::Tensor()};
+  }
+  // Rows at pos of a [1, P, *] activation, as [B, 1, *].
+  static torch::Tensor At(const torch::Tensor& t, const torch::Tensor& pos) {
+    return t.select(0, 0).index_select(0, pos).unsqueeze(1);
+  }
+  static LinRec At(const LinRec& r, const torch::Tensor& pos) {
+    return {At(r.x, pos), r.u.defined() ? At(r.u, pos) : torch::Tensor()};
+  }
+
+  void Accum(Chunk* c, const std::string& name, const torch::Tensor& g) const {
+    auto it = index_.find(name);
+    if (it == index_.end()) return;
+    auto& acc = c->per[it->second];
+    acc = acc.defined() ? acc + g : g;
+  }
+  bool Selected(const std::string& name) const { return index_.count(name) > 0; }
+
+  torch::Tensor Norm(const torch::Tensor& x, const std::string& g, torch::Tensor* r) const {
+    *r = torch::rsqrt(x.pow(2).mean(-1, true) + d_.cfg.norm_eps);
+    return x * *r * d_.w.at(g);
+  }
+
+  torch::Tensor Lin(const torch::Tensor& x, const std::string& name, std::map<std::string, LinRec>* rec) const {
+    auto y = torch::matmul(x, d_.w.at(name).t());
+    LinRec r{x, {}};
+    auto it = d_.lora.find(name);
+    if (it != d_.lora.end()) {
+      r.u = torch::matmul(x, d_.w.at(it->second.first).t());
+      y = y + torch::matmul(r.u, d_.w.at(it->second.second).t()) * d_.lora_scale;
+    }
+    (*rec)[name] = r;
+    return y;
+  }
+
+  // Batch-1 forward over positions [0, T - 1) (the last token is only ever a target), same arithmetic as
+  // Impl::Forward.
+  void Forward() {
+    torch::NoGradGuard no_grad;
+    const auto& cfg = d_.cfg;
+    const int64_t P = ids_.size(0) - 1;
+    const int H = cfg.n_heads, KV = cfg.n_kv_heads, hd = cfg.dim / cfg.n_heads;
+    auto x = torch::embedding(d_.w.at("tok_embeddings.weight"), ids_.slice(0, 0, P)).unsqueeze(0);
+    auto mask = torch::full({P, P}, -std::numeric_limits<double>::infinity(), torch::TensorOptions().dtype(d_.dtype))
+                    .triu(1);
+    layers_.resize(cfg.n_layers);
+    for (int l = 0; l < cfg.n_layers; ++l) {
+      const std::string p = absl::StrCat("layers.", l, ".");
+      LayerRec& r = layers_[l];
+      r.x_in = x;
+      auto h = Norm(x, p + "attention_norm.weight", &r.r1);
+      auto q = d_.Rope(Lin(h, p + "attention.wq.weight", &r.lin).view({1, P, H, hd}));
+      auto k = d_.Rope(Lin(h, p + "attention.wk.weight", &r.lin).view({1, P, KV, hd}));
+      auto v = Lin(h, p + "attention.wv.weight", &r.lin).view({1, P, KV, hd});
+      if (KV != H) {
+        k = k.repeat_interleave(H / KV, 2);
+        v = v.repeat_interleave(H / KV, 2);
+      }
+      r.q = q.transpose(1, 2);
+      r.k = k.transpose(1, 2);
+      r.v = v.transpose(1, 2);
+      const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+      auto att = torch::softmax(torch::matmul(r.q, r.k.transpose(-2, -1)) * scale + mask, -1);
+      auto oh = torch::matmul(att, r.v);
+      r.att = att.select(0, 0);
+      r.att_scaled = r.att * scale;
+      r.o_heads = oh.select(0, 0);
+      auto o = oh.transpose(1, 2).reshape({1, P, cfg.dim});
+      x = x + Lin(o, p + "attention.wo.weight", &r.lin);
+      r.x_mid = x;
+      h = Norm(x, p + "ffn_norm.weight", &r.r2);
+      r.a1 = Lin(h, p + "feed_forward.w1.weight", &r.lin);
+      r.a3 = Lin(h, p + "feed_forward.w3.weight", &r.lin);
+      r.s1 = torch::silu(r.a1);
+      x = x + Lin(r.s1 * r.a3, p + "feed_forward.w2.weight", &r.lin);
+    }
+    x_final_ = x;
+    std::map<std::string, LinRec> head;
+    Lin(Norm(x, "norm.weight", &r_final_), d_.cfg.tied_output ? "tok_embeddings.weight" : "output.weight", &head);
+    head_rec_ = head.begin()->second;
+  }
+
+  // Per-loss weight gradients dy_b^T x_b, [B, out, in]. A shared x ([1, n, in]) makes it one matrix product.
+  static torch::Tensor PerSample(const torch::Tensor& gy, const torch::Tensor& x) {
+    const int64_t B = gy.size(0), n = gy.size(1), out = gy.size(2);
+    if (x.size(0) == 1 && B > 1) {
+      return torch::mm(gy.transpose(1, 2).reshape({B * out, n}), x.select(0, 0)).view({B, out, x.size(2)});
+    }
+    return torch::matmul(gy.transpose(1, 2), x);
+  }
+
+  // y = x W^T (+ s (x A^T) B^T): records per-token dW, dA, dB; returns dx. gy [B, n, out], r.x [1 or B, n, in].
+  torch::Tensor LinBack(Chunk* c, const torch::Tensor& gy, const std::string& name, const LinRec& r) const {
+    if (Selected(name)) Accum(c, name, PerSample(gy, r.x));
+    auto gx = torch::matmul(gy, d_.w.at(name));
+    auto it = d_.lora.find(name);
+    if (it != d_.lora.end()) {
+      const std::string& a = it->second.first;
+      const std::string& b = it->second.second;
+      if (Selected(b)) Accum(c, b, PerSample(gy, r.u) * d_.lora_scale);
+      auto gu = torch::matmul(gy, d_.w.at(b)) * d_.lora_scale;
+      if (Selected(a)) Accum(c, a, PerSample(gu, r.x));
+      gx = gx + torch::matmul(gu, d_.w.at(a));
+    }
+    return gx;
+  }
+
+  // y = x r g with r = rsqrt(mean(x^2) + eps): dx = r z - x r^3 mean(z x), z = dy g.
+  torch::Tensor NormBack(Chunk* c, const torch::Tensor& gy, const torch::Tensor& x, const torch::Tensor& r,
+                         const std::string& g) const {
+    if (Selected(g)) Accum(c, g, (gy * (x * r)).sum(1));
+    auto z = gy * d_.w.at(g);
+    return r * z - x * r.pow(3) * (z * x).mean(-1, true);
+  }
+
+  // Feed-forward block (norm, SwiGLU): the cotangent it adds to the residual stream below it. pos: the sparse
+  // top part (one position per loss); null: dense over [0, P).
+  torch::Tensor FfnBack(Chunk* c, const torch::Tensor& gx, const LayerRec& r, const std::string& p,
+                        const torch::Tensor* pos) const {
+    auto sel = [&](const torch::Tensor& t) { return pos ? At(t, *pos) : Cut(t, c->p); };
+    auto rec = [&](const std::string& n) { return pos ? At(r.lin.at(n), *pos) : Cut(r.lin.at(n), c->p); };
+    auto ga = LinBack(c, gx, p + "feed_forward.w2.weight", rec(p + "feed_forward.w2.weight"));
+    auto a1 = sel(r.a1), s1 = sel(r.s1);
+    auto sig = torch::sigmoid(a1);
+    auto ga3 = ga * s1;
+    auto ga1 = ga * sel(r.a3) * sig * (1 + a1 * (1 - sig));
+    auto gh = LinBack(c, ga1, p + "feed_forward.w1.weight", rec(p + "feed_forward.w1.weight")) +
+              LinBack(c, ga3, p + "feed_forward.w3.weight", rec(p + "feed_forward.w3.weight"));
+    return NormBack(c, gh, sel(r.x_mid), sel(r.r2), p + "ffn_norm.weight");
+  }
+
+  // Attention block below its output projection: go = dL/d(attention output) [B, P, dim]; returns the cotangent
+  // added to the residual stream. The chunk's losses ride along the rows of per-head matrix products ([H, P, B, *]
+  // layout), so the shared probabilities and q, k, v are never copied per loss.
+  torch::Tensor AttnBack(Chunk* c, const torch::Tensor& go, const LayerRec& r, const std::string& p) const {
+    const auto& cfg = d_.cfg;
+    const int64_t B = c->b, P = c->p;
+    const int H = cfg.n_heads, KV = cfg.n_kv_heads, hd = cfg.dim / cfg.n_heads;
+    auto att = r.att.narrow(1, 0, P).narrow(2, 0, P);  // [H, Pi, Pj]
+    auto q = r.q.select(0, 0).narrow(1, 0, P);                       // [H, P, hd]
+    auto k = r.k.select(0, 0).narrow(1, 0, P);
+    auto v = r.v.select(0, 0).narrow(1, 0, P);
+    auto gO = go.view({B, P, H, hd}).permute({2, 1, 0, 3}).contiguous();                  // [H, Pi, B, hd]
+    auto gV = torch::bmm(att.transpose(1, 2), gO.view({H, P, B * hd})).view({H, P, B, hd});  // [H, Pj, B, hd]
+    // Softmax backward: dS = A (dA - D) / sqrt(hd) with D_i = sum_j dA_ij A_ij = dO_i . O_i (so no extra pass
+    // over the P x P tensor). Row 0 is a softmax over one key, whose Jacobian is zero: it is set to exactly zero,
+    // because rounding noise there would survive as a unit-norm block after layer-wise normalisation.
+    auto gS = torch::bmm(gO.view({H, P * B, hd}), v.transpose(1, 2)).view({H, P, B, P});  // dA: [H, Pi, B, Pj]
+    gS.sub_((gO * r.o_heads.narrow(1, 0, P).unsqueeze(2)).sum(-1, true))
+        .mul_(r.att_scaled.narrow(1, 0, P).narrow(2, 0, P).unsqueeze(2));
+    gS.select(1, 0).zero_();
+    auto gQ = torch::bmm(gS.view({H, P * B, P}), k).view({H, P, B, hd});  // [H, Pi, B, hd]
+    // dK_h^T = q_h^T dS_h with dS_h as a [Pi, B * Pj] matrix: no transposed copy of dS.
+    auto gK = torch::bmm(q.transpose(1, 2), gS.view({H, P, B * P})).view({H, hd, B, P});  // [H, hd, B, Pj]
+    gQ = gQ.permute({2, 1, 0, 3});  // [B, P, H, hd]
+    gK = gK.permute({2, 3, 0, 1});
+    gV = gV.permute({2, 1, 0, 3});
+    if (KV != H) {  // repeat_interleave: head h reads KV head h / (H / KV)
+      gK = gK.reshape({B, P, KV, H / KV, hd}).sum(3);
+      gV = gV.reshape({B, P, KV, H / KV, hd}).sum(3);
+    }
+    gQ = d_.Rope(gQ.contiguous(), /*inverse=*/true);
+    gK = d_.Rope(gK.contiguous(), /*inverse=*/true);
+    auto rec = [&](const std::string& n) { return Cut(r.lin.at(n), P); };
+    auto gh = LinBack(c, gQ.reshape({B, P, H * hd}), p + "attention.wq.weight", rec(p + "attention.wq.weight")) +
+              LinBack(c, gK.reshape({B, P, KV * hd}), p + "attention.wk.weight", rec(p + "attention.wk.weight")) +
+              LinBack(c, gV.reshape({B, P, KV * hd}), p + "attention.wv.weight", rec(p + "attention.wv.weight"));
+    return NormBack(c, gh, Cut(r.x_in, P), Cut(r.r1, P), p + "attention_norm.weight");
+  }
+
+  const GradientEngine::Impl& d_;
+  std::map<std::string, int> index_;  // selected parameter name -> position in d_.infos
+  torch::Tensor ids_;                 // [T]
+  std::vector<LayerRec> layers_;
+  torch::Tensor x_final_, r_final_;
+  LinRec head_rec_;
+};
+
+}  // namespace
+
+absl::Status GradientEngine::TokenGradientsIds(const std::vector<int32_t>& ids, int from,
+                                               const TokenGradOptions& options,
+                                               std::vector<std::vector<double>>* out) const {
+  const Impl& d = *impl_;
+  const int T = static_cast<int>(ids.size());
+  const int chunk = options.method == TokenGradMethod::kLoop ? 1 : options.chunk;
+  const int threads = options.threads;
+  if (from < 1 || from >= T) return absl::InvalidArgumentError(absl::StrCat("token range [", from, ", ", T, ") is empty"));
+  if (chunk < 1 || threads < 1) return absl::InvalidArgumentError("chunk and threads must be >= 1");
+  if (T > d.cfg.seq_len) {
+    return absl::InvalidArgumentError(absl::StrCat(T, " tokens exceed the model's context of ", d.cfg.seq_len));
+  }
+  for (int32_t id : ids) {
+    if (id < 0 || id >= d.cfg.vocab_size) return absl::InvalidArgumentError("token id out of range");
+  }
+  out->assign(T - from, {});
+  std::unique_ptr<SharedTokenBackprop> shared;
+  if (options.method == TokenGradMethod::kShared) shared = std::make_unique<SharedTokenBackprop>(d, ids);
+  // Work items are chunks of consecutive tokens; threads take them in turn (autograd::grad is thread-safe, and the
+  // shared forward pass is only read).
+  std::atomic<int> next{from};
+  std::vector<absl::Status> status(threads);
+  auto work = [&](int w) {
+    for (int s0; (s0 = next.fetch_add(chunk)) < T;) {
+      const int s1 = std::min(T, s0 + chunk);
+      std::vector<std::vector<double>> g(s1 - s0);
+      absl::Status st;
+      if (shared) {
+        d.Assemble(shared->Backward(s0, s1), s1 - s0, options.normalize, &g);
+      } else {
+        std::vector<TokenizedExample> copies;
+        for (int s = s0; s < s1; ++s) {
+          TokenizedExample t;
+          t.ids.assign(ids.begin(), ids.begin() + s + 1);  // the prefix and token s: loss on token s alone
+          t.response_begin = s;
+          copies.push_back(std::move(t));
+        }
+        if (copies.size() == 1) {
+          auto info = GradientIds(copies[0], options.normalize, &g[0]);
+          if (!info.ok()) st = info.status();
+        } else {
+          std::vector<GradInfo> infos;
+          st = GradientIdsBatch(copies, options.normalize, &g, &infos);
+        }
+      }
+      if (!st.ok()) {
+        status[w] = st;
+        return;
+      }
+      for (size_t i = 0; i < g.size(); ++i) (*out)[s0 - from + i] = std::move(g[i]);
+    }
+  };
+  if (threads == 1) {
+    work(0);
+  } else {
+    std::vector<std::thread> pool;
+    for (int w = 0; w < threads; ++w) pool.emplace_back(work, w);
+    for (auto& th : pool) th.join();
+  }
+  for (const auto& st : status) {
+    if (!st.ok()) return st;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace rapidin::model
