@@ -1,27 +1,60 @@
-// Token-wise gradients on stories260K: one backward pass per token (the reference) versus batched copies of the
-// sequence, for the response tokens of a real Alpaca-style record. Usage: token_bench MODEL_DIR_OR_BIN [--quick]
+// Token-wise gradients on stories260K: the reference (one forward and one autograd backward pass per token),
+// batched copies of the prefixes, and the shared-forward hand-written backward, for the response tokens of a real
+// Alpaca-style record. Every run is checked against the reference (largest absolute difference printed).
+// Usage: token_bench MODEL_DIR_OR_BIN [--quick] [--params REGEX] [--lora RANK] [--only ROW]
+#include <malloc.h>
+
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <string>
+#include <tuple>
 
 #include "bench/bench_util.h"
 #include "model/engine.h"
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: token_bench stories260K.bin [--quick]\n");
+    std::fprintf(stderr, "usage: token_bench stories260K.bin [--quick] [--params REGEX] [--lora RANK] [--only ROW]\n");
     return 2;
   }
-  const bool quick = argc > 2 && !std::strcmp(argv[2], "--quick");
-  rapidin::model::SetComputeThreads(1);
+  using rapidin::model::TokenGradMethod;
+  bool quick = false;
+  int lora = 0;
+  int only = -1;  // run one configuration (its row number, from 0), for profiling
   rapidin::model::EngineOptions o;
   o.model_path = argv[1];
-  std::string tok = o.model_path.substr(0, o.model_path.find_last_of('/') + 1) + "tok512.bin";
-  o.tokenizer_path = tok;
+  for (int i = 2; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--quick")) quick = true;
+    else if (!std::strcmp(argv[i], "--params") && i + 1 < argc) o.param_pattern = argv[++i];
+    else if (!std::strcmp(argv[i], "--lora") && i + 1 < argc) lora = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = std::atoi(argv[++i]);
+  }
+  rapidin::model::SetComputeThreads(1);
+  // As in `rapidin cache` and the server: large per-pass buffers stay in the heap (no mmap + page faults each).
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  mallopt(M_TOP_PAD, 1 << 30);
+  o.tokenizer_path = o.model_path.substr(0, o.model_path.find_last_of('/') + 1) + "tok512.bin";
   auto e = rapidin::model::GradientEngine::Load(o);
   if (!e.ok()) {
     std::fprintf(stderr, "%s\n", e.status().ToString().c_str());
     return 1;
+  }
+  if (lora > 0) {
+    rapidin::model::LoraConfig lc;
+    lc.rank = lora;
+    if (!(*e)->AddLora(lc).ok()) return 1;
+    // B starts at zero, which would make every A gradient zero: give B small random values.
+    std::srand(1);
+    for (size_t p = 0; p < (*e)->params().size(); ++p) {
+      if ((*e)->params()[p].name.find("lora_B") == std::string::npos) continue;
+      for (int64_t i = 0; i < (*e)->params()[p].numel; ++i) {
+        (void)(*e)->Perturb(static_cast<int>(p), i, 0.01 * (std::rand() / double(RAND_MAX) - 0.5));
+      }
+    }
   }
   rapidin::model::Example ex{"Give three tips for staying healthy.", "",
                              "1. Eat a balanced diet and make sure to include plenty of fruits and vegetables. 2. "
@@ -29,22 +62,46 @@ int main(int argc, char** argv) {
   auto t = (*e)->Tokenize(ex);
   if (!t.ok()) return 1;
   const int n = static_cast<int>(t->ids.size()) - t->response_begin;
-  std::printf("| record tokens | response tokens | copies per pass | threads | ms total | ms per token | speed-up |\n");
-  std::printf("|---|---|---|---|---|---|---|\n");
+  std::printf("parameters: %s, %lld values per token gradient\n\n",
+              lora ? "LoRA matrices" : (o.param_pattern.empty() ? "every weight matrix" : o.param_pattern.c_str()),
+              static_cast<long long>((*e)->grad_dim()));
+  std::printf("| method | tokens per pass | threads | record tokens | response tokens | ms total | ms per token | "
+              "speed-up | max abs diff vs reference |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+  const char* names[] = {"loop (reference)", "batched copies", "shared forward"};
   double base = 0;
-  const std::vector<std::pair<int, int>> configs = {{1, 1}, {4, 1}, {8, 1}, {16, 1}, {1, 2}};
-  for (const auto& [chunk, threads] : configs) {
+  std::vector<std::vector<double>> ref;
+  const std::vector<std::tuple<TokenGradMethod, int, int>> configs = {
+      {TokenGradMethod::kLoop, 1, 1},    {TokenGradMethod::kCopies, 16, 1}, {TokenGradMethod::kShared, 4, 1},
+      {TokenGradMethod::kShared, 8, 1},  {TokenGradMethod::kShared, 16, 1}, {TokenGradMethod::kShared, 32, 1},
+      {TokenGradMethod::kLoop, 1, 2},    {TokenGradMethod::kShared, 16, 2}};
+  for (size_t row = 0; row < configs.size(); ++row) {
+    if (only >= 0 && static_cast<int>(row) != only) continue;
+    const auto& [method, chunk, threads] = configs[row];
     std::vector<double> times;
+    std::vector<std::vector<double>> g;
     for (int r = 0; r < (quick ? 1 : 3); ++r) {
-      std::vector<std::vector<double>> g;
+      rapidin::model::TokenGradOptions to;
+      to.method = method;
+      to.chunk = chunk;
+      to.threads = threads;
       const auto t0 = std::chrono::steady_clock::now();
-      if (!(*e)->TokenGradientsIds(t->ids, t->response_begin, true, chunk, &g, threads).ok()) return 1;
+      const auto st = (*e)->TokenGradientsIds(t->ids, t->response_begin, to, &g);
       times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      if (!st.ok()) {
+        std::fprintf(stderr, "%s\n", st.ToString().c_str());
+        return 1;
+      }
+    }
+    if (ref.empty()) ref = g;
+    double diff = 0;
+    for (size_t i = 0; i < g.size(); ++i) {
+      for (size_t j = 0; j < g[i].size(); ++j) diff = std::max(diff, std::fabs(g[i][j] - ref[i][j]));
     }
     const double s = rapidin::bench::Median(times);
-    if (chunk == 1 && threads == 1) base = s;
-    std::printf("| %zu | %d | %d | %d | %.1f | %.2f | %.2fx |\n", t->ids.size(), n, chunk, threads, s * 1e3,
-                s * 1e3 / n, base / s);
+    if (base == 0) base = s;
+    std::printf("| %s | %d | %d | %zu | %d | %.1f | %.2f | %.2fx | %.1e |\n", names[static_cast<int>(method)], chunk,
+                threads, t->ids.size(), n, s * 1e3, s * 1e3 / n, base / s, diff);
   }
   return 0;
 }

@@ -9,6 +9,8 @@
 #include <atomic>
 #include <cstdio>
 #include <filesystem>
+#include <map>
+#include <string>
 #include <thread>
 
 #include "server/server.h"
@@ -49,8 +51,19 @@ int main(int argc, char** argv) {
   app.add_option("--adapter", o.adapter_path, "PEFT LoRA adapter the store was cached with");
   app.add_option("--tokenizer", o.tokenizer_path, "its tokenizer (default: next to the model)");
   app.add_option("--params", o.param_pattern, "parameter regex used by `rapidin cache --params`");
+  const std::map<std::string, rapidin::model::TokenGradMethod> token_methods = {
+      {"shared", rapidin::model::TokenGradMethod::kShared},
+      {"copies", rapidin::model::TokenGradMethod::kCopies},
+      {"loop", rapidin::model::TokenGradMethod::kLoop}};
+  std::string token_method = "shared";
+  app.add_option("--token-method", token_method,
+                 "per-token gradients for attributions, all exact: shared (one forward pass, batched backward) | "
+                 "copies | loop (one backward pass per token: the slow reference)")
+      ->check(CLI::IsMember({"shared", "copies", "loop"}))
+      ->capture_default_str();
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  o.token_method = token_methods.at(token_method);
   spdlog::set_level(spdlog::level::from_str(log_level));
   o.gpu.hot_limit_bytes = hot_limit_mb >= (~uint64_t{0} >> 20) ? ~uint64_t{0} : hot_limit_mb << 20;
   o.gpu.chunk_bytes = chunk_mb << 20;

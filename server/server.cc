@@ -532,6 +532,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     mo.param_pattern = options.param_pattern;
     auto fo = model::OptionsFromState(state, mo);
     if (!fo.ok()) return fo.status();
+    fo->token_method = options.token_method;
     model::SetComputeThreads(1);
     auto f = model::Featurizer::Create(*fo);
     if (!f.ok()) return f.status();

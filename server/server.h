@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "kernels/score.h"
+#include "model/engine.h"
 #include "server/query_engine.h"
 
 namespace rapidin::server {
@@ -39,6 +40,7 @@ struct ServerOptions {
   std::string adapter_path;
   std::string tokenizer_path;
   std::string param_pattern;
+  model::TokenGradMethod token_method = model::TokenGradMethod::kShared;  // token attributions' gradients
 };
 
 class Server {
