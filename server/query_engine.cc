@@ -302,6 +302,34 @@ void QueryEngine::RunBatch(std::vector<std::shared_ptr<Pending>>& batch) {
 #if RAPIDIN_HAVE_CUDA
   if (gpu_) setup = FromGpu(gpu_->scanner->SetQueries(all.data(), total_q));
 #endif
+  // Cold rows: the range as of now, in chunks dealt round-robin to the workers after their resident rows.
+  const auto [cold_begin, cold_end] = store_->ColdRange();
+  const int64_t chunk_rows = std::max<int64_t>(1, static_cast<int64_t>(options_.cold_chunk_bytes / (k * 2)));
+  const int64_t cold_chunks = static_cast<int64_t>((cold_end - cold_begin + chunk_rows - 1) / chunk_rows);
+  auto scan_cold = [&, cold_begin = cold_begin, cold_end = cold_end](int w, ShardOut& o) {
+    if (w >= cold_chunks) return;
+    std::vector<kernels::TopK> hp, hm;
+    for (int j = 0; j < total_q; ++j) {
+      hp.emplace_back(max_top, true);
+      hm.emplace_back(max_harm, false);
+    }
+    storage::internal::AlignedRows buf(k);
+    for (int64_t c = w; c < cold_chunks && o.status.ok(); c += S) {
+      const uint64_t begin = cold_begin + static_cast<uint64_t>(c * chunk_rows);
+      const int64_t n = static_cast<int64_t>(std::min<uint64_t>(chunk_rows, cold_end - begin));
+      o.status = store_->ReadRows(begin, n, &buf);
+      if (!o.status.ok()) break;
+      o.status = kernels::ScanTopK(buf.data(), n, k, all.data(), total_q, static_cast<int64_t>(begin), 1, &hp, &hm,
+                                   options_.impl);
+      o.timing.rows += n;
+      o.timing.cold_rows += n;
+      o.timing.bytes_scanned += static_cast<uint64_t>(n) * k * sizeof(uint16_t);
+    }
+    for (int j = 0; j < total_q && o.status.ok(); ++j) {
+      o.helpful[j].push_back(hp[j].Sorted());
+      o.harmful[j].push_back(hm[j].Sorted());
+    }
+  };
   std::mutex done_mu;
   std::condition_variable done_cv;
   int remaining = S;
@@ -354,6 +382,7 @@ void QueryEngine::RunBatch(std::vector<std::shared_ptr<Pending>>& batch) {
         }
 #endif
       }
+      if (o.status.ok()) scan_cold(s, o);
       o.timing.scan_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       std::lock_guard<std::mutex> l(done_mu);
       if (--remaining == 0) done_cv.notify_one();

@@ -34,6 +34,7 @@ struct ShardTiming {
   int64_t rows = 0;
   double scan_ms = 0;
   uint64_t bytes_scanned = 0;
+  int64_t cold_rows = 0;             // of `rows`, read from the cold tier (disk) for this scan
 };
 
 struct SearchResult {
@@ -70,6 +71,9 @@ class QueryEngine {
     kernels::ScoreImpl impl = kernels::ScoreImpl::kAuto;
     std::string backend = "cpu";     // "cpu" | "cuda"
     GpuOptions gpu;
+    // Cold tier (rows not resident in host memory): read from RocksDB in chunks of this many bytes, spread over
+    // the workers, and scored on the CPU for either backend (disk, not scoring, bounds that tier).
+    uint64_t cold_chunk_bytes = 32u << 20;
   };
 
   // store must outlive the engine. For "cuda", places the shards on the GPUs and uploads the hot ones.

@@ -173,6 +173,10 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     disk->set_tier("disk");
     disk->set_records(m.record_count());
     disk->set_bytes(u.disk_bytes);
+    auto* cold = resp->add_tiers();
+    cold->set_tier("cold");
+    cold->set_records(u.cold_records);
+    cold->set_bytes(u.cold_bytes);
     if (engine_->uses_gpu()) {
       const GpuTierUsage g = engine_->GpuUsage();
       const uint64_t row = uint64_t{m.k()} * 2;
@@ -191,6 +195,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
   void UpdateTierMetrics() {
     const storage::TierUsage u = store_->Usage();
     metrics_->SetTier("host", static_cast<double>(u.host_records), static_cast<double>(u.host_bytes));
+    metrics_->SetTier("cold", static_cast<double>(u.cold_records), static_cast<double>(u.cold_bytes));
     metrics_->SetTier("disk", static_cast<double>(store_->size()), static_cast<double>(u.disk_bytes));
     if (engine_->uses_gpu()) {
       const GpuTierUsage g = engine_->GpuUsage();
@@ -283,6 +288,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
       st->set_rows(t.rows);
       st->set_scan_ms(t.scan_ms);
       st->set_bytes_scanned(t.bytes_scanned);
+      st->set_cold_rows(t.cold_rows);
       bytes += static_cast<double>(t.bytes_scanned);
     }
     metrics_->AddBytesScanned(bytes * q / std::max(1, res.vectors_in_scan));
@@ -513,6 +519,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   so.k = options.create_k;
   so.num_shards = options.shards > 0 ? options.shards : std::max(1u, std::thread::hardware_concurrency());
   so.progress = options.load_progress;
+  so.host_budget_bytes = options.host_budget_bytes;
   if (backend == "cuda") so.host_allocator = CudaHostAllocator();
   const auto t0 = std::chrono::steady_clock::now();
   auto store = storage::Store::Open(options.store_path, so);
@@ -549,6 +556,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
 
   QueryEngine::Options eo;
   eo.max_batch_vectors = options.max_batch_vectors;
+  eo.cold_chunk_bytes = options.cold_chunk_bytes;
   eo.impl = options.impl;
   if (eo.impl == kernels::ScoreImpl::kAvx2 && !kernels::Avx2Available()) {
     return absl::FailedPreconditionError("AVX2/F16C/FMA kernels requested but this CPU lacks them");

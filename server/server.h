@@ -29,6 +29,8 @@ struct ServerOptions {
   int max_query_vectors = 64;                      // per request
   int max_message_bytes = 64 << 20;                // larger requests get RESOURCE_EXHAUSTED
   int max_batch_vectors = 64;                      // query vectors that may share one scan
+  uint64_t host_budget_bytes = 0;                  // vectors kept in host memory; 0: all; the rest is the cold tier
+  uint64_t cold_chunk_bytes = 32u << 20;           // cold rows are read from disk and scored in chunks this large
   uint32_t max_attributed_records = 10;            // top_k + harmful_k allowed with token attributions
   std::string backend = "auto";                    // auto (CUDA when a GPU is usable) | cpu | cuda
   GpuOptions gpu;                                  // CUDA backend: devices, hot-tier budget, chunk size

@@ -86,6 +86,9 @@ struct Store::Impl {
     uint64_t rewrite_generation = 0;
   };
   std::vector<std::unique_ptr<Shard>> shards;
+  uint64_t resident_limit = ~uint64_t{0};  // rows [0, resident_limit) may live in the host tier
+
+  uint64_t Resident(uint64_t count) const { return std::min(count, resident_limit); }
 
   ~Impl() {
     for (auto* h : handles) {
@@ -106,7 +109,20 @@ struct Store::Impl {
     return FromRocks(db->Put(wo, cf_manifest(), kManifestKey, m.SerializeAsString()), "writing manifest");
   }
 
-  absl::Status LoadHostTier(uint64_t count, uint32_t k) {
+  absl::Status LoadHostTier(uint64_t all, uint32_t k) {
+    const uint64_t count = Resident(all);
+    if (count < all) {  // the cold rows stay on disk: check that the last one is there
+      std::string v;
+      absl::Status st = FromRocks(db->Get(rocksdb::ReadOptions(), cf_vectors(), BigEndian64(all - 1), &v),
+                                  "vectors");
+      if (absl::IsNotFound(st)) {
+        return absl::DataLossError(absl::StrCat("manifest says ", all, " records but row ", all - 1, " is missing"));
+      }
+      if (!st.ok()) return st;
+      if (v.size() != k * sizeof(uint16_t)) {
+        return absl::DataLossError(absl::StrCat("vectors: row ", all - 1, " has ", v.size(), " bytes"));
+      }
+    }
     const int s_count = num_shards();
     for (int s = 0; s < s_count; ++s) {
       const int64_t rows = static_cast<int64_t>((count + s_count - 1 - s) / s_count);
@@ -117,7 +133,7 @@ struct Store::Impl {
     std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions(), cf_vectors()));
     uint64_t expect = 0;
     const uint64_t step = count / 100 + 1;
-    for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    for (it->SeekToFirst(); it->Valid() && expect < count; it->Next()) {
       const uint64_t index = FromBigEndian64(it->key());
       if (it->key().size() != 8 || index != expect) {
         return absl::DataLossError(absl::StrCat("vectors: expected row ", expect, ", found key of row ", index));
@@ -234,6 +250,7 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path, cons
   for (int s = 0; s < options.num_shards; ++s) {
     impl->shards.push_back(std::make_unique<Impl::Shard>(m.k(), options.host_allocator));
   }
+  if (options.host_budget_bytes > 0) impl->resident_limit = options.host_budget_bytes / (uint64_t{m.k()} * 2);
   st = impl->LoadHostTier(m.record_count(), m.k());
   if (!st.ok()) return st;
   return std::unique_ptr<Store>(new Store(std::move(impl)));
@@ -300,8 +317,9 @@ absl::StatusOr<IngestResult> Store::Ingest(const std::vector<IngestItem>& batch)
   }
   // 3. Make room in memory first, so that nothing can fail after the disk write.
   const int S = d.num_shards();
+  const uint64_t resident = d.Resident(next);
   for (int s = 0; s < S; ++s) {
-    const int64_t need = static_cast<int64_t>((next + S - 1 - s) / S);
+    const int64_t need = static_cast<int64_t>((resident + S - 1 - s) / S);
     std::unique_lock<std::shared_mutex> l(d.shards[s]->mu);
     if (!d.shards[s]->rows.Reserve(need)) {
       return absl::ResourceExhaustedError("host tier: out of memory for this batch");
@@ -331,6 +349,7 @@ absl::StatusOr<IngestResult> Store::Ingest(const std::vector<IngestItem>& batch)
   std::vector<std::pair<uint64_t, size_t>> by_row(last_item.begin(), last_item.end());
   std::sort(by_row.begin(), by_row.end());
   for (const auto& [g, i] : by_row) {
+    if (g >= resident) break;  // cold rows live on disk only
     auto& shard = *d.shards[g % S];
     std::unique_lock<std::shared_mutex> l(shard.mu);
     ++shard.generation;
@@ -368,6 +387,15 @@ absl::StatusOr<rapidin::v1::StoredRecord> Store::GetRecordById(const std::string
 }
 
 absl::StatusOr<std::vector<float>> Store::GetVector(uint64_t index) const {
+  const auto [cold_begin, cold_end] = ColdRange();
+  if (index >= cold_begin && index < cold_end) {
+    internal::AlignedRows row(impl_->k());
+    absl::Status st = ReadRows(index, 1, &row);
+    if (!st.ok()) return st;
+    std::vector<float> out(impl_->k());
+    for (size_t c = 0; c < out.size(); ++c) out[c] = kernels::HalfToFloat(row.data()[c]);
+    return out;
+  }
   const int S = impl_->num_shards();
   const auto& shard = *impl_->shards[index % S];
   std::shared_lock<std::shared_mutex> l(shard.mu);
@@ -396,6 +424,38 @@ absl::Status Store::WithShard(int s, const std::function<absl::Status(const Shar
   return fn(v);
 }
 
+std::pair<uint64_t, uint64_t> Store::ColdRange() const {
+  const uint64_t n = size();
+  return {impl_->Resident(n), n};
+}
+
+absl::Status Store::ReadRows(uint64_t begin, int64_t count, internal::AlignedRows* out) const {
+  const uint64_t n = size();
+  if (count < 0 || begin + static_cast<uint64_t>(count) > n) {
+    return absl::OutOfRangeError(absl::StrCat("rows [", begin, ", ", begin + count, ") are not all in the store (",
+                                              n, " rows)"));
+  }
+  const uint32_t k = impl_->k();
+  out->Clear();
+  if (!out->Reserve(count)) return absl::ResourceExhaustedError("cannot allocate a buffer for cold rows");
+  rocksdb::ReadOptions ro;
+  ro.fill_cache = false;  // a scan of the cold tier should not evict the block cache's records
+  std::unique_ptr<rocksdb::Iterator> it(impl_->db->NewIterator(ro, impl_->cf_vectors()));
+  uint64_t expect = begin;
+  for (it->Seek(BigEndian64(begin)); it->Valid() && expect < begin + count; it->Next(), ++expect) {
+    if (it->key().size() != 8 || FromBigEndian64(it->key()) != expect) {
+      return absl::DataLossError(absl::StrCat("vectors: row ", expect, " is missing"));
+    }
+    if (it->value().size() != k * sizeof(uint16_t)) {
+      return absl::DataLossError(absl::StrCat("vectors: row ", expect, " has ", it->value().size(), " bytes"));
+    }
+    out->Append(reinterpret_cast<const uint16_t*>(it->value().data()));
+  }
+  if (!it->status().ok()) return FromRocks(it->status(), "reading vectors");
+  if (expect != begin + count) return absl::DataLossError(absl::StrCat("vectors: row ", expect, " is missing"));
+  return absl::OkStatus();
+}
+
 rapidin::v1::Manifest Store::manifest() const {
   absl::MutexLock l(&impl_->manifest_mu);
   return impl_->manifest;
@@ -422,6 +482,9 @@ TierUsage Store::Usage() const {
     if (e.path().extension() == ".log") wal += e.file_size(ec);
   }
   u.disk_bytes = sst + wal;
+  const auto [cold_begin, cold_end] = ColdRange();
+  u.cold_records = cold_end - cold_begin;
+  u.cold_bytes = u.cold_records * impl_->k() * sizeof(uint16_t);
   return u;
 }
 

@@ -8,9 +8,12 @@
 // the manifest's record count together, WAL fsynced), so a process killed mid-ingest leaves each batch either
 // fully present or absent, and the store opens.
 //
-// Host tier: at Open all vectors are loaded into `num_shards` contiguous, 64-byte aligned row-major fp16 arrays.
+// Host tier: at Open the vectors are loaded into `num_shards` contiguous, 64-byte aligned row-major fp16 arrays.
 // Rows are dealt round-robin: global index g lives in shard g % S at local row g / S, so shards stay balanced as
 // ingest appends to memory and disk together.
+// Cold tier: with a host budget, only the first rows that fit (rows [0, H), H = budget / (2K)) are resident; the
+// rows [H, N) stay on disk only and are read from RocksDB on demand, in chunks (ColdRange, ReadRows). Rows
+// ingested past H go to disk only; replacing a cold row is a disk write.
 //
 // Thread-safety: all methods are safe to call concurrently. Ingest calls are serialised; scans (WithShard) hold
 // a shard's reader lock and only block an ingest that touches that shard.
@@ -21,6 +24,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -38,6 +42,8 @@ struct StoreOptions {
   uint32_t k = 0;                    // required to create; if set when opening, must match the store
   std::string projection_state;      // written at creation; if non-empty when opening, must match
   int num_shards = 1;                // host-tier shards (not part of the on-disk format)
+  // Bytes of vectors kept in host memory; 0: all of them. The rest is the cold tier (disk only).
+  uint64_t host_budget_bytes = 0;
   bool sync_writes = true;           // fsync the WAL on every batch
   // Allocator of the host tier (page-locked memory for the CUDA backend's warm tier).
   internal::HostAllocator host_allocator;
@@ -71,6 +77,8 @@ struct TierUsage {
   uint64_t host_records = 0;
   uint64_t host_bytes = 0;           // bytes of vector data resident in host memory
   uint64_t disk_bytes = 0;           // RocksDB's live SST + WAL size estimate
+  uint64_t cold_records = 0;         // rows read from disk on demand (not resident)
+  uint64_t cold_bytes = 0;           // their vector bytes
 };
 
 // Hex hash identifying a projection state blob (FNV-1a 64).
@@ -96,8 +104,14 @@ class Store {
   // The row's vector as stored (fp16 widened to float).
   absl::StatusOr<std::vector<float>> GetVector(uint64_t index) const;
 
-  // Runs fn on shard s under its reader lock.
+  // Runs fn on shard s under its reader lock (the resident rows only).
   absl::Status WithShard(int s, const std::function<absl::Status(const ShardView&)>& fn) const;
+
+  // The cold tier's rows at this moment: [first, second); empty when every row is resident.
+  std::pair<uint64_t, uint64_t> ColdRange() const;
+  // Reads rows [begin, begin + count) from disk into *out (replacing its rows), from one consistent snapshot.
+  // Errors: OUT_OF_RANGE past the last row, DATA_LOSS for a missing or malformed row.
+  absl::Status ReadRows(uint64_t begin, int64_t count, internal::AlignedRows* out) const;
 
   rapidin::v1::Manifest manifest() const;
   uint64_t size() const;

@@ -172,6 +172,100 @@ TEST(Store, ShardGenerationsTrackAppendsAndRewrites) {
   EXPECT_EQ(r1.second, r1.first);
 }
 
+// Cold tier: with a host budget only the first rows that fit are resident; the rest are read from disk on demand
+// and follow ingest (appends past the budget, replacements of cold and resident rows), across reopen.
+TEST(Store, ColdTierBeyondTheHostBudget) {
+  TempDir dir;
+  const int k = 16;
+  std::vector<std::vector<float>> vecs;
+  {
+    auto s = MustOpen(dir.path("s"), k, 3);
+    ASSERT_NE(s, nullptr);
+    std::vector<IngestItem> batch;
+    for (int i = 0; i < 40; ++i) {
+      vecs.push_back(SeededVector(500 + i, k));
+      batch.push_back(Item("id" + std::to_string(i), vecs.back()));
+    }
+    ASSERT_TRUE(s->Ingest(batch).ok());
+  }
+  StoreOptions o;
+  o.num_shards = 3;
+  o.host_budget_bytes = 25 * k * 2 + 7;  // 25 rows fit
+  auto check = [&](Store* s, uint64_t resident) {
+    const uint64_t n = vecs.size();
+    ASSERT_EQ(s->size(), n);
+    EXPECT_EQ(s->ColdRange(), std::make_pair(resident, n));
+    const TierUsage u = s->Usage();
+    EXPECT_EQ(u.host_records, resident);
+    EXPECT_EQ(u.host_bytes, resident * k * 2);
+    EXPECT_EQ(u.cold_records, n - resident);
+    EXPECT_EQ(u.cold_bytes, (n - resident) * k * 2);
+    int64_t in_shards = 0;
+    for (int sh = 0; sh < s->num_shards(); ++sh) {
+      ASSERT_TRUE(s->WithShard(sh, [&](const ShardView& v) {
+                     for (int64_t r = 0; r < v.n; ++r) {
+                       const auto want = Rounded(vecs[v.first_index + r * v.index_stride]);
+                       for (int c = 0; c < k; ++c) EXPECT_EQ(kernels::HalfToFloat(v.rows[r * k + c]), want[c]);
+                     }
+                     in_shards += v.n;
+                     return absl::OkStatus();
+                   }).ok());
+    }
+    EXPECT_EQ(in_shards, static_cast<int64_t>(resident));
+    internal::AlignedRows rows(k);
+    ASSERT_TRUE(s->ReadRows(resident, static_cast<int64_t>(n - resident), &rows).ok());
+    ASSERT_EQ(rows.n(), static_cast<int64_t>(n - resident));
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(rows.data()) % 64, 0u);
+    for (uint64_t g = resident; g < n; ++g) {
+      const auto want = Rounded(vecs[g]);
+      for (int c = 0; c < k; ++c) EXPECT_EQ(kernels::HalfToFloat(rows.row(g - resident)[c]), want[c]) << g;
+      EXPECT_EQ(*s->GetVector(g), want);  // cold rows through GetVector too
+    }
+    EXPECT_EQ(s->ReadRows(n - 1, 2, &rows).code(), absl::StatusCode::kOutOfRange);
+  };
+  {
+    auto s = Store::Open(dir.path("s"), o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    check(s->get(), 25);
+    // Replace a resident row and a cold row, append 3 rows (cold: the budget is full).
+    vecs[4] = SeededVector(904, k);
+    vecs[30] = SeededVector(930, k);
+    std::vector<IngestItem> batch = {Item("id4", vecs[4]), Item("id30", vecs[30])};
+    for (int i = 40; i < 43; ++i) {
+      vecs.push_back(SeededVector(500 + i, k));
+      batch.push_back(Item("id" + std::to_string(i), vecs.back()));
+    }
+    auto r = (*s)->Ingest(batch);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->replaced, 2u);
+    EXPECT_EQ(r->inserted, 3u);
+    check(s->get(), 25);
+  }
+  {  // Reopen with the budget: the same split; without: every row resident.
+    auto s = Store::Open(dir.path("s"), o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    check(s->get(), 25);
+  }
+  {
+    StoreOptions all;
+    all.num_shards = 2;
+    auto s = Store::Open(dir.path("s"), all);
+    ASSERT_TRUE(s.ok()) << s.status();
+    check(s->get(), vecs.size());
+  }
+  {  // A budget larger than the store: no cold rows, and appends stay resident until it is full.
+    StoreOptions big = o;
+    big.host_budget_bytes = 44 * k * 2;
+    auto s = Store::Open(dir.path("s"), big);
+    ASSERT_TRUE(s.ok());
+    check(s->get(), 43);
+    vecs.push_back(SeededVector(777, k));
+    vecs.push_back(SeededVector(778, k));
+    ASSERT_TRUE((*s)->Ingest({Item("x", vecs[43]), Item("y", vecs[44])}).ok());
+    check(s->get(), 44);
+  }
+}
+
 int allocations = 0, frees = 0;
 void* CountingAlloc(size_t bytes) {
   ++allocations;

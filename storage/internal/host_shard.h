@@ -51,6 +51,8 @@ class AlignedRows {
     std::memcpy(data_ + static_cast<size_t>(r) * k_, row, k_ * sizeof(uint16_t));
   }
 
+  void Clear() { n_ = 0; }  // keeps the allocation
+
   const uint16_t* data() const { return data_; }
   const uint16_t* row(int64_t r) const { return data_ + static_cast<size_t>(r) * k_; }
   int64_t n() const { return n_; }
