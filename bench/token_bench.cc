@@ -74,7 +74,7 @@ int main(int argc, char** argv) {
   const std::vector<std::tuple<TokenGradMethod, int, int>> configs = {
       {TokenGradMethod::kLoop, 1, 1},    {TokenGradMethod::kCopies, 16, 1}, {TokenGradMethod::kShared, 4, 1},
       {TokenGradMethod::kShared, 8, 1},  {TokenGradMethod::kShared, 16, 1}, {TokenGradMethod::kShared, 32, 1},
-      {TokenGradMethod::kLoop, 1, 2},    {TokenGradMethod::kShared, 16, 2}};
+      {TokenGradMethod::kLoop, 1, 2},    {TokenGradMethod::kShared, 8, 2}};
   for (size_t row = 0; row < configs.size(); ++row) {
     if (only >= 0 && static_cast<int>(row) != only) continue;
     const auto& [method, chunk, threads] = configs[row];
