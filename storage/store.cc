@@ -440,6 +440,7 @@ absl::Status Store::ReadRows(uint64_t begin, int64_t count, internal::AlignedRow
   if (!out->Reserve(count)) return absl::ResourceExhaustedError("cannot allocate a buffer for cold rows");
   rocksdb::ReadOptions ro;
   ro.fill_cache = false;  // a scan of the cold tier should not evict the block cache's records
+  ro.readahead_size = 4 << 20;  // rows are read in key order: large sequential reads from disk
   std::unique_ptr<rocksdb::Iterator> it(impl_->db->NewIterator(ro, impl_->cf_vectors()));
   uint64_t expect = begin;
   for (it->Seek(BigEndian64(begin)); it->Valid() && expect < begin + count; it->Next(), ++expect) {
