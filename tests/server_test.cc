@@ -113,6 +113,17 @@ class ServerTest : public ::testing::Test {
     }
   }
 
+  // Stops the fixture's server and returns options for another one over the same store.
+  ServerOptions StopForRestart() {
+    server_->Shutdown(absl::Seconds(1));
+    server_.reset();
+    ServerOptions o;
+    o.store_path = dir_.path("store");
+    o.listen = "127.0.0.1:0";
+    o.metrics_listen = "";
+    return o;
+  }
+
   TempDir dir_;
   std::unique_ptr<Server> server_;
   std::string addr_;
@@ -318,12 +329,7 @@ TEST_F(ServerTest, HealthAndMetrics) {
 }
 
 TEST_F(ServerTest, RestartKeepsData) {
-  server_->Shutdown(absl::Seconds(1));
-  server_.reset();
-  ServerOptions o;
-  o.store_path = dir_.path("store");
-  o.listen = "127.0.0.1:0";
-  o.metrics_listen = "";
+  ServerOptions o = StopForRestart();
   o.shards = 2;  // a different shard count over the same store
   auto s = Server::Create(o);
   ASSERT_TRUE(s.ok()) << s.status();
@@ -338,12 +344,7 @@ TEST_F(ServerTest, RestartKeepsData) {
 // workers at every scan; the answers equal the brute-force reference, Stats reports the split, and a replaced cold
 // row is seen by the next scan.
 TEST_F(ServerTest, ColdTierScansFromDiskAndFollowsIngest) {
-  server_->Shutdown(absl::Seconds(1));
-  server_.reset();
-  ServerOptions o;
-  o.store_path = dir_.path("store");
-  o.listen = "127.0.0.1:0";
-  o.metrics_listen = "";
+  ServerOptions o = StopForRestart();
   o.shards = 3;
   o.host_budget_bytes = 400 * kK * 2;
   o.cold_chunk_bytes = 97 * kK * 2;
