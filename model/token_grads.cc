@@ -240,18 +240,32 @@ class SharedTokenBackprop {
     auto q = r.q.select(0, 0).narrow(1, 0, P);                       // [H, P, hd]
     auto k = r.k.select(0, 0).narrow(1, 0, P);
     auto v = r.v.select(0, 0).narrow(1, 0, P);
-    auto gO = go.view({B, P, H, hd}).permute({2, 1, 0, 3}).contiguous();                  // [H, Pi, B, hd]
-    auto gV = torch::bmm(att.transpose(1, 2), gO.view({H, P, B * hd})).view({H, P, B, hd});  // [H, Pj, B, hd]
+    auto gO = go.view({B, P, H, hd}).permute({2, 1, 0, 3}).contiguous();  // [H, Pi, B, hd]
     // Softmax backward: dS = A (dA - D) / sqrt(hd) with D_i = sum_j dA_ij A_ij = dO_i . O_i (so no extra pass
     // over the P x P tensor). Row 0 is a softmax over one key, whose Jacobian is zero: it is set to exactly zero,
     // because rounding noise there would survive as a unit-norm block after layer-wise normalisation.
-    auto gS = torch::bmm(gO.view({H, P * B, hd}), v.transpose(1, 2)).view({H, P, B, P});  // dA: [H, Pi, B, Pj]
-    gS.sub_((gO * r.o_heads.narrow(1, 0, P).unsqueeze(2)).sum(-1, true))
-        .mul_(r.att_scaled.narrow(1, 0, P).narrow(2, 0, P).unsqueeze(2));
-    gS.select(1, 0).zero_();
-    auto gQ = torch::bmm(gS.view({H, P * B, P}), k).view({H, P, B, hd});  // [H, Pi, B, hd]
-    // dK_h^T = q_h^T dS_h with dS_h as a [Pi, B * Pj] matrix: no transposed copy of dS.
-    auto gK = torch::bmm(q.transpose(1, 2), gS.view({H, P, B * P})).view({H, hd, B, P});  // [H, hd, B, Pj]
+    auto D = (gO * r.o_heads.narrow(1, 0, P).unsqueeze(2)).sum(-1, true);  // [H, Pi, B, 1]
+    auto gQ = torch::empty({H, P, B, hd}, gO.options());
+    auto gK = torch::zeros({H, hd, B, P}, gO.options());
+    auto gV = torch::zeros({H, P, B, hd}, gO.options());
+    // Causal: rows [i0, i1) only see keys [0, i1), so blocks of rows skip most of the zero upper triangle.
+    constexpr int64_t kRows = 64;
+    for (int64_t i0 = 0; i0 < P; i0 += kRows) {
+      const int64_t i1 = std::min(P, i0 + kRows), n = i1 - i0;
+      auto gOb = gO.narrow(1, i0, n).reshape({H, n * B, hd});
+      auto kb = k.narrow(1, 0, i1), vb = v.narrow(1, 0, i1);
+      // dV_j += sum_i A_ij dO_i
+      gV.narrow(1, 0, i1).add_(
+          torch::bmm(att.narrow(1, i0, n).narrow(2, 0, i1).transpose(1, 2), gOb.view({H, n, B * hd}))
+              .view({H, i1, B, hd}));
+      auto gS = torch::bmm(gOb, vb.transpose(1, 2)).view({H, n, B, i1});  // dA: [H, rows, B, keys]
+      gS.sub_(D.narrow(1, i0, n)).mul_(r.att_scaled.narrow(1, i0, n).narrow(2, 0, i1).unsqueeze(2));
+      if (i0 == 0) gS.select(1, 0).zero_();
+      gQ.narrow(1, i0, n).copy_(torch::bmm(gS.view({H, n * B, i1}), kb).view({H, n, B, hd}));
+      // dK_h^T += q_h^T dS_h with dS_h as a [rows, B * keys] matrix: no transposed copy of dS.
+      gK.narrow(3, 0, i1).add_(
+          torch::bmm(q.narrow(1, i0, n).transpose(1, 2), gS.view({H, n, B * i1})).view({H, hd, B, i1}));
+    }
     gQ = gQ.permute({2, 1, 0, 3});  // [B, P, H, hd]
     gK = gK.permute({2, 3, 0, 1});
     gV = gV.permute({2, 1, 0, 3});

@@ -409,6 +409,31 @@ TEST(TokenGradients, EveryMethodEqualsPerTokenLoopAndSumsToTotal) {
   }
 }
 
+// A sequence longer than the shared method's 64-row attention blocks (so that the causal block skipping runs):
+// still equal to the reference in float64, normalised or not.
+TEST(TokenGradients, SharedEqualsLoopOnLongSequences) {
+  std::mt19937 rng(std::random_device{}());
+  ModelConfig c = Tiny(false);
+  c.seq_len = 160;
+  EngineOptions o;
+  o.use_double = true;
+  auto e = GradientEngine::Random(c, rng(), o);
+  ASSERT_TRUE(e.ok());
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 150; ++i) ids.push_back(static_cast<int32_t>(rng() % 11));
+  if (ids[1] == ids[0]) ids[1] = (ids[0] + 1) % 11;
+  for (bool normalize : {false, true}) {
+    const auto ref = TokenGrads(**e, ids, 1, TokenGradMethod::kLoop, 1, 1, normalize);
+    const auto got = TokenGrads(**e, ids, 1, TokenGradMethod::kShared, 16, 2, normalize);
+    ASSERT_EQ(got.size(), ref.size());
+    for (size_t t = 0; t < ref.size(); ++t) {
+      for (size_t i = 0; i < ref[t].size(); ++i) {
+        ASSERT_NEAR(got[t][i], ref[t][i], 1e-11) << "normalize " << normalize << " token " << t << " element " << i;
+      }
+    }
+  }
+}
+
 TEST(TokenGradients, BadRangesAndIdsAreRefused) {
   EngineOptions o;
   o.use_double = true;
