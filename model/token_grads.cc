@@ -24,7 +24,7 @@ struct LinRec {
 struct LayerRec {
   torch::Tensor x_in, r1;      // residual stream in; rsqrt of its mean square
   torch::Tensor q, k, v;       // [1, H, P, hd]: after RoPE, with the KV heads repeated to H
-  torch::Tensor att, att_scaled;  // [H, P, P]: softmax probabilities; the same / sqrt(hd)
+  torch::Tensor att;           // [H, P, P]: softmax probabilities
   torch::Tensor o_heads;          // [H, P, hd]: probabilities x v
   torch::Tensor x_mid, r2;     // residual stream after attention; rsqrt
   torch::Tensor a1, a3, s1;    // w1 and w3 outputs, silu(a1)
@@ -163,7 +163,6 @@ class SharedTokenBackprop {
       auto att = torch::softmax(torch::matmul(r.q, r.k.transpose(-2, -1)) * scale + mask, -1);
       auto oh = torch::matmul(att, r.v);
       r.att = att.select(0, 0);
-      r.att_scaled = r.att * scale;
       r.o_heads = oh.select(0, 0);
       auto o = oh.transpose(1, 2).reshape({1, P, cfg.dim});
       x = x + Lin(o, p + "attention.wo.weight", &r.lin);
@@ -237,11 +236,13 @@ class SharedTokenBackprop {
     const int64_t B = c->b, P = c->p;
     const int H = cfg.n_heads, KV = cfg.n_kv_heads, hd = cfg.dim / cfg.n_heads;
     auto att = r.att.narrow(1, 0, P).narrow(2, 0, P);  // [H, Pi, Pj]
-    auto q = r.q.select(0, 0).narrow(1, 0, P);                       // [H, P, hd]
-    auto k = r.k.select(0, 0).narrow(1, 0, P);
+    // S = q k^T / sqrt(hd): the scale goes on q and k (small) instead of on dS (H x P x B x P).
+    const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+    auto q = r.q.select(0, 0).narrow(1, 0, P) * scale;  // [H, P, hd]
+    auto k = r.k.select(0, 0).narrow(1, 0, P) * scale;
     auto v = r.v.select(0, 0).narrow(1, 0, P);
     auto gO = go.view({B, P, H, hd}).permute({2, 1, 0, 3}).contiguous();  // [H, Pi, B, hd]
-    // Softmax backward: dS = A (dA - D) / sqrt(hd) with D_i = sum_j dA_ij A_ij = dO_i . O_i (so no extra pass
+    // Softmax backward: dS = A (dA - D) with D_i = sum_j dA_ij A_ij = dO_i . O_i (so no extra pass
     // over the P x P tensor). Row 0 is a softmax over one key, whose Jacobian is zero: it is set to exactly zero,
     // because rounding noise there would survive as a unit-norm block after layer-wise normalisation.
     auto D = (gO * r.o_heads.narrow(1, 0, P).unsqueeze(2)).sum(-1, true);  // [H, Pi, B, 1]
@@ -259,7 +260,7 @@ class SharedTokenBackprop {
           torch::bmm(att.narrow(1, i0, n).narrow(2, 0, i1).transpose(1, 2), gOb.view({H, n, B * hd}))
               .view({H, i1, B, hd}));
       auto gS = torch::bmm(gOb, vb.transpose(1, 2)).view({H, n, B, i1});  // dA: [H, rows, B, keys]
-      gS.sub_(D.narrow(1, i0, n)).mul_(r.att_scaled.narrow(1, i0, n).narrow(2, 0, i1).unsqueeze(2));
+      gS.sub_(D.narrow(1, i0, n)).mul_(att.narrow(1, i0, n).narrow(2, 0, i1).unsqueeze(2));
       if (i0 == 0) gS.select(1, 0).zero_();
       gQ.narrow(1, i0, n).copy_(torch::bmm(gS.view({H, n * B, i1}), kb).view({H, n, B, hd}));
       // dK_h^T += q_h^T dS_h with dS_h as a [rows, B * keys] matrix: no transposed copy of dS.
