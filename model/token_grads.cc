@@ -5,7 +5,8 @@
 // once; their backward passes differ only in the cotangent, so `chunk` of them run as one batched backward pass
 // over the positions [0, s) they need, and each linear layer's per-token weight gradient is formed from its
 // recorded input and the batched output gradient (dl_s/dW = sum_p dy_{s,p}^T x_p). Above the last attention layer
-// a loss's cotangent lives at one position only, so that part runs on one position per token.
+// a loss's cotangent lives at one position only, so that part runs on one position per token; attention runs in
+// causal row blocks. Measured against the loop in bench/results/tokens.md.
 #include <atomic>
 #include <cmath>
 #include <thread>
@@ -25,7 +26,7 @@ struct LayerRec {
   torch::Tensor x_in, r1;      // residual stream in; rsqrt of its mean square
   torch::Tensor q, k, v;       // [1, H, P, hd]: after RoPE, with the KV heads repeated to H
   torch::Tensor att;           // [H, P, P]: softmax probabilities
-  torch::Tensor o_heads;          // [H, P, hd]: probabilities x v
+  torch::Tensor o_heads;       // [H, P, hd]: probabilities x v
   torch::Tensor x_mid, r2;     // residual stream after attention; rsqrt
   torch::Tensor a1, a3, s1;    // w1 and w3 outputs, silu(a1)
   std::map<std::string, LinRec> lin;
