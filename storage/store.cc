@@ -14,6 +14,7 @@
 #include "kernels/half.h"
 #include "rocksdb/db.h"
 #include "rocksdb/options.h"
+#include "rocksdb/table.h"
 #include "rocksdb/write_batch.h"
 #include "storage/internal/host_shard.h"
 
@@ -186,7 +187,18 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path, cons
   dbo.paranoid_checks = true;
   std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
   cfs.emplace_back(rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions());
-  for (const char* name : kCfNames) cfs.emplace_back(name, rocksdb::ColumnFamilyOptions());
+  for (const char* name : kCfNames) {
+    rocksdb::ColumnFamilyOptions co;
+    if (std::string(name) == "vectors") {
+      // Rows are 2K bytes of fp16 gradients: incompressible, read in key order by cold-tier scans. 64 KB blocks
+      // (several rows each) and no compression cut the per-row block work; existing SST files keep their layout.
+      rocksdb::BlockBasedTableOptions t;
+      t.block_size = 64 << 10;
+      co.table_factory.reset(rocksdb::NewBlockBasedTableFactory(t));
+      co.compression = rocksdb::kNoCompression;
+    }
+    cfs.emplace_back(name, co);
+  }
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
   rocksdb::DB* raw = nullptr;
   absl::Status st = FromRocks(rocksdb::DB::Open(dbo, path, cfs, &handles, &raw), absl::StrCat("opening ", path));
