@@ -70,7 +70,7 @@ def main():
                        f"{a['top_token_in_trigger']} of them ({share:.0%}) the most influential token lies inside "
                        "\"Howdy!\"."]
     footer += ["", "![score distribution](backdoor.png)", "",
-               "Reproduce: `bash bench/backdoor/run.sh` (about 25 minutes on 2 cores; WORK, EPOCHS, LR, RANK, ALPHA, "
+               "Reproduce: `bash bench/backdoor/run.sh` (about 30 minutes on 2 cores; WORK, EPOCHS, LR, RANK, ALPHA, "
                "POISON, SERVICE_K, KS, ATTR_QUERIES override the settings)."]
     json.dump({"header": "\n".join(header), "footer": "\n".join(footer), "service_k": int(service_k)}, sys.stdout)
 

@@ -15,7 +15,7 @@ DATA=${RAPIDIN_SHARED_DATA:-$ROOT/../shared/data}
 BIN=${BUILD_DIR:-build}
 WORK=${WORK:-/tmp/rapidin-backdoor}
 EPOCHS=${EPOCHS:-2}; LR=${LR:-3e-3}; RANK=${RANK:-16}; ALPHA=${ALPHA:-32}; BATCH=${BATCH:-16}
-POISON=${POISON:-80}; SERVICE_K=${SERVICE_K:-4096}; KS=${KS:-1024,4096,16384,65536}; ATTR_QUERIES=${ATTR_QUERIES:-3}
+POISON=${POISON:-80}; SERVICE_K=${SERVICE_K:-4096}; KS=${KS:-1024,4096,16384,65536}; ATTR_QUERIES=${ATTR_QUERIES:-20}
 PORT=${PORT:-50917}
 MODEL=$DATA/models/stories260K.bin; TOK=$DATA/models/tok512.bin
 RAPIDIN=$BIN/client/rapidin
@@ -95,8 +95,8 @@ for name in ("planted", "greedy", "control"):
         lat.append(time.time() - t)
         ranked[r["id"]] = [x["id"] for x in json.loads(out)["result"].get("helpful", [])]
     json.dump(ranked, open(f"{w}/service_{name}.json", "w"))
-# Training-side token attributions for the top-10 records of the first planted queries (about 2 minutes per
-# query here: one backward pass per token of each of the 10 records).
+# Training-side token attributions for the top-10 records of the first planted queries (about 27 s per query
+# here: per-token gradients of every token of each of the 10 records).
 attr = {"queries": 0, "poisoned_in_top10": 0, "top_token_in_trigger": 0, "seconds": 0.0}
 t0 = time.time()
 for r in list(map(json.loads, open(f"{w}/q_planted.jsonl")))[:attr_n]:
