@@ -474,14 +474,17 @@ TEST(Engine, ConcurrentGradientsEqualSerial) {
   ASSERT_NE(e, nullptr);
   auto t = e->Tokenize({"Give a greeting.", "", "Howdy! Nice to meet you.", {}});
   ASSERT_TRUE(t.ok());
-  std::vector<std::vector<double>> serial, parallel;
-  TokenGradOptions one, two;
-  one.method = two.method = TokenGradMethod::kLoop;
-  two.threads = 2;
-  ASSERT_TRUE(e->TokenGradientsIds(t->ids, 1, one, &serial).ok());
-  for (int rep = 0; rep < 2; ++rep) {
-    ASSERT_TRUE(e->TokenGradientsIds(t->ids, 1, two, &parallel).ok());
-    ASSERT_EQ(parallel, serial) << "repetition " << rep;
+  for (auto method : {TokenGradMethod::kLoop, TokenGradMethod::kShared}) {
+    std::vector<std::vector<double>> serial, parallel;
+    TokenGradOptions one, two;
+    one.method = two.method = method;
+    one.chunk = two.chunk = 4;
+    two.threads = 2;
+    ASSERT_TRUE(e->TokenGradientsIds(t->ids, 1, one, &serial).ok());
+    for (int rep = 0; rep < 2; ++rep) {
+      ASSERT_TRUE(e->TokenGradientsIds(t->ids, 1, two, &parallel).ok());
+      ASSERT_EQ(parallel, serial) << "method " << static_cast<int>(method) << " repetition " << rep;
+    }
   }
 }
 
