@@ -9,7 +9,8 @@
 //   tokens and EOS (the logit at position t predicts token t+1; prompt positions are masked).
 // Records longer than max_length are truncated at the end (counted in GradInfo::truncated).
 //
-// Thread-safety: Gradient, Loss, Tokenize and MeanNll may run concurrently (autograd::grad, no shared .grad).
+// Thread-safety: Gradient, Loss, Tokenize, MeanNll and TokenGradientsIds may run concurrently (autograd::grad,
+// no shared .grad; the hand-written per-token backward only reads the weights).
 #ifndef RAPIDIN_MODEL_ENGINE_H_
 #define RAPIDIN_MODEL_ENGINE_H_
 
