@@ -1,6 +1,6 @@
 // The CUDA backend of the query engine against the CPU backend on the same random store: same top-k ids
 // (except near-ties), scores within fp32 rounding, through hot and streamed tiers, before and after ingests that
-// append rows and replace rows in place. Skips when no CUDA device is usable.
+// append rows and replace rows in place, and with cold rows read from disk. Skips when no CUDA device is usable.
 #include <cmath>
 #include <string>
 #include <vector>
@@ -104,6 +104,56 @@ TEST(GpuBackend, MatchesCpuBackendAcrossTiersAndIngest) {
   auto g = (*hot)->Search(q0, 1, 1, 0);
   ASSERT_TRUE(g.ok());
   EXPECT_EQ(g->helpful[0][0].index, 17);
+}
+
+// Cold rows (beyond the host budget) are read from disk and scored on the CPU by the GPU workers; the merged
+// answer equals the CPU backend's over the same store.
+TEST(GpuBackend, ColdRowsJoinTheGpuScan) {
+  const absl::Status usable = CudaBackendUsable();
+  if (!usable.ok()) GTEST_SKIP() << "no usable CUDA device: " << usable.message();
+  TempDir dir;
+  const int k = 136;
+  {
+    storage::StoreOptions so;
+    so.create_if_missing = true;
+    so.k = k;
+    auto store = storage::Store::Open(dir.path("s"), so);
+    ASSERT_TRUE(store.ok()) << store.status();
+    std::vector<storage::IngestItem> batch;
+    for (int i = 0; i < 4001; ++i) batch.push_back(Item("r" + std::to_string(i), SeededVector(i, k)));
+    ASSERT_TRUE((*store)->Ingest(batch).ok());
+  }
+  storage::StoreOptions so;
+  so.num_shards = 2;
+  so.host_budget_bytes = 1500 * k * 2;
+  so.host_allocator = CudaHostAllocator();
+  auto store = storage::Store::Open(dir.path("s"), so);
+  ASSERT_TRUE(store.ok()) << store.status();
+  QueryEngine::Options cpu_o;
+  cpu_o.backend = "cpu";
+  cpu_o.cold_chunk_bytes = 400 * k * 2;
+  QueryEngine::Options gpu_o = cpu_o;
+  gpu_o.backend = "cuda";
+  auto cpu = QueryEngine::Create(store->get(), cpu_o);
+  auto gpu = QueryEngine::Create(store->get(), gpu_o);
+  ASSERT_TRUE(cpu.ok() && gpu.ok()) << gpu.status();
+  std::vector<float> queries;
+  for (int j = 0; j < 2; ++j) {
+    auto v = SeededVector(7000000 + j, k);
+    queries.insert(queries.end(), v.begin(), v.end());
+  }
+  auto c = (*cpu)->Search(queries, 2, 25, 7);
+  auto g = (*gpu)->Search(queries, 2, 25, 7);
+  ASSERT_TRUE(c.ok() && g.ok()) << g.status();
+  ExpectSameRanking(*c, *g, "cold rows");
+  int64_t cold = 0, rows = 0;
+  for (const auto& t : g->shard_timings) {
+    cold += t.cold_rows;
+    rows += t.rows;
+  }
+  EXPECT_EQ(cold, 4001 - 1500);
+  EXPECT_EQ(rows, 4001);
+  EXPECT_EQ((*gpu)->GpuUsage().hot_bytes, 1500u * k * 2);  // only resident rows go to the GPU
 }
 
 TEST(GpuBackend, UnknownBackendAndMissingDeviceAreClearErrors) {
