@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # All GPU checks in one call: builds the CUDA layer on its own (RAPIDIN_GPU_ONLY: no Debian libraries needed),
 # runs the GPU tests (ctest label "gpu"), compute-sanitizer's memcheck on them when it is installed, and the GPU
-# benchmark, then prints a short table.
+# benchmark, then prints a short table. When .gpu-deps/backend holds a packed gpu_backend_test
+# (scripts/pack-gpu-backend-test.sh, run on the build machine), it runs that too.
 #
 # Needs nvcc, cmake, a C++17 compiler and GoogleTest: installed, or its sources in GTEST_SOURCE_DIR (default:
 # /usr/src/googletest, then .gpu-deps/googletest). NCCL is used when found (NCCL_HOME, the CUDA toolkit, or
@@ -51,6 +52,14 @@ if command -v compute-sanitizer >/dev/null; then
   grep -E "ERROR SUMMARY|PASSED|FAILED" "$LOG/memcheck.log" | tail -5
 fi
 
+backend_rc=skipped
+if [[ -x .gpu-deps/backend/gpu_backend_test ]]; then  # packed by scripts/pack-gpu-backend-test.sh
+  echo "== CUDA backend against the CPU backend (gpu_backend_test)"
+  if LD_LIBRARY_PATH=$PWD/.gpu-deps/backend/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
+       .gpu-deps/backend/gpu_backend_test >"$LOG/backend.log" 2>&1; then backend_rc=0; else backend_rc=$?; fi
+  grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$LOG/backend.log" | tail -5
+fi
+
 echo "== GPU benchmark"
 bench_rc=0
 "$BUILD/bench/gpu/gpu_bench" $QUICK | tee "$LOG/gpu_bench.md" || bench_rc=$?
@@ -60,5 +69,7 @@ echo "| check | result |"
 echo "|---|---|"
 echo "| GPU tests (ctest -L gpu) | $( [[ $test_rc == 0 ]] && echo pass || echo "FAIL ($test_rc)") $(grep -Eo '[0-9]+% tests passed.*' "$LOG/tests.log" | tail -1) |"
 echo "| memcheck | $san_rc |"
+echo "| CUDA backend vs CPU backend (gpu_backend_test) | $backend_rc |"
 echo "| benchmark | $( [[ $bench_rc == 0 ]] && echo done || echo "FAIL ($bench_rc)") |"
-[[ $test_rc == 0 && $bench_rc == 0 && ( $san_rc == 0 || $san_rc == skipped ) ]]
+[[ $test_rc == 0 && $bench_rc == 0 && ( $san_rc == 0 || $san_rc == skipped ) && \
+   ( $backend_rc == 0 || $backend_rc == skipped ) ]]
