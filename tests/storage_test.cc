@@ -374,6 +374,20 @@ TEST(Store, KilledWriterLeavesWholeBatches) {
               absl::StatusCode::kNotFound);
     // And the store keeps working.
     ASSERT_TRUE(s->Ingest({Item("after-crash", SeededVector(7, k))}).ok());
+    s.reset();
+    // Reopened with a host budget of one batch, the rows past it are read back from disk (the cold tier).
+    StoreOptions o;
+    o.host_budget_bytes = batch * k * 2;
+    auto cold = Store::Open(path, o);
+    ASSERT_TRUE(cold.ok()) << cold.status();
+    ASSERT_EQ((*cold)->ColdRange(), std::make_pair(uint64_t{batch}, n + 1));
+    internal::AlignedRows rows(k);
+    ASSERT_TRUE((*cold)->ReadRows(batch, static_cast<int64_t>(n + 1 - batch), &rows).ok());
+    for (uint64_t row = batch; row < n; ++row) {
+      const auto want = Rounded(SeededVector((row / batch) * 1000 + row % batch, k));
+      for (int c = 0; c < k; ++c) ASSERT_EQ(kernels::HalfToFloat(rows.row(row - batch)[c]), want[c]) << row;
+    }
+    EXPECT_EQ(*(*cold)->GetVector(n), Rounded(SeededVector(7, k)));
   }
 }
 
