@@ -26,9 +26,10 @@ int main(int argc, char** argv) {
   app.add_option("--metrics-listen", o.metrics_listen, "Prometheus /metrics HOST:PORT ('' disables)")
       ->capture_default_str();
   app.add_option("--shards", o.shards, "host-tier shards = scan workers (0: one per hardware thread)");
-  uint64_t host_budget_mb = 0;
+  double host_budget_mb = 0;
   app.add_option("--host-budget-mb", host_budget_mb,
                  "MB of vectors kept in host memory (0: all); the rest is the cold tier, read from disk per scan")
+      ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   app.add_option("--k", o.create_k, "create the store with this K if it does not exist");
   app.add_option("--backend", o.backend, "auto (CUDA when a GPU is usable) | cpu | cuda")->capture_default_str();
@@ -68,7 +69,7 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   o.token_method = token_methods.at(token_method);
-  o.host_budget_bytes = host_budget_mb << 20;
+  o.host_budget_bytes = static_cast<uint64_t>(host_budget_mb * 1048576.0);
   spdlog::set_level(spdlog::level::from_str(log_level));
   o.gpu.hot_limit_bytes = hot_limit_mb >= (~uint64_t{0} >> 20) ? ~uint64_t{0} : hot_limit_mb << 20;
   o.gpu.chunk_bytes = chunk_mb << 20;
