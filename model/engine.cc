@@ -490,15 +490,10 @@ absl::StatusOr<GradInfo> GradientEngine::GradientIds(const TokenizedExample& t, 
   LeavesScope scope(&leaves);
   auto loss = impl_->ResponseLoss(t);
   auto grads = torch::autograd::grad({loss}, leaves.selected);
-  out->resize(impl_->dim);
-  for (size_t p = 0; p < grads.size(); ++p) {
-    auto g = grads[p].detach().to(torch::kDouble).contiguous().view({-1});
-    if (normalize) {
-      const double n = g.norm().item<double>();
-      if (n > 0) g = g / n;
-    }
-    std::memcpy(out->data() + impl_->infos[p].offset, g.data_ptr<double>(), g.numel() * sizeof(double));
-  }
+  for (auto& g : grads) g = g.detach().unsqueeze(0);  // a batch of one for Assemble
+  std::vector<std::vector<double>> one(1);
+  impl_->Assemble(grads, 1, normalize, &one);
+  *out = std::move(one[0]);
   GradInfo info;
   info.tokens = static_cast<int>(t.ids.size());
   info.response_tokens = static_cast<int>(t.ids.size()) - t.response_begin;
