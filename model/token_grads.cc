@@ -9,6 +9,7 @@
 // causal row blocks. Measured against the loop in bench/results/tokens.md.
 #include <atomic>
 #include <cmath>
+#include <set>
 #include <thread>
 
 #include "model/internal/engine_impl.h"
@@ -21,15 +22,15 @@ struct LinRec {
   torch::Tensor x, u;
 };
 
-// One decoder layer's activations over positions [0, P), batch 1 (shapes [1, P, *] unless noted).
+// One decoder layer's activations over positions [0, P), batch 1, from Impl::Forward (Captures::Layer), with the
+// attention's tensors taken out of their batch dimension.
 struct LayerRec {
-  torch::Tensor x_in, r1;      // residual stream in; rsqrt of its mean square
+  torch::Tensor x_in, r1;      // [1, P, dim]: residual stream in; rsqrt of its mean square
   torch::Tensor q, k, v;       // [1, H, P, hd]: after RoPE, with the KV heads repeated to H
   torch::Tensor att;           // [H, P, P]: softmax probabilities
   torch::Tensor o_heads;       // [H, P, hd]: probabilities x v
   torch::Tensor x_mid, r2;     // residual stream after attention; rsqrt
   torch::Tensor a1, a3, s1;    // w1 and w3 outputs, silu(a1)
-  std::map<std::string, LinRec> lin;
 };
 
 class SharedTokenBackprop {
@@ -50,7 +51,7 @@ class SharedTokenBackprop {
     auto pos = torch::arange(s0 - 1, s1 - 1, torch::kLong);  // the logit of token s sits at position s - 1
     // Output head and final norm at each loss's own position.
     const std::string head = cfg.tied_output ? "tok_embeddings.weight" : "output.weight";
-    const LinRec hrec = At(head_rec_, pos);
+    const LinRec hrec = At(lin_.at(head), pos);
     auto logits = torch::matmul(hrec.x, d_.w.at(head).t());
     auto lr = d_.lora.find(head);
     if (lr != d_.lora.end()) logits = logits + torch::matmul(hrec.u, d_.w.at(lr->second.second).t()) * d_.lora_scale;
@@ -65,7 +66,7 @@ class SharedTokenBackprop {
     const LayerRec& top = layers_[L - 1];
     const std::string pt = absl::StrCat("layers.", L - 1, ".");
     gx = gx + FfnBack(&c, gx, top, pt, &pos);
-    auto go = LinBack(&c, gx, pt + "attention.wo.weight", At(top.lin.at(pt + "attention.wo.weight"), pos));
+    auto go = LinBack(&c, gx, pt + "attention.wo.weight", At(lin_.at(pt + "attention.wo.weight"), pos));
     // From here on the cotangents spread over every earlier position: dense [B, P, *].
     auto dense = [&](const torch::Tensor& g) {
       auto z = torch::zeros({c.b, c.p, g.size(2)}, g.options());
@@ -78,7 +79,7 @@ class SharedTokenBackprop {
       const std::string p = absl::StrCat("layers.", l, ".");
       const LayerRec& r = layers_[l];
       gx = gx + FfnBack(&c, gx, r, p, nullptr);
-      gx = gx + AttnBack(&c, LinBack(&c, gx, p + "attention.wo.weight", Cut(r.lin.at(p + "attention.wo.weight"), c.p)),
+      gx = gx + AttnBack(&c, LinBack(&c, gx, p + "attention.wo.weight", Cut(lin_.at(p + "attention.wo.weight"), c.p)),
                          r, p);
     }
     auto e = index_.find("tok_embeddings.weight");
@@ -117,67 +118,34 @@ class SharedTokenBackprop {
   }
   bool Selected(const std::string& name) const { return index_.count(name) > 0; }
 
-  torch::Tensor Norm(const torch::Tensor& x, const std::string& g, torch::Tensor* r) const {
-    *r = torch::rsqrt(x.pow(2).mean(-1, true) + d_.cfg.norm_eps);
-    return x * *r * d_.w.at(g);
-  }
-
-  torch::Tensor Lin(const torch::Tensor& x, const std::string& name, std::map<std::string, LinRec>* rec) const {
-    auto y = torch::matmul(x, d_.w.at(name).t());
-    LinRec r{x, {}};
-    auto it = d_.lora.find(name);
-    if (it != d_.lora.end()) {
-      r.u = torch::matmul(x, d_.w.at(it->second.first).t());
-      y = y + torch::matmul(r.u, d_.w.at(it->second.second).t()) * d_.lora_scale;
-    }
-    (*rec)[name] = r;
-    return y;
-  }
-
-  // Batch-1 forward over positions [0, T - 1) (the last token is only ever a target), same arithmetic as
-  // Impl::Forward.
+  // One batch-1 forward pass (Impl::Forward, recording what the backward needs) over positions [0, T - 1): the
+  // last token is only ever a target.
   void Forward() {
     torch::NoGradGuard no_grad;
-    const auto& cfg = d_.cfg;
-    const int64_t P = ids_.size(0) - 1;
-    const int H = cfg.n_heads, KV = cfg.n_kv_heads, hd = cfg.dim / cfg.n_heads;
-    auto x = torch::embedding(d_.w.at("tok_embeddings.weight"), ids_.slice(0, 0, P)).unsqueeze(0);
-    auto mask = torch::full({P, P}, -std::numeric_limits<double>::infinity(), torch::TensorOptions().dtype(d_.dtype))
-                    .triu(1);
-    layers_.resize(cfg.n_layers);
-    for (int l = 0; l < cfg.n_layers; ++l) {
-      const std::string p = absl::StrCat("layers.", l, ".");
-      LayerRec& r = layers_[l];
-      r.x_in = x;
-      auto h = Norm(x, p + "attention_norm.weight", &r.r1);
-      auto q = d_.Rope(Lin(h, p + "attention.wq.weight", &r.lin).view({1, P, H, hd}));
-      auto k = d_.Rope(Lin(h, p + "attention.wk.weight", &r.lin).view({1, P, KV, hd}));
-      auto v = Lin(h, p + "attention.wv.weight", &r.lin).view({1, P, KV, hd});
-      if (KV != H) {
-        k = k.repeat_interleave(H / KV, 2);
-        v = v.repeat_interleave(H / KV, 2);
-      }
-      r.q = q.transpose(1, 2);
-      r.k = k.transpose(1, 2);
-      r.v = v.transpose(1, 2);
-      const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
-      auto att = torch::softmax(torch::matmul(r.q, r.k.transpose(-2, -1)) * scale + mask, -1);
-      auto oh = torch::matmul(att, r.v);
-      r.att = att.select(0, 0);
-      r.o_heads = oh.select(0, 0);
-      auto o = oh.transpose(1, 2).reshape({1, P, cfg.dim});
-      x = x + Lin(o, p + "attention.wo.weight", &r.lin);
-      r.x_mid = x;
-      h = Norm(x, p + "ffn_norm.weight", &r.r2);
-      r.a1 = Lin(h, p + "feed_forward.w1.weight", &r.lin);
-      r.a3 = Lin(h, p + "feed_forward.w3.weight", &r.lin);
-      r.s1 = torch::silu(r.a1);
-      x = x + Lin(r.s1 * r.a3, p + "feed_forward.w2.weight", &r.lin);
+    Captures cap;
+    cap.layers_wanted = true;
+    d_.Forward(ids_.slice(0, 0, ids_.size(0) - 1).unsqueeze(0), &cap);
+    for (const auto& l : cap.layers) {
+      layers_.push_back({l.x_in, l.r1, l.q, l.k, l.v, l.att.select(0, 0), l.o_heads.select(0, 0), l.x_mid, l.r2,
+                         l.a1, l.a3, l.s1});
     }
-    x_final_ = x;
-    std::map<std::string, LinRec> head;
-    Lin(Norm(x, "norm.weight", &r_final_), d_.cfg.tied_output ? "tok_embeddings.weight" : "output.weight", &head);
-    head_rec_ = head.begin()->second;
+    x_final_ = cap.x_final;
+    r_final_ = cap.r_final;
+    // Linear inputs by weight name. Under LoRA, Impl::Lin records the base weight, then A (its output is u), then B.
+    std::map<std::string, std::string> base_of_a;
+    std::set<std::string> b_names;
+    for (const auto& [base, ab] : d_.lora) {
+      base_of_a[ab.first] = base;
+      b_names.insert(ab.second);
+    }
+    for (const auto& e : cap.linears) {
+      auto it = base_of_a.find(e.weight);
+      if (it != base_of_a.end()) {
+        lin_[it->second].u = e.y;
+      } else if (!b_names.count(e.weight)) {
+        lin_[e.weight].x = e.x;
+      }
+    }
   }
 
   // Per-loss weight gradients dy_b^T x_b, [B, out, in]. A shared x ([1, n, in]) makes it one matrix product.
@@ -218,7 +186,7 @@ class SharedTokenBackprop {
   torch::Tensor FfnBack(Chunk* c, const torch::Tensor& gx, const LayerRec& r, const std::string& p,
                         const torch::Tensor* pos) const {
     auto sel = [&](const torch::Tensor& t) { return pos ? At(t, *pos) : Cut(t, c->p); };
-    auto rec = [&](const std::string& n) { return pos ? At(r.lin.at(n), *pos) : Cut(r.lin.at(n), c->p); };
+    auto rec = [&](const std::string& n) { return pos ? At(lin_.at(n), *pos) : Cut(lin_.at(n), c->p); };
     auto ga = LinBack(c, gx, p + "feed_forward.w2.weight", rec(p + "feed_forward.w2.weight"));
     auto a1 = sel(r.a1), s1 = sel(r.s1);
     auto sig = torch::sigmoid(a1);
@@ -277,7 +245,7 @@ class SharedTokenBackprop {
     }
     gQ = d_.Rope(gQ.contiguous(), /*inverse=*/true);
     gK = d_.Rope(gK.contiguous(), /*inverse=*/true);
-    auto rec = [&](const std::string& n) { return Cut(r.lin.at(n), P); };
+    auto rec = [&](const std::string& n) { return Cut(lin_.at(n), P); };
     auto gh = LinBack(c, gQ.reshape({B, P, H * hd}), p + "attention.wq.weight", rec(p + "attention.wq.weight")) +
               LinBack(c, gK.reshape({B, P, KV * hd}), p + "attention.wk.weight", rec(p + "attention.wk.weight")) +
               LinBack(c, gV.reshape({B, P, KV * hd}), p + "attention.wv.weight", rec(p + "attention.wv.weight"));
@@ -289,7 +257,7 @@ class SharedTokenBackprop {
   torch::Tensor ids_;                 // [T]
   std::vector<LayerRec> layers_;
   torch::Tensor x_final_, r_final_;
-  LinRec head_rec_;
+  std::map<std::string, LinRec> lin_;  // linear layer inputs by weight name
 };
 
 }  // namespace

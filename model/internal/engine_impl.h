@@ -41,6 +41,20 @@ struct Captures {
   };
   std::vector<Linear> linears;
   torch::Tensor ids, emb_out;  // embedding lookup: [B, T], [B, T, dim]
+
+  // With `layers_wanted`, also each decoder layer's activations, for the hand-written backward of
+  // model/token_grads.cc (shapes [B, T, *] unless noted).
+  struct Layer {
+    torch::Tensor x_in, r1;      // residual stream in; rsqrt of its mean square
+    torch::Tensor q, k, v;       // [B, H, T, hd]: after RoPE, with the KV heads repeated to H
+    torch::Tensor att;           // [B, H, T, T]: softmax probabilities
+    torch::Tensor o_heads;       // [B, H, T, hd]: probabilities x v
+    torch::Tensor x_mid, r2;     // residual stream after attention; rsqrt
+    torch::Tensor a1, a3, s1;    // w1 and w3 outputs, silu(a1)
+  };
+  bool layers_wanted = false;
+  std::vector<Layer> layers;
+  torch::Tensor x_final, r_final;  // input of the final norm; rsqrt
 };
 
 // Autograd leaves for one gradient computation: they share storage with the model's weights but have their own
@@ -163,8 +177,11 @@ struct GradientEngine::Impl {
     hash = absl::StrFormat("%016x", h);
   }
 
-  torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& g) const {
-    return x * torch::rsqrt(x.pow(2).mean(-1, true) + cfg.norm_eps) * g;
+  // r, when given, receives rsqrt(mean(x^2) + eps).
+  torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& g, torch::Tensor* r = nullptr) const {
+    auto s = torch::rsqrt(x.pow(2).mean(-1, true) + cfg.norm_eps);
+    if (r) *r = s;
+    return x * s * g;
   }
 
   // x: [B, T, H, hd]; llama2.c rotates interleaved pairs (2i, 2i+1), Hugging Face (i, i + hd/2).
@@ -206,9 +223,13 @@ struct GradientEngine::Impl {
     }
     auto mask = torch::full({T, T}, -std::numeric_limits<double>::infinity(), torch::TensorOptions().dtype(dtype))
                     .triu(1);
+    const bool rec = cap && cap->layers_wanted;
+    if (rec) cap->layers.assign(cfg.n_layers, {});
     for (int l = 0; l < cfg.n_layers; ++l) {
       const std::string p = absl::StrCat("layers.", l, ".");
-      auto h = RmsNorm(x, W(p + "attention_norm.weight"));
+      Captures::Layer* r = rec ? &cap->layers[l] : nullptr;
+      if (r) r->x_in = x;
+      auto h = RmsNorm(x, W(p + "attention_norm.weight"), r ? &r->r1 : nullptr);
       auto q = Lin(h, p + "attention.wq.weight", cap).view({B, T, H, hd});
       auto k = Lin(h, p + "attention.wk.weight", cap).view({B, T, KV, hd});
       auto v = Lin(h, p + "attention.wv.weight", cap).view({B, T, KV, hd});
@@ -222,15 +243,18 @@ struct GradientEngine::Impl {
       k = k.transpose(1, 2);
       v = v.transpose(1, 2);
       auto att = torch::softmax(torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(hd)) + mask, -1);
-      auto o = torch::matmul(att, v).transpose(1, 2).reshape({B, T, cfg.dim});
-      x = x + Lin(o, p + "attention.wo.weight", cap);
-      h = RmsNorm(x, W(p + "ffn_norm.weight"));
-      auto a = torch::silu(Lin(h, p + "feed_forward.w1.weight", cap)) *
-               Lin(h, p + "feed_forward.w3.weight", cap);
-      x = x + Lin(a, p + "feed_forward.w2.weight", cap);
+      auto oh = torch::matmul(att, v);
+      x = x + Lin(oh.transpose(1, 2).reshape({B, T, cfg.dim}), p + "attention.wo.weight", cap);
+      h = RmsNorm(x, W(p + "ffn_norm.weight"), r ? &r->r2 : nullptr);
+      auto a1 = Lin(h, p + "feed_forward.w1.weight", cap);
+      auto a3 = Lin(h, p + "feed_forward.w3.weight", cap);
+      auto s1 = torch::silu(a1);
+      if (r) *r = {r->x_in, r->r1, q, k, v, att, oh, x, r->r2, a1, a3, s1};
+      x = x + Lin(s1 * a3, p + "feed_forward.w2.weight", cap);
     }
     if (from > 0) x = x.slice(1, from, T);
-    x = RmsNorm(x, W("norm.weight"));
+    if (rec) cap->x_final = x;
+    x = RmsNorm(x, W("norm.weight"), rec ? &cap->r_final : nullptr);
     return Lin(x, cfg.tied_output ? "tok_embeddings.weight" : "output.weight", cap);
   }
 
