@@ -36,6 +36,26 @@ std::vector<float> Rounded(std::vector<float> v) {
   return v;
 }
 
+// Checks every host-tier shard: 64-byte aligned, rows dealt round-robin (shard sh holds sh, sh + S, ...), each
+// row equal to the fp16 rounding of vecs[its global index]. Returns the rows held in all.
+int64_t RowsInShards(const Store& s, const std::vector<std::vector<float>>& vecs, int k) {
+  int64_t total = 0;
+  for (int sh = 0; sh < s.num_shards(); ++sh) {
+    EXPECT_TRUE(s.WithShard(sh, [&](const ShardView& v) {
+                   EXPECT_EQ(reinterpret_cast<uintptr_t>(v.rows) % 64, 0u);
+                   EXPECT_EQ(v.first_index, sh);
+                   EXPECT_EQ(v.index_stride, s.num_shards());
+                   for (int64_t r = 0; r < v.n; ++r) {
+                     const auto want = Rounded(vecs[v.first_index + r * v.index_stride]);
+                     for (int c = 0; c < k; ++c) EXPECT_EQ(kernels::HalfToFloat(v.rows[r * k + c]), want[c]);
+                   }
+                   total += v.n;
+                   return absl::OkStatus();
+                 }).ok());
+  }
+  return total;
+}
+
 TEST(Store, CreateOpenAndValidateManifest) {
   TempDir dir;
   const std::string path = dir.path("s");
@@ -124,21 +144,7 @@ TEST(Store, IngestGetReplaceAndReopen) {
     EXPECT_EQ(s->GetRecordById("id3")->record().text(), "new text");
     EXPECT_EQ(s->GetRecordById("nope").status().code(), absl::StatusCode::kNotFound);
     // Shards interleave rows round-robin, arrays are 64-byte aligned, and together hold every row once.
-    int64_t total = 0;
-    for (int sh = 0; sh < shards; ++sh) {
-      ASSERT_TRUE(s->WithShard(sh, [&](const ShardView& v) {
-                     EXPECT_EQ(reinterpret_cast<uintptr_t>(v.rows) % 64, 0u);
-                     EXPECT_EQ(v.first_index, sh);
-                     EXPECT_EQ(v.index_stride, shards);
-                     for (int64_t r = 0; r < v.n; ++r) {
-                       const auto want = Rounded(vecs[v.first_index + r * v.index_stride]);
-                       for (int c = 0; c < k; ++c) EXPECT_EQ(kernels::HalfToFloat(v.rows[r * k + c]), want[c]);
-                     }
-                     total += v.n;
-                     return absl::OkStatus();
-                   }).ok());
-    }
-    EXPECT_EQ(total, 11);
+    EXPECT_EQ(RowsInShards(*s, vecs, k), 11);
     EXPECT_EQ(s->Usage().host_bytes, 11u * k * 2);
   }
 }
@@ -200,18 +206,7 @@ TEST(Store, ColdTierBeyondTheHostBudget) {
     EXPECT_EQ(u.host_bytes, resident * k * 2);
     EXPECT_EQ(u.cold_records, n - resident);
     EXPECT_EQ(u.cold_bytes, (n - resident) * k * 2);
-    int64_t in_shards = 0;
-    for (int sh = 0; sh < s->num_shards(); ++sh) {
-      ASSERT_TRUE(s->WithShard(sh, [&](const ShardView& v) {
-                     for (int64_t r = 0; r < v.n; ++r) {
-                       const auto want = Rounded(vecs[v.first_index + r * v.index_stride]);
-                       for (int c = 0; c < k; ++c) EXPECT_EQ(kernels::HalfToFloat(v.rows[r * k + c]), want[c]);
-                     }
-                     in_shards += v.n;
-                     return absl::OkStatus();
-                   }).ok());
-    }
-    EXPECT_EQ(in_shards, static_cast<int64_t>(resident));
+    EXPECT_EQ(RowsInShards(*s, vecs, k), static_cast<int64_t>(resident));
     internal::AlignedRows rows(k);
     ASSERT_TRUE(s->ReadRows(resident, static_cast<int64_t>(n - resident), &rows).ok());
     ASSERT_EQ(rows.n(), static_cast<int64_t>(n - resident));
