@@ -64,7 +64,7 @@ int main(int argc, char** argv) {
   app.add_option("--token-method", token_method,
                  "per-token gradients for attributions, all exact: shared (one forward pass, batched backward) | "
                  "copies | loop (one backward pass per token: the slow reference)")
-      ->check(CLI::IsMember({"shared", "copies", "loop"}))
+      ->check(CLI::IsMember(token_methods))
       ->capture_default_str();
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   CLI11_PARSE(app, argc, argv);

@@ -399,25 +399,25 @@ absl::StatusOr<rapidin::v1::StoredRecord> Store::GetRecordById(const std::string
 }
 
 absl::StatusOr<std::vector<float>> Store::GetVector(uint64_t index) const {
+  const uint32_t k = impl_->k();
+  auto widen = [k](const uint16_t* row) {
+    std::vector<float> out(k);
+    for (uint32_t c = 0; c < k; ++c) out[c] = kernels::HalfToFloat(row[c]);
+    return out;
+  };
   const auto [cold_begin, cold_end] = ColdRange();
   if (index >= cold_begin && index < cold_end) {
-    internal::AlignedRows row(impl_->k());
+    internal::AlignedRows row(k);
     absl::Status st = ReadRows(index, 1, &row);
     if (!st.ok()) return st;
-    std::vector<float> out(impl_->k());
-    for (size_t c = 0; c < out.size(); ++c) out[c] = kernels::HalfToFloat(row.data()[c]);
-    return out;
+    return widen(row.data());
   }
   const int S = impl_->num_shards();
   const auto& shard = *impl_->shards[index % S];
   std::shared_lock<std::shared_mutex> l(shard.mu);
   const int64_t r = static_cast<int64_t>(index / S);
   if (r >= shard.rows.n()) return absl::NotFoundError(absl::StrCat("no vector at row ", index));
-  const uint32_t k = impl_->k();
-  std::vector<float> out(k);
-  const uint16_t* row = shard.rows.row(r);
-  for (uint32_t c = 0; c < k; ++c) out[c] = kernels::HalfToFloat(row[c]);
-  return out;
+  return widen(shard.rows.row(r));
 }
 
 absl::Status Store::WithShard(int s, const std::function<absl::Status(const ShardView&)>& fn) const {
