@@ -83,6 +83,9 @@ PY
 kill -TERM $spid; wait $spid
 "$SERVER_BIN" --store "$work/store" --host-budget-mb -1 --listen 127.0.0.1:0 2>"$work/budget.err" >/dev/null \
   && fail "a negative host budget was accepted"
+"$SERVER_BIN" --store "$work/store" --token-method fastest --listen 127.0.0.1:0 2>"$work/tm.err" >/dev/null \
+  && fail "an unknown --token-method was accepted"
+grep -q "token-method" "$work/tm.err" || fail "no reason for the refused --token-method: $(cat "$work/tm.err")"
 # Backends: an unknown one is refused; cuda either starts (a usable GPU) or says why it cannot.
 "$SERVER_BIN" --store "$work/store" --backend tpu --listen 127.0.0.1:0 --metrics-listen "" 2>"$work/be.err" \
   && fail "server accepted --backend tpu"
