@@ -48,6 +48,7 @@ struct CacheSummary {
   double mean_loss = 0;
   int64_t store_records = 0;
   std::string projection_state_id;
+  std::string device;  // where the gradients ran
   std::vector<BadRecord> bad_records;
 };
 

@@ -175,7 +175,7 @@ int Cache(const rapidin::client::CacheOptions& o, bool json) {
                         {"grad_seconds", s->grad_s}, {"normalize_seconds", s->normalize_s},
                         {"sketch_seconds", s->sketch_s}, {"write_seconds", s->write_s},
                         {"mean_response_loss", s->mean_loss}, {"store_records", s->store_records},
-                        {"projection_state_id", s->projection_state_id}};
+                        {"projection_state_id", s->projection_state_id}, {"device", s->device}};
     nlohmann::json bad = nlohmann::json::array();
     for (const auto& b : s->bad_records) bad.push_back({{"where", b.where}, {"reason", b.reason}});
     j["bad_records"] = bad;
@@ -187,7 +187,8 @@ int Cache(const rapidin::client::CacheOptions& o, bool json) {
               static_cast<long long>(s->total), static_cast<long long>(s->cached),
               static_cast<long long>(s->skipped_existing), static_cast<long long>(s->bad),
               static_cast<long long>(s->truncated));
-  std::printf("  %-22s %.1f s (%.1f records/s)\n", "time", s->seconds, s->seconds > 0 ? s->cached / s->seconds : 0);
+  std::printf("  %-22s %.1f s (%.1f records/s, gradients on %s)\n", "time", s->seconds,
+              s->seconds > 0 ? s->cached / s->seconds : 0, s->device.c_str());
   std::printf("  %-22s fwd+bwd %.2f s, normalise %.2f s, sketch %.2f s, store write %.2f s\n", "breakdown",
               s->grad_s, s->normalize_s, s->sketch_s, s->write_s);
   std::printf("  %-22s %.4f nats/token\n", "mean response loss", s->mean_loss);
@@ -324,6 +325,8 @@ int main(int argc, char** argv) {
   cache->add_option("--seed", co.featurizer.seed, "RapidGrad seed")->capture_default_str();
   cache->add_option("--max-length", co.featurizer.engine.max_length, "tokens per record")->capture_default_str();
   cache->add_option("--params", co.featurizer.engine.param_pattern, "regex over parameter names (default: matrices)");
+  co.featurizer.engine.device = "auto";
+  cache->add_option("--model-device", co.featurizer.engine.device, "where gradients run: cpu | cuda | cuda:N | auto (CUDA when this LibTorch has it and sees a GPU)")->capture_default_str();
   cache->add_option("--threads", co.threads, "records in parallel")->capture_default_str()->check(CLI::Range(1, 256));
   cache->add_option("--batch-size", co.batch_size, "records per atomic store batch")->capture_default_str();
   cache->add_option("--grad-batch", co.grad_batch, "records per forward/backward pass (1: one at a time)")
@@ -352,6 +355,8 @@ int main(int argc, char** argv) {
   ft->add_option("--weight-decay", fo.adam.weight_decay, "AdamW decoupled weight decay")->capture_default_str();
   ft->add_option("--seed", fo.seed, "record order and LoRA initialisation")->capture_default_str();
   ft->add_option("--max-length", fo.engine.max_length, "tokens per record")->capture_default_str();
+  fo.engine.device = "auto";
+  ft->add_option("--model-device", fo.engine.device, "where gradients run: cpu | cuda | cuda:N | auto (CUDA when this LibTorch has it and sees a GPU)")->capture_default_str();
   ft->add_option("--threads", fo.threads, "LibTorch threads")->capture_default_str()->check(CLI::Range(1, 256));
   ft->add_flag("--json", json, "summary as JSON");
 
@@ -364,6 +369,8 @@ int main(int argc, char** argv) {
   ev->add_option("--data", file, "JSON array or JSONL of {id?, instruction, input, output}")->required();
   ev->add_option("--generate", max_new, "also generate up to N tokens greedily (0: no)")->capture_default_str();
   ev->add_option("--max-length", eo.max_length, "tokens per record")->capture_default_str();
+  eo.device = "auto";
+  ev->add_option("--model-device", eo.device, "where gradients run: cpu | cuda | cuda:N | auto (CUDA when this LibTorch has it and sees a GPU)")->capture_default_str();
   ev->add_flag("--json", json, "JSON lines");
 
   try {

@@ -15,6 +15,8 @@
 #include <random>
 #include <regex>
 
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "model/internal/engine_impl.h"
@@ -42,6 +44,39 @@ std::string AlpacaPrompt(const std::string& instruction, const std::string& inpu
 }
 
 thread_local const Leaves* tls_leaves = nullptr;
+
+absl::Status TorchError(const std::exception& e) {
+  const auto* c10e = dynamic_cast<const c10::Error*>(&e);
+  const std::string what = c10e ? c10e->what_without_backtrace() : e.what();
+  if (what.find("out of memory") != std::string::npos || what.find("can't allocate memory") != std::string::npos) {
+    return absl::ResourceExhaustedError(absl::StrCat("LibTorch: ", what));
+  }
+  return absl::InternalError(absl::StrCat("LibTorch: ", what));
+}
+
+TorchRuntime GetTorchRuntime() {
+  TorchRuntime r;
+  r.version = TORCH_VERSION;
+  r.cuda_devices = torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0;
+  return r;
+}
+
+absl::StatusOr<torch::Device> ResolveDevice(const std::string& name) {
+  const TorchRuntime rt = GetTorchRuntime();
+  if (name == "cpu") return torch::Device(torch::kCPU);
+  if (name == "auto") return rt.cuda_devices > 0 ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+  int index = 0;
+  if (name != "cuda" && !(absl::StartsWith(name, "cuda:") && absl::SimpleAtoi(name.substr(5), &index) && index >= 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown model device \"", name, "\": use cpu, cuda, cuda:N or auto"));
+  }
+  if (index >= rt.cuda_devices) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "model device ", name, " is not usable: LibTorch ", rt.version, " sees ", rt.cuda_devices, " CUDA device(s)",
+        rt.cuda_devices == 0 ? " (a CPU-only build such as Debian's, or no GPU visible); use cpu or auto" : ""));
+  }
+  return torch::Device(torch::kCUDA, index);
+}
 
 
 namespace {
@@ -105,6 +140,29 @@ const std::vector<std::pair<std::string, std::string>>& HfModules() {
   return k;
 }
 
+// Checks a tokenized record before it reaches LibTorch, which would throw on it or read past its end.
+absl::Status CheckRecord(const TokenizedExample& t, int vocab_size) {
+  const int64_t n = static_cast<int64_t>(t.ids.size());
+  if (t.response_begin < 1 || t.response_begin >= n) return absl::InvalidArgumentError("no response tokens");
+  for (int32_t id : t.ids) {
+    if (id < 0 || id >= vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is outside the vocabulary of ", vocab_size));
+    }
+  }
+  if (t.loss_weights.empty()) return absl::OkStatus();
+  if (static_cast<int64_t>(t.loss_weights.size()) != n - t.response_begin) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(t.loss_weights.size(), " loss weights for ", n - t.response_begin, " response tokens"));
+  }
+  double sum = 0;
+  for (double w : t.loss_weights) {
+    if (!(w >= 0) || !std::isfinite(w)) return absl::InvalidArgumentError("loss weights must be finite and >= 0");
+    sum += w;
+  }
+  if (!(sum > 0)) return absl::InvalidArgumentError("a record's loss weights sum to zero");
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 // Attaches a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors).
@@ -159,97 +217,109 @@ absl::Status GradientEngine::Impl::LoadAdapter(const std::string& path) {
   return absl::OkStatus();
 }
 
+absl::Status GradientEngine::Impl::Init(const EngineOptions& o) {
+  options = o;
+  dtype = o.use_double ? torch::kDouble : torch::kFloat;
+  auto dev = ResolveDevice(o.device);
+  if (!dev.ok()) return dev.status();
+  device = *dev;
+  // Float32 matrix products in full precision on the GPU too (no TF32), so that devices agree up to rounding.
+  if (device.is_cuda()) at::globalContext().setFloat32MatmulPrecision("highest");
+  return absl::OkStatus();
+}
+
 GradientEngine::GradientEngine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 GradientEngine::~GradientEngine() = default;
 
 absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Load(const EngineOptions& options) {
-  if (options.max_length < 4) return absl::InvalidArgumentError("max_length must be at least 4");
-  if (std::filesystem::is_directory(options.model_path)) return LoadHf(options);
-  std::ifstream in(options.model_path, std::ios::binary | std::ios::ate);
-  if (!in) return absl::NotFoundError(absl::StrCat("model file not found: ", options.model_path));
-  const int64_t size = in.tellg();
-  in.seekg(0);
-  int32_t hdr[7];
-  if (size < 28 || !in.read(reinterpret_cast<char*>(hdr), sizeof hdr)) {
-    return absl::DataLossError(absl::StrCat(options.model_path, ": too short for a llama2.c checkpoint"));
-  }
-  auto impl = std::make_unique<Impl>();
-  impl->options = options;
-  impl->dtype = options.use_double ? torch::kDouble : torch::kFloat;
-  ModelConfig& c = impl->cfg;
-  c.dim = hdr[0];
-  c.hidden_dim = hdr[1];
-  c.n_layers = hdr[2];
-  c.n_heads = hdr[3];
-  c.n_kv_heads = hdr[4];
-  c.tied_output = hdr[5] > 0;
-  c.vocab_size = std::abs(hdr[5]);
-  c.seq_len = hdr[6];
-  if (c.dim <= 0 || c.hidden_dim <= 0 || c.n_layers <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 ||
-      c.vocab_size <= 0 || c.seq_len <= 0 || c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0 ||
-      (c.dim / c.n_heads) % 2 != 0 || c.dim > 65536 || c.n_layers > 1024 || c.vocab_size > 10000000) {
-    return absl::DataLossError(absl::StrCat(options.model_path, ": implausible llama2.c header"));
-  }
-  const int64_t D = c.dim, F = c.hidden_dim, L = c.n_layers, V = c.vocab_size, hd = D / c.n_heads;
-  const int64_t KVD = hd * c.n_kv_heads;
-  const int64_t floats = V * D + L * D + L * D * D + 2 * L * KVD * D + L * D * D + L * D + 3 * L * F * D + D +
-                         c.seq_len * hd + (c.tied_output ? 0 : V * D);
-  if (size != 28 + floats * 4) {
-    return absl::DataLossError(absl::StrFormat("%s: %d bytes, but the header implies %d", options.model_path, size,
-                                               28 + floats * 4));
-  }
-  std::vector<float> buf(floats);
-  if (!in.read(reinterpret_cast<char*>(buf.data()), floats * 4)) {
-    return absl::DataLossError(absl::StrCat(options.model_path, ": read failed"));
-  }
-  int64_t off = 0;
-  auto take = [&](std::vector<int64_t> shape) {
-    int64_t n = 1;
-    for (auto s : shape) n *= s;
-    auto t = torch::from_blob(buf.data() + off, shape, torch::kFloat).clone();
-    off += n;
-    return t;
-  };
-  auto emb = take({V, D});
-  auto rms_att = take({L, D});
-  auto wq = take({L, D, D});
-  auto wk = take({L, KVD, D});
-  auto wv = take({L, KVD, D});
-  auto wo = take({L, D, D});
-  auto rms_ffn = take({L, D});
-  auto w1 = take({L, F, D});
-  auto w2 = take({L, D, F});
-  auto w3 = take({L, F, D});
-  auto rms_final = take({D});
-  off += c.seq_len * hd;  // freq_cis_real / imag: recomputed
-  impl->Add("tok_embeddings.weight", emb);
-  for (int l = 0; l < L; ++l) {
-    const std::string p = absl::StrCat("layers.", l, ".");
-    impl->Add(p + "attention_norm.weight", rms_att[l]);
-    impl->Add(p + "attention.wq.weight", wq[l]);
-    impl->Add(p + "attention.wk.weight", wk[l]);
-    impl->Add(p + "attention.wv.weight", wv[l]);
-    impl->Add(p + "attention.wo.weight", wo[l]);
-    impl->Add(p + "ffn_norm.weight", rms_ffn[l]);
-    impl->Add(p + "feed_forward.w1.weight", w1[l]);
-    impl->Add(p + "feed_forward.w2.weight", w2[l]);
-    impl->Add(p + "feed_forward.w3.weight", w3[l]);
-  }
-  impl->Add("norm.weight", rms_final);
-  if (!c.tied_output) impl->Add("output.weight", take({V, D}));
-  impl->llama2c = true;
-  if (!options.adapter_path.empty()) {
-    absl::Status st = impl->LoadAdapter(options.adapter_path);
+  return Guarded([&]() -> absl::StatusOr<std::unique_ptr<GradientEngine>> {
+    if (options.max_length < 4) return absl::InvalidArgumentError("max_length must be at least 4");
+    if (std::filesystem::is_directory(options.model_path)) return LoadHf(options);
+    std::ifstream in(options.model_path, std::ios::binary | std::ios::ate);
+    if (!in) return absl::NotFoundError(absl::StrCat("model file not found: ", options.model_path));
+    const int64_t size = in.tellg();
+    in.seekg(0);
+    int32_t hdr[7];
+    if (size < 28 || !in.read(reinterpret_cast<char*>(hdr), sizeof hdr)) {
+      return absl::DataLossError(absl::StrCat(options.model_path, ": too short for a llama2.c checkpoint"));
+    }
+    auto impl = std::make_unique<Impl>();
+    if (absl::Status init = impl->Init(options); !init.ok()) return init;
+    ModelConfig& c = impl->cfg;
+    c.dim = hdr[0];
+    c.hidden_dim = hdr[1];
+    c.n_layers = hdr[2];
+    c.n_heads = hdr[3];
+    c.n_kv_heads = hdr[4];
+    c.tied_output = hdr[5] > 0;
+    c.vocab_size = std::abs(hdr[5]);
+    c.seq_len = hdr[6];
+    if (c.dim <= 0 || c.hidden_dim <= 0 || c.n_layers <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 ||
+        c.vocab_size <= 0 || c.seq_len <= 0 || c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0 ||
+        (c.dim / c.n_heads) % 2 != 0 || c.dim > 65536 || c.n_layers > 1024 || c.vocab_size > 10000000) {
+      return absl::DataLossError(absl::StrCat(options.model_path, ": implausible llama2.c header"));
+    }
+    const int64_t D = c.dim, F = c.hidden_dim, L = c.n_layers, V = c.vocab_size, hd = D / c.n_heads;
+    const int64_t KVD = hd * c.n_kv_heads;
+    const int64_t floats = V * D + L * D + L * D * D + 2 * L * KVD * D + L * D * D + L * D + 3 * L * F * D + D +
+                           c.seq_len * hd + (c.tied_output ? 0 : V * D);
+    if (size != 28 + floats * 4) {
+      return absl::DataLossError(absl::StrFormat("%s: %d bytes, but the header implies %d", options.model_path, size,
+                                                 28 + floats * 4));
+    }
+    std::vector<float> buf(floats);
+    if (!in.read(reinterpret_cast<char*>(buf.data()), floats * 4)) {
+      return absl::DataLossError(absl::StrCat(options.model_path, ": read failed"));
+    }
+    int64_t off = 0;
+    auto take = [&](std::vector<int64_t> shape) {
+      int64_t n = 1;
+      for (auto s : shape) n *= s;
+      auto t = torch::from_blob(buf.data() + off, shape, torch::kFloat).clone();
+      off += n;
+      return t;
+    };
+    auto emb = take({V, D});
+    auto rms_att = take({L, D});
+    auto wq = take({L, D, D});
+    auto wk = take({L, KVD, D});
+    auto wv = take({L, KVD, D});
+    auto wo = take({L, D, D});
+    auto rms_ffn = take({L, D});
+    auto w1 = take({L, F, D});
+    auto w2 = take({L, D, F});
+    auto w3 = take({L, F, D});
+    auto rms_final = take({D});
+    off += c.seq_len * hd;  // freq_cis_real / imag: recomputed
+    impl->Add("tok_embeddings.weight", emb);
+    for (int l = 0; l < L; ++l) {
+      const std::string p = absl::StrCat("layers.", l, ".");
+      impl->Add(p + "attention_norm.weight", rms_att[l]);
+      impl->Add(p + "attention.wq.weight", wq[l]);
+      impl->Add(p + "attention.wk.weight", wk[l]);
+      impl->Add(p + "attention.wv.weight", wv[l]);
+      impl->Add(p + "attention.wo.weight", wo[l]);
+      impl->Add(p + "ffn_norm.weight", rms_ffn[l]);
+      impl->Add(p + "feed_forward.w1.weight", w1[l]);
+      impl->Add(p + "feed_forward.w2.weight", w2[l]);
+      impl->Add(p + "feed_forward.w3.weight", w3[l]);
+    }
+    impl->Add("norm.weight", rms_final);
+    if (!c.tied_output) impl->Add("output.weight", take({V, D}));
+    impl->llama2c = true;
+    if (!options.adapter_path.empty()) {
+      absl::Status st = impl->LoadAdapter(options.adapter_path);
+      if (!st.ok()) return st;
+    }
+    if (!options.tokenizer_path.empty()) {
+      auto tok = Tokenizer::Load(options.tokenizer_path, c.vocab_size);
+      if (!tok.ok()) return tok.status();
+      impl->tok = std::move(*tok);
+    }
+    absl::Status st = impl->Finish();
     if (!st.ok()) return st;
-  }
-  if (!options.tokenizer_path.empty()) {
-    auto tok = Tokenizer::Load(options.tokenizer_path, c.vocab_size);
-    if (!tok.ok()) return tok.status();
-    impl->tok = std::move(*tok);
-  }
-  absl::Status st = impl->Finish();
-  if (!st.ok()) return st;
-  return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
+    return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
+  });
 }
 
 
@@ -259,8 +329,7 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::LoadHf(const Eng
   auto cj = ReadJson((dir / "config.json").string());
   if (!cj.ok()) return cj.status();
   auto impl = std::make_unique<Impl>();
-  impl->options = options;
-  impl->dtype = options.use_double ? torch::kDouble : torch::kFloat;
+  if (absl::Status init = impl->Init(options); !init.ok()) return init;
   impl->rope_half = true;
   ModelConfig& c = impl->cfg;
   try {
@@ -351,41 +420,43 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::LoadHf(const Eng
 
 absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Random(const ModelConfig& c, uint64_t seed,
                                                                        const EngineOptions& options) {
-  auto impl = std::make_unique<Impl>();
-  impl->options = options;
-  impl->cfg = c;
-  impl->dtype = options.use_double ? torch::kDouble : torch::kFloat;
-  impl->llama2c = true;  // same layout (interleaved RoPE pairs), so SaveLlama2c can write it
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> g(0.0, 1.0);
-  auto rnd = [&](std::vector<int64_t> shape, double scale, double mean) {
-    auto t = torch::empty(shape, torch::kDouble);
-    auto* p = t.data_ptr<double>();
-    for (int64_t i = 0; i < t.numel(); ++i) p[i] = mean + scale * g(rng);
-    return t;
-  };
-  const int64_t D = c.dim, F = c.hidden_dim, hd = D / c.n_heads, KVD = hd * c.n_kv_heads;
-  impl->Add("tok_embeddings.weight", rnd({c.vocab_size, D}, 0.5, 0));
-  for (int l = 0; l < c.n_layers; ++l) {
-    const std::string p = absl::StrCat("layers.", l, ".");
-    impl->Add(p + "attention_norm.weight", rnd({D}, 0.1, 1));
-    impl->Add(p + "attention.wq.weight", rnd({D, D}, 0.3, 0));
-    impl->Add(p + "attention.wk.weight", rnd({KVD, D}, 0.3, 0));
-    impl->Add(p + "attention.wv.weight", rnd({KVD, D}, 0.3, 0));
-    impl->Add(p + "attention.wo.weight", rnd({D, D}, 0.3, 0));
-    impl->Add(p + "ffn_norm.weight", rnd({D}, 0.1, 1));
-    impl->Add(p + "feed_forward.w1.weight", rnd({F, D}, 0.3, 0));
-    impl->Add(p + "feed_forward.w2.weight", rnd({D, F}, 0.3, 0));
-    impl->Add(p + "feed_forward.w3.weight", rnd({F, D}, 0.3, 0));
-  }
-  impl->Add("norm.weight", rnd({D}, 0.1, 1));
-  if (!c.tied_output) impl->Add("output.weight", rnd({c.vocab_size, D}, 0.5, 0));
-  absl::Status st = impl->Finish();
-  if (!st.ok()) return st;
-  return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
+  return Guarded([&]() -> absl::StatusOr<std::unique_ptr<GradientEngine>> {
+    auto impl = std::make_unique<Impl>();
+    if (absl::Status init = impl->Init(options); !init.ok()) return init;
+    impl->cfg = c;
+    impl->llama2c = true;  // same layout (interleaved RoPE pairs), so SaveLlama2c can write it
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<double> g(0.0, 1.0);
+    auto rnd = [&](std::vector<int64_t> shape, double scale, double mean) {
+      auto t = torch::empty(shape, torch::kDouble);
+      auto* p = t.data_ptr<double>();
+      for (int64_t i = 0; i < t.numel(); ++i) p[i] = mean + scale * g(rng);
+      return t;
+    };
+    const int64_t D = c.dim, F = c.hidden_dim, hd = D / c.n_heads, KVD = hd * c.n_kv_heads;
+    impl->Add("tok_embeddings.weight", rnd({c.vocab_size, D}, 0.5, 0));
+    for (int l = 0; l < c.n_layers; ++l) {
+      const std::string p = absl::StrCat("layers.", l, ".");
+      impl->Add(p + "attention_norm.weight", rnd({D}, 0.1, 1));
+      impl->Add(p + "attention.wq.weight", rnd({D, D}, 0.3, 0));
+      impl->Add(p + "attention.wk.weight", rnd({KVD, D}, 0.3, 0));
+      impl->Add(p + "attention.wv.weight", rnd({KVD, D}, 0.3, 0));
+      impl->Add(p + "attention.wo.weight", rnd({D, D}, 0.3, 0));
+      impl->Add(p + "ffn_norm.weight", rnd({D}, 0.1, 1));
+      impl->Add(p + "feed_forward.w1.weight", rnd({F, D}, 0.3, 0));
+      impl->Add(p + "feed_forward.w2.weight", rnd({D, F}, 0.3, 0));
+      impl->Add(p + "feed_forward.w3.weight", rnd({F, D}, 0.3, 0));
+    }
+    impl->Add("norm.weight", rnd({D}, 0.1, 1));
+    if (!c.tied_output) impl->Add("output.weight", rnd({c.vocab_size, D}, 0.5, 0));
+    absl::Status st = impl->Finish();
+    if (!st.ok()) return st;
+    return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
+  });
 }
 
 const ModelConfig& GradientEngine::config() const { return impl_->cfg; }
+std::string GradientEngine::device() const { return impl_->device.str(); }
 const std::vector<ParamInfo>& GradientEngine::params() const { return impl_->infos; }
 int64_t GradientEngine::grad_dim() const { return impl_->dim; }
 std::string GradientEngine::model_hash() const {
@@ -445,151 +516,152 @@ absl::StatusOr<TokenizedExample> GradientEngine::Tokenize(const Example& ex) con
 }
 
 absl::StatusOr<double> GradientEngine::MeanNll(const std::string& text, int64_t* tokens) const {
-  if (!impl_->tok) return absl::FailedPreconditionError("no tokenizer loaded");
-  torch::NoGradGuard no_grad;
-  Encoding e = impl_->tok->Encode(text, true);
-  std::vector<int32_t> ids = {impl_->tok->bos()};
-  ids.insert(ids.end(), e.ids.begin(), e.ids.end());
-  if (static_cast<int>(ids.size()) > impl_->cfg.seq_len) ids.resize(impl_->cfg.seq_len);
-  if (ids.size() < 2) return absl::InvalidArgumentError("text is empty");
-  auto t = impl_->Ids(ids);
-  auto logits = impl_->Forward(t);
-  const int64_t T = t.size(1);
-  auto loss = torch::nn::functional::cross_entropy(logits[0].slice(0, 0, T - 1), t[0].slice(0, 1, T));
-  if (tokens) *tokens = T - 1;
-  return loss.item<double>();
+  return Guarded([&]() -> absl::StatusOr<double> {
+    if (!impl_->tok) return absl::FailedPreconditionError("no tokenizer loaded");
+    torch::NoGradGuard no_grad;
+    Encoding e = impl_->tok->Encode(text, true);
+    std::vector<int32_t> ids = {impl_->tok->bos()};
+    ids.insert(ids.end(), e.ids.begin(), e.ids.end());
+    if (static_cast<int>(ids.size()) > impl_->cfg.seq_len) ids.resize(impl_->cfg.seq_len);
+    if (ids.size() < 2) return absl::InvalidArgumentError("text is empty");
+    auto t = impl_->Ids(ids);
+    auto logits = impl_->Forward(t);
+    const int64_t T = t.size(1);
+    auto loss = torch::nn::functional::cross_entropy(logits[0].slice(0, 0, T - 1), t[0].slice(0, 1, T));
+    if (tokens) *tokens = T - 1;
+    return loss.item<double>();
+  });
 }
 
 absl::StatusOr<std::vector<float>> GradientEngine::LogitsIds(const std::vector<int32_t>& ids) const {
-  torch::NoGradGuard no_grad;
-  if (ids.empty() || static_cast<int>(ids.size()) > impl_->cfg.seq_len) return absl::InvalidArgumentError("bad length");
-  for (int32_t id : ids) {
-    if (id < 0 || id >= impl_->cfg.vocab_size) return absl::InvalidArgumentError(absl::StrCat("token id ", id));
-  }
-  auto l = impl_->Forward(impl_->Ids(ids)).to(torch::kFloat).contiguous();
-  return std::vector<float>(l.data_ptr<float>(), l.data_ptr<float>() + l.numel());
+  return Guarded([&]() -> absl::StatusOr<std::vector<float>> {
+    torch::NoGradGuard no_grad;
+    if (ids.empty() || static_cast<int>(ids.size()) > impl_->cfg.seq_len) {
+      return absl::InvalidArgumentError("bad length");
+    }
+    for (int32_t id : ids) {
+      if (id < 0 || id >= impl_->cfg.vocab_size) return absl::InvalidArgumentError(absl::StrCat("token id ", id));
+    }
+    auto l = impl_->Forward(impl_->Ids(ids)).to(torch::kCPU, torch::kFloat).contiguous();
+    return std::vector<float>(l.data_ptr<float>(), l.data_ptr<float>() + l.numel());
+  });
 }
 
 absl::StatusOr<double> GradientEngine::LossIds(const TokenizedExample& t) const {
-  torch::NoGradGuard no_grad;
-  if (t.response_begin < 1 || t.response_begin >= static_cast<int>(t.ids.size())) {
-    return absl::InvalidArgumentError("no response tokens");
-  }
-  return impl_->ResponseLoss(t).item<double>();
+  return Guarded([&]() -> absl::StatusOr<double> {
+    torch::NoGradGuard no_grad;
+    if (absl::Status st = CheckRecord(t, impl_->cfg.vocab_size); !st.ok()) return st;
+    return impl_->ResponseLoss(t).item<double>();
+  });
 }
 
 absl::StatusOr<GradInfo> GradientEngine::GradientIds(const TokenizedExample& t, bool normalize,
                                                      std::vector<double>* out) const {
-  if (t.response_begin < 1 || t.response_begin >= static_cast<int>(t.ids.size())) {
-    return absl::InvalidArgumentError("no response tokens");
-  }
-  for (int32_t id : t.ids) {
-    if (id < 0 || id >= impl_->cfg.vocab_size) return absl::InvalidArgumentError(absl::StrCat("token id ", id));
-  }
-  const Leaves leaves = impl_->MakeLeaves();
-  LeavesScope scope(&leaves);
-  auto loss = impl_->ResponseLoss(t);
-  auto grads = torch::autograd::grad({loss}, leaves.selected);
-  for (auto& g : grads) g = g.detach().unsqueeze(0);  // a batch of one for Assemble
-  std::vector<std::vector<double>> one(1);
-  impl_->Assemble(grads, 1, normalize, &one);
-  *out = std::move(one[0]);
-  GradInfo info;
-  info.tokens = static_cast<int>(t.ids.size());
-  info.response_tokens = static_cast<int>(t.ids.size()) - t.response_begin;
-  info.truncated = t.truncated;
-  info.loss = loss.item<double>();
-  return info;
+  return Guarded([&]() -> absl::StatusOr<GradInfo> {
+    if (absl::Status st = CheckRecord(t, impl_->cfg.vocab_size); !st.ok()) return st;
+    const Leaves leaves = impl_->MakeLeaves();
+    LeavesScope scope(&leaves);
+    auto loss = impl_->ResponseLoss(t);
+    auto grads = torch::autograd::grad({loss}, leaves.selected);
+    for (auto& g : grads) g = g.detach().unsqueeze(0);  // a batch of one for Assemble
+    std::vector<std::vector<double>> one(1);
+    impl_->Assemble(grads, 1, normalize, &one);
+    *out = std::move(one[0]);
+    GradInfo info;
+    info.tokens = static_cast<int>(t.ids.size());
+    info.response_tokens = static_cast<int>(t.ids.size()) - t.response_begin;
+    info.truncated = t.truncated;
+    info.loss = loss.item<double>();
+    return info;
+  });
 }
 
 absl::Status GradientEngine::GradientIdsBatch(const std::vector<TokenizedExample>& batch, bool normalize,
                                               std::vector<std::vector<double>>* out,
                                               std::vector<GradInfo>* infos) const {
-  const Impl& d = *impl_;
-  const int64_t B = static_cast<int64_t>(batch.size());
-  out->assign(B, {});
-  infos->assign(B, {});
-  if (B == 0) return absl::OkStatus();
-  bool capturable = true;
-  for (const auto& p : d.infos) capturable = capturable && d.w.at(p.name).dim() == 2;
-  if (!capturable || B == 1) {
+  return Guarded([&]() -> absl::Status {
+    const Impl& d = *impl_;
+    const int64_t B = static_cast<int64_t>(batch.size());
+    out->assign(B, {});
+    infos->assign(B, {});
+    if (B == 0) return absl::OkStatus();
+    bool capturable = true;
+    for (const auto& p : d.infos) capturable = capturable && d.w.at(p.name).dim() == 2;
+    if (!capturable || B == 1) {
+      for (int64_t b = 0; b < B; ++b) {
+        auto info = GradientIds(batch[b], normalize, &(*out)[b]);
+        if (!info.ok()) return info.status();
+        (*infos)[b] = *info;
+      }
+      return absl::OkStatus();
+    }
+    int64_t T = 0;
+    for (const auto& t : batch) {
+      if (absl::Status st = CheckRecord(t, d.cfg.vocab_size); !st.ok()) return st;
+      T = std::max<int64_t>(T, t.ids.size());
+    }
+    // Pad at the end: under the causal mask padding never reaches the real positions, and its loss weight is 0.
+    std::vector<int64_t> flat(B * T, 0);  // padding id: never seen by a real position
+    std::vector<double> wts(B * (T - 1), 0.0);
     for (int64_t b = 0; b < B; ++b) {
-      auto info = GradientIds(batch[b], normalize, &(*out)[b]);
-      if (!info.ok()) return info.status();
-      (*infos)[b] = *info;
+      const auto& t = batch[b];
+      const int64_t len = t.ids.size();
+      for (int64_t i = 0; i < len; ++i) flat[b * T + i] = t.ids[i];
+      double wsum = 0;
+      for (int64_t i = t.response_begin; i < len; ++i) {
+        wsum += t.loss_weights.empty() ? 1.0 : t.loss_weights[i - t.response_begin];
+      }
+      for (int64_t i = t.response_begin - 1; i < len - 1; ++i) {
+        const double w = t.loss_weights.empty() ? 1.0 : t.loss_weights[i + 1 - t.response_begin];
+        wts[b * (T - 1) + i] = w / wsum;
+      }
+    }
+    auto ids = torch::from_blob(flat.data(), {B, T}, torch::kLong).to(d.device, torch::kLong, false, /*copy=*/true);
+    auto weight = torch::from_blob(wts.data(), {B, T - 1}, torch::kDouble).to(d.device, d.dtype);
+    const Leaves leaves = d.MakeLeaves();
+    LeavesScope scope(&leaves);
+    Captures cap;
+    auto logits = d.Forward(ids, &cap);
+    auto logp = torch::log_softmax(logits.slice(1, 0, T - 1), -1);
+    auto nll = -logp.gather(2, ids.slice(1, 1, T).unsqueeze(-1)).squeeze(-1);  // [B, T-1]
+    auto losses = (nll * weight).sum(1);                                      // [B]
+    std::map<std::string, int> index;
+    for (size_t i = 0; i < d.infos.size(); ++i) index[d.infos[i].name] = static_cast<int>(i);
+    std::vector<torch::Tensor> wrt;  // outputs of the selected linears, in capture order, then the embedding
+    for (const auto& l : cap.linears) {
+      if (index.count(l.weight)) wrt.push_back(l.y);
+    }
+    const bool emb = index.count("tok_embeddings.weight") > 0;
+    if (emb) wrt.push_back(cap.emb_out);
+    auto grads = torch::autograd::grad({losses.sum()}, wrt, {}, false, false, /*allow_unused=*/true);
+    std::vector<torch::Tensor> per(d.infos.size());  // [B, out, in]
+    size_t gi = 0;
+    for (const auto& l : cap.linears) {
+      auto it = index.find(l.weight);
+      if (it == index.end()) continue;
+      const auto& g = grads[gi++];
+      if (!g.defined()) continue;
+      auto contrib = torch::matmul(g.transpose(1, 2), l.x);  // [B, out, in]
+      auto& acc = per[it->second];
+      acc = acc.defined() ? acc + contrib : contrib;
+    }
+    if (emb && grads.back().defined()) {
+      const int p = index["tok_embeddings.weight"];
+      auto e = torch::zeros({B, d.cfg.vocab_size, d.cfg.dim}, d.Opts());
+      for (int64_t b = 0; b < B; ++b) e[b].index_add_(0, ids[b], grads.back()[b]);
+      per[p] = per[p].defined() ? per[p] + e : e;
+    }
+    d.Assemble(per, B, normalize, out);
+    auto host_losses = losses.detach().to(torch::kCPU, torch::kDouble).contiguous();
+    for (int64_t b = 0; b < B; ++b) {
+      GradInfo& info = (*infos)[b];
+      info.tokens = static_cast<int>(batch[b].ids.size());
+      info.response_tokens = info.tokens - batch[b].response_begin;
+      info.truncated = batch[b].truncated;
+      info.loss = host_losses.data_ptr<double>()[b];
     }
     return absl::OkStatus();
-  }
-  int64_t T = 0;
-  for (const auto& t : batch) {
-    if (t.response_begin < 1 || t.response_begin >= static_cast<int>(t.ids.size())) {
-      return absl::InvalidArgumentError("no response tokens");
-    }
-    T = std::max<int64_t>(T, t.ids.size());
-  }
-  // Pad at the end: under the causal mask padding never reaches the real positions, and its loss weight is 0.
-  std::vector<int64_t> flat(B * T, 0);  // padding id: never seen by a real position
-  std::vector<double> wts(B * (T - 1), 0.0);
-  for (int64_t b = 0; b < B; ++b) {
-    const auto& t = batch[b];
-    const int64_t len = t.ids.size();
-    for (int64_t i = 0; i < len; ++i) {
-      if (t.ids[i] < 0 || t.ids[i] >= d.cfg.vocab_size) return absl::InvalidArgumentError("token id out of range");
-      flat[b * T + i] = t.ids[i];
-    }
-    double wsum = 0;
-    for (int64_t i = t.response_begin; i < len; ++i) {
-      wsum += t.loss_weights.empty() ? 1.0 : t.loss_weights[i - t.response_begin];
-    }
-    for (int64_t i = t.response_begin - 1; i < len - 1; ++i) {
-      const double w = t.loss_weights.empty() ? 1.0 : t.loss_weights[i + 1 - t.response_begin];
-      wts[b * (T - 1) + i] = w / wsum;
-    }
-  }
-  auto ids = torch::from_blob(flat.data(), {B, T}, torch::kLong).clone();
-  auto weight = torch::from_blob(wts.data(), {B, T - 1}, torch::kDouble).to(d.dtype);
-  const Leaves leaves = d.MakeLeaves();
-  LeavesScope scope(&leaves);
-  Captures cap;
-  auto logits = d.Forward(ids, &cap);
-  auto logp = torch::log_softmax(logits.slice(1, 0, T - 1), -1);
-  auto nll = -logp.gather(2, ids.slice(1, 1, T).unsqueeze(-1)).squeeze(-1);  // [B, T-1]
-  auto losses = (nll * weight).sum(1);                                      // [B]
-  std::map<std::string, int> index;
-  for (size_t i = 0; i < d.infos.size(); ++i) index[d.infos[i].name] = static_cast<int>(i);
-  std::vector<torch::Tensor> wrt;  // outputs of the selected linears, in capture order, then the embedding
-  for (const auto& l : cap.linears) {
-    if (index.count(l.weight)) wrt.push_back(l.y);
-  }
-  const bool emb = index.count("tok_embeddings.weight") > 0;
-  if (emb) wrt.push_back(cap.emb_out);
-  auto grads = torch::autograd::grad({losses.sum()}, wrt, {}, false, false, /*allow_unused=*/true);
-  std::vector<torch::Tensor> per(d.infos.size());  // [B, out, in]
-  size_t gi = 0;
-  for (const auto& l : cap.linears) {
-    auto it = index.find(l.weight);
-    if (it == index.end()) continue;
-    const auto& g = grads[gi++];
-    if (!g.defined()) continue;
-    auto contrib = torch::matmul(g.transpose(1, 2), l.x);  // [B, out, in]
-    auto& acc = per[it->second];
-    acc = acc.defined() ? acc + contrib : contrib;
-  }
-  if (emb && grads.back().defined()) {
-    const int p = index["tok_embeddings.weight"];
-    auto e = torch::zeros({B, d.cfg.vocab_size, d.cfg.dim}, torch::TensorOptions().dtype(d.dtype));
-    for (int64_t b = 0; b < B; ++b) e[b].index_add_(0, ids[b], grads.back()[b]);
-    per[p] = per[p].defined() ? per[p] + e : e;
-  }
-  d.Assemble(per, B, normalize, out);
-  for (int64_t b = 0; b < B; ++b) {
-    GradInfo& info = (*infos)[b];
-    info.tokens = static_cast<int>(batch[b].ids.size());
-    info.response_tokens = info.tokens - batch[b].response_begin;
-    info.truncated = batch[b].truncated;
-    info.loss = losses[b].item<double>();
-  }
-  return absl::OkStatus();
+  });
 }
 
 absl::StatusOr<GradInfo> GradientEngine::Gradient(const Example& ex, bool normalize, std::vector<float>* out) const {
@@ -603,117 +675,120 @@ absl::StatusOr<GradInfo> GradientEngine::Gradient(const Example& ex, bool normal
 }
 
 absl::Status GradientEngine::Perturb(int p, int64_t i, double delta) {
-  if (p < 0 || p >= static_cast<int>(impl_->selected.size()) || i < 0 || i >= impl_->infos[p].numel) {
-    return absl::OutOfRangeError("no such parameter element");
-  }
-  torch::NoGradGuard no_grad;
-  auto flat = impl_->selected[p].view({-1});
-  flat[i] += delta;
-  return absl::OkStatus();
+  return Guarded([&]() -> absl::Status {
+    if (p < 0 || p >= static_cast<int>(impl_->selected.size()) || i < 0 || i >= impl_->infos[p].numel) {
+      return absl::OutOfRangeError("no such parameter element");
+    }
+    torch::NoGradGuard no_grad;
+    auto flat = impl_->selected[p].view({-1});
+    flat[i] += delta;
+    return absl::OkStatus();
+  });
 }
 
 
 absl::Status GradientEngine::AddLora(const LoraConfig& lc) {
-  Impl& d = *impl_;
-  if (!d.lora.empty()) return absl::FailedPreconditionError("a LoRA adapter is already attached");
-  if (lc.rank < 1 || !(lc.alpha > 0) || lc.target_modules.empty()) {
-    return absl::InvalidArgumentError("LoRA needs rank >= 1, alpha > 0 and at least one target module");
-  }
-  std::set<std::string> targets(lc.target_modules.begin(), lc.target_modules.end());
-  std::set<std::string> known;
-  for (const auto& [hf, ours] : HfModules()) known.insert(hf.substr(hf.find('.') + 1));
-  for (const auto& t : targets) {
-    if (!known.count(t)) return absl::InvalidArgumentError(absl::StrCat("unknown LoRA target module \"", t, "\""));
-  }
-  std::mt19937_64 rng(lc.seed);
-  for (int l = 0; l < d.cfg.n_layers; ++l) {
-    for (const auto& [hf, ours] : HfModules()) {
-      if (!targets.count(hf.substr(hf.find('.') + 1))) continue;
-      const std::string p = absl::StrCat("layers.", l, ".", ours);
-      const torch::Tensor& base = d.w.at(p + ".weight");
-      const int64_t in = base.size(1), out = base.size(0);
-      // PEFT: kaiming_uniform_(a=sqrt(5)) on A, i.e. U(-1/sqrt(in), 1/sqrt(in)); B starts at zero.
-      std::uniform_real_distribution<double> u(-1.0 / std::sqrt(static_cast<double>(in)),
-                                               1.0 / std::sqrt(static_cast<double>(in)));
-      std::vector<float> a(static_cast<size_t>(lc.rank) * in);
-      for (auto& v : a) v = static_cast<float>(u(rng));
-      d.Add(p + ".lora_A.weight", torch::from_blob(a.data(), {lc.rank, in}, torch::kFloat));
-      d.Add(p + ".lora_B.weight", torch::zeros({out, lc.rank}, torch::kFloat));
-      d.lora[p + ".weight"] = {p + ".lora_A.weight", p + ".lora_B.weight"};
+  return Guarded([&]() -> absl::Status {
+    Impl& d = *impl_;
+    if (!d.lora.empty()) return absl::FailedPreconditionError("a LoRA adapter is already attached");
+    if (lc.rank < 1 || !(lc.alpha > 0) || lc.target_modules.empty()) {
+      return absl::InvalidArgumentError("LoRA needs rank >= 1, alpha > 0 and at least one target module");
     }
-  }
-  d.lora_rank = lc.rank;
-  d.lora_alpha = lc.alpha;
-  d.lora_scale = lc.alpha / lc.rank;
-  d.lora_targets.assign(targets.begin(), targets.end());
-  absl::Status st = d.Select();
-  if (!st.ok()) return st;
-  d.Rehash();
-  return absl::OkStatus();
+    std::set<std::string> targets(lc.target_modules.begin(), lc.target_modules.end());
+    std::set<std::string> known;
+    for (const auto& [hf, ours] : HfModules()) known.insert(hf.substr(hf.find('.') + 1));
+    for (const auto& t : targets) {
+      if (!known.count(t)) return absl::InvalidArgumentError(absl::StrCat("unknown LoRA target module \"", t, "\""));
+    }
+    std::mt19937_64 rng(lc.seed);
+    for (int l = 0; l < d.cfg.n_layers; ++l) {
+      for (const auto& [hf, ours] : HfModules()) {
+        if (!targets.count(hf.substr(hf.find('.') + 1))) continue;
+        const std::string p = absl::StrCat("layers.", l, ".", ours);
+        const torch::Tensor& base = d.w.at(p + ".weight");
+        const int64_t in = base.size(1), out = base.size(0);
+        // PEFT: kaiming_uniform_(a=sqrt(5)) on A, i.e. U(-1/sqrt(in), 1/sqrt(in)); B starts at zero.
+        std::uniform_real_distribution<double> u(-1.0 / std::sqrt(static_cast<double>(in)),
+                                                 1.0 / std::sqrt(static_cast<double>(in)));
+        std::vector<float> a(static_cast<size_t>(lc.rank) * in);
+        for (auto& v : a) v = static_cast<float>(u(rng));
+        d.Add(p + ".lora_A.weight", torch::from_blob(a.data(), {lc.rank, in}, torch::kFloat));
+        d.Add(p + ".lora_B.weight", torch::zeros({out, lc.rank}, torch::kFloat));
+        d.lora[p + ".weight"] = {p + ".lora_A.weight", p + ".lora_B.weight"};
+      }
+    }
+    d.lora_rank = lc.rank;
+    d.lora_alpha = lc.alpha;
+    d.lora_scale = lc.alpha / lc.rank;
+    d.lora_targets.assign(targets.begin(), targets.end());
+    absl::Status st = d.Select();
+    if (!st.ok()) return st;
+    d.Rehash();
+    return absl::OkStatus();
+  });
 }
 
 absl::StatusOr<double> GradientEngine::TrainStep(const std::vector<TokenizedExample>& batch,
                                                  const AdamWOptions& o) {
-  Impl& d = *impl_;
-  if (batch.empty()) return absl::InvalidArgumentError("TrainStep: empty batch");
-  if (!(o.lr > 0) || o.beta1 < 0 || o.beta1 >= 1 || o.beta2 < 0 || o.beta2 >= 1 || !(o.eps > 0) ||
-      o.weight_decay < 0) {
-    return absl::InvalidArgumentError("TrainStep: bad AdamW settings");
-  }
-  const int64_t B = static_cast<int64_t>(batch.size());
-  int64_t T = 0;
-  for (const auto& t : batch) {
-    if (t.response_begin < 1 || t.response_begin >= static_cast<int32_t>(t.ids.size())) {
-      return absl::InvalidArgumentError("TrainStep: a record has no response token");
+  return Guarded([&]() -> absl::StatusOr<double> {
+    Impl& d = *impl_;
+    if (batch.empty()) return absl::InvalidArgumentError("TrainStep: empty batch");
+    if (!(o.lr > 0) || o.beta1 < 0 || o.beta1 >= 1 || o.beta2 < 0 || o.beta2 >= 1 || !(o.eps > 0) ||
+        o.weight_decay < 0) {
+      return absl::InvalidArgumentError("TrainStep: bad AdamW settings");
     }
-    T = std::max<int64_t>(T, static_cast<int64_t>(t.ids.size()));
-  }
-  // Right padding: with the causal mask, padding never influences the real positions; its weight is zero.
-  std::vector<int64_t> ids(B * T, 0);
-  std::vector<double> weight(B * (T - 1), 0.0);
-  for (int64_t b = 0; b < B; ++b) {
-    const auto& t = batch[b];
-    const int64_t n = static_cast<int64_t>(t.ids.size()), r = t.response_begin;
-    for (int64_t i = 0; i < n; ++i) ids[b * T + i] = t.ids[i];
-    double total = 0;
-    for (int64_t s = r; s < n; ++s) total += t.loss_weights.empty() ? 1.0 : t.loss_weights[s - r];
-    if (total <= 0) return absl::InvalidArgumentError("TrainStep: a record's loss weights sum to zero");
-    for (int64_t s = r; s < n; ++s) {
-      weight[b * (T - 1) + s - 1] = (t.loss_weights.empty() ? 1.0 : t.loss_weights[s - r]) / total;
+    const int64_t B = static_cast<int64_t>(batch.size());
+    int64_t T = 0;
+    for (const auto& t : batch) {
+      if (absl::Status st = CheckRecord(t, d.cfg.vocab_size); !st.ok()) return st;
+      T = std::max<int64_t>(T, static_cast<int64_t>(t.ids.size()));
     }
-  }
-  const Leaves leaves = d.MakeLeaves();
-  LeavesScope scope(&leaves);
-  auto idt = torch::tensor(ids, torch::kLong).view({B, T});
-  auto logp = torch::log_softmax(d.Forward(idt).slice(1, 0, T - 1), -1);
-  auto nll = -logp.gather(-1, idt.slice(1, 1, T).unsqueeze(-1)).squeeze(-1);  // [B, T-1]
-  auto w = torch::tensor(weight, torch::kDouble).to(d.dtype).view({B, T - 1});
-  auto loss = (nll * w).sum() / static_cast<double>(B);
-  const double value = loss.item<double>();
-  if (!std::isfinite(value)) return absl::InternalError("TrainStep: the loss is not finite");
-  auto grads = torch::autograd::grad({loss}, leaves.selected);
-  torch::NoGradGuard no_grad;
-  if (d.adam_m.empty()) {
-    for (const auto& p : d.selected) {
-      d.adam_m.push_back(torch::zeros_like(p));
-      d.adam_v.push_back(torch::zeros_like(p));
+    // Right padding: with the causal mask, padding never influences the real positions; its weight is zero.
+    std::vector<int64_t> ids(B * T, 0);
+    std::vector<double> weight(B * (T - 1), 0.0);
+    for (int64_t b = 0; b < B; ++b) {
+      const auto& t = batch[b];
+      const int64_t n = static_cast<int64_t>(t.ids.size()), r = t.response_begin;
+      for (int64_t i = 0; i < n; ++i) ids[b * T + i] = t.ids[i];
+      double total = 0;
+      for (int64_t s = r; s < n; ++s) total += t.loss_weights.empty() ? 1.0 : t.loss_weights[s - r];
+      for (int64_t s = r; s < n; ++s) {
+        weight[b * (T - 1) + s - 1] = (t.loss_weights.empty() ? 1.0 : t.loss_weights[s - r]) / total;
+      }
     }
-  }
-  ++d.adam_step;
-  const double bc1 = 1 - std::pow(o.beta1, static_cast<double>(d.adam_step));
-  const double bc2 = 1 - std::pow(o.beta2, static_cast<double>(d.adam_step));
-  for (size_t i = 0; i < d.selected.size(); ++i) {
-    torch::Tensor& p = d.selected[i];
-    const torch::Tensor& g = grads[i];
-    if (o.weight_decay > 0) p.mul_(1 - o.lr * o.weight_decay);
-    d.adam_m[i].mul_(o.beta1).add_(g, 1 - o.beta1);
-    d.adam_v[i].mul_(o.beta2).addcmul_(g, g, 1 - o.beta2);
-    p.addcdiv_(d.adam_m[i] / bc1, (d.adam_v[i] / bc2).sqrt_().add_(o.eps), -o.lr);
-  }
-  // Hashing reads every weight (the base model too): do it when the hash is asked for, not every step.
-  std::lock_guard<std::mutex> l(d.hash_mu);
-  d.hash_stale = true;
-  return value;
+    const Leaves leaves = d.MakeLeaves();
+    LeavesScope scope(&leaves);
+    auto idt = torch::tensor(ids, torch::kLong).view({B, T}).to(d.device);
+    auto logp = torch::log_softmax(d.Forward(idt).slice(1, 0, T - 1), -1);
+    auto nll = -logp.gather(-1, idt.slice(1, 1, T).unsqueeze(-1)).squeeze(-1);  // [B, T-1]
+    auto w = torch::tensor(weight, torch::kDouble).to(d.device, d.dtype).view({B, T - 1});
+    auto loss = (nll * w).sum() / static_cast<double>(B);
+    const double value = loss.item<double>();
+    if (!std::isfinite(value)) return absl::InternalError("TrainStep: the loss is not finite");
+    auto grads = torch::autograd::grad({loss}, leaves.selected);
+    torch::NoGradGuard no_grad;
+    if (d.adam_m.empty()) {
+      for (const auto& p : d.selected) {
+        d.adam_m.push_back(torch::zeros_like(p));
+        d.adam_v.push_back(torch::zeros_like(p));
+      }
+    }
+    ++d.adam_step;
+    const double bc1 = 1 - std::pow(o.beta1, static_cast<double>(d.adam_step));
+    const double bc2 = 1 - std::pow(o.beta2, static_cast<double>(d.adam_step));
+    for (size_t i = 0; i < d.selected.size(); ++i) {
+      torch::Tensor& p = d.selected[i];
+      const torch::Tensor& g = grads[i];
+      if (o.weight_decay > 0) p.mul_(1 - o.lr * o.weight_decay);
+      d.adam_m[i].mul_(o.beta1).add_(g, 1 - o.beta1);
+      d.adam_v[i].mul_(o.beta2).addcmul_(g, g, 1 - o.beta2);
+      p.addcdiv_(d.adam_m[i] / bc1, (d.adam_v[i] / bc2).sqrt_().add_(o.eps), -o.lr);
+    }
+    // Hashing reads every weight (the base model too): do it when the hash is asked for, not every step.
+    std::lock_guard<std::mutex> l(d.hash_mu);
+    d.hash_stale = true;
+    return value;
+  });
 }
 
 namespace {
@@ -723,7 +798,7 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<std::pa
   nlohmann::json header = nlohmann::json::object();
   std::string data;
   for (const auto& [name, t] : ts) {
-    auto c = t.detach().to(torch::kFloat).contiguous();
+    auto c = t.detach().to(torch::kCPU, torch::kFloat).contiguous();
     const size_t begin = data.size();
     data.append(reinterpret_cast<const char*>(c.data_ptr<float>()), c.numel() * sizeof(float));
     header[name] = {{"dtype", "F32"}, {"shape", c.sizes().vec()}, {"data_offsets", {begin, data.size()}}};
@@ -747,99 +822,105 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<std::pa
 }  // namespace
 
 absl::Status GradientEngine::SaveAdapter(const std::string& dir, const std::string& base_model) const {
-  const Impl& d = *impl_;
-  if (d.lora.empty()) return absl::FailedPreconditionError("no LoRA adapter is attached");
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) return absl::UnavailableError(absl::StrCat("cannot create ", dir, ": ", ec.message()));
-  std::vector<std::pair<std::string, torch::Tensor>> ts;
-  for (int l = 0; l < d.cfg.n_layers; ++l) {
-    for (const auto& [hf, ours] : HfModules()) {
-      auto it = d.lora.find(absl::StrCat("layers.", l, ".", ours, ".weight"));
-      if (it == d.lora.end()) continue;
-      const std::string base = absl::StrCat("base_model.model.model.layers.", l, ".", hf);
-      ts.push_back({base + ".lora_A.weight", d.w.at(it->second.first)});
-      ts.push_back({base + ".lora_B.weight", d.w.at(it->second.second)});
+  return Guarded([&]() -> absl::Status {
+    const Impl& d = *impl_;
+    if (d.lora.empty()) return absl::FailedPreconditionError("no LoRA adapter is attached");
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) return absl::UnavailableError(absl::StrCat("cannot create ", dir, ": ", ec.message()));
+    std::vector<std::pair<std::string, torch::Tensor>> ts;
+    for (int l = 0; l < d.cfg.n_layers; ++l) {
+      for (const auto& [hf, ours] : HfModules()) {
+        auto it = d.lora.find(absl::StrCat("layers.", l, ".", ours, ".weight"));
+        if (it == d.lora.end()) continue;
+        const std::string base = absl::StrCat("base_model.model.model.layers.", l, ".", hf);
+        ts.push_back({base + ".lora_A.weight", d.w.at(it->second.first)});
+        ts.push_back({base + ".lora_B.weight", d.w.at(it->second.second)});
+      }
     }
-  }
-  absl::Status st = WriteSafetensors((std::filesystem::path(dir) / "adapter_model.safetensors").string(), ts);
-  if (!st.ok()) return st;
-  nlohmann::json cfg = {{"peft_type", "LORA"},         {"task_type", "CAUSAL_LM"},
-                        {"r", d.lora_rank},            {"lora_alpha", d.lora_alpha},
-                        {"target_modules", d.lora_targets}, {"lora_dropout", 0.0},
-                        {"bias", "none"},              {"fan_in_fan_out", false},
-                        {"base_model_name_or_path", base_model}};
-  std::ofstream out(std::filesystem::path(dir) / "adapter_config.json", std::ios::trunc);
-  out << cfg.dump(2) << "\n";
-  if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", dir, "/adapter_config.json"));
-  return absl::OkStatus();
+    absl::Status st = WriteSafetensors((std::filesystem::path(dir) / "adapter_model.safetensors").string(), ts);
+    if (!st.ok()) return st;
+    nlohmann::json cfg = {{"peft_type", "LORA"},         {"task_type", "CAUSAL_LM"},
+                          {"r", d.lora_rank},            {"lora_alpha", d.lora_alpha},
+                          {"target_modules", d.lora_targets}, {"lora_dropout", 0.0},
+                          {"bias", "none"},              {"fan_in_fan_out", false},
+                          {"base_model_name_or_path", base_model}};
+    std::ofstream out(std::filesystem::path(dir) / "adapter_config.json", std::ios::trunc);
+    out << cfg.dump(2) << "\n";
+    if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", dir, "/adapter_config.json"));
+    return absl::OkStatus();
+  });
 }
 
 absl::Status GradientEngine::SaveLlama2c(const std::string& path) const {
-  const Impl& d = *impl_;
-  if (!d.llama2c) return absl::UnimplementedError("SaveLlama2c: the base model was not a llama2.c checkpoint");
-  const ModelConfig& c = d.cfg;
-  torch::NoGradGuard no_grad;
-  auto merged = [&](const std::string& name) {
-    torch::Tensor t = d.w.at(name).to(torch::kFloat);
-    auto it = d.lora.find(name);
-    if (it != d.lora.end()) {
-      t = t + torch::matmul(d.w.at(it->second.second), d.w.at(it->second.first)).to(torch::kFloat) * d.lora_scale;
+  return Guarded([&]() -> absl::Status {
+    const Impl& d = *impl_;
+    if (!d.llama2c) return absl::UnimplementedError("SaveLlama2c: the base model was not a llama2.c checkpoint");
+    const ModelConfig& c = d.cfg;
+    torch::NoGradGuard no_grad;
+    auto merged = [&](const std::string& name) {
+      torch::Tensor t = d.w.at(name).to(torch::kFloat);
+      auto it = d.lora.find(name);
+      if (it != d.lora.end()) {
+        t = t + torch::matmul(d.w.at(it->second.second), d.w.at(it->second.first)).to(torch::kFloat) * d.lora_scale;
+      }
+      return t.to(torch::kCPU).contiguous();
+    };
+    const std::string tmp = path + ".tmp";
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    const int32_t hdr[7] = {c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads,
+                            c.tied_output ? c.vocab_size : -c.vocab_size, c.seq_len};
+    out.write(reinterpret_cast<const char*>(hdr), sizeof hdr);
+    auto put = [&](const torch::Tensor& t) {
+      auto f = t.to(torch::kCPU, torch::kFloat).contiguous();
+      out.write(reinterpret_cast<const char*>(f.data_ptr<float>()), f.numel() * sizeof(float));
+    };
+    put(merged("tok_embeddings.weight"));
+    for (const char* k : {"attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
+                          "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"}) {
+      for (int l = 0; l < c.n_layers; ++l) put(merged(absl::StrCat("layers.", l, ".", k, ".weight")));
     }
-    return t.contiguous();
-  };
-  const std::string tmp = path + ".tmp";
-  std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-  const int32_t hdr[7] = {c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads,
-                          c.tied_output ? c.vocab_size : -c.vocab_size, c.seq_len};
-  out.write(reinterpret_cast<const char*>(hdr), sizeof hdr);
-  auto put = [&](const torch::Tensor& t) {
-    auto f = t.to(torch::kFloat).contiguous();
-    out.write(reinterpret_cast<const char*>(f.data_ptr<float>()), f.numel() * sizeof(float));
-  };
-  put(merged("tok_embeddings.weight"));
-  for (const char* k : {"attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
-                        "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"}) {
-    for (int l = 0; l < c.n_layers; ++l) put(merged(absl::StrCat("layers.", l, ".", k, ".weight")));
-  }
-  put(merged("norm.weight"));
-  put(d.cos);  // freq_cis_real / imag, as llama2.c writes them
-  put(d.sin);
-  if (!c.tied_output) put(merged("output.weight"));
-  if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
-  out.close();
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) return absl::UnavailableError(absl::StrCat("cannot rename ", tmp, ": ", ec.message()));
-  return absl::OkStatus();
+    put(merged("norm.weight"));
+    put(d.cos);  // freq_cis_real / imag, as llama2.c writes them
+    put(d.sin);
+    if (!c.tied_output) put(merged("output.weight"));
+    if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
+    out.close();
+    std::error_code ec;
+    std::filesystem::rename(tmp, path, ec);
+    if (ec) return absl::UnavailableError(absl::StrCat("cannot rename ", tmp, ": ", ec.message()));
+    return absl::OkStatus();
+  });
 }
 
 absl::StatusOr<std::string> GradientEngine::Generate(const std::string& instruction, const std::string& input,
                                                      int max_new) const {
-  const Impl& d = *impl_;
-  if (!d.tok) return absl::FailedPreconditionError("no tokenizer loaded");
-  const Encoding p = d.tok->Encode(AlpacaPrompt(instruction, input), /*dummy_prefix=*/true);
-  std::vector<int32_t> ids = {d.tok->bos()};
-  ids.insert(ids.end(), p.ids.begin(), p.ids.end());
-  const size_t max_len = static_cast<size_t>(std::min(d.options.max_length, d.cfg.seq_len));
-  if (ids.size() >= max_len) return absl::InvalidArgumentError("the prompt fills max_length");
-  torch::NoGradGuard no_grad;
-  std::string text;
-  for (int i = 0; i < max_new && ids.size() < max_len; ++i) {
-    auto logits = d.Forward(d.Ids(ids), nullptr, static_cast<int64_t>(ids.size()) - 1);
-    const int32_t next = static_cast<int32_t>(logits[0][0].argmax().item<int64_t>());
-    if (next == d.tok->eos()) break;
-    ids.push_back(next);
-    text += d.tok->Piece(next);
-  }
-  return text;
+  return Guarded([&]() -> absl::StatusOr<std::string> {
+    const Impl& d = *impl_;
+    if (!d.tok) return absl::FailedPreconditionError("no tokenizer loaded");
+    const Encoding p = d.tok->Encode(AlpacaPrompt(instruction, input), /*dummy_prefix=*/true);
+    std::vector<int32_t> ids = {d.tok->bos()};
+    ids.insert(ids.end(), p.ids.begin(), p.ids.end());
+    const size_t max_len = static_cast<size_t>(std::min(d.options.max_length, d.cfg.seq_len));
+    if (ids.size() >= max_len) return absl::InvalidArgumentError("the prompt fills max_length");
+    torch::NoGradGuard no_grad;
+    std::string text;
+    for (int i = 0; i < max_new && ids.size() < max_len; ++i) {
+      auto logits = d.Forward(d.Ids(ids), nullptr, static_cast<int64_t>(ids.size()) - 1);
+      const int32_t next = static_cast<int32_t>(logits[0][0].argmax().item<int64_t>());
+      if (next == d.tok->eos()) break;
+      ids.push_back(next);
+      text += d.tok->Piece(next);
+    }
+    return text;
+  });
 }
 
 std::vector<double> GradientEngine::SelectedValues() const {
   std::vector<double> out;
   out.reserve(impl_->dim);
   for (const auto& t : impl_->selected) {
-    auto c = t.detach().to(torch::kDouble).contiguous();
+    auto c = t.detach().to(torch::kCPU, torch::kDouble).contiguous();
     out.insert(out.end(), c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
   }
   return out;

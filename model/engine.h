@@ -43,7 +43,20 @@ struct EngineOptions {
   std::string param_pattern;    // ECMAScript regex over parameter names; empty: every weight matrix (2-D)
   int max_length = 512;         // tokens, BOS and EOS included
   bool use_double = false;      // compute in float64 (tests)
+  // Where the weights live and gradients are computed: "cpu", "cuda" (= "cuda:0"), "cuda:N", or "auto" (cuda:0
+  // when this LibTorch build has CUDA and a device is visible, else cpu). Gradients come back to host memory, and
+  // the same inputs give the same gradients on every device up to rounding (no TF32), so a store cached on one
+  // device can be queried with gradients from another.
+  std::string device = "cpu";
 };
+
+// What this process's LibTorch offers: its version, and how many CUDA devices it can use (0 for a CPU-only
+// build such as Debian's, or when no GPU is visible).
+struct TorchRuntime {
+  std::string version;
+  int cuda_devices = 0;
+};
+TorchRuntime GetTorchRuntime();
 
 // How per-token gradients are computed.
 enum class TokenGradMethod {
@@ -113,7 +126,9 @@ struct GradInfo {
 class GradientEngine {
  public:
   // Errors: NOT_FOUND (missing file), DATA_LOSS (malformed file), INVALID_ARGUMENT (options, or a pattern that
-  // selects no parameter).
+  // selects no parameter), FAILED_PRECONDITION (a CUDA device asked for that this LibTorch cannot use).
+  // Every method below returns LibTorch's failures (CUDA out of memory, say) as RESOURCE_EXHAUSTED or INTERNAL
+  // instead of throwing.
   static absl::StatusOr<std::unique_ptr<GradientEngine>> Load(const EngineOptions& options);
   // A randomly initialised model (tests): no tokenizer; use the *Ids methods.
   static absl::StatusOr<std::unique_ptr<GradientEngine>> Random(const ModelConfig& config, uint64_t seed,
@@ -121,6 +136,7 @@ class GradientEngine {
   ~GradientEngine();
 
   const ModelConfig& config() const;
+  std::string device() const;  // resolved: "cpu" or "cuda:N"
   const std::vector<ParamInfo>& params() const;  // the selected parameters, in gradient order
   int64_t grad_dim() const;
   // Identifies weights (adapter included) + parameter selection + template + max_length (hex).

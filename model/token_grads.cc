@@ -38,7 +38,7 @@ class SharedTokenBackprop {
   SharedTokenBackprop(const GradientEngine::Impl& d, const std::vector<int32_t>& ids) : d_(d) {
     for (size_t i = 0; i < d.infos.size(); ++i) index_[d.infos[i].name] = static_cast<int>(i);
     std::vector<int64_t> v(ids.begin(), ids.end());
-    ids_ = torch::tensor(v, torch::kLong);
+    ids_ = torch::tensor(v, torch::kLong).to(d.device);
     Forward();
   }
 
@@ -48,7 +48,8 @@ class SharedTokenBackprop {
     torch::NoGradGuard no_grad;
     Chunk c{std::vector<torch::Tensor>(d_.infos.size()), s1 - s0, s1 - 1};
     const auto& cfg = d_.cfg;
-    auto pos = torch::arange(s0 - 1, s1 - 1, torch::kLong);  // the logit of token s sits at position s - 1
+    const auto lopts = torch::TensorOptions().dtype(torch::kLong).device(d_.device);
+    auto pos = torch::arange(s0 - 1, s1 - 1, lopts);  // the logit of token s sits at position s - 1
     // Output head and final norm at each loss's own position.
     const std::string head = cfg.tied_output ? "tok_embeddings.weight" : "output.weight";
     const LinRec hrec = At(lin_.at(head), pos);
@@ -58,7 +59,7 @@ class SharedTokenBackprop {
     auto gl = torch::softmax(logits, -1);  // d(-log p_target)/dlogits = p - onehot(target)
     auto target = ids_.slice(0, s0, s1);
     gl.select(1, 0).scatter_add_(1, target.unsqueeze(1),
-                                 torch::full({c.b, 1}, -1.0, torch::TensorOptions().dtype(gl.dtype())));
+                                 torch::full({c.b, 1}, -1.0, gl.options()));
     auto gx = LinBack(&c, gl, head, hrec);
     gx = NormBack(&c, gx, At(x_final_, pos), At(r_final_, pos), "norm.weight");
     // Last layer's feed-forward block and attention output projection: still one position per loss.
@@ -70,7 +71,7 @@ class SharedTokenBackprop {
     // From here on the cotangents spread over every earlier position: dense [B, P, *].
     auto dense = [&](const torch::Tensor& g) {
       auto z = torch::zeros({c.b, c.p, g.size(2)}, g.options());
-      z.index_put_({torch::arange(c.b, torch::kLong), pos}, g.select(1, 0));
+      z.index_put_({torch::arange(c.b, lopts), pos}, g.select(1, 0));
       return z;
     };
     gx = dense(gx);
@@ -265,66 +266,74 @@ class SharedTokenBackprop {
 absl::Status GradientEngine::TokenGradientsIds(const std::vector<int32_t>& ids, int from,
                                                const TokenGradOptions& options,
                                                std::vector<std::vector<double>>* out) const {
-  const Impl& d = *impl_;
-  const int T = static_cast<int>(ids.size());
-  const int chunk = options.method == TokenGradMethod::kLoop ? 1 : options.chunk;
-  const int threads = options.threads;
-  if (from < 1 || from >= T) return absl::InvalidArgumentError(absl::StrCat("token range [", from, ", ", T, ") is empty"));
-  if (chunk < 1 || threads < 1) return absl::InvalidArgumentError("chunk and threads must be >= 1");
-  if (T > d.cfg.seq_len) {
-    return absl::InvalidArgumentError(absl::StrCat(T, " tokens exceed the model's context of ", d.cfg.seq_len));
-  }
-  for (int32_t id : ids) {
-    if (id < 0 || id >= d.cfg.vocab_size) return absl::InvalidArgumentError("token id out of range");
-  }
-  out->assign(T - from, {});
-  std::unique_ptr<SharedTokenBackprop> shared;
-  if (options.method == TokenGradMethod::kShared) shared = std::make_unique<SharedTokenBackprop>(d, ids);
-  // Work items are chunks of consecutive tokens; threads take them in turn (autograd::grad is thread-safe, and the
-  // shared forward pass is only read).
-  std::atomic<int> next{from};
-  std::vector<absl::Status> status(threads);
-  auto work = [&](int w) {
-    for (int s0; (s0 = next.fetch_add(chunk)) < T;) {
-      const int s1 = std::min(T, s0 + chunk);
-      std::vector<std::vector<double>> g(s1 - s0);
-      absl::Status st;
-      if (shared) {
-        d.Assemble(shared->Backward(s0, s1), s1 - s0, options.normalize, &g);
-      } else {
-        std::vector<TokenizedExample> copies;
-        for (int s = s0; s < s1; ++s) {
-          TokenizedExample t;
-          t.ids.assign(ids.begin(), ids.begin() + s + 1);  // the prefix and token s: loss on token s alone
-          t.response_begin = s;
-          copies.push_back(std::move(t));
-        }
-        if (copies.size() == 1) {
-          auto info = GradientIds(copies[0], options.normalize, &g[0]);
-          if (!info.ok()) st = info.status();
-        } else {
-          std::vector<GradInfo> infos;
-          st = GradientIdsBatch(copies, options.normalize, &g, &infos);
-        }
-      }
-      if (!st.ok()) {
-        status[w] = st;
-        return;
-      }
-      for (size_t i = 0; i < g.size(); ++i) (*out)[s0 - from + i] = std::move(g[i]);
+  return Guarded([&]() -> absl::Status {
+    const Impl& d = *impl_;
+    const int T = static_cast<int>(ids.size());
+    const int chunk = options.method == TokenGradMethod::kLoop ? 1 : options.chunk;
+    const int threads = options.threads;
+    if (from < 1 || from >= T) {
+      return absl::InvalidArgumentError(absl::StrCat("token range [", from, ", ", T, ") is empty"));
     }
-  };
-  if (threads == 1) {
-    work(0);
-  } else {
-    std::vector<std::thread> pool;
-    for (int w = 0; w < threads; ++w) pool.emplace_back(work, w);
-    for (auto& th : pool) th.join();
-  }
-  for (const auto& st : status) {
-    if (!st.ok()) return st;
-  }
-  return absl::OkStatus();
+    if (chunk < 1 || threads < 1) return absl::InvalidArgumentError("chunk and threads must be >= 1");
+    if (T > d.cfg.seq_len) {
+      return absl::InvalidArgumentError(absl::StrCat(T, " tokens exceed the model's context of ", d.cfg.seq_len));
+    }
+    for (int32_t id : ids) {
+      if (id < 0 || id >= d.cfg.vocab_size) return absl::InvalidArgumentError("token id out of range");
+    }
+    out->assign(T - from, {});
+    std::unique_ptr<SharedTokenBackprop> shared;
+    if (options.method == TokenGradMethod::kShared) shared = std::make_unique<SharedTokenBackprop>(d, ids);
+    // Work items are chunks of consecutive tokens; threads take them in turn (autograd::grad is thread-safe, and the
+    // shared forward pass is only read).
+    std::atomic<int> next{from};
+    std::vector<absl::Status> status(threads);
+    auto work = [&](int w) {
+      for (int s0; (s0 = next.fetch_add(chunk)) < T;) {
+        const int s1 = std::min(T, s0 + chunk);
+        std::vector<std::vector<double>> g(s1 - s0);
+        absl::Status st;
+        if (shared) {
+          // A throw on a worker thread would end the process: convert it here.
+          st = Guarded([&]() -> absl::Status {
+            d.Assemble(shared->Backward(s0, s1), s1 - s0, options.normalize, &g);
+            return absl::OkStatus();
+          });
+        } else {
+          std::vector<TokenizedExample> copies;
+          for (int s = s0; s < s1; ++s) {
+            TokenizedExample t;
+            t.ids.assign(ids.begin(), ids.begin() + s + 1);  // the prefix and token s: loss on token s alone
+            t.response_begin = s;
+            copies.push_back(std::move(t));
+          }
+          if (copies.size() == 1) {
+            auto info = GradientIds(copies[0], options.normalize, &g[0]);
+            if (!info.ok()) st = info.status();
+          } else {
+            std::vector<GradInfo> infos;
+            st = GradientIdsBatch(copies, options.normalize, &g, &infos);
+          }
+        }
+        if (!st.ok()) {
+          status[w] = st;
+          return;
+        }
+        for (size_t i = 0; i < g.size(); ++i) (*out)[s0 - from + i] = std::move(g[i]);
+      }
+    };
+    if (threads == 1) {
+      work(0);
+    } else {
+      std::vector<std::thread> pool;
+      for (int w = 0; w < threads; ++w) pool.emplace_back(work, w);
+      for (auto& th : pool) th.join();
+    }
+    for (const auto& st : status) {
+      if (!st.ok()) return st;
+    }
+    return absl::OkStatus();
+  });
 }
 
 }  // namespace rapidin::model

@@ -13,4 +13,16 @@ elif [ "${RAPIDIN_ENABLE_CUDA:-auto}" = "ON" ]; then
   echo "configure: RAPIDIN_ENABLE_CUDA=ON but $NVCC is missing" >&2
   exit 2
 fi
-cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DRAPIDIN_BUILD_TESTS=ON "${CUDA_ARGS[@]}" "$@"
+# TORCH_PREFIX: another LibTorch (a PyTorch install's torch/ folder, for a CUDA build) instead of Debian's. Its
+# CMake files search the system paths first, so each of its pieces is named; the NVIDIA libraries it loads are
+# found at run time through its own RPATH (pip's nvidia-* packages), so the link does not look for them. PyTorch's
+# libtorch.so also exports a private copy of std::filesystem that crashes when called from outside: the system
+# libstdc++ goes first in the link, so that rapidin's calls bind to it.
+TORCH_ARGS=()
+if [ -n "${TORCH_PREFIX:-}" ]; then
+  TORCH_ARGS=(-DTorch_DIR="$TORCH_PREFIX/share/cmake/Torch" -DCaffe2_DIR="$TORCH_PREFIX/share/cmake/Caffe2"
+              -Dc10_LIBRARY="$TORCH_PREFIX/lib/libc10.so" -DTORCH_LIBRARY="$TORCH_PREFIX/lib/libtorch.so"
+              "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined -Wl,--no-as-needed -lstdc++ -Wl,--as-needed")
+fi
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DRAPIDIN_BUILD_TESTS=ON "${CUDA_ARGS[@]}" \
+  "${TORCH_ARGS[@]}" "$@"

@@ -537,6 +537,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     mo.tokenizer_path = options.tokenizer_path;
     mo.adapter_path = options.adapter_path;
     mo.param_pattern = options.param_pattern;
+    mo.device = options.model_device;
     auto fo = model::OptionsFromState(state, mo);
     if (!fo.ok()) return fo.status();
     fo->token_method = options.token_method;
@@ -550,7 +551,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
                                                         diff));
     }
     impl->featurizer = std::move(*f);
-    spdlog::info("model {}: gradient dimension {}, {}", options.model_path, impl->featurizer->engine().grad_dim(),
+    spdlog::info("model {} on {}: gradient dimension {}, {}", options.model_path,
+                 impl->featurizer->engine().device(), impl->featurizer->engine().grad_dim(),
                  impl->featurizer->sketch().Describe());
   }
 

@@ -42,6 +42,7 @@ struct ServerOptions {
   std::string adapter_path;
   std::string tokenizer_path;
   std::string param_pattern;
+  std::string model_device = "auto";  // model::EngineOptions::device
   model::TokenGradMethod token_method = model::TokenGradMethod::kShared;  // token attributions' gradients
 };
 

@@ -116,8 +116,25 @@ s = json.load(open(sys.argv[1]))
 assert s["skipped_existing"] > 0, s
 assert s["skipped_existing"] + s["cached"] + s["bad"] == 400, s
 assert s["store_records"] == s["skipped_existing"] + s["cached"], s
+assert s["device"] in ("cpu", "cuda:0"), s
 PY
   grep -q "resuming" "$work/cache2.err" || fail "no resume message"
+  # Model devices: a typo is refused; cuda runs where this LibTorch has it, else is refused with the reason.
+  # Neither refusal creates the store.
+  "$CLI" cache --model "$DATA/models/stories260K.bin" --data "$DATA/instructions/alpaca_5000.json" \
+    --store "$work/devstore" --limit 2 --model-device tpu >/dev/null 2>"$work/dev.err" \
+    && fail "cache accepted --model-device tpu"
+  grep -q 'unknown model device "tpu"' "$work/dev.err" || fail "model device message: $(cat "$work/dev.err")"
+  rc=0
+  "$CLI" cache --model "$DATA/models/stories260K.bin" --data "$DATA/instructions/alpaca_5000.json" \
+    --store "$work/devstore" --limit 2 --model-device cuda --json >"$work/dev.json" 2>"$work/dev.err" || rc=$?
+  if [ $rc -ne 0 ]; then
+    grep -q "FAILED_PRECONDITION: model device cuda is not usable" "$work/dev.err" \
+      || fail "cuda model device refusal: $(cat "$work/dev.err")"
+    [ ! -e "$work/devstore" ] || fail "a refused cache run created its store"
+  else
+    grep -q '"device":"cuda:0"' "$work/dev.json" || fail "cuda cache summary: $(cat "$work/dev.json")"
+  fi
   "$SERVER_BIN" --store "$work/cache" --model "$DATA/models/stories260K.bin" --listen 127.0.0.1:$port \
     --metrics-listen "" >"$work/server.log" 2>&1 &
   spid=$!

@@ -674,3 +674,73 @@ TEST(Train, LoraAdapterAndCheckpointRoundTrip) {
 
 }  // namespace
 }  // namespace rapidin::model
+
+namespace rapidin::model {
+namespace {
+
+absl::StatusOr<std::unique_ptr<GradientEngine>> TinyOn(const std::string& device, bool tied = true,
+                                                       const std::string& pattern = "") {
+  EngineOptions o;
+  o.device = device;
+  o.param_pattern = pattern;
+  return GradientEngine::Random(Tiny(tied), 3, o);
+}
+
+TEST(EngineDevice, NamesAreResolvedOrRefusedWithTheReason) {
+  const TorchRuntime rt = GetTorchRuntime();
+  EXPECT_FALSE(rt.version.empty());
+  auto cpu = TinyOn("cpu");
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  EXPECT_EQ((*cpu)->device(), "cpu");
+  auto automatic = TinyOn("auto");
+  ASSERT_TRUE(automatic.ok()) << automatic.status();
+  EXPECT_EQ((*automatic)->device(), rt.cuda_devices > 0 ? "cuda:0" : "cpu");
+  for (const char* bad : {"gpu", "cuda:", "cuda:-1", "cuda:x", "CPU", ""}) {
+    EXPECT_EQ(TinyOn(bad).status().code(), absl::StatusCode::kInvalidArgument) << '"' << bad << '"';
+  }
+  const auto beyond = TinyOn(absl::StrCat("cuda:", rt.cuda_devices)).status();
+  EXPECT_EQ(beyond.code(), absl::StatusCode::kFailedPrecondition) << beyond;
+  EXPECT_NE(std::string(beyond.message()).find(rt.version), std::string::npos) << beyond;
+  if (rt.cuda_devices == 0) {
+    const auto cuda = TinyOn("cuda").status();
+    EXPECT_EQ(cuda.code(), absl::StatusCode::kFailedPrecondition) << cuda;
+    EXPECT_NE(std::string(cuda.message()).find("CPU-only"), std::string::npos) << cuda;
+  } else {
+    auto cuda = TinyOn("cuda");
+    ASSERT_TRUE(cuda.ok()) << cuda.status();
+    EXPECT_EQ((*cuda)->device(), "cuda:0");
+  }
+}
+
+// Records are checked before they reach LibTorch, which would throw on them or read past a vector's end.
+TEST(Engine, MalformedTokenizedRecordsAreRefused) {
+  EngineOptions o;
+  o.use_double = true;
+  auto e = GradientEngine::Random(Tiny(true), 9, o);
+  ASSERT_TRUE(e.ok());
+  TokenizedExample good;
+  good.ids = {1, 4, 2, 7, 3};
+  good.response_begin = 2;
+  std::vector<TokenizedExample> bad(6, good);
+  bad[0].response_begin = 0;
+  bad[1].response_begin = 5;
+  bad[2].ids[3] = 11;                     // outside the vocabulary
+  bad[3].loss_weights = {1.0, 1.0};       // 3 response tokens
+  bad[4].loss_weights = {1.0, -1.0, 1.0};
+  bad[5].loss_weights = {0.0, 0.0, 0.0};
+  for (size_t i = 0; i < bad.size(); ++i) {
+    SCOPED_TRACE(i);
+    std::vector<double> g;
+    std::vector<std::vector<double>> gs;
+    std::vector<GradInfo> infos;
+    EXPECT_EQ((*e)->GradientIds(bad[i], true, &g).status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ((*e)->GradientIdsBatch({good, bad[i]}, true, &gs, &infos).code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ((*e)->LossIds(bad[i]).status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ((*e)->TrainStep({good, bad[i]}, AdamWOptions{}).status().code(), absl::StatusCode::kInvalidArgument);
+  }
+  std::vector<double> g;
+  EXPECT_TRUE((*e)->GradientIds(good, true, &g).ok());
+}
+
+}  // namespace
+}  // namespace rapidin::model

@@ -66,6 +66,18 @@ struct Leaves {
 };
 extern thread_local const Leaves* tls_leaves;
 
+// LibTorch reports failures (CUDA out of memory, a device-side error) by throwing; the engine returns them as a
+// Status (RESOURCE_EXHAUSTED for memory, else INTERNAL). Guarded(f) runs f and converts what it throws.
+absl::Status TorchError(const std::exception& e);
+template <class F>
+auto Guarded(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const std::exception& e) {
+    return TorchError(e);
+  }
+}
+
 struct LeavesScope {
   explicit LeavesScope(const Leaves* l) : prev(tls_leaves) { tls_leaves = l; }
   ~LeavesScope() { tls_leaves = prev; }
@@ -86,6 +98,7 @@ struct GradientEngine::Impl {
   bool hash_stale = false;   // weights changed by TrainStep since the last Rehash
   std::mutex hash_mu;
   torch::Dtype dtype = torch::kFloat;
+  torch::Device device = torch::kCPU;  // every weight and activation lives here
   bool rope_half = false;  // Hugging Face rotates (i, i + hd/2) pairs; llama2.c interleaved (2i, 2i+1) pairs
   std::map<std::string, std::pair<std::string, std::string>> lora;  // weight -> (A, B) parameter names
   double lora_scale = 0;
@@ -97,6 +110,8 @@ struct GradientEngine::Impl {
   std::vector<torch::Tensor> adam_m, adam_v;
   int64_t adam_step = 0;
 
+  // Options, dtype and device (FAILED_PRECONDITION for a CUDA device this LibTorch cannot use).
+  absl::Status Init(const EngineOptions& o);
   absl::Status LoadAdapter(const std::string& path);
 
   const torch::Tensor& W(const std::string& n) const { return tls_leaves ? tls_leaves->w.at(n) : w.at(n); }
@@ -112,9 +127,12 @@ struct GradientEngine::Impl {
     return l;
   }
 
+  // Options for a new tensor of the engine's dtype on its device.
+  torch::TensorOptions Opts() const { return torch::TensorOptions().dtype(dtype).device(device); }
+
   void Add(const std::string& name, torch::Tensor t) {
     names.push_back(name);
-    w[name] = t.to(dtype).clone();  // own storage: no views into the file buffer
+    w[name] = t.to(device, dtype, /*non_blocking=*/false, /*copy=*/true);  // own storage, not the file buffer
   }
 
   absl::Status Finish() {
@@ -123,8 +141,8 @@ struct GradientEngine::Impl {
     freqs = torch::pow(static_cast<double>(cfg.rope_theta), -freqs);  // [hd/2]
     auto pos = torch::arange(0, cfg.seq_len, torch::kDouble);
     auto ang = torch::outer(pos, freqs);
-    cos = torch::cos(ang).to(dtype);
-    sin = torch::sin(ang).to(dtype);
+    cos = torch::cos(ang).to(device, dtype);
+    sin = torch::sin(ang).to(device, dtype);
     neg_sin = -sin;
     absl::Status st = Select();
     if (!st.ok()) return st;
@@ -166,7 +184,7 @@ struct GradientEngine::Impl {
   void Rehash() {
     uint64_t h = 1469598103934665603ull;
     for (const auto& n : names) {
-      auto c = w[n].detach().to(torch::kFloat).contiguous();
+      auto c = w[n].detach().to(torch::kCPU, torch::kFloat).contiguous();
       h = Fnv(h, n.data(), n.size());
       h = Fnv(h, c.data_ptr<float>(), c.numel() * sizeof(float));
     }
@@ -221,8 +239,7 @@ struct GradientEngine::Impl {
       cap->ids = ids;
       cap->emb_out = x;
     }
-    auto mask = torch::full({T, T}, -std::numeric_limits<double>::infinity(), torch::TensorOptions().dtype(dtype))
-                    .triu(1);
+    auto mask = torch::full({T, T}, -std::numeric_limits<double>::infinity(), Opts()).triu(1);
     const bool rec = cap && cap->layers_wanted;
     if (rec) cap->layers.assign(cfg.n_layers, {});
     for (int l = 0; l < cfg.n_layers; ++l) {
@@ -270,7 +287,7 @@ struct GradientEngine::Impl {
         auto n = g.norm(2, 1, true);
         g = g / torch::where(n > 0, n, torch::ones_like(n));
       }
-      g = g.contiguous();
+      g = g.to(torch::kCPU).contiguous();  // normalised on the device, one copy to the host
       for (int64_t b = 0; b < B; ++b) {
         std::memcpy((*out)[first + b].data() + infos[p].offset, g[b].data_ptr<double>(), g.size(1) * sizeof(double));
       }
@@ -279,7 +296,7 @@ struct GradientEngine::Impl {
 
   torch::Tensor Ids(const std::vector<int32_t>& ids) const {
     std::vector<int64_t> v(ids.begin(), ids.end());
-    return torch::tensor(v, torch::kLong).view({1, static_cast<int64_t>(v.size())});
+    return torch::tensor(v, torch::kLong).view({1, static_cast<int64_t>(v.size())}).to(device);
   }
 
   // Mean cross-entropy of positions [from-1, T-1) predicting tokens [from, T).
@@ -290,7 +307,7 @@ struct GradientEngine::Impl {
     auto pred = logits[0].slice(0, 0, T - t.response_begin);
     auto target = ids[0].slice(0, t.response_begin, T);
     if (t.loss_weights.empty()) return torch::nn::functional::cross_entropy(pred, target);
-    auto w = torch::tensor(t.loss_weights, torch::kDouble).to(dtype);
+    auto w = torch::tensor(t.loss_weights, torch::kDouble).to(device, dtype);
     auto ce = torch::nn::functional::cross_entropy(
         pred, target, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
     return (ce * w).sum() / w.sum();
