@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Builds tests/gpu/model_gpu_test and bench/grad_bench against a CUDA LibTorch (PyTorch's, the same version as the
+# GPU machine's python3 torch: Debian's LibTorch is CPU-only) and packs them for a GPU machine that has none of the
+# Debian libraries: the binaries, their Debian shared-library closure (without LibTorch, CUDA and NVIDIA libraries,
+# which come from the GPU machine's torch, nor glibc and libstdc++), and stories260K with its tokenizer when the
+# shared data is here, in .gpu-deps/model/. scripts/gpu-check.sh runs them there when present.
+#
+# TORCH_PREFIX: a torch/ folder (include/, lib/, share/cmake/) to build against. Without it, the torch wheel of
+# TORCH_VERSION (default 2.11.0, CUDA 13.0 on PyPI: the GPU machine's) is fetched with pip and unpacked under
+# build-torchcuda/. Usage: scripts/pack-gpu-model-test.sh   (then carry .gpu-deps to the GPU machine)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD_DIR=${BUILD_DIR:-build-torchcuda}
+TORCH_VERSION=${TORCH_VERSION:-2.11.0}
+if [[ -z "${TORCH_PREFIX:-}" ]]; then
+  TORCH_PREFIX=$PWD/$BUILD_DIR/torch-$TORCH_VERSION/torch
+  if [[ ! -f "$TORCH_PREFIX/share/cmake/Torch/TorchConfig.cmake" ]]; then
+    wheels=$PWD/$BUILD_DIR/wheels
+    mkdir -p "$wheels"
+    echo "pack: fetching the torch $TORCH_VERSION wheel (about 530 MB)"
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 -d "$wheels" "torch==$TORCH_VERSION"
+    mkdir -p "$(dirname "$TORCH_PREFIX")"
+    unzip -q -o "$wheels"/torch-"$TORCH_VERSION"-*.whl 'torch/include/*' 'torch/lib/*' 'torch/share/*' \
+      'torch/version.py' -d "$(dirname "$TORCH_PREFIX")"
+  fi
+fi
+[[ -f "$TORCH_PREFIX/lib/libtorch_cuda.so" ]] || { echo "pack: $TORCH_PREFIX has no libtorch_cuda.so" >&2; exit 1; }
+built_version=$(sed -n "s/^__version__ = '\(.*\)'/\1/p" "$TORCH_PREFIX/version.py" 2>/dev/null || true)
+
+echo "pack: building against LibTorch ${built_version:-?} in $TORCH_PREFIX"
+mkdir -p "$BUILD_DIR"
+BUILD_DIR=$BUILD_DIR TORCH_PREFIX=$TORCH_PREFIX bash scripts/configure.sh >"$BUILD_DIR/rapidin-configure.log" 2>&1 \
+  || { tail -30 "$BUILD_DIR/rapidin-configure.log"; exit 1; }
+cmake --build "$BUILD_DIR" -j 2 --target model_gpu_test grad_bench
+
+OUT=.gpu-deps/model
+rm -rf "$OUT" && mkdir -p "$OUT/lib" "$OUT/data/models"
+cp "$BUILD_DIR/tests/gpu/model_gpu_test" "$BUILD_DIR/bench/grad_bench" "$OUT/"
+echo "$built_version" >"$OUT/TORCH_VERSION"
+for bin in "$OUT/model_gpu_test" "$OUT/grad_bench"; do
+  ldd "$bin" | awk '$3 ~ /^\// {print $3}'
+done | sort -u | while read -r lib; do
+  case "$(basename "$lib")" in
+    libc.so.*|libm.so.*|libstdc++.so.*|libgcc_s.so.*|libpthread.so.*|libdl.so.*|librt.so.*|libutil.so.*|ld-linux*) ;;
+    libtorch*|libc10*|libgomp*|libcaffe2*|libcu*|libnv*|libnccl*|libcudnn*|libcufile*) ;;  # the GPU machine's
+    *) cp -L "$lib" "$OUT/lib/" ;;
+  esac
+done
+strip --strip-unneeded "$OUT"/lib/*.so* "$OUT/model_gpu_test" "$OUT/grad_bench" 2>/dev/null || true
+DATA=${RAPIDIN_SHARED_DATA:-../shared/data}
+if [[ -f "$DATA/models/stories260K.bin" ]]; then
+  cp "$DATA/models/stories260K.bin" "$DATA/models/tok512.bin" "$OUT/data/models/"
+else
+  echo "pack: no shared data at $DATA: the stories260K comparison will skip"
+fi
+echo "pack: $(ls "$OUT/lib" | wc -l) libraries, $(du -sh "$OUT" | cut -f1) in $OUT (LibTorch ${built_version:-?})"
