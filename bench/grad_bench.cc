@@ -3,7 +3,8 @@
 // on a random Llama-architecture model of a chosen size (or a model file), in float32. Every device's first
 // record and first tokens are checked against the first device's (largest difference relative to the largest
 // value, printed). Times include bringing the normalised gradient back to host memory, as the product does.
-// Usage: grad_bench [--devices LIST (default: cpu, and cuda when usable)] [--dim 512 --layers 8 --heads 8 --kv-heads 8 --hidden 1376
+// Usage: grad_bench [--devices LIST (default: cpu, and cuda when usable)]
+//                   [--dim 512 --layers 8 --heads 8 --kv-heads 8 --hidden 1376
 //                   --vocab 32000] [--model PATH] [--tokens 256] [--records 16] [--batch 8] [--lora RANK]
 //                   [--token-positions 32] [--threads N] [--json]
 #include <algorithm>

@@ -246,6 +246,9 @@ int Eval(const rapidin::model::EngineOptions& eo, const std::string& data, int m
 
 }  // namespace
 
+constexpr char kModelDeviceHelp[] =
+    "where gradients run: cpu | cuda | cuda:N | auto (CUDA when this LibTorch has it and sees a GPU)";
+
 int main(int argc, char** argv) {
   CLI::App app{"rapidin: which training records led to this output?"};
   app.require_subcommand(1);
@@ -326,7 +329,7 @@ int main(int argc, char** argv) {
   cache->add_option("--max-length", co.featurizer.engine.max_length, "tokens per record")->capture_default_str();
   cache->add_option("--params", co.featurizer.engine.param_pattern, "regex over parameter names (default: matrices)");
   co.featurizer.engine.device = "auto";
-  cache->add_option("--model-device", co.featurizer.engine.device, "where gradients run: cpu | cuda | cuda:N | auto (CUDA when this LibTorch has it and sees a GPU)")->capture_default_str();
+  cache->add_option("--model-device", co.featurizer.engine.device, kModelDeviceHelp)->capture_default_str();
   cache->add_option("--threads", co.threads, "records in parallel")->capture_default_str()->check(CLI::Range(1, 256));
   cache->add_option("--batch-size", co.batch_size, "records per atomic store batch")->capture_default_str();
   cache->add_option("--grad-batch", co.grad_batch, "records per forward/backward pass (1: one at a time)")
@@ -356,7 +359,7 @@ int main(int argc, char** argv) {
   ft->add_option("--seed", fo.seed, "record order and LoRA initialisation")->capture_default_str();
   ft->add_option("--max-length", fo.engine.max_length, "tokens per record")->capture_default_str();
   fo.engine.device = "auto";
-  ft->add_option("--model-device", fo.engine.device, "where gradients run: cpu | cuda | cuda:N | auto (CUDA when this LibTorch has it and sees a GPU)")->capture_default_str();
+  ft->add_option("--model-device", fo.engine.device, kModelDeviceHelp)->capture_default_str();
   ft->add_option("--threads", fo.threads, "LibTorch threads")->capture_default_str()->check(CLI::Range(1, 256));
   ft->add_flag("--json", json, "summary as JSON");
 
@@ -370,7 +373,7 @@ int main(int argc, char** argv) {
   ev->add_option("--generate", max_new, "also generate up to N tokens greedily (0: no)")->capture_default_str();
   ev->add_option("--max-length", eo.max_length, "tokens per record")->capture_default_str();
   eo.device = "auto";
-  ev->add_option("--model-device", eo.device, "where gradients run: cpu | cuda | cuda:N | auto (CUDA when this LibTorch has it and sees a GPU)")->capture_default_str();
+  ev->add_option("--model-device", eo.device, kModelDeviceHelp)->capture_default_str();
   ev->add_flag("--json", json, "JSON lines");
 
   try {
