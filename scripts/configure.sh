@@ -22,7 +22,9 @@ TORCH_ARGS=()
 if [ -n "${TORCH_PREFIX:-}" ]; then
   TORCH_ARGS=(-DTorch_DIR="$TORCH_PREFIX/share/cmake/Torch" -DCaffe2_DIR="$TORCH_PREFIX/share/cmake/Caffe2"
               -Dc10_LIBRARY="$TORCH_PREFIX/lib/libc10.so" -DTORCH_LIBRARY="$TORCH_PREFIX/lib/libtorch.so"
-              "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined -Wl,--no-as-needed -lstdc++ -Wl,--as-needed")
+              "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined -Wl,--no-as-needed -lstdc++ -Wl,--as-needed"
+              # its CMake files replace CMAKE_CUDA_ARCHITECTURES for every CUDA file by this list (H100/H200: 9.0)
+              "-DTORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}")
 fi
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DRAPIDIN_BUILD_TESTS=ON "${CUDA_ARGS[@]}" \
   "${TORCH_ARGS[@]}" "$@"

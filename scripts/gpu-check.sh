@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # All GPU checks in one call: builds the CUDA layer on its own (RAPIDIN_GPU_ONLY: no Debian libraries needed),
 # runs the GPU tests (ctest label "gpu"), compute-sanitizer's memcheck on them when it is installed, and the GPU
-# benchmark, then prints a short table. When .gpu-deps/backend holds a packed gpu_backend_test
-# (scripts/pack-gpu-backend-test.sh, run on the build machine), it runs that too; when .gpu-deps/model holds the
-# gradient engine's GPU test and benchmark built against python3's torch version (scripts/pack-gpu-model-test.sh),
-# it runs those with that torch's libraries.
+# benchmark, then prints a short table. When .gpu-deps/pack holds what scripts/pack-gpu-tests.sh packs on the build
+# machine, it also runs the CUDA query backend against the CPU one, and, when python3's torch is the version those
+# were built against, the gradient engine on the GPU against the CPU, the gradient benchmark on each device, and the
+# service end to end on the GPU against the CPU (scripts/gpu-server-e2e.sh).
 #
 # Needs nvcc, cmake, a C++17 compiler and GoogleTest: installed, or its sources in GTEST_SOURCE_DIR (default:
 # /usr/src/googletest, then .gpu-deps/googletest). NCCL is used when found (NCCL_HOME, the CUDA toolkit, or
@@ -54,43 +54,54 @@ if command -v compute-sanitizer >/dev/null; then
   grep -E "ERROR SUMMARY|PASSED|FAILED" "$LOG/memcheck.log" | tail -5
 fi
 
+# Packed by scripts/pack-gpu-tests.sh on the build machine: binaries that need the Debian libraries (in
+# .gpu-deps/pack/lib) and, for the gradient engine, python3's torch of the version they were built against.
+PACK=$PWD/.gpu-deps/pack
 backend_rc=skipped
-if [[ -x .gpu-deps/backend/gpu_backend_test ]]; then  # packed by scripts/pack-gpu-backend-test.sh
-  echo "== CUDA backend against the CPU backend (gpu_backend_test)"
-  if LD_LIBRARY_PATH=$PWD/.gpu-deps/backend/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
-       .gpu-deps/backend/gpu_backend_test >"$LOG/backend.log" 2>&1; then backend_rc=0; else backend_rc=$?; fi
-  grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$LOG/backend.log" | tail -5
-fi
-
 model_rc=skipped
 gradbench_rc=skipped
-if [[ -x .gpu-deps/model/model_gpu_test ]]; then  # packed by scripts/pack-gpu-model-test.sh
-  echo "== gradient engine on the GPU against the CPU (model_gpu_test)"
-  packed=$(cat .gpu-deps/model/TORCH_VERSION)
+e2e_rc=skipped
+if [[ -x $PACK/gpu_backend_test ]]; then
+  cuda_lib=$(dirname "$(dirname "$(realpath "$NVCC")")")/lib64
+  libs=$PACK/lib:$cuda_lib${NCCL_HOME:+:$NCCL_HOME/lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  echo "== CUDA backend against the CPU backend (gpu_backend_test)"
+  if LD_LIBRARY_PATH=$libs "$PACK/gpu_backend_test" >"$LOG/backend.log" 2>&1; then backend_rc=0; else backend_rc=$?; fi
+  grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$LOG/backend.log" | tail -5
+
+  packed=$(cat "$PACK/TORCH_VERSION")
   torch_info=$(python3 -c 'import os, torch; print(torch.__version__, os.path.dirname(torch.__file__))' 2>/dev/null \
                || true)
   torch_version=${torch_info%% *}
   torch_dir=${torch_info#* }
   if [[ -z "$torch_info" ]]; then
-    echo "python3 has no torch here: skipped"
+    echo "python3 has no torch here: the gradient engine's checks are skipped"
     model_rc="skipped (no torch)"
   elif [[ "$torch_version" != "$packed" ]]; then
     echo "packed against LibTorch $packed, but python3's torch is $torch_version: skipped (repack with TORCH_VERSION)"
     model_rc="skipped (torch $torch_version)"
   else
-    libs=$PWD/.gpu-deps/model/lib:$torch_dir/lib  # torch/lib finds the NVIDIA libraries through its own RPATH
-    if LD_LIBRARY_PATH=$libs RAPIDIN_SHARED_DATA=$PWD/.gpu-deps/model/data .gpu-deps/model/model_gpu_test \
-         >"$LOG/model_gpu.log" 2>&1; then model_rc=0; else model_rc=$?; fi
+    libs=$PACK/lib:$torch_dir/lib:$libs  # torch/lib finds its NVIDIA libraries through its own RPATH
+    echo "== gradient engine on the GPU against the CPU (model_gpu_test)"
+    if LD_LIBRARY_PATH=$libs RAPIDIN_SHARED_DATA=$PACK/data "$PACK/model_gpu_test" >"$LOG/model_gpu.log" 2>&1; then
+      model_rc=0
+    else
+      model_rc=$?
+    fi
     grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[       OK \]" "$LOG/model_gpu.log" | tail -8
     echo "== gradients on each device (grad_bench)"
     gradbench_rc=0
     sizes=(--records 16 --token-positions 32)
     [[ -n "$QUICK" ]] && sizes=(--records 4 --token-positions 8)
     for lora in 0 16; do
-      LD_LIBRARY_PATH=$libs .gpu-deps/model/grad_bench "${sizes[@]}" --lora $lora | tee -a "$LOG/grad_bench.md" \
+      LD_LIBRARY_PATH=$libs "$PACK/grad_bench" "${sizes[@]}" --lora $lora | tee -a "$LOG/grad_bench.md" \
         || gradbench_rc=$?
       echo | tee -a "$LOG/grad_bench.md"
     done
+    if [[ -f $PACK/data/instructions/alpaca_5000.json ]]; then
+      echo "== the service on the GPU against the service on the CPU (scripts/gpu-server-e2e.sh)"
+      if LD_LIBRARY_PATH=$libs N=$([[ -n "$QUICK" ]] && echo 100 || echo 500) bash scripts/gpu-server-e2e.sh "$PACK" \
+           "$PACK/data" "$LOG/e2e" | tee "$LOG/e2e.md"; then e2e_rc=0; else e2e_rc=$?; fi
+    fi
   fi
 fi
 
@@ -106,7 +117,8 @@ echo "| memcheck | $san_rc |"
 echo "| CUDA backend vs CPU backend (gpu_backend_test) | $backend_rc |"
 echo "| gradient engine, GPU vs CPU (model_gpu_test) | $model_rc |"
 echo "| gradients per device (grad_bench) | $gradbench_rc |"
+echo "| service on the GPU vs on the CPU (gpu-server-e2e) | $e2e_rc |"
 echo "| benchmark | $( [[ $bench_rc == 0 ]] && echo done || echo "FAIL ($bench_rc)") |"
 [[ $test_rc == 0 && $bench_rc == 0 && ( $san_rc == 0 || $san_rc == skipped ) && \
    ( $backend_rc == 0 || $backend_rc == skipped ) && ( $model_rc == 0 || $model_rc == skipped* ) && \
-   ( $gradbench_rc == 0 || $gradbench_rc == skipped ) ]]
+   ( $gradbench_rc == 0 || $gradbench_rc == skipped ) && ( $e2e_rc == 0 || $e2e_rc == skipped ) ]]

@@ -3,7 +3,7 @@
 // 1e-10) and float32 (to 1e-4 of the largest value, no TF32); with stories260K (when the shared data is there),
 // the same projection state and sketches on both devices, so that a store cached on one is queried from the other;
 // and a CUDA out-of-memory error returned as RESOURCE_EXHAUSTED, after which the engine still works.
-// Needs a LibTorch built with CUDA (Debian's is CPU-only: scripts/pack-gpu-model-test.sh builds against PyTorch's)
+// Needs a LibTorch built with CUDA (Debian's is CPU-only: scripts/pack-gpu-tests.sh builds against PyTorch's)
 // and a visible GPU; skips otherwise.
 #include <algorithm>
 #include <cmath>

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Builds tests/gpu/model_gpu_test and bench/grad_bench against a CUDA LibTorch (PyTorch's, the same version as the
-# GPU machine's python3 torch: Debian's LibTorch is CPU-only) and packs them for a GPU machine that has none of the
-# Debian libraries: the binaries, their Debian shared-library closure (without LibTorch, CUDA and NVIDIA libraries,
-# which come from the GPU machine's torch, nor glibc and libstdc++), and stories260K with its tokenizer when the
-# shared data is here, in .gpu-deps/model/. scripts/gpu-check.sh runs them there when present.
+# Builds what needs the Debian libraries for the GPU machine, which has none of them, against a CUDA LibTorch
+# (PyTorch's, the same version as the GPU machine's python3 torch: Debian's LibTorch is CPU-only), and packs it in
+# .gpu-deps/pack/: tests/gpu/gpu_backend_test (CUDA query backend against the CPU one), tests/gpu/model_gpu_test
+# (gradient engine on the GPU against the CPU), bench/grad_bench, rapidin-server and rapidin (for
+# scripts/gpu-server-e2e.sh); their Debian shared-library closure (without LibTorch, CUDA and NVIDIA libraries,
+# which come from the GPU machine, nor glibc and libstdc++); and, when the shared data is here, stories260K, its
+# tokenizer and alpaca_5000.json. scripts/gpu-check.sh runs them there when present.
 #
 # TORCH_PREFIX: a torch/ folder (include/, lib/, share/cmake/) to build against. Without it, the torch wheel of
 # TORCH_VERSION (default 2.11.0, CUDA 13.0 on PyPI: the GPU machine's) is fetched with pip and unpacked under
-# build-torchcuda/. Usage: scripts/pack-gpu-model-test.sh   (then carry .gpu-deps to the GPU machine)
+# build-torchcuda/. Usage: scripts/pack-gpu-tests.sh   (then carry .gpu-deps to the GPU machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build-torchcuda}
@@ -32,13 +34,15 @@ echo "pack: building against LibTorch ${built_version:-?} in $TORCH_PREFIX"
 mkdir -p "$BUILD_DIR"
 BUILD_DIR=$BUILD_DIR TORCH_PREFIX=$TORCH_PREFIX bash scripts/configure.sh >"$BUILD_DIR/rapidin-configure.log" 2>&1 \
   || { tail -30 "$BUILD_DIR/rapidin-configure.log"; exit 1; }
-cmake --build "$BUILD_DIR" -j 2 --target model_gpu_test grad_bench
+BINS=(tests/gpu/gpu_backend_test tests/gpu/model_gpu_test bench/grad_bench server/rapidin-server client/rapidin)
+cmake --build "$BUILD_DIR" -j 2 --target $(for b in "${BINS[@]}"; do basename "$b"; done)
 
-OUT=.gpu-deps/model
-rm -rf "$OUT" && mkdir -p "$OUT/lib" "$OUT/data/models"
-cp "$BUILD_DIR/tests/gpu/model_gpu_test" "$BUILD_DIR/bench/grad_bench" "$OUT/"
+OUT=.gpu-deps/pack
+rm -rf "$OUT" && mkdir -p "$OUT/lib" "$OUT/data/models" "$OUT/data/instructions"
+for b in "${BINS[@]}"; do cp "$BUILD_DIR/$b" "$OUT/"; done
 echo "$built_version" >"$OUT/TORCH_VERSION"
-for bin in "$OUT/model_gpu_test" "$OUT/grad_bench"; do
+for b in "${BINS[@]}"; do
+  bin=$OUT/$(basename "$b")
   ldd "$bin" | awk '$3 ~ /^\// {print $3}'
 done | sort -u | while read -r lib; do
   case "$(basename "$lib")" in
@@ -47,11 +51,13 @@ done | sort -u | while read -r lib; do
     *) cp -L "$lib" "$OUT/lib/" ;;
   esac
 done
-strip --strip-unneeded "$OUT"/lib/*.so* "$OUT/model_gpu_test" "$OUT/grad_bench" 2>/dev/null || true
+strip --strip-unneeded "$OUT"/lib/*.so* 2>/dev/null || true
+for b in "${BINS[@]}"; do strip --strip-unneeded "$OUT/$(basename "$b")"; done
 DATA=${RAPIDIN_SHARED_DATA:-../shared/data}
 if [[ -f "$DATA/models/stories260K.bin" ]]; then
   cp "$DATA/models/stories260K.bin" "$DATA/models/tok512.bin" "$OUT/data/models/"
+  cp "$DATA/instructions/alpaca_5000.json" "$OUT/data/instructions/"
 else
-  echo "pack: no shared data at $DATA: the stories260K comparison will skip"
+  echo "pack: no shared data at $DATA: the stories260K comparison and the server run will skip"
 fi
 echo "pack: $(ls "$OUT/lib" | wc -l) libraries, $(du -sh "$OUT" | cut -f1) in $OUT (LibTorch ${built_version:-?})"
