@@ -398,7 +398,9 @@ std::string StatsTable(const rapidin::v1::StatsResponse& s) {
   absl::StrAppendFormat(&out, "%-20s %d (format)\n", "version", s.format_version());
   absl::StrAppendFormat(&out, "%-20s %d shards, %d workers, %s\n", "scan", s.num_shards(), s.num_workers(),
                         s.backend());
-  absl::StrAppendFormat(&out, "%-20s %s\n", "model", s.model_loaded() ? "loaded" : "none (QueryByVector only)");
+  absl::StrAppendFormat(&out, "%-20s %s\n", "model",
+                        s.model_loaded() ? absl::StrCat("loaded, gradients on ", s.model_device())
+                                         : std::string("none (QueryByVector only)"));
   for (const auto& t : s.tiers()) {
     absl::StrAppendFormat(&out, "%-20s %d records, %.2f MB\n", "tier " + t.tier(), t.records(), t.bytes() / 1e6);
   }

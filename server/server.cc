@@ -164,6 +164,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     resp->set_store_path(store_->path());
     resp->set_max_top_k(options_.max_top_k);
     resp->set_model_loaded(featurizer_ != nullptr);
+    if (featurizer_) resp->set_model_device(featurizer_->engine().device());
     const storage::TierUsage u = store_->Usage();
     auto* host = resp->add_tiers();
     host->set_tier("host");

@@ -131,6 +131,9 @@ TEST_F(CacheTest, QueryByTextFindsTheRecordItself) {
   EXPECT_EQ(r->result().helpful(0).record().output(), "Howdy! Nice to meet you.");
   EXPECT_GT(r->generation_tokens(), 3u);
   EXPECT_TRUE(c->Stats()->model_loaded());
+  EXPECT_EQ(c->Stats()->model_device(), so.model_device == "auto" && model::GetTorchRuntime().cuda_devices > 0
+                                            ? "cuda:0"
+                                            : "cpu");
   // The same vector through QueryByVector gives the same scores (one pipeline).
   q.set_generation("");
   EXPECT_EQ(c->Query(q).status().code(), absl::StatusCode::kInvalidArgument);

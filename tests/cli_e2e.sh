@@ -144,6 +144,8 @@ PY
     --top-k 3 --json >"$work/tq.json" || fail "query by text"
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); assert r["result"]["helpful"][0]["id"]=="alpaca_5000-7", r["result"]["helpful"][0]' \
     "$work/tq.json" || fail "query by text: record 7 not first"
+  "$CLI" stats --server 127.0.0.1:$port | grep -qE "^model +loaded, gradients on (cpu|cuda:0)$" \
+    || fail "stats does not say where gradients run: $("$CLI" stats --server 127.0.0.1:$port)"
   # Token attributions, plain markers when stdout is not a terminal.
   "$CLI" query --server 127.0.0.1:$port --instruction "Explain the concept of cash flow." \
     --generation "Cash flow is money." --top-k 1 --tokens >"$work/tok.out" || fail "query --tokens"
