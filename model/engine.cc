@@ -576,91 +576,129 @@ absl::StatusOr<GradInfo> GradientEngine::GradientIds(const TokenizedExample& t, 
   });
 }
 
+absl::Status GradientEngine::Impl::PerSample(const std::vector<TokenizedExample>& batch,
+                                             std::vector<torch::Tensor>* per, std::vector<double>* losses_out) const {
+  const int64_t B = static_cast<int64_t>(batch.size());
+  per->assign(infos.size(), torch::Tensor());
+  losses_out->assign(B, 0.0);
+  if (B == 0) return absl::OkStatus();
+  bool capturable = true;
+  for (const auto& p : infos) capturable = capturable && w.at(p.name).dim() == 2;
+  if (!capturable || B == 1) {
+    std::vector<std::vector<torch::Tensor>> each(infos.size());
+    for (int64_t b = 0; b < B; ++b) {
+      if (absl::Status st = CheckRecord(batch[b], cfg.vocab_size); !st.ok()) return st;
+      const Leaves leaves = MakeLeaves();
+      LeavesScope scope(&leaves);
+      auto loss = ResponseLoss(batch[b]);
+      auto grads = torch::autograd::grad({loss}, leaves.selected);
+      for (size_t p = 0; p < infos.size(); ++p) each[p].push_back(grads[p].detach());
+      (*losses_out)[b] = loss.item<double>();
+    }
+    for (size_t p = 0; p < infos.size(); ++p) (*per)[p] = torch::stack(each[p]);
+    return absl::OkStatus();
+  }
+  int64_t T = 0;
+  for (const auto& t : batch) {
+    if (absl::Status st = CheckRecord(t, cfg.vocab_size); !st.ok()) return st;
+    T = std::max<int64_t>(T, t.ids.size());
+  }
+  // Pad at the end: under the causal mask padding never reaches the real positions, and its loss weight is 0.
+  std::vector<int64_t> flat(B * T, 0);  // padding id: never seen by a real position
+  std::vector<double> wts(B * (T - 1), 0.0);
+  for (int64_t b = 0; b < B; ++b) {
+    const auto& t = batch[b];
+    const int64_t len = t.ids.size();
+    for (int64_t i = 0; i < len; ++i) flat[b * T + i] = t.ids[i];
+    double wsum = 0;
+    for (int64_t i = t.response_begin; i < len; ++i) {
+      wsum += t.loss_weights.empty() ? 1.0 : t.loss_weights[i - t.response_begin];
+    }
+    for (int64_t i = t.response_begin - 1; i < len - 1; ++i) {
+      const double w = t.loss_weights.empty() ? 1.0 : t.loss_weights[i + 1 - t.response_begin];
+      wts[b * (T - 1) + i] = w / wsum;
+    }
+  }
+  auto ids = torch::from_blob(flat.data(), {B, T}, torch::kLong).to(device, torch::kLong, false, /*copy=*/true);
+  auto weight = torch::from_blob(wts.data(), {B, T - 1}, torch::kDouble).to(device, dtype);
+  const Leaves leaves = MakeLeaves();
+  LeavesScope scope(&leaves);
+  Captures cap;
+  auto logits = Forward(ids, &cap);
+  auto logp = torch::log_softmax(logits.slice(1, 0, T - 1), -1);
+  auto nll = -logp.gather(2, ids.slice(1, 1, T).unsqueeze(-1)).squeeze(-1);  // [B, T-1]
+  auto losses = (nll * weight).sum(1);                                      // [B]
+  std::map<std::string, int> index;
+  for (size_t i = 0; i < infos.size(); ++i) index[infos[i].name] = static_cast<int>(i);
+  std::vector<torch::Tensor> wrt;  // outputs of the selected linears, in capture order, then the embedding
+  for (const auto& l : cap.linears) {
+    if (index.count(l.weight)) wrt.push_back(l.y);
+  }
+  const bool emb = index.count("tok_embeddings.weight") > 0;
+  if (emb) wrt.push_back(cap.emb_out);
+  auto grads = torch::autograd::grad({losses.sum()}, wrt, {}, false, false, /*allow_unused=*/true);
+  // (*per)[p]: [B, out, in]
+  size_t gi = 0;
+  for (const auto& l : cap.linears) {
+    auto it = index.find(l.weight);
+    if (it == index.end()) continue;
+    const auto& g = grads[gi++];
+    if (!g.defined()) continue;
+    auto contrib = torch::matmul(g.transpose(1, 2), l.x);  // [B, out, in]
+    auto& acc = (*per)[it->second];
+    acc = acc.defined() ? acc + contrib : contrib;
+  }
+  if (emb && grads.back().defined()) {
+    const int p = index["tok_embeddings.weight"];
+    auto e = torch::zeros({B, cfg.vocab_size, cfg.dim}, Opts());
+    for (int64_t b = 0; b < B; ++b) e[b].index_add_(0, ids[b], grads.back()[b]);
+    (*per)[p] = (*per)[p].defined() ? (*per)[p] + e : e;
+  }
+  auto host_losses = losses.detach().to(torch::kCPU, torch::kDouble).contiguous();
+  losses_out->assign(host_losses.data_ptr<double>(), host_losses.data_ptr<double>() + B);
+  return absl::OkStatus();
+}
+
+namespace {
+
+void FillInfos(const std::vector<TokenizedExample>& batch, const std::vector<double>& losses,
+               std::vector<GradInfo>* infos) {
+  infos->assign(batch.size(), {});
+  for (size_t b = 0; b < batch.size(); ++b) {
+    GradInfo& info = (*infos)[b];
+    info.tokens = static_cast<int>(batch[b].ids.size());
+    info.response_tokens = info.tokens - batch[b].response_begin;
+    info.truncated = batch[b].truncated;
+    info.loss = losses[b];
+  }
+}
+
+}  // namespace
+
 absl::Status GradientEngine::GradientIdsBatch(const std::vector<TokenizedExample>& batch, bool normalize,
                                               std::vector<std::vector<double>>* out,
                                               std::vector<GradInfo>* infos) const {
   return Guarded([&]() -> absl::Status {
-    const Impl& d = *impl_;
-    const int64_t B = static_cast<int64_t>(batch.size());
-    out->assign(B, {});
-    infos->assign(B, {});
-    if (B == 0) return absl::OkStatus();
-    bool capturable = true;
-    for (const auto& p : d.infos) capturable = capturable && d.w.at(p.name).dim() == 2;
-    if (!capturable || B == 1) {
-      for (int64_t b = 0; b < B; ++b) {
-        auto info = GradientIds(batch[b], normalize, &(*out)[b]);
-        if (!info.ok()) return info.status();
-        (*infos)[b] = *info;
-      }
-      return absl::OkStatus();
-    }
-    int64_t T = 0;
-    for (const auto& t : batch) {
-      if (absl::Status st = CheckRecord(t, d.cfg.vocab_size); !st.ok()) return st;
-      T = std::max<int64_t>(T, t.ids.size());
-    }
-    // Pad at the end: under the causal mask padding never reaches the real positions, and its loss weight is 0.
-    std::vector<int64_t> flat(B * T, 0);  // padding id: never seen by a real position
-    std::vector<double> wts(B * (T - 1), 0.0);
-    for (int64_t b = 0; b < B; ++b) {
-      const auto& t = batch[b];
-      const int64_t len = t.ids.size();
-      for (int64_t i = 0; i < len; ++i) flat[b * T + i] = t.ids[i];
-      double wsum = 0;
-      for (int64_t i = t.response_begin; i < len; ++i) {
-        wsum += t.loss_weights.empty() ? 1.0 : t.loss_weights[i - t.response_begin];
-      }
-      for (int64_t i = t.response_begin - 1; i < len - 1; ++i) {
-        const double w = t.loss_weights.empty() ? 1.0 : t.loss_weights[i + 1 - t.response_begin];
-        wts[b * (T - 1) + i] = w / wsum;
-      }
-    }
-    auto ids = torch::from_blob(flat.data(), {B, T}, torch::kLong).to(d.device, torch::kLong, false, /*copy=*/true);
-    auto weight = torch::from_blob(wts.data(), {B, T - 1}, torch::kDouble).to(d.device, d.dtype);
-    const Leaves leaves = d.MakeLeaves();
-    LeavesScope scope(&leaves);
-    Captures cap;
-    auto logits = d.Forward(ids, &cap);
-    auto logp = torch::log_softmax(logits.slice(1, 0, T - 1), -1);
-    auto nll = -logp.gather(2, ids.slice(1, 1, T).unsqueeze(-1)).squeeze(-1);  // [B, T-1]
-    auto losses = (nll * weight).sum(1);                                      // [B]
-    std::map<std::string, int> index;
-    for (size_t i = 0; i < d.infos.size(); ++i) index[d.infos[i].name] = static_cast<int>(i);
-    std::vector<torch::Tensor> wrt;  // outputs of the selected linears, in capture order, then the embedding
-    for (const auto& l : cap.linears) {
-      if (index.count(l.weight)) wrt.push_back(l.y);
-    }
-    const bool emb = index.count("tok_embeddings.weight") > 0;
-    if (emb) wrt.push_back(cap.emb_out);
-    auto grads = torch::autograd::grad({losses.sum()}, wrt, {}, false, false, /*allow_unused=*/true);
-    std::vector<torch::Tensor> per(d.infos.size());  // [B, out, in]
-    size_t gi = 0;
-    for (const auto& l : cap.linears) {
-      auto it = index.find(l.weight);
-      if (it == index.end()) continue;
-      const auto& g = grads[gi++];
-      if (!g.defined()) continue;
-      auto contrib = torch::matmul(g.transpose(1, 2), l.x);  // [B, out, in]
-      auto& acc = per[it->second];
-      acc = acc.defined() ? acc + contrib : contrib;
-    }
-    if (emb && grads.back().defined()) {
-      const int p = index["tok_embeddings.weight"];
-      auto e = torch::zeros({B, d.cfg.vocab_size, d.cfg.dim}, d.Opts());
-      for (int64_t b = 0; b < B; ++b) e[b].index_add_(0, ids[b], grads.back()[b]);
-      per[p] = per[p].defined() ? per[p] + e : e;
-    }
-    d.Assemble(per, B, normalize, out);
-    auto host_losses = losses.detach().to(torch::kCPU, torch::kDouble).contiguous();
-    for (int64_t b = 0; b < B; ++b) {
-      GradInfo& info = (*infos)[b];
-      info.tokens = static_cast<int>(batch[b].ids.size());
-      info.response_tokens = info.tokens - batch[b].response_begin;
-      info.truncated = batch[b].truncated;
-      info.loss = host_losses.data_ptr<double>()[b];
-    }
+    std::vector<torch::Tensor> per;
+    std::vector<double> losses;
+    if (absl::Status st = impl_->PerSample(batch, &per, &losses); !st.ok()) return st;
+    out->assign(batch.size(), {});
+    if (!batch.empty()) impl_->Assemble(per, static_cast<int64_t>(batch.size()), normalize, out);
+    FillInfos(batch, losses, infos);
     return absl::OkStatus();
+  });
+}
+
+absl::Status GradientEngine::GradientRowsBatch(const std::vector<TokenizedExample>& batch, bool normalize,
+                                               const RowsConsumer& consume, std::vector<GradInfo>* infos) const {
+  return Guarded([&]() -> absl::Status {
+    if (batch.empty()) return absl::InvalidArgumentError("GradientRowsBatch: empty batch");
+    std::vector<torch::Tensor> per;
+    std::vector<double> losses;
+    if (absl::Status st = impl_->PerSample(batch, &per, &losses); !st.ok()) return st;
+    const torch::Tensor rows = impl_->Rows(per, static_cast<int64_t>(batch.size()), normalize);
+    FillInfos(batch, losses, infos);
+    return consume(rows.data_ptr<float>(), static_cast<int64_t>(batch.size()));
   });
 }
 

@@ -15,6 +15,7 @@
 #define RAPIDIN_MODEL_ENGINE_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -157,6 +158,14 @@ class GradientEngine {
   // per record up to rounding. When a selected parameter is not a weight matrix it falls back to the loop.
   absl::Status GradientIdsBatch(const std::vector<TokenizedExample>& batch, bool normalize,
                                 std::vector<std::vector<double>>* out, std::vector<GradInfo>* infos) const;
+  // GradientIdsBatch for a consumer on the engine's device (the GPU sketch): the gradients, rounded to float32,
+  // as one row-major batch x grad_dim buffer in the engine's device memory (host memory on "cpu"), valid only
+  // during `consume`, whose status is returned. On a CUDA device the buffer was written on the legacy default
+  // stream (stream 0), which LibTorch uses unless told otherwise: work queued there after it sees the values.
+  // Saves the copy of every full gradient to the host. Errors: INVALID_ARGUMENT for an empty batch.
+  using RowsConsumer = std::function<absl::Status(const float* rows, int64_t batch)>;
+  absl::Status GradientRowsBatch(const std::vector<TokenizedExample>& batch, bool normalize,
+                                 const RowsConsumer& consume, std::vector<GradInfo>* infos) const;
   // Per-token gradients: for every position s in [from, ids.size()), the gradient of the single-token loss
   // l_s = -log p(ids[s] | ids[<s]) (token-wise attribution); (*out)[s - from] receives grad_dim() values.
   // Every method gives the same values up to rounding (tests compare them in float64).

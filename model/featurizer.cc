@@ -6,12 +6,24 @@
 #include <filesystem>
 #include <map>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 
+#if RAPIDIN_HAVE_CUDA
+#include "kernels/cuda/absl_status.h"
+#include "kernels/cuda/sketch.h"
+#endif
+
 namespace rapidin::model {
+
+struct Featurizer::Device {
+#if RAPIDIN_HAVE_CUDA
+  std::unique_ptr<gpu::GpuSketch> sketch;
+#endif
+};
 
 absl::Status ResolveTokenizer(EngineOptions* eo) {
   if (!eo->tokenizer_path.empty()) return absl::OkStatus();
@@ -44,6 +56,16 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerO
   auto sketch = kernels::RapidGrad::Create({f->engine_->grad_dim(), options.k, options.lambda, options.seed}, &error);
   if (sketch == nullptr) return absl::InvalidArgumentError(error);
   f->sketch_ = std::move(sketch);
+  const std::string dev = f->engine_->device();
+  if (absl::StartsWith(dev, "cuda:")) {
+#if RAPIDIN_HAVE_CUDA
+    int index = 0;
+    if (!absl::SimpleAtoi(dev.substr(5), &index)) return absl::InternalError("engine device " + dev);
+    f->device_ = std::make_unique<Device>();
+    absl::Status st = gpu::ToAbsl(gpu::GpuSketch::Create(*f->sketch_, index, &f->device_->sketch));
+    if (!st.ok()) return st;
+#endif  // without the CUDA layer, the gradients come to the host and the CPU sketch runs
+  }
   std::vector<std::string> names;
   for (const auto& p : f->engine_->params()) names.push_back(p.name);
   f->state_ = absl::StrCat(f->sketch_->Describe(), "\nmodel=", f->engine_->model_hash(),
@@ -51,8 +73,17 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerO
   return f;
 }
 
+Featurizer::~Featurizer() = default;
+
 absl::StatusOr<GradInfo> Featurizer::Compress(const Example& ex, std::vector<float>* out, Timing* timing) const {
   using Clock = std::chrono::steady_clock;
+  if (device_) {  // one path for the device sketch
+    std::vector<std::vector<float>> outs;
+    std::vector<absl::StatusOr<GradInfo>> infos;
+    CompressBatch({ex}, &outs, &infos, timing);
+    if (infos[0].ok()) *out = std::move(outs[0]);
+    return infos[0];
+  }
   const auto t0 = Clock::now();
   auto t = engine_->Tokenize(ex);
   if (!t.ok()) return t.status();
@@ -90,8 +121,40 @@ void Featurizer::CompressBatch(const std::vector<Example>& exs, std::vector<std:
     batch.push_back(std::move(*t));
     where.push_back(i);
   }
-  std::vector<std::vector<double>> grads;
   std::vector<GradInfo> gi;
+  if (device_ && !batch.empty()) {
+    const int64_t k = sketch_->params().k;
+    std::vector<float> all;
+    double sketch_s = 0;
+    absl::Status st = engine_->GradientRowsBatch(
+        batch, /*normalize=*/true,
+        [&](const float* rows, int64_t n) {
+          const auto ts = Clock::now();
+          all.resize(n * k);
+#if RAPIDIN_HAVE_CUDA
+          absl::Status s = gpu::ToAbsl(device_->sketch->ApplyDeviceToHost(rows, static_cast<int>(n), all.data()));
+#else
+          absl::Status s = absl::InternalError("no CUDA layer");
+#endif
+          sketch_s = std::chrono::duration<double>(Clock::now() - ts).count();
+          return s;
+        },
+        &gi);
+    for (size_t j = 0; j < where.size(); ++j) {
+      if (!st.ok()) {
+        (*infos)[where[j]] = st;
+        continue;
+      }
+      (*out)[where[j]].assign(all.begin() + j * k, all.begin() + (j + 1) * k);
+      (*infos)[where[j]] = gi[j];
+    }
+    if (timing) {
+      timing->grad += std::chrono::duration<double>(Clock::now() - t0).count() - sketch_s;
+      timing->sketch += sketch_s;
+    }
+    return;
+  }
+  std::vector<std::vector<double>> grads;
   absl::Status st = engine_->GradientIdsBatch(batch, /*normalize=*/true, &grads, &gi);
   const auto t1 = Clock::now();
   double sketch_s = 0;

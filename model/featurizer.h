@@ -30,9 +30,13 @@ struct FeaturizerOptions {
 // Face directory finds its own). INVALID_ARGUMENT when a llama2.c checkpoint has none beside it.
 absl::Status ResolveTokenizer(EngineOptions* eo);
 
+// With the engine on a CUDA device (and the CUDA layer built), Compress and CompressBatch sketch each gradient on
+// that device (gpu::GpuSketch, bitwise equal to the CPU sketch) from the engine's device buffer, so only K floats
+// per record come back to the host.
 class Featurizer {
  public:
   static absl::StatusOr<std::unique_ptr<Featurizer>> Create(const FeaturizerOptions& options);
+  ~Featurizer();
 
   // out receives k floats. Timing breakdown (seconds) is added to *timing when non-null.
   struct Timing {
@@ -55,6 +59,8 @@ class Featurizer {
 
  private:
   Featurizer() = default;
+  struct Device;  // the device sketch (featurizer.cc)
+  std::unique_ptr<Device> device_;
   std::unique_ptr<GradientEngine> engine_;
   std::unique_ptr<kernels::RapidGrad> sketch_;
   std::string state_;

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <unordered_set>
 
+#include "kernels/cuda/absl_status.h"
 #include "kernels/cuda/scanner.h"
 #endif
 
@@ -19,21 +20,6 @@ namespace rapidin::server {
 
 #if RAPIDIN_HAVE_CUDA
 namespace {
-
-absl::Status FromGpu(const gpu::Status& st) {
-  switch (st.code()) {
-    case gpu::Code::kOk:
-      return absl::OkStatus();
-    case gpu::Code::kInvalidArgument:
-      return absl::InvalidArgumentError(st.message());
-    case gpu::Code::kResourceExhausted:
-      return absl::ResourceExhaustedError(st.message());
-    case gpu::Code::kUnavailable:
-      return absl::UnavailableError(st.message());
-    default:
-      return absl::InternalError(st.message());
-  }
-}
 
 // Pinned memory when the driver gives it, plain aligned memory otherwise; the set says which to free how.
 std::mutex plain_mu;
@@ -72,7 +58,7 @@ bool CudaBackendBuilt() { return true; }
 absl::Status CudaBackendUsable(std::string* description) {
   std::vector<gpu::DeviceInfo> devs;
   const gpu::Status st = gpu::ListDevices(&devs);
-  if (!st.ok()) return FromGpu(st);
+  if (!st.ok()) return gpu::ToAbsl(st);
   if (description != nullptr) {
     std::vector<std::string> names;
     for (const auto& d : devs) names.push_back(absl::StrCat(d.ordinal, ": ", d.name));
@@ -166,7 +152,7 @@ absl::StatusOr<std::unique_ptr<QueryEngine>> QueryEngine::Create(const storage::
   so.hot_limit_bytes = options.gpu.hot_limit_bytes;
   so.chunk_bytes = std::max<uint64_t>(options.gpu.chunk_bytes, uint64_t{store->k()} * 2);
   auto g = std::make_unique<Gpu>();
-  absl::Status st = FromGpu(gpu::Scanner::Create(store->k(), so, &g->scanner));
+  absl::Status st = gpu::ToAbsl(gpu::Scanner::Create(store->k(), so, &g->scanner));
   if (!st.ok()) return absl::Status(st.code(), absl::StrCat("CUDA backend: ", st.message()));
   // Place every shard by its current size, then upload the hot ones.
   std::vector<uint64_t> bytes(store->num_shards());
@@ -177,12 +163,12 @@ absl::StatusOr<std::unique_ptr<QueryEngine>> QueryEngine::Create(const storage::
     });
     if (!st.ok()) return st;
   }
-  if (!(st = FromGpu(g->scanner->Place(bytes))).ok()) return st;
+  if (!(st = gpu::ToAbsl(g->scanner->Place(bytes))).ok()) return st;
   g->shards_of_device.resize(g->scanner->num_devices());
   for (int s = 0; s < store->num_shards(); ++s) {
     g->shards_of_device[g->scanner->shard_device(s)].push_back(s);
     st = store->WithShard(s, [&](const storage::ShardView& v) {
-      return FromGpu(g->scanner->Sync(s, {v.rows, v.n, v.first_index, v.index_stride, v.generation,
+      return gpu::ToAbsl(g->scanner->Sync(s, {v.rows, v.n, v.first_index, v.index_stride, v.generation,
                                           v.rewrite_generation}));
     });
     if (!st.ok()) return st;
@@ -300,7 +286,7 @@ void QueryEngine::RunBatch(std::vector<std::shared_ptr<Pending>>& batch) {
   }
   absl::Status setup;
 #if RAPIDIN_HAVE_CUDA
-  if (gpu_) setup = FromGpu(gpu_->scanner->SetQueries(all.data(), total_q));
+  if (gpu_) setup = gpu::ToAbsl(gpu_->scanner->SetQueries(all.data(), total_q));
 #endif
   // Cold rows: the range as of now, in chunks dealt round-robin to the workers after their resident rows.
   const auto [cold_begin, cold_end] = store_->ColdRange();
@@ -370,7 +356,7 @@ void QueryEngine::RunBatch(std::vector<std::shared_ptr<Pending>>& batch) {
             o.timing.rows += v.n;
             o.timing.bytes_scanned += static_cast<uint64_t>(v.n) * v.k * sizeof(uint16_t);
             std::vector<std::vector<kernels::Candidate>> hp, hm;
-            absl::Status st = FromGpu(gpu_->scanner->ScanShard(
+            absl::Status st = gpu::ToAbsl(gpu_->scanner->ScanShard(
                 shard, {v.rows, v.n, v.first_index, v.index_stride, v.generation, v.rewrite_generation}, max_top,
                 max_harm, &hp, &hm));
             for (int j = 0; j < total_q && st.ok(); ++j) {

@@ -712,6 +712,65 @@ TEST(EngineDevice, NamesAreResolvedOrRefusedWithTheReason) {
   }
 }
 
+double Biggest(const std::vector<double>& v) {
+  double m = 0;
+  for (double x : v) m = std::max(m, std::fabs(x));
+  return m;
+}
+
+// The device-buffer form of the batched gradients (what the GPU sketch reads) holds GradientIdsBatch's values
+// rounded to float32, for the padded batch, the one-record path and the per-record fallback (norms selected).
+TEST(Engine, GradientRowsAreTheBatchedGradientsInFloat32) {
+  std::mt19937 rng(std::random_device{}());
+  for (const std::string pattern : {"", ".*"}) {
+    SCOPED_TRACE(pattern);
+    EngineOptions o;
+    o.param_pattern = pattern;
+    auto e = GradientEngine::Random(Tiny(false), rng(), o);
+    ASSERT_TRUE(e.ok());
+    std::vector<TokenizedExample> batch(3);
+    for (size_t r = 0; r < batch.size(); ++r) {
+      for (int i = 0; i < 6 + 3 * static_cast<int>(r); ++i) batch[r].ids.push_back(static_cast<int32_t>(rng() % 11));
+      batch[r].response_begin = 2 + static_cast<int>(r);
+    }
+    batch[1].loss_weights.assign(batch[1].ids.size() - batch[1].response_begin, 1.0);
+    batch[1].loss_weights[0] = 0.0;
+    for (size_t n : {size_t{1}, batch.size()}) {
+      const std::vector<TokenizedExample> part(batch.begin(), batch.begin() + n);
+      std::vector<std::vector<double>> ref;
+      std::vector<GradInfo> ref_infos, infos;
+      ASSERT_TRUE((*e)->GradientIdsBatch(part, true, &ref, &ref_infos).ok());
+      int calls = 0;
+      std::vector<float> got;
+      const absl::Status st = (*e)->GradientRowsBatch(
+          part, true,
+          [&](const float* rows, int64_t b) {
+            ++calls;
+            got.assign(rows, rows + b * (*e)->grad_dim());
+            return absl::OkStatus();
+          },
+          &infos);
+      ASSERT_TRUE(st.ok()) << st;
+      EXPECT_EQ(calls, 1);
+      ASSERT_EQ(got.size(), n * (*e)->grad_dim());
+      for (size_t r = 0; r < n; ++r) {
+        ASSERT_GT(Biggest(ref[r]), 1e-3);
+        for (int64_t i = 0; i < (*e)->grad_dim(); ++i) {
+          ASSERT_EQ(got[r * (*e)->grad_dim() + i], static_cast<float>(ref[r][i])) << "record " << r << " i " << i;
+        }
+      }
+      for (size_t r = 0; r < n; ++r) EXPECT_EQ(infos[r].loss, ref_infos[r].loss);
+    }
+    // The consumer's error comes back; an empty batch is refused.
+    std::vector<GradInfo> infos;
+    EXPECT_EQ((*e)->GradientRowsBatch(batch, true, [](const float*, int64_t) { return absl::DataLossError("x"); },
+                                      &infos).code(),
+              absl::StatusCode::kDataLoss);
+    EXPECT_EQ((*e)->GradientRowsBatch({}, true, [](const float*, int64_t) { return absl::OkStatus(); }, &infos).code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+}
+
 // Records are checked before they reach LibTorch, which would throw on them or read past a vector's end.
 TEST(Engine, MalformedTokenizedRecordsAreRefused) {
   EngineOptions o;

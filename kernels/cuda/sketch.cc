@@ -52,24 +52,50 @@ Status GpuSketch::ApplyDevice(const float* device_x, int batch, float* device_ou
   return Status::Ok();
 }
 
+Status GpuSketch::Reserve(int batch, bool input) {
+  if (input && batch > input_capacity_) {
+    cudaFree(x_buf_);
+    x_buf_ = nullptr;
+    input_capacity_ = 0;
+    RAPIDIN_CUDA_RETURN_IF_ERROR(
+        cudaMalloc(reinterpret_cast<void**>(&x_buf_), static_cast<size_t>(batch) * d_ * sizeof(float)),
+        "GpuSketch input buffer");
+    input_capacity_ = batch;
+  }
+  if (batch > batch_capacity_) {
+    cudaFree(out_buf_);
+    out_buf_ = nullptr;
+    batch_capacity_ = 0;
+    RAPIDIN_CUDA_RETURN_IF_ERROR(
+        cudaMalloc(reinterpret_cast<void**>(&out_buf_), static_cast<size_t>(batch) * k_ * sizeof(float)),
+        "GpuSketch output buffer");
+    batch_capacity_ = batch;
+  }
+  return Status::Ok();
+}
+
 Status GpuSketch::Apply(const float* x, int batch, float* out) {
   if (batch < 1) return Status(Code::kInvalidArgument, "GpuSketch::Apply: batch must be >= 1");
   std::lock_guard<std::mutex> l(mu_);
   RAPIDIN_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_), "cudaSetDevice");
-  if (batch > batch_capacity_) {
-    cudaFree(x_buf_);
-    cudaFree(out_buf_);
-    x_buf_ = out_buf_ = nullptr;
-    batch_capacity_ = 0;
-    RAPIDIN_CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(&x_buf_), static_cast<size_t>(batch) * d_ * sizeof(float)),
-                                 "GpuSketch input buffer");
-    RAPIDIN_CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(&out_buf_), static_cast<size_t>(batch) * k_ * sizeof(float)),
-                                 "GpuSketch output buffer");
-    batch_capacity_ = batch;
-  }
+  if (Status st = Reserve(batch, /*input=*/true); !st.ok()) return st;
   RAPIDIN_CUDA_RETURN_IF_ERROR(
       cudaMemcpy(x_buf_, x, static_cast<size_t>(batch) * d_ * sizeof(float), cudaMemcpyHostToDevice), "upload");
   RAPIDIN_CUDA_RETURN_IF_ERROR(LaunchSketch(entries_, bin_size_, k_, x_buf_, d_, batch, out_buf_, nullptr),
+                               "LaunchSketch");
+  RAPIDIN_CUDA_RETURN_IF_ERROR(
+      cudaMemcpy(out, out_buf_, static_cast<size_t>(batch) * k_ * sizeof(float), cudaMemcpyDeviceToHost),
+      "download");
+  return Status::Ok();
+}
+
+Status GpuSketch::ApplyDeviceToHost(const float* device_x, int batch, float* out) {
+  if (batch < 1) return Status(Code::kInvalidArgument, "GpuSketch::ApplyDeviceToHost: batch must be >= 1");
+  std::lock_guard<std::mutex> l(mu_);
+  RAPIDIN_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_), "cudaSetDevice");
+  if (Status st = Reserve(batch, /*input=*/false); !st.ok()) return st;
+  // The legacy default stream: ordered after the producer's work there, and cudaMemcpy waits for the kernel.
+  RAPIDIN_CUDA_RETURN_IF_ERROR(LaunchSketch(entries_, bin_size_, k_, device_x, d_, batch, out_buf_, nullptr),
                                "LaunchSketch");
   RAPIDIN_CUDA_RETURN_IF_ERROR(
       cudaMemcpy(out, out_buf_, static_cast<size_t>(batch) * k_ * sizeof(float), cudaMemcpyDeviceToHost),

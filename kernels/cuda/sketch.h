@@ -28,19 +28,22 @@ class GpuSketch {
   Status Apply(const float* x, int batch, float* out);
   // The same on device buffers, asynchronous on `stream` (a cudaStream_t).
   Status ApplyDevice(const float* device_x, int batch, float* device_out, void* stream);
+  // Device input (written on the legacy default stream, as LibTorch does), host output. Blocks until done.
+  Status ApplyDeviceToHost(const float* device_x, int batch, float* out);
 
   int64_t d() const { return d_; }
   int64_t k() const { return k_; }
 
  private:
   GpuSketch() = default;
+  Status Reserve(int batch, bool input);  // x_buf_ (when input) and out_buf_ for `batch` vectors; mu_ held
   int device_ = 0;
   int64_t d_ = 0, k_ = 0, bin_size_ = 0;
   uint32_t* entries_ = nullptr;  // bin_size x k
   std::mutex mu_;
   float* x_buf_ = nullptr;
   float* out_buf_ = nullptr;
-  int batch_capacity_ = 0;
+  int batch_capacity_ = 0, input_capacity_ = 0;
 };
 
 }  // namespace rapidin::gpu

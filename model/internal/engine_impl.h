@@ -275,24 +275,43 @@ struct GradientEngine::Impl {
     return Lin(x, cfg.tied_output ? "tok_embeddings.weight" : "output.weight", cap);
   }
 
+  // Selected parameter p's per-sample gradients (per_p: [B, ...]) as [B, numel] doubles on the device, scaled to
+  // unit L2 norm per row when normalize (a zero row stays zero).
+  static torch::Tensor Block(const torch::Tensor& per_p, int64_t B, bool normalize) {
+    auto g = per_p.to(torch::kDouble).reshape({B, -1});
+    if (!normalize) return g;
+    auto n = g.norm(2, 1, true);
+    return g / torch::where(n > 0, n, torch::ones_like(n));
+  }
+
   // Per-sample gradients (per[p]: [B, ...] for selected parameter p; undefined: zero) as B vectors of `dim`
-  // doubles, out[first + b]; each parameter's block scaled to unit L2 norm when normalize (a zero block stays zero).
+  // doubles, out[first + b], each parameter's block through Block().
   void Assemble(const std::vector<torch::Tensor>& per, int64_t B, bool normalize,
                 std::vector<std::vector<double>>* out, size_t first = 0) const {
     for (int64_t b = 0; b < B; ++b) (*out)[first + b].assign(dim, 0.0);
     for (size_t p = 0; p < infos.size(); ++p) {
       if (!per[p].defined()) continue;
-      auto g = per[p].to(torch::kDouble).reshape({B, -1});
-      if (normalize) {
-        auto n = g.norm(2, 1, true);
-        g = g / torch::where(n > 0, n, torch::ones_like(n));
-      }
-      g = g.to(torch::kCPU).contiguous();  // normalised on the device, one copy to the host
+      auto g = Block(per[p], B, normalize).to(torch::kCPU).contiguous();  // one copy to the host per block
       for (int64_t b = 0; b < B; ++b) {
         std::memcpy((*out)[first + b].data() + infos[p].offset, g[b].data_ptr<double>(), g.size(1) * sizeof(double));
       }
     }
   }
+
+  // The same as one [B, dim] float32 tensor on the engine's device (GradientRowsBatch).
+  torch::Tensor Rows(const std::vector<torch::Tensor>& per, int64_t B, bool normalize) const {
+    auto rows = torch::zeros({B, dim}, Opts().dtype(torch::kFloat));
+    for (size_t p = 0; p < infos.size(); ++p) {
+      if (per[p].defined()) rows.narrow(1, infos[p].offset, infos[p].numel).copy_(Block(per[p], B, normalize));
+    }
+    return rows;
+  }
+
+  // Per-sample gradients of a batch (per[p] as above) and each record's loss: one padded forward and backward
+  // pass (each linear layer's per-sample weight gradient from its recorded input and output gradient), or one
+  // autograd pass per record when the batch has one record or a selected parameter is not a weight matrix.
+  absl::Status PerSample(const std::vector<TokenizedExample>& batch, std::vector<torch::Tensor>* per,
+                         std::vector<double>* losses) const;
 
   torch::Tensor Ids(const std::vector<int32_t>& ids) const {
     std::vector<int64_t> v(ids.begin(), ids.end());

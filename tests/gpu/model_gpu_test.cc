@@ -2,7 +2,8 @@
 // batched), per-token gradients (every method, several threads), losses, logits and AdamW steps, in float64 (to
 // 1e-10) and float32 (to 1e-4 of the largest value, no TF32); with stories260K (when the shared data is there),
 // the same projection state and sketches on both devices, so that a store cached on one is queried from the other;
-// and a CUDA out-of-memory error returned as RESOURCE_EXHAUSTED, after which the engine still works.
+// the GPU featurizer's device sketch bitwise equal to the CPU sketch of the same gradient; and a CUDA
+// out-of-memory error returned as RESOURCE_EXHAUSTED, after which the engine still works.
 // Needs a LibTorch built with CUDA (Debian's is CPU-only: scripts/pack-gpu-tests.sh builds against PyTorch's)
 // and a visible GPU; skips otherwise.
 #include <algorithm>
@@ -248,12 +249,29 @@ TEST(ModelGpu, StoriesSketchesMatchAcrossDevices) {
   const std::vector<Example> exs = {
       {"Tell me a story about a cat.", "", "Once upon a time, there was a cat named Tom. Tom liked to play.", {}},
       {"Write one sentence.", "about the sun", "The sun was big and warm, and Lily smiled at it.", {}}};
+  std::vector<std::vector<float>> batched;
+  std::vector<absl::StatusOr<GradInfo>> infos;
+  (*gpu)->CompressBatch(exs, &batched, &infos);
   for (size_t i = 0; i < exs.size(); ++i) {
     std::vector<float> a, b;
     ASSERT_TRUE((*cpu)->Compress(exs[i], &a).ok());
     ASSERT_TRUE((*gpu)->Compress(exs[i], &b).ok());
     ExpectClose(std::vector<double>(a.begin(), a.end()), std::vector<double>(b.begin(), b.end()), 1e-4,
                 absl::StrCat("sketch of example ", i));
+    ASSERT_TRUE(infos[i].ok()) << infos[i].status();
+    ExpectClose(std::vector<double>(b.begin(), b.end()), std::vector<double>(batched[i].begin(), batched[i].end()),
+                1e-5, absl::StrCat("batched sketch of example ", i));
+    // The GPU featurizer sketches the engine's device buffer on the device: bitwise the CPU sketch of the same
+    // gradient brought to the host.
+    auto t = (*gpu)->engine().Tokenize(exs[i]);
+    ASSERT_TRUE(t.ok());
+    std::vector<std::vector<double>> g;
+    std::vector<GradInfo> gi;
+    ASSERT_TRUE((*gpu)->engine().GradientIdsBatch({*t}, true, &g, &gi).ok());
+    const std::vector<float> gf(g[0].begin(), g[0].end());
+    std::vector<float> host(b.size());
+    (*gpu)->sketch().Apply(gf.data(), host.data());
+    EXPECT_EQ(host, b) << "example " << i;
   }
 }
 

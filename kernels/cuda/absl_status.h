@@ -1,0 +1,28 @@
+// gpu::Status as absl::Status, for the layers above kernels/cuda/ (the GPU layer itself has no Abseil, so that
+// scripts/gpu-check.sh builds it with the CUDA toolkit alone).
+#ifndef RAPIDIN_KERNELS_CUDA_ABSL_STATUS_H_
+#define RAPIDIN_KERNELS_CUDA_ABSL_STATUS_H_
+
+#include "absl/status/status.h"
+#include "kernels/cuda/status.h"
+
+namespace rapidin::gpu {
+
+inline absl::Status ToAbsl(const Status& st) {
+  switch (st.code()) {
+    case Code::kOk:
+      return absl::OkStatus();
+    case Code::kInvalidArgument:
+      return absl::InvalidArgumentError(st.message());
+    case Code::kResourceExhausted:
+      return absl::ResourceExhaustedError(st.message());
+    case Code::kUnavailable:
+      return absl::UnavailableError(st.message());
+    default:
+      return absl::InternalError(st.message());
+  }
+}
+
+}  // namespace rapidin::gpu
+
+#endif  // RAPIDIN_KERNELS_CUDA_ABSL_STATUS_H_
