@@ -60,4 +60,9 @@ if [[ -f "$DATA/models/stories260K.bin" ]]; then
 else
   echo "pack: no shared data at $DATA: the stories260K comparison and the server run will skip"
 fi
-echo "pack: $(ls "$OUT/lib" | wc -l) libraries, $(du -sh "$OUT" | cut -f1) in $OUT (LibTorch ${built_version:-?})"
+# GoogleTest's sources, for gpu-check.sh's own build of the CUDA layer (the GPU machine has none).
+if [[ ! -f .gpu-deps/googletest/CMakeLists.txt && -f /usr/src/googletest/CMakeLists.txt ]]; then
+  cp -r /usr/src/googletest .gpu-deps/googletest
+fi
+echo "pack: $(ls "$OUT/lib" | wc -l) libraries, $(du -sh "$OUT" | cut -f1) in $OUT (LibTorch ${built_version:-?});" \
+  "carry .gpu-deps ($(du -sh .gpu-deps | cut -f1)) and run: bash scripts/gpu-check.sh"
