@@ -59,7 +59,8 @@ for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
 pids=()
 
-"$PY" - "$OUT" "$GPU_DEVICE" "$GPU_BACKEND" <<'PY'
+# The packed Debian libraries are for rapidin's binaries, not for Python.
+env -u LD_LIBRARY_PATH "$PY" - "$OUT" "$GPU_DEVICE" "$GPU_BACKEND" <<'PY'
 import json, sys
 out, device, backend = sys.argv[1:4]
 load = lambda name: json.load(open(f"{out}/{name}.json"))
