@@ -99,7 +99,7 @@ if [[ -x $PACK/gpu_backend_test ]]; then
     done
     if [[ -f $PACK/data/instructions/alpaca_5000.json ]]; then
       echo "== the service on the GPU against the service on the CPU (scripts/gpu-server-e2e.sh)"
-      if LD_LIBRARY_PATH=$libs N=$([[ -n "$QUICK" ]] && echo 100 || echo 500) bash scripts/gpu-server-e2e.sh "$PACK" \
+      if LD_LIBRARY_PATH=$libs N=$([[ -n "$QUICK" ]] && echo 200 || echo 500) bash scripts/gpu-server-e2e.sh "$PACK" \
            "$PACK/data" "$LOG/e2e" | tee "$LOG/e2e.md"; then e2e_rc=0; else e2e_rc=$?; fi
     fi
   fi

@@ -2,7 +2,7 @@
 # The service end to end on a GPU, against the same service on the CPU: caches the first N Alpaca records with
 # stories260K twice (gradients on the CPU, and on GPU_DEVICE), checks that both stores have the same projection
 # state, starts one rapidin-server per store (CPU: --backend cpu --model-device cpu; GPU: --backend GPU_BACKEND
-# --model-device GPU_DEVICE), asks both the same question by text with token attributions, and compares: the same
+# --model-device GPU_DEVICE, and a host budget that leaves most rows in the cold tier), asks both the same question by text with token attributions, and compares: the same
 # top records (a swap only between near-equal scores), scores within 1e-3, the GPU server's Stats showing its
 # vectors in GPU memory. Prints a table. scripts/gpu-check.sh runs it from the packed binaries.
 # Usage: gpu-server-e2e.sh BIN_DIR DATA_DIR OUT_DIR   (env: N=300, GPU_DEVICE=cuda, GPU_BACKEND=cuda; on a machine
@@ -12,6 +12,7 @@ BIN=$1 DATA=$2 OUT=$3
 N=${N:-300}
 GPU_DEVICE=${GPU_DEVICE:-cuda}
 GPU_BACKEND=${GPU_BACKEND:-cuda}
+GPU_HOST_BUDGET_MB=${GPU_HOST_BUDGET_MB:-1}  # the GPU server leaves the rows beyond this on disk (the cold tier)
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 rm -rf "$OUT/store_cpu" "$OUT/store_gpu"
@@ -37,7 +38,7 @@ port_gpu=$((port_cpu + 1))
   --listen "127.0.0.1:$port_cpu" --metrics-listen "" >"$OUT/server_cpu.log" 2>&1 &
 pids+=($!)
 "$BIN/rapidin-server" --store "$OUT/store_gpu" --model "$MODEL" --backend "$GPU_BACKEND" --model-device "$GPU_DEVICE" \
-  --listen "127.0.0.1:$port_gpu" --metrics-listen "" >"$OUT/server_gpu.log" 2>&1 &
+  --host-budget-mb "$GPU_HOST_BUDGET_MB" --listen "127.0.0.1:$port_gpu" --metrics-listen "" >"$OUT/server_gpu.log" 2>&1 &
 pids+=($!)
 for port in $port_cpu $port_gpu; do
   for _ in $(seq 300); do "$BIN/rapidin" stats --server "127.0.0.1:$port" >/dev/null 2>&1 && break; sleep 0.1; done
@@ -93,6 +94,8 @@ m = re.search(r"model \S+ on (\S+):", log)
 server_device = m.group(1) if m else "?"
 if server_device != cache["gpu"]["device"]:
     problems.append(f"the GPU server's model runs on {server_device}")
+if not any(t["tier"] == "cold" and int(t["records"]) > 0 for t in stats["gpu"].get("tiers", [])):
+    problems.append("the GPU server has no cold rows: raise N or lower GPU_HOST_BUDGET_MB")
 if backend == "cuda" and not any(t["tier"] in ("gpu", "streamed") and int(t["bytes"]) > 0
                                  for t in stats["gpu"].get("tiers", [])):
     problems.append("the GPU server's Stats show no vectors in GPU memory")
