@@ -1,5 +1,7 @@
 # rapidin server image (Debian 12). Build: docker build -t rapidin .
-# For GPU nodes build FROM an nvidia/cuda devel image of CUDA 13 and set RAPIDIN_ENABLE_CUDA=ON.
+# For GPU nodes build FROM an nvidia/cuda devel image of CUDA 13 and set RAPIDIN_ENABLE_CUDA=ON: scoring runs on the
+# GPUs. Debian's LibTorch is CPU-only, so gradients (--model-device auto) stay on the CPU unless rapidin is built
+# against a CUDA LibTorch (TORCH_PREFIX in scripts/configure.sh; README, "GPU").
 FROM debian:12 AS build
 RUN apt-get update && apt-get install -y --no-install-recommends sudo && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
