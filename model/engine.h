@@ -172,6 +172,13 @@ class GradientEngine {
   // Errors: INVALID_ARGUMENT for an empty range, a token id out of range, or more tokens than the context.
   absl::Status TokenGradientsIds(const std::vector<int32_t>& ids, int from, const TokenGradOptions& options,
                                  std::vector<std::vector<double>>* out) const;
+  // TokenGradientsIds for a consumer on the engine's device (the GPU sketch): each chunk of consecutive tokens
+  // as one row-major n x grad_dim float32 buffer in the engine's device memory, valid during
+  // consume(rows, first, n), where rows are the tokens from + first .. from + first + n - 1 (stream as for
+  // GradientRowsBatch). Chunks arrive in any order and, with options.threads > 1, from several threads at once.
+  using TokenRowsConsumer = std::function<absl::Status(const float* rows, int first, int n)>;
+  absl::Status TokenGradientRows(const std::vector<int32_t>& ids, int from, const TokenGradOptions& options,
+                                 const TokenRowsConsumer& consume) const;
   absl::StatusOr<double> LossIds(const TokenizedExample& t) const;
   // Logits of a token sequence, T x vocab, row-major (reference comparisons).
   absl::StatusOr<std::vector<float>> LogitsIds(const std::vector<int32_t>& ids) const;

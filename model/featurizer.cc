@@ -188,6 +188,20 @@ absl::Status Featurizer::TokenSketches(const std::vector<int32_t>& ids, int from
   // Enough chunks for every thread, none longer than 8 tokens (the fastest size in bench/results/tokens.md).
   const int n = static_cast<int>(ids.size()) - from;
   o.chunk = std::max(1, std::min(8, (n + o.threads - 1) / o.threads));
+  if (device_) {  // sketched on the device, chunk by chunk
+    const int64_t k = sketch_->params().k;
+    if (n > 0) out->assign(n, std::vector<float>(k));
+    return engine_->TokenGradientRows(ids, from, o, [&](const float* rows, int first, int count) {
+      std::vector<float> sk(static_cast<size_t>(count) * k);
+#if RAPIDIN_HAVE_CUDA
+      absl::Status s = gpu::ToAbsl(device_->sketch->ApplyDeviceToHost(rows, count, sk.data()));
+#else
+      absl::Status s = absl::InternalError("no CUDA layer");
+#endif
+      for (int i = 0; s.ok() && i < count; ++i) (*out)[first + i].assign(sk.begin() + i * k, sk.begin() + (i + 1) * k);
+      return s;
+    });
+  }
   absl::Status st = engine_->TokenGradientsIds(ids, from, o, &g);
   if (!st.ok()) return st;
   out->assign(g.size(), std::vector<float>(sketch_->params().k));

@@ -8,6 +8,7 @@
 // a loss's cotangent lives at one position only, so that part runs on one position per token; attention runs in
 // causal row blocks. Measured against the loop in bench/results/tokens.md.
 #include <atomic>
+#include <functional>
 #include <cmath>
 #include <set>
 #include <thread>
@@ -263,76 +264,123 @@ class SharedTokenBackprop {
 
 }  // namespace
 
+namespace {
+
+// One chunk of consecutive tokens [s0, s1): the shared method's per-sample tensors (per), or the other methods'
+// host vectors (host).
+using ChunkSink = std::function<absl::Status(int s0, int s1, const std::vector<torch::Tensor>* per,
+                                             std::vector<std::vector<double>>* host)>;
+
+// Validates, then runs the chunks of [from, ids.size()) over options.threads threads, handing each to `sink`.
+absl::Status ForEachTokenChunk(const GradientEngine& e, const GradientEngine::Impl& d, const std::vector<int32_t>& ids,
+                               int from, const TokenGradOptions& options, const ChunkSink& sink) {
+  const int T = static_cast<int>(ids.size());
+  const int chunk = options.method == TokenGradMethod::kLoop ? 1 : options.chunk;
+  const int threads = options.threads;
+  if (from < 1 || from >= T) {
+    return absl::InvalidArgumentError(absl::StrCat("token range [", from, ", ", T, ") is empty"));
+  }
+  if (chunk < 1 || threads < 1) return absl::InvalidArgumentError("chunk and threads must be >= 1");
+  if (T > d.cfg.seq_len) {
+    return absl::InvalidArgumentError(absl::StrCat(T, " tokens exceed the model's context of ", d.cfg.seq_len));
+  }
+  for (int32_t id : ids) {
+    if (id < 0 || id >= d.cfg.vocab_size) return absl::InvalidArgumentError("token id out of range");
+  }
+  std::unique_ptr<SharedTokenBackprop> shared;
+  if (options.method == TokenGradMethod::kShared) shared = std::make_unique<SharedTokenBackprop>(d, ids);
+  // Work items are chunks of consecutive tokens; threads take them in turn (autograd::grad is thread-safe, and the
+  // shared forward pass is only read).
+  std::atomic<int> next{from};
+  std::vector<absl::Status> status(threads);
+  auto work = [&](int w) {
+    for (int s0; (s0 = next.fetch_add(chunk)) < T;) {
+      const int s1 = std::min(T, s0 + chunk);
+      // A throw on a worker thread would end the process: convert it here.
+      absl::Status st = Guarded([&]() -> absl::Status {
+        if (shared) {
+          const std::vector<torch::Tensor> per = shared->Backward(s0, s1);
+          return sink(s0, s1, &per, nullptr);
+        }
+        std::vector<std::vector<double>> g(s1 - s0);
+        std::vector<TokenizedExample> copies;
+        for (int s = s0; s < s1; ++s) {
+          TokenizedExample t;
+          t.ids.assign(ids.begin(), ids.begin() + s + 1);  // the prefix and token s: loss on token s alone
+          t.response_begin = s;
+          copies.push_back(std::move(t));
+        }
+        if (copies.size() == 1) {
+          auto info = e.GradientIds(copies[0], options.normalize, &g[0]);
+          if (!info.ok()) return info.status();
+        } else {
+          std::vector<GradInfo> infos;
+          absl::Status bst = e.GradientIdsBatch(copies, options.normalize, &g, &infos);
+          if (!bst.ok()) return bst;
+        }
+        return sink(s0, s1, nullptr, &g);
+      });
+      if (!st.ok()) {
+        status[w] = st;
+        return;
+      }
+    }
+  };
+  if (threads == 1) {
+    work(0);
+  } else {
+    std::vector<std::thread> pool;
+    for (int w = 0; w < threads; ++w) pool.emplace_back(work, w);
+    for (auto& th : pool) th.join();
+  }
+  for (const auto& st : status) {
+    if (!st.ok()) return st;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status GradientEngine::TokenGradientsIds(const std::vector<int32_t>& ids, int from,
                                                const TokenGradOptions& options,
                                                std::vector<std::vector<double>>* out) const {
   return Guarded([&]() -> absl::Status {
     const Impl& d = *impl_;
-    const int T = static_cast<int>(ids.size());
-    const int chunk = options.method == TokenGradMethod::kLoop ? 1 : options.chunk;
-    const int threads = options.threads;
-    if (from < 1 || from >= T) {
-      return absl::InvalidArgumentError(absl::StrCat("token range [", from, ", ", T, ") is empty"));
-    }
-    if (chunk < 1 || threads < 1) return absl::InvalidArgumentError("chunk and threads must be >= 1");
-    if (T > d.cfg.seq_len) {
-      return absl::InvalidArgumentError(absl::StrCat(T, " tokens exceed the model's context of ", d.cfg.seq_len));
-    }
-    for (int32_t id : ids) {
-      if (id < 0 || id >= d.cfg.vocab_size) return absl::InvalidArgumentError("token id out of range");
-    }
-    out->assign(T - from, {});
-    std::unique_ptr<SharedTokenBackprop> shared;
-    if (options.method == TokenGradMethod::kShared) shared = std::make_unique<SharedTokenBackprop>(d, ids);
-    // Work items are chunks of consecutive tokens; threads take them in turn (autograd::grad is thread-safe, and the
-    // shared forward pass is only read).
-    std::atomic<int> next{from};
-    std::vector<absl::Status> status(threads);
-    auto work = [&](int w) {
-      for (int s0; (s0 = next.fetch_add(chunk)) < T;) {
-        const int s1 = std::min(T, s0 + chunk);
-        std::vector<std::vector<double>> g(s1 - s0);
-        absl::Status st;
-        if (shared) {
-          // A throw on a worker thread would end the process: convert it here.
-          st = Guarded([&]() -> absl::Status {
-            d.Assemble(shared->Backward(s0, s1), s1 - s0, options.normalize, &g);
-            return absl::OkStatus();
-          });
-        } else {
-          std::vector<TokenizedExample> copies;
-          for (int s = s0; s < s1; ++s) {
-            TokenizedExample t;
-            t.ids.assign(ids.begin(), ids.begin() + s + 1);  // the prefix and token s: loss on token s alone
-            t.response_begin = s;
-            copies.push_back(std::move(t));
-          }
-          if (copies.size() == 1) {
-            auto info = GradientIds(copies[0], options.normalize, &g[0]);
-            if (!info.ok()) st = info.status();
-          } else {
-            std::vector<GradInfo> infos;
-            st = GradientIdsBatch(copies, options.normalize, &g, &infos);
-          }
-        }
-        if (!st.ok()) {
-          status[w] = st;
-          return;
-        }
-        for (size_t i = 0; i < g.size(); ++i) (*out)[s0 - from + i] = std::move(g[i]);
-      }
-    };
-    if (threads == 1) {
-      work(0);
-    } else {
-      std::vector<std::thread> pool;
-      for (int w = 0; w < threads; ++w) pool.emplace_back(work, w);
-      for (auto& th : pool) th.join();
-    }
-    for (const auto& st : status) {
-      if (!st.ok()) return st;
-    }
-    return absl::OkStatus();
+    if (from >= 1 && from < static_cast<int>(ids.size())) out->assign(ids.size() - from, {});
+    return ForEachTokenChunk(*this, d, ids, from, options,
+                             [&](int s0, int s1, const std::vector<torch::Tensor>* per,
+                                 std::vector<std::vector<double>>* host) {
+                               if (per) {
+                                 d.Assemble(*per, s1 - s0, options.normalize, out, s0 - from);
+                               } else {
+                                 for (int s = s0; s < s1; ++s) (*out)[s - from] = std::move((*host)[s - s0]);
+                               }
+                               return absl::OkStatus();
+                             });
+  });
+}
+
+absl::Status GradientEngine::TokenGradientRows(const std::vector<int32_t>& ids, int from,
+                                               const TokenGradOptions& options,
+                                               const TokenRowsConsumer& consume) const {
+  return Guarded([&]() -> absl::Status {
+    const Impl& d = *impl_;
+    return ForEachTokenChunk(*this, d, ids, from, options,
+                             [&](int s0, int s1, const std::vector<torch::Tensor>* per,
+                                 std::vector<std::vector<double>>* host) {
+                               const int n = s1 - s0;
+                               torch::Tensor rows;
+                               if (per) {
+                                 rows = d.Rows(*per, n, options.normalize);
+                               } else {  // the reference methods: their host vectors, to the device
+                                 rows = torch::empty({n, d.dim}, torch::kFloat);
+                                 for (int i = 0; i < n; ++i) {
+                                   std::copy((*host)[i].begin(), (*host)[i].end(), rows[i].data_ptr<float>());
+                                 }
+                                 rows = rows.to(d.device);
+                               }
+                               return consume(rows.data_ptr<float>(), s0 - from, n);
+                             });
   });
 }
 

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <mutex>
 #include <random>
 #include <sstream>
 #include <tuple>
@@ -767,6 +768,50 @@ TEST(Engine, GradientRowsAreTheBatchedGradientsInFloat32) {
                                       &infos).code(),
               absl::StatusCode::kDataLoss);
     EXPECT_EQ((*e)->GradientRowsBatch({}, true, [](const float*, int64_t) { return absl::OkStatus(); }, &infos).code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+}
+
+// The same for per-token gradients, chunk by chunk, for every method, from several threads.
+TEST(TokenGradients, RowsAreThePerTokenGradientsInFloat32) {
+  std::mt19937 rng(std::random_device{}());
+  EngineOptions o;
+  auto e = GradientEngine::Random(Tiny(true), rng(), o);
+  ASSERT_TRUE(e.ok());
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 15; ++i) ids.push_back(static_cast<int32_t>(rng() % 11));
+  if (ids[1] == ids[0]) ids[1] = (ids[0] + 1) % 11;
+  const int from = 3, dim = static_cast<int>((*e)->grad_dim());
+  for (const auto& [method, chunk, threads] : std::vector<std::tuple<TokenGradMethod, int, int>>{
+           {TokenGradMethod::kShared, 4, 2}, {TokenGradMethod::kCopies, 3, 1}, {TokenGradMethod::kLoop, 1, 2}}) {
+    SCOPED_TRACE(static_cast<int>(method));
+    TokenGradOptions to;
+    to.method = method;
+    to.chunk = chunk;
+    to.threads = threads;
+    std::vector<std::vector<double>> ref;
+    ASSERT_TRUE((*e)->TokenGradientsIds(ids, from, to, &ref).ok());
+    std::mutex mu;
+    std::vector<std::vector<float>> got(ref.size());
+    std::vector<int> seen(ref.size(), 0);
+    const absl::Status st = (*e)->TokenGradientRows(ids, from, to, [&](const float* rows, int first, int n) {
+      std::lock_guard<std::mutex> l(mu);
+      for (int i = 0; i < n; ++i) {
+        got[first + i].assign(rows + static_cast<int64_t>(i) * dim, rows + static_cast<int64_t>(i + 1) * dim);
+        ++seen[first + i];
+      }
+      return absl::OkStatus();
+    });
+    ASSERT_TRUE(st.ok()) << st;
+    for (size_t t = 0; t < ref.size(); ++t) {
+      ASSERT_EQ(seen[t], 1) << "token " << t;
+      ASSERT_GT(Biggest(ref[t]), 1e-3);
+      for (int i = 0; i < dim; ++i) ASSERT_EQ(got[t][i], static_cast<float>(ref[t][i])) << "token " << t << " i " << i;
+    }
+    EXPECT_EQ((*e)->TokenGradientRows(ids, from, to, [](const float*, int, int) { return absl::DataLossError("x"); })
+                  .code(),
+              absl::StatusCode::kDataLoss);
+    EXPECT_EQ((*e)->TokenGradientRows(ids, 0, to, [](const float*, int, int) { return absl::OkStatus(); }).code(),
               absl::StatusCode::kInvalidArgument);
   }
 }

@@ -2,7 +2,8 @@
 // batched), per-token gradients (every method, several threads), losses, logits and AdamW steps, in float64 (to
 // 1e-10) and float32 (to 1e-4 of the largest value, no TF32); with stories260K (when the shared data is there),
 // the same projection state and sketches on both devices, so that a store cached on one is queried from the other;
-// the GPU featurizer's device sketch bitwise equal to the CPU sketch of the same gradient; and a CUDA
+// the GPU featurizer's device sketch bitwise equal to the CPU sketch of the same gradient (per-token sketches to
+// 1e-5); and a CUDA
 // out-of-memory error returned as RESOURCE_EXHAUSTED, after which the engine still works.
 // Needs a LibTorch built with CUDA (Debian's is CPU-only: scripts/pack-gpu-tests.sh builds against PyTorch's)
 // and a visible GPU; skips otherwise.
@@ -272,6 +273,20 @@ TEST(ModelGpu, StoriesSketchesMatchAcrossDevices) {
     std::vector<float> host(b.size());
     (*gpu)->sketch().Apply(gf.data(), host.data());
     EXPECT_EQ(host, b) << "example " << i;
+    // Token sketches (attributions) on the device against the CPU sketch of the host per-token gradients.
+    std::vector<std::vector<float>> tok;
+    const int from = t->response_begin;
+    ASSERT_TRUE((*gpu)->TokenSketches(t->ids, from, &tok).ok());
+    std::vector<std::vector<double>> tg;
+    ASSERT_TRUE((*gpu)->engine().TokenGradientsIds(t->ids, from, TokenGradOptions{}, &tg).ok());
+    ASSERT_EQ(tok.size(), tg.size());
+    for (size_t s = 0; s < tg.size(); s += 5) {
+      const std::vector<float> f(tg[s].begin(), tg[s].end());
+      std::vector<float> ref(b.size());
+      (*gpu)->sketch().Apply(f.data(), ref.data());
+      ExpectClose(std::vector<double>(ref.begin(), ref.end()), std::vector<double>(tok[s].begin(), tok[s].end()),
+                  1e-5, absl::StrCat("token sketch ", s, " of example ", i));
+    }
   }
 }
 
