@@ -74,14 +74,9 @@ Status GpuSketch::Reserve(int batch, bool input) {
   return Status::Ok();
 }
 
-Status GpuSketch::Apply(const float* x, int batch, float* out) {
-  if (batch < 1) return Status(Code::kInvalidArgument, "GpuSketch::Apply: batch must be >= 1");
-  std::lock_guard<std::mutex> l(mu_);
-  RAPIDIN_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_), "cudaSetDevice");
-  if (Status st = Reserve(batch, /*input=*/true); !st.ok()) return st;
-  RAPIDIN_CUDA_RETURN_IF_ERROR(
-      cudaMemcpy(x_buf_, x, static_cast<size_t>(batch) * d_ * sizeof(float), cudaMemcpyHostToDevice), "upload");
-  RAPIDIN_CUDA_RETURN_IF_ERROR(LaunchSketch(entries_, bin_size_, k_, x_buf_, d_, batch, out_buf_, nullptr),
+Status GpuSketch::SketchToHost(const float* device_x, int batch, float* out) {
+  // On the legacy default stream: ordered after the producer's work there; cudaMemcpy waits for the kernel.
+  RAPIDIN_CUDA_RETURN_IF_ERROR(LaunchSketch(entries_, bin_size_, k_, device_x, d_, batch, out_buf_, nullptr),
                                "LaunchSketch");
   RAPIDIN_CUDA_RETURN_IF_ERROR(
       cudaMemcpy(out, out_buf_, static_cast<size_t>(batch) * k_ * sizeof(float), cudaMemcpyDeviceToHost),
@@ -89,18 +84,22 @@ Status GpuSketch::Apply(const float* x, int batch, float* out) {
   return Status::Ok();
 }
 
+Status GpuSketch::Apply(const float* x, int batch, float* out) {
+  if (batch < 1) return Status(Code::kInvalidArgument, "GpuSketch::Apply: batch must be >= 1");
+  std::lock_guard<std::mutex> l(mu_);
+  RAPIDIN_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_), "cudaSetDevice");
+  if (Status st = Reserve(batch, /*input=*/true); !st.ok()) return st;
+  RAPIDIN_CUDA_RETURN_IF_ERROR(
+      cudaMemcpy(x_buf_, x, static_cast<size_t>(batch) * d_ * sizeof(float), cudaMemcpyHostToDevice), "upload");
+  return SketchToHost(x_buf_, batch, out);
+}
+
 Status GpuSketch::ApplyDeviceToHost(const float* device_x, int batch, float* out) {
   if (batch < 1) return Status(Code::kInvalidArgument, "GpuSketch::ApplyDeviceToHost: batch must be >= 1");
   std::lock_guard<std::mutex> l(mu_);
   RAPIDIN_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_), "cudaSetDevice");
   if (Status st = Reserve(batch, /*input=*/false); !st.ok()) return st;
-  // The legacy default stream: ordered after the producer's work there, and cudaMemcpy waits for the kernel.
-  RAPIDIN_CUDA_RETURN_IF_ERROR(LaunchSketch(entries_, bin_size_, k_, device_x, d_, batch, out_buf_, nullptr),
-                               "LaunchSketch");
-  RAPIDIN_CUDA_RETURN_IF_ERROR(
-      cudaMemcpy(out, out_buf_, static_cast<size_t>(batch) * k_ * sizeof(float), cudaMemcpyDeviceToHost),
-      "download");
-  return Status::Ok();
+  return SketchToHost(device_x, batch, out);
 }
 
 }  // namespace rapidin::gpu

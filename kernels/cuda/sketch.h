@@ -37,6 +37,7 @@ class GpuSketch {
  private:
   GpuSketch() = default;
   Status Reserve(int batch, bool input);  // x_buf_ (when input) and out_buf_ for `batch` vectors; mu_ held
+  Status SketchToHost(const float* device_x, int batch, float* out);  // through out_buf_; mu_ held
   int device_ = 0;
   int64_t d_ = 0, k_ = 0, bin_size_ = 0;
   uint32_t* entries_ = nullptr;  // bin_size x k
