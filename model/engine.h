@@ -45,9 +45,9 @@ struct EngineOptions {
   int max_length = 512;         // tokens, BOS and EOS included
   bool use_double = false;      // compute in float64 (tests)
   // Where the weights live and gradients are computed: "cpu", "cuda" (= "cuda:0"), "cuda:N", or "auto" (cuda:0
-  // when this LibTorch build has CUDA and a device is visible, else cpu). Gradients come back to host memory, and
-  // the same inputs give the same gradients on every device up to rounding (no TF32), so a store cached on one
-  // device can be queried with gradients from another.
+  // when this LibTorch build has CUDA and a device is visible, else cpu). The *Ids methods bring gradients back
+  // to host memory, the *Rows methods leave them on the device. The same inputs give the same gradients on every
+  // device up to rounding (no TF32), so a store cached on one device can be queried with gradients from another.
   std::string device = "cpu";
 };
 
