@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels/half.h"
+#include "kernels/placement.h"
 #include "kernels/score.h"
 #include "kernels/topk.h"
 
@@ -216,6 +217,67 @@ TEST(ScanTopK, ShardedScanEqualsBruteForce) {
         }
       }
     }
+  }
+}
+
+}  // namespace
+}  // namespace rapidin::kernels
+
+namespace rapidin::kernels {
+namespace {
+
+// GPU shard placement (several devices can only be simulated here: the GPU machine has one).
+TEST(Placement, LargestFirstOnTheFreestDeviceElseWarmOnTheLeastLoaded) {
+  // Sizes in order 400 250 120 90 60 50 against budgets {100, 300, 200}: 400 fits nowhere (warm on device 0),
+  // 250 -> 1 (300 left), 120 -> 2 (200), 90 -> 0 (100), 60 -> 2 (80), 50 -> 1 (exactly its 50).
+  const auto p = PlaceShards({50, 250, 120, 400, 90, 60}, {100, 300, 200});
+  const std::vector<std::pair<int, bool>> want = {{1, true}, {1, true}, {2, true}, {0, false}, {0, true}, {2, true}};
+  ASSERT_EQ(p.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(p[i].device, want[i].first) << "shard " << i;
+    EXPECT_EQ(p[i].hot, want[i].second) << "shard " << i;
+  }
+  // No hot budget: warm shards go to the device with the fewest warm bytes so far (5 -> 0, 3 -> 1, 3 -> 1, 2 -> 0).
+  const auto w = PlaceShards({5, 3, 3, 2}, {0, 0});
+  EXPECT_EQ((std::vector<int>{w[0].device, w[1].device, w[2].device, w[3].device}), (std::vector<int>{0, 1, 1, 0}));
+  for (const auto& x : w) EXPECT_FALSE(x.hot);
+  for (const auto& x : PlaceShards({7, 1}, {})) EXPECT_EQ(x.device, 0);
+}
+
+TEST(Placement, RandomLayoutsKeepBudgetsAndBalanceWarmBytes) {
+  std::mt19937 rng(std::random_device{}());
+  for (int iter = 0; iter < 500; ++iter) {
+    const int devices = 1 + static_cast<int>(rng() % 4), shards = static_cast<int>(rng() % 20);
+    std::vector<uint64_t> budget(devices), bytes(shards);
+    for (auto& b : budget) b = rng() % 1000;
+    for (auto& b : bytes) b = 1 + rng() % 400;
+    const auto p = PlaceShards(bytes, budget);
+    ASSERT_EQ(p.size(), bytes.size());
+    std::vector<uint64_t> hot(devices, 0), warm(devices, 0);
+    uint64_t largest_warm = 0;
+    for (int s = 0; s < shards; ++s) {
+      ASSERT_GE(p[s].device, 0);
+      ASSERT_LT(p[s].device, devices);
+      (p[s].hot ? hot : warm)[p[s].device] += bytes[s];
+      if (!p[s].hot) largest_warm = std::max(largest_warm, bytes[s]);
+    }
+    for (int d = 0; d < devices; ++d) EXPECT_LE(hot[d], budget[d]) << "iteration " << iter << " device " << d;
+    // A warm shard is one that fitted on no device when its turn came (largest first): replay the budgets.
+    std::vector<int> order(shards);
+    for (int s = 0; s < shards; ++s) order[s] = s;
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return bytes[a] > bytes[b]; });
+    std::vector<uint64_t> left = budget;
+    for (int s : order) {
+      const uint64_t most = *std::max_element(left.begin(), left.end());
+      if (p[s].hot) {
+        EXPECT_EQ(left[p[s].device], most) << "iteration " << iter << ": hot shard " << s << " not on the freest device";
+        left[p[s].device] -= bytes[s];
+      } else {
+        EXPECT_GT(bytes[s], most) << "iteration " << iter << ": warm shard " << s << " would have fitted";
+      }
+    }
+    const auto [lo, hi] = std::minmax_element(warm.begin(), warm.end());
+    EXPECT_LE(*hi - *lo, largest_warm) << "iteration " << iter;
   }
 }
 

@@ -11,6 +11,7 @@
 #endif
 
 #include "kernels/cuda/internal/check.h"
+#include "kernels/placement.h"
 
 namespace rapidin::gpu {
 namespace {
@@ -218,25 +219,13 @@ Status Scanner::Place(const std::vector<uint64_t>& shard_bytes) {
   for (auto& d : m.devices) d->warm_assigned = 0;
   std::vector<uint64_t> left;
   for (auto& d : m.devices) left.push_back(d->hot_budget - d->hot_used);
-  std::vector<int> order(shard_bytes.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int>(i);
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return shard_bytes[a] > shard_bytes[b]; });
+  const std::vector<kernels::ShardPlace> places = kernels::PlaceShards(shard_bytes, left);
   m.shards.resize(shard_bytes.size());
-  for (int s : order) {
+  for (size_t s = 0; s < places.size(); ++s) {
     auto sh = std::make_unique<Impl::Shard>();
-    const int best = static_cast<int>(std::max_element(left.begin(), left.end()) - left.begin());
-    if (shard_bytes[s] <= left[best]) {
-      sh->device = best;
-      sh->hot = true;
-      left[best] -= shard_bytes[s];
-    } else {
-      int least = 0;
-      for (size_t d = 1; d < m.devices.size(); ++d) {
-        if (m.devices[d]->warm_assigned < m.devices[least]->warm_assigned) least = static_cast<int>(d);
-      }
-      sh->device = least;
-      m.devices[least]->warm_assigned += shard_bytes[s];
-    }
+    sh->device = places[s].device;
+    sh->hot = places[s].hot;
+    if (!sh->hot) m.devices[sh->device]->warm_assigned += shard_bytes[s];
     m.shards[s] = std::move(sh);
   }
   return Status::Ok();
