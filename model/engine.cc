@@ -61,6 +61,17 @@ TorchRuntime GetTorchRuntime() {
   return r;
 }
 
+absl::Status CheckIds(const std::vector<int32_t>& ids, int vocab_size) {
+  for (int32_t id : ids) {
+    if (id < 0 || id >= vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is outside the vocabulary of ", vocab_size));
+    }
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
 absl::StatusOr<torch::Device> ResolveDevice(const std::string& name) {
   const TorchRuntime rt = GetTorchRuntime();
   if (name == "cpu") return torch::Device(torch::kCPU);
@@ -77,9 +88,6 @@ absl::StatusOr<torch::Device> ResolveDevice(const std::string& name) {
   }
   return torch::Device(torch::kCUDA, index);
 }
-
-
-namespace {
 
 absl::StatusOr<nlohmann::json> ReadJson(const std::string& path) {
   std::ifstream in(path);
@@ -144,11 +152,7 @@ const std::vector<std::pair<std::string, std::string>>& HfModules() {
 absl::Status CheckRecord(const TokenizedExample& t, int vocab_size) {
   const int64_t n = static_cast<int64_t>(t.ids.size());
   if (t.response_begin < 1 || t.response_begin >= n) return absl::InvalidArgumentError("no response tokens");
-  for (int32_t id : t.ids) {
-    if (id < 0 || id >= vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is outside the vocabulary of ", vocab_size));
-    }
-  }
+  if (absl::Status st = CheckIds(t.ids, vocab_size); !st.ok()) return st;
   if (t.loss_weights.empty()) return absl::OkStatus();
   if (static_cast<int64_t>(t.loss_weights.size()) != n - t.response_begin) {
     return absl::InvalidArgumentError(
@@ -539,9 +543,7 @@ absl::StatusOr<std::vector<float>> GradientEngine::LogitsIds(const std::vector<i
     if (ids.empty() || static_cast<int>(ids.size()) > impl_->cfg.seq_len) {
       return absl::InvalidArgumentError("bad length");
     }
-    for (int32_t id : ids) {
-      if (id < 0 || id >= impl_->cfg.vocab_size) return absl::InvalidArgumentError(absl::StrCat("token id ", id));
-    }
+    if (absl::Status st = CheckIds(ids, impl_->cfg.vocab_size); !st.ok()) return st;
     auto l = impl_->Forward(impl_->Ids(ids)).to(torch::kCPU, torch::kFloat).contiguous();
     return std::vector<float>(l.data_ptr<float>(), l.data_ptr<float>() + l.numel());
   });
@@ -557,23 +559,12 @@ absl::StatusOr<double> GradientEngine::LossIds(const TokenizedExample& t) const 
 
 absl::StatusOr<GradInfo> GradientEngine::GradientIds(const TokenizedExample& t, bool normalize,
                                                      std::vector<double>* out) const {
-  return Guarded([&]() -> absl::StatusOr<GradInfo> {
-    if (absl::Status st = CheckRecord(t, impl_->cfg.vocab_size); !st.ok()) return st;
-    const Leaves leaves = impl_->MakeLeaves();
-    LeavesScope scope(&leaves);
-    auto loss = impl_->ResponseLoss(t);
-    auto grads = torch::autograd::grad({loss}, leaves.selected);
-    for (auto& g : grads) g = g.detach().unsqueeze(0);  // a batch of one for Assemble
-    std::vector<std::vector<double>> one(1);
-    impl_->Assemble(grads, 1, normalize, &one);
-    *out = std::move(one[0]);
-    GradInfo info;
-    info.tokens = static_cast<int>(t.ids.size());
-    info.response_tokens = static_cast<int>(t.ids.size()) - t.response_begin;
-    info.truncated = t.truncated;
-    info.loss = loss.item<double>();
-    return info;
-  });
+  // A batch of one takes PerSample's per-record autograd pass: the reference the batched path is tested against.
+  std::vector<std::vector<double>> one;
+  std::vector<GradInfo> infos;
+  if (absl::Status st = GradientIdsBatch({t}, normalize, &one, &infos); !st.ok()) return st;
+  *out = std::move(one[0]);
+  return infos[0];
 }
 
 absl::Status GradientEngine::Impl::PerSample(const std::vector<TokenizedExample>& batch,

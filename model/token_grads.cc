@@ -284,9 +284,7 @@ absl::Status ForEachTokenChunk(const GradientEngine& e, const GradientEngine::Im
   if (T > d.cfg.seq_len) {
     return absl::InvalidArgumentError(absl::StrCat(T, " tokens exceed the model's context of ", d.cfg.seq_len));
   }
-  for (int32_t id : ids) {
-    if (id < 0 || id >= d.cfg.vocab_size) return absl::InvalidArgumentError("token id out of range");
-  }
+  if (absl::Status st = CheckIds(ids, d.cfg.vocab_size); !st.ok()) return st;
   std::unique_ptr<SharedTokenBackprop> shared;
   if (options.method == TokenGradMethod::kShared) shared = std::make_unique<SharedTokenBackprop>(d, ids);
   // Work items are chunks of consecutive tokens; threads take them in turn (autograd::grad is thread-safe, and the

@@ -69,6 +69,9 @@ extern thread_local const Leaves* tls_leaves;
 // LibTorch reports failures (CUDA out of memory, a device-side error) by throwing; the engine returns them as a
 // Status (RESOURCE_EXHAUSTED for memory, else INTERNAL). Guarded(f) runs f and converts what it throws.
 absl::Status TorchError(const std::exception& e);
+
+// INVALID_ARGUMENT naming the first id outside [0, vocab_size).
+absl::Status CheckIds(const std::vector<int32_t>& ids, int vocab_size);
 template <class F>
 auto Guarded(F&& f) -> decltype(f()) {
   try {
