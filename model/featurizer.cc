@@ -19,10 +19,19 @@
 
 namespace rapidin::model {
 
+// Made only when the CUDA layer is built (Featurizer::Create).
 struct Featurizer::Device {
 #if RAPIDIN_HAVE_CUDA
   std::unique_ptr<gpu::GpuSketch> sketch;
 #endif
+  // out[i * k ...] = C(rows[i]) for n rows of the engine's device buffer.
+  absl::Status Sketch(const float* rows, int64_t n, float* out) const {
+#if RAPIDIN_HAVE_CUDA
+    return gpu::ToAbsl(sketch->ApplyDeviceToHost(rows, static_cast<int>(n), out));
+#else
+    return absl::InternalError("no CUDA layer");
+#endif
+  }
 };
 
 absl::Status ResolveTokenizer(EngineOptions* eo) {
@@ -131,11 +140,7 @@ void Featurizer::CompressBatch(const std::vector<Example>& exs, std::vector<std:
         [&](const float* rows, int64_t n) {
           const auto ts = Clock::now();
           all.resize(n * k);
-#if RAPIDIN_HAVE_CUDA
-          absl::Status s = gpu::ToAbsl(device_->sketch->ApplyDeviceToHost(rows, static_cast<int>(n), all.data()));
-#else
-          absl::Status s = absl::InternalError("no CUDA layer");
-#endif
+          absl::Status s = device_->Sketch(rows, n, all.data());
           sketch_s = std::chrono::duration<double>(Clock::now() - ts).count();
           return s;
         },
@@ -193,11 +198,7 @@ absl::Status Featurizer::TokenSketches(const std::vector<int32_t>& ids, int from
     if (n > 0) out->assign(n, std::vector<float>(k));
     return engine_->TokenGradientRows(ids, from, o, [&](const float* rows, int first, int count) {
       std::vector<float> sk(static_cast<size_t>(count) * k);
-#if RAPIDIN_HAVE_CUDA
-      absl::Status s = gpu::ToAbsl(device_->sketch->ApplyDeviceToHost(rows, count, sk.data()));
-#else
-      absl::Status s = absl::InternalError("no CUDA layer");
-#endif
+      absl::Status s = device_->Sketch(rows, count, sk.data());
       for (int i = 0; s.ok() && i < count; ++i) (*out)[first + i].assign(sk.begin() + i * k, sk.begin() + (i + 1) * k);
       return s;
     });
