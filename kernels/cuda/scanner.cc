@@ -63,7 +63,7 @@ struct Scanner::Impl {
     Buffer queries, scores, scratch, stage[2];
     Buffer res[4];        // helpful keys, helpful rows, harmful keys, harmful rows
     Buffer host_res[4];   // pinned copies of res
-    uint64_t hot_budget = 0, hot_used = 0, warm_assigned = 0;
+    uint64_t hot_budget = 0, hot_used = 0;
 #if RAPIDIN_HAVE_NCCL
     ncclComm_t comm = nullptr;
 #endif
@@ -216,7 +216,6 @@ Status Scanner::Place(const std::vector<uint64_t>& shard_bytes) {
   Impl& m = *impl_;
   for (auto& s : m.shards) m.FreeShard(*m.devices[s->device], *s);
   m.shards.clear();
-  for (auto& d : m.devices) d->warm_assigned = 0;
   std::vector<uint64_t> left;
   for (auto& d : m.devices) left.push_back(d->hot_budget - d->hot_used);
   const std::vector<kernels::ShardPlace> places = kernels::PlaceShards(shard_bytes, left);
@@ -225,7 +224,6 @@ Status Scanner::Place(const std::vector<uint64_t>& shard_bytes) {
     auto sh = std::make_unique<Impl::Shard>();
     sh->device = places[s].device;
     sh->hot = places[s].hot;
-    if (!sh->hot) m.devices[sh->device]->warm_assigned += shard_bytes[s];
     m.shards[s] = std::move(sh);
   }
   return Status::Ok();

@@ -52,26 +52,27 @@ Status GpuSketch::ApplyDevice(const float* device_x, int batch, float* device_ou
   return Status::Ok();
 }
 
-Status GpuSketch::Reserve(int batch, bool input) {
-  if (input && batch > input_capacity_) {
-    cudaFree(x_buf_);
-    x_buf_ = nullptr;
-    input_capacity_ = 0;
-    RAPIDIN_CUDA_RETURN_IF_ERROR(
-        cudaMalloc(reinterpret_cast<void**>(&x_buf_), static_cast<size_t>(batch) * d_ * sizeof(float)),
-        "GpuSketch input buffer");
-    input_capacity_ = batch;
-  }
-  if (batch > batch_capacity_) {
-    cudaFree(out_buf_);
-    out_buf_ = nullptr;
-    batch_capacity_ = 0;
-    RAPIDIN_CUDA_RETURN_IF_ERROR(
-        cudaMalloc(reinterpret_cast<void**>(&out_buf_), static_cast<size_t>(batch) * k_ * sizeof(float)),
-        "GpuSketch output buffer");
-    batch_capacity_ = batch;
-  }
+namespace {
+
+// Makes *buf hold at least `batch` vectors of `width` floats (reallocated, contents dropped, when it grows).
+Status Grow(float** buf, int* capacity, int batch, int64_t width, const char* what) {
+  if (batch <= *capacity) return Status::Ok();
+  cudaFree(*buf);
+  *buf = nullptr;
+  *capacity = 0;
+  RAPIDIN_CUDA_RETURN_IF_ERROR(
+      cudaMalloc(reinterpret_cast<void**>(buf), static_cast<size_t>(batch) * width * sizeof(float)), what);
+  *capacity = batch;
   return Status::Ok();
+}
+
+}  // namespace
+
+Status GpuSketch::Reserve(int batch, bool input) {
+  if (input) {
+    if (Status st = Grow(&x_buf_, &input_capacity_, batch, d_, "GpuSketch input buffer"); !st.ok()) return st;
+  }
+  return Grow(&out_buf_, &batch_capacity_, batch, k_, "GpuSketch output buffer");
 }
 
 Status GpuSketch::SketchToHost(const float* device_x, int batch, float* out) {
