@@ -20,6 +20,7 @@ namespace rapidin::model {
 namespace {
 
 using rapidin::testing::SharedData;
+using rapidin::testing::MaxAbs;
 std::string ModelPath() { return SharedData() + "/models/stories260K.bin"; }
 std::string TokPath() { return SharedData() + "/models/tok512.bin"; }
 bool HaveData() { return std::ifstream(ModelPath()).good() && std::ifstream(TokPath()).good(); }
@@ -358,9 +359,7 @@ TEST(TokenGradients, EveryMethodEqualsPerTokenLoopAndSumsToTotal) {
         const auto ref = TokenGrads(**e, ids, from, TokenGradMethod::kLoop, 1, 1, normalize);
         ASSERT_EQ(ref.size(), static_cast<size_t>(14 - from));
         double biggest = 0;
-        for (const auto& g : ref) {
-          for (double v : g) biggest = std::max(biggest, std::fabs(v));
-        }
+        for (const auto& g : ref) biggest = std::max(biggest, MaxAbs(g));
         ASSERT_GT(biggest, 1e-3);  // not a comparison of zeros
         const std::vector<std::tuple<TokenGradMethod, int, int>> runs = {
             {TokenGradMethod::kCopies, 5, 1}, {TokenGradMethod::kShared, 1, 1}, {TokenGradMethod::kShared, 5, 1},
@@ -713,12 +712,6 @@ TEST(EngineDevice, NamesAreResolvedOrRefusedWithTheReason) {
   }
 }
 
-double Biggest(const std::vector<double>& v) {
-  double m = 0;
-  for (double x : v) m = std::max(m, std::fabs(x));
-  return m;
-}
-
 // The device-buffer form of the batched gradients (what the GPU sketch reads) holds GradientIdsBatch's values
 // rounded to float32, for the padded batch, the one-record path and the per-record fallback (norms selected).
 TEST(Engine, GradientRowsAreTheBatchedGradientsInFloat32) {
@@ -755,7 +748,7 @@ TEST(Engine, GradientRowsAreTheBatchedGradientsInFloat32) {
       EXPECT_EQ(calls, 1);
       ASSERT_EQ(got.size(), n * (*e)->grad_dim());
       for (size_t r = 0; r < n; ++r) {
-        ASSERT_GT(Biggest(ref[r]), 1e-3);
+        ASSERT_GT(MaxAbs(ref[r]), 1e-3);
         for (int64_t i = 0; i < (*e)->grad_dim(); ++i) {
           ASSERT_EQ(got[r * (*e)->grad_dim() + i], static_cast<float>(ref[r][i])) << "record " << r << " i " << i;
         }
@@ -805,7 +798,7 @@ TEST(TokenGradients, RowsAreThePerTokenGradientsInFloat32) {
     ASSERT_TRUE(st.ok()) << st;
     for (size_t t = 0; t < ref.size(); ++t) {
       ASSERT_EQ(seen[t], 1) << "token " << t;
-      ASSERT_GT(Biggest(ref[t]), 1e-3);
+      ASSERT_GT(MaxAbs(ref[t]), 1e-3);
       for (int i = 0; i < dim; ++i) ASSERT_EQ(got[t][i], static_cast<float>(ref[t][i])) << "token " << t << " i " << i;
     }
     EXPECT_EQ((*e)->TokenGradientRows(ids, from, to, [](const float*, int, int) { return absl::DataLossError("x"); })

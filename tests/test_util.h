@@ -2,6 +2,8 @@
 #ifndef RAPIDIN_TESTS_TEST_UTIL_H_
 #define RAPIDIN_TESTS_TEST_UTIL_H_
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <random>
@@ -31,6 +33,13 @@ class TempDir {
 };
 
 // The shared data folder: $RAPIDIN_SHARED_DATA or ../shared/data beside the checkout.
+// Largest |v_i| (0 for an empty vector): the scale of a reference, and a guard against comparing zeros.
+inline double MaxAbs(const std::vector<double>& v) {
+  double m = 0;
+  for (double x : v) m = std::max(m, std::fabs(x));
+  return m;
+}
+
 inline std::string SharedData() {
   const char* env = std::getenv("RAPIDIN_SHARED_DATA");
 #ifdef RAPIDIN_SOURCE_DIR

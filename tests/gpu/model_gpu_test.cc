@@ -24,6 +24,8 @@
 namespace rapidin::model {
 namespace {
 
+using rapidin::testing::MaxAbs;
+
 #define REQUIRE_CUDA_LIBTORCH()                                                                                \
   do {                                                                                                         \
     const TorchRuntime rt = GetTorchRuntime();                                                                 \
@@ -64,16 +66,10 @@ std::pair<std::unique_ptr<GradientEngine>, std::unique_ptr<GradientEngine>> Pair
   return {std::move(*cpu), std::move(*gpu)};
 }
 
-double Biggest(const std::vector<double>& v) {
-  double m = 0;
-  for (double x : v) m = std::max(m, std::fabs(x));
-  return m;
-}
-
 // max |a - b| <= rel * max(1e-300, max |a|), and not a comparison of zeros.
 void ExpectClose(const std::vector<double>& a, const std::vector<double>& b, double rel, const std::string& what) {
   ASSERT_EQ(a.size(), b.size()) << what;
-  const double big = Biggest(a);
+  const double big = MaxAbs(a);
   ASSERT_GT(big, 1e-6) << what << ": the reference is zero";
   double worst = 0;
   size_t at = 0;
@@ -228,7 +224,7 @@ TEST(ModelGpu, OutOfMemoryIsAStatusAndTheEngineRecovers) {
   const absl::Status ok = (*e)->TokenGradientsIds(few, 4, to, &g);
   ASSERT_TRUE(ok.ok()) << ok;
   ASSERT_EQ(g.size(), 2u);
-  EXPECT_GT(Biggest(g[1]), 0.0);
+  EXPECT_GT(MaxAbs(g[1]), 0.0);
 }
 
 TEST(ModelGpu, StoriesSketchesMatchAcrossDevices) {
