@@ -142,7 +142,8 @@ TEST(HuggingFace, SentencePieceMatchesReference) {
   ASSERT_TRUE(tok.ok()) << tok.status();
   EXPECT_EQ((*tok)->bos(), 1);
   EXPECT_EQ((*tok)->eos(), 2);
-  for (const auto& r : Reference()["tokenizer"]) {
+  const nlohmann::json ref = Reference();  // a range-for over Reference()["tokenizer"] would dangle
+  for (const auto& r : ref["tokenizer"]) {
     const std::string text = r["text"].get<std::string>();
     const Encoding e = (*tok)->Encode(text, true);
     EXPECT_EQ(e.ids, r["ids"].get<std::vector<int32_t>>()) << text;
