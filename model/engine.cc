@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <mutex>
 #include <thread>
 #include <filesystem>
@@ -256,7 +257,7 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Load(const Engin
     c.n_heads = hdr[3];
     c.n_kv_heads = hdr[4];
     c.tied_output = hdr[5] > 0;
-    c.vocab_size = std::abs(hdr[5]);
+    c.vocab_size = hdr[5] == INT32_MIN ? 0 : std::abs(hdr[5]);  // -INT32_MIN overflows; 0 is refused below
     c.seq_len = hdr[6];
     if (c.dim <= 0 || c.hidden_dim <= 0 || c.n_layers <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 ||
         c.vocab_size <= 0 || c.seq_len <= 0 || c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0 ||

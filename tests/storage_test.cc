@@ -4,7 +4,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <rocksdb/db.h>
+
 #include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <functional>
 #include <cstdio>
 #include <thread>
 
@@ -290,6 +295,123 @@ TEST(Store, HostTierUsesTheGivenAllocator) {
     EXPECT_EQ(*v, Rounded(SeededVector(2999, 8)));
   }
   EXPECT_EQ(allocations, frees);  // every block went back through the same allocator
+}
+
+// Opens the store's RocksDB directly (as a disk fault or another tool might leave it), runs fn, and closes it.
+void WithRawDb(const std::string& path, const std::function<void(rocksdb::DB*, rocksdb::ColumnFamilyHandle* manifest,
+                                                                 rocksdb::ColumnFamilyHandle* records,
+                                                                 rocksdb::ColumnFamilyHandle* vectors)>& fn) {
+  std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
+  for (const char* name : {"default", "manifest", "records", "vectors"}) cfs.emplace_back(name, rocksdb::ColumnFamilyOptions());
+  std::vector<rocksdb::ColumnFamilyHandle*> h;
+  rocksdb::DB* db = nullptr;
+  ASSERT_TRUE(rocksdb::DB::Open(rocksdb::DBOptions(), path, cfs, &h, &db).ok());
+  fn(db, h[1], h[2], h[3]);
+  for (auto* c : h) db->DestroyColumnFamilyHandle(c);
+  delete db;
+}
+
+std::string RowKey(uint64_t row) {
+  std::string s(8, '\0');
+  for (int i = 7; i >= 0; --i, row >>= 8) s[i] = static_cast<char>(row & 0xff);
+  return s;
+}
+
+// Damage on disk gives DATA_LOSS naming what is wrong, never a crash or silently wrong rows: the manifest, a
+// missing or short vector row (resident or cold), a record that does not parse, and flipped bytes in a table file
+// (RocksDB's block checksums).
+TEST(Store, DamagedStoresAreDataLossNotCrashes) {
+  const int k = 16, n = 50;
+  auto fresh = [&](const std::string& path) {
+    auto s = MustOpen(path, k, 3);
+    ASSERT_NE(s, nullptr);
+    std::vector<IngestItem> batch;
+    for (int i = 0; i < n; ++i) batch.push_back(Item("id" + std::to_string(i), SeededVector(900 + i, k)));
+    ASSERT_TRUE(s->Ingest(batch).ok());
+  };
+  auto open_status = [&](const std::string& path, uint64_t budget = 0) {
+    StoreOptions o;
+    o.host_budget_bytes = budget;
+    return Store::Open(path, o).status();
+  };
+  auto expect_loss = [](const absl::Status& st, const std::string& words) {
+    EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+    EXPECT_NE(st.message().find(words), std::string::npos) << st << " should say \"" << words << "\"";
+  };
+  TempDir dir;
+  rocksdb::WriteOptions wo;
+
+  fresh(dir.path("manifest"));
+  WithRawDb(dir.path("manifest"), [&](rocksdb::DB* db, auto* m, auto*, auto*) {
+    ASSERT_TRUE(db->Put(wo, m, "manifest", std::string("\xff\xff\x01", 3)).ok());
+  });
+  expect_loss(open_status(dir.path("manifest")), "manifest does not parse");
+  WithRawDb(dir.path("manifest"), [&](rocksdb::DB* db, auto* m, auto*, auto*) {
+    ASSERT_TRUE(db->Delete(wo, m, "manifest").ok());
+  });
+  expect_loss(open_status(dir.path("manifest")), "no manifest");
+
+  fresh(dir.path("hole"));
+  WithRawDb(dir.path("hole"), [&](rocksdb::DB* db, auto*, auto*, auto* v) {
+    ASSERT_TRUE(db->Delete(wo, v, RowKey(20)).ok());
+  });
+  expect_loss(open_status(dir.path("hole")), "expected row 20");
+  // The same hole in the cold tier: the store opens (only the last cold row is checked then), and reading the
+  // range that holds it names the row.
+  {
+    StoreOptions o;
+    o.host_budget_bytes = 10 * k * 2;
+    auto s = Store::Open(dir.path("hole"), o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    internal::AlignedRows rows(k);
+    expect_loss((*s)->ReadRows(10, 40, &rows), "row 20 is missing");
+    EXPECT_TRUE((*s)->ReadRows(21, 29, &rows).ok());
+  }
+
+  fresh(dir.path("last"));
+  WithRawDb(dir.path("last"), [&](rocksdb::DB* db, auto*, auto*, auto* v) {
+    ASSERT_TRUE(db->Delete(wo, v, RowKey(n - 1)).ok());
+  });
+  expect_loss(open_status(dir.path("last")), "holds 49");
+  expect_loss(open_status(dir.path("last"), 10 * k * 2), "row 49 is missing");
+
+  fresh(dir.path("short"));
+  WithRawDb(dir.path("short"), [&](rocksdb::DB* db, auto*, auto*, auto* v) {
+    ASSERT_TRUE(db->Put(wo, v, RowKey(7), "abc").ok());
+  });
+  expect_loss(open_status(dir.path("short")), "row 7 has 3 bytes");
+
+  fresh(dir.path("record"));
+  WithRawDb(dir.path("record"), [&](rocksdb::DB* db, auto*, auto* r, auto*) {
+    ASSERT_TRUE(db->Put(wo, r, "r" + RowKey(3), std::string("\xff\xff\x01", 3)).ok());
+  });
+  {
+    StoreOptions o;
+    auto s = Store::Open(dir.path("record"), o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    expect_loss((*s)->GetRecordByIndex(3).status(), "record at row 3 does not parse");
+    EXPECT_TRUE((*s)->GetRecordByIndex(4).ok());
+  }
+
+  // Flipped bytes in the middle of the vectors' table file.
+  fresh(dir.path("sst"));
+  WithRawDb(dir.path("sst"), [&](rocksdb::DB* db, auto*, auto*, auto* v) {
+    ASSERT_TRUE(db->Flush(rocksdb::FlushOptions(), v).ok());
+  });
+  std::string sst;
+  uintmax_t biggest = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir.path("sst"))) {
+    if (e.path().extension() == ".sst" && e.file_size() > biggest) biggest = e.file_size(), sst = e.path();
+  }
+  ASSERT_GT(biggest, 1000u) << "no table file with the vectors";
+  {
+    std::fstream f(sst, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(biggest / 4));
+    f.write("\x5a\xa5\x5a\xa5", 4);
+  }
+  const absl::Status st = open_status(dir.path("sst"));
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+  EXPECT_NE(st.message().find("checksum"), std::string::npos) << st;
 }
 
 TEST(Store, BadBatchIsRejectedWhole) {
