@@ -197,6 +197,19 @@ TEST(Robustness, MutatedLlama2cCheckpoints) {
     WriteFile(o.model_path, Mutate(good, 28, rng));  // 28 bytes: the header's 7 int32 fields
     ASSERT_NO_FATAL_FAILURE(LoadAndRun(o, &loaded, &refused)) << "case " << i;
   }
+  // Every header field set to every extreme and near value, one at a time.
+  int32_t hdr[7];
+  std::memcpy(hdr, good.data(), sizeof hdr);
+  for (int f = 0; f < 7; ++f) {
+    for (int64_t v : {int64_t{0}, int64_t{-1}, int64_t{1}, int64_t{2}, int64_t{INT32_MAX}, int64_t{INT32_MIN},
+                      int64_t{hdr[f]} - 1, int64_t{hdr[f]} + 1, int64_t{hdr[f]} * 2, -int64_t{hdr[f]}}) {
+      std::string bytes = good;
+      const int32_t x = static_cast<int32_t>(v);
+      std::memcpy(&bytes[4 * f], &x, 4);
+      WriteFile(o.model_path, bytes);
+      ASSERT_NO_FATAL_FAILURE(LoadAndRun(o, &loaded, &refused)) << "header field " << f << " = " << x;
+    }
+  }
   std::cout << "mutated checkpoints: " << loaded << " loaded, " << refused << " refused\n";
   EXPECT_GT(refused, 0);
 }
