@@ -1,6 +1,7 @@
 #include "model/featurizer.h"
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <thread>
 #include <filesystem>
@@ -33,6 +34,22 @@ struct Featurizer::Device {
 #endif
   }
 };
+
+namespace {
+
+// Finite weights can still overflow in the forward pass; a NaN or Inf compressed gradient would be refused by the
+// store, or score as NaN, so it is an error here, named for what it is.
+absl::Status CheckFinite(const std::vector<float>& v, const char* what) {
+  for (float x : v) {
+    if (!std::isfinite(x)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(what, " is not finite: the model's activations overflow on this example"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::Status ResolveTokenizer(EngineOptions* eo) {
   if (!eo->tokenizer_path.empty()) return absl::OkStatus();
@@ -104,6 +121,7 @@ absl::StatusOr<GradInfo> Featurizer::Compress(const Example& ex, std::vector<flo
   const auto t2 = Clock::now();
   out->resize(sketch_->params().k);
   sketch_->Apply(gf.data(), out->data());
+  if (absl::Status st = CheckFinite(*out, "the compressed gradient"); !st.ok()) return st;
   const auto t3 = Clock::now();
   if (timing) {
     timing->grad += std::chrono::duration<double>(t1 - t0).count();
@@ -151,7 +169,8 @@ void Featurizer::CompressBatch(const std::vector<Example>& exs, std::vector<std:
         continue;
       }
       (*out)[where[j]].assign(all.begin() + j * k, all.begin() + (j + 1) * k);
-      (*infos)[where[j]] = gi[j];
+      absl::Status fin = CheckFinite((*out)[where[j]], "the compressed gradient");
+      (*infos)[where[j]] = fin.ok() ? absl::StatusOr<GradInfo>(gi[j]) : fin;
     }
     if (timing) {
       timing->grad += std::chrono::duration<double>(Clock::now() - t0).count() - sketch_s;
@@ -175,7 +194,8 @@ void Featurizer::CompressBatch(const std::vector<Example>& exs, std::vector<std:
     o.resize(sketch_->params().k);
     sketch_->Apply(gf.data(), o.data());
     sketch_s += std::chrono::duration<double>(Clock::now() - ts).count();
-    (*infos)[where[j]] = gi[j];
+    absl::Status fin = CheckFinite(o, "the compressed gradient");
+    (*infos)[where[j]] = fin.ok() ? absl::StatusOr<GradInfo>(gi[j]) : fin;
   }
   if (timing) {
     timing->grad += std::chrono::duration<double>(t1 - t0).count();
@@ -199,6 +219,7 @@ absl::Status Featurizer::TokenSketches(const std::vector<int32_t>& ids, int from
     return engine_->TokenGradientRows(ids, from, o, [&](const float* rows, int first, int count) {
       std::vector<float> sk(static_cast<size_t>(count) * k);
       absl::Status s = device_->Sketch(rows, count, sk.data());
+      if (s.ok()) s = CheckFinite(sk, "a token's compressed gradient");
       for (int i = 0; s.ok() && i < count; ++i) (*out)[first + i].assign(sk.begin() + i * k, sk.begin() + (i + 1) * k);
       return s;
     });
@@ -210,6 +231,7 @@ absl::Status Featurizer::TokenSketches(const std::vector<int32_t>& ids, int from
   for (size_t i = 0; i < g.size(); ++i) {
     gf.assign(g[i].begin(), g[i].end());
     sketch_->Apply(gf.data(), (*out)[i].data());
+    if (absl::Status fin = CheckFinite((*out)[i], "a token's compressed gradient"); !fin.ok()) return fin;
   }
   return absl::OkStatus();
 }

@@ -259,6 +259,18 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
       }
     }
     *q = req.aggregate() ? 1 : nq;
+    // Scores are fp32 sums of query x stored value, and stored values reach 65504 (fp16): with the query's L1 norm
+    // below 1e33 no score can overflow (65504e33 < FLT_MAX). Compressed gradients are many orders smaller.
+    for (int j = 0; j < *q; ++j) {
+      double l1 = 0;
+      for (uint32_t c = 0; c < k; ++c) l1 += std::fabs(out[static_cast<size_t>(j) * k + c]);
+      if (l1 > 1e33) {
+        return absl::InvalidArgumentError(absl::StrCat(req.aggregate() ? "the weighted sum of the query vectors"
+                                                                        : absl::StrCat("query vector ", j),
+                                                       " has an L1 norm of ", l1,
+                                                       "; above 1e33 its scores could overflow float32"));
+      }
+    }
     return out;
   }
 

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <mutex>
 #include <random>
@@ -300,6 +301,57 @@ TEST(Featurizer, CompressIsSketchOfNormalisedGradient) {
   auto other = Featurizer::Create(o);
   const std::string diff = DescribeStateDifference((*f)->projection_state(), (*other)->projection_state());
   EXPECT_NE(diff.find("seed: store 3, model 4"), std::string::npos) << diff;
+}
+
+// Non-finite numbers in a checkpoint are refused at load, naming the weight. Finite weights that overflow in the
+// forward pass (a final norm gain of 1e38) give a FAILED_PRECONDITION for the example, for records, batches and
+// tokens alike, instead of NaN vectors for the store or NaN scores.
+TEST(Featurizer, NonFiniteWeightsAndOverflowsAreErrors) {
+  REQUIRE_SHARED_DATA();
+  rapidin::testing::TempDir dir;
+  std::ifstream src(ModelPath(), std::ios::binary);
+  const std::string good((std::istreambuf_iterator<char>(src)), std::istreambuf_iterator<char>());
+  int32_t h[7];
+  std::memcpy(h, good.data(), sizeof h);
+  const int64_t D = h[0], F = h[1], L = h[2], V = std::abs(h[5]), KVD = D / h[3] * h[4];
+  const int64_t wq = V * D + L * D;                                                // first float of wq
+  const int64_t rms_final = wq + 2 * L * D * D + 2 * L * KVD * D + L * D + 3 * L * F * D;
+  auto with = [&](int64_t first, int64_t count, float value) {
+    std::string b = good;
+    for (int64_t i = first; i < first + count; ++i) std::memcpy(&b[28 + 4 * i], &value, 4);
+    std::ofstream(dir.path("m.bin"), std::ios::binary | std::ios::trunc) << b;
+    return dir.path("m.bin");
+  };
+  EngineOptions eo;
+  eo.tokenizer_path = TokPath();
+  eo.model_path = with(wq + 7, 1, NAN);
+  auto st = GradientEngine::Load(eo).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+  EXPECT_NE(st.message().find("layers.0.attention.wq.weight has 1 non-finite"), std::string::npos) << st;
+  eo.model_path = with(rms_final, 1, -INFINITY);
+  st = GradientEngine::Load(eo).status();
+  EXPECT_NE(st.message().find("norm.weight has 1 non-finite"), std::string::npos) << st;
+
+  FeaturizerOptions o;
+  o.engine = eo;
+  o.engine.model_path = with(rms_final, D, 1e38f);
+  o.k = 256;
+  auto f = Featurizer::Create(o);
+  ASSERT_TRUE(f.ok()) << f.status();
+  const Example ex{"Tell a story.", "", "Once upon a time there was a cat."};
+  std::vector<float> c;
+  auto one = (*f)->Compress(ex, &c);
+  EXPECT_EQ(one.status().code(), absl::StatusCode::kFailedPrecondition) << one.status();
+  EXPECT_NE(one.status().message().find("not finite"), std::string::npos) << one.status();
+  std::vector<std::vector<float>> outs;
+  std::vector<absl::StatusOr<GradInfo>> infos;
+  (*f)->CompressBatch({ex, ex}, &outs, &infos);
+  for (const auto& i : infos) EXPECT_EQ(i.status().code(), absl::StatusCode::kFailedPrecondition) << i.status();
+  auto t = (*f)->engine().Tokenize(ex);
+  ASSERT_TRUE(t.ok());
+  std::vector<std::vector<float>> tokens;
+  const absl::Status ts = (*f)->TokenSketches(t->ids, t->ids.size() - 3, &tokens);
+  EXPECT_EQ(ts.code(), absl::StatusCode::kFailedPrecondition) << ts;
 }
 
 }  // namespace

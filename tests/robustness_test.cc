@@ -25,16 +25,8 @@ namespace {
 namespace fs = std::filesystem;
 const std::string kHf = RAPIDIN_SOURCE_DIR "/tests/fixtures/hf_tiny";
 
-uint64_t Seed() {
-  static const uint64_t seed = [] {
-    const char* env = std::getenv("RAPIDIN_FUZZ_SEED");
-    return env ? std::strtoull(env, nullptr, 10) : (uint64_t{std::random_device{}()} << 32) | std::random_device{}();
-  }();
-  return seed;
-}
-
 // Prints the seed with every failure of the calling test.
-#define FUZZ_TRACE() SCOPED_TRACE("replay with RAPIDIN_FUZZ_SEED=" + std::to_string(Seed()))
+#define FUZZ_TRACE() SCOPED_TRACE("replay with RAPIDIN_FUZZ_SEED=" + std::to_string(rapidin::testing::FuzzSeed()))
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -43,43 +35,6 @@ std::string ReadFile(const std::string& path) {
 
 void WriteFile(const std::string& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
-}
-
-// One random edit of `s`. `hot` bytes at the front (a header) get half of the point edits.
-std::string Mutate(std::string s, size_t hot, std::mt19937_64& rng) {
-  auto pos = [&](size_t n) -> size_t {
-    if (n == 0) return 0;
-    if (hot > 0 && rng() % 2) return rng() % std::min(hot, n);
-    return rng() % n;
-  };
-  switch (rng() % 6) {
-    case 0:  // a few random bytes
-      for (int i = 0, m = 1 + rng() % 4; i < m && !s.empty(); ++i) s[pos(s.size())] = static_cast<char>(rng());
-      break;
-    case 1:  // cut short
-      s.resize(s.empty() ? 0 : rng() % s.size());
-      break;
-    case 2: {  // an extreme 32-bit integer (sizes, counts, lengths)
-      static const int64_t kInts[] = {0, -1, 1, 0x7fffffff, int64_t{0x80000000}, 65536, 1 << 24, 3};
-      const uint32_t v = static_cast<uint32_t>(kInts[rng() % 8]);
-      if (s.size() >= 4) std::memcpy(&s[pos(s.size() - 3) & ~size_t{3}], &v, 4);
-      break;
-    }
-    case 3: {  // an extreme 64-bit integer (safetensors' header length)
-      const uint64_t v = rng() % 2 ? ~uint64_t{0} : uint64_t{1} << (rng() % 64);
-      if (s.size() >= 8) std::memcpy(&s[pos(s.size() - 7)], &v, 8);
-      break;
-    }
-    case 4:  // a random run inserted
-      s.insert(pos(s.size() + 1), std::string(1 + rng() % 16, static_cast<char>(rng())));
-      break;
-    default:  // a run removed
-      if (!s.empty()) {
-        const size_t p = pos(s.size());
-        s.erase(p, 1 + rng() % 16);
-      }
-  }
-  return s;
 }
 
 // Text that a user could send: random bytes, broken UTF-8, NULs, long runs, and real words.
@@ -116,7 +71,7 @@ void CheckEncoding(const model::Tokenizer& tok, const std::string& text) {
 // Both tokenizers take any bytes: ids in range, spans inside the text and in order.
 TEST(Robustness, TokenizersTakeAnyBytes) {
   FUZZ_TRACE();
-  std::mt19937_64 rng(Seed());
+  std::mt19937_64 rng(rapidin::testing::FuzzSeed());
   std::vector<std::unique_ptr<model::Tokenizer>> toks;
   auto sp = model::Tokenizer::Load(kHf + "/tokenizer.model", 320);
   ASSERT_TRUE(sp.ok()) << sp.status();
@@ -138,7 +93,7 @@ TEST(Robustness, TokenizersTakeAnyBytes) {
 // Mutated tokenizer files load or are refused; what loads still encodes within bounds.
 TEST(Robustness, MutatedTokenizerFiles) {
   FUZZ_TRACE();
-  std::mt19937_64 rng(Seed() + 1);
+  std::mt19937_64 rng(rapidin::testing::FuzzSeed() + 1);
   rapidin::testing::TempDir dir;
   struct Case { std::string path; int32_t vocab; size_t hot; };
   std::vector<Case> cases = {{kHf + "/tokenizer.model", 320, 256}};
@@ -149,7 +104,7 @@ TEST(Robustness, MutatedTokenizerFiles) {
     const std::string good = ReadFile(c.path);
     const std::string path = dir.path(fs::path(c.path).filename());
     for (int i = 0; i < 600; ++i) {
-      WriteFile(path, Mutate(good, c.hot, rng));
+      WriteFile(path, rapidin::testing::Mutate(good, c.hot, rng));
       auto t = model::Tokenizer::Load(path, c.vocab);
       if (!t.ok()) {
         ++refused;
@@ -185,7 +140,7 @@ TEST(Robustness, MutatedLlama2cCheckpoints) {
   FUZZ_TRACE();
   const std::string model = rapidin::testing::SharedData() + "/models/stories260K.bin";
   if (!fs::exists(model)) GTEST_SKIP() << model << " is absent (set RAPIDIN_SHARED_DATA)";
-  std::mt19937_64 rng(Seed() + 2);
+  std::mt19937_64 rng(rapidin::testing::FuzzSeed() + 2);
   rapidin::testing::TempDir dir;
   const std::string good = ReadFile(model);
   fs::copy_file(rapidin::testing::SharedData() + "/models/tok512.bin", dir.path("tok512.bin"));
@@ -194,7 +149,7 @@ TEST(Robustness, MutatedLlama2cCheckpoints) {
   o.tokenizer_path = dir.path("tok512.bin");
   int loaded = 0, refused = 0;
   for (int i = 0; i < 400; ++i) {
-    WriteFile(o.model_path, Mutate(good, 28, rng));  // 28 bytes: the header's 7 int32 fields
+    WriteFile(o.model_path, rapidin::testing::Mutate(good, 28, rng));  // 28 bytes: the header's 7 int32 fields
     ASSERT_NO_FATAL_FAILURE(LoadAndRun(o, &loaded, &refused)) << "case " << i;
   }
   // Every header field set to every extreme and near value, one at a time.
@@ -217,7 +172,7 @@ TEST(Robustness, MutatedLlama2cCheckpoints) {
 // Mutated Hugging Face directories: config.json, the shard index, a safetensors shard, the adapter's files.
 TEST(Robustness, MutatedHuggingFaceFiles) {
   FUZZ_TRACE();
-  std::mt19937_64 rng(Seed() + 3);
+  std::mt19937_64 rng(rapidin::testing::FuzzSeed() + 3);
   rapidin::testing::TempDir dir;
   fs::copy(kHf, dir.path("m"), fs::copy_options::recursive);
   model::EngineOptions o;
@@ -230,7 +185,7 @@ TEST(Robustness, MutatedHuggingFaceFiles) {
   for (const auto& [name, hot] : files) {
     const std::string path = dir.path("m/" + name), good = ReadFile(path);
     for (int i = 0; i < 150; ++i) {
-      WriteFile(path, Mutate(good, hot, rng));
+      WriteFile(path, rapidin::testing::Mutate(good, hot, rng));
       ASSERT_NO_FATAL_FAILURE(LoadAndRun(o, &loaded, &refused)) << name << " case " << i;
     }
     WriteFile(path, good);
@@ -246,7 +201,7 @@ TEST(Robustness, MutatedHuggingFaceFiles) {
 // INVALID_ARGUMENT.
 TEST(Robustness, MutatedJsonLines) {
   FUZZ_TRACE();
-  std::mt19937_64 rng(Seed() + 4);
+  std::mt19937_64 rng(rapidin::testing::FuzzSeed() + 4);
   const std::vector<std::string> records = {
       R"({"id": "a-1", "instruction": "List 3 fruits", "input": "", "output": "apple, pear, fig", "vector": [0.5, -1, 2e-3]})",
       R"({"id": "b", "text": "Howdy! caf\u00e9", "metadata": {"source": "x"}})",
@@ -255,7 +210,7 @@ TEST(Robustness, MutatedJsonLines) {
   int ok = 0, refused = 0;
   for (int i = 0; i < 20000; ++i) {
     std::string line = (i % 2 ? records[rng() % records.size()] : queries[rng() % queries.size()]);
-    for (int m = 0, n = 1 + rng() % 3; m < n; ++m) line = Mutate(line, 0, rng);
+    for (int m = 0, n = 1 + rng() % 3; m < n; ++m) line = rapidin::testing::Mutate(line, 0, rng);
     const absl::Status st = i % 2 ? client::ParseRecordLine(line).status() : client::ParseQueryLine(line).status();
     if (st.ok()) {
       ++ok;

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <future>
+#include <map>
 #include <thread>
 
 #include "client/client.h"
@@ -218,6 +219,11 @@ TEST_F(ServerTest, BadInputGetsClearErrorsAndServerKeepsServing) {
   auto inf = good;
   inf[0] = -INFINITY;
   expect_code(Request({inf}, 5, 0), absl::StatusCode::kInvalidArgument, "not finite");
+  // Finite, but large enough that fp32 scores would overflow to Inf (and Inf - Inf to NaN).
+  auto huge = good;
+  huge[1] = 3e38f;
+  huge[2] = -3e38f;
+  expect_code(Request({huge}, 5, 0), absl::StatusCode::kInvalidArgument, "L1 norm");
   expect_code(Request({}, 5, 0), absl::StatusCode::kInvalidArgument, "no query vectors");
   expect_code(Request({good}, 0, 0), absl::StatusCode::kInvalidArgument, "top_k");
   expect_code(Request({good}, 51, 0), absl::StatusCode::kInvalidArgument, "top_k must be 1..50");
@@ -261,6 +267,135 @@ TEST_F(ServerTest, BadInputGetsClearErrorsAndServerKeepsServing) {
   auto r = client_->QueryByVector(Request({good}, 5, 2));
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(client_->Stats()->num_records(), static_cast<uint64_t>(kN + 3));
+}
+
+// Mutated encodings of valid requests, sent as raw bytes: each gets a status (no crash, hang or INTERNAL), and
+// the server then answers exactly as before. Mutated ingest batches are refused whole or applied whole.
+TEST_F(ServerTest, MutatedRequestsGetAStatusAndServingContinues) {
+  const uint64_t seed = rapidin::testing::FuzzSeed();
+  SCOPED_TRACE("replay with RAPIDIN_FUZZ_SEED=" + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  auto channel = grpc::CreateChannel(addr_, grpc::InsecureChannelCredentials());
+  grpc::GenericStub generic(channel);
+  auto call = [&](const std::string& method, const std::string& bytes) {
+    grpc::Slice slice(bytes);
+    grpc::ByteBuffer req(&slice, 1), resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    std::promise<grpc::Status> done;
+    generic.UnaryCall(&ctx, "/rapidin.v1.InfluenceService/" + method, grpc::StubOptions(), &req, &resp,
+                      [&](grpc::Status st) { done.set_value(st); });
+    return done.get_future().get();
+  };
+  auto q = Request({SeededVector(5, kK), SeededVector(6, kK)}, 5, 2);
+  q.set_aggregate(rng() % 2);
+  v1::GetRecordRequest g;
+  g.set_id("rec-5");
+  g.set_include_vector(true);
+  v1::QueryRequest t;
+  t.set_generation("hello");
+  t.set_top_k(3);
+  const std::vector<std::pair<std::string, std::string>> valid = {{"QueryByVector", q.SerializeAsString()},
+                                                                  {"GetRecord", g.SerializeAsString()},
+                                                                  {"Stats", v1::StatsRequest().SerializeAsString()},
+                                                                  {"Query", t.SerializeAsString()}};
+  auto parses = [](const std::string& method, const std::string& bytes) {
+    if (method == "QueryByVector") return v1::QueryByVectorRequest().ParseFromString(bytes);
+    if (method == "GetRecord") return v1::GetRecordRequest().ParseFromString(bytes);
+    if (method == "Stats") return v1::StatsRequest().ParseFromString(bytes);
+    return v1::QueryRequest().ParseFromString(bytes);
+  };
+  std::map<std::string, int> codes;
+  for (int i = 0; i < 600; ++i) {
+    const auto& [method, bytes] = valid[i % valid.size()];
+    std::string m = bytes;
+    for (int j = 0, n = 1 + rng() % 3; j < n; ++j) m = rapidin::testing::Mutate(m, 0, rng);
+    const grpc::Status st = call(method, m);
+    codes[method + " " + std::to_string(st.error_code())]++;
+    if (!parses(method, m)) {  // refused by gRPC's decoder (INTERNAL, by gRPC's rule) before rapidin sees it
+      EXPECT_FALSE(st.ok()) << method;
+      continue;
+    }
+    ASSERT_NE(st.error_code(), grpc::StatusCode::INTERNAL) << method << ": " << st.error_message();
+    ASSERT_NE(st.error_code(), grpc::StatusCode::UNKNOWN) << method << ": " << st.error_message();
+    ASSERT_NE(st.error_code(), grpc::StatusCode::UNAVAILABLE) << method << ": " << st.error_message();
+    ASSERT_NE(st.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << method;
+  }
+  for (const auto& [what, n] : codes) std::cout << what << ": " << n << "\n";
+  // Field-level: every field of QueryByVectorRequest set to odd values (NaN, infinities, extremes, wrong
+  // lengths), so that each request reaches rapidin's checks. An answer, when there is one, is well formed.
+  const float odd[] = {NAN, INFINITY, -INFINITY, 0.0f, -0.0f, 1e-45f, 3.4e38f, -3.4e38f, 65504.0f, 1e5f};
+  for (int i = 0; i < 400; ++i) {
+    v1::QueryByVectorRequest req;
+    const int nq = static_cast<int>(rng() % 11);
+    for (int j = 0; j < nq; ++j) {
+      auto* qv = req.add_queries();
+      const int len = rng() % 8 ? kK : static_cast<int>(rng() % (2 * kK));
+      auto v = SeededVector(rng(), len);
+      if (rng() % 3 == 0 && len > 0) v[rng() % len] = odd[rng() % 10];
+      qv->mutable_values()->Add(v.begin(), v.end());
+      if (rng() % 2) qv->set_weight(rng() % 2 ? odd[rng() % 10] : static_cast<float>(rng() % 7) - 3.0f);
+    }
+    const uint32_t ks[] = {0, 1, 5, 50, 51, 1u << 31, ~0u};
+    req.set_top_k(ks[rng() % 7]);
+    req.set_harmful_k(ks[rng() % 7]);
+    req.set_aggregate(rng() % 2);
+    req.set_omit_text(rng() % 2);
+    if (rng() % 4 == 0) req.set_projection_state_id(rng() % 2 ? "" : "zz");
+    auto res = client_->QueryByVector(req);
+    if (!res.ok()) {
+      const auto c = res.status().code();
+      EXPECT_TRUE(c == absl::StatusCode::kInvalidArgument || c == absl::StatusCode::kFailedPrecondition) << res.status();
+      EXPECT_FALSE(res.status().message().empty());
+      continue;
+    }
+    ASSERT_EQ(res->results_size(), req.aggregate() ? 1 : nq);
+    for (const auto& result : res->results()) {
+      EXPECT_EQ(result.helpful_size(), std::min<int64_t>(req.top_k(), kN));
+      EXPECT_EQ(result.harmful_size(), std::min<int64_t>(req.harmful_k(), kN));
+      for (const auto& h : result.helpful()) EXPECT_TRUE(std::isfinite(h.score())) << h.score();
+    }
+  }
+
+  const auto probe = SeededVector(77, kK);
+  auto r = client_->QueryByVector(Request({probe}, 10, 3));
+  ASSERT_TRUE(r.ok()) << r.status();
+  CheckAgainstReference(r->results(0), probe, 10, 3);
+
+  // Ingest: mutated batches (those that still parse) through the streaming RPC, one stream each.
+  v1::IngestRequest batch;
+  for (int i = 0; i < 3; ++i) {
+    auto* rec = batch.add_records();
+    rec->mutable_record()->set_id("fuzz-" + std::to_string(i));
+    rec->mutable_record()->set_instruction("instruction");
+    const auto v = SeededVector(300 + i, kK);
+    rec->mutable_vector()->Add(v.begin(), v.end());
+  }
+  const std::string good = batch.SerializeAsString();
+  int applied = 0, refused = 0;
+  for (int i = 0; i < 150; ++i) {
+    v1::IngestRequest m;
+    if (!m.ParseFromString(rapidin::testing::Mutate(good, 0, rng))) continue;
+    const uint64_t before = client_->Stats()->num_records();
+    bool sent = false;
+    auto res = client_->Ingest([&](v1::IngestRequest* b) {
+      if (sent) return false;
+      *b = m;
+      return sent = true;
+    });
+    const uint64_t after = client_->Stats()->num_records();
+    if (res.ok()) {
+      ++applied;
+      EXPECT_EQ(after, res->record_count());
+    } else {
+      ++refused;
+      EXPECT_EQ(res.status().code(), absl::StatusCode::kInvalidArgument) << res.status();
+      EXPECT_EQ(after, before) << "a refused batch changed the store";
+    }
+  }
+  std::cout << "mutated ingest batches: " << applied << " applied, " << refused << " refused\n";
+  EXPECT_GT(refused, 0);
+  EXPECT_TRUE(client_->QueryByVector(Request({probe}, 10, 3)).ok());
 }
 
 TEST_F(ServerTest, DeadlineIsHonoured) {

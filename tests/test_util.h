@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <random>
 #include <string>
@@ -64,6 +65,52 @@ inline storage::IngestItem Item(const std::string& id, std::vector<float> v, con
   it.record.set_text(text.empty() ? "text of " + id : text);
   it.vector = std::move(v);
   return it;
+}
+
+// The seed of the mutation tests: fresh each run (print it with failures), or $RAPIDIN_FUZZ_SEED to replay.
+inline uint64_t FuzzSeed() {
+  static const uint64_t seed = [] {
+    const char* env = std::getenv("RAPIDIN_FUZZ_SEED");
+    return env ? std::strtoull(env, nullptr, 10) : (uint64_t{std::random_device{}()} << 32) | std::random_device{}();
+  }();
+  return seed;
+}
+
+// One random edit of `s`. `hot` bytes at the front (a header) get half of the point edits.
+inline std::string Mutate(std::string s, size_t hot, std::mt19937_64& rng) {
+  auto pos = [&](size_t n) -> size_t {
+    if (n == 0) return 0;
+    if (hot > 0 && rng() % 2) return rng() % std::min(hot, n);
+    return rng() % n;
+  };
+  switch (rng() % 6) {
+    case 0:  // a few random bytes
+      for (int i = 0, m = 1 + rng() % 4; i < m && !s.empty(); ++i) s[pos(s.size())] = static_cast<char>(rng());
+      break;
+    case 1:  // cut short
+      s.resize(s.empty() ? 0 : rng() % s.size());
+      break;
+    case 2: {  // an extreme 32-bit integer (sizes, counts, lengths)
+      static const int64_t kInts[] = {0, -1, 1, 0x7fffffff, int64_t{0x80000000}, 65536, 1 << 24, 3};
+      const uint32_t v = static_cast<uint32_t>(kInts[rng() % 8]);
+      if (s.size() >= 4) std::memcpy(&s[pos(s.size() - 3) & ~size_t{3}], &v, 4);
+      break;
+    }
+    case 3: {  // an extreme 64-bit integer (safetensors' header length)
+      const uint64_t v = rng() % 2 ? ~uint64_t{0} : uint64_t{1} << (rng() % 64);
+      if (s.size() >= 8) std::memcpy(&s[pos(s.size() - 7)], &v, 8);
+      break;
+    }
+    case 4:  // a random run inserted
+      s.insert(pos(s.size() + 1), std::string(1 + rng() % 16, static_cast<char>(rng())));
+      break;
+    default:  // a run removed
+      if (!s.empty()) {
+        const size_t p = pos(s.size());
+        s.erase(p, 1 + rng() % 16);
+      }
+  }
+  return s;
 }
 
 }  // namespace rapidin::testing

@@ -139,6 +139,13 @@ struct GradientEngine::Impl {
   }
 
   absl::Status Finish() {
+    // A NaN or Inf weight makes every gradient NaN; say so at load rather than storing or scoring NaNs later.
+    for (const auto& name : names) {
+      const int64_t bad = (~torch::isfinite(w[name])).sum().item<int64_t>();
+      if (bad > 0) {
+        return absl::DataLossError(absl::StrCat("weight ", name, " has ", bad, " non-finite value(s) (NaN or Inf)"));
+      }
+    }
     const int hd = cfg.dim / cfg.n_heads;
     auto freqs = torch::arange(0, hd, 2, torch::kDouble) / hd;
     freqs = torch::pow(static_cast<double>(cfg.rope_theta), -freqs);  // [hd/2]
