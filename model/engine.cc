@@ -690,6 +690,7 @@ absl::Status GradientEngine::GradientRowsBatch(const std::vector<TokenizedExampl
     if (absl::Status st = impl_->PerSample(batch, &per, &losses); !st.ok()) return st;
     const torch::Tensor rows = impl_->Rows(per, static_cast<int64_t>(batch.size()), normalize);
     FillInfos(batch, losses, infos);
+    impl_->SyncDevice();
     return consume(rows.data_ptr<float>(), static_cast<int64_t>(batch.size()));
   });
 }

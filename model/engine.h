@@ -160,8 +160,8 @@ class GradientEngine {
                                 std::vector<std::vector<double>>* out, std::vector<GradInfo>* infos) const;
   // GradientIdsBatch for a consumer on the engine's device (the GPU sketch): the gradients, rounded to float32,
   // as one row-major batch x grad_dim buffer in the engine's device memory (host memory on "cpu"), valid only
-  // during `consume`, whose status is returned. On a CUDA device the buffer was written on the legacy default
-  // stream (stream 0), which LibTorch uses unless told otherwise: work queued there after it sees the values.
+  // during `consume`, whose status is returned. On a CUDA device the engine waits for the device before
+  // calling `consume`, so the values are there for any stream or CUDA runtime (rapidin's kernels link their own).
   // Saves the copy of every full gradient to the host. Errors: INVALID_ARGUMENT for an empty batch.
   using RowsConsumer = std::function<absl::Status(const float* rows, int64_t batch)>;
   absl::Status GradientRowsBatch(const std::vector<TokenizedExample>& batch, bool normalize,

@@ -377,6 +377,7 @@ absl::Status GradientEngine::TokenGradientRows(const std::vector<int32_t>& ids, 
                                  }
                                  rows = rows.to(d.device);
                                }
+                               d.SyncDevice();
                                return consume(rows.data_ptr<float>(), s0 - from, n);
                              });
   });

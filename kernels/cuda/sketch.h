@@ -28,7 +28,8 @@ class GpuSketch {
   Status Apply(const float* x, int batch, float* out);
   // The same on device buffers, asynchronous on `stream` (a cudaStream_t).
   Status ApplyDevice(const float* device_x, int batch, float* device_out, void* stream);
-  // Device input (written on the legacy default stream, as LibTorch does), host output. Blocks until done.
+  // Device input, host output; runs on the legacy default stream, so the input must be complete there (the
+  // gradient engine waits for its device before handing rows over). Blocks until done.
   Status ApplyDeviceToHost(const float* device_x, int batch, float* out);
 
   int64_t d() const { return d_; }

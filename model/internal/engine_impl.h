@@ -308,6 +308,12 @@ struct GradientEngine::Impl {
     }
   }
 
+  // Waits for the engine's device, so that code outside LibTorch (another CUDA runtime, another stream) can read
+  // what it wrote. Nothing to do on the CPU.
+  void SyncDevice() const {
+    if (device.is_cuda()) torch::cuda::synchronize(device.index());
+  }
+
   // The same as one [B, dim] float32 tensor on the engine's device (GradientRowsBatch).
   torch::Tensor Rows(const std::vector<torch::Tensor>& per, int64_t B, bool normalize) const {
     auto rows = torch::zeros({B, dim}, Opts().dtype(torch::kFloat));
