@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <mutex>
 #include <shared_mutex>
+#include <tuple>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
@@ -111,6 +112,18 @@ struct Store::Impl {
   }
 
   absl::Status LoadHostTier(uint64_t all, uint32_t k) {
+    // Every batch writes its rows and the new record_count together, so rows past the count mean a damaged
+    // manifest: refuse, or the next ingest would write new rows over them.
+    for (auto [cf, key, what] : {std::tuple{cf_vectors(), BigEndian64(all), "vectors"},
+                                 std::tuple{cf_records(), RecordKey(all), "records"}}) {
+      std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions(), cf));
+      it->Seek(key);
+      if (it->Valid() && it->key().size() == key.size() && it->key().starts_with(key.substr(0, key.size() - 8))) {
+        return absl::DataLossError(absl::StrCat("manifest says ", all, " records but ", what, " hold row ",
+                                                FromBigEndian64(it->key().ToString().substr(key.size() - 8))));
+      }
+      if (!it->status().ok()) return FromRocks(it->status(), what);
+    }
     const uint64_t count = Resident(all);
     if (count < all) {  // the cold rows stay on disk: check that the last one is there
       std::string v;

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <functional>
 #include <cstdio>
+#include <random>
 #include <thread>
 
 #include "kernels/half.h"
@@ -351,6 +352,19 @@ TEST(Store, DamagedStoresAreDataLossNotCrashes) {
   });
   expect_loss(open_status(dir.path("manifest")), "no manifest");
 
+  // A manifest that counts fewer rows than are stored (the next ingest would overwrite the rest).
+  fresh(dir.path("count"));
+  WithRawDb(dir.path("count"), [&](rocksdb::DB* db, auto* m, auto*, auto*) {
+    std::string blob;
+    ASSERT_TRUE(db->Get(rocksdb::ReadOptions(), m, "manifest", &blob).ok());
+    rapidin::v1::Manifest man;
+    ASSERT_TRUE(man.ParseFromString(blob));
+    man.set_record_count(n - 5);
+    ASSERT_TRUE(db->Put(wo, m, "manifest", man.SerializeAsString()).ok());
+  });
+  expect_loss(open_status(dir.path("count")), "manifest says 45 records but vectors hold row 45");
+  expect_loss(open_status(dir.path("count"), 10 * k * 2), "hold row 45");
+
   fresh(dir.path("hole"));
   WithRawDb(dir.path("hole"), [&](rocksdb::DB* db, auto*, auto*, auto* v) {
     ASSERT_TRUE(db->Delete(wo, v, RowKey(20)).ok());
@@ -412,6 +426,54 @@ TEST(Store, DamagedStoresAreDataLossNotCrashes) {
   const absl::Status st = open_status(dir.path("sst"));
   EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
   EXPECT_NE(st.message().find("checksum"), std::string::npos) << st;
+}
+
+// Random edits of the stored manifest: each open either fails with a status or finds the store as it is (same K,
+// same rows); none crashes or loads rows under the wrong K.
+TEST(Store, MutatedManifestsAreRefusedOrHarmless) {
+  const uint64_t seed = rapidin::testing::FuzzSeed();
+  SCOPED_TRACE("replay with RAPIDIN_FUZZ_SEED=" + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  TempDir dir;
+  const int k = 16, n = 30;
+  {
+    auto s = MustOpen(dir.path("s"), k, 2, true, "rapidgrad/v1 test state");
+    ASSERT_NE(s, nullptr);
+    std::vector<IngestItem> batch;
+    for (int i = 0; i < n; ++i) batch.push_back(Item("id" + std::to_string(i), SeededVector(i, k)));
+    ASSERT_TRUE(s->Ingest(batch).ok());
+  }
+  std::string good;
+  WithRawDb(dir.path("s"), [&](rocksdb::DB* db, auto* m, auto*, auto*) {
+    ASSERT_TRUE(db->Get(rocksdb::ReadOptions(), m, "manifest", &good).ok());
+  });
+  int opened = 0, refused = 0;
+  for (int i = 0; i < 100; ++i) {
+    std::string bad = good;
+    for (int j = 0, e = 1 + rng() % 3; j < e; ++j) bad = rapidin::testing::Mutate(bad, 0, rng);
+    WithRawDb(dir.path("s"), [&](rocksdb::DB* db, auto* m, auto*, auto*) {
+      ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), m, "manifest", bad).ok());
+    });
+    StoreOptions o;
+    o.num_shards = 2;
+    auto s = Store::Open(dir.path("s"), o);
+    if (!s.ok()) {
+      ++refused;
+      EXPECT_FALSE(s.status().message().empty());
+      continue;
+    }
+    ++opened;
+    EXPECT_EQ((*s)->k(), static_cast<uint32_t>(k));
+    EXPECT_EQ((*s)->size(), static_cast<uint64_t>(n));
+    EXPECT_EQ(RowsInShards(**s, [&] {
+                std::vector<std::vector<float>> v;
+                for (int r = 0; r < n; ++r) v.push_back(SeededVector(r, k));
+                return v;
+              }(), k),
+              n);
+  }
+  std::cout << "mutated manifests: " << opened << " opened, " << refused << " refused\n";
+  EXPECT_GT(refused, 0);
 }
 
 TEST(Store, BadBatchIsRejectedWhole) {
