@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "client/cache.h"
 #include "client/client.h"
 #include "model/engine.h"
 #include "model/tokenizer.h"
@@ -222,6 +223,45 @@ TEST(Robustness, MutatedJsonLines) {
   std::cout << "mutated lines: " << ok << " parsed, " << refused << " refused\n";
   EXPECT_GT(ok, 0);
   EXPECT_GT(refused, 0);
+}
+
+// Training-data files for `rapidin cache` (a JSON array or JSONL): any edit gives records, bad records with their
+// place, or INVALID_ARGUMENT; every record returned has an id and an output.
+TEST(Robustness, MutatedInstructionFiles) {
+  FUZZ_TRACE();
+  std::mt19937_64 rng(rapidin::testing::FuzzSeed() + 5);
+  rapidin::testing::TempDir dir;
+  const std::string array =
+      R"([{"instruction": "List 3 fruits", "input": "", "output": "apple, pear, fig"},)"
+      R"( {"id": "b", "instruction": "Say hi", "output": "Howdy! caf\u00e9"},)"
+      R"( {"instruction": "Add", "input": "2 and 3", "output": "5"}])";
+  const std::string jsonl = R"({"instruction": "a", "output": "b"})" "\n" R"({"id": "x", "instruction": "c", "output": "d"})"
+                            "\n" R"({"instruction": "e", "input": "f", "output": "g"})" "\n";
+  int records = 0, bad_records = 0, refused = 0;
+  for (int i = 0; i < 600; ++i) {
+    const bool is_array = i % 2;
+    std::string text = is_array ? array : jsonl;
+    for (int m = 0, n = 1 + rng() % 3; m < n; ++m) text = rapidin::testing::Mutate(text, 0, rng);
+    const std::string path = dir.path(is_array ? "train.json" : "train.jsonl");
+    WriteFile(path, text);
+    std::vector<client::BadRecord> bad;
+    auto recs = client::ReadInstructionData(path, &bad);
+    if (!recs.ok()) {
+      ++refused;
+      EXPECT_EQ(recs.status().code(), absl::StatusCode::kInvalidArgument) << recs.status();
+      continue;
+    }
+    for (const auto& r : *recs) {
+      EXPECT_FALSE(r.id.empty());
+      EXPECT_FALSE(r.example.output.empty());
+    }
+    for (const auto& b : bad) EXPECT_FALSE(b.where.empty() || b.reason.empty());
+    records += static_cast<int>(recs->size());
+    bad_records += static_cast<int>(bad.size());
+  }
+  std::cout << "mutated data files: " << records << " records, " << bad_records << " bad records, " << refused
+            << " files refused\n";
+  EXPECT_GT(records, 0);
 }
 
 }  // namespace
