@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -17,6 +18,7 @@
 #include "client/cache.h"
 #include "client/client.h"
 #include "model/engine.h"
+#include "model/featurizer.h"
 #include "model/tokenizer.h"
 #include "tests/test_util.h"
 
@@ -39,11 +41,11 @@ void WriteFile(const std::string& path, const std::string& bytes) {
 }
 
 // Text that a user could send: random bytes, broken UTF-8, NULs, long runs, and real words.
-std::string RandomText(std::mt19937_64& rng) {
+std::string RandomText(std::mt19937_64& rng, int max_pieces = 40) {
   static const char* kPieces[] = {"Howdy!", " the", "\xc3\xa9", "\xe2\x9c\x93", "\xf0\x9f\x98\x80", "\xc3", "\xe2\x9c",
                                   "\xff", "\x80\x80", "\n\t", "  ", "<s>", "</s>", "42", "\\u0000"};
   std::string t;
-  for (int i = 0, n = rng() % 40; i < n; ++i) {
+  for (int i = 0, n = rng() % max_pieces; i < n; ++i) {
     switch (rng() % 3) {
       case 0: t += kPieces[rng() % 15]; break;
       case 1: t += static_cast<char>(rng()); break;
@@ -223,6 +225,51 @@ TEST(Robustness, MutatedJsonLines) {
   std::cout << "mutated lines: " << ok << " parsed, " << refused << " refused\n";
   EXPECT_GT(ok, 0);
   EXPECT_GT(refused, 0);
+}
+
+// Any text as instruction, input, generation and hotwords reaches the featurizer: a finite K-vector (and finite
+// token sketches for the response), or INVALID_ARGUMENT / FAILED_PRECONDITION with a message.
+TEST(Robustness, AnyTextThroughTheFeaturizer) {
+  FUZZ_TRACE();
+  const std::string data = rapidin::testing::SharedData() + "/models/";
+  if (!fs::exists(data + "stories260K.bin")) GTEST_SKIP() << data << "stories260K.bin is absent (set RAPIDIN_SHARED_DATA)";
+  std::mt19937_64 rng(rapidin::testing::FuzzSeed() + 6);
+  model::FeaturizerOptions o;
+  o.engine.model_path = data + "stories260K.bin";
+  o.engine.tokenizer_path = data + "tok512.bin";
+  o.engine.max_length = 160;  // long texts get truncated
+  o.k = 128;
+  auto f = model::Featurizer::Create(o);
+  ASSERT_TRUE(f.ok()) << f.status();
+  int ok = 0, refused = 0;
+  for (int i = 0; i < 40; ++i) {
+    model::Example ex{RandomText(rng, 8), rng() % 2 ? "" : RandomText(rng, 6), RandomText(rng), {}};
+    for (int h = 0, n = rng() % 3; h < n; ++h) {
+      ex.hotwords.push_back(rng() % 2 && !ex.output.empty() ? ex.output.substr(rng() % ex.output.size(), 1 + rng() % 4)
+                                                             : RandomText(rng));
+    }
+    std::vector<float> v;
+    auto info = (*f)->Compress(ex, &v);
+    if (!info.ok()) {
+      ++refused;
+      const auto c = info.status().code();
+      EXPECT_TRUE(c == absl::StatusCode::kInvalidArgument || c == absl::StatusCode::kFailedPrecondition)
+          << info.status();
+      EXPECT_FALSE(info.status().message().empty());
+      continue;
+    }
+    ASSERT_EQ(v.size(), 128u);
+    for (float x : v) ASSERT_TRUE(std::isfinite(x));
+    if (++ok > 3) continue;  // per-token sketches cost O(tokens^2): a few are enough
+    auto t = (*f)->engine().Tokenize(ex);
+    ASSERT_TRUE(t.ok()) << t.status();
+    std::vector<std::vector<float>> tokens;
+    const absl::Status ts = (*f)->TokenSketches(t->ids, t->response_begin, &tokens);
+    ASSERT_TRUE(ts.ok()) << ts;
+    EXPECT_EQ(tokens.size(), t->ids.size() - t->response_begin);
+  }
+  std::cout << "random examples: " << ok << " compressed, " << refused << " refused\n";
+  EXPECT_GT(ok, 0);
 }
 
 // Training-data files for `rapidin cache` (a JSON array or JSONL): any edit gives records, bad records with their
