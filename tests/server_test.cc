@@ -396,6 +396,59 @@ TEST_F(ServerTest, MutatedRequestsGetAStatusAndServingContinues) {
   std::cout << "mutated ingest batches: " << applied << " applied, " << refused << " refused\n";
   EXPECT_GT(refused, 0);
   EXPECT_TRUE(client_->QueryByVector(Request({probe}, 10, 3)).ok());
+
+  // Field-level ingest: odd ids (empty, 1024 and 1025 bytes, repeated in a batch), odd values (NaN, Inf, beyond
+  // fp16's 65504, subnormal), wrong lengths. A refused batch changes nothing; an applied one reads back exactly,
+  // the last occurrence of an id winning and vectors rounded to fp16.
+  const float odd_values[] = {NAN, INFINITY, 65504.0f, 65520.0f, -1e6f, 1e-8f, -0.0f, 3.0f};
+  int fields_applied = 0, fields_refused = 0;
+  for (int i = 0; i < 120; ++i) {
+    v1::IngestRequest b;
+    std::map<std::string, v1::IngestRecord> last;
+    for (int j = 0, n = 1 + rng() % 4; j < n; ++j) {
+      auto* rec = b.add_records();
+      const int id_kind = rng() % 10;
+      std::string id = id_kind == 0   ? ""
+                       : id_kind == 1 ? std::string(1024, 'x')
+                       : id_kind == 2 ? std::string(1025, 'y')
+                       : id_kind == 3 ? "rec-" + std::to_string(rng() % kN)  // replaces a fixture row
+                                      : "f-" + std::to_string(rng() % 20);
+      rec->mutable_record()->set_id(id);
+      rec->mutable_record()->set_output("out " + std::to_string(rng()));
+      if (rng() % 3 == 0) (*rec->mutable_record()->mutable_metadata())["k" + std::to_string(rng() % 3)] = "v";
+      const int len = rng() % 10 ? kK : static_cast<int>(rng() % (2 * kK));
+      auto v = SeededVector(rng(), len);
+      if (rng() % 5 == 0 && len > 0) v[rng() % len] = odd_values[rng() % 8];
+      rec->mutable_vector()->Add(v.begin(), v.end());
+      last[id] = *rec;
+    }
+    const uint64_t before = client_->Stats()->num_records();
+    bool sent = false;
+    auto res = client_->Ingest([&](v1::IngestRequest* out) {
+      if (sent) return false;
+      *out = b;
+      return sent = true;
+    });
+    if (!res.ok()) {
+      ++fields_refused;
+      EXPECT_EQ(res.status().code(), absl::StatusCode::kInvalidArgument) << res.status();
+      EXPECT_EQ(client_->Stats()->num_records(), before) << "a refused batch changed the store";
+      continue;
+    }
+    ++fields_applied;
+    for (const auto& [id, want] : last) {
+      auto got = client_->GetRecord(id, true);
+      ASSERT_TRUE(got.ok()) << got.status();
+      EXPECT_EQ(got->record().SerializeAsString(), want.record().SerializeAsString()) << id;
+      ASSERT_EQ(got->vector_size(), kK);
+      for (int c = 0; c < kK; ++c) {
+        EXPECT_EQ(got->vector(c), kernels::HalfToFloat(kernels::FloatToHalf(want.vector(c)))) << id << " value " << c;
+      }
+    }
+  }
+  std::cout << "field-level ingest batches: " << fields_applied << " applied, " << fields_refused << " refused\n";
+  EXPECT_GT(fields_applied, 0);
+  EXPECT_GT(fields_refused, 0);
 }
 
 TEST_F(ServerTest, DeadlineIsHonoured) {
