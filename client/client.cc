@@ -142,6 +142,70 @@ absl::Status ForEachLine(const std::string& path,
   return absl::OkStatus();
 }
 
+size_t InvalidUtf8At(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t n;  // continuation bytes
+    uint32_t cp;
+    if ((c & 0xE0) == 0xC0) {
+      n = 1, cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+      n = 2, cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+      n = 3, cp = c & 0x07;
+    } else {
+      return i;
+    }
+    if (s.size() - i <= n) return i;
+    for (size_t j = 1; j <= n; ++j) {
+      const auto b = static_cast<unsigned char>(s[i + j]);
+      if ((b & 0xC0) != 0x80) return i;
+      cp = (cp << 6) | (b & 0x3F);
+    }
+    static constexpr uint32_t kMin[] = {0, 0x80, 0x800, 0x10000};  // shortest form of each length
+    if (cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return i;
+    i += n + 1;
+  }
+  return std::string_view::npos;
+}
+
+namespace {
+
+absl::Status CheckUtf8In(const google::protobuf::Message& m, const std::string& prefix) {
+  using FD = google::protobuf::FieldDescriptor;
+  const auto* refl = m.GetReflection();
+  std::vector<const FD*> fields;
+  refl->ListFields(m, &fields);
+  for (const FD* f : fields) {
+    const int n = f->is_repeated() ? refl->FieldSize(m, f) : 1;
+    for (int i = 0; i < n; ++i) {
+      const std::string name = absl::StrCat(prefix, f->name(), f->is_repeated() ? absl::StrCat("[", i, "]") : "");
+      if (f->type() == FD::TYPE_STRING) {
+        std::string scratch;
+        const std::string& v = f->is_repeated() ? refl->GetRepeatedStringReference(m, f, i, &scratch)
+                                                : refl->GetStringReference(m, f, &scratch);
+        if (const size_t at = InvalidUtf8At(v); at != std::string_view::npos) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(name, " is not valid UTF-8 (byte ", at, "); rapidin's API takes UTF-8 text"));
+        }
+      } else if (f->cpp_type() == FD::CPPTYPE_MESSAGE) {
+        const auto& sub = f->is_repeated() ? refl->GetRepeatedMessage(m, f, i) : refl->GetMessage(m, f);
+        if (absl::Status st = CheckUtf8In(sub, name + "."); !st.ok()) return st;
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status CheckUtf8(const google::protobuf::Message& m) { return CheckUtf8In(m, ""); }
+
 std::unique_ptr<Client> Client::Connect(const std::string& address, double deadline_s, int max_message_bytes) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(max_message_bytes);
@@ -168,7 +232,13 @@ absl::StatusOr<rapidin::v1::IngestResponse> Client::Ingest(
   auto writer = stub_->Ingest(&ctx, &resp);
   rapidin::v1::IngestRequest batch;
   uint64_t sent = 0;
-  while (next_batch(&batch)) {
+  absl::Status bad;
+  for (int b = 1; next_batch(&batch); ++b) {
+    if (bad = CheckUtf8(batch); !bad.ok()) {  // not sent; the batches before it are applied
+      bad = absl::InvalidArgumentError(absl::StrCat("batch ", b, " not sent: ", bad.message(), " (", b - 1,
+                                                    " earlier batches were applied)"));
+      break;
+    }
     if (!writer->Write(batch)) break;  // the server ended the stream: Finish says why
     sent += batch.records_size();
     if (progress) progress(sent);
@@ -177,6 +247,7 @@ absl::StatusOr<rapidin::v1::IngestResponse> Client::Ingest(
   writer->WritesDone();
   grpc::Status st = writer->Finish();
   if (!st.ok()) return FromGrpc(st);
+  if (!bad.ok()) return bad;
   return resp;
 }
 
@@ -184,6 +255,7 @@ absl::StatusOr<rapidin::v1::QueryByVectorResponse> Client::QueryByVector(
     const rapidin::v1::QueryByVectorRequest& req) {
   grpc::ClientContext ctx;
   SetDeadline(&ctx);
+  if (absl::Status bad = CheckUtf8(req); !bad.ok()) return bad;
   rapidin::v1::QueryByVectorResponse resp;
   absl::Status st = FromGrpc(stub_->QueryByVector(&ctx, req, &resp));
   if (!st.ok()) return st;
@@ -193,6 +265,7 @@ absl::StatusOr<rapidin::v1::QueryByVectorResponse> Client::QueryByVector(
 absl::StatusOr<rapidin::v1::QueryResponse> Client::Query(const rapidin::v1::QueryRequest& req) {
   grpc::ClientContext ctx;
   SetDeadline(&ctx);
+  if (absl::Status bad = CheckUtf8(req); !bad.ok()) return bad;
   rapidin::v1::QueryResponse resp;
   absl::Status st = FromGrpc(stub_->Query(&ctx, req, &resp));
   if (!st.ok()) return st;
@@ -214,6 +287,7 @@ absl::StatusOr<rapidin::v1::GetRecordResponse> Client::GetRecord(const std::stri
   rapidin::v1::GetRecordRequest req;
   req.set_id(id);
   req.set_include_vector(include_vector);
+  if (absl::Status bad = CheckUtf8(req); !bad.ok()) return bad;
   rapidin::v1::GetRecordResponse resp;
   absl::Status st = FromGrpc(stub_->GetRecord(&ctx, req, &resp));
   if (!st.ok()) return st;

@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -26,6 +27,14 @@ absl::StatusOr<rapidin::v1::QueryVector> ParseQueryLine(const std::string& line)
 absl::Status ForEachLine(const std::string& path,
                          const std::function<absl::Status(int64_t line_no, const std::string& line)>& fn);
 
+// Byte offset of the first byte that does not start well-formed UTF-8 (no overlong forms, surrogates or code
+// points past U+10FFFF), or std::string::npos when all of `s` is.
+size_t InvalidUtf8At(std::string_view s);
+// proto3 string fields must hold UTF-8, and gRPC's decoder refuses a message that breaks this with an empty
+// INTERNAL error. INVALID_ARGUMENT naming the first such field (e.g. "records[2].record.id") and the byte.
+absl::Status CheckUtf8(const google::protobuf::Message& m);
+
+// Every call checks its request with CheckUtf8 before sending it.
 class Client {
  public:
   // deadline_s <= 0: no deadline.

@@ -54,6 +54,12 @@ expect_err 1 "broken.jsonl:1: malformed JSON" "$CLI" query --server 127.0.0.1:$p
 expect_err 1 "top_k" "$CLI" query --server 127.0.0.1:$port --vector-file "$work/q.jsonl" --top-k 0
 expect_err 1 "FAILED_PRECONDITION" "$CLI" query --server 127.0.0.1:$port --generation "hi"
 expect_err 2 "exactly one of" "$CLI" query --server 127.0.0.1:$port
+# Text that is not UTF-8 is named before it is sent (gRPC would refuse the message with an empty INTERNAL).
+expect_err 1 "generation is not valid UTF-8 (byte 3)" "$CLI" query --server 127.0.0.1:$port --instruction hi \
+  --generation $'caf\xe9'
+expect_err 1 "hotwords\[0\] is not valid UTF-8" "$CLI" query --server 127.0.0.1:$port --instruction hi \
+  --generation ok --hotword $'\xff'
+expect_err 1 "id is not valid UTF-8 (byte 0)" "$CLI" get --server 127.0.0.1:$port --id $'\xe9x'
 expect_err 2 "" "$CLI" frobnicate
 expect_err 1 "UNAVAILABLE" "$CLI" stats --server 127.0.0.1:1 --timeout 2
 
