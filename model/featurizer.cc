@@ -252,6 +252,11 @@ absl::StatusOr<FeaturizerOptions> OptionsFromState(const std::string& state, con
     else if (kv.first == "d") ok = absl::SimpleAtoi(v, &d);
     if (!ok) return absl::DataLossError(absl::StrCat("projection state: bad value in \"", tok, "\""));
   }
+  if (state.empty()) {
+    return absl::FailedPreconditionError(
+        "the store has no projection state: it holds precomputed vectors (created with --k), not gradients "
+        "compressed from a model; build a store with `rapidin cache` to query by text");
+  }
   if (state.rfind("rapidgrad/v1 ", 0) != 0 || found != 4) {
     return absl::FailedPreconditionError(
         "the store's projection state is not a rapidgrad/v1 state (was it built by `rapidin cache`?)");

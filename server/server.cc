@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <filesystem>
 #include <cmath>
 #include <mutex>
 #include <thread>
@@ -534,6 +535,16 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   so.progress = options.load_progress;
   so.host_budget_bytes = options.host_budget_bytes;
   if (backend == "cuda") so.host_allocator = CudaHostAllocator();
+  if (!options.model_path.empty()) {  // checked before the store is opened (or created) for nothing
+    if (!std::filesystem::exists(options.model_path)) {
+      return absl::NotFoundError(absl::StrCat("model not found: ", options.model_path));
+    }
+    if (!std::filesystem::exists(options.store_path)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "no store at ", options.store_path, ": with --model, build it first with `rapidin cache --model ",
+          options.model_path, " --store ", options.store_path, " --data ...`"));
+    }
+  }
   const auto t0 = std::chrono::steady_clock::now();
   auto store = storage::Store::Open(options.store_path, so);
   if (!store.ok()) return store.status();

@@ -2,6 +2,8 @@
 // refusal of a store made with another projection state, and a record's own text ranking it first.
 #include <gtest/gtest.h>
 
+#include <filesystem>
+
 #include <cstdlib>
 #include <fstream>
 
@@ -237,6 +239,27 @@ TEST_F(CacheTest, ServerRefusesStoreOfAnotherModelState) {
   EXPECT_NE(srv.status().message().find("model: store"), std::string::npos) << srv.status();
   so.model_path = dir_.path("missing.bin");
   EXPECT_EQ(server::Server::Create(so).status().code(), absl::StatusCode::kNotFound);
+  // A model with a store that does not exist yet: refused before anything is created.
+  so = ModelServer();
+  so.store_path = dir_.path("not_yet");
+  so.create_k = 64;
+  auto st = server::Server::Create(so).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+  EXPECT_NE(st.message().find("rapidin cache"), std::string::npos) << st;
+  EXPECT_FALSE(std::filesystem::exists(so.store_path));
+  // A store of precomputed vectors (no projection state) with a model.
+  {
+    server::ServerOptions vo;
+    vo.store_path = dir_.path("vectors");
+    vo.create_k = 64;
+    vo.listen = "127.0.0.1:0";
+    vo.metrics_listen = "";
+    ASSERT_TRUE(server::Server::Create(vo).ok());
+  }
+  so.store_path = dir_.path("vectors");
+  st = server::Server::Create(so).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+  EXPECT_NE(st.message().find("no projection state"), std::string::npos) << st;
 }
 
 }  // namespace
