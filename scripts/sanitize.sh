@@ -6,7 +6,9 @@
 # asan: AddressSanitizer + LeakSanitizer + UndefinedBehaviorSanitizer over every test (build-asan).
 # tsan: ThreadSanitizer (build-tsan) over the test binaries that do not go through gRPC: Debian's gRPC and Abseil
 #   are not instrumented, so TSan cannot see their synchronisation and reports every hand-off between gRPC threads.
-#   query_engine_test drives the worker pool, the batcher and the store's locks directly for that reason.
+#   query_engine_test drives the worker pool, the batcher and the store's locks directly for that reason. Utf8.*
+#   is left out too: it walks a map field by reflection inside libprotobuf, whose MapFieldBase has two more members
+#   when compiled under TSan than in Debian's build (map_field.h), so that call crashes in this build only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -51,7 +53,7 @@ if [ "$MODE" != asan ]; then
   ( cd build-tsan &&
     TSAN_OPTIONS="halt_on_error=0:second_deadlock_stack=1:suppressions=$ROOT/tests/sanitizers/tsan.supp:log_path=$logs/tsan" \
     ctest --output-on-failure -j 2 --timeout 1500 \
-      -E '^(CacheTest|ServerTest|cli_e2e|python_client)' ) ||
+      -E '^(CacheTest|ServerTest|cli_e2e|python_client|Utf8)' ) ||
     status=1
   reports "$logs" "TSan, tests without gRPC" || status=1
 fi
