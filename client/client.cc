@@ -182,6 +182,7 @@ absl::Status CheckUtf8In(const google::protobuf::Message& m, const std::string& 
   std::vector<const FD*> fields;
   refl->ListFields(m, &fields);
   for (const FD* f : fields) {
+    if (f->type() != FD::TYPE_STRING && f->cpp_type() != FD::CPPTYPE_MESSAGE) continue;  // e.g. the vectors
     const int n = f->is_repeated() ? refl->FieldSize(m, f) : 1;
     for (int i = 0; i < n; ++i) {
       const std::string name = absl::StrCat(prefix, f->name(), f->is_repeated() ? absl::StrCat("[", i, "]") : "");
