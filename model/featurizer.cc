@@ -102,33 +102,12 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerO
 Featurizer::~Featurizer() = default;
 
 absl::StatusOr<GradInfo> Featurizer::Compress(const Example& ex, std::vector<float>* out, Timing* timing) const {
-  using Clock = std::chrono::steady_clock;
-  if (device_) {  // one path for the device sketch
-    std::vector<std::vector<float>> outs;
-    std::vector<absl::StatusOr<GradInfo>> infos;
-    CompressBatch({ex}, &outs, &infos, timing);
-    if (infos[0].ok()) *out = std::move(outs[0]);
-    return infos[0];
-  }
-  const auto t0 = Clock::now();
-  auto t = engine_->Tokenize(ex);
-  if (!t.ok()) return t.status();
-  std::vector<double> g;
-  auto info = engine_->GradientIds(*t, /*normalize=*/true, &g);
-  if (!info.ok()) return info.status();
-  const auto t1 = Clock::now();
-  std::vector<float> gf(g.begin(), g.end());
-  const auto t2 = Clock::now();
-  out->resize(sketch_->params().k);
-  sketch_->Apply(gf.data(), out->data());
-  if (absl::Status st = CheckFinite(*out, "the compressed gradient"); !st.ok()) return st;
-  const auto t3 = Clock::now();
-  if (timing) {
-    timing->grad += std::chrono::duration<double>(t1 - t0).count();
-    timing->normalize += std::chrono::duration<double>(t2 - t1).count();
-    timing->sketch += std::chrono::duration<double>(t3 - t2).count();
-  }
-  return info;
+  // A batch of one: the same tokenisation, gradient (GradientIds is GradientIdsBatch of one), sketch and checks.
+  std::vector<std::vector<float>> outs;
+  std::vector<absl::StatusOr<GradInfo>> infos;
+  CompressBatch({ex}, &outs, &infos, timing);
+  if (infos[0].ok()) *out = std::move(outs[0]);
+  return infos[0];
 }
 
 void Featurizer::CompressBatch(const std::vector<Example>& exs, std::vector<std::vector<float>>* out,

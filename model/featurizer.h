@@ -32,7 +32,8 @@ absl::Status ResolveTokenizer(EngineOptions* eo);
 
 // With the engine on a CUDA device (and the CUDA layer built), Compress and CompressBatch sketch each gradient on
 // that device (gpu::GpuSketch, bitwise equal to the CPU sketch) from the engine's device buffer, so only K floats
-// per record come back to the host.
+// per record come back to the host. A compressed gradient that is not finite (the model overflows on the example)
+// is FAILED_PRECONDITION, per record in CompressBatch.
 class Featurizer {
  public:
   static absl::StatusOr<std::unique_ptr<Featurizer>> Create(const FeaturizerOptions& options);
