@@ -11,7 +11,6 @@
 #include <random>
 #include <thread>
 
-#include "kernels/half.h"
 #include "server/query_engine.h"
 #include "tests/test_util.h"
 
@@ -23,12 +22,6 @@ using rapidin::testing::TempDir;
 
 constexpr int kK = 37;
 constexpr int kShards = 3;
-
-std::vector<float> Fp16(const std::vector<float>& v) {
-  std::vector<float> r(v.size());
-  for (size_t i = 0; i < v.size(); ++i) r[i] = kernels::HalfToFloat(kernels::FloatToHalf(v[i]));
-  return r;
-}
 
 double Dot(const std::vector<float>& stored, const float* q) {
   double acc = 0;
@@ -49,7 +42,7 @@ class History {
  public:
   void Add(uint64_t row, const std::vector<float>& v) {
     std::lock_guard<std::mutex> l(mu_);
-    rows_[row].push_back(Fp16(v));
+    rows_[row].push_back(rapidin::testing::Fp16Rounded(v));
   }
   std::map<uint64_t, std::vector<std::vector<float>>> Snapshot() const {
     std::lock_guard<std::mutex> l(mu_);

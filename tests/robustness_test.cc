@@ -29,7 +29,7 @@ namespace fs = std::filesystem;
 const std::string kHf = RAPIDIN_SOURCE_DIR "/tests/fixtures/hf_tiny";
 
 // Prints the seed with every failure of the calling test.
-#define FUZZ_TRACE() SCOPED_TRACE("replay with RAPIDIN_FUZZ_SEED=" + std::to_string(rapidin::testing::FuzzSeed()))
+#define FUZZ_TRACE() SCOPED_TRACE(rapidin::testing::FuzzReplay())
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

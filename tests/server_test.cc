@@ -273,7 +273,7 @@ TEST_F(ServerTest, BadInputGetsClearErrorsAndServerKeepsServing) {
 // the server then answers exactly as before. Mutated ingest batches are refused whole or applied whole.
 TEST_F(ServerTest, MutatedRequestsGetAStatusAndServingContinues) {
   const uint64_t seed = rapidin::testing::FuzzSeed();
-  SCOPED_TRACE("replay with RAPIDIN_FUZZ_SEED=" + std::to_string(seed));
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
   std::mt19937_64 rng(seed);
   auto channel = grpc::CreateChannel(addr_, grpc::InsecureChannelCredentials());
   grpc::GenericStub generic(channel);

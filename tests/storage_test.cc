@@ -21,6 +21,7 @@
 namespace rapidin::storage {
 namespace {
 
+using rapidin::testing::Fp16Rounded;
 using rapidin::testing::Item;
 using rapidin::testing::SeededVector;
 using rapidin::testing::TempDir;
@@ -37,11 +38,6 @@ std::unique_ptr<Store> MustOpen(const std::string& path, uint32_t k, int shards 
   return s.ok() ? std::move(*s) : nullptr;
 }
 
-std::vector<float> Rounded(std::vector<float> v) {
-  for (auto& x : v) x = kernels::HalfToFloat(kernels::FloatToHalf(x));
-  return v;
-}
-
 // Checks every host-tier shard: 64-byte aligned, rows dealt round-robin (shard sh holds sh, sh + S, ...), each
 // row equal to the fp16 rounding of vecs[its global index]. Returns the rows held in all.
 int64_t RowsInShards(const Store& s, const std::vector<std::vector<float>>& vecs, int k) {
@@ -52,7 +48,7 @@ int64_t RowsInShards(const Store& s, const std::vector<std::vector<float>>& vecs
                    EXPECT_EQ(v.first_index, sh);
                    EXPECT_EQ(v.index_stride, s.num_shards());
                    for (int64_t r = 0; r < v.n; ++r) {
-                     const auto want = Rounded(vecs[v.first_index + r * v.index_stride]);
+                     const auto want = Fp16Rounded(vecs[v.first_index + r * v.index_stride]);
                      for (int c = 0; c < k; ++c) EXPECT_EQ(kernels::HalfToFloat(v.rows[r * k + c]), want[c]);
                    }
                    total += v.n;
@@ -145,7 +141,7 @@ TEST(Store, IngestGetReplaceAndReopen) {
       EXPECT_EQ(rec->index(), static_cast<uint64_t>(i));
       auto v = s->GetVector(rec->index());
       ASSERT_TRUE(v.ok());
-      EXPECT_EQ(*v, Rounded(vecs[i])) << "row " << i << " with " << shards << " shards";
+      EXPECT_EQ(*v, Fp16Rounded(vecs[i])) << "row " << i << " with " << shards << " shards";
     }
     EXPECT_EQ(s->GetRecordById("id3")->record().text(), "new text");
     EXPECT_EQ(s->GetRecordById("nope").status().code(), absl::StatusCode::kNotFound);
@@ -218,7 +214,7 @@ TEST(Store, ColdTierBeyondTheHostBudget) {
     ASSERT_EQ(rows.n(), static_cast<int64_t>(n - resident));
     EXPECT_EQ(reinterpret_cast<uintptr_t>(rows.data()) % 64, 0u);
     for (uint64_t g = resident; g < n; ++g) {
-      const auto want = Rounded(vecs[g]);
+      const auto want = Fp16Rounded(vecs[g]);
       for (int c = 0; c < k; ++c) EXPECT_EQ(kernels::HalfToFloat(rows.row(g - resident)[c]), want[c]) << g;
       EXPECT_EQ(*s->GetVector(g), want);  // cold rows through GetVector too
     }
@@ -293,7 +289,7 @@ TEST(Store, HostTierUsesTheGivenAllocator) {
     EXPECT_GT(allocations, 0);
     auto v = (*s)->GetVector(2999);
     ASSERT_TRUE(v.ok());
-    EXPECT_EQ(*v, Rounded(SeededVector(2999, 8)));
+    EXPECT_EQ(*v, Fp16Rounded(SeededVector(2999, 8)));
   }
   EXPECT_EQ(allocations, frees);  // every block went back through the same allocator
 }
@@ -432,7 +428,7 @@ TEST(Store, DamagedStoresAreDataLossNotCrashes) {
 // same rows); none crashes or loads rows under the wrong K.
 TEST(Store, MutatedManifestsAreRefusedOrHarmless) {
   const uint64_t seed = rapidin::testing::FuzzSeed();
-  SCOPED_TRACE("replay with RAPIDIN_FUZZ_SEED=" + std::to_string(seed));
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
   std::mt19937_64 rng(seed);
   TempDir dir;
   const int k = 16, n = 30;
@@ -501,7 +497,7 @@ TEST(Store, BadBatchIsRejectedWhole) {
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
     EXPECT_EQ(s->size(), 1u);
     EXPECT_EQ(s->GetRecordById("b").status().code(), absl::StatusCode::kNotFound);
-    EXPECT_EQ(*s->GetVector(0), Rounded(SeededVector(1, k)));
+    EXPECT_EQ(*s->GetVector(0), Fp16Rounded(SeededVector(1, k)));
   }
 }
 
@@ -546,7 +542,7 @@ TEST(Store, KilledWriterLeavesWholeBatches) {
       auto rec = s->GetRecordByIndex(row);
       ASSERT_TRUE(rec.ok()) << rec.status();
       ASSERT_EQ(rec->record().id(), "b" + std::to_string(bb) + "-" + std::to_string(i));
-      ASSERT_EQ(*s->GetVector(row), Rounded(SeededVector(bb * 1000 + i, k)));
+      ASSERT_EQ(*s->GetVector(row), Fp16Rounded(SeededVector(bb * 1000 + i, k)));
     }
     // The next batch's first record must be absent.
     EXPECT_EQ(s->GetRecordById("b" + std::to_string(n / batch) + "-0").status().code(),
@@ -563,10 +559,10 @@ TEST(Store, KilledWriterLeavesWholeBatches) {
     internal::AlignedRows rows(k);
     ASSERT_TRUE((*cold)->ReadRows(batch, static_cast<int64_t>(n + 1 - batch), &rows).ok());
     for (uint64_t row = batch; row < n; ++row) {
-      const auto want = Rounded(SeededVector((row / batch) * 1000 + row % batch, k));
+      const auto want = Fp16Rounded(SeededVector((row / batch) * 1000 + row % batch, k));
       for (int c = 0; c < k; ++c) ASSERT_EQ(kernels::HalfToFloat(rows.row(row - batch)[c]), want[c]) << row;
     }
-    EXPECT_EQ(*(*cold)->GetVector(n), Rounded(SeededVector(7, k)));
+    EXPECT_EQ(*(*cold)->GetVector(n), Fp16Rounded(SeededVector(7, k)));
   }
 }
 

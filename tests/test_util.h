@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/half.h"
 #include "storage/store.h"
 
 namespace rapidin::testing {
@@ -74,6 +75,15 @@ inline uint64_t FuzzSeed() {
     return env ? std::strtoull(env, nullptr, 10) : (uint64_t{std::random_device{}()} << 32) | std::random_device{}();
   }();
   return seed;
+}
+
+// For SCOPED_TRACE in a mutation test: how to replay this run.
+inline std::string FuzzReplay() { return "replay with RAPIDIN_FUZZ_SEED=" + std::to_string(FuzzSeed()); }
+
+// v rounded to fp16 and back, as a store holds it.
+inline std::vector<float> Fp16Rounded(std::vector<float> v) {
+  for (auto& x : v) x = kernels::HalfToFloat(kernels::FloatToHalf(x));
+  return v;
 }
 
 // One random edit of `s`. `hot` bytes at the front (a header) get half of the point edits.
