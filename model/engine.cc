@@ -462,6 +462,7 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Random(const Mod
 
 const ModelConfig& GradientEngine::config() const { return impl_->cfg; }
 std::string GradientEngine::device() const { return impl_->device.str(); }
+int GradientEngine::cuda_device() const { return impl_->device.is_cuda() ? impl_->device.index() : -1; }
 const std::vector<ParamInfo>& GradientEngine::params() const { return impl_->infos; }
 int64_t GradientEngine::grad_dim() const { return impl_->dim; }
 std::string GradientEngine::model_hash() const {

@@ -138,6 +138,7 @@ class GradientEngine {
 
   const ModelConfig& config() const;
   std::string device() const;  // resolved: "cpu" or "cuda:N"
+  int cuda_device() const;     // N for "cuda:N", -1 on the CPU
   const std::vector<ParamInfo>& params() const;  // the selected parameters, in gradient order
   int64_t grad_dim() const;
   // Identifies weights (adapter included) + parameter selection + template + max_length (hex).

@@ -7,7 +7,6 @@
 #include <filesystem>
 #include <map>
 
-#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -82,11 +81,8 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerO
   auto sketch = kernels::RapidGrad::Create({f->engine_->grad_dim(), options.k, options.lambda, options.seed}, &error);
   if (sketch == nullptr) return absl::InvalidArgumentError(error);
   f->sketch_ = std::move(sketch);
-  const std::string dev = f->engine_->device();
-  if (absl::StartsWith(dev, "cuda:")) {
+  if (const int index = f->engine_->cuda_device(); index >= 0) {
 #if RAPIDIN_HAVE_CUDA
-    int index = 0;
-    if (!absl::SimpleAtoi(dev.substr(5), &index)) return absl::InternalError("engine device " + dev);
     f->device_ = std::make_unique<Device>();
     absl::Status st = gpu::ToAbsl(gpu::GpuSketch::Create(*f->sketch_, index, &f->device_->sketch));
     if (!st.ok()) return st;

@@ -744,9 +744,11 @@ TEST(EngineDevice, NamesAreResolvedOrRefusedWithTheReason) {
   auto cpu = TinyOn("cpu");
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   EXPECT_EQ((*cpu)->device(), "cpu");
+  EXPECT_EQ((*cpu)->cuda_device(), -1);
   auto automatic = TinyOn("auto");
   ASSERT_TRUE(automatic.ok()) << automatic.status();
   EXPECT_EQ((*automatic)->device(), rt.cuda_devices > 0 ? "cuda:0" : "cpu");
+  EXPECT_EQ((*automatic)->cuda_device(), rt.cuda_devices > 0 ? 0 : -1);
   for (const char* bad : {"gpu", "cuda:", "cuda:-1", "cuda:x", "CPU", ""}) {
     EXPECT_EQ(TinyOn(bad).status().code(), absl::StatusCode::kInvalidArgument) << '"' << bad << '"';
   }

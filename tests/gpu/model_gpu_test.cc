@@ -62,6 +62,7 @@ std::pair<std::unique_ptr<GradientEngine>, std::unique_ptr<GradientEngine>> Pair
   EXPECT_TRUE(gpu.ok()) << gpu.status();
   if (!cpu.ok() || !gpu.ok()) return {};
   EXPECT_EQ((*gpu)->device(), "cuda:0");
+  EXPECT_EQ((*gpu)->cuda_device(), 0);
   EXPECT_EQ((*cpu)->model_hash(), (*gpu)->model_hash());
   return {std::move(*cpu), std::move(*gpu)};
 }
