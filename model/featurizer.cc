@@ -52,10 +52,10 @@ absl::Status CheckFinite(const std::vector<float>& v, const char* what) {
 
 absl::Status ResolveTokenizer(EngineOptions* eo) {
   if (!eo->tokenizer_path.empty()) return absl::OkStatus();
-  // llama2.c keeps its tokenizer next to the checkpoint.
+  // llama2.c keeps its tokenizer next to the checkpoint; a Hugging Face directory holds a SentencePiece model.
   const std::filesystem::path model(eo->model_path);
   const auto dir = std::filesystem::is_directory(model) ? model : model.parent_path();
-  for (const char* name : {"tokenizer.bin", "tok512.bin"}) {
+  for (const char* name : {"tokenizer.bin", "tok512.bin", "tokenizer.model"}) {
     if (std::filesystem::exists(dir / name)) {
       eo->tokenizer_path = (dir / name).string();
       return absl::OkStatus();
@@ -76,6 +76,10 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerO
   auto engine = GradientEngine::Load(eo);
   if (!engine.ok()) return engine.status();
   f->engine_ = std::move(*engine);
+  if (f->engine_->tokenizer() == nullptr) {  // every record would fail one by one
+    return absl::InvalidArgumentError(absl::StrCat("no tokenizer for ", eo.model_path,
+                                                   ": pass its tokenizer.bin or tokenizer.model (--tokenizer)"));
+  }
   f->token_method_ = options.token_method;
   std::string error;
   auto sketch = kernels::RapidGrad::Create({f->engine_->grad_dim(), options.k, options.lambda, options.seed}, &error);

@@ -26,8 +26,8 @@ struct FeaturizerOptions {
   TokenGradMethod token_method = TokenGradMethod::kShared;
 };
 
-// Fills eo->tokenizer_path when empty: tokenizer.bin or tok512.bin next to a llama2.c checkpoint (a Hugging
-// Face directory finds its own). INVALID_ARGUMENT when a llama2.c checkpoint has none beside it.
+// Fills eo->tokenizer_path when empty: tokenizer.bin or tok512.bin next to a llama2.c checkpoint, tokenizer.model
+// in a Hugging Face directory. INVALID_ARGUMENT when a llama2.c checkpoint has none beside it.
 absl::Status ResolveTokenizer(EngineOptions* eo);
 
 // With the engine on a CUDA device (and the CUDA layer built), Compress and CompressBatch sketch each gradient on
@@ -36,6 +36,7 @@ absl::Status ResolveTokenizer(EngineOptions* eo);
 // is FAILED_PRECONDITION, per record in CompressBatch.
 class Featurizer {
  public:
+  // Errors: those of GradientEngine::Load; INVALID_ARGUMENT when no tokenizer is given or found (ResolveTokenizer).
   static absl::StatusOr<std::unique_ptr<Featurizer>> Create(const FeaturizerOptions& options);
   ~Featurizer();
 
