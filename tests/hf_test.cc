@@ -3,10 +3,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "model/engine.h"
+#include "model/featurizer.h"
 #include "tests/test_util.h"
 
 namespace rapidin::model {
@@ -134,6 +136,32 @@ TEST(HuggingFace, BaseModelAndClearErrors) {
   o.adapter_path = "";
   o.tokenizer_path = dir.path("config.json");  // not a tokenizer
   EXPECT_FALSE(GradientEngine::Load(o).ok());
+}
+
+// A Hugging Face directory brings its tokenizer.model: a featurizer needs no --tokenizer for it, and one without any
+// tokenizer is refused when it is made (not record by record).
+TEST(HuggingFace, FeaturizerFindsTheDirectorysTokenizer) {
+  FeaturizerOptions fo;
+  fo.engine.model_path = kDir;
+  fo.k = 64;
+  auto f = Featurizer::Create(fo);
+  ASSERT_TRUE(f.ok()) << f.status();
+  ASSERT_NE((*f)->engine().tokenizer(), nullptr);
+  std::vector<float> v;
+  auto info = (*f)->Compress({"Hi.", "", "Hello there.", {}}, &v);
+  // The fixture's context (64 tokens) is shorter than the Alpaca prompt: refused by length, not for a tokenizer.
+  EXPECT_EQ(info.status().code(), absl::StatusCode::kInvalidArgument) << info.status();
+  EXPECT_NE(info.status().message().find("max_length"), std::string::npos) << info.status();
+
+  rapidin::testing::TempDir dir;
+  for (const char* name : {"config.json", "model.safetensors.index.json", "model-00001-of-00003.safetensors",
+                           "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"}) {
+    std::filesystem::copy_file(kDir + "/" + name, dir.path(name));
+  }
+  fo.engine.model_path = dir.path();
+  auto none = Featurizer::Create(fo);
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(none.status().message().find("no tokenizer"), std::string::npos) << none.status();
 }
 
 // The SentencePiece BPE tokenizer gives the ids and byte offsets that the sentencepiece Python package gave.
