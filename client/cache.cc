@@ -115,6 +115,29 @@ absl::StatusOr<CacheSummary> RunCache(const CacheOptions& o) {
     sum.bad_records.erase(std::remove_if(sum.bad_records.begin(), sum.bad_records.end(), beyond),
                           sum.bad_records.end());
   }
+  int64_t positions = 0;
+  for (const auto& r : *data) positions = std::max(positions, r.position + 1);
+  for (const auto& r : sum.bad_records) positions = std::max(positions, r.position + 1);
+  sum.range_end = positions;
+  if (o.shard_count != 1 || o.shard_index != 0) {
+    if (o.shard_count < 1 || o.shard_index < 0 || o.shard_index >= o.shard_count) {
+      return absl::InvalidArgumentError(absl::StrCat("shard index ", o.shard_index, " of ", o.shard_count,
+                                                     ": need 0 <= index < count"));
+    }
+    // Position p goes to range floor(p * count / positions): contiguous, sizes differing by at most one.
+    const int64_t n = o.shard_count, i = o.shard_index;
+    sum.range_begin = (i * positions + n - 1) / n;
+    sum.range_end = ((i + 1) * positions + n - 1) / n;
+    auto outside = [&](const auto& r) { return r.position < sum.range_begin || r.position >= sum.range_end; };
+    data->erase(std::remove_if(data->begin(), data->end(), outside), data->end());
+    sum.bad_records.erase(std::remove_if(sum.bad_records.begin(), sum.bad_records.end(), outside),
+                          sum.bad_records.end());
+    if (o.progress) {
+      std::fprintf(stderr, "shard %d of %d: records %lld..%lld of %lld\n", o.shard_index, o.shard_count,
+                   static_cast<long long>(sum.range_begin), static_cast<long long>(sum.range_end - 1),
+                   static_cast<long long>(positions));
+    }
+  }
   sum.total = static_cast<int64_t>(data->size() + sum.bad_records.size());  // every record considered
   sum.bad = static_cast<int64_t>(sum.bad_records.size());
   for (const auto& b : sum.bad_records) std::fprintf(stderr, "skipping %s: %s\n", b.where.c_str(), b.reason.c_str());

@@ -39,6 +39,11 @@ struct CacheOptions {
   int batch_size = 64;      // records per atomic store write
   int grad_batch = 1;       // records per forward/backward pass (1 was faster here: bench/results/cache.md)
   int64_t limit = 0;       // cache at most this many records of the file (0: all)
+  // Caching at scale: this run caches range shard_index of shard_count contiguous, balanced ranges of the file's
+  // records (after limit), for one shard server each. The stores share one projection state, so a router can
+  // merge them.
+  int shard_index = 0;
+  int shard_count = 1;
   bool progress = true;    // progress lines on stderr
 };
 
@@ -47,6 +52,7 @@ struct CacheSummary {
   double seconds = 0, grad_s = 0, normalize_s = 0, sketch_s = 0, write_s = 0;
   double mean_loss = 0;
   int64_t store_records = 0;
+  int64_t range_begin = 0, range_end = 0;  // positions [begin, end) of the file this run covered
   std::string projection_state_id;
   std::string device;  // where the gradients ran
   std::vector<BadRecord> bad_records;

@@ -3,6 +3,7 @@
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <fstream>
@@ -10,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 
 namespace rapidin::client {
 namespace {
@@ -309,9 +311,13 @@ std::string ResultTable(const rapidin::v1::QueryResult& r, const std::string& ti
   auto section = [&](const char* name, const auto& list) {
     if (list.empty()) return;
     absl::StrAppend(&out, title, name, "\n");
-    absl::StrAppendFormat(&out, "  %4s  %12s  %-20s  %s\n", "rank", "score", "id", "record");
+    // Through a router, the shard server that holds each record.
+    const bool routed = std::any_of(list.begin(), list.end(), [](const auto& s) { return !s.source().empty(); });
+    absl::StrAppendFormat(&out, "  %4s  %12s  %-20s  %s%s\n", "rank", "score", "id", routed ? "shard server          " : "",
+                          "record");
     for (const auto& s : list) {
-      absl::StrAppendFormat(&out, "  %4d  %12.6g  %-20s  %s\n", s.rank(), s.score(), Clip(s.id(), 20),
+      absl::StrAppendFormat(&out, "  %4d  %12.6g  %-20s  %s%s\n", s.rank(), s.score(), Clip(s.id(), 20),
+                            routed ? absl::StrFormat("%-20s  ", Clip(s.source(), 20)) : std::string(),
                             Clip(RecordSummary(s.record()), 70));
     }
   };
@@ -466,6 +472,9 @@ std::string AttributionHtml(const rapidin::v1::QueryRequest& q, const rapidin::v
 std::string StatsTable(const rapidin::v1::StatsResponse& s) {
   std::string out;
   absl::StrAppendFormat(&out, "%-20s %s\n", "store", s.store_path());
+  if (s.shard_servers_size() > 0) {
+    absl::StrAppendFormat(&out, "%-20s %s\n", "shard servers", absl::StrJoin(s.shard_servers(), ", "));
+  }
   absl::StrAppendFormat(&out, "%-20s %d\n", "records", s.num_records());
   absl::StrAppendFormat(&out, "%-20s %d\n", "K", s.k());
   absl::StrAppendFormat(&out, "%-20s %s\n", "dtype", rapidin::v1::VectorDType_Name(s.dtype()));
@@ -486,6 +495,7 @@ std::string RecordTable(const rapidin::v1::GetRecordResponse& r) {
   std::string out;
   const auto& rec = r.record();
   absl::StrAppendFormat(&out, "%-12s %s\n%-12s %d\n", "id", rec.id(), "row", r.index());
+  if (!r.source().empty()) absl::StrAppendFormat(&out, "%-12s %s\n", "shard server", r.source());
   if (!rec.instruction().empty()) absl::StrAppendFormat(&out, "%-12s %s\n", "instruction", rec.instruction());
   if (!rec.input().empty()) absl::StrAppendFormat(&out, "%-12s %s\n", "input", rec.input());
   if (!rec.output().empty()) absl::StrAppendFormat(&out, "%-12s %s\n", "output", rec.output());

@@ -8,11 +8,13 @@
 #include <filesystem>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "client/cache.h"
 #include "client/finetune.h"
@@ -54,7 +56,7 @@ int Ingest(const std::string& server, const std::string& file, int batch_size, d
       [&](uint64_t sent) {
         const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         if (tty || sent == records.size()) {
-          std::fprintf(stderr, "%singested %llu/%zu records (%.0f records/s)%s", tty ? "\r" : "",
+          std::fprintf(stderr, "%ssent %llu/%zu records (%.0f records/s)%s", tty ? "\r" : "",
                        static_cast<unsigned long long>(sent), records.size(), s > 0 ? sent / s : 0.0,
                        tty && sent < records.size() ? "" : "\n");
         }
@@ -175,7 +177,9 @@ int Cache(const rapidin::client::CacheOptions& o, bool json) {
                         {"grad_seconds", s->grad_s}, {"normalize_seconds", s->normalize_s},
                         {"sketch_seconds", s->sketch_s}, {"write_seconds", s->write_s},
                         {"mean_response_loss", s->mean_loss}, {"store_records", s->store_records},
-                        {"projection_state_id", s->projection_state_id}, {"device", s->device}};
+                        {"projection_state_id", s->projection_state_id}, {"device", s->device},
+                        {"shard_index", o.shard_index}, {"shard_count", o.shard_count},
+                        {"range_begin", s->range_begin}, {"range_end", s->range_end}};
     nlohmann::json bad = nlohmann::json::array();
     for (const auto& b : s->bad_records) bad.push_back({{"where", b.where}, {"reason", b.reason}});
     j["bad_records"] = bad;
@@ -187,6 +191,10 @@ int Cache(const rapidin::client::CacheOptions& o, bool json) {
               static_cast<long long>(s->total), static_cast<long long>(s->cached),
               static_cast<long long>(s->skipped_existing), static_cast<long long>(s->bad),
               static_cast<long long>(s->truncated));
+  if (o.shard_count > 1) {
+    std::printf("  %-22s %d of %d: positions %lld..%lld of the file\n", "shard", o.shard_index, o.shard_count,
+                static_cast<long long>(s->range_begin), static_cast<long long>(s->range_end - 1));
+  }
   std::printf("  %-22s %.1f s (%.1f records/s, gradients on %s)\n", "time", s->seconds,
               s->seconds > 0 ? s->cached / s->seconds : 0, s->device.c_str());
   std::printf("  %-22s fwd+bwd %.2f s, normalise %.2f s, sketch %.2f s, store write %.2f s\n", "breakdown",
@@ -336,6 +344,14 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1, 1024));
   cache->add_option("--limit", co.limit, "cache only the first N records (0: all)");
+  int shard_index = -1;
+  cache->add_option("--shard-count", co.shard_count,
+                    "split the records into this many contiguous ranges, one store (shard server) each")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  cache->add_option("--shard-index", shard_index,
+                    "the range this run caches, 0-based (default: $JOB_COMPLETION_INDEX of a Kubernetes Indexed "
+                    "Job, else 0)");
   cache->add_flag("--json", json, "summary as JSON");
 
   auto* ft = app.add_subcommand("finetune", "fine-tune a model (AdamW; LoRA or full) on instruction data");
@@ -416,7 +432,17 @@ int main(int argc, char** argv) {
     mallopt(M_TRIM_THRESHOLD, 1 << 30);
     mallopt(M_TOP_PAD, 1 << 30);
   }
-  if (*cache) return Cache(co, json);
+  if (*cache) {
+    if (shard_index < 0 && co.shard_count > 1) {
+      const char* env = std::getenv("JOB_COMPLETION_INDEX");
+      if (env == nullptr || !absl::SimpleAtoi(env, &shard_index)) {
+        return Fail(absl::InvalidArgumentError(
+            "--shard-count > 1 needs --shard-index (or JOB_COMPLETION_INDEX, set by a Kubernetes Indexed Job)"));
+      }
+    }
+    co.shard_index = std::max(shard_index, 0);
+    return Cache(co, json);
+  }
   if (*ft) {
     if (!targets.empty()) fo.lora.target_modules = targets;
     if (absl::Status st = rapidin::model::ResolveTokenizer(&fo.engine); !st.ok()) return Fail(st);

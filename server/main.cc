@@ -1,4 +1,5 @@
-// rapidin-server: serves a gradient store over gRPC until SIGTERM/SIGINT.
+// rapidin-server: serves a gradient store over gRPC until SIGTERM/SIGINT; with --shard-servers, routes queries to
+// several such servers and merges their answers.
 #include <signal.h>
 #include <unistd.h>
 
@@ -21,7 +22,14 @@ int main(int argc, char** argv) {
   std::string impl = "auto";
   double grace_s = 5;
   std::string log_level = "info";
-  app.add_option("--store", o.store_path, "store directory")->required();
+  app.add_option("--store", o.store_path, "store directory (a shard server)");
+  app.add_option("--shard-servers", o.shard_servers,
+                 "router mode, instead of --store: HOST:PORT of every shard server (comma-separated), in merge order")
+      ->delimiter(',');
+  double connect_s = 60;
+  app.add_option("--shard-connect-timeout", connect_s, "router: seconds start-up waits for every shard server")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_option("--listen", o.listen, "gRPC HOST:PORT")->capture_default_str();
   app.add_option("--metrics-listen", o.metrics_listen, "Prometheus /metrics HOST:PORT ('' disables)")
       ->capture_default_str();
@@ -72,6 +80,7 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   o.token_method = token_methods.at(token_method);
+  o.shard_connect_timeout = absl::Seconds(connect_s);
   o.host_budget_bytes = static_cast<uint64_t>(host_budget_mb * 1048576.0);
   spdlog::set_level(spdlog::level::from_str(log_level));
   o.gpu.hot_limit_bytes = hot_limit_mb >= (~uint64_t{0} >> 20) ? ~uint64_t{0} : hot_limit_mb << 20;

@@ -15,73 +15,16 @@
 #include "rapidin/v1/rapidin.grpc.pb.h"
 #include "model/featurizer.h"
 #include "server/metrics.h"
+#include "server/internal/router.h"
+#include "server/internal/service.h"
 #include "server/query_engine.h"
 #include "storage/store.h"
 
 namespace rapidin::server {
 namespace {
 
-// Proto3 strings must be UTF-8, but a byte-fallback token can hold part of a multi-byte character: such bytes
-// become U+FFFD in the token's text. Its byte offsets stay exact, so a client can always cut the original bytes.
-std::string ValidUtf8(const std::string& s) {
-  std::string out;
-  out.reserve(s.size());
-  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
-  const size_t n = s.size();
-  for (size_t i = 0; i < n;) {
-    const unsigned char c = p[i];
-    size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
-    bool ok = len > 0 && i + len <= n;
-    for (size_t k = 1; ok && k < len; ++k) ok = (p[i + k] & 0xc0) == 0x80;
-    if (ok && len == 2) ok = c >= 0xc2;                                        // overlong
-    if (ok && len == 3) ok = !(c == 0xe0 && p[i + 1] < 0xa0) && !(c == 0xed && p[i + 1] >= 0xa0);  // overlong, surrogates
-    if (ok && len == 4) ok = !(c == 0xf0 && p[i + 1] < 0x90) && !(c == 0xf4 && p[i + 1] >= 0x90) && c <= 0xf4;
-    if (ok) {
-      out.append(s, i, len);
-      i += len;
-    } else {
-      out += "\xef\xbf\xbd";
-      ++i;
-    }
-  }
-  return out;
-}
-
 namespace v1 = rapidin::v1;
-
-// The one place absl::Status becomes grpc::Status (the codes map one to one).
-grpc::Status ToGrpc(const absl::Status& s) {
-  if (s.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
-}
-
-const char* CodeName(grpc::StatusCode c) {
-  static const char* const kNames[] = {"OK",
-                                       "CANCELLED",
-                                       "UNKNOWN",
-                                       "INVALID_ARGUMENT",
-                                       "DEADLINE_EXCEEDED",
-                                       "NOT_FOUND",
-                                       "ALREADY_EXISTS",
-                                       "PERMISSION_DENIED",
-                                       "RESOURCE_EXHAUSTED",
-                                       "FAILED_PRECONDITION",
-                                       "ABORTED",
-                                       "OUT_OF_RANGE",
-                                       "UNIMPLEMENTED",
-                                       "INTERNAL",
-                                       "UNAVAILABLE",
-                                       "DATA_LOSS",
-                                       "UNAUTHENTICATED"};
-  const int i = static_cast<int>(c);
-  return i >= 0 && i <= 16 ? kNames[i] : "UNKNOWN";
-}
-
-absl::Time DeadlineOf(const grpc::ServerContext* ctx) {
-  const auto d = ctx->deadline();
-  if (d == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
-  return absl::FromChrono(d);
-}
+using internal::DeadlineOf;
 
 class InfluenceServiceImpl final : public v1::InfluenceService::Service {
  public:
@@ -158,6 +101,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     resp->set_k(m.k());
     resp->set_dtype(m.dtype());
     resp->set_projection_state_id(m.projection_state_id());
+    resp->set_projection_state(m.projection_state());
     resp->set_format_version(m.format_version());
     resp->set_num_shards(store_->num_shards());
     resp->set_num_workers(engine_->num_workers());
@@ -209,11 +153,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
 
  private:
   grpc::Status Observe(const char* method, std::chrono::steady_clock::time_point t0, const absl::Status& st) {
-    grpc::Status g = ToGrpc(st);
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    metrics_->ObserveRequest(method, CodeName(g.error_code()), secs);
-    if (!st.ok()) spdlog::debug("{} -> {}: {}", method, CodeName(g.error_code()), std::string(st.message()));
-    return g;
+    return internal::Observe(metrics_, method, t0, st);
   }
 
   // Validates the request and returns the query matrix (q x K), aggregated into one row when asked.
@@ -225,7 +165,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
       return absl::InvalidArgumentError(absl::StrCat(req.queries_size(), " query vectors; at most ",
                                                      options_.max_query_vectors, " per request"));
     }
-    absl::Status st = CheckK(req.top_k(), req.harmful_k());
+    absl::Status st = internal::CheckK(req.top_k(), req.harmful_k(), options_.max_top_k);
     if (!st.ok()) return st;
     if (!req.projection_state_id().empty() && req.projection_state_id() != m.projection_state_id()) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -309,124 +249,23 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     metrics_->AddVectorsScanned(q);
   }
 
-  static double Dot(const std::vector<float>& a, const std::vector<float>& b) {
-    double s = 0;
-    for (size_t i = 0; i < a.size() && i < b.size(); ++i) s += static_cast<double>(a[i]) * b[i];
-    return s;
-  }
-
-  // Byte ranges of the instruction and the input inside a record's formatted prompt (computed once per record).
-  struct PromptFields {
-    int32_t ib, ie, nb, ne;  // nb = ne = -1 without input
-  };
-  static PromptFields FieldsOf(const model::Example& z) {
-    const std::string prompt = model::AlpacaPrompt(z.instruction, z.input);
-    PromptFields f;
-    f.ib = static_cast<int32_t>(prompt.find("### Instruction:\n") + 17);
-    f.ie = f.ib + static_cast<int32_t>(z.instruction.size());
-    f.nb = z.input.empty() ? -1 : static_cast<int32_t>(prompt.find("### Input:\n", f.ie) + 11);
-    f.ne = z.input.empty() ? -1 : f.nb + static_cast<int32_t>(z.input.size());
-    return f;
-  }
-
-  // Where a prompt token's byte span falls: inside the instruction, the input, or the template's own text.
-  static void SetPromptField(const PromptFields& f, model::Span sp, v1::TokenScore* ts) {
-    if (sp.begin >= f.ib && sp.end <= f.ie) {
-      ts->set_field("instruction");
-      ts->set_begin(sp.begin - f.ib);
-      ts->set_end(sp.end - f.ib);
-    } else if (f.nb >= 0 && sp.begin >= f.nb && sp.end <= f.ne) {
-      ts->set_field("input");
-      ts->set_begin(sp.begin - f.nb);
-      ts->set_end(sp.end - f.nb);
-    } else {
-      ts->set_field("template");
-      ts->set_begin(sp.begin);
-      ts->set_end(sp.end);
-    }
-  }
-
-  // Token-level views for every returned record: generation side (per generated token, against the record's
-  // stored vector) and training side (per token of the record, against the query vector q).
-  absl::Status Attribute(const model::Example& gen, const std::vector<float>& q, v1::QueryResult* result) {
-    const model::GradientEngine& eng = featurizer_->engine();
-    auto gt = eng.Tokenize(gen);
-    if (!gt.ok()) return gt.status();
-    std::vector<std::vector<float>> g_tok;
-    absl::Status st = featurizer_->TokenSketches(gt->ids, gt->response_begin, &g_tok);
-    if (!st.ok()) return st;
-    auto attribute = [&](v1::ScoredRecord* sr) -> absl::Status {
-      auto x = store_->GetVector(sr->index());
-      if (!x.ok()) return x.status();
-      for (size_t t = 0; t < g_tok.size(); ++t) {
-        auto* ts = sr->add_generation_tokens();
-        ts->set_text(ValidUtf8(eng.tokenizer()->Piece(gt->ids[gt->response_begin + t])));
-        ts->set_field("generation");
-        ts->set_begin(gt->response_spans[t].begin);
-        ts->set_end(gt->response_spans[t].end);
-        ts->set_score(static_cast<float>(Dot(g_tok[t], *x)));
-      }
-      auto rec = store_->GetRecordByIndex(sr->index());
-      if (!rec.ok()) return rec.status();
-      const model::Example z{rec->record().instruction(), rec->record().input(), rec->record().output(), {}};
-      auto zt = eng.Tokenize(z);
-      if (!zt.ok()) return zt.status();
-      std::vector<std::vector<float>> z_tok;
-      absl::Status s2 = featurizer_->TokenSketches(zt->ids, 1, &z_tok);
-      if (!s2.ok()) return s2;
-      const PromptFields fields = FieldsOf(z);
-      for (size_t s = 1; s < zt->ids.size(); ++s) {
-        auto* ts = sr->add_record_tokens();
-        ts->set_text(ValidUtf8(eng.tokenizer()->Piece(zt->ids[s])));
-        ts->set_score(static_cast<float>(Dot(z_tok[s - 1], q)));
-        if (static_cast<int32_t>(s) < zt->response_begin) {
-          SetPromptField(fields, zt->prompt_spans[s - 1], ts);
-        } else {
-          const model::Span sp = zt->response_spans[s - zt->response_begin];
-          ts->set_field("output");
-          ts->set_begin(sp.begin);
-          ts->set_end(sp.end);
-        }
-      }
+  // A returned record's text and stored vector, from this server's store.
+  internal::RecordFetcher LocalRecord() const {
+    return [this](const v1::ScoredRecord& sr, v1::Record* rec, std::vector<float>* x) -> absl::Status {
+      auto v = store_->GetVector(sr.index());
+      if (!v.ok()) return v.status();
+      *x = std::move(*v);
+      auto r = store_->GetRecordByIndex(sr.index());
+      if (!r.ok()) return r.status();
+      *rec = std::move(*r->mutable_record());
       return absl::OkStatus();
     };
-    for (auto& sr : *result->mutable_helpful()) {
-      st = attribute(&sr);
-      if (!st.ok()) return st;
-    }
-    for (auto& sr : *result->mutable_harmful()) {
-      st = attribute(&sr);
-      if (!st.ok()) return st;
-    }
-    return absl::OkStatus();
-  }
-
-  absl::Status CheckK(uint32_t top_k, uint32_t harmful_k) const {
-    if (top_k == 0 || top_k > options_.max_top_k) {
-      return absl::InvalidArgumentError(absl::StrCat("top_k must be 1..", options_.max_top_k, ", got ", top_k));
-    }
-    if (harmful_k > options_.max_top_k) {
-      return absl::InvalidArgumentError(absl::StrCat("harmful_k must be 0..", options_.max_top_k, ", got ", harmful_k));
-    }
-    return absl::OkStatus();
   }
 
   absl::Status DoQuery(grpc::ServerContext* ctx, const v1::QueryRequest& req, v1::QueryResponse* resp,
                        std::chrono::steady_clock::time_point t0) {
-    if (featurizer_ == nullptr) {
-      return absl::FailedPreconditionError(
-          "Query by text needs a model: this server was started without --model; use QueryByVector with "
-          "precomputed compressed gradients");
-    }
-    if (req.generation().empty()) return absl::InvalidArgumentError("generation is empty");
-    if (req.instruction().empty()) return absl::InvalidArgumentError("instruction is empty");
-    absl::Status st = CheckK(req.top_k(), req.harmful_k());
+    absl::Status st = internal::CheckTextQuery(req, featurizer_ != nullptr, options_);
     if (!st.ok()) return st;
-    if (req.attributions() && req.top_k() + req.harmful_k() > options_.max_attributed_records) {
-      return absl::InvalidArgumentError(absl::StrCat("token attributions are computed for at most ",
-                                                     options_.max_attributed_records, " records per query; asked for ",
-                                                     req.top_k() + req.harmful_k(), " (top_k + harmful_k)"));
-    }
     std::vector<float> q;
     const model::Example gen{req.instruction(), req.input(), req.generation(),
                              {req.hotwords().begin(), req.hotwords().end()}};
@@ -448,7 +287,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     if (!st.ok()) return st;
     if (req.attributions()) {
       const auto ta = std::chrono::steady_clock::now();
-      st = Attribute(gen, q_copy, resp->mutable_result());
+      st = internal::Attribute(*featurizer_, gen, q_copy, LocalRecord(), resp->mutable_result());
       if (!st.ok()) return st;
       resp->set_attribution_ms(
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - ta).count());
@@ -494,6 +333,7 @@ struct Server::Impl {
   std::unique_ptr<QueryEngine> engine;
   std::unique_ptr<Metrics> metrics;
   std::unique_ptr<InfluenceServiceImpl> service;
+  std::unique_ptr<internal::RouterService> router;  // router mode, instead of store, engine and service
   std::unique_ptr<grpc::Server> grpc_server;
   int port = 0;
   std::once_flag shutdown_once;
@@ -503,8 +343,54 @@ Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Server::~Server() { Shutdown(absl::Seconds(1)); }
 
+namespace {
+
+// Starts /metrics and the gRPC server for `service` (health and reflection included).
+absl::Status Serve(const ServerOptions& options, grpc::Service* service, Metrics* metrics, const std::string& what,
+                   std::unique_ptr<grpc::Server>* out, int* port) {
+  if (!options.metrics_listen.empty()) {
+    absl::Status st = metrics->Serve(options.metrics_listen);
+    if (!st.ok()) return st;
+  }
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), port);
+  builder.SetMaxReceiveMessageSize(options.max_message_bytes);
+  builder.SetMaxSendMessageSize(options.max_message_bytes);
+  builder.RegisterService(service);
+  *out = builder.BuildAndStart();
+  if (!*out || *port == 0) return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
+  (*out)->GetHealthCheckService()->SetServingStatus("rapidin.v1.InfluenceService", true);
+  (*out)->GetHealthCheckService()->SetServingStatus("", true);
+  spdlog::info("serving rapidin.v1.InfluenceService on port {} ({}){}", *port, what,
+               options.metrics_listen.empty() ? "" : absl::StrCat(", metrics on port ", metrics->port()));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& options) {
-  if (options.store_path.empty()) return absl::InvalidArgumentError("--store is required");
+  if (options.max_top_k == 0 || options.max_query_vectors <= 0 || options.max_message_bytes <= 0) {
+    return absl::InvalidArgumentError("limits must be positive");
+  }
+  if (!options.shard_servers.empty()) {
+    if (!options.store_path.empty()) {
+      return absl::InvalidArgumentError("--store and --shard-servers exclude each other: a router has no store");
+    }
+    auto impl = std::make_unique<Impl>();
+    impl->options = options;
+    impl->metrics = std::make_unique<Metrics>();
+    auto router = internal::RouterService::Create(options, impl->metrics.get());
+    if (!router.ok()) return router.status();
+    impl->router = std::move(*router);
+    absl::Status st = Serve(options, impl->router.get(), impl->metrics.get(),
+                            absl::StrCat("router over ", options.shard_servers.size(), " shard servers"),
+                            &impl->grpc_server, &impl->port);
+    if (!st.ok()) return st;
+    return std::unique_ptr<Server>(new Server(std::move(impl)));
+  }
+  if (options.store_path.empty()) return absl::InvalidArgumentError("--store (or --shard-servers) is required");
   if (options.backend != "auto" && options.backend != "cpu" && options.backend != "cuda") {
     return absl::InvalidArgumentError(absl::StrCat("unknown backend \"", options.backend, "\" (auto|cpu|cuda)"));
   }
@@ -522,9 +408,6 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
       spdlog::info("backend auto: CPU (no usable CUDA device: {})", std::string(usable.message()));
       backend = "cpu";
     }
-  }
-  if (options.max_top_k == 0 || options.max_query_vectors <= 0 || options.max_message_bytes <= 0) {
-    return absl::InvalidArgumentError("limits must be positive");
   }
   auto impl = std::make_unique<Impl>();
   impl->options = options;
@@ -555,25 +438,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
 
   if (!options.model_path.empty()) {
-    const std::string state = impl->store->manifest().projection_state();
-    model::EngineOptions mo;
-    mo.model_path = options.model_path;
-    mo.tokenizer_path = options.tokenizer_path;
-    mo.adapter_path = options.adapter_path;
-    mo.param_pattern = options.param_pattern;
-    mo.device = options.model_device;
-    auto fo = model::OptionsFromState(state, mo);
-    if (!fo.ok()) return fo.status();
-    fo->token_method = options.token_method;
-    model::SetComputeThreads(1);
-    auto f = model::Featurizer::Create(*fo);
+    auto f = internal::LoadFeaturizer(impl->store->manifest().projection_state(), options,
+                                      absl::StrCat("store ", options.store_path));
     if (!f.ok()) return f.status();
-    const std::string diff = model::DescribeStateDifference(state, (*f)->projection_state());
-    if (!diff.empty()) {
-      return absl::FailedPreconditionError(absl::StrCat("store ", options.store_path,
-                                                        " was not built with this model and parameter selection: ",
-                                                        diff));
-    }
     impl->featurizer = std::move(*f);
     spdlog::info("model {} on {}: gradient dimension {}, {}", options.model_path,
                  impl->featurizer->engine().device(), impl->featurizer->engine().grad_dim(),
@@ -600,31 +467,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count());
   }
   impl->metrics = std::make_unique<Metrics>();
-  if (!options.metrics_listen.empty()) {
-    absl::Status st = impl->metrics->Serve(options.metrics_listen);
-    if (!st.ok()) return st;
-  }
   impl->service = std::make_unique<InfluenceServiceImpl>(impl->store.get(), impl->engine.get(), impl->metrics.get(),
                                                          impl->featurizer.get(), options);
   impl->service->UpdateTierMetrics();
-
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &impl->port);
-  builder.SetMaxReceiveMessageSize(options.max_message_bytes);
-  builder.SetMaxSendMessageSize(options.max_message_bytes);
-  builder.RegisterService(impl->service.get());
-  impl->grpc_server = builder.BuildAndStart();
-  if (!impl->grpc_server || impl->port == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
-  }
-  impl->grpc_server->GetHealthCheckService()->SetServingStatus("rapidin.v1.InfluenceService", true);
-  impl->grpc_server->GetHealthCheckService()->SetServingStatus("", true);
-  spdlog::info("serving rapidin.v1.InfluenceService on port {} ({} workers, {} kernels){}", impl->port,
-               impl->engine->num_workers(), impl->engine->backend(),
-               options.metrics_listen.empty() ? ""
-                                              : absl::StrCat(", metrics on port ", impl->metrics->port()));
+  absl::Status st = Serve(options, impl->service.get(), impl->metrics.get(),
+                          absl::StrCat(impl->engine->num_workers(), " workers, ", impl->engine->backend(), " kernels"),
+                          &impl->grpc_server, &impl->port);
+  if (!st.ok()) return st;
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }
 

@@ -3,6 +3,12 @@
 // Server::Create opens the store, starts the query engine (one worker per shard), the gRPC server
 // (InfluenceService, grpc.health.v1, reflection) and the metrics listener. All of it is torn down by Shutdown or
 // the destructor. Thread-safety: Wait and Shutdown may be called from different threads.
+//
+// Router mode (ServerOptions::shard_servers instead of store_path): the same service over several shard servers,
+// each serving one range of the records (`rapidin cache --shard-index I --shard-count N`). The router computes a
+// text query's gradient once, sends the compressed vector to every shard server at once, and merges their top-k
+// lists into the global one (ties go to the earlier shard server); token attributions fetch each record's vector
+// from the server that holds it. Ingest goes to the shard servers directly.
 #ifndef RAPIDIN_SERVER_SERVER_H_
 #define RAPIDIN_SERVER_SERVER_H_
 
@@ -10,6 +16,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -44,11 +51,17 @@ struct ServerOptions {
   std::string param_pattern;
   std::string model_device = "auto";  // model::EngineOptions::device
   model::TokenGradMethod token_method = model::TokenGradMethod::kShared;  // token attributions' gradients
+  // Router mode: the shard servers' HOST:PORT (store_path must be empty). Their stores must share one projection
+  // state; start-up waits up to shard_connect_timeout for all of them to answer.
+  std::vector<std::string> shard_servers;
+  absl::Duration shard_connect_timeout = absl::Seconds(60);
 };
 
 class Server {
  public:
   // Errors: those of storage::Store::Open, INVALID_ARGUMENT for bad options, UNAVAILABLE when a port is taken.
+  // Router mode: UNAVAILABLE when a shard server does not answer in time, FAILED_PRECONDITION when their stores
+  // differ in projection state, K or dtype.
   static absl::StatusOr<std::unique_ptr<Server>> Create(const ServerOptions& options);
   ~Server();
 

@@ -5,7 +5,8 @@ set -u
 SERVER_BIN=$1
 CLI=$2
 work=$(mktemp -d)
-trap 'kill -9 $spid 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill -9 $spid $apid $bpid $rpid 2>/dev/null; rm -rf "$work"' EXIT
+apid= bpid= rpid=
 fail() { echo "FAIL: $*"; [ -f "$work/server.log" ] && tail -20 "$work/server.log"; exit 1; }
 
 port=$((20000 + RANDOM % 20000)); mport=$((port + 1))
@@ -87,6 +88,43 @@ key = lambda rs: [[(x["id"], round(x["score"], 4)) for x in r.get(side, [])] for
 assert key(a) == key(b), (key(a), key(b))
 PY
 kill -TERM $spid; wait $spid
+
+# Router mode: the 300 records split over two shard servers behind a router answer like the single store.
+head -n 150 "$work/rec.jsonl" >"$work/rec_a.jsonl"
+tail -n +151 "$work/rec.jsonl" >"$work/rec_b.jsonl"
+pa=$((port + 2)); pb=$((port + 3)); pr=$((port + 4))
+"$SERVER_BIN" --store "$work/shard_a" --k 33 --listen 127.0.0.1:$pa --metrics-listen "" >"$work/shard_a.log" 2>&1 &
+apid=$!
+"$SERVER_BIN" --store "$work/shard_b" --k 33 --listen 127.0.0.1:$pb --metrics-listen "" >"$work/shard_b.log" 2>&1 &
+bpid=$!
+"$SERVER_BIN" --shard-servers 127.0.0.1:$pa,127.0.0.1:$pb --listen 127.0.0.1:$pr --metrics-listen "" \
+  >"$work/router.log" 2>&1 &
+rpid=$!
+for _ in $(seq 100); do "$CLI" stats --server 127.0.0.1:$pr >/dev/null 2>&1 && break; sleep 0.1; done
+"$CLI" ingest --server 127.0.0.1:$pa --file "$work/rec_a.jsonl" >/dev/null || fail "ingest into shard a"
+"$CLI" ingest --server 127.0.0.1:$pb --file "$work/rec_b.jsonl" >/dev/null || fail "ingest into shard b"
+"$CLI" query --server 127.0.0.1:$pr --vector-file "$work/q.jsonl" --top-k 3 --harmful-k 2 --json >"$work/q_router.json" \
+  || fail "query through the router: $(tail -3 "$work/router.log")"
+python3 - "$work/q.json" "$work/q_router.json" $pa $pb <<'PY' || fail "router answers differ from the single store's"
+import json, sys
+a, b = (json.load(open(f))["results"] for f in sys.argv[1:3])
+key = lambda rs: [[(x["id"], round(x["score"], 4)) for x in r.get(side, [])] for r in rs for side in ("helpful", "harmful")]
+assert key(a) == key(b), (key(a), key(b))
+src = {x["source"] for r in b for side in ("helpful", "harmful") for x in r.get(side, [])}
+assert src <= {"127.0.0.1:%s" % p for p in sys.argv[3:]} and len(src) == 2, src
+PY
+"$CLI" stats --server 127.0.0.1:$pr >"$work/stats_router.out"
+grep -q "records *300" "$work/stats_router.out" && grep -q "shard servers *127.0.0.1:$pa, 127.0.0.1:$pb" \
+  "$work/stats_router.out" || fail "router stats: $(cat "$work/stats_router.out")"
+"$CLI" get --server 127.0.0.1:$pr --id alpaca-200 | grep -q "shard server *127.0.0.1:$pb" || fail "get through the router"
+"$CLI" ingest --server 127.0.0.1:$pr --file "$work/rec_a.jsonl" >/dev/null 2>"$work/err" && fail "the router took an ingest"
+grep -q "UNIMPLEMENTED: a router does not take ingests" "$work/err" || fail "router ingest refusal: $(cat "$work/err")"
+"$SERVER_BIN" --store "$work/store" --shard-servers 127.0.0.1:$pa --listen 127.0.0.1:0 2>"$work/both.err" >/dev/null \
+  && fail "server accepted --store with --shard-servers"
+grep -q "exclude each other" "$work/both.err" || fail "--store with --shard-servers: $(cat "$work/both.err")"
+kill -TERM $rpid; wait $rpid; rc=$?
+[ $rc -eq 0 ] || fail "router exit code $rc after SIGTERM"
+kill -TERM $apid $bpid; wait $apid $bpid
 "$SERVER_BIN" --store "$work/store" --host-budget-mb -1 --listen 127.0.0.1:0 2>"$work/budget.err" >/dev/null \
   && fail "a negative host budget was accepted"
 "$SERVER_BIN" --store "$work/store" --token-method fastest --listen 127.0.0.1:0 2>"$work/tm.err" >/dev/null \
@@ -125,6 +163,21 @@ assert s["store_records"] == s["skipped_existing"] + s["cached"], s
 assert s["device"] in ("cpu", "cuda:0"), s
 PY
   grep -q "resuming" "$work/cache2.err" || fail "no resume message"
+  # Caching at scale: range 1 of 2 of the first 40 records, its index from a Kubernetes Indexed Job's variable.
+  JOB_COMPLETION_INDEX=1 "$CLI" cache --model "$DATA/models/stories260K.bin" --data "$DATA/instructions/alpaca_5000.json" \
+    --store "$work/range1" --k 64 --limit 40 --shard-count 2 --json >"$work/range1.json" 2>"$work/range1.err" \
+    || fail "cache of range 1: $(cat "$work/range1.err")"
+  python3 - "$work/range1.json" <<'PY' || fail "range summary: $(cat "$work/range1.json")"
+import json, sys
+s = json.load(open(sys.argv[1]))
+assert (s["shard_index"], s["shard_count"], s["range_begin"], s["range_end"]) == (1, 2, 20, 40), s
+assert s["cached"] + s["bad"] == 20 and s["store_records"] == s["cached"], s
+PY
+  grep -q "shard 1 of 2: records 20..39 of 40" "$work/range1.err" || fail "range progress line: $(cat "$work/range1.err")"
+  expect_err 1 "needs --shard-index" "$CLI" cache --model "$DATA/models/stories260K.bin" \
+    --data "$DATA/instructions/alpaca_5000.json" --store "$work/range_x" --shard-count 2
+  expect_err 1 "need 0 <= index < count" "$CLI" cache --model "$DATA/models/stories260K.bin" \
+    --data "$DATA/instructions/alpaca_5000.json" --store "$work/range_x" --shard-count 2 --shard-index 2
   # Model devices: a typo is refused; cuda runs where this LibTorch has it, else is refused with the reason.
   # Neither refusal creates the store.
   "$CLI" cache --model "$DATA/models/stories260K.bin" --data "$DATA/instructions/alpaca_5000.json" \

@@ -1,0 +1,384 @@
+#include "server/internal/router.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "server/internal/service.h"
+
+namespace rapidin::server::internal {
+
+struct RouterService::Shard {
+  std::string address;
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<v1::InfluenceService::Stub> stub;
+};
+
+namespace {
+
+double MsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+const char* DTypeName(v1::VectorDType d) {
+  switch (d) {
+    case v1::VECTOR_DTYPE_FP16: return "fp16";
+    case v1::VECTOR_DTYPE_BF16: return "bf16";
+    case v1::VECTOR_DTYPE_FP32: return "fp32";
+    default: return "unspecified";
+  }
+}
+
+// First failure in shard order, or OK.
+absl::Status First(const std::vector<absl::Status>& st) {
+  for (const auto& s : st) {
+    if (!s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+void MergeResults(const std::vector<const v1::QueryResult*>& parts, const std::vector<std::string>& sources,
+                  uint32_t top_k, uint32_t harmful_k, v1::QueryResult* out) {
+  struct Item {
+    const v1::ScoredRecord* r;
+    size_t shard;
+  };
+  auto merge = [&](bool helpful, uint32_t k, google::protobuf::RepeatedPtrField<v1::ScoredRecord>* dst) {
+    std::vector<Item> all;
+    for (size_t i = 0; i < parts.size(); ++i) {
+      for (const auto& r : helpful ? parts[i]->helpful() : parts[i]->harmful()) all.push_back({&r, i});
+    }
+    auto before = [helpful](const Item& a, const Item& b) {
+      if (a.r->score() != b.r->score()) return helpful ? a.r->score() > b.r->score() : a.r->score() < b.r->score();
+      if (a.shard != b.shard) return a.shard < b.shard;
+      return a.r->index() < b.r->index();
+    };
+    const size_t n = std::min<size_t>(k, all.size());
+    std::partial_sort(all.begin(), all.begin() + n, all.end(), before);
+    for (size_t j = 0; j < n; ++j) {
+      v1::ScoredRecord* r = dst->Add();
+      *r = *all[j].r;
+      r->set_rank(static_cast<uint32_t>(j + 1));
+      r->set_source(sources[all[j].shard]);
+    }
+  };
+  merge(true, top_k, out->mutable_helpful());
+  merge(false, harmful_k, out->mutable_harmful());
+}
+
+RouterService::RouterService(const ServerOptions& options, Metrics* metrics) : options_(options), metrics_(metrics) {}
+RouterService::~RouterService() = default;
+
+template <typename Req, typename Resp, typename Call>
+std::vector<absl::Status> RouterService::FanOut(const grpc::ServerContext* parent, const Req& req,
+                                                std::vector<Resp>* out, Call call, absl::Time deadline,
+                                                bool wait_for_ready) const {
+  const size_t n = shards_.size();
+  out->assign(n, Resp());
+  std::vector<std::unique_ptr<grpc::ClientContext>> ctxs(n);
+  std::vector<grpc::Status> got(n);
+  std::mutex mu;
+  std::condition_variable cv;
+  size_t left = n;
+  for (size_t i = 0; i < n; ++i) {
+    ctxs[i] = parent ? grpc::ClientContext::FromServerContext(*parent) : std::make_unique<grpc::ClientContext>();
+    if (deadline != absl::InfiniteFuture()) ctxs[i]->set_deadline(absl::ToChronoTime(deadline));
+    ctxs[i]->set_wait_for_ready(wait_for_ready);
+    call(shards_[i]->stub->async(), ctxs[i].get(), &req, &(*out)[i], [&, i](grpc::Status s) {
+      std::lock_guard<std::mutex> l(mu);
+      got[i] = std::move(s);
+      if (--left == 0) cv.notify_one();
+    });
+  }
+  std::unique_lock<std::mutex> l(mu);
+  cv.wait(l, [&] { return left == 0; });
+  std::vector<absl::Status> st(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (!got[i].ok()) {
+      st[i] = absl::Status(static_cast<absl::StatusCode>(got[i].error_code()),
+                           absl::StrCat("shard server ", shards_[i]->address, ": ", got[i].error_message()));
+    }
+  }
+  return st;
+}
+
+absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const ServerOptions& options,
+                                                                     Metrics* metrics) {
+  std::unique_ptr<RouterService> r(new RouterService(options, metrics));
+  std::set<std::string> seen;
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(options.max_message_bytes);
+  args.SetMaxSendMessageSize(options.max_message_bytes);
+  for (const std::string& a : options.shard_servers) {
+    if (a.empty()) return absl::InvalidArgumentError("--shard-servers: an empty address");
+    if (!seen.insert(a).second) return absl::InvalidArgumentError(absl::StrCat("--shard-servers: ", a, " twice"));
+    auto s = std::make_unique<Shard>();
+    s->address = a;
+    s->channel = grpc::CreateCustomChannel(a, grpc::InsecureChannelCredentials(), args);
+    s->stub = v1::InfluenceService::NewStub(s->channel);
+    r->shards_.push_back(std::move(s));
+  }
+  if (!options.model_path.empty() && !std::filesystem::exists(options.model_path)) {
+    return absl::NotFoundError(absl::StrCat("model not found: ", options.model_path));
+  }
+
+  // Shard servers may start after the router (Kubernetes starts pods in any order): wait for every one.
+  std::vector<v1::StatsResponse> stats;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto failed = r->FanOut(
+      nullptr, v1::StatsRequest(), &stats,
+      [](auto* a, auto* c, auto* q, auto* p, auto cb) { a->Stats(c, q, p, std::move(cb)); },
+      absl::Now() + options.shard_connect_timeout, /*wait_for_ready=*/true);
+  if (absl::Status st = First(failed); !st.ok()) {
+    return absl::UnavailableError(absl::StrCat("router start-up (waited up to ",
+                                               absl::FormatDuration(options.shard_connect_timeout),
+                                               "): ", st.message()));
+  }
+  const v1::StatsResponse& s0 = stats[0];
+  bool same = true;
+  std::vector<std::string> desc;
+  uint64_t records = 0;
+  for (size_t i = 0; i < stats.size(); ++i) {
+    const v1::StatsResponse& s = stats[i];
+    same = same && s.k() == s0.k() && s.dtype() == s0.dtype() && s.projection_state_id() == s0.projection_state_id();
+    desc.push_back(absl::StrCat(r->shards_[i]->address, ": ", s.num_records(), " records, K=", s.k(), " ",
+                                DTypeName(s.dtype()), ", projection state ", s.projection_state_id()));
+    records += s.num_records();
+    r->options_.max_top_k = std::min(r->options_.max_top_k, s.max_top_k());
+  }
+  if (!same) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the shard servers' stores differ (a router merges only stores built with one model and "
+                     "sketch): ", absl::StrJoin(desc, "; ")));
+  }
+  r->k_ = s0.k();
+  r->dtype_ = s0.dtype();
+  r->state_id_ = s0.projection_state_id();
+  r->state_ = s0.projection_state();
+  spdlog::info("router over {} shard servers ({} records, K={}, projection state {}) ready after {:.2f} s: {}",
+               r->shards_.size(), records, r->k_, r->state_id_, MsSince(t0) / 1e3, absl::StrJoin(desc, "; "));
+  if (!options.model_path.empty()) {
+    auto f = LoadFeaturizer(r->state_, options, "the shard servers' stores were");
+    if (!f.ok()) return f.status();
+    r->featurizer_ = std::move(*f);
+    spdlog::info("model {} on {}: gradient dimension {}, {}", options.model_path, r->featurizer_->engine().device(),
+                 r->featurizer_->engine().grad_dim(), r->featurizer_->sketch().Describe());
+  }
+  return r;
+}
+
+absl::Status RouterService::Scatter(const grpc::ServerContext* ctx, const v1::QueryByVectorRequest& req,
+                                    v1::QueryByVectorResponse* resp) const {
+  std::vector<v1::QueryByVectorResponse> parts;
+  absl::Status st = First(FanOut(ctx, req, &parts, [](auto* a, auto* c, auto* q, auto* p, auto cb) {
+    a->QueryByVector(c, q, p, std::move(cb));
+  }));
+  if (!st.ok()) return st;
+  std::vector<std::string> sources;
+  for (const auto& s : shards_) sources.push_back(s->address);
+  const int nr = parts[0].results_size();
+  for (size_t i = 0; i < parts.size(); ++i) {
+    if (parts[i].results_size() != nr) {
+      return absl::InternalError(absl::StrCat("shard server ", sources[i], " returned ", parts[i].results_size(),
+                                              " results; ", sources[0], " returned ", nr));
+    }
+  }
+  for (int j = 0; j < nr; ++j) {
+    std::vector<const v1::QueryResult*> per_shard;
+    for (const auto& p : parts) per_shard.push_back(&p.results(j));
+    MergeResults(per_shard, sources, req.top_k(), req.harmful_k(), resp->add_results());
+  }
+  uint32_t shard = 0, batched = 0;
+  double bytes = 0;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    for (const auto& t : parts[i].shard_timings()) {
+      v1::ShardTiming* o = resp->add_shard_timings();
+      *o = t;
+      o->set_shard(shard++);
+      o->set_backend(absl::StrCat(t.backend(), "@", sources[i]));
+      bytes += static_cast<double>(t.bytes_scanned());
+    }
+    batched = std::max(batched, parts[i].vectors_in_scan());
+  }
+  resp->set_vectors_in_scan(batched);
+  metrics_->AddBytesScanned(bytes);
+  metrics_->AddVectorsScanned(nr);
+  return absl::OkStatus();
+}
+
+grpc::Status RouterService::QueryByVector(grpc::ServerContext* ctx, const v1::QueryByVectorRequest* req,
+                                          v1::QueryByVectorResponse* resp) {
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::Status st = CheckK(req->top_k(), req->harmful_k(), options_.max_top_k);
+  if (st.ok() && req->queries_size() == 0) st = absl::InvalidArgumentError("no query vectors");
+  if (st.ok() && !req->projection_state_id().empty() && req->projection_state_id() != state_id_) {
+    st = absl::FailedPreconditionError(absl::StrCat("query vectors were compressed with projection state ",
+                                                    req->projection_state_id(), " but the shard servers use ",
+                                                    state_id_, "; scores would be meaningless"));
+  }
+  for (int j = 0; st.ok() && j < req->queries_size(); ++j) {
+    if (static_cast<uint32_t>(req->queries(j).values_size()) != k_) {
+      st = absl::InvalidArgumentError(absl::StrCat("query vector ", j, " has ", req->queries(j).values_size(),
+                                                   " values; the store's K is ", k_));
+    }
+  }
+  if (st.ok()) {
+    v1::QueryByVectorRequest fwd = *req;
+    fwd.set_projection_state_id(state_id_);  // a shard server replaced by another store refuses the query
+    st = Scatter(ctx, fwd, resp);
+  }
+  if (st.ok()) resp->set_total_ms(MsSince(t0));
+  return Observe(metrics_, "QueryByVector", t0, st);
+}
+
+absl::Status RouterService::DoQuery(grpc::ServerContext* ctx, const v1::QueryRequest& req, v1::QueryResponse* resp,
+                                    std::chrono::steady_clock::time_point t0) {
+  absl::Status st = CheckTextQuery(req, featurizer_ != nullptr, options_);
+  if (!st.ok()) return st;
+  const model::Example gen{req.instruction(), req.input(), req.generation(),
+                           {req.hotwords().begin(), req.hotwords().end()}};
+  std::vector<float> q;
+  auto info = featurizer_->Compress(gen, &q);
+  if (!info.ok()) return info.status();
+  resp->set_gradient_ms(MsSince(t0));
+  resp->set_generation_tokens(info->response_tokens);
+  resp->set_truncated(info->truncated);
+  resp->set_generation_loss(info->loss);
+  if (ctx->IsCancelled()) return absl::CancelledError("cancelled by the client");
+  v1::QueryByVectorRequest fwd;
+  fwd.add_queries()->mutable_values()->Add(q.begin(), q.end());
+  fwd.set_top_k(req.top_k());
+  fwd.set_harmful_k(req.harmful_k());
+  fwd.set_projection_state_id(state_id_);
+  fwd.set_omit_text(req.omit_text());
+  v1::QueryByVectorResponse scattered;
+  st = Scatter(ctx, fwd, &scattered);
+  if (!st.ok()) return st;
+  *resp->mutable_result() = std::move(*scattered.mutable_results(0));
+  *resp->mutable_shard_timings() = std::move(*scattered.mutable_shard_timings());
+  if (req.attributions()) {
+    const auto ta = std::chrono::steady_clock::now();
+    std::map<std::string, const Shard*> by_address;
+    for (const auto& s : shards_) by_address[s->address] = s.get();
+    auto fetch = [&](const v1::ScoredRecord& sr, v1::Record* rec, std::vector<float>* x) -> absl::Status {
+      const Shard* shard = by_address.at(sr.source());
+      v1::GetRecordRequest gr;
+      gr.set_id(sr.id());
+      gr.set_include_vector(true);
+      v1::GetRecordResponse got;
+      std::unique_ptr<grpc::ClientContext> c = grpc::ClientContext::FromServerContext(*ctx);
+      absl::Status s = FromGrpc(shard->stub->GetRecord(c.get(), gr, &got));
+      if (!s.ok()) return absl::Status(s.code(), absl::StrCat("shard server ", shard->address, ": ", s.message()));
+      *rec = std::move(*got.mutable_record());
+      x->assign(got.vector().begin(), got.vector().end());
+      return absl::OkStatus();
+    };
+    st = Attribute(*featurizer_, gen, q, fetch, resp->mutable_result());
+    if (!st.ok()) return st;
+    resp->set_attribution_ms(MsSince(ta));
+  }
+  resp->set_total_ms(MsSince(t0));
+  return absl::OkStatus();
+}
+
+grpc::Status RouterService::Query(grpc::ServerContext* ctx, const v1::QueryRequest* req, v1::QueryResponse* resp) {
+  const auto t0 = std::chrono::steady_clock::now();
+  return Observe(metrics_, "Query", t0, DoQuery(ctx, *req, resp, t0));
+}
+
+grpc::Status RouterService::Ingest(grpc::ServerContext*, grpc::ServerReader<v1::IngestRequest>*,
+                                   v1::IngestResponse*) {
+  const auto t0 = std::chrono::steady_clock::now();
+  return Observe(metrics_, "Ingest", t0,
+                 absl::UnimplementedError("a router does not take ingests: each record belongs to one shard "
+                                          "server's store; send it to that shard server (GetRecord through the "
+                                          "router names it in `source`)"));
+}
+
+absl::Status RouterService::DoGetRecord(grpc::ServerContext* ctx, const v1::GetRecordRequest& req,
+                                        v1::GetRecordResponse* resp) {
+  if (req.id().empty()) return absl::InvalidArgumentError("id is empty");
+  std::vector<v1::GetRecordResponse> got;
+  std::vector<absl::Status> st = FanOut(ctx, req, &got, [](auto* a, auto* c, auto* q, auto* p, auto cb) {
+    a->GetRecord(c, q, p, std::move(cb));
+  });
+  for (size_t i = 0; i < got.size(); ++i) {  // ids are unique across shard ranges; the first holder answers
+    if (st[i].ok()) {
+      *resp = std::move(got[i]);
+      resp->set_source(shards_[i]->address);
+      return absl::OkStatus();
+    }
+  }
+  for (const auto& s : st) {
+    if (!absl::IsNotFound(s)) return s;  // a shard server that cannot answer may hold the record
+  }
+  return absl::NotFoundError(absl::StrCat("no record with id \"", req.id(), "\" on any of the ", shards_.size(),
+                                          " shard servers"));
+}
+
+grpc::Status RouterService::GetRecord(grpc::ServerContext* ctx, const v1::GetRecordRequest* req,
+                                      v1::GetRecordResponse* resp) {
+  const auto t0 = std::chrono::steady_clock::now();
+  return Observe(metrics_, "GetRecord", t0, DoGetRecord(ctx, *req, resp));
+}
+
+absl::Status RouterService::DoStats(grpc::ServerContext* ctx, v1::StatsResponse* resp) {
+  std::vector<v1::StatsResponse> parts;
+  absl::Status st = First(FanOut(ctx, v1::StatsRequest(), &parts, [](auto* a, auto* c, auto* q, auto* p, auto cb) {
+    a->Stats(c, q, p, std::move(cb));
+  }));
+  if (!st.ok()) return st;
+  std::vector<std::string> tier_order, backends, stores;
+  std::map<std::string, v1::TierStats> tiers;
+  uint64_t records = 0;
+  uint32_t shards = 0, workers = 0;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const v1::StatsResponse& p = parts[i];
+    records += p.num_records();
+    shards += p.num_shards();
+    workers += p.num_workers();
+    for (const auto& t : p.tiers()) {
+      auto [it, fresh] = tiers.try_emplace(t.tier());
+      if (fresh) {
+        tier_order.push_back(t.tier());
+        it->second.set_tier(t.tier());
+      }
+      it->second.set_records(it->second.records() + t.records());
+      it->second.set_bytes(it->second.bytes() + t.bytes());
+    }
+    if (std::find(backends.begin(), backends.end(), p.backend()) == backends.end()) backends.push_back(p.backend());
+    stores.push_back(absl::StrCat(shards_[i]->address, "=", p.store_path()));
+    resp->add_shard_servers(shards_[i]->address);
+  }
+  resp->set_num_records(records);
+  resp->set_k(k_);
+  resp->set_dtype(dtype_);
+  resp->set_projection_state_id(state_id_);
+  resp->set_projection_state(state_);
+  for (const auto& t : tier_order) *resp->add_tiers() = tiers[t];
+  resp->set_num_shards(shards);
+  resp->set_num_workers(workers);
+  resp->set_backend(absl::StrCat("router over ", parts.size(), " shard servers (", absl::StrJoin(backends, ", "), ")"));
+  resp->set_format_version(parts[0].format_version());
+  resp->set_store_path(absl::StrJoin(stores, ","));
+  resp->set_max_top_k(options_.max_top_k);
+  resp->set_model_loaded(featurizer_ != nullptr);
+  if (featurizer_) resp->set_model_device(featurizer_->engine().device());
+  return absl::OkStatus();
+}
+
+grpc::Status RouterService::Stats(grpc::ServerContext* ctx, const v1::StatsRequest*, v1::StatsResponse* resp) {
+  const auto t0 = std::chrono::steady_clock::now();
+  return Observe(metrics_, "Stats", t0, DoStats(ctx, resp));
+}
+
+}  // namespace rapidin::server::internal

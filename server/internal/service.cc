@@ -1,0 +1,228 @@
+#include "server/internal/service.h"
+
+#include <spdlog/spdlog.h>
+
+#include "absl/strings/str_cat.h"
+#include "model/engine.h"
+
+namespace rapidin::server::internal {
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+const char* CodeName(grpc::StatusCode c) {
+  static const char* const kNames[] = {"OK",
+                                       "CANCELLED",
+                                       "UNKNOWN",
+                                       "INVALID_ARGUMENT",
+                                       "DEADLINE_EXCEEDED",
+                                       "NOT_FOUND",
+                                       "ALREADY_EXISTS",
+                                       "PERMISSION_DENIED",
+                                       "RESOURCE_EXHAUSTED",
+                                       "FAILED_PRECONDITION",
+                                       "ABORTED",
+                                       "OUT_OF_RANGE",
+                                       "UNIMPLEMENTED",
+                                       "INTERNAL",
+                                       "UNAVAILABLE",
+                                       "DATA_LOSS",
+                                       "UNAUTHENTICATED"};
+  const int i = static_cast<int>(c);
+  return i >= 0 && i <= 16 ? kNames[i] : "UNKNOWN";
+}
+
+absl::Time DeadlineOf(const grpc::ServerContext* ctx) {
+  const auto d = ctx->deadline();
+  if (d == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
+  return absl::FromChrono(d);
+}
+
+grpc::Status Observe(Metrics* metrics, const char* method, std::chrono::steady_clock::time_point t0,
+                     const absl::Status& st) {
+  grpc::Status g = ToGrpc(st);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  metrics->ObserveRequest(method, CodeName(g.error_code()), secs);
+  if (!st.ok()) spdlog::debug("{} -> {}: {}", method, CodeName(g.error_code()), std::string(st.message()));
+  return g;
+}
+
+std::string ValidUtf8(const std::string& s) {
+  std::string out;
+  out.reserve(s.size());
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const size_t n = s.size();
+  for (size_t i = 0; i < n;) {
+    const unsigned char c = p[i];
+    size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
+    bool ok = len > 0 && i + len <= n;
+    for (size_t k = 1; ok && k < len; ++k) ok = (p[i + k] & 0xc0) == 0x80;
+    if (ok && len == 2) ok = c >= 0xc2;                                        // overlong
+    if (ok && len == 3) ok = !(c == 0xe0 && p[i + 1] < 0xa0) && !(c == 0xed && p[i + 1] >= 0xa0);  // overlong, surrogates
+    if (ok && len == 4) ok = !(c == 0xf0 && p[i + 1] < 0x90) && !(c == 0xf4 && p[i + 1] >= 0x90) && c <= 0xf4;
+    if (ok) {
+      out.append(s, i, len);
+      i += len;
+    } else {
+      out += "\xef\xbf\xbd";
+      ++i;
+    }
+  }
+  return out;
+}
+
+absl::Status CheckK(uint32_t top_k, uint32_t harmful_k, uint32_t max_top_k) {
+  if (top_k == 0 || top_k > max_top_k) {
+    return absl::InvalidArgumentError(absl::StrCat("top_k must be 1..", max_top_k, ", got ", top_k));
+  }
+  if (harmful_k > max_top_k) {
+    return absl::InvalidArgumentError(absl::StrCat("harmful_k must be 0..", max_top_k, ", got ", harmful_k));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckTextQuery(const v1::QueryRequest& req, bool have_model, const ServerOptions& options) {
+  if (!have_model) {
+    return absl::FailedPreconditionError(
+        "Query by text needs a model: this server was started without --model; use QueryByVector with "
+        "precomputed compressed gradients");
+  }
+  if (req.generation().empty()) return absl::InvalidArgumentError("generation is empty");
+  if (req.instruction().empty()) return absl::InvalidArgumentError("instruction is empty");
+  absl::Status st = CheckK(req.top_k(), req.harmful_k(), options.max_top_k);
+  if (!st.ok()) return st;
+  if (req.attributions() && req.top_k() + req.harmful_k() > options.max_attributed_records) {
+    return absl::InvalidArgumentError(absl::StrCat("token attributions are computed for at most ",
+                                                   options.max_attributed_records, " records per query; asked for ",
+                                                   req.top_k() + req.harmful_k(), " (top_k + harmful_k)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<model::Featurizer>> LoadFeaturizer(const std::string& state,
+                                                                  const ServerOptions& options,
+                                                                  const std::string& what) {
+  model::EngineOptions mo;
+  mo.model_path = options.model_path;
+  mo.tokenizer_path = options.tokenizer_path;
+  mo.adapter_path = options.adapter_path;
+  mo.param_pattern = options.param_pattern;
+  mo.device = options.model_device;
+  auto fo = model::OptionsFromState(state, mo);
+  if (!fo.ok()) return fo.status();
+  fo->token_method = options.token_method;
+  model::SetComputeThreads(1);
+  auto f = model::Featurizer::Create(*fo);
+  if (!f.ok()) return f.status();
+  const std::string diff = model::DescribeStateDifference(state, (*f)->projection_state());
+  if (!diff.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(what, " was not built with this model and parameter selection: ", diff));
+  }
+  return f;
+}
+
+namespace {
+
+double Dot(const std::vector<float>& a, const std::vector<float>& b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) s += static_cast<double>(a[i]) * b[i];
+  return s;
+}
+
+// Byte ranges of the instruction and the input inside a record's formatted prompt (computed once per record).
+struct PromptFields {
+  int32_t ib, ie, nb, ne;  // nb = ne = -1 without input
+};
+PromptFields FieldsOf(const model::Example& z) {
+  const std::string prompt = model::AlpacaPrompt(z.instruction, z.input);
+  PromptFields f;
+  f.ib = static_cast<int32_t>(prompt.find("### Instruction:\n") + 17);
+  f.ie = f.ib + static_cast<int32_t>(z.instruction.size());
+  f.nb = z.input.empty() ? -1 : static_cast<int32_t>(prompt.find("### Input:\n", f.ie) + 11);
+  f.ne = z.input.empty() ? -1 : f.nb + static_cast<int32_t>(z.input.size());
+  return f;
+}
+
+// Where a prompt token's byte span falls: inside the instruction, the input, or the template's own text.
+void SetPromptField(const PromptFields& f, model::Span sp, v1::TokenScore* ts) {
+  if (sp.begin >= f.ib && sp.end <= f.ie) {
+    ts->set_field("instruction");
+    ts->set_begin(sp.begin - f.ib);
+    ts->set_end(sp.end - f.ib);
+  } else if (f.nb >= 0 && sp.begin >= f.nb && sp.end <= f.ne) {
+    ts->set_field("input");
+    ts->set_begin(sp.begin - f.nb);
+    ts->set_end(sp.end - f.nb);
+  } else {
+    ts->set_field("template");
+    ts->set_begin(sp.begin);
+    ts->set_end(sp.end);
+  }
+}
+
+}  // namespace
+
+absl::Status Attribute(const model::Featurizer& featurizer, const model::Example& gen, const std::vector<float>& q,
+                       const RecordFetcher& fetch, v1::QueryResult* result) {
+  const model::GradientEngine& eng = featurizer.engine();
+  auto gt = eng.Tokenize(gen);
+  if (!gt.ok()) return gt.status();
+  std::vector<std::vector<float>> g_tok;
+  absl::Status st = featurizer.TokenSketches(gt->ids, gt->response_begin, &g_tok);
+  if (!st.ok()) return st;
+  auto attribute = [&](v1::ScoredRecord* sr) -> absl::Status {
+    v1::Record rec;
+    std::vector<float> x;
+    absl::Status fs = fetch(*sr, &rec, &x);
+    if (!fs.ok()) return fs;
+    for (size_t t = 0; t < g_tok.size(); ++t) {
+      auto* ts = sr->add_generation_tokens();
+      ts->set_text(ValidUtf8(eng.tokenizer()->Piece(gt->ids[gt->response_begin + t])));
+      ts->set_field("generation");
+      ts->set_begin(gt->response_spans[t].begin);
+      ts->set_end(gt->response_spans[t].end);
+      ts->set_score(static_cast<float>(Dot(g_tok[t], x)));
+    }
+    const model::Example z{rec.instruction(), rec.input(), rec.output(), {}};
+    auto zt = eng.Tokenize(z);
+    if (!zt.ok()) return zt.status();
+    std::vector<std::vector<float>> z_tok;
+    absl::Status s2 = featurizer.TokenSketches(zt->ids, 1, &z_tok);
+    if (!s2.ok()) return s2;
+    const PromptFields fields = FieldsOf(z);
+    for (size_t s = 1; s < zt->ids.size(); ++s) {
+      auto* ts = sr->add_record_tokens();
+      ts->set_text(ValidUtf8(eng.tokenizer()->Piece(zt->ids[s])));
+      ts->set_score(static_cast<float>(Dot(z_tok[s - 1], q)));
+      if (static_cast<int32_t>(s) < zt->response_begin) {
+        SetPromptField(fields, zt->prompt_spans[s - 1], ts);
+      } else {
+        const model::Span sp = zt->response_spans[s - zt->response_begin];
+        ts->set_field("output");
+        ts->set_begin(sp.begin);
+        ts->set_end(sp.end);
+      }
+    }
+    return absl::OkStatus();
+  };
+  for (auto& sr : *result->mutable_helpful()) {
+    st = attribute(&sr);
+    if (!st.ok()) return st;
+  }
+  for (auto& sr : *result->mutable_harmful()) {
+    st = attribute(&sr);
+    if (!st.ok()) return st;
+  }
+  return absl::OkStatus();
+}
+
+
+}  // namespace rapidin::server::internal

@@ -1,0 +1,60 @@
+// Pieces shared by the shard service (server.cc) and the router (router.cc): status mapping, request checks,
+// loading the query model for a store's projection state, and token attributions.
+#ifndef RAPIDIN_SERVER_INTERNAL_SERVICE_H_
+#define RAPIDIN_SERVER_INTERNAL_SERVICE_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "model/featurizer.h"
+#include "rapidin/v1/rapidin.pb.h"
+#include "server/metrics.h"
+#include "server/server.h"
+
+namespace rapidin::server::internal {
+
+// The one place absl::Status becomes grpc::Status (the codes map one to one), and back.
+grpc::Status ToGrpc(const absl::Status& s);
+absl::Status FromGrpc(const grpc::Status& s);
+const char* CodeName(grpc::StatusCode c);
+absl::Time DeadlineOf(const grpc::ServerContext* ctx);
+// Counts the request in metrics (method, status code, latency), logs a failure at debug level, and returns st.
+grpc::Status Observe(Metrics* metrics, const char* method, std::chrono::steady_clock::time_point t0,
+                     const absl::Status& st);
+
+// Proto3 strings must be UTF-8, but a byte-fallback token can hold part of a multi-byte character: such bytes
+// become U+FFFD. Byte offsets reported next to the text stay exact.
+std::string ValidUtf8(const std::string& s);
+
+// top_k in 1..max_top_k, harmful_k in 0..max_top_k.
+absl::Status CheckK(uint32_t top_k, uint32_t harmful_k, uint32_t max_top_k);
+
+// Checks a text query's fields and limits (model loaded, non-empty texts, attribution count).
+absl::Status CheckTextQuery(const v1::QueryRequest& req, bool have_model, const ServerOptions& options);
+
+// The query model for a store whose projection state is `state`: the sketch parameters come from the state, and a
+// model, adapter, parameter selection or max_length that gives another state is refused (FAILED_PRECONDITION
+// naming the differences). `what` names the store in messages.
+absl::StatusOr<std::unique_ptr<model::Featurizer>> LoadFeaturizer(const std::string& state,
+                                                                  const ServerOptions& options,
+                                                                  const std::string& what);
+
+// A returned record's text and stored vector (from the local store, or from the shard server that holds it).
+using RecordFetcher = std::function<absl::Status(const v1::ScoredRecord&, v1::Record*, std::vector<float>*)>;
+
+// Token-level views for every record of *result: generation side (per generated token, against the record's
+// stored vector) and training side (per token of the record, against the query vector q).
+absl::Status Attribute(const model::Featurizer& featurizer, const model::Example& gen, const std::vector<float>& q,
+                       const RecordFetcher& fetch, v1::QueryResult* result);
+
+}  // namespace rapidin::server::internal
+
+#endif  // RAPIDIN_SERVER_INTERNAL_SERVICE_H_
