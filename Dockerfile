@@ -20,4 +20,7 @@ COPY --from=build /opt/rapidin /opt/rapidin
 ENV PATH=/opt/rapidin/bin:$PATH
 EXPOSE 50051 9464
 VOLUME /data
-ENTRYPOINT ["rapidin-server", "--store", "/data/store", "--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9464"]
+# Kubernetes `args` replace CMD (deploy/rapidin.yaml: one store; deploy/rapidin-sharded.yaml: shard servers and a
+# router); `command: [rapidin]` runs the CLI (caching jobs).
+ENTRYPOINT ["rapidin-server"]
+CMD ["--store", "/data/store", "--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9464"]

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# python3-grpcio/python3-protobuf: tests/python_client_test.py (the API from Python), not the C++ build.
+# python3-grpcio/python3-protobuf: tests/python_client_test.py (the API from Python); python3-yaml:
+# tests/deploy_test.py (the manifests against the binaries). Neither is part of the C++ build.
 # OpenBLAS: the pthread build, not the serial one. The serial build is not safe to call from several threads at
 # once (measured here: concurrent gradient passes returned wrong values); rapidin sets it to one BLAS thread and
 # parallelises over records/tokens itself.
@@ -16,7 +17,7 @@ PKGS=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libsentencepiece-dev
   libfaiss-dev libcpp-httplib-dev libtbb-dev
-  python3-grpcio python3-protobuf
+  python3-grpcio python3-protobuf python3-yaml
 )
 missing=()
 for p in "${PKGS[@]}"; do
