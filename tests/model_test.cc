@@ -379,7 +379,8 @@ std::vector<std::vector<double>> TokenGrads(const GradientEngine& e, const std::
 }
 
 TEST(TokenGradients, EveryMethodEqualsPerTokenLoopAndSumsToTotal) {
-  std::mt19937 rng(std::random_device{}());
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed()));
   for (bool tied : {true, false}) {
     for (const std::string sel : {"matrices", "all", "lora"}) {
       SCOPED_TRACE(absl::StrCat("tied=", tied, " selection=", sel));
@@ -422,7 +423,9 @@ TEST(TokenGradients, EveryMethodEqualsPerTokenLoopAndSumsToTotal) {
           for (size_t t = 0; t < ref.size(); ++t) {
             ASSERT_EQ(got[t].size(), ref[t].size());
             for (size_t i = 0; i < ref[t].size(); ++i) {
-              ASSERT_NEAR(got[t][i], ref[t][i], 1e-11 * std::max(1.0, biggest))
+              // Normalised, each tensor is divided by its own norm: a tensor whose gradient for this token is
+              // tiny amplifies float64 rounding (seen: 1.03e-11 on a unit-norm tensor, RAPIDIN_FUZZ_SEED=23).
+              ASSERT_NEAR(got[t][i], ref[t][i], (normalize ? 1e-9 : 1e-11) * std::max(1.0, biggest))
                   << "method " << static_cast<int>(method) << " chunk " << chunk << " threads " << threads
                   << " normalize " << normalize << " token " << t << " element " << i;
             }
