@@ -136,13 +136,14 @@ ModelConfig Tiny(bool tied) {
 
 // Response-loss gradient against central finite differences, all in float64, on random weights and tokens.
 TEST(Engine, GradientMatchesFiniteDifferences) {
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
   for (bool tied : {true, false}) {
     EngineOptions o;
     o.use_double = true;
     o.param_pattern = ".";  // every parameter, norms included
-    auto e = GradientEngine::Random(Tiny(tied), std::random_device{}(), o);
+    auto e = GradientEngine::Random(Tiny(tied), static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 1), o);
     ASSERT_TRUE(e.ok()) << e.status();
-    std::mt19937 rng(std::random_device{}());
+    std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 2));
     TokenizedExample t;
     for (int i = 0; i < 12; ++i) t.ids.push_back(static_cast<int32_t>(rng() % 11));
     t.response_begin = 5;
@@ -200,12 +201,13 @@ TEST(Engine, LayerwiseNormalisation) {
 
 // One padded forward/backward for a batch gives each record's own gradient (per-sample trick), in double.
 TEST(Engine, BatchedGradientsEqualPerRecordLoop) {
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
   for (bool tied : {true, false}) {
     EngineOptions o;
     o.use_double = true;
-    auto e = GradientEngine::Random(Tiny(tied), std::random_device{}(), o);
+    auto e = GradientEngine::Random(Tiny(tied), static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 3), o);
     ASSERT_TRUE(e.ok());
-    std::mt19937 rng(std::random_device{}());
+    std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 4));
     std::vector<TokenizedExample> batch;
     for (int len : {6, 13, 9, 16}) {
       TokenizedExample t;
@@ -467,7 +469,8 @@ TEST(TokenGradients, EveryMethodEqualsPerTokenLoopAndSumsToTotal) {
 // A sequence longer than the shared method's 64-row attention blocks (so that the causal block skipping runs):
 // still equal to the reference in float64, normalised or not.
 TEST(TokenGradients, SharedEqualsLoopOnLongSequences) {
-  std::mt19937 rng(std::random_device{}());
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 5));
   ModelConfig c = Tiny(false);
   c.seq_len = 160;
   EngineOptions o;
@@ -637,11 +640,12 @@ std::vector<TokenizedExample> RandomBatch(std::mt19937& rng, int vocab) {
 // The padded batch loss equals the mean of the per-record losses, and the update is AdamW's first step
 // (p <- p (1 - lr wd) - lr g / (|g| + eps)) with g the mean of the per-record gradients; float64 throughout.
 TEST(Train, StepIsAdamWOnTheMeanRecordLoss) {
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
   EngineOptions o;
   o.use_double = true;
-  auto e = GradientEngine::Random(Tiny(false), std::random_device{}(), o);
+  auto e = GradientEngine::Random(Tiny(false), static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 6), o);
   ASSERT_TRUE(e.ok()) << e.status();
-  std::mt19937 rng(std::random_device{}());
+  std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 7));
   const auto batch = RandomBatch(rng, 11);
   double mean_loss = 0;
   std::vector<double> mean_grad((*e)->grad_dim(), 0.0);
@@ -772,7 +776,8 @@ TEST(EngineDevice, NamesAreResolvedOrRefusedWithTheReason) {
 // The device-buffer form of the batched gradients (what the GPU sketch reads) holds GradientIdsBatch's values
 // rounded to float32, for the padded batch, the one-record path and the per-record fallback (norms selected).
 TEST(Engine, GradientRowsAreTheBatchedGradientsInFloat32) {
-  std::mt19937 rng(std::random_device{}());
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 8));
   for (const std::string pattern : {"", ".*"}) {
     SCOPED_TRACE(pattern);
     EngineOptions o;
@@ -824,7 +829,8 @@ TEST(Engine, GradientRowsAreTheBatchedGradientsInFloat32) {
 
 // The same for per-token gradients, chunk by chunk, for every method, from several threads.
 TEST(TokenGradients, RowsAreThePerTokenGradientsInFloat32) {
-  std::mt19937 rng(std::random_device{}());
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 9));
   EngineOptions o;
   auto e = GradientEngine::Random(Tiny(true), rng(), o);
   ASSERT_TRUE(e.ok());
