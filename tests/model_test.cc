@@ -151,7 +151,7 @@ TEST(Engine, GradientMatchesFiniteDifferences) {
     ASSERT_TRUE((*e)->GradientIds(t, false, &g).ok());
     ASSERT_EQ(static_cast<int64_t>(g.size()), (*e)->grad_dim());
     double max_rel = 0;
-    int checked = 0;
+    int checked = 0, rel_checked = 0;
     for (size_t p = 0; p < (*e)->params().size(); ++p) {
       const auto& info = (*e)->params()[p];
       for (int s = 0; s < 3; ++s) {
@@ -165,11 +165,14 @@ TEST(Engine, GradientMatchesFiniteDifferences) {
         const double fd = (up - down) / (2 * h);
         const double an = g[info.offset + i];
         EXPECT_NEAR(an, fd, 1e-7 + 1e-6 * std::fabs(fd)) << info.name << "[" << i << "]";
-        if (std::fabs(fd) > 1e-6) max_rel = std::max(max_rel, std::fabs(an - fd) / std::fabs(fd));
+        // Central differences in float64 are off by ~1e-11..1e-10 absolute (h^2 truncation, eps / h rounding),
+        // so the relative check needs |fd| well above that (|fd| > 1e-6 failed for seeds 1060, 1113, 1137).
+        if (std::fabs(fd) > 1e-3) max_rel = std::max(max_rel, std::fabs(an - fd) / std::fabs(fd)), ++rel_checked;
         ++checked;
       }
     }
     EXPECT_GT(checked, 50);
+    EXPECT_GT(rel_checked, 10);
     EXPECT_LT(max_rel, 1e-6);
   }
 }
@@ -410,12 +413,29 @@ TEST(TokenGradients, EveryMethodEqualsPerTokenLoopAndSumsToTotal) {
       if (ids[1] == ids[0]) ids[1] = (ids[0] + 1) % 11;
       const int from = 1 + static_cast<int>(rng() % 7);
       SCOPED_TRACE(absl::StrCat("from=", from));
+      // tol[t][i]: the un-normalised comparison allows 1e-11 of the largest value. Normalised, element i of a
+      // tensor is divided by that tensor's norm for token t, which scales the same rounding by 1 / norm: a tensor
+      // whose gradient for a token is tiny amplifies it (seeds 23, 197, 239 and 1142 failed a fixed tolerance).
+      std::vector<std::vector<double>> tol;
       for (bool normalize : {false, true}) {
         const auto ref = TokenGrads(**e, ids, from, TokenGradMethod::kLoop, 1, 1, normalize);
         ASSERT_EQ(ref.size(), static_cast<size_t>(14 - from));
         double biggest = 0;
         for (const auto& g : ref) biggest = std::max(biggest, MaxAbs(g));
         ASSERT_GT(biggest, 1e-3);  // not a comparison of zeros
+        if (!normalize) {  // ref is the raw per-token gradient: tolerances for both passes come from it
+          tol.assign(ref.size(), {});
+          const double abs_tol = 1e-11 * std::max(1.0, biggest);
+          for (size_t t = 0; t < ref.size(); ++t) {
+            tol[t].assign(ref[t].size(), abs_tol);
+            for (const auto& p : (*e)->params()) {
+              double n2 = 0;
+              for (int64_t i = 0; i < p.numel; ++i) n2 += ref[t][p.offset + i] * ref[t][p.offset + i];
+              const double scale = std::max(1.0, 1.0 / std::max(std::sqrt(n2), 1e-30));
+              for (int64_t i = 0; i < p.numel; ++i) tol[t][p.offset + i] = abs_tol * scale;
+            }
+          }
+        }
         const std::vector<std::tuple<TokenGradMethod, int, int>> runs = {
             {TokenGradMethod::kCopies, 5, 1}, {TokenGradMethod::kShared, 1, 1}, {TokenGradMethod::kShared, 5, 1},
             {TokenGradMethod::kShared, 16, 1}, {TokenGradMethod::kShared, 3, 3}, {TokenGradMethod::kLoop, 1, 3}};
@@ -425,9 +445,7 @@ TEST(TokenGradients, EveryMethodEqualsPerTokenLoopAndSumsToTotal) {
           for (size_t t = 0; t < ref.size(); ++t) {
             ASSERT_EQ(got[t].size(), ref[t].size());
             for (size_t i = 0; i < ref[t].size(); ++i) {
-              // Normalised, each tensor is divided by its own norm: a tensor whose gradient for this token is
-              // tiny amplifies float64 rounding (seen: 1.03e-11 on a unit-norm tensor, RAPIDIN_FUZZ_SEED=23).
-              ASSERT_NEAR(got[t][i], ref[t][i], (normalize ? 1e-9 : 1e-11) * std::max(1.0, biggest))
+              ASSERT_NEAR(got[t][i], ref[t][i], normalize ? tol[t][i] : 1e-11 * std::max(1.0, biggest))
                   << "method " << static_cast<int>(method) << " chunk " << chunk << " threads " << threads
                   << " normalize " << normalize << " token " << t << " element " << i;
             }
