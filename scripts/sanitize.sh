@@ -53,7 +53,7 @@ if [ "$MODE" != asan ]; then
   ( cd build-tsan &&
     TSAN_OPTIONS="halt_on_error=0:second_deadlock_stack=1:suppressions=$ROOT/tests/sanitizers/tsan.supp:log_path=$logs/tsan" \
     ctest --output-on-failure -j 2 --timeout 1500 \
-      -E '^(CacheTest|ServerTest|cli_e2e|python_client|Utf8)' ) ||
+      -E '^(CacheTest|ServerTest|Router|cli_e2e|python_client|Utf8)' ) ||
     status=1
   reports "$logs" "TSan, tests without gRPC" || status=1
 fi
