@@ -160,26 +160,17 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
   absl::StatusOr<std::vector<float>> QueryMatrix(const v1::QueryByVectorRequest& req, int* q) const {
     const v1::Manifest m = store_->manifest();
     const uint32_t k = m.k();
-    if (req.queries_size() == 0) return absl::InvalidArgumentError("no query vectors");
     if (req.queries_size() > options_.max_query_vectors) {
       return absl::InvalidArgumentError(absl::StrCat(req.queries_size(), " query vectors; at most ",
                                                      options_.max_query_vectors, " per request"));
     }
-    absl::Status st = internal::CheckK(req.top_k(), req.harmful_k(), options_.max_top_k);
+    absl::Status st =
+        internal::CheckQueryVectors(req, k, m.projection_state_id(), options_.max_top_k, "this store uses");
     if (!st.ok()) return st;
-    if (!req.projection_state_id().empty() && req.projection_state_id() != m.projection_state_id()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "query vectors were compressed with projection state ", req.projection_state_id(),
-          " but this store uses ", m.projection_state_id(), "; scores would be meaningless"));
-    }
     const int nq = req.queries_size();
     std::vector<float> out(static_cast<size_t>(req.aggregate() ? 1 : nq) * k, 0.0f);
     for (int j = 0; j < nq; ++j) {
       const auto& v = req.queries(j);
-      if (static_cast<uint32_t>(v.values_size()) != k) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("query vector ", j, " has ", v.values_size(), " values; the store's K is ", k));
-      }
       const float w = v.weight() == 0.0f ? 1.0f : v.weight();
       if (!std::isfinite(w)) return absl::InvalidArgumentError(absl::StrCat("query vector ", j, ": weight is not finite"));
       for (uint32_t c = 0; c < k; ++c) {
@@ -267,15 +258,8 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     absl::Status st = internal::CheckTextQuery(req, featurizer_ != nullptr, options_);
     if (!st.ok()) return st;
     std::vector<float> q;
-    const model::Example gen{req.instruction(), req.input(), req.generation(),
-                             {req.hotwords().begin(), req.hotwords().end()}};
-    auto info = featurizer_->Compress(gen, &q);
-    if (!info.ok()) return info.status();
-    resp->set_gradient_ms(
-        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-    resp->set_generation_tokens(info->response_tokens);
-    resp->set_truncated(info->truncated);
-    resp->set_generation_loss(info->loss);
+    auto gen = internal::GenerationGradient(*featurizer_, req, t0, &q, resp);
+    if (!gen.ok()) return gen.status();
     if (ctx->IsCancelled()) return absl::CancelledError("cancelled by the client");
     const std::vector<float> q_copy = req.attributions() ? q : std::vector<float>();
     auto res = engine_->Search(std::move(q), 1, static_cast<int>(req.top_k()), static_cast<int>(req.harmful_k()),
@@ -287,12 +271,11 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     if (!st.ok()) return st;
     if (req.attributions()) {
       const auto ta = std::chrono::steady_clock::now();
-      st = internal::Attribute(*featurizer_, gen, q_copy, LocalRecord(), resp->mutable_result());
+      st = internal::Attribute(*featurizer_, *gen, q_copy, LocalRecord(), resp->mutable_result());
       if (!st.ok()) return st;
-      resp->set_attribution_ms(
-          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - ta).count());
+      resp->set_attribution_ms(internal::MsSince(ta));
     }
-    resp->set_total_ms(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    resp->set_total_ms(internal::MsSince(t0));
     return absl::OkStatus();
   }
 
@@ -313,7 +296,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
       if (st.ok()) st = FillRecords(res->harmful[j], req.omit_text(), r->mutable_harmful());
       if (!st.ok()) return st;
     }
-    resp->set_total_ms(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    resp->set_total_ms(internal::MsSince(t0));
     return absl::OkStatus();
   }
 
@@ -419,9 +402,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   so.host_budget_bytes = options.host_budget_bytes;
   if (backend == "cuda") so.host_allocator = CudaHostAllocator();
   if (!options.model_path.empty()) {  // checked before the store is opened (or created) for nothing
-    if (!std::filesystem::exists(options.model_path)) {
-      return absl::NotFoundError(absl::StrCat("model not found: ", options.model_path));
-    }
+    if (absl::Status st = internal::CheckModelExists(options); !st.ok()) return st;
     if (!std::filesystem::exists(options.store_path)) {
       return absl::FailedPreconditionError(absl::StrCat(
           "no store at ", options.store_path, ": with --model, build it first with `rapidin cache --model ",

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <condition_variable>
-#include <filesystem>
 #include <map>
 #include <mutex>
 #include <set>
@@ -23,10 +22,6 @@ struct RouterService::Shard {
 
 namespace {
 
-double MsSince(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-}
-
 const char* DTypeName(v1::VectorDType d) {
   switch (d) {
     case v1::VECTOR_DTYPE_FP16: return "fp16";
@@ -34,6 +29,13 @@ const char* DTypeName(v1::VectorDType d) {
     case v1::VECTOR_DTYPE_FP32: return "fp32";
     default: return "unspecified";
   }
+}
+
+// A shard server's answer as an absl::Status whose message names the server.
+absl::Status ShardStatus(const std::string& address, const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                      absl::StrCat("shard server ", address, ": ", s.error_message()));
 }
 
 // First failure in shard order, or OK.
@@ -102,12 +104,7 @@ std::vector<absl::Status> RouterService::FanOut(const grpc::ServerContext* paren
   std::unique_lock<std::mutex> l(mu);
   cv.wait(l, [&] { return left == 0; });
   std::vector<absl::Status> st(n);
-  for (size_t i = 0; i < n; ++i) {
-    if (!got[i].ok()) {
-      st[i] = absl::Status(static_cast<absl::StatusCode>(got[i].error_code()),
-                           absl::StrCat("shard server ", shards_[i]->address, ": ", got[i].error_message()));
-    }
-  }
+  for (size_t i = 0; i < n; ++i) st[i] = ShardStatus(shards_[i]->address, got[i]);
   return st;
 }
 
@@ -127,9 +124,7 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const Serve
     s->stub = v1::InfluenceService::NewStub(s->channel);
     r->shards_.push_back(std::move(s));
   }
-  if (!options.model_path.empty() && !std::filesystem::exists(options.model_path)) {
-    return absl::NotFoundError(absl::StrCat("model not found: ", options.model_path));
-  }
+  if (absl::Status st = CheckModelExists(options); !st.ok()) return st;  // before waiting for shard servers
 
   // Shard servers may start after the router (Kubernetes starts pods in any order): wait for every one.
   std::vector<v1::StatsResponse> stats;
@@ -218,19 +213,7 @@ absl::Status RouterService::Scatter(const grpc::ServerContext* ctx, const v1::Qu
 grpc::Status RouterService::QueryByVector(grpc::ServerContext* ctx, const v1::QueryByVectorRequest* req,
                                           v1::QueryByVectorResponse* resp) {
   const auto t0 = std::chrono::steady_clock::now();
-  absl::Status st = CheckK(req->top_k(), req->harmful_k(), options_.max_top_k);
-  if (st.ok() && req->queries_size() == 0) st = absl::InvalidArgumentError("no query vectors");
-  if (st.ok() && !req->projection_state_id().empty() && req->projection_state_id() != state_id_) {
-    st = absl::FailedPreconditionError(absl::StrCat("query vectors were compressed with projection state ",
-                                                    req->projection_state_id(), " but the shard servers use ",
-                                                    state_id_, "; scores would be meaningless"));
-  }
-  for (int j = 0; st.ok() && j < req->queries_size(); ++j) {
-    if (static_cast<uint32_t>(req->queries(j).values_size()) != k_) {
-      st = absl::InvalidArgumentError(absl::StrCat("query vector ", j, " has ", req->queries(j).values_size(),
-                                                   " values; the store's K is ", k_));
-    }
-  }
+  absl::Status st = CheckQueryVectors(*req, k_, state_id_, options_.max_top_k, "the shard servers use");
   if (st.ok()) {
     v1::QueryByVectorRequest fwd = *req;
     fwd.set_projection_state_id(state_id_);  // a shard server replaced by another store refuses the query
@@ -244,15 +227,9 @@ absl::Status RouterService::DoQuery(grpc::ServerContext* ctx, const v1::QueryReq
                                     std::chrono::steady_clock::time_point t0) {
   absl::Status st = CheckTextQuery(req, featurizer_ != nullptr, options_);
   if (!st.ok()) return st;
-  const model::Example gen{req.instruction(), req.input(), req.generation(),
-                           {req.hotwords().begin(), req.hotwords().end()}};
   std::vector<float> q;
-  auto info = featurizer_->Compress(gen, &q);
-  if (!info.ok()) return info.status();
-  resp->set_gradient_ms(MsSince(t0));
-  resp->set_generation_tokens(info->response_tokens);
-  resp->set_truncated(info->truncated);
-  resp->set_generation_loss(info->loss);
+  auto gen = GenerationGradient(*featurizer_, req, t0, &q, resp);
+  if (!gen.ok()) return gen.status();
   if (ctx->IsCancelled()) return absl::CancelledError("cancelled by the client");
   v1::QueryByVectorRequest fwd;
   fwd.add_queries()->mutable_values()->Add(q.begin(), q.end());
@@ -276,13 +253,13 @@ absl::Status RouterService::DoQuery(grpc::ServerContext* ctx, const v1::QueryReq
       gr.set_include_vector(true);
       v1::GetRecordResponse got;
       std::unique_ptr<grpc::ClientContext> c = grpc::ClientContext::FromServerContext(*ctx);
-      absl::Status s = FromGrpc(shard->stub->GetRecord(c.get(), gr, &got));
-      if (!s.ok()) return absl::Status(s.code(), absl::StrCat("shard server ", shard->address, ": ", s.message()));
+      absl::Status s = ShardStatus(shard->address, shard->stub->GetRecord(c.get(), gr, &got));
+      if (!s.ok()) return s;
       *rec = std::move(*got.mutable_record());
       x->assign(got.vector().begin(), got.vector().end());
       return absl::OkStatus();
     };
-    st = Attribute(*featurizer_, gen, q, fetch, resp->mutable_result());
+    st = Attribute(*featurizer_, *gen, q, fetch, resp->mutable_result());
     if (!st.ok()) return st;
     resp->set_attribution_ms(MsSince(ta));
   }

@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <filesystem>
+
 #include "absl/strings/str_cat.h"
 #include "model/engine.h"
 
@@ -10,11 +12,6 @@ namespace rapidin::server::internal {
 grpc::Status ToGrpc(const absl::Status& s) {
   if (s.ok()) return grpc::Status::OK;
   return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
-}
-
-absl::Status FromGrpc(const grpc::Status& s) {
-  if (s.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
 }
 
 const char* CodeName(grpc::StatusCode c) {
@@ -78,12 +75,42 @@ std::string ValidUtf8(const std::string& s) {
   return out;
 }
 
+double MsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
 absl::Status CheckK(uint32_t top_k, uint32_t harmful_k, uint32_t max_top_k) {
   if (top_k == 0 || top_k > max_top_k) {
     return absl::InvalidArgumentError(absl::StrCat("top_k must be 1..", max_top_k, ", got ", top_k));
   }
   if (harmful_k > max_top_k) {
     return absl::InvalidArgumentError(absl::StrCat("harmful_k must be 0..", max_top_k, ", got ", harmful_k));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckQueryVectors(const v1::QueryByVectorRequest& req, uint32_t k, const std::string& state_id,
+                               uint32_t max_top_k, const char* holder) {
+  if (req.queries_size() == 0) return absl::InvalidArgumentError("no query vectors");
+  absl::Status st = CheckK(req.top_k(), req.harmful_k(), max_top_k);
+  if (!st.ok()) return st;
+  if (!req.projection_state_id().empty() && req.projection_state_id() != state_id) {
+    return absl::FailedPreconditionError(absl::StrCat("query vectors were compressed with projection state ",
+                                                      req.projection_state_id(), " but ", holder, " ", state_id,
+                                                      "; scores would be meaningless"));
+  }
+  for (int j = 0; j < req.queries_size(); ++j) {
+    if (static_cast<uint32_t>(req.queries(j).values_size()) != k) {
+      return absl::InvalidArgumentError(absl::StrCat("query vector ", j, " has ", req.queries(j).values_size(),
+                                                     " values; the store's K is ", k));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckModelExists(const ServerOptions& options) {
+  if (!options.model_path.empty() && !std::filesystem::exists(options.model_path)) {
+    return absl::NotFoundError(absl::StrCat("model not found: ", options.model_path));
   }
   return absl::OkStatus();
 }
@@ -127,6 +154,19 @@ absl::StatusOr<std::unique_ptr<model::Featurizer>> LoadFeaturizer(const std::str
         absl::StrCat(what, " was not built with this model and parameter selection: ", diff));
   }
   return f;
+}
+
+absl::StatusOr<model::Example> GenerationGradient(const model::Featurizer& featurizer, const v1::QueryRequest& req,
+                                                  std::chrono::steady_clock::time_point t0, std::vector<float>* q,
+                                                  v1::QueryResponse* resp) {
+  model::Example gen{req.instruction(), req.input(), req.generation(), {req.hotwords().begin(), req.hotwords().end()}};
+  auto info = featurizer.Compress(gen, q);
+  if (!info.ok()) return info.status();
+  resp->set_gradient_ms(MsSince(t0));
+  resp->set_generation_tokens(info->response_tokens);
+  resp->set_truncated(info->truncated);
+  resp->set_generation_loss(info->loss);
+  return gen;
 }
 
 namespace {

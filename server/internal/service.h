@@ -21,9 +21,8 @@
 
 namespace rapidin::server::internal {
 
-// The one place absl::Status becomes grpc::Status (the codes map one to one), and back.
+// The one place absl::Status becomes grpc::Status (the codes map one to one).
 grpc::Status ToGrpc(const absl::Status& s);
-absl::Status FromGrpc(const grpc::Status& s);
 const char* CodeName(grpc::StatusCode c);
 absl::Time DeadlineOf(const grpc::ServerContext* ctx);
 // Counts the request in metrics (method, status code, latency), logs a failure at debug level, and returns st.
@@ -34,8 +33,20 @@ grpc::Status Observe(Metrics* metrics, const char* method, std::chrono::steady_c
 // become U+FFFD. Byte offsets reported next to the text stay exact.
 std::string ValidUtf8(const std::string& s);
 
+// Milliseconds since t0 (response timings).
+double MsSince(std::chrono::steady_clock::time_point t0);
+
 // top_k in 1..max_top_k, harmful_k in 0..max_top_k.
 absl::Status CheckK(uint32_t top_k, uint32_t harmful_k, uint32_t max_top_k);
+
+// The checks every QueryByVector gets before any scan: at least one vector, top_k/harmful_k (CheckK), the
+// projection state id when the request names one (FAILED_PRECONDITION; `holder` names who uses `state_id` in the
+// message), and K values per vector.
+absl::Status CheckQueryVectors(const v1::QueryByVectorRequest& req, uint32_t k, const std::string& state_id,
+                               uint32_t max_top_k, const char* holder);
+
+// NOT_FOUND when options name a model file that does not exist (checked before slow start-up work).
+absl::Status CheckModelExists(const ServerOptions& options);
 
 // Checks a text query's fields and limits (model loaded, non-empty texts, attribution count).
 absl::Status CheckTextQuery(const v1::QueryRequest& req, bool have_model, const ServerOptions& options);
@@ -46,6 +57,12 @@ absl::Status CheckTextQuery(const v1::QueryRequest& req, bool have_model, const 
 absl::StatusOr<std::unique_ptr<model::Featurizer>> LoadFeaturizer(const std::string& state,
                                                                   const ServerOptions& options,
                                                                   const std::string& what);
+
+// The generation of a text query (already checked by CheckTextQuery) and its compressed gradient in *q; fills the
+// response's gradient time (since t0), token count, truncation and loss.
+absl::StatusOr<model::Example> GenerationGradient(const model::Featurizer& featurizer, const v1::QueryRequest& req,
+                                                  std::chrono::steady_clock::time_point t0, std::vector<float>* q,
+                                                  v1::QueryResponse* resp);
 
 // A returned record's text and stored vector (from the local store, or from the shard server that holds it).
 using RecordFetcher = std::function<absl::Status(const v1::ScoredRecord&, v1::Record*, std::vector<float>*)>;
