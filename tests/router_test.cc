@@ -272,6 +272,10 @@ TEST(Router, RefusesShardServersThatDifferOrDoNotAnswer) {
 
   o = RouterOptions({Address(**a), Address(**a)});
   EXPECT_EQ(Server::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o = RouterOptions({Address(**a), ""});
+  r = Server::Create(o);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("empty address"), std::string::npos) << r.status();
   o = RouterOptions({Address(**a)});
   o.store_path = dir.path("c");
   EXPECT_EQ(Server::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
