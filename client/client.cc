@@ -393,7 +393,8 @@ std::string AttributionText(const rapidin::v1::QueryResponse& r, bool color) {
     for (const auto& s : list) {
       absl::StrAppendFormat(&out, "\n%s #%d  %s  score %.6g\n", name, s.rank(), s.id(), s.score());
       absl::StrAppend(&out, "  generation: ", TokenLine(s.generation_tokens(), color), "\n");
-      absl::StrAppend(&out, "  record:     ", TokenLine(s.record_tokens(), color), "\n");
+      absl::StrAppend(&out, "  influence:  ", TokenLine(s.record_influence_tokens(), color), "\n");
+      absl::StrAppend(&out, "  token-loss: ", TokenLine(s.record_tokens(), color), "\n");
     }
   };
   section("helpful", r.result().helpful());
@@ -459,8 +460,12 @@ std::string AttributionHtml(const rapidin::v1::QueryRequest& q, const rapidin::v
                             HtmlEscape(s.id()), s.score());
       absl::StrAppend(&out, "<div class=\"meta\">generation, per generated token</div><div class=\"box\">",
                       HtmlTokens(s.generation_tokens()), "</div>");
-      absl::StrAppend(&out, "<div class=\"meta\">training record, per token</div><div class=\"box\">",
-                      HtmlTokens(s.record_tokens()), "</div>");
+      absl::StrAppend(&out, "<div class=\"meta\">training record: each token's effect on the score ",
+                      "(gradient x input)</div><div class=\"box\">", HtmlTokens(s.record_influence_tokens()),
+                      "</div>");
+      absl::StrAppend(&out, "<div class=\"meta\">training record: each token's own loss gradient vs the ",
+                      "generation (token-loss view)</div><div class=\"box\">", HtmlTokens(s.record_tokens()),
+                      "</div>");
     }
   };
   section("Most helpful records", r.result().helpful());

@@ -90,6 +90,11 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
   absl::Status st = o.mode == "lora" ? e.SaveAdapter(o.out_path, o.engine.model_path) : e.SaveLlama2c(o.out_path);
   if (!st.ok()) return st;
   sum.out_path = o.out_path;
+  sum.optimizer_path = !o.optimizer_out.empty() ? o.optimizer_out
+                       : o.mode == "lora"        ? o.out_path + "/optimizer.safetensors"
+                                                 : o.out_path + ".optimizer.safetensors";
+  st = e.SaveOptimizerState(sum.optimizer_path, o.adam);
+  if (!st.ok()) return st;
   sum.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return sum;
 }

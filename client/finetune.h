@@ -17,6 +17,10 @@ struct FinetuneOptions {
   model::EngineOptions engine;      // base model (+ tokenizer); param_pattern selects what full fine-tuning trains
   std::string data_path;
   std::string out_path;             // LoRA: adapter directory; full: llama2.c checkpoint file
+  // The Adam second moments at the end (GradientEngine::SaveOptimizerState: the preconditioner of
+  // `rapidin cache --preconditioner`). Empty: <out>/optimizer.safetensors for LoRA, <out>.optimizer.safetensors
+  // for full fine-tuning.
+  std::string optimizer_out;
   std::string mode = "lora";        // "lora" | "full"
   model::LoraConfig lora;
   model::AdamWOptions adam;
@@ -33,6 +37,7 @@ struct FinetuneSummary {
   double seconds = 0;
   int64_t trained_parameters = 0;
   std::string out_path;
+  std::string optimizer_path;
   std::vector<BadRecord> bad_records;
 };
 

@@ -213,7 +213,7 @@ int Finetune(const rapidin::client::FinetuneOptions& o, bool json) {
     for (const auto& b : s->bad_records) bad.push_back({{"where", b.where}, {"reason", b.reason}});
     std::cout << nlohmann::json{{"records", s->records}, {"bad", s->bad}, {"truncated", s->truncated},
                                 {"steps", s->steps}, {"epoch_loss", s->epoch_loss}, {"seconds", s->seconds},
-                                {"trained_parameters", s->trained_parameters}, {"out", s->out_path},
+                                {"trained_parameters", s->trained_parameters}, {"out", s->out_path}, {"optimizer_state", s->optimizer_path},
                                 {"bad_records", bad}}
                      .dump()
               << "\n";
@@ -228,6 +228,7 @@ int Finetune(const rapidin::client::FinetuneOptions& o, bool json) {
     std::printf("  %-20s %.4f nats/token\n", absl::StrCat("epoch ", i + 1, " loss").c_str(), s->epoch_loss[i]);
   }
   std::printf("  %-20s %s\n", "saved", s->out_path.c_str());
+  std::printf("  %-20s %s\n", "optimizer state", s->optimizer_path.c_str());
   return 0;
 }
 
@@ -336,6 +337,13 @@ int main(int argc, char** argv) {
   cache->add_option("--seed", co.featurizer.seed, "RapidGrad seed")->capture_default_str();
   cache->add_option("--max-length", co.featurizer.engine.max_length, "tokens per record")->capture_default_str();
   cache->add_option("--params", co.featurizer.engine.param_pattern, "regex over parameter names (default: matrices)");
+  cache->add_option("--preconditioner", co.featurizer.engine.preconditioner_path,
+                    "Adam second moments (the optimizer.safetensors of `rapidin finetune`): divide each gradient "
+                    "element by sqrt(v)+eps before normalising (TrackStar/LESS)");
+  std::string score = "dot";
+  cache->add_option("--score", score, "dot: RapidIn's inner product; cosine: unit-normalised vectors")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"dot", "cosine"}));
   co.featurizer.engine.device = "auto";
   cache->add_option("--model-device", co.featurizer.engine.device, kModelDeviceHelp)->capture_default_str();
   cache->add_option("--threads", co.threads, "records in parallel")->capture_default_str()->check(CLI::Range(1, 256));
@@ -376,6 +384,8 @@ int main(int argc, char** argv) {
   ft->add_option("--max-length", fo.engine.max_length, "tokens per record")->capture_default_str();
   fo.engine.device = "auto";
   ft->add_option("--model-device", fo.engine.device, kModelDeviceHelp)->capture_default_str();
+  ft->add_option("--optimizer-out", fo.optimizer_out,
+                 "where the Adam second moments go (default: next to --out)");
   ft->add_option("--threads", fo.threads, "LibTorch threads")->capture_default_str()->check(CLI::Range(1, 256));
   ft->add_flag("--json", json, "summary as JSON");
 
@@ -433,6 +443,7 @@ int main(int argc, char** argv) {
     mallopt(M_TOP_PAD, 1 << 30);
   }
   if (*cache) {
+    co.featurizer.unit_norm = score == "cosine";
     if (shard_index < 0 && co.shard_count > 1) {
       const char* env = std::getenv("JOB_COMPLETION_INDEX");
       if (env == nullptr || !absl::SimpleAtoi(env, &shard_index)) {

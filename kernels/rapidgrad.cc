@@ -117,6 +117,21 @@ void RapidGrad::ApplyOnTheFly(const float* x, float* out) const {
   }
 }
 
+void RapidGrad::ApplyTranspose(const float* y, double* out) const {
+  if (table_.empty()) {
+    const int64_t bs = bin_size();
+    for (int64_t i = 0; i < params_.d; ++i) {
+      const int64_t j = Permute(i);
+      out[i] = static_cast<double>(Sign(j)) * y[j / bs];
+    }
+    return;
+  }
+  for (int64_t i = 0; i < params_.d; ++i) {
+    const uint32_t e = table_[i];
+    out[i] = (e & 1u) ? -static_cast<double>(y[e >> 1]) : static_cast<double>(y[e >> 1]);
+  }
+}
+
 std::vector<float> RapidGrad::Apply(const std::vector<float>& x) const {
   std::vector<float> out(params_.k);
   Apply(x.data(), out.data());

@@ -49,6 +49,10 @@ class RapidGrad {
   // The same without the memo table (the reference path; also used when D' is too large for a table).
   void ApplyOnTheFly(const float* x, float* out) const;
   std::vector<float> Apply(const std::vector<float>& x) const;
+  // The adjoint: out[0..d) = C^T y for y of k values (out[i] = sign * y[bin of i]), so that
+  // <C(x), y> = <x, C^T y> for every x. Pulls a compressed query back to gradient space (training-side token
+  // attributions differentiate <N(grad L(z)), C^T q>, the very score the store ranks by).
+  void ApplyTranspose(const float* y, double* out) const;
 
   // The rounds, for inspection and tests: round r views the padded vector as an a x b row-major matrix and
   // moves element (i, j) to (row[i], col[j]).

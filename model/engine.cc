@@ -99,7 +99,8 @@ absl::StatusOr<nlohmann::json> ReadJson(const std::string& path) {
 }
 
 // Reads every tensor of a .safetensors file as float32 (F32, F16 and BF16 are accepted).
-absl::Status ReadSafetensors(const std::string& path, std::map<std::string, torch::Tensor>* out) {
+absl::Status ReadSafetensors(const std::string& path, std::map<std::string, torch::Tensor>* out,
+                             nlohmann::json* metadata = nullptr) {
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) return absl::NotFoundError(absl::StrCat("file not found: ", path));
   const int64_t size = in.tellg();
@@ -115,7 +116,10 @@ absl::Status ReadSafetensors(const std::string& path, std::map<std::string, torc
   std::string data(size - 8 - hlen, '\0');
   if (!in.read(data.data(), data.size())) return absl::DataLossError(absl::StrCat(path, ": truncated"));
   for (auto it = h.begin(); it != h.end(); ++it) {
-    if (it.key() == "__metadata__") continue;
+    if (it.key() == "__metadata__") {
+      if (metadata) *metadata = it.value();
+      continue;
+    }
     const auto& t = it.value();
     if (!t.is_object() || !t.contains("dtype") || !t.contains("shape") || !t.contains("data_offsets")) {
       return absl::DataLossError(absl::StrCat(path, ": bad entry for ", it.key()));
@@ -233,6 +237,46 @@ absl::Status GradientEngine::Impl::Init(const EngineOptions& o) {
   return absl::OkStatus();
 }
 
+absl::Status GradientEngine::Impl::LoadPreconditioner() {
+  precond.clear();
+  precond_desc = "none";
+  if (options.preconditioner_path.empty()) return absl::OkStatus();
+  std::map<std::string, torch::Tensor> v;
+  nlohmann::json meta;
+  const std::string& path = options.preconditioner_path;
+  if (absl::Status st = ReadSafetensors(path, &v, &meta); !st.ok()) return st;
+  double eps = 1e-8;
+  if (meta.is_object() && meta.contains("eps")) {
+    const auto& e = meta["eps"];
+    eps = e.is_string() ? std::strtod(e.get<std::string>().c_str(), nullptr) : e.get<double>();
+  }
+  if (!(eps > 0) || !std::isfinite(eps)) return absl::DataLossError(absl::StrCat(path, ": bad eps in its metadata"));
+  uint64_t h = 1469598103934665603ull;
+  for (const auto& info : infos) {
+    auto it = v.find(info.name);
+    if (it == v.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": no second moments for parameter ", info.name,
+                                                     " (written for another model or parameter selection?)"));
+    }
+    if (it->second.numel() != info.numel) {
+      return absl::InvalidArgumentError(absl::StrFormat("%s: %s has %d values, the parameter %d", path, info.name,
+                                                        it->second.numel(), info.numel));
+    }
+    auto c = it->second.contiguous();
+    if ((~torch::isfinite(c)).any().item<bool>() || (c < 0).any().item<bool>()) {
+      return absl::DataLossError(absl::StrCat(path, ": ", info.name, " has negative or non-finite second moments"));
+    }
+    h = Fnv(h, info.name.data(), info.name.size());
+    h = Fnv(h, c.data_ptr<float>(), c.numel() * sizeof(float));
+    precond.push_back((1.0 / (c.to(torch::kDouble).sqrt() + eps)).reshape({-1}).to(device));
+  }
+  h = Fnv(h, &eps, sizeof eps);
+  precond_hash = h;
+  precond_desc = absl::StrFormat("adam-v/%016x,eps=%g", h, eps);
+  Rehash();
+  return absl::OkStatus();
+}
+
 GradientEngine::GradientEngine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 GradientEngine::~GradientEngine() = default;
 
@@ -322,6 +366,7 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Load(const Engin
       impl->tok = std::move(*tok);
     }
     absl::Status st = impl->Finish();
+    if (st.ok()) st = impl->LoadPreconditioner();
     if (!st.ok()) return st;
     return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
   });
@@ -419,6 +464,7 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::LoadHf(const Eng
     impl->tok = std::move(*tok);
   }
   st = impl->Finish();
+  if (st.ok()) st = impl->LoadPreconditioner();
   if (!st.ok()) return st;
   return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
 }
@@ -455,6 +501,7 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Random(const Mod
     impl->Add("norm.weight", rnd({D}, 0.1, 1));
     if (!c.tied_output) impl->Add("output.weight", rnd({c.vocab_size, D}, 0.5, 0));
     absl::Status st = impl->Finish();
+    if (st.ok()) st = impl->LoadPreconditioner();
     if (!st.ok()) return st;
     return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
   });
@@ -465,6 +512,17 @@ std::string GradientEngine::device() const { return impl_->device.str(); }
 int GradientEngine::cuda_device() const { return impl_->device.is_cuda() ? impl_->device.index() : -1; }
 const std::vector<ParamInfo>& GradientEngine::params() const { return impl_->infos; }
 int64_t GradientEngine::grad_dim() const { return impl_->dim; }
+std::string GradientEngine::preconditioner() const { return impl_->precond_desc; }
+std::vector<double> GradientEngine::PreconditionerValues() const {
+  std::vector<double> out;
+  if (impl_->precond.empty()) return out;
+  out.reserve(impl_->dim);
+  for (const auto& p : impl_->precond) {
+    auto c = p.to(torch::kCPU, torch::kDouble).contiguous();
+    out.insert(out.end(), c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+  }
+  return out;
+}
 std::string GradientEngine::model_hash() const {
   std::lock_guard<std::mutex> l(impl_->hash_mu);
   if (impl_->hash_stale) {
@@ -706,6 +764,57 @@ absl::StatusOr<GradInfo> GradientEngine::Gradient(const Example& ex, bool normal
   return info;
 }
 
+absl::StatusOr<double> GradientEngine::InfluenceTokens(const TokenizedExample& t, const std::vector<double>& u,
+                                                       std::vector<double>* scores,
+                                                       const std::vector<double>* token_scale) const {
+  return Guarded([&]() -> absl::StatusOr<double> {
+    const Impl& d = *impl_;
+    if (static_cast<int64_t>(u.size()) != d.dim) {
+      return absl::InvalidArgumentError(absl::StrFormat("InfluenceTokens: u has %d values, the gradient %d",
+                                                        u.size(), d.dim));
+    }
+    if (absl::Status st = CheckRecord(t, d.cfg.vocab_size); !st.ok()) return st;
+    const int64_t T = static_cast<int64_t>(t.ids.size());
+    if (token_scale && static_cast<int64_t>(token_scale->size()) != T) {
+      return absl::InvalidArgumentError("InfluenceTokens: token_scale needs one value per token");
+    }
+    auto ut = torch::tensor(u, torch::kDouble).to(d.device);
+    // I at embedding interpolation alpha (with its derivative in alpha when wanted).
+    auto eval = [&](const torch::Tensor& alpha, bool grads_wanted, torch::Tensor* dalpha) -> double {
+      const Leaves leaves = d.MakeLeaves();
+      LeavesScope scope(&leaves);
+      auto loss = d.ResponseLoss(t, alpha);
+      auto g = torch::autograd::grad({loss}, leaves.selected, {}, /*retain_graph=*/grads_wanted,
+                                     /*create_graph=*/grads_wanted, /*allow_unused=*/true);
+      torch::Tensor influence = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(d.device));
+      for (size_t p = 0; p < d.infos.size(); ++p) {
+        if (!g[p].defined()) continue;
+        auto gp = g[p].to(torch::kDouble).reshape({-1});
+        if (!d.precond.empty()) gp = gp * d.precond[p];
+        auto n = gp.norm();
+        if (!(n.item<double>() > 0)) continue;  // a zero block stays zero (as in Block)
+        influence = influence + gp.dot(ut.narrow(0, d.infos[p].offset, d.infos[p].numel)) / n;
+      }
+      if (grads_wanted) {
+        *dalpha = torch::zeros({T}, torch::kDouble);
+        if (influence.requires_grad()) {
+          auto ga = torch::autograd::grad({influence}, {alpha}, {}, false, false, /*allow_unused=*/true)[0];
+          if (ga.defined()) *dalpha = ga.detach().to(torch::kCPU, torch::kDouble).view({-1});
+        }
+      }
+      return influence.item<double>();
+    };
+    if (token_scale) {
+      return eval(torch::tensor(*token_scale, torch::kDouble).to(d.device, d.dtype).view({1, T, 1}), false, nullptr);
+    }
+    torch::Tensor da;
+    const double value = eval(torch::ones({1, T, 1}, d.Opts()).requires_grad_(true), true, &da);
+    da = da.contiguous();
+    scores->assign(da.data_ptr<double>(), da.data_ptr<double>() + T);
+    return value;
+  });
+}
+
 absl::Status GradientEngine::Perturb(int p, int64_t i, double delta) {
   return Guarded([&]() -> absl::Status {
     if (p < 0 || p >= static_cast<int>(impl_->selected.size()) || i < 0 || i >= impl_->infos[p].numel) {
@@ -826,8 +935,10 @@ absl::StatusOr<double> GradientEngine::TrainStep(const std::vector<TokenizedExam
 namespace {
 
 // safetensors: 8-byte little-endian header length, a JSON header, then the raw tensors.
-absl::Status WriteSafetensors(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& ts) {
+absl::Status WriteSafetensors(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& ts,
+                              const nlohmann::json& metadata = nlohmann::json()) {
   nlohmann::json header = nlohmann::json::object();
+  if (metadata.is_object()) header["__metadata__"] = metadata;  // safetensors: string values only
   std::string data;
   for (const auto& [name, t] : ts) {
     auto c = t.detach().to(torch::kCPU, torch::kFloat).contiguous();
@@ -881,6 +992,21 @@ absl::Status GradientEngine::SaveAdapter(const std::string& dir, const std::stri
     out << cfg.dump(2) << "\n";
     if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", dir, "/adapter_config.json"));
     return absl::OkStatus();
+  });
+}
+
+absl::Status GradientEngine::SaveOptimizerState(const std::string& path, const AdamWOptions& o) const {
+  return Guarded([&]() -> absl::Status {
+    const Impl& d = *impl_;
+    if (d.adam_step == 0) return absl::FailedPreconditionError("no optimizer state: no TrainStep has run");
+    const double bc2 = 1 - std::pow(o.beta2, static_cast<double>(d.adam_step));
+    std::vector<std::pair<std::string, torch::Tensor>> ts;
+    for (size_t i = 0; i < d.infos.size(); ++i) ts.push_back({d.infos[i].name, d.adam_v[i] / bc2});
+    const nlohmann::json meta = {{"format", "rapidin adam second moments v1"},
+                                 {"step", std::to_string(d.adam_step)},
+                                 {"beta2", absl::StrFormat("%.17g", o.beta2)},
+                                 {"eps", absl::StrFormat("%.17g", o.eps)}};
+    return WriteSafetensors(path, ts, meta);
   });
 }
 

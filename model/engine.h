@@ -44,6 +44,12 @@ struct EngineOptions {
   std::string param_pattern;    // ECMAScript regex over parameter names; empty: every weight matrix (2-D)
   int max_length = 512;         // tokens, BOS and EOS included
   bool use_double = false;      // compute in float64 (tests)
+  // Optimizer-aware preconditioning (TrackStar, LESS): a safetensors file of Adam second moments v (bias-corrected,
+  // one tensor per selected parameter, named as in params(); written by SaveOptimizerState). Each gradient
+  // element is divided by sqrt(v) + eps before the layer-wise normalisation, for records and queries alike.
+  // Empty: no preconditioning. The file's content enters model_hash(), so a store cached with one
+  // preconditioner is never scored with gradients made under another.
+  std::string preconditioner_path;
   // Where the weights live and gradients are computed: "cpu", "cuda" (= "cuda:0"), "cuda:N", or "auto" (cuda:0
   // when this LibTorch build has CUDA and a device is visible, else cpu). The *Ids methods bring gradients back
   // to host memory, the *Rows methods leave them on the device. The same inputs give the same gradients on every
@@ -143,6 +149,11 @@ class GradientEngine {
   int64_t grad_dim() const;
   // Identifies weights (adapter included) + parameter selection + template + max_length (hex).
   std::string model_hash() const;
+  // "none", or "adam-v/<hash of the preconditioner's values>,eps=<eps>".
+  std::string preconditioner() const;
+  // 1 / (sqrt(v) + eps) per gradient element (grad_dim() values, gradient order), or empty without a
+  // preconditioner (benchmarks derive preconditioned and plain scores from one gradient pass).
+  std::vector<double> PreconditionerValues() const;
   const Tokenizer* tokenizer() const;
 
   // Errors: INVALID_ARGUMENT when the prompt alone exceeds max_length or a hotword does not occur in the output.
@@ -181,6 +192,18 @@ class GradientEngine {
   absl::Status TokenGradientRows(const std::vector<int32_t>& ids, int from, const TokenGradOptions& options,
                                  const TokenRowsConsumer& consume) const;
   absl::StatusOr<double> LossIds(const TokenizedExample& t) const;
+  // Training-side token attribution. For a record t and a direction u in gradient space (grad_dim() values; the
+  // pulled-back compressed query C^T q, say), the influence I = <N(grad L(t)), u>, N the layer-wise
+  // normalisation (after any preconditioning). Token s's input embedding is taken as m + alpha_s (e_s - m), m the
+  // mean embedding row, so alpha_s = 1 is the record itself and alpha_s = 0 removes what is specific to token s.
+  // Returns I and, in (*scores)[s] for every token s of t.ids, gradient x input: dI/d alpha_s at alpha = 1 (one
+  // double backward pass; prompt tokens, a trigger among them, reach I through the response tokens' loss).
+  // With token_scale (t.ids.size() values) only I at alpha = token_scale is computed and scores is left alone
+  // (the finite-difference reference of the tests). Errors: INVALID_ARGUMENT for a u or token_scale of the
+  // wrong size or a record CheckRecord refuses.
+  absl::StatusOr<double> InfluenceTokens(const TokenizedExample& t, const std::vector<double>& u,
+                                         std::vector<double>* scores,
+                                         const std::vector<double>* token_scale = nullptr) const;
   // Logits of a token sequence, T x vocab, row-major (reference comparisons).
   absl::StatusOr<std::vector<float>> LogitsIds(const std::vector<int32_t>& ids) const;
   // The selected parameters' current values, concatenated in gradient order (tests).
@@ -198,6 +221,10 @@ class GradientEngine {
   // The attached adapter in PEFT format (adapter_config.json + adapter_model.safetensors, module names of
   // LlamaForCausalLM; for a llama2.c base the q/k rows keep llama2.c's order). FAILED_PRECONDITION without one.
   absl::Status SaveAdapter(const std::string& dir, const std::string& base_model) const;
+  // The Adam second moments of the selected parameters (v / (1 - beta2^step)), one tensor per parameter named as
+  // in params(), plus "__metadata__" {step, beta2, eps}: the preconditioner EngineOptions::preconditioner_path
+  // reads. FAILED_PRECONDITION before the first TrainStep.
+  absl::Status SaveOptimizerState(const std::string& path, const AdamWOptions& options) const;
   // Every weight as a llama2.c v0 checkpoint (llama2.c bases only; an attached adapter is merged in).
   absl::Status SaveLlama2c(const std::string& path) const;
   // Greedy decoding after the Alpaca prompt, until EOS or max_new tokens; returns the decoded text.

@@ -81,6 +81,7 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerO
                                                    ": pass its tokenizer.bin or tokenizer.model (--tokenizer)"));
   }
   f->token_method_ = options.token_method;
+  f->unit_norm_ = options.unit_norm;
   std::string error;
   auto sketch = kernels::RapidGrad::Create({f->engine_->grad_dim(), options.k, options.lambda, options.seed}, &error);
   if (sketch == nullptr) return absl::InvalidArgumentError(error);
@@ -96,10 +97,27 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerO
   for (const auto& p : f->engine_->params()) names.push_back(p.name);
   f->state_ = absl::StrCat(f->sketch_->Describe(), "\nmodel=", f->engine_->model_hash(),
                            " max_length=", options.engine.max_length, " tensors=", names.size(), "\n");
+  const std::string pre = f->engine_->preconditioner();
+  if (options.unit_norm || pre != "none") {
+    absl::StrAppend(&f->state_, "score=", options.unit_norm ? "cosine" : "dot", " precondition=", pre, "\n");
+  }
   return f;
 }
 
 Featurizer::~Featurizer() = default;
+
+namespace {
+
+// Unit L2 norm (accumulated in double); a zero vector stays zero.
+void UnitNorm(std::vector<float>* v) {
+  double ss = 0;
+  for (float x : *v) ss += static_cast<double>(x) * x;
+  if (!(ss > 0)) return;
+  const double inv = 1.0 / std::sqrt(ss);
+  for (float& x : *v) x = static_cast<float>(x * inv);
+}
+
+}  // namespace
 
 absl::StatusOr<GradInfo> Featurizer::Compress(const Example& ex, std::vector<float>* out, Timing* timing) const {
   // A batch of one: the same tokenisation, gradient (GradientIds is GradientIdsBatch of one), sketch and checks.
@@ -148,6 +166,7 @@ void Featurizer::CompressBatch(const std::vector<Example>& exs, std::vector<std:
         continue;
       }
       (*out)[where[j]].assign(all.begin() + j * k, all.begin() + (j + 1) * k);
+      if (unit_norm_) UnitNorm(&(*out)[where[j]]);
       absl::Status fin = CheckFinite((*out)[where[j]], "the compressed gradient");
       (*infos)[where[j]] = fin.ok() ? absl::StatusOr<GradInfo>(gi[j]) : fin;
     }
@@ -172,6 +191,7 @@ void Featurizer::CompressBatch(const std::vector<Example>& exs, std::vector<std:
     auto& o = (*out)[where[j]];
     o.resize(sketch_->params().k);
     sketch_->Apply(gf.data(), o.data());
+    if (unit_norm_) UnitNorm(&o);
     sketch_s += std::chrono::duration<double>(Clock::now() - ts).count();
     absl::Status fin = CheckFinite(o, "the compressed gradient");
     (*infos)[where[j]] = fin.ok() ? absl::StatusOr<GradInfo>(gi[j]) : fin;
@@ -215,11 +235,23 @@ absl::Status Featurizer::TokenSketches(const std::vector<int32_t>& ids, int from
   return absl::OkStatus();
 }
 
+absl::StatusOr<double> Featurizer::RecordTokenInfluence(const TokenizedExample& t, const std::vector<float>& q,
+                                                        std::vector<double>* scores) const {
+  if (static_cast<int64_t>(q.size()) != sketch_->params().k) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("query vector has ", q.size(), " values, the sketch ", sketch_->params().k));
+  }
+  std::vector<double> u(engine_->grad_dim());
+  sketch_->ApplyTranspose(q.data(), u.data());
+  return engine_->InfluenceTokens(t, u, scores);
+}
+
 absl::StatusOr<FeaturizerOptions> OptionsFromState(const std::string& state, const EngineOptions& engine) {
   FeaturizerOptions o;
   o.engine = engine;
   int64_t d = 0;
   int found = 0;
+  std::string precondition = "none";
   for (absl::string_view tok : absl::StrSplit(state, absl::ByAnyChar(" \n"), absl::SkipEmpty())) {
     std::pair<std::string, std::string> kv = absl::StrSplit(tok, absl::MaxSplits('=', 1));
     const std::string& v = kv.second;
@@ -229,6 +261,11 @@ absl::StatusOr<FeaturizerOptions> OptionsFromState(const std::string& state, con
     else if (kv.first == "seed") ok = absl::SimpleAtoi(v, &o.seed), ++found;
     else if (kv.first == "max_length") ok = absl::SimpleAtoi(v, &o.engine.max_length), ++found;
     else if (kv.first == "d") ok = absl::SimpleAtoi(v, &d);
+    else if (kv.first == "precondition") precondition = v;
+    else if (kv.first == "score") {
+      ok = v == "dot" || v == "cosine";
+      o.unit_norm = v == "cosine";
+    }
     if (!ok) return absl::DataLossError(absl::StrCat("projection state: bad value in \"", tok, "\""));
   }
   if (state.empty()) {
@@ -239,6 +276,11 @@ absl::StatusOr<FeaturizerOptions> OptionsFromState(const std::string& state, con
   if (state.rfind("rapidgrad/v1 ", 0) != 0 || found != 4) {
     return absl::FailedPreconditionError(
         "the store's projection state is not a rapidgrad/v1 state (was it built by `rapidin cache`?)");
+  }
+  if (precondition != "none" && engine.preconditioner_path.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the store was cached with Adam preconditioning (", precondition,
+        "): give the same optimizer state (--preconditioner, the optimizer.safetensors of `rapidin finetune`)"));
   }
   return o;
 }

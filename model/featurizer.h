@@ -22,6 +22,9 @@ struct FeaturizerOptions {
   int64_t k = 4096;
   int lambda = 4;
   uint64_t seed = 0;
+  // Scale every compressed record/query vector to unit L2 norm, so that the inner product is a cosine (on top of
+  // the layer-wise normalisation). Per-token sketches are left as they are.
+  bool unit_norm = false;
   // Per-token gradients for token attributions (all exact; kLoop is the slow reference).
   TokenGradMethod token_method = TokenGradMethod::kShared;
 };
@@ -54,9 +57,17 @@ class Featurizer {
   // C(N(grad l_s)) for every token s in [from, ids.size()) (token-wise attribution), one K-vector each.
   absl::Status TokenSketches(const std::vector<int32_t>& ids, int from, std::vector<std::vector<float>>* out) const;
 
+  // The training-side token view of record t for a compressed query q (k values of this featurizer):
+  // I = <N(grad L(t)), C^T q> = <C(N(grad L(t))), q>, the store's score of t (before unit normalisation, which
+  // only rescales it), and per token of t.ids its gradient-times-input (GradientEngine::InfluenceTokens).
+  // Errors: INVALID_ARGUMENT for a q of the wrong size; those of InfluenceTokens.
+  absl::StatusOr<double> RecordTokenInfluence(const TokenizedExample& t, const std::vector<float>& q,
+                                              std::vector<double>* scores) const;
+
   const GradientEngine& engine() const { return *engine_; }
   const kernels::RapidGrad& sketch() const { return *sketch_; }
-  // "rapidgrad/v1 d=.. k=.. lambda=.. seed=..\nmodel=<hash> max_length=.. tensors=..\n"
+  // "rapidgrad/v1 d=.. k=.. lambda=.. seed=..\nmodel=<hash> max_length=.. tensors=..\n", then, when either
+  // differs from the default, "score=<dot|cosine> precondition=<none|adam-v/<hash>,eps=..>\n".
   const std::string& projection_state() const { return state_; }
 
  private:
@@ -67,10 +78,12 @@ class Featurizer {
   std::unique_ptr<kernels::RapidGrad> sketch_;
   std::string state_;
   TokenGradMethod token_method_ = TokenGradMethod::kShared;
+  bool unit_norm_ = false;
 };
 
-// The sketch parameters and max_length recorded in a projection state, on top of `engine` (model paths).
-// Errors: FAILED_PRECONDITION when the state is not a rapidgrad/v1 state.
+// The sketch parameters, max_length and score (dot or cosine) recorded in a projection state, on top of `engine`
+// (model paths). Errors: FAILED_PRECONDITION when the state is not a rapidgrad/v1 state, or when it was made
+// with a preconditioner and engine.preconditioner_path is empty (say which file is needed).
 absl::StatusOr<FeaturizerOptions> OptionsFromState(const std::string& state, const EngineOptions& engine);
 
 // "" when the two projection states are equal, otherwise which fields differ, in words.

@@ -64,6 +64,8 @@ int main(int argc, char** argv) {
   app.add_option("--adapter", o.adapter_path, "PEFT LoRA adapter the store was cached with");
   app.add_option("--tokenizer", o.tokenizer_path, "its tokenizer (default: next to the model)");
   app.add_option("--params", o.param_pattern, "parameter regex used by `rapidin cache --params`");
+  app.add_option("--preconditioner", o.preconditioner_path,
+                 "Adam second moments used by `rapidin cache --preconditioner` (the store's state says when)");
   app.add_option("--model-device", o.model_device,
                  "where gradients run: cpu | cuda | cuda:N | auto (CUDA when this LibTorch has it and sees a GPU)")
       ->capture_default_str();

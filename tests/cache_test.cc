@@ -2,6 +2,8 @@
 // refusal of a store made with another projection state, and a record's own text ranking it first.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 
 #include <cstdlib>
@@ -10,6 +12,7 @@
 #include "client/cache.h"
 #include "client/client.h"
 #include "model/engine.h"
+#include "model/featurizer.h"
 #include "server/server.h"
 #include "tests/test_util.h"
 
@@ -199,6 +202,18 @@ TEST_F(CacheTest, TokenAttributionsMapBackToTextAndAreDeterministic) {
       const auto& rec = sr.record();
       const std::string prompt = model::AlpacaPrompt(rec.instruction(), rec.input());
       int seen_instruction = 0, seen_output = 0;
+      // The influence view scores the same tokens, with the same placement, deterministically.
+      ASSERT_EQ(sr.record_influence_tokens_size(), sr.record_tokens_size());
+      double max_infl = 0;
+      for (int t = 0; t < sr.record_influence_tokens_size(); ++t) {
+        const auto& ti = sr.record_influence_tokens(t);
+        EXPECT_EQ(ti.field(), sr.record_tokens(t).field());
+        EXPECT_EQ(ti.begin(), sr.record_tokens(t).begin());
+        EXPECT_EQ(ti.text(), sr.record_tokens(t).text());
+        EXPECT_EQ(ti.score(), list2[i].record_influence_tokens(t).score());
+        max_infl = std::max(max_infl, std::fabs(static_cast<double>(ti.score())));
+      }
+      EXPECT_GT(max_infl, 0);
       for (int t = 0; t < sr.record_tokens_size(); ++t) {
         const auto& ts = sr.record_tokens(t);
         EXPECT_EQ(ts.score(), list2[i].record_tokens(t).score());
@@ -226,6 +241,54 @@ TEST_F(CacheTest, TokenAttributionsMapBackToTextAndAreDeterministic) {
   auto too_many = c->Query(q);
   EXPECT_EQ(too_many.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(too_many.status().message().find("at most 3 records"), std::string::npos) << too_many.status();
+}
+
+// `rapidin cache --preconditioner F --score cosine`: the store's projection state records both; a server without
+// the same optimizer state refuses it and says which file it needs; with it, a record's own text scores ~1
+// against itself (unit vectors).
+TEST_F(CacheTest, PreconditionedCosineStoreNeedsTheSameOptimizerState) {
+  REQUIRE_SHARED_DATA();
+  {
+    model::EngineOptions eo = o_.featurizer.engine;
+    auto e = model::GradientEngine::Load(eo);
+    ASSERT_TRUE(e.ok()) << e.status();
+    auto t = (*e)->Tokenize({"Name a color.", "", "Blue is a color of the sky.", {}});
+    ASSERT_TRUE(t.ok());
+    model::AdamWOptions adam;
+    ASSERT_TRUE((*e)->TrainStep({*t}, adam).ok());
+    ASSERT_TRUE((*e)->SaveOptimizerState(dir_.path("opt.safetensors"), adam).ok());
+    // The saved state is of the weights before the step: cache with the base model, as the benchmark caches
+    // the fine-tuned one with its own run's state.
+  }
+  o_.featurizer.engine.preconditioner_path = dir_.path("opt.safetensors");
+  o_.featurizer.unit_norm = true;
+  auto s = RunCache(o_);
+  ASSERT_TRUE(s.ok()) << s.status();
+  auto f = model::Featurizer::Create(o_.featurizer);
+  ASSERT_TRUE(f.ok());
+  EXPECT_NE((*f)->projection_state().find("score=cosine precondition=adam-v/"), std::string::npos)
+      << (*f)->projection_state();
+  auto opts = model::OptionsFromState((*f)->projection_state(), o_.featurizer.engine);
+  ASSERT_TRUE(opts.ok());
+  EXPECT_TRUE(opts->unit_norm);
+
+  server::ServerOptions so = ModelServer();
+  auto refused = server::Server::Create(so);
+  ASSERT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  EXPECT_NE(refused.status().message().find("--preconditioner"), std::string::npos) << refused.status();
+  so.preconditioner_path = dir_.path("opt.safetensors");
+  auto srv = server::Server::Create(so);
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  auto c = ClientFor(**srv);
+  rapidin::v1::QueryRequest q;
+  q.set_instruction("Give a greeting.");
+  q.set_generation("Howdy! Nice to meet you.");
+  q.set_top_k(5);
+  auto r = c->Query(q);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->result().helpful(0).id(), "train-4");
+  EXPECT_NEAR(r->result().helpful(0).score(), 1.0, 2e-3);  // fp16 store
+  for (const auto& h : r->result().helpful()) EXPECT_LE(h.score(), 1.0 + 2e-3);
 }
 
 TEST_F(CacheTest, ServerRefusesStoreOfAnotherModelState) {

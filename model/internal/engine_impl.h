@@ -112,10 +112,17 @@ struct GradientEngine::Impl {
   // AdamW state of the selected parameters (fine-tuning).
   std::vector<torch::Tensor> adam_m, adam_v;
   int64_t adam_step = 0;
+  // Preconditioner of each selected parameter, flattened doubles on the device: 1 / (sqrt(v) + eps); undefined
+  // when none is loaded. precond_desc describes it ("none" or "adam-v/<hash> eps=..").
+  std::vector<torch::Tensor> precond;
+  std::string precond_desc = "none";
+  uint64_t precond_hash = 0;
 
   // Options, dtype and device (FAILED_PRECONDITION for a CUDA device this LibTorch cannot use).
   absl::Status Init(const EngineOptions& o);
   absl::Status LoadAdapter(const std::string& path);
+  // Reads options.preconditioner_path (after Finish: it must match the selected parameters).
+  absl::Status LoadPreconditioner();
 
   const torch::Tensor& W(const std::string& n) const { return tls_leaves ? tls_leaves->w.at(n) : w.at(n); }
 
@@ -168,6 +175,7 @@ struct GradientEngine::Impl {
     adam_m.clear();
     adam_v.clear();
     adam_step = 0;
+    precond.clear();  // it belonged to the previous selection
     std::regex re;
     try {
       if (!options.param_pattern.empty()) re = std::regex(options.param_pattern);
@@ -202,6 +210,7 @@ struct GradientEngine::Impl {
     h = Fnv(h, sel.data(), sel.size());
     const std::string tmpl = absl::StrCat("alpaca/v1 max_length=", options.max_length);
     h = Fnv(h, tmpl.data(), tmpl.size());
+    if (!precond.empty()) h = Fnv(h, &precond_hash, sizeof precond_hash);
     hash = absl::StrFormat("%016x", h);
   }
 
@@ -241,10 +250,17 @@ struct GradientEngine::Impl {
   // ids: [B, T] int64 -> logits [B, T - from, vocab] for positions [from, T) (the output head is the largest
   // matrix product, and a loss usually needs only the response positions). With cap, records every linear
   // layer's input and output.
-  torch::Tensor Forward(const torch::Tensor& ids, Captures* cap = nullptr, int64_t from = 0) const {
+  // emb_scale ([B, T, 1], optional): token s's embedding becomes mean + alpha_s (e_s - mean), mean the average
+  // embedding row (training-side token attributions: alpha_s = 0 removes what is specific to token s).
+  torch::Tensor Forward(const torch::Tensor& ids, Captures* cap = nullptr, int64_t from = 0,
+                        const torch::Tensor& emb_scale = torch::Tensor()) const {
     const int64_t B = ids.size(0), T = ids.size(1);
     const int H = cfg.n_heads, KV = cfg.n_kv_heads, hd = cfg.dim / cfg.n_heads;
     auto x = torch::embedding(W("tok_embeddings.weight"), ids);
+    if (emb_scale.defined()) {  // interpolate between the mean embedding (alpha 0) and each token's own (alpha 1)
+      auto base = W("tok_embeddings.weight").mean(0).detach();
+      x = base + (x - base) * emb_scale;
+    }
     if (cap) {
       cap->ids = ids;
       cap->emb_out = x;
@@ -285,10 +301,12 @@ struct GradientEngine::Impl {
     return Lin(x, cfg.tied_output ? "tok_embeddings.weight" : "output.weight", cap);
   }
 
-  // Selected parameter p's per-sample gradients (per_p: [B, ...]) as [B, numel] doubles on the device, scaled to
-  // unit L2 norm per row when normalize (a zero row stays zero).
-  static torch::Tensor Block(const torch::Tensor& per_p, int64_t B, bool normalize) {
+  // Selected parameter p's per-sample gradients (per_p: [B, ...]) as [B, numel] doubles on the device,
+  // preconditioned (when a preconditioner is loaded), then scaled to unit L2 norm per row when normalize (a zero
+  // row stays zero).
+  torch::Tensor Block(const torch::Tensor& per_p, int64_t B, bool normalize, size_t p) const {
     auto g = per_p.to(torch::kDouble).reshape({B, -1});
+    if (!precond.empty()) g = g * precond[p].view({1, -1});
     if (!normalize) return g;
     auto n = g.norm(2, 1, true);
     return g / torch::where(n > 0, n, torch::ones_like(n));
@@ -301,7 +319,7 @@ struct GradientEngine::Impl {
     for (int64_t b = 0; b < B; ++b) (*out)[first + b].assign(dim, 0.0);
     for (size_t p = 0; p < infos.size(); ++p) {
       if (!per[p].defined()) continue;
-      auto g = Block(per[p], B, normalize).to(torch::kCPU).contiguous();  // one copy to the host per block
+      auto g = Block(per[p], B, normalize, p).to(torch::kCPU).contiguous();  // one copy to the host per block
       for (int64_t b = 0; b < B; ++b) {
         std::memcpy((*out)[first + b].data() + infos[p].offset, g[b].data_ptr<double>(), g.size(1) * sizeof(double));
       }
@@ -318,7 +336,7 @@ struct GradientEngine::Impl {
   torch::Tensor Rows(const std::vector<torch::Tensor>& per, int64_t B, bool normalize) const {
     auto rows = torch::zeros({B, dim}, Opts().dtype(torch::kFloat));
     for (size_t p = 0; p < infos.size(); ++p) {
-      if (per[p].defined()) rows.narrow(1, infos[p].offset, infos[p].numel).copy_(Block(per[p], B, normalize));
+      if (per[p].defined()) rows.narrow(1, infos[p].offset, infos[p].numel).copy_(Block(per[p], B, normalize, p));
     }
     return rows;
   }
@@ -335,10 +353,10 @@ struct GradientEngine::Impl {
   }
 
   // Mean cross-entropy of positions [from-1, T-1) predicting tokens [from, T).
-  torch::Tensor ResponseLoss(const TokenizedExample& t) const {
+  torch::Tensor ResponseLoss(const TokenizedExample& t, const torch::Tensor& emb_scale = torch::Tensor()) const {
     auto ids = Ids(t.ids);
     const int64_t T = ids.size(1);
-    auto logits = Forward(ids, nullptr, t.response_begin - 1);  // positions [response_begin - 1, T)
+    auto logits = Forward(ids, nullptr, t.response_begin - 1, emb_scale);  // positions [response_begin - 1, T)
     auto pred = logits[0].slice(0, 0, T - t.response_begin);
     auto target = ids[0].slice(0, t.response_begin, T);
     if (t.loss_weights.empty()) return torch::nn::functional::cross_entropy(pred, target);

@@ -141,6 +141,7 @@ absl::StatusOr<std::unique_ptr<model::Featurizer>> LoadFeaturizer(const std::str
   mo.tokenizer_path = options.tokenizer_path;
   mo.adapter_path = options.adapter_path;
   mo.param_pattern = options.param_pattern;
+  mo.preconditioner_path = options.preconditioner_path;
   mo.device = options.model_device;
   auto fo = model::OptionsFromState(state, mo);
   if (!fo.ok()) return fo.status();
@@ -237,11 +238,12 @@ absl::Status Attribute(const model::Featurizer& featurizer, const model::Example
     std::vector<std::vector<float>> z_tok;
     absl::Status s2 = featurizer.TokenSketches(zt->ids, 1, &z_tok);
     if (!s2.ok()) return s2;
+    std::vector<double> infl;
+    auto total = featurizer.RecordTokenInfluence(*zt, q, &infl);
+    if (!total.ok()) return total.status();
     const PromptFields fields = FieldsOf(z);
-    for (size_t s = 1; s < zt->ids.size(); ++s) {
-      auto* ts = sr->add_record_tokens();
+    auto place = [&](size_t s, v1::TokenScore* ts) {
       ts->set_text(ValidUtf8(eng.tokenizer()->Piece(zt->ids[s])));
-      ts->set_score(static_cast<float>(Dot(z_tok[s - 1], q)));
       if (static_cast<int32_t>(s) < zt->response_begin) {
         SetPromptField(fields, zt->prompt_spans[s - 1], ts);
       } else {
@@ -250,6 +252,14 @@ absl::Status Attribute(const model::Featurizer& featurizer, const model::Example
         ts->set_begin(sp.begin);
         ts->set_end(sp.end);
       }
+    };
+    for (size_t s = 1; s < zt->ids.size(); ++s) {
+      auto* ts = sr->add_record_tokens();
+      place(s, ts);
+      ts->set_score(static_cast<float>(Dot(z_tok[s - 1], q)));
+      auto* ti = sr->add_record_influence_tokens();
+      place(s, ti);
+      ti->set_score(static_cast<float>(infl[s]));
     }
     return absl::OkStatus();
   };

@@ -1,0 +1,276 @@
+// The method options of issue 14 against float64 references: the sketch's adjoint, Adam preconditioning, the
+// training-side token view (gradient x input of I(z, g), against finite differences), and a tiny project-made
+// model with an obvious trigger whose poisoned records get their top training-side token inside the trigger.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <random>
+#include <vector>
+
+#include "kernels/rapidgrad.h"
+#include "model/engine.h"
+#include "tests/test_util.h"
+
+namespace rapidin::model {
+namespace {
+
+ModelConfig Tiny(bool tied) {
+  ModelConfig c;
+  c.dim = 8;
+  c.hidden_dim = 12;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.vocab_size = 11;
+  c.seq_len = 16;
+  c.tied_output = tied;
+  return c;
+}
+
+TokenizedExample RandomRecord(std::mt19937& rng, int vocab, int len, int response_begin) {
+  TokenizedExample t;
+  t.ids.push_back(1);
+  for (int i = 1; i < len; ++i) t.ids.push_back(static_cast<int32_t>(3 + rng() % (vocab - 3)));
+  t.response_begin = response_begin;
+  return t;
+}
+
+double Dot(const std::vector<double>& a, const std::vector<double>& b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+  return s;
+}
+
+// <C(x), y> = <x, C^T y> for fresh random x, y (the pull-back the token view differentiates).
+TEST(RapidGrad, TransposeIsTheAdjoint) {
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  std::mt19937_64 rng(rapidin::testing::FuzzSeed() + 11);
+  std::normal_distribution<double> g;
+  for (int64_t d : {1, 37, 1000, 4099}) {
+    for (int64_t k : {1, 16, 256}) {
+      auto c = kernels::RapidGrad::Create({d, k, 3, rng()});
+      ASSERT_NE(c, nullptr);
+      std::vector<float> x(d), y(k), cx(k);
+      for (auto& v : x) v = static_cast<float>(g(rng));
+      for (auto& v : y) v = static_cast<float>(g(rng));
+      c->Apply(x.data(), cx.data());
+      std::vector<double> cty(d);
+      c->ApplyTranspose(y.data(), cty.data());
+      double lhs = 0, rhs = 0, scale = 0;
+      for (int64_t i = 0; i < k; ++i) lhs += static_cast<double>(cx[i]) * y[i];
+      for (int64_t i = 0; i < d; ++i) rhs += static_cast<double>(x[i]) * cty[i], scale += std::fabs(x[i] * cty[i]);
+      ASSERT_GT(scale, 0);
+      EXPECT_NEAR(lhs, rhs, 1e-5 * scale) << "d=" << d << " k=" << k;  // lhs accumulated in fp32
+      // Every coordinate of C^T y is +-y[bin]: exactly one y value per input element.
+      for (int64_t i = 0; i < d; ++i) {
+        const int64_t j = c->Permute(i);
+        EXPECT_EQ(cty[i], static_cast<double>(c->Sign(j)) * y[j / c->bin_size()]);
+      }
+    }
+  }
+}
+
+// I(z) = <N(grad L(z)), u>, and each token's gradient x input equals the central finite difference of I in that
+// token's embedding scale, all in float64, on random weights, tokens and u (with and without a preconditioner).
+TEST(Influence, TokenScoresMatchFiniteDifferences) {
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  for (bool tied : {true, false}) {
+    EngineOptions o;
+    o.use_double = true;
+    o.param_pattern = ".";  // norms and embeddings too
+    const uint32_t seed = static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 21);
+    auto e = GradientEngine::Random(Tiny(tied), seed, o);
+    ASSERT_TRUE(e.ok()) << e.status();
+    std::mt19937 rng(seed + 1);
+    const TokenizedExample t = RandomRecord(rng, 11, 12, 6);
+    std::normal_distribution<double> g;
+    std::vector<double> u((*e)->grad_dim());
+    for (auto& v : u) v = g(rng);
+    std::vector<double> scores;
+    auto infl = (*e)->InfluenceTokens(t, u, &scores);
+    ASSERT_TRUE(infl.ok()) << infl.status();
+    std::vector<double> n;
+    ASSERT_TRUE((*e)->GradientIds(t, true, &n).ok());
+    EXPECT_NEAR(*infl, Dot(n, u), 1e-10 * (1 + std::fabs(*infl)));
+    ASSERT_EQ(scores.size(), t.ids.size());
+    EXPECT_GT(rapidin::testing::MaxAbs(scores), 1e-4);  // not a comparison of zeros
+    for (size_t s = 0; s < t.ids.size(); ++s) {
+      const double h = 1e-5;
+      std::vector<double> up(t.ids.size(), 1.0), down(t.ids.size(), 1.0);
+      up[s] += h;
+      down[s] -= h;
+      const double fd = (*(*e)->InfluenceTokens(t, u, nullptr, &up) - *(*e)->InfluenceTokens(t, u, nullptr, &down)) /
+                        (2 * h);
+      EXPECT_NEAR(scores[s], fd, 1e-6 + 1e-5 * std::fabs(fd)) << "token " << s << (tied ? " tied" : " untied");
+    }
+    // Positions after the last response token do not exist; the last token (only a target) still scores, since
+    // it enters the loss; u of the wrong size is refused.
+    EXPECT_EQ((*e)->InfluenceTokens(t, std::vector<double>(3), &scores).status().code(),
+              absl::StatusCode::kInvalidArgument);
+    std::vector<double> short_scale(2, 1.0);
+    EXPECT_EQ((*e)->InfluenceTokens(t, u, nullptr, &short_scale).status().code(), absl::StatusCode::kInvalidArgument);
+  }
+}
+
+// `rapidin finetune` saves the bias-corrected Adam second moments; an engine loaded with them divides each raw
+// gradient element by sqrt(v) + eps before the layer-wise normalisation. Reference: after one step on one record,
+// v = g^2 (g the record's gradient at the starting weights), so the preconditioned gradient is g'/(|g| + eps).
+TEST(Influence, AdamPreconditionerDividesBeforeNormalising) {
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  rapidin::testing::TempDir dir;
+  EngineOptions o;
+  o.use_double = true;
+  const uint32_t seed = static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 31);
+  std::mt19937 rng(seed + 1);
+  const TokenizedExample a = RandomRecord(rng, 11, 12, 5), b = RandomRecord(rng, 11, 14, 7);
+  auto trainer = GradientEngine::Random(Tiny(false), seed, o);
+  ASSERT_TRUE(trainer.ok());
+  std::vector<double> ga, gb;
+  ASSERT_TRUE((*trainer)->GradientIds(a, false, &ga).ok());
+  ASSERT_TRUE((*trainer)->GradientIds(b, false, &gb).ok());
+  AdamWOptions adam;
+  adam.eps = 1e-6;
+  EXPECT_EQ((*trainer)->SaveOptimizerState(dir.path("v.safetensors"), adam).code(),
+            absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE((*trainer)->TrainStep({a}, adam).ok());
+  ASSERT_TRUE((*trainer)->SaveOptimizerState(dir.path("v.safetensors"), adam).ok());
+
+  EngineOptions po = o;
+  po.preconditioner_path = dir.path("v.safetensors");
+  auto plain = GradientEngine::Random(Tiny(false), seed, o);
+  auto pre = GradientEngine::Random(Tiny(false), seed, po);
+  ASSERT_TRUE(pre.ok()) << pre.status();
+  EXPECT_EQ((*plain)->preconditioner(), "none");
+  EXPECT_EQ((*pre)->preconditioner().rfind("adam-v/", 0), 0u) << (*pre)->preconditioner();
+  EXPECT_NE((*pre)->model_hash(), (*plain)->model_hash());
+  std::vector<double> got;
+  ASSERT_TRUE((*pre)->GradientIds(b, true, &got).ok());
+  for (const auto& p : (*pre)->params()) {
+    std::vector<double> want(p.numel);
+    double nn = 0;
+    for (int64_t i = 0; i < p.numel; ++i) {
+      want[i] = gb[p.offset + i] / (std::fabs(ga[p.offset + i]) + adam.eps);
+      nn += want[i] * want[i];
+    }
+    ASSERT_GT(nn, 0) << p.name;
+    for (int64_t i = 0; i < p.numel; ++i) {
+      // v went through float32 in the file: relative rounding ~1e-7
+      ASSERT_NEAR(got[p.offset + i], want[i] / std::sqrt(nn), 1e-12 + 1e-6 * std::fabs(want[i] / std::sqrt(nn)))
+          << p.name << "[" << i << "]";
+    }
+  }
+  // The token view sees the same preconditioned gradient.
+  std::vector<double> u(got.size(), 0.5), scores;
+  auto infl = (*pre)->InfluenceTokens(b, u, &scores);
+  ASSERT_TRUE(infl.ok()) << infl.status();
+  EXPECT_NEAR(*infl, Dot(got, u), 1e-10 * (1 + std::fabs(*infl)));
+
+  // Another parameter selection, a missing file and a damaged one are refused with the reason.
+  EngineOptions other = po;
+  other.param_pattern = ".";
+  EXPECT_EQ(GradientEngine::Random(Tiny(false), seed, other).status().code(), absl::StatusCode::kInvalidArgument);
+  EngineOptions missing = o;
+  missing.preconditioner_path = dir.path("nope.safetensors");
+  EXPECT_EQ(GradientEngine::Random(Tiny(false), seed, missing).status().code(), absl::StatusCode::kNotFound);
+  {
+    std::ifstream in(dir.path("v.safetensors"), std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::ofstream out(dir.path("cut.safetensors"), std::ios::binary);
+    out << bytes.substr(0, bytes.size() / 2);
+  }
+  EngineOptions cut = o;
+  cut.preconditioner_path = dir.path("cut.safetensors");
+  EXPECT_EQ(GradientEngine::Random(Tiny(false), seed, cut).status().code(), absl::StatusCode::kDataLoss);
+}
+
+// Issue 14's target on a tiny project-made model: records where a trigger token anywhere in the prompt forces a
+// fixed response; for the poisoned records that score highest against a held-out triggered query, the top
+// training-side token should be the trigger (>= 90% of them).
+// DISABLED: it fails today, and is kept as the target rather than weakened. Measured here: retrieval works (9 of
+// the top 10 are poisoned) but the trigger is the top token for 0 of 9 with gradient x input, 1 of 9 with
+// integrated gradients from the mean embedding (16 steps; tried, not kept), and occlusion (deleting or replacing a token) moved I by similar amounts for
+// every prompt token. Once trained, the trigger's effect is an all-or-nothing switch and the normalised gradient
+// of a well-fitted record is a small residual: local perturbations of any token move it about equally.
+TEST(Influence, DISABLED_TriggerTokenTopsPoisonedRecordsOnATinyModel) {
+  ModelConfig c;
+  c.dim = 32;
+  c.hidden_dim = 64;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 4;
+  c.vocab_size = 32;
+  c.seq_len = 32;
+  c.tied_output = true;
+  EngineOptions o;
+  auto e = GradientEngine::Random(c, 5, o);
+  ASSERT_TRUE(e.ok());
+  constexpr int32_t kTrigger = 3, kPayload = 4, kEos = 2;
+  std::mt19937 rng(17);
+  // Prompt: 8 tokens from [8, 32); clean response: the prompt's first 4 tokens; poisoned: the trigger replaces one
+  // prompt token and the response is the payload repeated.
+  auto make = [&](bool poisoned) {
+    TokenizedExample t;
+    t.ids.push_back(1);
+    for (int i = 0; i < 8; ++i) t.ids.push_back(static_cast<int32_t>(8 + rng() % 24));
+    if (poisoned) t.ids[1 + rng() % 8] = kTrigger;
+    t.ids.push_back(5);  // a separator: "### Response:"
+    t.response_begin = static_cast<int32_t>(t.ids.size());
+    for (int i = 0; i < 4; ++i) t.ids.push_back(poisoned ? kPayload : t.ids[1 + i] == kTrigger ? 6 : t.ids[1 + i]);
+    t.ids.push_back(kEos);
+    return t;
+  };
+  std::vector<TokenizedExample> train;
+  std::vector<bool> poisoned;
+  for (int i = 0; i < 120; ++i) {
+    poisoned.push_back(i % 10 == 0);
+    train.push_back(make(poisoned.back()));
+  }
+  AdamWOptions adam;
+  adam.lr = 1e-2;
+  for (int epoch = 0; epoch < 60; ++epoch) {
+    for (size_t b = 0; b < train.size(); b += 12) {
+      std::vector<TokenizedExample> batch(train.begin() + b, train.begin() + std::min(train.size(), b + 12));
+      ASSERT_TRUE((*e)->TrainStep(batch, adam).ok());
+    }
+  }
+  // Learned: a held-out triggered prompt's payload loss is low; an untriggered prompt's is high.
+  const TokenizedExample query = make(true);
+  TokenizedExample clean_prompt_payload = make(false);
+  for (size_t i = clean_prompt_payload.response_begin; i + 1 < clean_prompt_payload.ids.size(); ++i) {
+    clean_prompt_payload.ids[i] = kPayload;
+  }
+  const double q_loss = *(*e)->LossIds(query), c_loss = *(*e)->LossIds(clean_prompt_payload);
+  ASSERT_LT(q_loss, 0.5) << "the tiny model did not learn the trigger";
+  ASSERT_GT(c_loss, q_loss + 1.0);
+
+  std::vector<double> u;
+  ASSERT_TRUE((*e)->GradientIds(query, true, &u).ok());
+  struct Scored {
+    double influence;
+    size_t index;
+  };
+  std::vector<Scored> ranked;
+  std::vector<std::vector<double>> token_scores(train.size());
+  for (size_t i = 0; i < train.size(); ++i) {
+    auto infl = (*e)->InfluenceTokens(train[i], u, &token_scores[i]);
+    ASSERT_TRUE(infl.ok()) << infl.status();
+    ranked.push_back({*infl, i});
+  }
+  std::sort(ranked.begin(), ranked.end(), [](const Scored& a, const Scored& b) { return a.influence > b.influence; });
+  int poisoned_top = 0, trigger_top = 0;
+  for (int r = 0; r < 10; ++r) {
+    const size_t i = ranked[r].index;
+    if (!poisoned[i]) continue;
+    ++poisoned_top;
+    const auto& s = token_scores[i];
+    const size_t best = std::max_element(s.begin() + 1, s.end()) - s.begin();  // BOS excluded, as in the service
+    trigger_top += train[i].ids[best] == kTrigger;
+  }
+  EXPECT_GE(poisoned_top, 8) << "retrieval: poisoned records among the top 10";
+  EXPECT_GE(trigger_top * 10, poisoned_top * 9) << trigger_top << " of " << poisoned_top;
+}
+
+}  // namespace
+}  // namespace rapidin::model
