@@ -253,6 +253,37 @@ int Eval(const rapidin::model::EngineOptions& eo, const std::string& data, int m
   return 0;
 }
 
+// `rapidin export-hf`: the model (an adapter merged in) as a Hugging Face directory for transformers and the peers.
+int ExportHf(const rapidin::model::EngineOptions& eo, const std::string& out) {
+  auto e = rapidin::model::GradientEngine::Load(eo);
+  if (!e.ok()) return Fail(e.status());
+  if (absl::Status st = (*e)->SaveHf(out); !st.ok()) return Fail(st);
+  std::fprintf(stderr, "rapidin: wrote %s (config.json, model.safetensors)\n", out.c_str());
+  return 0;
+}
+
+// `rapidin tokenize`: the token ids rapidin trains and scores on (template, truncation), one JSON line per record,
+// so that tools outside rapidin (bench/peers) see identical inputs.
+int TokenizeData(const rapidin::model::EngineOptions& eo, const std::string& data) {
+  std::vector<rapidin::client::BadRecord> bad;
+  auto records = rapidin::client::ReadInstructionData(data, &bad);
+  if (!records.ok()) return Fail(records.status());
+  auto e = rapidin::model::GradientEngine::Load(eo);
+  if (!e.ok()) return Fail(e.status());
+  for (const auto& r : *records) {
+    auto t = (*e)->Tokenize(r.example);
+    if (!t.ok()) {
+      std::fprintf(stderr, "rapidin: skipped %s: %s\n", r.where.c_str(), std::string(t.status().message()).c_str());
+      continue;
+    }
+    std::cout << nlohmann::json{{"id", r.id}, {"ids", t->ids}, {"response_begin", t->response_begin},
+                                {"truncated", t->truncated}}.dump()
+              << "\n";
+  }
+  for (const auto& b : bad) std::fprintf(stderr, "rapidin: skipped %s: %s\n", b.where.c_str(), b.reason.c_str());
+  return 0;
+}
+
 }  // namespace
 
 constexpr char kModelDeviceHelp[] =
@@ -402,6 +433,20 @@ int main(int argc, char** argv) {
   ev->add_option("--model-device", eo.device, kModelDeviceHelp)->capture_default_str();
   ev->add_flag("--json", json, "JSON lines");
 
+  auto* xh = app.add_subcommand("export-hf", "write the model (adapter merged) as a Hugging Face directory");
+  rapidin::model::EngineOptions xo;
+  std::string xout;
+  xh->add_option("--model", xo.model_path, "llama2.c checkpoint or Hugging Face directory")->required();
+  xh->add_option("--adapter", xo.adapter_path, "PEFT LoRA adapter directory (merged into the weights)");
+  xh->add_option("--out", xout, "output directory (config.json + model.safetensors)")->required();
+
+  auto* tk = app.add_subcommand("tokenize", "the token ids of instruction data, as rapidin sees them (JSON lines)");
+  rapidin::model::EngineOptions to;
+  tk->add_option("--model", to.model_path, "llama2.c checkpoint or Hugging Face directory")->required();
+  tk->add_option("--tokenizer", to.tokenizer_path, "tokenizer (default: next to the model)");
+  tk->add_option("--data", file, "JSON array or JSONL of {id?, instruction, input, output}")->required();
+  tk->add_option("--max-length", to.max_length, "tokens per record")->capture_default_str();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -462,6 +507,11 @@ int main(int argc, char** argv) {
   if (*ev) {
     if (absl::Status st = rapidin::model::ResolveTokenizer(&eo); !st.ok()) return Fail(st);
     return Eval(eo, file, max_new, json);
+  }
+  if (*xh) return ExportHf(xo, xout);
+  if (*tk) {
+    if (absl::Status st = rapidin::model::ResolveTokenizer(&to); !st.ok()) return Fail(st);
+    return TokenizeData(to, file);
   }
   if (*demo) return MakeDemo(alpaca, n, k, seed, nq, out_records, out_queries);
   return 2;

@@ -1010,6 +1010,76 @@ absl::Status GradientEngine::SaveOptimizerState(const std::string& path, const A
   });
 }
 
+absl::Status GradientEngine::SaveHf(const std::string& dir) const {
+  return Guarded([&]() -> absl::Status {
+    const Impl& d = *impl_;
+    const ModelConfig& c = d.cfg;
+    torch::NoGradGuard no_grad;
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) return absl::UnavailableError(absl::StrCat("cannot create ", dir, ": ", ec.message()));
+    auto merged = [&](const std::string& name) {
+      torch::Tensor t = d.w.at(name).to(torch::kFloat);
+      auto it = d.lora.find(name);
+      if (it != d.lora.end()) {
+        t = t + torch::matmul(d.w.at(it->second.second), d.w.at(it->second.first)).to(torch::kFloat) * d.lora_scale;
+      }
+      return t.to(torch::kCPU).contiguous();
+    };
+    const int64_t hd = c.dim / c.n_heads;
+    // Interleaved (2i, 2i+1) pairs -> (i, i + hd/2) halves, per head (transformers' convert_llama_weights_to_hf).
+    auto permute = [&](const torch::Tensor& w, int64_t heads) {
+      if (!d.llama2c) return w;  // loaded from Hugging Face: already in its order
+      return w.view({heads, hd / 2, 2, w.size(1)}).transpose(1, 2).reshape({heads * hd, w.size(1)}).contiguous();
+    };
+    std::vector<std::pair<std::string, torch::Tensor>> ts;
+    ts.push_back({"model.embed_tokens.weight", merged("tok_embeddings.weight")});
+    for (int l = 0; l < c.n_layers; ++l) {
+      const std::string p = absl::StrCat("layers.", l, "."), h = absl::StrCat("model.layers.", l, ".");
+      ts.push_back({h + "input_layernorm.weight", merged(p + "attention_norm.weight")});
+      ts.push_back({h + "post_attention_layernorm.weight", merged(p + "ffn_norm.weight")});
+      for (const auto& [hf, ours] : HfModules()) {
+        torch::Tensor w = merged(p + ours + ".weight");
+        if (ours == "attention.wq") w = permute(w, c.n_heads);
+        if (ours == "attention.wk") w = permute(w, c.n_kv_heads);
+        ts.push_back({h + hf + ".weight", w});
+      }
+    }
+    ts.push_back({"model.norm.weight", merged("norm.weight")});
+    if (!c.tied_output) ts.push_back({"lm_head.weight", merged("output.weight")});
+    absl::Status st = WriteSafetensors((std::filesystem::path(dir) / "model.safetensors").string(), ts,
+                                       nlohmann::json{{"format", "pt"}});
+    if (!st.ok()) return st;
+    nlohmann::json cfg = {{"architectures", {"LlamaForCausalLM"}},
+                          {"model_type", "llama"},
+                          {"hidden_size", c.dim},
+                          {"intermediate_size", c.hidden_dim},
+                          {"num_hidden_layers", c.n_layers},
+                          {"num_attention_heads", c.n_heads},
+                          {"num_key_value_heads", c.n_kv_heads},
+                          {"vocab_size", c.vocab_size},
+                          {"max_position_embeddings", c.seq_len},
+                          {"rms_norm_eps", c.norm_eps},
+                          {"rope_theta", c.rope_theta},
+                          {"tie_word_embeddings", c.tied_output},
+                          {"hidden_act", "silu"},
+                          {"attention_bias", false},
+                          {"mlp_bias", false},
+                          {"bos_token_id", 1},
+                          {"eos_token_id", 2},
+                          {"torch_dtype", "float32"}};
+    const std::string tmp = (std::filesystem::path(dir) / "config.json.tmp").string();
+    {
+      std::ofstream out(tmp, std::ios::trunc);
+      out << cfg.dump(2) << "\n";
+      if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
+    }
+    std::filesystem::rename(tmp, std::filesystem::path(dir) / "config.json", ec);
+    if (ec) return absl::UnavailableError(absl::StrCat("cannot rename ", tmp, ": ", ec.message()));
+    return absl::OkStatus();
+  });
+}
+
 absl::Status GradientEngine::SaveLlama2c(const std::string& path) const {
   return Guarded([&]() -> absl::Status {
     const Impl& d = *impl_;

@@ -225,6 +225,10 @@ class GradientEngine {
   // in params(), plus "__metadata__" {step, beta2, eps}: the preconditioner EngineOptions::preconditioner_path
   // reads. FAILED_PRECONDITION before the first TrainStep.
   absl::Status SaveOptimizerState(const std::string& path, const AdamWOptions& options) const;
+  // Every weight as a Hugging Face LlamaForCausalLM directory (config.json + model.safetensors, float32; an attached
+  // adapter merged in; llama2.c's interleaved RoPE pairs permuted to Hugging Face's rotate-half order), so that
+  // transformers and the peers of bench/peers load the same function. Load() reads it back with equal logits.
+  absl::Status SaveHf(const std::string& dir) const;
   // Every weight as a llama2.c v0 checkpoint (llama2.c bases only; an attached adapter is merged in).
   absl::Status SaveLlama2c(const std::string& path) const;
   // Greedy decoding after the Alpaca prompt, until EOS or max_new tokens; returns the decoded text.
