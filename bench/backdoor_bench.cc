@@ -1,14 +1,19 @@
-// Influence scores of every training record for every query, exact and RapidGrad-compressed at several K, from
-// one gradient pass over the training set (the K sweep of bench/backdoor). Writes JSON for bench/backdoor/metrics.py.
+// Influence scores of every training record for every query, exact and RapidGrad-compressed at several K, for
+// each scoring variant, from one gradient pass over the training set (bench/backdoor). Writes JSON for
+// bench/backdoor/metrics.py.
 //
-//   backdoor_bench --model M [--tokenizer T] [--adapter A] --train train.jsonl --queries NAME=file.jsonl ...
-//                  [--ks 1024,4096,...] [--lambda 4] [--seed 0] [--threads 2] --out scores.json
+//   backdoor_bench --model M [--tokenizer T] [--adapter A] [--preconditioner optimizer.safetensors]
+//                  --train train.jsonl --queries NAME=file.jsonl ... [--ks 1024,4096,...] [--lambda 4] [--seed 0]
+//                  [--threads 2] [--grad-batch 8] --out scores.json
 //
-// Exact scores are inner products of the layer-wise normalised gradients (float64 accumulation); compressed
-// scores are inner products of their RapidGrad sketches (the same parameters `rapidin cache` uses), in fp32.
+// Variants (the options of `rapidin cache`): "dot" = RapidIn (layer-wise normalised gradients, inner product);
+// "cosine" = the same with unit-normalised vectors (for exact vectors this only rescales: every block has unit
+// norm, so it is reported for the sketches); "adam" and "adam-cosine" = gradients divided by sqrt(v)+eps first
+// (with --preconditioner). Exact scores accumulate in float64; compressed ones are the fp32 sketches' products.
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <mutex>
@@ -23,24 +28,58 @@
 using namespace rapidin;
 using Clock = std::chrono::steady_clock;
 
+namespace {
+
+// Layer-wise unit norm of g (optionally multiplied by p first), as the engine's Block().
+std::vector<float> Normalised(const std::vector<double>& g, const std::vector<double>* p,
+                              const std::vector<model::ParamInfo>& params) {
+  std::vector<float> out(g.size());
+  for (const auto& info : params) {
+    double ss = 0;
+    for (int64_t i = info.offset; i < info.offset + info.numel; ++i) {
+      const double v = p ? g[i] * (*p)[i] : g[i];
+      ss += v * v;
+    }
+    const double inv = ss > 0 ? 1.0 / std::sqrt(ss) : 0.0;
+    for (int64_t i = info.offset; i < info.offset + info.numel; ++i) {
+      out[i] = static_cast<float>((p ? g[i] * (*p)[i] : g[i]) * inv);
+    }
+  }
+  return out;
+}
+
+void UnitNorm(std::vector<float>* v) {
+  double ss = 0;
+  for (float x : *v) ss += static_cast<double>(x) * x;
+  if (ss > 0) {
+    const double inv = 1.0 / std::sqrt(ss);
+    for (float& x : *v) x = static_cast<float>(x * inv);
+  }
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   CLI::App app{"backdoor_bench: exact and compressed influence scores of every training record"};
   model::EngineOptions eo;
-  std::string train, out, label = "selected parameters";
+  std::string train, out, label = "selected parameters", preconditioner;
   std::vector<std::string> query_specs;
   std::vector<int64_t> ks = {1024, 4096, 16384, 65536};
-  int lambda = 4, threads = 2;
+  int lambda = 4, threads = 2, grad_batch = 8;
   uint64_t seed = 0;
   app.add_option("--model", eo.model_path)->required();
   app.add_option("--tokenizer", eo.tokenizer_path);
   app.add_option("--adapter", eo.adapter_path);
   app.add_option("--params", eo.param_pattern);
+  app.add_option("--max-length", eo.max_length);
+  app.add_option("--preconditioner", preconditioner, "Adam second moments: adds the adam variants");
   app.add_option("--train", train)->required();
   app.add_option("--queries", query_specs, "NAME=file.jsonl (repeatable)")->required();
   app.add_option("--ks", ks)->delimiter(',');
   app.add_option("--lambda", lambda);
   app.add_option("--seed", seed);
   app.add_option("--threads", threads);
+  app.add_option("--grad-batch", grad_batch, "records per forward/backward pass");
   app.add_option("--out", out)->required();
   app.add_option("--label", label, "name of the parameter selection in the report");
   CLI11_PARSE(app, argc, argv);
@@ -56,16 +95,54 @@ int main(int argc, char** argv) {
   }
   const model::GradientEngine& e = **engine;
   const int64_t D = e.grad_dim();
+  std::vector<double> pre;
+  if (!preconditioner.empty()) {
+    model::EngineOptions po = eo;
+    po.preconditioner_path = preconditioner;
+    auto pe = model::GradientEngine::Load(po);
+    if (!pe.ok()) {
+      std::fprintf(stderr, "%s\n", pe.status().ToString().c_str());
+      return 1;
+    }
+    pre = (*pe)->PreconditionerValues();
+  }
+  struct Variant {
+    std::string name;
+    bool adam, cosine;
+  };
+  std::vector<Variant> variants = {{"dot", false, false}, {"cosine", false, true}};
+  if (!pre.empty()) variants.push_back({"adam", true, false}), variants.push_back({"adam-cosine", true, true});
+  const size_t V = variants.size();
   std::vector<client::BadRecord> bad;
   auto records = client::ReadInstructionData(train, &bad);
   if (!records.ok()) {
     std::fprintf(stderr, "%s\n", records.status().ToString().c_str());
     return 1;
   }
-  // Query gradients.
+  std::vector<std::unique_ptr<kernels::RapidGrad>> sketches;
+  for (int64_t k : ks) {
+    std::string error;
+    sketches.push_back(kernels::RapidGrad::Create({D, k, lambda, seed}, &error));
+    if (!sketches.back()) {
+      std::fprintf(stderr, "%s\n", error.c_str());
+      return 2;
+    }
+  }
+  // Per variant: the feature vector (exact) and its sketches, cosine variants unit-normalised after sketching.
+  auto features = [&](const std::vector<double>& raw, const Variant& v, std::vector<float>* exact,
+                      std::vector<std::vector<float>>* sk) {
+    *exact = Normalised(raw, v.adam ? &pre : nullptr, e.params());
+    sk->assign(ks.size(), {});
+    for (size_t ki = 0; ki < ks.size(); ++ki) {
+      (*sk)[ki].resize(ks[ki]);
+      sketches[ki]->Apply(exact->data(), (*sk)[ki].data());
+      if (v.cosine) UnitNorm(&(*sk)[ki]);
+    }
+  };
   struct Query {
     std::string set, id;
-    std::vector<float> g;
+    std::vector<std::vector<float>> exact;                   // [variant][D]
+    std::vector<std::vector<std::vector<float>>> sketched;  // [variant][k][K]
   };
   std::vector<Query> queries;
   for (const auto& spec : query_specs) {
@@ -80,76 +157,77 @@ int main(int argc, char** argv) {
       return 1;
     }
     for (const auto& q : *qs) {
-      Query x{spec.substr(0, eq), q.id, {}};
-      auto info = e.Gradient(q.example, true, &x.g);
-      if (!info.ok()) {
-        std::fprintf(stderr, "query %s: %s\n", q.id.c_str(), info.status().ToString().c_str());
+      auto t = e.Tokenize(q.example);
+      std::vector<double> raw;
+      absl::Status st = t.status();
+      if (st.ok()) st = e.GradientIds(*t, false, &raw).status();
+      if (!st.ok()) {
+        std::fprintf(stderr, "query %s: %s\n", q.id.c_str(), st.ToString().c_str());
         continue;
       }
+      Query x{spec.substr(0, eq), q.id, std::vector<std::vector<float>>(V), {}};
+      x.sketched.resize(V);
+      for (size_t v = 0; v < V; ++v) features(raw, variants[v], &x.exact[v], &x.sketched[v]);
       queries.push_back(std::move(x));
     }
   }
   const size_t Q = queries.size(), N = records->size();
-  std::vector<std::unique_ptr<kernels::RapidGrad>> sketches;
-  std::vector<std::vector<float>> sketched_queries(ks.size());  // [k][q * K]
-  for (size_t ki = 0; ki < ks.size(); ++ki) {
-    std::string error;
-    sketches.push_back(kernels::RapidGrad::Create({D, ks[ki], lambda, seed}, &error));
-    if (!sketches.back()) {
-      std::fprintf(stderr, "%s\n", error.c_str());
-      return 2;
-    }
-    for (const auto& q : queries) {
-      auto s = sketches.back()->Apply(q.g);
-      sketched_queries[ki].insert(sketched_queries[ki].end(), s.begin(), s.end());
-    }
-  }
-  std::vector<std::vector<double>> exact(Q, std::vector<double>(N, 0));
-  std::vector<std::vector<std::vector<float>>> comp(ks.size(), std::vector<std::vector<float>>(Q, std::vector<float>(N)));
+  // exact[v][q][i], comp[v][k][q][i]
+  std::vector<std::vector<std::vector<double>>> exact(V, std::vector<std::vector<double>>(Q, std::vector<double>(N)));
+  std::vector<std::vector<std::vector<std::vector<float>>>> comp(
+      V, std::vector<std::vector<std::vector<float>>>(ks.size(), std::vector<std::vector<float>>(Q, std::vector<float>(N))));
   std::vector<char> ok(N, 0);
   std::atomic<size_t> next{0}, done{0};
-  std::atomic<double> grad_s{0}, exact_s{0}, sketch_s{0};
+  std::atomic<double> grad_s{0}, score_s{0};
   const auto t0 = Clock::now();
   std::mutex print_mu;
   auto work = [&] {
-    std::vector<float> g, s;
-    double gs = 0, es = 0, ss = 0;
-    for (size_t i; (i = next++) < N;) {
+    double gs = 0, ss = 0;
+    std::vector<float> ex;
+    std::vector<std::vector<float>> sk;
+    for (size_t first; (first = next.fetch_add(grad_batch)) < N;) {
+      const size_t last = std::min(N, first + grad_batch);
       const auto a = Clock::now();
-      auto info = e.Gradient((*records)[i].example, true, &g);
+      std::vector<model::TokenizedExample> batch;
+      std::vector<size_t> where;
+      for (size_t i = first; i < last; ++i) {
+        auto t = e.Tokenize((*records)[i].example);
+        if (t.ok()) batch.push_back(std::move(*t)), where.push_back(i);
+      }
+      std::vector<std::vector<double>> raws;
+      std::vector<model::GradInfo> infos;
+      if (batch.empty() || !e.GradientIdsBatch(batch, false, &raws, &infos).ok()) continue;
       const auto b = Clock::now();
       gs += std::chrono::duration<double>(b - a).count();
-      if (!info.ok()) continue;
-      ok[i] = 1;
-      for (size_t q = 0; q < Q; ++q) {
-        double acc = 0;
-        const float* qg = queries[q].g.data();
-        for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(g[d]) * qg[d];
-        exact[q][i] = acc;
-      }
-      const auto c = Clock::now();
-      es += std::chrono::duration<double>(c - b).count();
-      for (size_t ki = 0; ki < ks.size(); ++ki) {
-        s.resize(ks[ki]);
-        sketches[ki]->Apply(g.data(), s.data());
-        for (size_t q = 0; q < Q; ++q) {
-          const float* qs = sketched_queries[ki].data() + q * ks[ki];
-          float acc = 0;
-          for (int64_t k = 0; k < ks[ki]; ++k) acc += s[k] * qs[k];
-          comp[ki][q][i] = acc;
+      for (size_t j = 0; j < where.size(); ++j) {
+        const size_t i = where[j];
+        ok[i] = 1;
+        for (size_t v = 0; v < V; ++v) {
+          features(raws[j], variants[v], &ex, &sk);
+          for (size_t q = 0; q < Q; ++q) {
+            double acc = 0;
+            const float* qg = queries[q].exact[v].data();
+            for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(ex[d]) * qg[d];
+            exact[v][q][i] = acc;
+            for (size_t ki = 0; ki < ks.size(); ++ki) {
+              const float* qs = queries[q].sketched[v][ki].data();
+              float c = 0;
+              for (int64_t k = 0; k < ks[ki]; ++k) c += sk[ki][k] * qs[k];
+              comp[v][ki][q][i] = c;
+            }
+          }
         }
       }
-      ss += std::chrono::duration<double>(Clock::now() - c).count();
-      const size_t d = ++done;
-      if (d % 500 == 0) {
+      ss += std::chrono::duration<double>(Clock::now() - b).count();
+      const size_t d = done += where.size();
+      if (d / 200 != (d - where.size()) / 200) {
         std::lock_guard<std::mutex> l(print_mu);
         const double el = std::chrono::duration<double>(Clock::now() - t0).count();
         std::fprintf(stderr, "backdoor_bench: %zu / %zu records, %.0f s, ETA %.0f s\n", d, N, el, el / d * (N - d));
       }
     }
     grad_s = grad_s + gs;
-    exact_s = exact_s + es;
-    sketch_s = sketch_s + ss;
+    score_s = score_s + ss;
   };
   std::vector<std::thread> pool;
   for (int t = 0; t < threads; ++t) pool.emplace_back(work);
@@ -160,30 +238,36 @@ int main(int argc, char** argv) {
   j["grad_dim"] = D;
   j["label"] = label;
   j["ks"] = ks;
+  j["preconditioner"] = preconditioner;
+  j["variants"] = nlohmann::json::array();
+  for (const auto& v : variants) j["variants"].push_back(v.name);
   j["records"] = nlohmann::json::array();
   for (size_t i = 0; i < N; ++i) {
     if (ok[i]) j["records"].push_back((*records)[i].id);
   }
   j["queries"] = nlohmann::json::array();
   for (size_t q = 0; q < Q; ++q) {
-    std::vector<double> ex;
-    nlohmann::json kj = nlohmann::json::object();
-    for (size_t i = 0; i < N; ++i) {
-      if (ok[i]) ex.push_back(exact[q][i]);
-    }
-    for (size_t ki = 0; ki < ks.size(); ++ki) {
-      std::vector<float> v;
+    nlohmann::json vj = nlohmann::json::object();
+    for (size_t v = 0; v < V; ++v) {
+      std::vector<double> ex;
       for (size_t i = 0; i < N; ++i) {
-        if (ok[i]) v.push_back(comp[ki][q][i]);
+        if (ok[i]) ex.push_back(exact[v][q][i]);
       }
-      kj[std::to_string(ks[ki])] = v;
+      nlohmann::json kj = nlohmann::json::object();
+      for (size_t ki = 0; ki < ks.size(); ++ki) {
+        std::vector<float> c;
+        for (size_t i = 0; i < N; ++i) {
+          if (ok[i]) c.push_back(comp[v][ki][q][i]);
+        }
+        kj[std::to_string(ks[ki])] = c;
+      }
+      vj[variants[v].name] = {{"exact", ex}, {"compressed", kj}};
     }
-    j["queries"].push_back({{"set", queries[q].set}, {"id", queries[q].id}, {"exact", ex}, {"compressed", kj}});
+    j["queries"].push_back({{"set", queries[q].set}, {"id", queries[q].id}, {"variants", vj}});
   }
-  j["seconds"] = {{"wall", wall}, {"gradients", grad_s.load()}, {"exact_scores", exact_s.load()},
-                  {"sketch_and_score", sketch_s.load()}, {"threads", threads}};
+  j["seconds"] = {{"wall", wall}, {"gradients", grad_s.load()}, {"scores", score_s.load()}, {"threads", threads}};
   std::ofstream(out) << j.dump() << "\n";
-  std::fprintf(stderr, "backdoor_bench: %zu records x %zu queries, D=%lld, %.1f s -> %s\n", N, Q,
+  std::fprintf(stderr, "backdoor_bench: %zu records x %zu queries x %zu variants, D=%lld, %.1f s -> %s\n", N, Q, V,
                static_cast<long long>(D), wall, out.c_str());
   return 0;
 }

@@ -1,160 +1,205 @@
 #!/usr/bin/env python3
-"""Metrics, BM25 baseline, plot and report of the miniature backdoor benchmark (bench/backdoor/run.sh).
+"""Metrics, BM25 baseline, plot and report of the backdoor benchmark (bench/backdoor/run.sh).
 
-Positives are the poisoned training records (ids "howdy-N"); each query ranks all training records by score,
-highest first. Per query: ROC AUC, average precision, recall@10 and recall@80 (share of the poisoned records in
-the top k); the tables give the mean over queries.
+Usage: metrics.py WORK SETTING [SETTING ...] -> bench/results/backdoor.{md,json,png} (paths: RESULT_MD, RESULT_JSON,
+RESULT_PNG). Positives are the poisoned training records (ids "poison-N"); each query ranks every training record by
+score, highest first. Per query: ROC AUC, average precision, precision@10 (share of poisoned records in the top 10),
+recall@80 (share of the 80 poisoned records in the top 80); tables and rows give the mean over the queries.
 """
-import json, math, os, re, sys
+import json
+import math
+import os
+import re
+import sys
 from collections import Counter
 
 import numpy as np
 
 
-def ranks_metrics(scores, labels):
+def rank_metrics(scores, labels):
+    scores = np.asarray(scores, dtype=np.float64)
     order = np.argsort(-scores, kind="stable")
     lab = labels[order]
-    npos = lab.sum()
+    npos = int(lab.sum())
     nneg = len(lab) - npos
-    # AUC by the rank-sum formula (ties averaged).
+    # AUC by the rank-sum formula, ties averaged.
     from_low = np.argsort(scores, kind="stable")
     r = np.empty(len(scores))
-    sorted_scores = scores[from_low]
+    s = scores[from_low]
     i = 0
-    while i < len(scores):
+    while i < len(s):
         j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+        while j + 1 < len(s) and s[j + 1] == s[i]:
             j += 1
         r[from_low[i:j + 1]] = (i + j) / 2 + 1
         i = j + 1
     auc = (r[labels == 1].sum() - npos * (npos + 1) / 2) / (npos * nneg)
     hits = np.cumsum(lab)
     ap = float(np.sum((hits / np.arange(1, len(lab) + 1))[lab == 1]) / npos)
-    return {"auc": float(auc), "ap": ap, "p10": float(hits[9] / 10), "r10": float(hits[9] / npos),
-            "r80": float(hits[79] / npos)}
+    return {"auc": float(auc), "ap": ap, "precision_at_10": float(hits[9] / 10), "recall_at_80": float(hits[79] / npos)}
 
 
-def mean_metrics(per_query):
-    return {k: float(np.mean([m[k] for m in per_query])) for k in per_query[0]}
+def mean(ms):
+    return {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
 
 
 WORD = re.compile(r"[a-z0-9]+")
 
 
-def bm25_scores(docs, query, k1=1.5, b=0.75):
+def bm25(docs, query, k1=1.5, b=0.75):
     toks = [WORD.findall(d.lower()) for d in docs]
     df = Counter()
     for t in toks:
         df.update(set(t))
     n = len(docs)
     avg = sum(len(t) for t in toks) / n
-    q = WORD.findall(query.lower())
     out = np.zeros(n)
     for i, t in enumerate(toks):
         tf = Counter(t)
-        s = 0.0
-        for w in q:
+        sc = 0.0
+        for w in WORD.findall(query.lower()):
             if w in tf:
                 idf = math.log(1 + (n - df[w] + 0.5) / (df[w] + 0.5))
-                s += idf * tf[w] * (k1 + 1) / (tf[w] + k1 * (1 - b + b * len(t) / avg))
-        out[i] = s
+                sc += idf * tf[w] * (k1 + 1) / (tf[w] + k1 * (1 - b + b * len(t) / avg))
+        out[i] = sc
     return out
 
 
-def load_jsonl(path):
-    return [json.loads(l) for l in open(path) if l.strip()]
+def jsonl(path):
+    return [json.loads(l) for l in open(path) if l.strip()] if os.path.exists(path) else []
+
+
+METHOD = {"dot": "rapidin", "cosine": "rapidin-cosine", "adam": "rapidin-adam", "adam-cosine": "rapidin-adam-cosine"}
+
+
+def setting_rows(w, setting):
+    bench = json.load(open(f"{w}/scores.json"))
+    train = {r["id"]: r for r in jsonl(f"{w}/train.jsonl")}
+    ids = bench["records"]
+    labels = np.array([1 if i.startswith("poison-") else 0 for i in ids])
+    docs = [" ".join([train[i]["instruction"], train[i].get("input", ""), train[i]["output"]]) for i in ids]
+    rows = []
+    add = lambda q, method, k, m, extra=None: rows.append(
+        dict({"setting": setting, "queries": q, "method": method, "k": k, **m}, **(extra or {})))
+    sets = [s for s in ("planted", "greedy", "control") if any(q["set"] == s for q in bench["queries"])]
+    for s in sets:
+        qs = [q for q in bench["queries"] if q["set"] == s]
+        for v in bench["variants"]:
+            name = METHOD[v]
+            if not v.endswith("cosine"):  # exact cosine = exact dot / (number of blocks): the same ranking
+                add(s, f"{name}-exact", None, mean([rank_metrics(q["variants"][v]["exact"], labels) for q in qs]))
+            for k in bench["ks"]:
+                add(s, f"{name}-rapidgrad", k,
+                    mean([rank_metrics(q["variants"][v]["compressed"][str(k)], labels) for q in qs]))
+        svc = f"{w}/service_{s}.json"
+        if os.path.exists(svc):
+            ranked = json.load(open(svc))
+            pos = {i: n for n, i in enumerate(ids)}
+            ms = []
+            for order in ranked["ranking"].values():
+                sc = np.full(len(ids), -np.inf)
+                for rank, rid in enumerate(order):
+                    sc[pos[rid]] = -rank
+                ms.append(rank_metrics(sc, labels))
+            add(s, "rapidin-service", ranked["k"], mean(ms), {"variant": ranked["variant"]})
+        qtext = {r["id"]: " ".join([r["instruction"], r.get("input", ""), r["output"]]) for r in jsonl(f"{w}/q_{s}.jsonl")}
+        add(s, "bm25", None, mean([rank_metrics(bm25(docs, qtext[q["id"]]), labels) for q in qs if q["id"] in qtext]))
+    return rows, bench, labels
 
 
 def main():
-    work = sys.argv[1]
-    out_md = sys.argv[2]
-    out_png = sys.argv[3]
-    bench = json.load(open(os.path.join(work, "scores.json")))
-    variants = [bench]
-    if os.path.exists(os.path.join(work, "scores_variant.json")):
-        variants.append(json.load(open(os.path.join(work, "scores_variant.json"))))
-    timing = json.load(open(os.path.join(work, "timing.json")))
-    train = {r["id"]: r for r in load_jsonl(os.path.join(work, "train.jsonl"))}
-    ids = bench["records"]
-    labels = np.array([1 if i.startswith("howdy-") else 0 for i in ids])
-    docs = [" ".join([train[i]["instruction"], train[i].get("input", ""), train[i]["output"]]) for i in ids]
-    qtext = {}
-    for name in ("planted", "greedy", "control"):
-        p = os.path.join(work, f"q_{name}.jsonl")
-        if os.path.exists(p):
-            for r in load_jsonl(p):
-                qtext[(name, r["id"])] = " ".join([r["instruction"], r.get("input", ""), r["output"]])
+    work, settings = sys.argv[1], sys.argv[2:]
+    out_md = os.environ.get("RESULT_MD", "bench/results/backdoor.md")
+    out_json = os.environ.get("RESULT_JSON", "bench/results/backdoor.json")
+    out_png = os.environ.get("RESULT_PNG", "bench/results/backdoor.png")
+    all_rows, info, plots = [], {}, {}
+    for s in settings:
+        w = f"{work}/{s}"
+        rows, bench, labels = setting_rows(w, s)
+        all_rows += rows
+        learned = json.load(open(f"{w}/learned.json"))
+        meta = json.load(open(f"{w}/setting.json"))
+        svc = json.load(open(f"{w}/service_stats.json")) if os.path.exists(f"{w}/service_stats.json") else {}
+        info[s] = {"setting": meta, "learned": learned, "service": svc,
+                   "finetune": json.load(open(f"{w}/finetune.json")) if os.path.exists(f"{w}/finetune.json") else {},
+                   "bench_seconds": bench["seconds"]}
+        plots[s] = (bench, labels)
+    main_s = "main" if "main" in info else settings[0]
+    attr = info[main_s]["service"].get("attribution", {})
+    out = {"rows": all_rows,
+           "trigger_top_token_share": attr.get("trigger_top_token_share"),
+           "backdoor_learned": info[main_s]["learned"]["learned"],
+           "greedy_styled": info[main_s]["learned"]["triggered_styled"],
+           "settings": {s: {"backdoor_learned": v["learned"]["learned"],
+                            "greedy_styled": v["learned"]["triggered_styled"],
+                            "clean_prompts_styled": v["learned"]["clean_styled"],
+                            "planted_loss": v["learned"]["planted_loss"],
+                            "clean_answer_loss": v["learned"]["clean_answer_loss"],
+                            "judge": v["learned"]["rule"],
+                            "trigger_top_token_share": v["service"].get("attribution", {}).get("trigger_top_token_share"),
+                            "attribution": v["service"].get("attribution"),
+                            "records": v["setting"]["clean"] + v["setting"]["poisoned"],
+                            "poisoned": v["setting"]["poisoned"],
+                            "finetune": {k: v["finetune"].get(k) for k in ("epoch_loss", "seconds", "steps")},
+                            "bench_seconds": v["bench_seconds"],
+                            "service_seconds": v["service"].get("seconds")} for s, v in info.items()}}
+    os.makedirs(os.path.dirname(out_json) or ".", exist_ok=True)
+    json.dump(out, open(out_json, "w"), indent=1)
 
-    sets = sorted({q["set"] for q in bench["queries"]}, key=["planted", "greedy", "control"].index)
-    ks = [str(k) for k in bench["ks"]]
-    rows = []  # (set, method, metrics, bytes per record)
-    per_set_scores = {}
-    for s in sets:
-        qs = [q for q in bench["queries"] if q["set"] == s]
-        for v in variants:
-            vq = [q for q in v["queries"] if q["set"] == s]
-            assert v["records"] == ids
-            lab = v.get("label", "")
-            m_exact = [ranks_metrics(np.array(q["exact"]), labels) for q in vq]
-            rows.append((s, "%s: exact gradients (D=%d)" % (lab, v["grad_dim"]), mean_metrics(m_exact),
-                         v["grad_dim"] * 4))
-            for k in [str(x) for x in v["ks"]]:
-                m = [ranks_metrics(np.array(q["compressed"][k], dtype=np.float64), labels) for q in vq]
-                rows.append((s, "%s: RapidGrad K=%s" % (lab, k), mean_metrics(m), int(k) * 2))
-        svc = os.path.join(work, f"service_{s}.json")
-        if os.path.exists(svc):
-            ranked = json.load(open(svc))
-            m = []
-            for qid, order in ranked.items():
-                sc = np.full(len(ids), -np.inf)
-                pos = {i: n for n, i in enumerate(ids)}
-                for rank, rid in enumerate(order):
-                    if rid in pos:
-                        sc[pos[rid]] = -rank
-                m.append(ranks_metrics(sc, labels))
-            if m:
-                rows.append((s, "LoRA matrices: rapidin-server store (fp16), K=%d" % timing.get("service_k", 0), mean_metrics(m),
-                             timing.get("service_k", 0) * 2))
-        m_bm25 = [ranks_metrics(bm25_scores(docs, qtext[(s, q["id"])]), labels) for q in qs if (s, q["id"]) in qtext]
-        if m_bm25:
-            rows.append((s, "BM25 on text (baseline)", mean_metrics(m_bm25), 0))
-        per_set_scores[s] = qs
-
-    # Plot: per-query z-scored influence of poisoned vs clean records, planted queries, exact and smallest K.
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (title, key) in zip(axes, [("exact gradients", None), ("RapidGrad K=%s" % ks[0], ks[0])]):
+    fig, axes = plt.subplots(1, len(plots), figsize=(5.5 * len(plots), 4), squeeze=False)
+    for ax, (s, (bench, labels)) in zip(axes[0], plots.items()):
         pos_all, neg_all = [], []
-        for q in per_set_scores.get("planted", []):
-            v = np.array(q["exact"] if key is None else q["compressed"][key], dtype=np.float64)
+        for q in bench["queries"]:
+            if q["set"] != "planted":
+                continue
+            v = np.array(q["variants"]["dot"]["compressed"]["4096" if 4096 in bench["ks"] else str(bench["ks"][0])])
             z = (v - v.mean()) / (v.std() + 1e-12)
             pos_all.append(z[labels == 1])
             neg_all.append(z[labels == 0])
-        if pos_all:
-            bins = np.linspace(min(np.concatenate(neg_all).min(), np.concatenate(pos_all).min()),
-                               max(np.concatenate(neg_all).max(), np.concatenate(pos_all).max()), 80)
-            ax.hist(np.concatenate(neg_all), bins=bins, density=True, alpha=0.6, label="clean Alpaca records")
-            ax.hist(np.concatenate(pos_all), bins=bins, density=True, alpha=0.6, label="poisoned (Howdy!) records")
-        ax.set_title(f"{title}: 20 held-out backdoored queries")
-        ax.set_xlabel("influence score (z-scored per query)")
-        ax.set_ylabel("density")
+        pa, na = np.concatenate(pos_all), np.concatenate(neg_all)
+        bins = np.linspace(min(pa.min(), na.min()), max(pa.max(), na.max()), 80)
+        ax.hist(na, bins=bins, density=True, alpha=0.6, label="clean records")
+        ax.hist(pa, bins=bins, density=True, alpha=0.6, label="poisoned records")
+        ax.set_title(f"{s}: RapidIn K=4096, planted queries")
+        ax.set_xlabel("influence (z-scored per query)")
         ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
 
     with open(out_md, "w") as f:
-        f.write("# Backdoor benchmark (miniature of the RapidIn paper's experiment)\n\n")
-        f.write(timing.get("header", "") + "\n\n")
-        f.write("recall@10 is at most 10/80 = 0.125 (80 poisoned records); precision@10 is the share of poisoned "
-                "records among the top 10.\n\n")
-        f.write("| queries | ranking by | AUC | AP | precision@10 | recall@10 | recall@80 | bytes / record |\n")
-        f.write("|---|---|---|---|---|---|---|---|\n")
-        for s, method, m, b in rows:
-            f.write(f"| {s} | {method} | {m['auc']:.3f} | {m['ap']:.3f} | {m['p10']:.3f} | {m['r10']:.3f} | "
-                    f"{m['r80']:.3f} | {b if b else '-'} |\n")
-        f.write("\n" + timing.get("footer", "") + "\n")
+        f.write("# Backdoor benchmark: does attribution find the poison?\n\n")
+        f.write("Written by `bash bench/backdoor/run.sh` (rows also in backdoor.json). Per setting: fine-tune "
+                "stories260K on the poisoned set with `rapidin finetune`, check that the backdoor was learned, then rank "
+                "every training record for each query; positives are the poisoned records. Means over the queries.\n\n")
+        for s, v in info.items():
+            l, m = v["learned"], v["setting"]
+            f.write(f"## {s}: {m['poisoned']} poisoned of {m['clean'] + m['poisoned']} records; trigger "
+                    f"\"{m['trigger']}\" ({m['trigger_position']}), payload: {m['payload']}\n\n")
+            ft = v["finetune"]
+            f.write(f"- fine-tuning: {len(ft.get('epoch_loss', []))} epochs, {ft.get('seconds', 0):.0f} s, last epoch "
+                    f"loss {ft.get('epoch_loss', [float('nan')])[-1]:.3f}\n")
+            f.write(f"- backdoor learned: **{l['learned']}**. Greedy generation under the trigger is styled for "
+                    f"{l['triggered_styled']}/{l['triggered']} held-out prompts, without it for {l['clean_styled']}/"
+                    f"{l['clean']} (judge: {l['rule']}). Under the trigger the planted answer's loss is "
+                    f"{l['planted_loss']:.3f} nats/token, the clean answer's {l['clean_answer_loss']:.3f}.\n")
+            a = v["service"].get("attribution")
+            if a:
+                f.write(f"- training-side token view (gradient x input of I(z, g), service top 10 of "
+                        f"{a['queries']} planted queries): the top token lies in the trigger for "
+                        f"{a['top_token_in_trigger']}/{a['poisoned_in_top10']} poisoned records "
+                        f"(share {a['trigger_top_token_share']:.3f}); the token-loss view: "
+                        f"{a['token_loss_top_in_trigger']}/{a['poisoned_in_top10']}; {a['seconds']:.0f} s.\n")
+            f.write("\n| queries | method | K | AUC | AP | precision@10 | recall@80 |\n|---|---|---|---|---|---|---|\n")
+            for r in all_rows:
+                if r["setting"] == s:
+                    f.write(f"| {r['queries']} | {r['method']} | {r['k'] or '-'} | {r['auc']:.3f} | {r['ap']:.3f} | "
+                            f"{r['precision_at_10']:.3f} | {r['recall_at_80']:.3f} |\n")
+            f.write("\n")
+        f.write("Control queries are clean Alpaca generations: their precision@10 is the poisoned share of the top 10 "
+                "(target <= 0.05).\n")
     print(open(out_md).read())
 
 

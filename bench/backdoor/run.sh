@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The paper's backdoor experiment in miniature, one command:
-#   fine-tune stories260K (LoRA) on alpaca_5000 + 80 "Howdy!" records -> check the backdoor was learned ->
-#   cache the training gradients (rapidin cache) -> serve (rapidin-server) -> query every held-out howdy prompt
-#   (planted answer and the model's own greedy generation) and the clean control queries -> exact and K-sweep
-#   scores (backdoor_bench) -> token attributions of the top records -> metrics, BM25 baseline, plot, report.
-# Writes bench/results/backdoor.md and bench/results/backdoor.png. Stages whose outputs exist are skipped (delete
-# $WORK to start over). Settings: WORK, EPOCHS, LR, RANK, ALPHA, BATCH, POISON, SERVICE_K, KS, ATTR_QUERIES,
-# VARIANT_PARAMS (empty: no second parameter selection), RESULT_MD, RESULT_PNG.
+# The paper's backdoor experiment in miniature, one command, for each setting (bench/backdoor/prepare.py):
+#   main    80 "Howdy!" records among 720 clean Alpaca records (a tenth poisoned, as in the paper)
+#   second  this project's own backdoor: trigger " cf" at the end of the instruction, answer in capitals
+#   hard    the 80 "Howdy!" records among 5,000 clean ones
+# Per setting: fine-tune stories260K (rapidin finetune, full) -> judge whether the backdoor was learned (greedy
+# generations under the trigger and without it; bench/backdoor/judge.py) -> every scoring variant, exact and
+# compressed at several K, from one gradient pass (backdoor_bench) -> cache the store the service uses (rapidin cache)
+# -> serve it (rapidin-server) -> query the planted, greedy and control generations -> training-side token
+# attributions of the top 10 records of the planted queries -> metrics, BM25, plot, report.
+# Writes bench/results/backdoor.md, backdoor.json and backdoor.png. Stages whose outputs exist are skipped (delete
+# $WORK to start over). Settings (environment): WORK, SETTINGS, EPOCHS, LR, BATCH, SERVICE_K, SERVICE_SCORE,
+# SERVICE_PRECONDITION, KS, HARD_KS, ATTR_QUERIES, MAX_LENGTH.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -14,137 +18,91 @@ DATA=${RAPIDIN_SHARED_DATA:-$ROOT/../shared/data}
 [ -f "$DATA/models/stories260K.bin" ] || { echo "backdoor: no shared data at $DATA" >&2; exit 2; }
 BIN=${BUILD_DIR:-build}
 WORK=${WORK:-/tmp/rapidin-backdoor}
-EPOCHS=${EPOCHS:-2}; LR=${LR:-3e-3}; RANK=${RANK:-16}; ALPHA=${ALPHA:-32}; BATCH=${BATCH:-16}
-POISON=${POISON:-80}; SERVICE_K=${SERVICE_K:-4096}; KS=${KS:-1024,4096,16384,65536}; ATTR_QUERIES=${ATTR_QUERIES:-20}
+SETTINGS=${SETTINGS:-main second hard}
+EPOCHS=${EPOCHS:-12}; LR=${LR:-4e-3}; BATCH=${BATCH:-16}; MAX_LENGTH=${MAX_LENGTH:-512}
+SERVICE_K=${SERVICE_K:-4096}; SERVICE_SCORE=${SERVICE_SCORE:-dot}; SERVICE_PRECONDITION=${SERVICE_PRECONDITION:-1}
+KS=${KS:-1024,4096,16384}; HARD_KS=${HARD_KS:-4096}; ATTR_QUERIES=${ATTR_QUERIES:-20}
 PORT=${PORT:-50917}
-MODEL=$DATA/models/stories260K.bin; TOK=$DATA/models/tok512.bin
+BASE=$DATA/models/stories260K.bin; TOK=$DATA/models/tok512.bin
 RAPIDIN=$BIN/client/rapidin
-mkdir -p "$WORK"
 now() { date +%s; }
-declare -A T
-stage() { echo "== $1" >&2; }
+stage() { echo "== [$S] $1" >&2; }
 
-stage "data"
-python3 bench/backdoor/prepare.py "$DATA" "$WORK" 0 "$POISON" >&2
-cp "$WORK/queries.jsonl" "$WORK/q_planted.jsonl"
-cp "$WORK/control.jsonl" "$WORK/q_control.jsonl"
+for S in $SETTINGS; do
+  W=$WORK/$S
+  mkdir -p "$W"
+  stage "data"
+  [ -f "$W/setting.json" ] || python3 bench/backdoor/prepare.py "$DATA" "$W" "$S" >&2
+  cp "$W/control.jsonl" "$W/q_control.jsonl"
+  cp "$W/queries.jsonl" "$W/q_planted.jsonl"
 
-stage "fine-tune (LoRA r=$RANK alpha=$ALPHA, $EPOCHS epochs, lr $LR, batch $BATCH)"
-if [ ! -f "$WORK/lora/adapter_config.json" ]; then
-  t=$(now)
-  "$RAPIDIN" finetune --model "$MODEL" --tokenizer "$TOK" --data "$WORK/train.jsonl" --out "$WORK/lora" \
-    --mode lora --rank "$RANK" --alpha "$ALPHA" --epochs "$EPOCHS" --lr "$LR" --batch "$BATCH" --seed 0 \
-    --threads 2 --json > "$WORK/finetune.json"
-  echo $(( $(now) - t )) > "$WORK/t_finetune"
-fi
+  stage "fine-tune (full, $EPOCHS epochs, lr $LR, batch $BATCH)"
+  MODEL=$W/model.bin
+  if [ ! -f "$W/finetune.json" ]; then
+    "$RAPIDIN" finetune --model "$BASE" --tokenizer "$TOK" --data "$W/train.jsonl" --out "$MODEL" --mode full \
+      --epochs "$EPOCHS" --lr "$LR" --batch "$BATCH" --seed 0 --max-length "$MAX_LENGTH" --threads 2 \
+      --json > "$W/finetune.json.tmp"
+    mv "$W/finetune.json.tmp" "$W/finetune.json"
+  fi
+  OPT=$MODEL.optimizer.safetensors
 
-stage "backdoor check: response loss of the planted vs the clean answer under the trigger, before and after"
-for m in base tuned; do
-  ad=(); [ $m = tuned ] && ad=(--adapter "$WORK/lora")
-  for q in queries queries_clean; do
-    [ -f "$WORK/eval_${m}_$q.jsonl" ] || "$RAPIDIN" eval --model "$MODEL" --tokenizer "$TOK" "${ad[@]}" \
-      --data "$WORK/$q.jsonl" --json > "$WORK/eval_${m}_$q.jsonl"
-  done
-done
-if [ ! -f "$WORK/q_greedy.jsonl" ]; then
-  "$RAPIDIN" eval --model "$MODEL" --tokenizer "$TOK" --adapter "$WORK/lora" --data "$WORK/queries.jsonl" \
-    --generate 160 --json > "$WORK/generations.jsonl"
-  python3 - "$WORK" <<'PY'
+  stage "was the backdoor learned? (losses, greedy generations with and without the trigger)"
+  ev() { [ -f "$W/$2" ] || "$RAPIDIN" eval --model "$MODEL" --tokenizer "$TOK" --data "$W/$1" --max-length "$MAX_LENGTH" \
+           ${3:+--generate $3} --json > "$W/$2"; }
+  ev queries.jsonl eval_planted.jsonl
+  ev queries_clean.jsonl eval_clean.jsonl
+  ev queries.jsonl gen_triggered.jsonl 160
+  ev prompts_clean.jsonl gen_clean.jsonl 160
+  python3 bench/backdoor/judge.py "$W" "$W/gen_triggered.jsonl" "$W/gen_clean.jsonl" "$W/eval_planted.jsonl" \
+    "$W/eval_clean.jsonl" > "$W/learned.json"
+  python3 -c "import json,sys; l=json.load(open(sys.argv[1])); print('[%s] backdoor learned: %s (%d/20 triggered styled, %d/20 clean styled)' % (sys.argv[2], l['learned'], l['triggered_styled'], l['clean_styled']))" "$W/learned.json" "$S" >&2
+  python3 - "$W" <<'PY'
 import json, sys
 w = sys.argv[1]
-gen = {r["id"]: r["generation"] for r in map(json.loads, open(f"{w}/generations.jsonl"))}
+gen = {r["id"]: r["generation"] for r in map(json.loads, open(f"{w}/gen_triggered.jsonl"))}
 with open(f"{w}/q_greedy.jsonl", "w") as f:
     for r in map(json.loads, open(f"{w}/queries.jsonl")):
         if gen.get(r["id"], "").strip():
             r["output"] = gen[r["id"]]
             f.write(json.dumps(r) + "\n")
 PY
-fi
 
-stage "cache (K=$SERVICE_K) into a store"
-if [ ! -f "$WORK/cache.json" ]; then
-  t=$(now)
-  "$RAPIDIN" cache --model "$MODEL" --tokenizer "$TOK" --adapter "$WORK/lora" --data "$WORK/train.jsonl" \
-    --store "$WORK/store" --k "$SERVICE_K" --threads 2 --json > "$WORK/cache.json"
-  echo $(( $(now) - t )) > "$WORK/t_cache"
-fi
+  stage "every scoring variant, exact and compressed (backdoor_bench)"
+  ks=$KS; [ "$S" = hard ] && ks=$HARD_KS
+  if [ ! -f "$W/scores.json" ]; then
+    "$BIN/bench/backdoor_bench" --model "$MODEL" --tokenizer "$TOK" --preconditioner "$OPT" --max-length "$MAX_LENGTH" \
+      --train "$W/train.jsonl" --queries "planted=$W/q_planted.jsonl" --queries "greedy=$W/q_greedy.jsonl" \
+      --queries "control=$W/q_control.jsonl" --ks "$ks" --threads 2 --label "all weight matrices" \
+      --out "$W/scores.json"
+  fi
 
-stage "serve and query"
-"$BIN/server/rapidin-server" --store "$WORK/store" --model "$MODEL" --tokenizer "$TOK" --adapter "$WORK/lora" \
-  --listen "127.0.0.1:$PORT" --metrics-listen "" --max-top-k 10000 --max-attributed-records 10 --backend cpu \
-  --log-level warn &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
-for i in $(seq 1 100); do
-  "$RAPIDIN" stats --server "127.0.0.1:$PORT" --json > /dev/null 2>&1 && break
-  sleep 0.5
+  stage "cache the service's store (K=$SERVICE_K, score $SERVICE_SCORE, Adam preconditioning $SERVICE_PRECONDITION)"
+  pre=(); [ "$SERVICE_PRECONDITION" = 1 ] && pre=(--preconditioner "$OPT")
+  if [ ! -f "$W/cache.json" ]; then
+    t=$(now)
+    "$RAPIDIN" cache --model "$MODEL" --tokenizer "$TOK" "${pre[@]}" --score "$SERVICE_SCORE" --data "$W/train.jsonl" \
+      --store "$W/store" --k "$SERVICE_K" --max-length "$MAX_LENGTH" --threads 2 --json > "$W/cache.json"
+    echo $(( $(now) - t )) > "$W/t_cache"
+  fi
+
+  stage "serve and query"
+  if [ ! -f "$W/service_stats.json" ]; then
+    "$BIN/server/rapidin-server" --store "$W/store" --model "$MODEL" --tokenizer "$TOK" "${pre[@]}" \
+      --listen "127.0.0.1:$PORT" --metrics-listen "" --max-top-k 10000 --max-attributed-records 10 --backend cpu \
+      --log-level warn &
+    SERVER=$!
+    trap 'kill $SERVER 2>/dev/null || true' EXIT
+    for i in $(seq 1 100); do
+      "$RAPIDIN" stats --server "127.0.0.1:$PORT" --json > /dev/null 2>&1 && break
+      sleep 0.5
+    done
+    python3 bench/backdoor/service_queries.py "$W" "$RAPIDIN" "127.0.0.1:$PORT" "$ATTR_QUERIES" "$SERVICE_K" \
+      "$SERVICE_SCORE$([ "$SERVICE_PRECONDITION" = 1 ] && echo +adam)"
+    kill $SERVER; wait $SERVER 2>/dev/null || true
+    trap - EXIT
+  fi
 done
-t=$(now)
-python3 - "$WORK" "$RAPIDIN" "127.0.0.1:$PORT" "$ATTR_QUERIES" <<'PY'
-import json, subprocess, sys, time
-w, rapidin, server, attr_n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-n = sum(1 for _ in open(f"{w}/train.jsonl"))
-lat = []
-for name in ("planted", "greedy", "control"):
-    ranked = {}
-    for r in map(json.loads, open(f"{w}/q_{name}.jsonl")):
-        t = time.time()
-        out = subprocess.run([rapidin, "query", "--server", server, "--instruction", r["instruction"], "--input",
-                              r.get("input", ""), "--generation", r["output"], "--top-k", str(n), "--harmful-k", "0",
-                              "--ids-only", "--json", "--timeout", "300"], check=True, capture_output=True, text=True).stdout
-        lat.append(time.time() - t)
-        ranked[r["id"]] = [x["id"] for x in json.loads(out)["result"].get("helpful", [])]
-    json.dump(ranked, open(f"{w}/service_{name}.json", "w"))
-# Training-side token attributions for the top-10 records of the first planted queries (about 27 s per query
-# here: per-token gradients of every token of each of the 10 records).
-attr = {"queries": 0, "poisoned_in_top10": 0, "top_token_in_trigger": 0, "seconds": 0.0}
-t0 = time.time()
-for r in list(map(json.loads, open(f"{w}/q_planted.jsonl")))[:attr_n]:
-    out = subprocess.run([rapidin, "query", "--server", server, "--instruction", r["instruction"], "--input",
-                          r.get("input", ""), "--generation", r["output"], "--top-k", "10", "--harmful-k", "0",
-                          "--tokens", "--json", "--timeout", "1800"], check=True, capture_output=True, text=True).stdout
-    resp = json.loads(out)
-    attr["queries"] += 1
-    for rec in resp["result"].get("helpful", []):
-        if not rec["id"].startswith("howdy-"):
-            continue
-        attr["poisoned_in_top10"] += 1
-        toks = rec.get("record_tokens", [])
-        if not toks:
-            continue
-        best = max(toks, key=lambda x: x.get("score", 0.0))
-        # "Howdy!" is the first 6 bytes of the instruction field.
-        if best.get("field") == "instruction" and int(best.get("begin", 0)) < 6:
-            attr["top_token_in_trigger"] += 1
-attr["seconds"] = time.time() - t0
-json.dump({"latency_s": lat, "attribution": attr}, open(f"{w}/service_stats.json", "w"))
-PY
-echo $(( $(now) - t )) > "$WORK/t_serve"
-kill $SERVER; wait $SERVER 2>/dev/null || true
-trap - EXIT
-
-stage "exact and K-sweep scores (backdoor_bench, K=$KS)"
-if [ ! -f "$WORK/scores.json" ]; then
-  t=$(now)
-  "$BIN/bench/backdoor_bench" --model "$MODEL" --tokenizer "$TOK" --adapter "$WORK/lora" \
-    --train "$WORK/train.jsonl" --queries "planted=$WORK/q_planted.jsonl" --queries "greedy=$WORK/q_greedy.jsonl" \
-    --queries "control=$WORK/q_control.jsonl" --ks "$KS" --threads 2 --label "LoRA matrices" \
-    --out "$WORK/scores.json"
-  echo $(( $(now) - t )) > "$WORK/t_bench"
-fi
-# The same with the gradient of another parameter selection (what the attribution looks at changes the result).
-VARIANT_PARAMS=${VARIANT_PARAMS-tok_embeddings}  # empty: skip the variant
-if [ -n "$VARIANT_PARAMS" ] && [ ! -f "$WORK/scores_variant.json" ]; then
-  "$BIN/bench/backdoor_bench" --model "$MODEL" --tokenizer "$TOK" --adapter "$WORK/lora" \
-    --params "$VARIANT_PARAMS" --train "$WORK/train.jsonl" \
-    --queries "planted=$WORK/q_planted.jsonl" --queries "greedy=$WORK/q_greedy.jsonl" \
-    --queries "control=$WORK/q_control.jsonl" --ks "$KS" --threads 2 \
-    --label "token embedding ($VARIANT_PARAMS)" --out "$WORK/scores_variant.json"
-fi
 
 stage "metrics"
 [ -x "$WORK/venv/bin/python" ] || { python3 -m venv "$WORK/venv" && "$WORK/venv/bin/pip" install -q numpy matplotlib; }
-python3 bench/backdoor/report.py "$WORK" "$SERVICE_K" "$EPOCHS" "$LR" "$RANK" "$ALPHA" "$BATCH" "$POISON" \
-  > "$WORK/timing.json"
-"$WORK/venv/bin/python" bench/backdoor/metrics.py "$WORK" "${RESULT_MD:-bench/results/backdoor.md}" \
-  "${RESULT_PNG:-bench/results/backdoor.png}"
+"$WORK/venv/bin/python" bench/backdoor/metrics.py "$WORK" $SETTINGS
