@@ -227,6 +227,16 @@ PY
   "$SERVER_BIN" --store "$work/cache" --model "$DATA/models/stories260K.bin" --params "attention" \
     --listen 127.0.0.1:$port --metrics-listen "" >/dev/null 2>"$work/refuse.err" && fail "server accepted another state"
   grep -q "model: store" "$work/refuse.err" || fail "refusal message: $(cat "$work/refuse.err")"
+  # export-hf writes a Hugging Face directory; tokenize prints the ids rapidin trains on, one JSON line per record.
+  "$CLI" export-hf --model "$DATA/models/stories260K.bin" --out "$work/hf" 2>/dev/null || fail "export-hf"
+  [ -s "$work/hf/config.json" ] && [ -s "$work/hf/model.safetensors" ] || fail "export-hf wrote no model"
+  "$CLI" tokenize --model "$DATA/models/stories260K.bin" --data "$DATA/instructions/rapidin_backdoor_test.jsonl" > "$work/tok.jsonl" 2>"$work/tok.err" \
+    || fail "tokenize: $(cat "$work/tok.err")"
+  python3 - "$work/tok.jsonl" <<'PY' || fail "tokenize output: $(head -c 300 "$work/tok.jsonl")"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+assert rows and all(r["ids"][0] == 1 and r["ids"][-1] == 2 and 1 < r["response_begin"] < len(r["ids"]) for r in rows), rows[0]
+PY
 
   # Fine-tuning: a LoRA adapter trained on 24 records lowers their loss, reloads through --adapter (eval and
   # cache), and bad settings are refused with a clear message.
