@@ -59,17 +59,24 @@ def main():
     train = Records(f"{d}/tok_train.jsonl")
     t0 = time.time()
     an.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=16, dataloader_kwargs=dl,
-                       factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+                       factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=False)
     t_fit = time.time() - t0
-    out, t_score = {}, 0.0
-    for s in ("planted", "greedy", "control"):
-        q = Records(f"{d}/tok_{s}.jsonl")
-        t1 = time.time()
-        an.compute_pairwise_scores(scores_name=f"s_{s}", factors_name="ekfac", query_dataset=q, train_dataset=train,
-                                   per_device_query_batch_size=16, per_device_train_batch_size=32,
-                                   dataloader_kwargs=dl, score_args=ScoreArguments(), overwrite_output_dir=True)
-        t_score += time.time() - t1
-        out[s] = an.load_pairwise_scores(f"s_{s}")["all_modules"].float().numpy()
+    # Every query set in one pairwise pass: the training gradients are the cost, computed once.
+    sets = ("planted", "greedy", "control")
+    queries = Records(f"{d}/tok_planted.jsonl")
+    bounds = [0]
+    for s in sets:
+        rows = Records(f"{d}/tok_{s}.jsonl").rows
+        if s != "planted":
+            queries.rows += rows
+        bounds.append(bounds[-1] + len(rows))
+    t1 = time.time()
+    an.compute_pairwise_scores(scores_name="all", factors_name="ekfac", query_dataset=queries, train_dataset=train,
+                               per_device_query_batch_size=len(queries), per_device_train_batch_size=16,
+                               dataloader_kwargs=dl, score_args=ScoreArguments(), overwrite_output_dir=False)
+    t_score = time.time() - t1
+    allq = an.load_pairwise_scores("all")["all_modules"].float().numpy()
+    out = {s: allq[bounds[i]:bounds[i + 1]] for i, s in enumerate(sets)}
     np.savez(f"{d}/scores_kronfluence-ekfac.npz", **out)
     json.dump({"method": "kronfluence-ekfac", "caching_s": t_fit, "scoring_s": t_score},
               open(f"{d}/timing_kronfluence-ekfac.json", "w"))
