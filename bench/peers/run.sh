@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Peers on the backdoor benchmark, one command (after bench/backdoor/run.sh, whose WORK it reads):
 #   rapidin export-hf + rapidin tokenize -> check transformers reproduces rapidin's losses -> Kronfluence (EK-FAC)
-#   -> BM25 (bm25s) -> bench/results/peers.md and the peers' rows in bench/results/backdoor.json.
+#   -> TRAK (dattri, projection to TRAK_DIM) -> BM25 (bm25s) -> bench/results/peers.md and the peers' rows in
+#   bench/results/backdoor.json.
 # Each peer runs in its own virtual environment under $WORK/venv-<name> (benchmark tools only; never part of the
-# C++ build). Settings: WORK, SETTINGS.
+# C++ build). Settings: WORK, SETTINGS, TRAK_DIM (default 2048: dattri projects with a dense Gaussian matrix on the
+# CPU, whose cost grows with the dimension).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BUILD_DIR:-build}
@@ -18,6 +20,7 @@ venv() {  # name packages...
 }
 PY_KF=$(venv kronfluence torch transformers kronfluence numpy safetensors)
 PY_BM=$(venv bm25s bm25s numpy)
+PY_TR=$(venv dattri torch transformers dattri numpy safetensors)
 for S in $SETTINGS; do
   W=$WORK/$S; D=$W/peers
   mkdir -p "$D"
@@ -28,6 +31,7 @@ for S in $SETTINGS; do
   done
   "$PY_KF" bench/peers/check_export.py "$D" "$W" | tee "$D/check_export.json"
   [ -f "$D/scores_kronfluence-ekfac.npz" ] || "$PY_KF" bench/peers/kronfluence_scores.py "$D"
+  [ -f "$D/scores_trak-dattri.npz" ] || "$PY_TR" bench/peers/trak_scores.py "$D" "${TRAK_DIM:-2048}"
   [ -f "$D/scores_bm25s.npz" ] || "$PY_BM" bench/peers/bm25_scores.py "$D" "$W"
 done
 "$PY_KF" bench/peers/report.py "$WORK" $SETTINGS
