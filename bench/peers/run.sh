@@ -4,8 +4,8 @@
 #   -> TRAK (dattri, projection to TRAK_DIM) -> BM25 (bm25s) -> bench/results/peers.md and the peers' rows in
 #   bench/results/backdoor.json.
 # Each peer runs in its own virtual environment under $WORK/venv-<name> (benchmark tools only; never part of the
-# C++ build). Settings: WORK, SETTINGS, TRAK_DIM (default 2048: dattri projects with a dense Gaussian matrix on the
-# CPU, whose cost grows with the dimension).
+# C++ build). Settings: WORK, SETTINGS, TRAK_DIM (default 512: below the number of training records, since TRAK
+# inverts the projected X^T X; 2048 against 800 records made it singular and the scores chance-level here).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BUILD_DIR:-build}
@@ -31,7 +31,7 @@ for S in $SETTINGS; do
   done
   "$PY_KF" bench/peers/check_export.py "$D" "$W" | tee "$D/check_export.json"
   [ -f "$D/scores_kronfluence-ekfac.npz" ] || "$PY_KF" bench/peers/kronfluence_scores.py "$D"
-  [ -f "$D/scores_trak-dattri.npz" ] || "$PY_TR" bench/peers/trak_scores.py "$D" "${TRAK_DIM:-2048}"
+  [ -f "$D/scores_trak-dattri.npz" ] || "$PY_TR" bench/peers/trak_scores.py "$D" "${TRAK_DIM:-512}"
   [ -f "$D/scores_bm25s.npz" ] || "$PY_BM" bench/peers/bm25_scores.py "$D" "$W"
 done
 "$PY_KF" bench/peers/report.py "$WORK" $SETTINGS

@@ -2,8 +2,9 @@
 """TRAK (Park et al. 2023) through dattri's TRAKAttributor on the backdoor benchmark's data.
 
 Usage: trak_scores.py PEERS_DIR [PROJ_DIM] -> PEERS_DIR/scores_trak-dattri.npz + timing. One checkpoint (the
-fine-tuned model), every parameter, random projection to PROJ_DIM (default 4096, as rapidin's K), rapidin's loss
-(mean over the response tokens) as both the training loss and the target; p = exp(-loss) for TRAK's Q. Sequences
+fine-tuned model), every parameter, random projection to PROJ_DIM (default 512: TRAK inverts the projected X^T X,
+so it must stay below the number of training records), rapidin's loss (mean over the response tokens) as both the
+training loss and the target; p = exp(-loss) for TRAK's Q. Sequences
 are right-padded to one length (vmap needs equal shapes; with the causal mask padding never reaches a real
 position, and its labels are ignored).
 """
@@ -35,7 +36,7 @@ def tensors(path, T):
 
 def main():
     d = sys.argv[1]
-    proj_dim = int(sys.argv[2]) if len(sys.argv) > 2 else 4096
+    proj_dim = int(sys.argv[2]) if len(sys.argv) > 2 else 512
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     model = load_model(f"{d}/hf")
     T = max(len(r["ids"]) for s in ("train", "planted", "greedy", "control") for r in jsonl(f"{d}/tok_{s}.jsonl"))
