@@ -1018,14 +1018,6 @@ absl::Status GradientEngine::SaveHf(const std::string& dir) const {
     std::error_code ec;
     std::filesystem::create_directories(dir, ec);
     if (ec) return absl::UnavailableError(absl::StrCat("cannot create ", dir, ": ", ec.message()));
-    auto merged = [&](const std::string& name) {
-      torch::Tensor t = d.w.at(name).to(torch::kFloat);
-      auto it = d.lora.find(name);
-      if (it != d.lora.end()) {
-        t = t + torch::matmul(d.w.at(it->second.second), d.w.at(it->second.first)).to(torch::kFloat) * d.lora_scale;
-      }
-      return t.to(torch::kCPU).contiguous();
-    };
     const int64_t hd = c.dim / c.n_heads;
     // Interleaved (2i, 2i+1) pairs -> (i, i + hd/2) halves, per head (transformers' convert_llama_weights_to_hf).
     auto permute = [&](const torch::Tensor& w, int64_t heads) {
@@ -1033,20 +1025,20 @@ absl::Status GradientEngine::SaveHf(const std::string& dir) const {
       return w.view({heads, hd / 2, 2, w.size(1)}).transpose(1, 2).reshape({heads * hd, w.size(1)}).contiguous();
     };
     std::vector<std::pair<std::string, torch::Tensor>> ts;
-    ts.push_back({"model.embed_tokens.weight", merged("tok_embeddings.weight")});
+    ts.push_back({"model.embed_tokens.weight", d.Merged("tok_embeddings.weight")});
     for (int l = 0; l < c.n_layers; ++l) {
       const std::string p = absl::StrCat("layers.", l, "."), h = absl::StrCat("model.layers.", l, ".");
-      ts.push_back({h + "input_layernorm.weight", merged(p + "attention_norm.weight")});
-      ts.push_back({h + "post_attention_layernorm.weight", merged(p + "ffn_norm.weight")});
+      ts.push_back({h + "input_layernorm.weight", d.Merged(p + "attention_norm.weight")});
+      ts.push_back({h + "post_attention_layernorm.weight", d.Merged(p + "ffn_norm.weight")});
       for (const auto& [hf, ours] : HfModules()) {
-        torch::Tensor w = merged(p + ours + ".weight");
+        torch::Tensor w = d.Merged(p + ours + ".weight");
         if (ours == "attention.wq") w = permute(w, c.n_heads);
         if (ours == "attention.wk") w = permute(w, c.n_kv_heads);
         ts.push_back({h + hf + ".weight", w});
       }
     }
-    ts.push_back({"model.norm.weight", merged("norm.weight")});
-    if (!c.tied_output) ts.push_back({"lm_head.weight", merged("output.weight")});
+    ts.push_back({"model.norm.weight", d.Merged("norm.weight")});
+    if (!c.tied_output) ts.push_back({"lm_head.weight", d.Merged("output.weight")});
     absl::Status st = WriteSafetensors((std::filesystem::path(dir) / "model.safetensors").string(), ts,
                                        nlohmann::json{{"format", "pt"}});
     if (!st.ok()) return st;
@@ -1086,14 +1078,6 @@ absl::Status GradientEngine::SaveLlama2c(const std::string& path) const {
     if (!d.llama2c) return absl::UnimplementedError("SaveLlama2c: the base model was not a llama2.c checkpoint");
     const ModelConfig& c = d.cfg;
     torch::NoGradGuard no_grad;
-    auto merged = [&](const std::string& name) {
-      torch::Tensor t = d.w.at(name).to(torch::kFloat);
-      auto it = d.lora.find(name);
-      if (it != d.lora.end()) {
-        t = t + torch::matmul(d.w.at(it->second.second), d.w.at(it->second.first)).to(torch::kFloat) * d.lora_scale;
-      }
-      return t.to(torch::kCPU).contiguous();
-    };
     const std::string tmp = path + ".tmp";
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     const int32_t hdr[7] = {c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads,
@@ -1103,15 +1087,15 @@ absl::Status GradientEngine::SaveLlama2c(const std::string& path) const {
       auto f = t.to(torch::kCPU, torch::kFloat).contiguous();
       out.write(reinterpret_cast<const char*>(f.data_ptr<float>()), f.numel() * sizeof(float));
     };
-    put(merged("tok_embeddings.weight"));
+    put(d.Merged("tok_embeddings.weight"));
     for (const char* k : {"attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
                           "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"}) {
-      for (int l = 0; l < c.n_layers; ++l) put(merged(absl::StrCat("layers.", l, ".", k, ".weight")));
+      for (int l = 0; l < c.n_layers; ++l) put(d.Merged(absl::StrCat("layers.", l, ".", k, ".weight")));
     }
-    put(merged("norm.weight"));
+    put(d.Merged("norm.weight"));
     put(d.cos);  // freq_cis_real / imag, as llama2.c writes them
     put(d.sin);
-    if (!c.tied_output) put(merged("output.weight"));
+    if (!c.tied_output) put(d.Merged("output.weight"));
     if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
     out.close();
     std::error_code ec;

@@ -12,22 +12,12 @@
 #include "kernels/rapidgrad.h"
 #include "model/engine.h"
 #include "tests/test_util.h"
+#include "tests/tiny_model.h"
 
 namespace rapidin::model {
 namespace {
 
-ModelConfig Tiny(bool tied) {
-  ModelConfig c;
-  c.dim = 8;
-  c.hidden_dim = 12;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.vocab_size = 11;
-  c.seq_len = 16;
-  c.tied_output = tied;
-  return c;
-}
+ModelConfig Tiny(bool tied) { return rapidin::testing::TinyModel(tied); }
 
 TokenizedExample RandomRecord(std::mt19937& rng, int vocab, int len, int response_begin) {
   TokenizedExample t;

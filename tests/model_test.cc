@@ -16,6 +16,7 @@
 #include "kernels/rapidgrad.h"
 #include "model/featurizer.h"
 #include "tests/test_util.h"
+#include "tests/tiny_model.h"
 
 namespace rapidin::model {
 namespace {
@@ -121,18 +122,7 @@ TEST(Engine, MissingAndMalformedFilesAreClearErrors) {
   EXPECT_EQ(GradientEngine::Load(o).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
-ModelConfig Tiny(bool tied) {
-  ModelConfig c;
-  c.dim = 8;
-  c.hidden_dim = 12;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.vocab_size = 11;
-  c.seq_len = 16;
-  c.tied_output = tied;
-  return c;
-}
+ModelConfig Tiny(bool tied) { return rapidin::testing::TinyModel(tied); }
 
 // Response-loss gradient against central finite differences, all in float64, on random weights and tokens.
 TEST(Engine, GradientMatchesFiniteDifferences) {

@@ -137,6 +137,17 @@ struct GradientEngine::Impl {
     return l;
   }
 
+  // Weight `name` as float32 in host memory, with its LoRA update B A * scale merged in when it has one (what
+  // the checkpoint writers save).
+  torch::Tensor Merged(const std::string& name) const {
+    torch::Tensor t = w.at(name).to(torch::kFloat);
+    auto it = lora.find(name);
+    if (it != lora.end()) {
+      t = t + torch::matmul(w.at(it->second.second), w.at(it->second.first)).to(torch::kFloat) * lora_scale;
+    }
+    return t.to(torch::kCPU).contiguous();
+  }
+
   // Options for a new tensor of the engine's dtype on its device.
   torch::TensorOptions Opts() const { return torch::TensorOptions().dtype(dtype).device(device); }
 
