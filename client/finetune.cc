@@ -52,6 +52,23 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
   std::vector<size_t> order(examples.size());
   const int64_t steps_per_epoch = (sum.records + o.batch_size - 1) / o.batch_size;
   const int64_t total_steps = steps_per_epoch * o.epochs;
+  // Writes the model and its Adam second moments; returns the optimizer state's path.
+  auto save = [&](const std::string& path, int epoch, bool final_model) -> absl::Status {
+    absl::Status st = o.mode == "lora" ? e.SaveAdapter(path, o.engine.model_path) : e.SaveLlama2c(path);
+    if (!st.ok()) return st;
+    FinetuneCheckpoint c;
+    c.epoch = epoch;
+    c.path = path;
+    c.lr = o.adam.lr;
+    c.optimizer_path = final_model && !o.optimizer_out.empty() ? o.optimizer_out
+                       : o.mode == "lora"                      ? path + "/optimizer.safetensors"
+                                                               : path + ".optimizer.safetensors";
+    st = e.SaveOptimizerState(c.optimizer_path, o.adam);
+    if (!st.ok()) return st;
+    sum.checkpoints.push_back(std::move(c));
+    return absl::OkStatus();
+  };
+  if (o.checkpoint_every < 0) return absl::InvalidArgumentError("checkpoint_every must be >= 0");
   auto last_report = std::chrono::steady_clock::now();
   for (int epoch = 0; epoch < o.epochs; ++epoch) {
     // Shuffle, then sort windows of 32 batches by length so that a batch pads little; batches run in random order.
@@ -86,15 +103,15 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
       }
     }
     sum.epoch_loss.push_back(loss_sum / steps_per_epoch);
+    if (o.checkpoint_every > 0 && (epoch + 1) % o.checkpoint_every == 0 && epoch + 1 < o.epochs) {
+      absl::Status st = save(absl::StrCat(o.out_path, ".epoch-", epoch + 1), epoch + 1, false);
+      if (!st.ok()) return st;
+    }
   }
-  absl::Status st = o.mode == "lora" ? e.SaveAdapter(o.out_path, o.engine.model_path) : e.SaveLlama2c(o.out_path);
+  absl::Status st = save(o.out_path, o.epochs, true);
   if (!st.ok()) return st;
   sum.out_path = o.out_path;
-  sum.optimizer_path = !o.optimizer_out.empty() ? o.optimizer_out
-                       : o.mode == "lora"        ? o.out_path + "/optimizer.safetensors"
-                                                 : o.out_path + ".optimizer.safetensors";
-  st = e.SaveOptimizerState(sum.optimizer_path, o.adam);
-  if (!st.ok()) return st;
+  sum.optimizer_path = sum.checkpoints.back().optimizer_path;
   sum.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return sum;
 }

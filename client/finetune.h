@@ -25,10 +25,20 @@ struct FinetuneOptions {
   model::LoraConfig lora;
   model::AdamWOptions adam;
   int epochs = 1;
+  // Also save the model and its optimizer state after every N-th epoch (0: only at the end), for TracIn-CP
+  // (`rapidin cache --checkpoint`): full: <out>.epoch-<e> (+ .optimizer.safetensors); LoRA: directory
+  // <out>.epoch-<e>. The final model is always at out_path.
+  int checkpoint_every = 0;
   int batch_size = 8;
   uint64_t seed = 0;                // record order (and the LoRA initialisation)
   int threads = 2;                  // LibTorch intra-op threads
   bool progress = true;             // progress lines on stderr
+};
+
+struct FinetuneCheckpoint {
+  int epoch = 0;
+  std::string path, optimizer_path;
+  double lr = 0;                    // the learning rate of the epochs before it (TracIn-CP's weight)
 };
 
 struct FinetuneSummary {
@@ -38,6 +48,7 @@ struct FinetuneSummary {
   int64_t trained_parameters = 0;
   std::string out_path;
   std::string optimizer_path;
+  std::vector<FinetuneCheckpoint> checkpoints;  // intermediate ones, then the final model
   std::vector<BadRecord> bad_records;
 };
 

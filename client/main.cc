@@ -211,10 +211,14 @@ int Finetune(const rapidin::client::FinetuneOptions& o, bool json) {
   if (json) {
     nlohmann::json bad = nlohmann::json::array();
     for (const auto& b : s->bad_records) bad.push_back({{"where", b.where}, {"reason", b.reason}});
+    nlohmann::json ckpts = nlohmann::json::array();
+    for (const auto& c : s->checkpoints) {
+      ckpts.push_back({{"epoch", c.epoch}, {"path", c.path}, {"optimizer_state", c.optimizer_path}, {"lr", c.lr}});
+    }
     std::cout << nlohmann::json{{"records", s->records}, {"bad", s->bad}, {"truncated", s->truncated},
                                 {"steps", s->steps}, {"epoch_loss", s->epoch_loss}, {"seconds", s->seconds},
                                 {"trained_parameters", s->trained_parameters}, {"out", s->out_path}, {"optimizer_state", s->optimizer_path},
-                                {"bad_records", bad}}
+                                {"checkpoints", ckpts}, {"bad_records", bad}}
                      .dump()
               << "\n";
     return 0;
@@ -229,6 +233,10 @@ int Finetune(const rapidin::client::FinetuneOptions& o, bool json) {
   }
   std::printf("  %-20s %s\n", "saved", s->out_path.c_str());
   std::printf("  %-20s %s\n", "optimizer state", s->optimizer_path.c_str());
+  for (size_t i = 0; i + 1 < s->checkpoints.size(); ++i) {
+    std::printf("  %-20s %s\n", absl::StrCat("checkpoint epoch ", s->checkpoints[i].epoch).c_str(),
+                s->checkpoints[i].path.c_str());
+  }
   return 0;
 }
 
@@ -410,6 +418,10 @@ int main(int argc, char** argv) {
   ft->add_option("--epochs", fo.epochs, "passes over the data")->capture_default_str()->check(CLI::Range(1, 10000));
   ft->add_option("--batch", fo.batch_size, "records per step")->capture_default_str()->check(CLI::Range(1, 65536));
   ft->add_option("--lr", fo.adam.lr, "AdamW learning rate")->capture_default_str();
+  ft->add_option("--checkpoint-every", fo.checkpoint_every,
+                 "also save the model and optimizer state every N epochs as <out>.epoch-<e> (TracIn-CP); 0: no")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 10000));
   ft->add_option("--weight-decay", fo.adam.weight_decay, "AdamW decoupled weight decay")->capture_default_str();
   ft->add_option("--seed", fo.seed, "record order and LoRA initialisation")->capture_default_str();
   ft->add_option("--max-length", fo.engine.max_length, "tokens per record")->capture_default_str();

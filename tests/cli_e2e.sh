@@ -248,9 +248,21 @@ with open('$work/ft.jsonl', 'w') as f:
   "$CLI" eval --model "$DATA/models/stories260K.bin" --data "$work/ft.jsonl" --json > "$work/eval0.jsonl" \
     || fail "eval of the base model"
   "$CLI" finetune --model "$DATA/models/stories260K.bin" --data "$work/ft.jsonl" --out "$work/adapter" \
-    --epochs 3 --batch 8 --lr 1e-2 --rank 4 --json > "$work/ft.json" 2>"$work/ft.err" || fail "finetune: $(cat "$work/ft.err")"
+    --epochs 3 --batch 8 --lr 1e-2 --rank 4 --checkpoint-every 2 --json > "$work/ft.json" 2>"$work/ft.err" \
+    || fail "finetune: $(cat "$work/ft.err")"
   [ -f "$work/adapter/adapter_config.json" ] && [ -f "$work/adapter/adapter_model.safetensors" ] \
     || fail "finetune wrote no PEFT adapter"
+  # TracIn-CP checkpoints: epoch 2 (every 2 of 3 epochs) and the final model, each with its optimizer state.
+  [ -f "$work/adapter.epoch-2/adapter_model.safetensors" ] && [ -f "$work/adapter.epoch-2/optimizer.safetensors" ] \
+    || fail "finetune --checkpoint-every 2 wrote no epoch-2 checkpoint"
+  cmp -s "$work/adapter.epoch-2/adapter_model.safetensors" "$work/adapter/adapter_model.safetensors" \
+    && fail "the epoch-2 checkpoint equals the final adapter"
+  python3 -c "
+import json, sys
+c = json.load(open('$work/ft.json'))['checkpoints']
+assert [x['epoch'] for x in c] == [2, 3] and c[0]['path'].endswith('adapter.epoch-2') and c[0]['lr'] == 0.01, c
+assert c[1]['path'].endswith('adapter') and c[1]['optimizer_state'].endswith('adapter/optimizer.safetensors'), c
+" || fail "finetune's checkpoint list: $(cat "$work/ft.json")"
   grep -q "step" "$work/ft.err" || fail "finetune showed no progress"
   "$CLI" eval --model "$DATA/models/stories260K.bin" --adapter "$work/adapter" --data "$work/ft.jsonl" \
     --generate 8 --json > "$work/eval1.jsonl" || fail "eval with the adapter"
