@@ -152,7 +152,7 @@ absl::StatusOr<CacheSummary> RunCache(const CacheOptions& o) {
   auto store = storage::Store::Open(o.store_path, so);
   if (absl::IsNotFound(store.status())) {
     so.create_if_missing = true;
-    so.k = static_cast<uint32_t>(o.featurizer.k);
+    so.k = static_cast<uint32_t>((*feat)->dim());
     so.projection_state = state;
     store = storage::Store::Open(o.store_path, so);
   } else if (store.ok()) {

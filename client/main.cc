@@ -379,6 +379,10 @@ int main(int argc, char** argv) {
   cache->add_option("--preconditioner", co.featurizer.engine.preconditioner_path,
                     "Adam second moments (the optimizer.safetensors of `rapidin finetune`): divide each gradient "
                     "element by sqrt(v)+eps before normalising (TrackStar/LESS)");
+  std::string checkpoints;
+  cache->add_option("--checkpoints", checkpoints,
+                    "TracIn-CP: the JSON summary of `rapidin finetune --json --checkpoint-every N`; each record's "
+                    "vector concatenates every checkpoint's, scaled by sqrt(lr), so scores sum over checkpoints");
   std::string score = "dot";
   cache->add_option("--score", score, "dot: RapidIn's inner product; cosine: unit-normalised vectors")
       ->capture_default_str()
@@ -501,6 +505,11 @@ int main(int argc, char** argv) {
   }
   if (*cache) {
     co.featurizer.unit_norm = score == "cosine";
+    if (!checkpoints.empty()) {
+      absl::Status st = rapidin::model::ReadFinetuneCheckpoints(
+          checkpoints, !co.featurizer.engine.preconditioner_path.empty(), &co.featurizer);
+      if (!st.ok()) return Fail(st);
+    }
     if (shard_index < 0 && co.shard_count > 1) {
       const char* env = std::getenv("JOB_COMPLETION_INDEX");
       if (env == nullptr || !absl::SimpleAtoi(env, &shard_index)) {

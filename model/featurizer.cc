@@ -5,12 +5,15 @@
 #include <chrono>
 #include <thread>
 #include <filesystem>
+#include <fstream>
 #include <map>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include <nlohmann/json.hpp>
 
 #if RAPIDIN_HAVE_CUDA
 #include "kernels/cuda/absl_status.h"
@@ -101,6 +104,44 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerO
   if (options.unit_norm || pre != "none") {
     absl::StrAppend(&f->state_, "score=", options.unit_norm ? "cosine" : "dot", " precondition=", pre, "\n");
   }
+  // TracIn-CP: every earlier checkpoint must select the same parameters, so that one sketch serves them all.
+  std::vector<std::string> weights, hashes;
+  for (const CheckpointOptions& c : options.checkpoints) {
+    if (!(c.weight > 0) || !std::isfinite(c.weight)) {
+      return absl::InvalidArgumentError(absl::StrCat("checkpoint ", c.model_path, ": weight must be > 0"));
+    }
+    EngineOptions ce = eo;
+    ce.model_path = c.model_path;
+    ce.adapter_path = c.adapter_path;
+    ce.preconditioner_path = c.preconditioner_path;
+    auto e = GradientEngine::Load(ce);
+    if (!e.ok()) return e.status();
+    std::vector<std::string> cn;
+    for (const auto& p : (*e)->params()) cn.push_back(p.name);
+    if (cn != names || (*e)->grad_dim() != f->engine_->grad_dim()) {
+      return absl::InvalidArgumentError(absl::StrCat("checkpoint ", c.model_path, " has other parameters (",
+                                                     cn.size(), " tensors, ", (*e)->grad_dim(),
+                                                     " values) than the model (", names.size(), ", ",
+                                                     f->engine_->grad_dim(), ")"));
+    }
+    if (((*e)->preconditioner() == "none") != (pre == "none")) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("checkpoint ", c.model_path, ": every checkpoint needs an optimizer state, or none"));
+    }
+    f->scale_.push_back(std::sqrt(c.weight));
+    weights.push_back(absl::StrFormat("%.9g", c.weight));
+    hashes.push_back((*e)->model_hash());
+    f->earlier_.push_back(std::move(*e));
+  }
+  if (!options.checkpoints.empty()) {
+    if (!(options.weight > 0) || !std::isfinite(options.weight)) {
+      return absl::InvalidArgumentError("the final checkpoint's weight must be > 0");
+    }
+    weights.push_back(absl::StrFormat("%.9g", options.weight));
+    absl::StrAppend(&f->state_, "tracincp=", options.checkpoints.size() + 1, " weights=", absl::StrJoin(weights, ","),
+                    " earlier=", absl::StrJoin(hashes, ","), "\n");
+  }
+  f->scale_.push_back(f->earlier_.empty() ? 1.0 : std::sqrt(options.weight));
   return f;
 }
 
@@ -146,11 +187,45 @@ void Featurizer::CompressBatch(const std::vector<Example>& exs, std::vector<std:
     where.push_back(i);
   }
   std::vector<GradInfo> gi;
-  if (device_ && !batch.empty()) {
-    const int64_t k = sketch_->params().k;
+  std::vector<std::vector<float>> part;
+  // Earlier checkpoints first, the model last (its GradInfo, the loss of the final model, is reported).
+  for (size_t c = 0; c <= earlier_.size() && !batch.empty(); ++c) {
+    const GradientEngine& e = c < earlier_.size() ? *earlier_[c] : *engine_;
+    absl::Status st = CompressWith(e, batch, &part, &gi, timing);
+    if (!st.ok()) {
+      for (size_t i : where) (*infos)[i] = st;
+      return;
+    }
+    const float sc = static_cast<float>(scale_[c]);
+    for (size_t j = 0; j < where.size(); ++j) {
+      auto& o = (*out)[where[j]];
+      if (scale_.size() == 1) {
+        o = std::move(part[j]);
+        continue;
+      }
+      for (float x : part[j]) o.push_back(x * sc);
+    }
+  }
+  for (size_t j = 0; j < where.size(); ++j) {
+    auto& o = (*out)[where[j]];
+    if (unit_norm_) UnitNorm(&o);
+    absl::Status fin = CheckFinite(o, "the compressed gradient");
+    (*infos)[where[j]] = fin.ok() ? absl::StatusOr<GradInfo>(gi[j]) : fin;
+  }
+  (void)t0;
+}
+
+absl::Status Featurizer::CompressWith(const GradientEngine& e, const std::vector<TokenizedExample>& batch,
+                                      std::vector<std::vector<float>>* out, std::vector<GradInfo>* gi,
+                                      Timing* timing) const {
+  using Clock = std::chrono::steady_clock;
+  const auto t0 = Clock::now();
+  const int64_t k = sketch_->params().k;
+  out->assign(batch.size(), {});
+  if (device_) {
     std::vector<float> all;
     double sketch_s = 0;
-    absl::Status st = engine_->GradientRowsBatch(
+    absl::Status st = e.GradientRowsBatch(
         batch, /*normalize=*/true,
         [&](const float* rows, int64_t n) {
           const auto ts = Clock::now();
@@ -159,48 +234,34 @@ void Featurizer::CompressBatch(const std::vector<Example>& exs, std::vector<std:
           sketch_s = std::chrono::duration<double>(Clock::now() - ts).count();
           return s;
         },
-        &gi);
-    for (size_t j = 0; j < where.size(); ++j) {
-      if (!st.ok()) {
-        (*infos)[where[j]] = st;
-        continue;
-      }
-      (*out)[where[j]].assign(all.begin() + j * k, all.begin() + (j + 1) * k);
-      if (unit_norm_) UnitNorm(&(*out)[where[j]]);
-      absl::Status fin = CheckFinite((*out)[where[j]], "the compressed gradient");
-      (*infos)[where[j]] = fin.ok() ? absl::StatusOr<GradInfo>(gi[j]) : fin;
-    }
+        gi);
+    if (!st.ok()) return st;
+    for (size_t j = 0; j < batch.size(); ++j) (*out)[j].assign(all.begin() + j * k, all.begin() + (j + 1) * k);
     if (timing) {
       timing->grad += std::chrono::duration<double>(Clock::now() - t0).count() - sketch_s;
       timing->sketch += sketch_s;
     }
-    return;
+    return absl::OkStatus();
   }
   std::vector<std::vector<double>> grads;
-  absl::Status st = engine_->GradientIdsBatch(batch, /*normalize=*/true, &grads, &gi);
+  absl::Status st = e.GradientIdsBatch(batch, /*normalize=*/true, &grads, gi);
+  if (!st.ok()) return st;
   const auto t1 = Clock::now();
   double sketch_s = 0;
   std::vector<float> gf;
-  for (size_t j = 0; j < where.size(); ++j) {
-    if (!st.ok()) {
-      (*infos)[where[j]] = st;
-      continue;
-    }
+  for (size_t j = 0; j < batch.size(); ++j) {
     gf.assign(grads[j].begin(), grads[j].end());
     const auto ts = Clock::now();
-    auto& o = (*out)[where[j]];
-    o.resize(sketch_->params().k);
-    sketch_->Apply(gf.data(), o.data());
-    if (unit_norm_) UnitNorm(&o);
+    (*out)[j].resize(k);
+    sketch_->Apply(gf.data(), (*out)[j].data());
     sketch_s += std::chrono::duration<double>(Clock::now() - ts).count();
-    absl::Status fin = CheckFinite(o, "the compressed gradient");
-    (*infos)[where[j]] = fin.ok() ? absl::StatusOr<GradInfo>(gi[j]) : fin;
   }
   if (timing) {
     timing->grad += std::chrono::duration<double>(t1 - t0).count();
     timing->sketch += sketch_s;
     timing->normalize += std::chrono::duration<double>(Clock::now() - t1).count() - sketch_s;
   }
+  return absl::OkStatus();
 }
 
 absl::Status Featurizer::TokenSketches(const std::vector<int32_t>& ids, int from,
@@ -237,20 +298,20 @@ absl::Status Featurizer::TokenSketches(const std::vector<int32_t>& ids, int from
 
 absl::StatusOr<double> Featurizer::RecordTokenInfluence(const TokenizedExample& t, const std::vector<float>& q,
                                                         std::vector<double>* scores) const {
-  if (static_cast<int64_t>(q.size()) != sketch_->params().k) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("query vector has ", q.size(), " values, the sketch ", sketch_->params().k));
+  if (static_cast<int64_t>(q.size()) != dim()) {
+    return absl::InvalidArgumentError(absl::StrCat("query vector has ", q.size(), " values, the featurizer ", dim()));
   }
   std::vector<double> u(engine_->grad_dim());
-  sketch_->ApplyTranspose(q.data(), u.data());
+  sketch_->ApplyTranspose(q.data() + final_offset(), u.data());
   return engine_->InfluenceTokens(t, u, scores);
 }
 
-absl::StatusOr<FeaturizerOptions> OptionsFromState(const std::string& state, const EngineOptions& engine) {
+absl::StatusOr<FeaturizerOptions> OptionsFromState(const std::string& state, const EngineOptions& engine,
+                                                   const std::string& checkpoints_summary) {
   FeaturizerOptions o;
   o.engine = engine;
   int64_t d = 0;
-  int found = 0;
+  int found = 0, tracincp = 0;
   std::string precondition = "none";
   for (absl::string_view tok : absl::StrSplit(state, absl::ByAnyChar(" \n"), absl::SkipEmpty())) {
     std::pair<std::string, std::string> kv = absl::StrSplit(tok, absl::MaxSplits('=', 1));
@@ -262,6 +323,7 @@ absl::StatusOr<FeaturizerOptions> OptionsFromState(const std::string& state, con
     else if (kv.first == "max_length") ok = absl::SimpleAtoi(v, &o.engine.max_length), ++found;
     else if (kv.first == "d") ok = absl::SimpleAtoi(v, &d);
     else if (kv.first == "precondition") precondition = v;
+    else if (kv.first == "tracincp") ok = absl::SimpleAtoi(v, &tracincp) && tracincp >= 2;
     else if (kv.first == "score") {
       ok = v == "dot" || v == "cosine";
       o.unit_norm = v == "cosine";
@@ -282,7 +344,68 @@ absl::StatusOr<FeaturizerOptions> OptionsFromState(const std::string& state, con
         "the store was cached with Adam preconditioning (", precondition,
         "): give the same optimizer state (--preconditioner, the optimizer.safetensors of `rapidin finetune`)"));
   }
+  if (tracincp > 0 && checkpoints_summary.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the store was cached with TracIn-CP over ", tracincp,
+        " checkpoints: give the same ones (--checkpoints, the JSON summary of `rapidin finetune --checkpoint-every`)"));
+  }
+  if (!checkpoints_summary.empty()) {
+    if (tracincp == 0) {
+      return absl::FailedPreconditionError(
+          "--checkpoints was given, but the store was cached from one model (no TracIn-CP in its projection state)");
+    }
+    absl::Status st = ReadFinetuneCheckpoints(checkpoints_summary, precondition != "none", &o);
+    if (!st.ok()) return st;
+  }
   return o;
+}
+
+absl::Status ReadFinetuneCheckpoints(const std::string& summary_path, bool precondition, FeaturizerOptions* fo) {
+  std::ifstream in(summary_path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read the fine-tuning summary ", summary_path));
+  const nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  auto bad = [&](const std::string& why) {
+    return absl::DataLossError(absl::StrCat(summary_path, ": ", why, " (expected the JSON summary of "
+                                            "`rapidin finetune --json --checkpoint-every N`)"));
+  };
+  if (j.is_discarded() || !j.is_object()) return bad("not a JSON object");
+  if (!j.contains("checkpoints") || !j["checkpoints"].is_array()) return bad("no \"checkpoints\" list");
+  const auto& cs = j["checkpoints"];
+  if (cs.size() < 2) {
+    return absl::InvalidArgumentError(absl::StrCat(summary_path, " lists ", cs.size(),
+                                                   " checkpoint(s); TracIn-CP needs at least 2"));
+  }
+  std::vector<CheckpointOptions> out;
+  for (const auto& c : cs) {
+    if (!c.is_object() || !c.contains("path") || !c["path"].is_string() || !c.contains("lr") ||
+        !c["lr"].is_number() || !c.contains("optimizer_state") || !c["optimizer_state"].is_string()) {
+      return bad("a checkpoint without path, optimizer_state or lr");
+    }
+    CheckpointOptions co;
+    const std::string path = c["path"].get<std::string>();
+    // A LoRA checkpoint is an adapter directory over the base model; a full one is a model file.
+    if (std::filesystem::exists(std::filesystem::path(path) / "adapter_config.json")) {
+      co.model_path = fo->engine.model_path;
+      co.adapter_path = path;
+    } else {
+      co.model_path = path;
+    }
+    if (precondition) co.preconditioner_path = c["optimizer_state"].get<std::string>();
+    co.weight = c["lr"].get<double>();
+    out.push_back(std::move(co));
+  }
+  const CheckpointOptions& last = out.back();
+  const std::string& mine = fo->engine.adapter_path.empty() ? fo->engine.model_path : fo->engine.adapter_path;
+  const std::string& theirs = last.adapter_path.empty() ? last.model_path : last.adapter_path;
+  std::error_code ec;
+  if (!std::filesystem::equivalent(mine, theirs, ec)) {
+    return absl::InvalidArgumentError(absl::StrCat("the last checkpoint of ", summary_path, " is ", theirs,
+                                                   ", not the model given (", mine, ")"));
+  }
+  fo->weight = last.weight;
+  out.pop_back();
+  fo->checkpoints = std::move(out);
+  return absl::OkStatus();
 }
 
 std::string DescribeStateDifference(const std::string& store_state, const std::string& model_state) {

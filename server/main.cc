@@ -66,6 +66,9 @@ int main(int argc, char** argv) {
   app.add_option("--params", o.param_pattern, "parameter regex used by `rapidin cache --params`");
   app.add_option("--preconditioner", o.preconditioner_path,
                  "Adam second moments used by `rapidin cache --preconditioner` (the store's state says when)");
+  app.add_option("--checkpoints", o.checkpoints_path,
+                 "TracIn-CP: the `rapidin finetune` summary used by `rapidin cache --checkpoints` (the store's state "
+                 "says when)");
   app.add_option("--model-device", o.model_device,
                  "where gradients run: cpu | cuda | cuda:N | auto (CUDA when this LibTorch has it and sees a GPU)")
       ->capture_default_str();

@@ -50,6 +50,7 @@ struct ServerOptions {
   std::string tokenizer_path;
   std::string param_pattern;
   std::string preconditioner_path;  // Adam second moments the store was cached with (`rapidin cache --preconditioner`)
+  std::string checkpoints_path;     // TracIn-CP: the fine-tuning summary the store was cached with (`--checkpoints`)
   std::string model_device = "auto";  // model::EngineOptions::device
   model::TokenGradMethod token_method = model::TokenGradMethod::kShared;  // token attributions' gradients
   // Router mode: the shard servers' HOST:PORT (store_path must be empty). Their stores must share one projection

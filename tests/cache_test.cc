@@ -11,6 +11,7 @@
 
 #include "client/cache.h"
 #include "client/client.h"
+#include "client/finetune.h"
 #include "model/engine.h"
 #include "model/featurizer.h"
 #include "server/server.h"
@@ -289,6 +290,108 @@ TEST_F(CacheTest, PreconditionedCosineStoreNeedsTheSameOptimizerState) {
   EXPECT_EQ(r->result().helpful(0).id(), "train-4");
   EXPECT_NEAR(r->result().helpful(0).score(), 1.0, 2e-3);  // fp16 store
   for (const auto& h : r->result().helpful()) EXPECT_LE(h.score(), 1.0 + 2e-3);
+}
+
+// TracIn-CP: two checkpoints of a real fine-tuning run. The concatenated vectors' inner product is the weighted
+// sum of the per-checkpoint inner products; the state names the checkpoints, a server needs the same summary, and
+// a bad summary is refused with its reason.
+TEST_F(CacheTest, TracInCheckpointScoresSumOverCheckpoints) {
+  REQUIRE_SHARED_DATA();
+  FinetuneOptions fo;
+  fo.engine = o_.featurizer.engine;
+  fo.data_path = data_;
+  fo.out_path = dir_.path("ft.bin");
+  fo.mode = "full";
+  fo.epochs = 2;
+  fo.checkpoint_every = 1;
+  fo.batch_size = 2;
+  fo.adam.lr = 5e-3;
+  fo.progress = false;
+  auto ft = RunFinetune(fo);
+  ASSERT_TRUE(ft.ok()) << ft.status();
+  ASSERT_EQ(ft->checkpoints.size(), 2u);
+  const std::string early = ft->checkpoints[0].path, last = ft->checkpoints[1].path;
+  EXPECT_EQ(early, fo.out_path + ".epoch-1");
+  EXPECT_EQ(last, fo.out_path);
+  const std::string summary = dir_.path("ft.json");
+  std::ofstream(summary) << R"({"checkpoints": [{"epoch": 1, "path": ")" << early << R"(", "optimizer_state": ")"
+                         << ft->checkpoints[0].optimizer_path << R"(", "lr": 0.5}, {"epoch": 2, "path": ")" << last
+                         << R"(", "optimizer_state": ")" << ft->checkpoints[1].optimizer_path << R"(", "lr": 2}]})";
+
+  model::FeaturizerOptions one = o_.featurizer;
+  one.engine.model_path = early;
+  auto fa = model::Featurizer::Create(one);
+  one.engine.model_path = last;
+  auto fb = model::Featurizer::Create(one);
+  model::FeaturizerOptions tc = one;
+  ASSERT_TRUE(model::ReadFinetuneCheckpoints(summary, /*precondition=*/false, &tc).ok());
+  ASSERT_EQ(tc.checkpoints.size(), 1u);
+  EXPECT_EQ(tc.checkpoints[0].model_path, early);
+  EXPECT_EQ(tc.weight, 2);
+  auto ft_cp = model::Featurizer::Create(tc);
+  ASSERT_TRUE(fa.ok() && fb.ok() && ft_cp.ok()) << ft_cp.status();
+  ASSERT_EQ((*ft_cp)->dim(), 2 * o_.featurizer.k);
+  EXPECT_EQ((*ft_cp)->final_offset(), o_.featurizer.k);
+  const model::Example x{"Name a color.", "", "Blue is a color of the sky.", {}};
+  const model::Example y{"Write a story about a dog.", "", "Once upon a time a dog ran home.", {}};
+  std::vector<float> ax, ay, bx, by, tx, ty;
+  ASSERT_TRUE((*fa)->Compress(x, &ax).ok() && (*fa)->Compress(y, &ay).ok());
+  ASSERT_TRUE((*fb)->Compress(x, &bx).ok() && (*fb)->Compress(y, &by).ok());
+  ASSERT_TRUE((*ft_cp)->Compress(x, &tx).ok() && (*ft_cp)->Compress(y, &ty).ok());
+  auto dot = [](const std::vector<float>& a, const std::vector<float>& b) {
+    double s = 0;
+    for (size_t i = 0; i < a.size(); ++i) s += static_cast<double>(a[i]) * b[i];
+    return s;
+  };
+  const double want = 0.5 * dot(ax, ay) + 2 * dot(bx, by), got = dot(tx, ty);
+  EXPECT_NE(dot(ax, ay), dot(bx, by));  // the checkpoints really differ
+  EXPECT_NEAR(got, want, 1e-5 * (std::abs(0.5 * dot(ax, ay)) + std::abs(2 * dot(bx, by))));
+  const std::string state = (*ft_cp)->projection_state();
+  EXPECT_NE(state.find("tracincp=2 weights=0.5,2 earlier="), std::string::npos) << state;
+
+  // The state asks for the summary; another summary (other weights) is a state difference.
+  auto no_summary = model::OptionsFromState(state, one.engine);
+  ASSERT_EQ(no_summary.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(no_summary.status().message().find("--checkpoints"), std::string::npos) << no_summary.status();
+  auto from_state = model::OptionsFromState(state, one.engine, summary);
+  ASSERT_TRUE(from_state.ok()) << from_state.status();
+  EXPECT_EQ(from_state->checkpoints.size(), 1u);
+
+  // Bad summaries.
+  model::FeaturizerOptions bad = one;
+  EXPECT_EQ(model::ReadFinetuneCheckpoints(dir_.path("none.json"), false, &bad).code(), absl::StatusCode::kNotFound);
+  std::ofstream(dir_.path("broken.json")) << "{\"checkpoints\": [";
+  EXPECT_EQ(model::ReadFinetuneCheckpoints(dir_.path("broken.json"), false, &bad).code(), absl::StatusCode::kDataLoss);
+  bad.engine.model_path = early;  // the summary's last checkpoint is another file
+  absl::Status other = model::ReadFinetuneCheckpoints(summary, false, &bad);
+  EXPECT_EQ(other.code(), absl::StatusCode::kInvalidArgument) << other;
+
+  // Cache and serve: the store holds 2k values per record; the server needs the summary.
+  o_.featurizer = tc;
+  auto s = RunCache(o_);
+  ASSERT_TRUE(s.ok()) << s.status();
+  server::ServerOptions so = ModelServer();
+  so.model_path = last;
+  so.tokenizer_path = o_.featurizer.engine.tokenizer_path;
+  auto refused = server::Server::Create(so);
+  ASSERT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  EXPECT_NE(refused.status().message().find("--checkpoints"), std::string::npos) << refused.status();
+  so.checkpoints_path = summary;
+  auto srv = server::Server::Create(so);
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  auto c = ClientFor(**srv);
+  EXPECT_EQ(c->Stats()->k(), static_cast<uint32_t>(2 * o_.featurizer.k));
+  rapidin::v1::QueryRequest q;
+  q.set_instruction("Give a greeting.");
+  q.set_generation("Howdy! Nice to meet you.");
+  q.set_top_k(2);
+  q.set_attributions(true);
+  auto r = c->Query(q);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->result().helpful(0).id(), "train-4");
+  // Token views come from the final checkpoint: one influence score per record token, finite.
+  EXPECT_GT(r->result().helpful(0).record_influence_tokens_size(), 3);
+  for (const auto& t : r->result().helpful(0).record_influence_tokens()) EXPECT_TRUE(std::isfinite(t.score()));
 }
 
 TEST_F(CacheTest, ServerRefusesStoreOfAnotherModelState) {

@@ -143,7 +143,7 @@ absl::StatusOr<std::unique_ptr<model::Featurizer>> LoadFeaturizer(const std::str
   mo.param_pattern = options.param_pattern;
   mo.preconditioner_path = options.preconditioner_path;
   mo.device = options.model_device;
-  auto fo = model::OptionsFromState(state, mo);
+  auto fo = model::OptionsFromState(state, mo, options.checkpoints_path);
   if (!fo.ok()) return fo.status();
   fo->token_method = options.token_method;
   model::SetComputeThreads(1);
@@ -172,9 +172,10 @@ absl::StatusOr<model::Example> GenerationGradient(const model::Featurizer& featu
 
 namespace {
 
-double Dot(const std::vector<float>& a, const std::vector<float>& b) {
+// A token's sketch (k values) against the final checkpoint's part of a record or query vector.
+double Dot(const std::vector<float>& a, const std::vector<float>& b, int64_t offset) {
   double s = 0;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) s += static_cast<double>(a[i]) * b[i];
+  for (size_t i = 0; i < a.size() && offset + i < b.size(); ++i) s += static_cast<double>(a[i]) * b[offset + i];
   return s;
 }
 
@@ -230,7 +231,7 @@ absl::Status Attribute(const model::Featurizer& featurizer, const model::Example
       ts->set_field("generation");
       ts->set_begin(gt->response_spans[t].begin);
       ts->set_end(gt->response_spans[t].end);
-      ts->set_score(static_cast<float>(Dot(g_tok[t], x)));
+      ts->set_score(static_cast<float>(Dot(g_tok[t], x, featurizer.final_offset())));
     }
     const model::Example z{rec.instruction(), rec.input(), rec.output(), {}};
     auto zt = eng.Tokenize(z);
@@ -256,7 +257,7 @@ absl::Status Attribute(const model::Featurizer& featurizer, const model::Example
     for (size_t s = 1; s < zt->ids.size(); ++s) {
       auto* ts = sr->add_record_tokens();
       place(s, ts);
-      ts->set_score(static_cast<float>(Dot(z_tok[s - 1], q)));
+      ts->set_score(static_cast<float>(Dot(z_tok[s - 1], q, featurizer.final_offset())));
       auto* ti = sr->add_record_influence_tokens();
       place(s, ti);
       ti->set_score(static_cast<float>(infl[s]));
