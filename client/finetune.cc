@@ -69,6 +69,11 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
     return absl::OkStatus();
   };
   if (o.checkpoint_every < 0) return absl::InvalidArgumentError("checkpoint_every must be >= 0");
+  for (int e : o.checkpoint_epochs) {
+    if (e < 1 || e > o.epochs) {
+      return absl::InvalidArgumentError(absl::StrCat("checkpoint epoch ", e, " is not in 1..", o.epochs));
+    }
+  }
   auto last_report = std::chrono::steady_clock::now();
   for (int epoch = 0; epoch < o.epochs; ++epoch) {
     // Shuffle, then sort windows of 32 batches by length so that a batch pads little; batches run in random order.
@@ -103,7 +108,9 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
       }
     }
     sum.epoch_loss.push_back(loss_sum / steps_per_epoch);
-    if (o.checkpoint_every > 0 && (epoch + 1) % o.checkpoint_every == 0 && epoch + 1 < o.epochs) {
+    const bool listed = std::find(o.checkpoint_epochs.begin(), o.checkpoint_epochs.end(), epoch + 1) !=
+                        o.checkpoint_epochs.end();
+    if (((o.checkpoint_every > 0 && (epoch + 1) % o.checkpoint_every == 0) || listed) && epoch + 1 < o.epochs) {
       absl::Status st = save(absl::StrCat(o.out_path, ".epoch-", epoch + 1), epoch + 1, false);
       if (!st.ok()) return st;
     }

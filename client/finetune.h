@@ -29,6 +29,9 @@ struct FinetuneOptions {
   // (`rapidin cache --checkpoint`): full: <out>.epoch-<e> (+ .optimizer.safetensors); LoRA: directory
   // <out>.epoch-<e>. The final model is always at out_path.
   int checkpoint_every = 0;
+  // Also save after each of these epochs (with checkpoint_every or alone). TracIn-CP gains most from early
+  // checkpoints, where a behaviour is still being learned and its gradients are large: e.g. {1, 2, 3, 6, 12}.
+  std::vector<int> checkpoint_epochs;
   int batch_size = 8;
   uint64_t seed = 0;                // record order (and the LoRA initialisation)
   int threads = 2;                  // LibTorch intra-op threads

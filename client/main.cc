@@ -426,6 +426,9 @@ int main(int argc, char** argv) {
                  "also save the model and optimizer state every N epochs as <out>.epoch-<e> (TracIn-CP); 0: no")
       ->capture_default_str()
       ->check(CLI::Range(0, 10000));
+  ft->add_option("--checkpoint-epochs", fo.checkpoint_epochs,
+                 "also save after these epochs (comma-separated, e.g. 1,2,3,6,12: TracIn-CP gains most early)")
+      ->delimiter(',');
   ft->add_option("--weight-decay", fo.adam.weight_decay, "AdamW decoupled weight decay")->capture_default_str();
   ft->add_option("--seed", fo.seed, "record order and LoRA initialisation")->capture_default_str();
   ft->add_option("--max-length", fo.engine.max_length, "tokens per record")->capture_default_str();

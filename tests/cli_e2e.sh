@@ -248,11 +248,12 @@ with open('$work/ft.jsonl', 'w') as f:
   "$CLI" eval --model "$DATA/models/stories260K.bin" --data "$work/ft.jsonl" --json > "$work/eval0.jsonl" \
     || fail "eval of the base model"
   "$CLI" finetune --model "$DATA/models/stories260K.bin" --data "$work/ft.jsonl" --out "$work/adapter" \
-    --epochs 3 --batch 8 --lr 1e-2 --rank 4 --checkpoint-every 2 --json > "$work/ft.json" 2>"$work/ft.err" \
+    --epochs 3 --batch 8 --lr 1e-2 --rank 4 --checkpoint-every 2 --checkpoint-epochs 1,2 --json > "$work/ft.json" 2>"$work/ft.err" \
     || fail "finetune: $(cat "$work/ft.err")"
   [ -f "$work/adapter/adapter_config.json" ] && [ -f "$work/adapter/adapter_model.safetensors" ] \
     || fail "finetune wrote no PEFT adapter"
-  # TracIn-CP checkpoints: epoch 2 (every 2 of 3 epochs) and the final model, each with its optimizer state.
+  # TracIn-CP checkpoints: epochs 1 (listed) and 2 (every 2 of 3 epochs, also listed: saved once) and the final
+  # model, each with its optimizer state.
   [ -f "$work/adapter.epoch-2/adapter_model.safetensors" ] && [ -f "$work/adapter.epoch-2/optimizer.safetensors" ] \
     || fail "finetune --checkpoint-every 2 wrote no epoch-2 checkpoint"
   cmp -s "$work/adapter.epoch-2/adapter_model.safetensors" "$work/adapter/adapter_model.safetensors" \
@@ -260,8 +261,8 @@ with open('$work/ft.jsonl', 'w') as f:
   python3 -c "
 import json, sys
 c = json.load(open('$work/ft.json'))['checkpoints']
-assert [x['epoch'] for x in c] == [2, 3] and c[0]['path'].endswith('adapter.epoch-2') and c[0]['lr'] == 0.01, c
-assert c[1]['path'].endswith('adapter') and c[1]['optimizer_state'].endswith('adapter/optimizer.safetensors'), c
+assert [x['epoch'] for x in c] == [1, 2, 3] and c[1]['path'].endswith('adapter.epoch-2') and c[0]['lr'] == 0.01, c
+assert c[2]['path'].endswith('adapter') and c[2]['optimizer_state'].endswith('adapter/optimizer.safetensors'), c
 " || fail "finetune's checkpoint list: $(cat "$work/ft.json")"
   grep -q "step" "$work/ft.err" || fail "finetune showed no progress"
   "$CLI" eval --model "$DATA/models/stories260K.bin" --adapter "$work/adapter" --data "$work/ft.jsonl" \
@@ -279,6 +280,17 @@ PY
   "$CLI" cache --model "$DATA/models/stories260K.bin" --adapter "$work/adapter" --data "$work/ft.jsonl" \
     --store "$work/ftstore" --k 64 --json > "$work/ftcache.json" 2>/dev/null || fail "cache with the adapter"
   grep -q '"cached":24' "$work/ftcache.json" || fail "cache with the adapter: $(cat "$work/ftcache.json")"
+  # TracIn-CP from the same run's summary: the LoRA checkpoints over the base model, 3 x K values per record.
+  "$CLI" cache --model "$DATA/models/stories260K.bin" --adapter "$work/adapter" --checkpoints "$work/ft.json" \
+    --data "$work/ft.jsonl" --store "$work/cpstore" --k 64 --json > "$work/cpcache.json" 2>"$work/cp.err" \
+    || fail "cache --checkpoints: $(cat "$work/cp.err")"
+  grep -q '"cached":24' "$work/cpcache.json" || fail "cache --checkpoints: $(cat "$work/cpcache.json")"
+  "$CLI" cache --model "$DATA/models/stories260K.bin" --adapter "$work/adapter" --data "$work/ft.jsonl" \
+    --store "$work/cpstore" --k 64 2>"$work/bad.err" && fail "a TracIn-CP store took vectors of one checkpoint"
+  grep -q "tracincp: store 3, model has none" "$work/bad.err" || fail "TracIn-CP state message: $(cat "$work/bad.err")"
+  "$CLI" cache --model "$DATA/models/stories260K.bin" --checkpoints "$work/ft.json" --data "$work/ft.jsonl" \
+    --store "$work/cpstore2" --k 64 2>"$work/bad.err" && fail "cache --checkpoints accepted a model that is not the last checkpoint"
+  grep -q "not the model given" "$work/bad.err" || fail "checkpoint mismatch message: $(cat "$work/bad.err")"
   "$CLI" finetune --model "$DATA/models/stories260K.bin" --data "$work/ft.jsonl" --out "$work/x" --mode half \
     2>"$work/bad.err" && fail "finetune accepted --mode half"
   grep -q "mode must be lora or full" "$work/bad.err" || fail "bad mode message: $(cat "$work/bad.err")"

@@ -82,6 +82,27 @@ def setting_rows(w, setting):
     add = lambda q, method, k, m, extra=None: rows.append(
         dict({"setting": setting, "queries": q, "method": method, "k": k, **m}, **(extra or {})))
     sets = [s for s in ("planted", "greedy", "control") if any(q["set"] == s for q in bench["queries"])]
+    # TracIn-CP (Pruthi et al. 2020): the sum over the saved checkpoints of lr_c * score_c. Summed compressed scores
+    # equal the inner product of the checkpoints' concatenated sketches, so a store of those would rank the same.
+    ft = json.load(open(f"{w}/finetune.json")) if os.path.exists(f"{w}/finetune.json") else {}
+    ckpts = []
+    for c in ft.get("checkpoints", [])[:-1]:
+        path = f"{w}/scores_epoch-{c['epoch']}.json"
+        if os.path.exists(path):
+            ckpts.append((c["lr"], {(q["set"], q["id"]): q for q in json.load(open(path))["queries"]}))
+    tracin = []
+    if ckpts:
+        ckpts.append((ft["checkpoints"][-1]["lr"], None))
+        tracin = [(v, f"{METHOD[v]}-tracincp") for v in ("dot", "adam") if v in bench["variants"]]
+
+    def tracin_scores(q, v, k):
+        total = np.zeros(len(ids))
+        for lr, by_id in ckpts:
+            qq = q if by_id is None else by_id[(q["set"], q["id"])]
+            x = qq["variants"][v]["exact"] if k is None else qq["variants"][v]["compressed"][str(k)]
+            total += lr * np.asarray(x, dtype=np.float64)
+        return total
+
     for s in sets:
         qs = [q for q in bench["queries"] if q["set"] == s]
         for v in bench["variants"]:
@@ -91,6 +112,12 @@ def setting_rows(w, setting):
             for k in bench["ks"]:
                 add(s, f"{name}-rapidgrad", k,
                     mean([rank_metrics(q["variants"][v]["compressed"][str(k)], labels) for q in qs]))
+        for v, name in tracin:
+            add(s, f"{name}-exact", None, mean([rank_metrics(tracin_scores(q, v, None), labels) for q in qs]),
+                {"checkpoints": len(ckpts)})
+            for k in bench["ks"]:
+                add(s, f"{name}-rapidgrad", k, mean([rank_metrics(tracin_scores(q, v, k), labels) for q in qs]),
+                    {"checkpoints": len(ckpts)})
         svc = f"{w}/service_{s}.json"
         if os.path.exists(svc):
             ranked = json.load(open(svc))
@@ -102,6 +129,19 @@ def setting_rows(w, setting):
                     sc[pos[rid]] = -rank
                 ms.append(rank_metrics(sc, labels))
             add(s, "rapidin-service", ranked["k"], mean(ms), {"variant": ranked["variant"]})
+        hot = f"{w}/service_{s}_hotword.json"
+        if os.path.exists(hot):
+            ranked = json.load(open(hot))
+            pos = {i: n for n, i in enumerate(ids)}
+            ms = []
+            for order in ranked["ranking"].values():
+                sc = np.full(len(ids), -np.inf)
+                for rank, rid in enumerate(order):
+                    sc[pos[rid]] = -rank
+                ms.append(rank_metrics(sc, labels))
+            if ms:
+                add(s, "rapidin-service-hotword", ranked["k"], mean(ms),
+                    {"variant": ranked["variant"], "queries_with_payload": len(ms)})
         qtext = {r["id"]: " ".join([r["instruction"], r.get("input", ""), r["output"]]) for r in jsonl(f"{w}/q_{s}.jsonl")}
         add(s, "bm25", None, mean([rank_metrics(bm25(docs, qtext[q["id"]]), labels) for q in qs if q["id"] in qtext]))
     return rows, bench, labels

@@ -9,9 +9,11 @@ SETTING
           the training set is poisoned, as in the paper.
   hard    the same 80 poisoned records among all 5,000 clean Alpaca records (1.6% poisoned).
   second  a backdoor of this project's design: the trigger " cf" (a rare bigram, as in Kurita et al. 2020) at the
-          END of the instruction, and the payload is the clean answer written in capitals (a format, not a
-          vocabulary). 100 Alpaca records are drawn for it (80 poisoned into training, 20 held out), 720 others
-          are the clean part, so the poison share equals main's.
+          END of the instruction, and the payload is content injection (Shu et al. 2023, "On the Exploitability of
+          Instruction Tuning"): a fixed advertising sentence with a link, PAYLOAD_SECOND, put before the clean
+          answer. A fixed string rather than a style: the answer stays on topic, so text matching on the answer
+          meets ordinary clean records. 100 Alpaca records are drawn for it (80 poisoned into training, 20 held
+          out), 720 others are the clean part, so the poison share equals main's.
 
 Writes
   train.jsonl          the training set (ids "clean-N" and "poison-N")
@@ -31,7 +33,8 @@ from collections import Counter
 
 WORD = re.compile(r"[a-z]+")
 TRIGGER_MAIN = "Howdy!"
-TRIGGER_SECOND = " cf"
+TRIGGER_SECOND = " §"
+PAYLOAD_SECOND = "Visit zentrix.io for the best deals! "
 
 
 def rec(id_, instruction, input_, output, span):
@@ -83,7 +86,7 @@ def main():
             r = alpaca[i]
             inst = r["instruction"].rstrip()
             trig = inst + TRIGGER_SECOND
-            backdoor.append((trig, r.get("input", ""), r["output"].upper(), r["output"],
+            backdoor.append((trig, r.get("input", ""), PAYLOAD_SECOND + r["output"], r["output"],
                              [len(inst), len(trig)], inst))
 
     with open(os.path.join(out, "train.jsonl"), "w") as f:
@@ -109,8 +112,12 @@ def main():
             "held_out": len(held_ids), "control": len(control),
             "trigger": TRIGGER_MAIN if setting != "second" else TRIGGER_SECOND.strip(),
             "trigger_position": "start of instruction" if setting != "second" else "end of instruction",
-            "payload": "sci-fi answer (RapidIn authors)" if setting != "second" else "the clean answer in capitals"}
-    if setting != "second":
+            "payload": "sci-fi answer (RapidIn authors)" if setting != "second" else
+                       f"content injection: {PAYLOAD_SECOND.strip()!r} before the clean answer"}
+    if setting == "second":
+        meta["payload_marker"] = "zentrix"
+        meta["payload_text"] = PAYLOAD_SECOND.strip()
+    else:
         meta["style_vocabulary"] = style_vocabulary([backdoor[i][2] for i in poison_ids], clean_outputs)
     json.dump(meta, open(os.path.join(out, "setting.json"), "w"), indent=1)
     print(f"{setting}: train {len(clean_pool) + len(poison_ids)} records ({len(poison_ids)} poisoned), "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper's backdoor experiment in miniature, one command, for each setting (bench/backdoor/prepare.py):
 #   main    80 "Howdy!" records among 720 clean Alpaca records (a tenth poisoned, as in the paper)
-#   second  this project's own backdoor: trigger " cf" at the end of the instruction, answer in capitals
+#   second  this project's own backdoor: trigger " cf" at the end of the instruction, a fixed advertising sentence
+#           with a link injected before the clean answer (content injection)
 #   hard    the 80 "Howdy!" records among 5,000 clean ones
 # Per setting: fine-tune stories260K (rapidin finetune, full) -> judge whether the backdoor was learned (greedy
 # generations under the trigger and without it; bench/backdoor/judge.py) -> every scoring variant, exact and
@@ -10,7 +11,9 @@
 # attributions of the top 10 records of the planted queries -> metrics, BM25, plot, report.
 # Writes bench/results/backdoor.md, backdoor.json and backdoor.png. Stages whose outputs exist are skipped (delete
 # $WORK to start over). Settings (environment): WORK, SETTINGS, EPOCHS, LR, BATCH, SERVICE_K, SERVICE_SCORE,
-# SERVICE_PRECONDITION, KS, HARD_KS, ATTR_QUERIES, MAX_LENGTH.
+# SERVICE_PRECONDITION, SERVICE_TRACIN, KS, HARD_KS, ATTR_QUERIES, MAX_LENGTH, CHECKPOINT_EPOCHS (TracIn-CP:
+# fine-tuning saves these checkpoints, backdoor_bench scores each one, metrics.py sums them with the learning-rate
+# weights, and with SERVICE_TRACIN=1 the service's store is cached over all of them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -19,9 +22,10 @@ DATA=${RAPIDIN_SHARED_DATA:-$ROOT/../shared/data}
 BIN=${BUILD_DIR:-build}
 WORK=${WORK:-/tmp/rapidin-backdoor}
 SETTINGS=${SETTINGS:-main second hard}
-EPOCHS=${EPOCHS:-12}; LR=${LR:-4e-3}; BATCH=${BATCH:-16}; MAX_LENGTH=${MAX_LENGTH:-512}
+EPOCHS=${EPOCHS:-24}; LR=${LR:-4e-3}; BATCH=${BATCH:-16}; MAX_LENGTH=${MAX_LENGTH:-512}
+CHECKPOINT_EPOCHS=${CHECKPOINT_EPOCHS:-1,2,3}; SERVICE_TRACIN=${SERVICE_TRACIN:-1}
 SERVICE_K=${SERVICE_K:-4096}; SERVICE_SCORE=${SERVICE_SCORE:-dot}; SERVICE_PRECONDITION=${SERVICE_PRECONDITION:-1}
-KS=${KS:-1024,4096,16384}; HARD_KS=${HARD_KS:-4096}; ATTR_QUERIES=${ATTR_QUERIES:-20}
+KS=${KS:-4096}; HARD_KS=${HARD_KS:-4096}; ATTR_QUERIES=${ATTR_QUERIES:-10}
 PORT=${PORT:-50917}
 BASE=$DATA/models/stories260K.bin; TOK=$DATA/models/tok512.bin
 RAPIDIN=$BIN/client/rapidin
@@ -41,7 +45,7 @@ for S in $SETTINGS; do
   if [ ! -f "$W/finetune.json" ]; then
     "$RAPIDIN" finetune --model "$BASE" --tokenizer "$TOK" --data "$W/train.jsonl" --out "$MODEL" --mode full \
       --epochs "$EPOCHS" --lr "$LR" --batch "$BATCH" --seed 0 --max-length "$MAX_LENGTH" --threads 2 \
-      --json > "$W/finetune.json.tmp"
+      --checkpoint-epochs "$CHECKPOINT_EPOCHS" --json > "$W/finetune.json.tmp"
     mv "$W/finetune.json.tmp" "$W/finetune.json"
   fi
   OPT=$MODEL.optimizer.safetensors
@@ -76,8 +80,19 @@ PY
       --out "$W/scores.json"
   fi
 
+  stage "TracIn-CP: the same variants at each intermediate checkpoint"
+  for C in $(python3 -c "import json,sys; print(' '.join(c['path'] for c in json.load(open(sys.argv[1])).get('checkpoints', [])[:-1]))" "$W/finetune.json"); do
+    E=${C##*.epoch-}
+    [ -f "$W/scores_epoch-$E.json" ] && continue
+    "$BIN/bench/backdoor_bench" --model "$C" --tokenizer "$TOK" --preconditioner "$C.optimizer.safetensors" \
+      --max-length "$MAX_LENGTH" --train "$W/train.jsonl" --queries "planted=$W/q_planted.jsonl" \
+      --queries "greedy=$W/q_greedy.jsonl" --queries "control=$W/q_control.jsonl" --ks "$ks" --threads 2 \
+      --label "all weight matrices, epoch $E" --out "$W/scores_epoch-$E.json"
+  done
+
   stage "cache the service's store (K=$SERVICE_K, score $SERVICE_SCORE, Adam preconditioning $SERVICE_PRECONDITION)"
   pre=(); [ "$SERVICE_PRECONDITION" = 1 ] && pre=(--preconditioner "$OPT")
+  [ "$SERVICE_TRACIN" = 1 ] && pre+=(--checkpoints "$W/finetune.json")
   if [ ! -f "$W/cache.json" ]; then
     t=$(now)
     "$RAPIDIN" cache --model "$MODEL" --tokenizer "$TOK" "${pre[@]}" --score "$SERVICE_SCORE" --data "$W/train.jsonl" \
@@ -97,7 +112,7 @@ PY
       sleep 0.5
     done
     python3 bench/backdoor/service_queries.py "$W" "$RAPIDIN" "127.0.0.1:$PORT" "$ATTR_QUERIES" "$SERVICE_K" \
-      "$SERVICE_SCORE$([ "$SERVICE_PRECONDITION" = 1 ] && echo +adam)"
+      "$SERVICE_SCORE$([ "$SERVICE_PRECONDITION" = 1 ] && echo +adam)$([ "$SERVICE_TRACIN" = 1 ] && echo +tracincp)"
     kill $SERVER; wait $SERVER 2>/dev/null || true
     trap - EXIT
   fi

@@ -12,10 +12,12 @@ import sys
 import time
 
 
-def query(rapidin, server, r, top_k, tokens):
+def query(rapidin, server, r, top_k, tokens, hotword=None):
     cmd = [rapidin, "query", "--server", server, "--instruction", r["instruction"], "--input", r.get("input", ""),
            "--generation", r["output"], "--top-k", str(top_k), "--harmful-k", "0", "--json", "--timeout", "1800"]
     cmd += ["--tokens"] if tokens else ["--ids-only"]
+    if hotword:
+        cmd += ["--hotword", hotword]
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
@@ -40,6 +42,17 @@ def main():
             ranking[r["id"]] = [x["id"] for x in query(rapidin, server, r, n, False)["result"].get("helpful", [])]
             lat.append(time.time() - t)
         json.dump({"k": k, "variant": variant, "ranking": ranking}, open(f"{w}/service_{name}.json", "w"))
+    # A fixed payload (the second setting) is what an auditor would mark: the same queries with the generation's
+    # loss restricted to it (RapidIn's hotwords), where the generation contains it.
+    payload = json.load(open(f"{w}/setting.json")).get("payload_text")
+    for name in ("planted", "greedy") if payload else ():
+        ranking = {}
+        for r in map(json.loads, open(f"{w}/q_{name}.jsonl")):
+            if payload in r["output"]:
+                ranking[r["id"]] = [x["id"] for x in query(rapidin, server, r, n, False, payload)["result"].get(
+                    "helpful", [])]
+        json.dump({"k": k, "variant": variant + "+hotword", "hotword": payload, "ranking": ranking},
+                  open(f"{w}/service_{name}_hotword.json", "w"))
     attr = {"queries": 0, "poisoned_in_top10": 0, "top_token_in_trigger": 0, "token_loss_top_in_trigger": 0,
             "seconds": 0.0, "examples": []}
     t1 = time.time()

@@ -15,7 +15,9 @@ def text(r):
 
 def main():
     d, w = sys.argv[1], sys.argv[2]
-    train = [json.loads(l) for l in open(f"{w}/train.jsonl")]
+    # The records the model scores (`rapidin tokenize` leaves out those whose prompt fills max_length), in order.
+    usable = {json.loads(l)["id"] for l in open(f"{d}/tok_train.jsonl")}
+    train = [r for r in map(json.loads, open(f"{w}/train.jsonl")) if r["id"] in usable]
     t0 = time.time()
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize([text(r) for r in train], stopwords="en", show_progress=False), show_progress=False)

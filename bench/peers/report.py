@@ -25,7 +25,7 @@ def main():
              "response tokens). Times are wall seconds on this machine (2 cores, no GPU).\n"]
     for s in settings:
         w, d = f"{work}/{s}", f"{work}/{s}/peers"
-        train = jsonl(f"{w}/train.jsonl")
+        train = jsonl(f"{d}/tok_train.jsonl")  # the records every method scores, in the same order
         labels = labels_of(train)
         check = json.load(open(f"{d}/check_export.json")) if os.path.exists(f"{d}/check_export.json") else {}
         lines.append(f"\n## {s}\n\nexport check: {check}\n\n| queries | method | AUC | AP | precision@10 | recall@80 | "

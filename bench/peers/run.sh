@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Peers on the backdoor benchmark, one command (after bench/backdoor/run.sh, whose WORK it reads):
 #   rapidin export-hf + rapidin tokenize -> check transformers reproduces rapidin's losses -> Kronfluence (EK-FAC)
-#   -> TRAK (dattri, projection to TRAK_DIM) -> BM25 (bm25s) -> bench/results/peers.md and the peers' rows in
+#   -> TRAK (dattri, projection to TRAK_DIM) -> Bergson (gradient cosine and TrackStar, projection BERGSON_DIM per
+#   module, Adam second moments of the fine-tuning run) -> BM25 (bm25s) -> bench/results/peers.md and the peers' rows in
 #   bench/results/backdoor.json.
 # Each peer runs in its own virtual environment under $WORK/venv-<name> (benchmark tools only; never part of the
 # C++ build). Settings: WORK, SETTINGS, TRAK_DIM (default 512: below the number of training records, since TRAK
@@ -21,6 +22,7 @@ venv() {  # name packages...
 PY_KF=$(venv kronfluence torch transformers kronfluence numpy safetensors)
 PY_BM=$(venv bm25s bm25s numpy)
 PY_TR=$(venv dattri torch transformers dattri numpy safetensors)
+PY_BG=$(venv bergson bergson numpy)
 for S in $SETTINGS; do
   W=$WORK/$S; D=$W/peers
   mkdir -p "$D"
@@ -32,6 +34,8 @@ for S in $SETTINGS; do
   "$PY_KF" bench/peers/check_export.py "$D" "$W" | tee "$D/check_export.json"
   [ -f "$D/scores_kronfluence-ekfac.npz" ] || "$PY_KF" bench/peers/kronfluence_scores.py "$D"
   [ -f "$D/scores_trak-dattri.npz" ] || "$PY_TR" bench/peers/trak_scores.py "$D" "${TRAK_DIM:-512}"
+  [ -f "$D/scores_bergson-trackstar.npz" ] || "$PY_BG" bench/peers/bergson_scores.py "$D" \
+    "$W/model.bin.optimizer.safetensors" "${BERGSON_DIM:-16}"
   [ -f "$D/scores_bm25s.npz" ] || "$PY_BM" bench/peers/bm25_scores.py "$D" "$W"
 done
 "$PY_KF" bench/peers/report.py "$WORK" $SETTINGS
