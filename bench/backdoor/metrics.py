@@ -90,6 +90,9 @@ def setting_rows(w, setting):
         path = f"{w}/scores_epoch-{c['epoch']}.json"
         if os.path.exists(path):
             ckpts.append((c["lr"], {(q["set"], q["id"]): q for q in json.load(open(path))["queries"]}))
+    base = json.load(open(f"{w}/scores_base.json")) if os.path.exists(f"{w}/scores_base.json") else None
+    if base is not None and base["records"] != ids:
+        sys.exit(f"{w}/scores_base.json ranks other records than scores.json")
     tracin = []
     if ckpts:
         ckpts.append((ft["checkpoints"][-1]["lr"], None))
@@ -118,6 +121,15 @@ def setting_rows(w, setting):
             for k in bench["ks"]:
                 add(s, f"{name}-rapidgrad", k, mean([rank_metrics(tracin_scores(q, v, k), labels) for q in qs]),
                     {"checkpoints": len(ckpts)})
+        if base is not None:  # gradients of the model before fine-tuning (no optimizer state: RapidIn's dot only)
+            bq = {q["id"]: q for q in base["queries"] if q["set"] == s}
+            for k in [None] + [k for k in bench["ks"] if k in base["ks"]]:
+                pick = lambda q: np.asarray(q["variants"]["dot"]["exact"] if k is None else
+                                            q["variants"]["dot"]["compressed"][str(k)], dtype=np.float64)
+                tag = "exact" if k is None else "rapidgrad"
+                add(s, f"rapidin-base-{tag}", k, mean([rank_metrics(pick(bq[q["id"]]), labels) for q in qs]))
+                add(s, f"rapidin-base+final-{tag}", k,
+                    mean([rank_metrics(pick(bq[q["id"]]) + pick(q), labels) for q in qs]))
         svc = f"{w}/service_{s}.json"
         if os.path.exists(svc):
             ranked = json.load(open(svc))
@@ -142,6 +154,9 @@ def setting_rows(w, setting):
             if ms:
                 add(s, "rapidin-service-hotword", ranked["k"], mean(ms),
                     {"variant": ranked["variant"], "queries_with_payload": len(ms)})
+                # The text baseline given the same marked span: BM25 with the payload alone as the query.
+                add(s, "bm25-hotword", None, rank_metrics(bm25(docs, ranked["hotword"]), labels),
+                    {"queries_with_payload": len(ms)})
         qtext = {r["id"]: " ".join([r["instruction"], r.get("input", ""), r["output"]]) for r in jsonl(f"{w}/q_{s}.jsonl")}
         add(s, "bm25", None, mean([rank_metrics(bm25(docs, qtext[q["id"]]), labels) for q in qs if q["id"] in qtext]))
     return rows, bench, labels

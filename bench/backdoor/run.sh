@@ -90,6 +90,13 @@ PY
       --label "all weight matrices, epoch $E" --out "$W/scores_epoch-$E.json"
   done
 
+  stage "the base model's gradients (before fine-tuning), alone and summed with the final model's"
+  if [ ! -f "$W/scores_base.json" ]; then
+    "$BIN/bench/backdoor_bench" --model "$BASE" --tokenizer "$TOK" --max-length "$MAX_LENGTH" --train "$W/train.jsonl" \
+      --queries "planted=$W/q_planted.jsonl" --queries "greedy=$W/q_greedy.jsonl" --queries "control=$W/q_control.jsonl" \
+      --ks "$ks" --threads 2 --label "all weight matrices, base model" --out "$W/scores_base.json"
+  fi
+
   stage "cache the service's store (K=$SERVICE_K, score $SERVICE_SCORE, Adam preconditioning $SERVICE_PRECONDITION)"
   pre=(); [ "$SERVICE_PRECONDITION" = 1 ] && pre=(--preconditioner "$OPT")
   [ "$SERVICE_TRACIN" = 1 ] && pre+=(--checkpoints "$W/finetune.json")
