@@ -171,8 +171,6 @@ absl::StatusOr<GradInfo> Featurizer::Compress(const Example& ex, std::vector<flo
 
 void Featurizer::CompressBatch(const std::vector<Example>& exs, std::vector<std::vector<float>>* out,
                                std::vector<absl::StatusOr<GradInfo>>* infos, Timing* timing) const {
-  using Clock = std::chrono::steady_clock;
-  const auto t0 = Clock::now();
   out->assign(exs.size(), {});
   infos->assign(exs.size(), absl::UnknownError("not computed"));
   std::vector<TokenizedExample> batch;
@@ -212,7 +210,6 @@ void Featurizer::CompressBatch(const std::vector<Example>& exs, std::vector<std:
     absl::Status fin = CheckFinite(o, "the compressed gradient");
     (*infos)[where[j]] = fin.ok() ? absl::StatusOr<GradInfo>(gi[j]) : fin;
   }
-  (void)t0;
 }
 
 absl::Status Featurizer::CompressWith(const GradientEngine& e, const std::vector<TokenizedExample>& batch,
