@@ -72,6 +72,19 @@ def jsonl(path):
 METHOD = {"dot": "rapidin", "cosine": "rapidin-cosine", "adam": "rapidin-adam", "adam-cosine": "rapidin-adam-cosine"}
 
 
+def service_metrics(path, ids, labels):
+    """A service_queries.py ranking file -> (its JSON, per-query metrics); unranked records score lowest."""
+    ranked = json.load(open(path))
+    pos = {i: n for n, i in enumerate(ids)}
+    ms = []
+    for order in ranked["ranking"].values():
+        sc = np.full(len(ids), -np.inf)
+        for rank, rid in enumerate(order):
+            sc[pos[rid]] = -rank
+        ms.append(rank_metrics(sc, labels))
+    return ranked, ms
+
+
 def setting_rows(w, setting):
     bench = json.load(open(f"{w}/scores.json"))
     train = {r["id"]: r for r in jsonl(f"{w}/train.jsonl")}
@@ -132,25 +145,11 @@ def setting_rows(w, setting):
                     mean([rank_metrics(pick(bq[q["id"]]) + pick(q), labels) for q in qs]))
         svc = f"{w}/service_{s}.json"
         if os.path.exists(svc):
-            ranked = json.load(open(svc))
-            pos = {i: n for n, i in enumerate(ids)}
-            ms = []
-            for order in ranked["ranking"].values():
-                sc = np.full(len(ids), -np.inf)
-                for rank, rid in enumerate(order):
-                    sc[pos[rid]] = -rank
-                ms.append(rank_metrics(sc, labels))
+            ranked, ms = service_metrics(svc, ids, labels)
             add(s, "rapidin-service", ranked["k"], mean(ms), {"variant": ranked["variant"]})
         hot = f"{w}/service_{s}_hotword.json"
         if os.path.exists(hot):
-            ranked = json.load(open(hot))
-            pos = {i: n for n, i in enumerate(ids)}
-            ms = []
-            for order in ranked["ranking"].values():
-                sc = np.full(len(ids), -np.inf)
-                for rank, rid in enumerate(order):
-                    sc[pos[rid]] = -rank
-                ms.append(rank_metrics(sc, labels))
+            ranked, ms = service_metrics(hot, ids, labels)
             if ms:
                 add(s, "rapidin-service-hotword", ranked["k"], mean(ms),
                     {"variant": ranked["variant"], "queries_with_payload": len(ms)})
