@@ -2,7 +2,7 @@
 """Metrics, BM25 baseline, plot and report of the backdoor benchmark (bench/backdoor/run.sh).
 
 Usage: metrics.py WORK SETTING [SETTING ...] -> bench/results/backdoor.{md,json,png} (paths: RESULT_MD, RESULT_JSON,
-RESULT_PNG). Positives are the poisoned training records (ids "poison-N"); each query ranks every training record by
+RESULT_PNG; the JSON keeps the peers' rows and the settings not re-run). Positives are the poisoned training records (ids "poison-N"); each query ranks every training record by
 score, highest first. Per query: ROC AUC, average precision, precision@10 (share of poisoned records in the top 10),
 recall@80 (share of the 80 poisoned records in the top 80); tables and rows give the mean over the queries.
 """
@@ -197,6 +197,16 @@ def main():
                             "finetune": {k: v["finetune"].get(k) for k in ("epoch_loss", "seconds", "steps")},
                             "bench_seconds": v["bench_seconds"],
                             "service_seconds": v["service"].get("seconds")} for s, v in info.items()}}
+    # Rows this script does not make (the peers', added by bench/peers/report.py) and settings not re-run stay, so
+    # that the order of the two scripts, or re-running one setting, loses nothing.
+    if os.path.exists(out_json):
+        old = json.load(open(out_json))
+        own = lambda m: m.startswith("rapidin") or m in ("bm25", "bm25-hotword")
+        out["rows"] = all_rows + [r for r in old.get("rows", []) if r["setting"] not in info or not own(r["method"])]
+        out["settings"] = {**{k: v for k, v in old.get("settings", {}).items() if k not in info}, **out["settings"]}
+        if "main" not in info and "main" in out["settings"]:
+            for k in ("trigger_top_token_share", "backdoor_learned", "greedy_styled"):
+                out[k] = old.get(k)
     os.makedirs(os.path.dirname(out_json) or ".", exist_ok=True)
     json.dump(out, open(out_json, "w"), indent=1)
 
