@@ -17,6 +17,12 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
   if (o.epochs < 1 || o.batch_size < 1 || o.out_path.empty()) {
     return absl::InvalidArgumentError("finetune needs epochs >= 1, batch size >= 1 and an output path");
   }
+  if (o.checkpoint_every < 0) return absl::InvalidArgumentError("checkpoint_every must be >= 0");
+  for (int e : o.checkpoint_epochs) {
+    if (e < 1 || e > o.epochs) {
+      return absl::InvalidArgumentError(absl::StrCat("checkpoint epoch ", e, " is not in 1..", o.epochs));
+    }
+  }
   if (o.mode == "lora" && !o.engine.adapter_path.empty()) {
     return absl::InvalidArgumentError("--adapter: continuing an adapter is not supported; start from the base");
   }
@@ -68,12 +74,6 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
     sum.checkpoints.push_back(std::move(c));
     return absl::OkStatus();
   };
-  if (o.checkpoint_every < 0) return absl::InvalidArgumentError("checkpoint_every must be >= 0");
-  for (int e : o.checkpoint_epochs) {
-    if (e < 1 || e > o.epochs) {
-      return absl::InvalidArgumentError(absl::StrCat("checkpoint epoch ", e, " is not in 1..", o.epochs));
-    }
-  }
   auto last_report = std::chrono::steady_clock::now();
   for (int epoch = 0; epoch < o.epochs; ++epoch) {
     // Shuffle, then sort windows of 32 batches by length so that a batch pads little; batches run in random order.

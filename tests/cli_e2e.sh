@@ -294,6 +294,10 @@ PY
   "$CLI" finetune --model "$DATA/models/stories260K.bin" --data "$work/ft.jsonl" --out "$work/x" --mode half \
     2>"$work/bad.err" && fail "finetune accepted --mode half"
   grep -q "mode must be lora or full" "$work/bad.err" || fail "bad mode message: $(cat "$work/bad.err")"
+  "$CLI" finetune --model "$DATA/models/stories260K.bin" --data "$work/ft.jsonl" --out "$work/x" --epochs 2 \
+    --checkpoint-epochs 1,5 2>"$work/bad.err" && fail "finetune accepted a checkpoint after the last epoch"
+  grep -q "checkpoint epoch 5 is not in 1..2" "$work/bad.err" || fail "checkpoint epoch message: $(cat "$work/bad.err")"
+  [ -e "$work/x" ] && fail "a refused finetune wrote $work/x"
   "$CLI" finetune --model "$work/missing.bin" --tokenizer "$DATA/models/tok512.bin" --data "$work/ft.jsonl" \
     --out "$work/x" 2>"$work/bad.err" && fail "finetune accepted a missing model"
   grep -q "not found" "$work/bad.err" || fail "missing model message: $(cat "$work/bad.err")"
