@@ -298,9 +298,23 @@ absl::StatusOr<double> Featurizer::RecordTokenInfluence(const TokenizedExample& 
   if (static_cast<int64_t>(q.size()) != dim()) {
     return absl::InvalidArgumentError(absl::StrCat("query vector has ", q.size(), " values, the featurizer ", dim()));
   }
-  std::vector<double> u(engine_->grad_dim());
-  sketch_->ApplyTranspose(q.data() + final_offset(), u.data());
-  return engine_->InfluenceTokens(t, u, scores);
+  // Under TracIn-CP the score is the sum over checkpoints c of <N_c(grad L_c(t)), scale_c C^T q_c>, so the view
+  // is that sum too: one double backward per checkpoint, each at its own weights.
+  const int64_t k = sketch_->params().k;
+  std::vector<double> u(engine_->grad_dim()), part;
+  double total = 0;
+  for (size_t c = 0; c <= earlier_.size(); ++c) {
+    const GradientEngine& e = c < earlier_.size() ? *earlier_[c] : *engine_;
+    sketch_->ApplyTranspose(q.data() + k * static_cast<int64_t>(c), u.data());
+    for (double& x : u) x *= scale_[c];
+    auto i = e.InfluenceTokens(t, u, c == 0 ? scores : &part);
+    if (!i.ok()) return i.status();
+    total += *i;
+    if (c > 0) {
+      for (size_t s = 0; s < part.size(); ++s) (*scores)[s] += part[s];
+    }
+  }
+  return total;
 }
 
 absl::StatusOr<FeaturizerOptions> OptionsFromState(const std::string& state, const EngineOptions& engine,

@@ -82,7 +82,7 @@ class Featurizer {
   // The training-side token view of record t for a compressed query q (dim() values of this featurizer):
   // I = <N(grad L(t)), C^T q> = <C(N(grad L(t))), q>, the store's score of t (before unit normalisation, which
   // only rescales it), and per token of t.ids its gradient-times-input (GradientEngine::InfluenceTokens). Under
-  // TracIn-CP, the final checkpoint's term (q's last k values) alone.
+  // TracIn-CP both are sums over the checkpoints (one double backward each), so that I is the store's score.
   // Errors: INVALID_ARGUMENT for a q of the wrong size; those of InfluenceTokens.
   absl::StatusOr<double> RecordTokenInfluence(const TokenizedExample& t, const std::vector<float>& q,
                                               std::vector<double>* scores) const;

@@ -349,6 +349,32 @@ TEST_F(CacheTest, TracInCheckpointScoresSumOverCheckpoints) {
   const std::string state = (*ft_cp)->projection_state();
   EXPECT_NE(state.find("tracincp=2 weights=0.5,2 earlier="), std::string::npos) << state;
 
+  // The training-side token view explains the same score: its total is <tx, ty>, and per token it is the sum of
+  // the checkpoints' views, each against its weighted part of the query.
+  auto xt = (*ft_cp)->engine().Tokenize(x);
+  ASSERT_TRUE(xt.ok()) << xt.status();
+  std::vector<double> view, view_a, view_b;
+  auto total = (*ft_cp)->RecordTokenInfluence(*xt, ty, &view);
+  ASSERT_TRUE(total.ok()) << total.status();
+  EXPECT_NEAR(*total, got, 1e-4 * (std::abs(0.5 * dot(ax, ay)) + std::abs(2 * dot(bx, by))));
+  std::vector<float> qa(ty.begin(), ty.begin() + o_.featurizer.k), qb(ty.begin() + o_.featurizer.k, ty.end());
+  for (float& v : qa) v *= std::sqrt(0.5f);
+  for (float& v : qb) v *= std::sqrt(2.0f);
+  auto ta = (*fa)->RecordTokenInfluence(*xt, qa, &view_a);
+  auto tb = (*fb)->RecordTokenInfluence(*xt, qb, &view_b);
+  ASSERT_TRUE(ta.ok() && tb.ok());
+  EXPECT_NEAR(*total, *ta + *tb, 1e-6 * (std::abs(*ta) + std::abs(*tb)));
+  ASSERT_EQ(view.size(), xt->ids.size());
+  ASSERT_EQ(view_a.size(), view.size());
+  double diff = 0, mag = 0, a_mag = 0;
+  for (size_t i = 0; i < view.size(); ++i) {
+    diff = std::max(diff, std::abs(view[i] - view_a[i] - view_b[i]));
+    mag = std::max(mag, std::abs(view[i]));
+    a_mag = std::max(a_mag, std::abs(view_a[i]));
+  }
+  EXPECT_GT(a_mag, 0);  // the early checkpoint contributes
+  EXPECT_LE(diff, 1e-5 * mag);  // q scaled in float here, in double inside
+
   // The state asks for the summary; another summary (other weights) is a state difference.
   auto no_summary = model::OptionsFromState(state, one.engine);
   ASSERT_EQ(no_summary.status().code(), absl::StatusCode::kFailedPrecondition);
@@ -389,7 +415,7 @@ TEST_F(CacheTest, TracInCheckpointScoresSumOverCheckpoints) {
   auto r = c->Query(q);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->result().helpful(0).id(), "train-4");
-  // Token views come from the final checkpoint: one influence score per record token, finite.
+  // One influence score per record token (summed over the checkpoints), finite.
   EXPECT_GT(r->result().helpful(0).record_influence_tokens_size(), 3);
   for (const auto& t : r->result().helpful(0).record_influence_tokens()) EXPECT_TRUE(std::isfinite(t.score()));
 }
