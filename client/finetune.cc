@@ -19,9 +19,15 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
   }
   if (o.checkpoint_every < 0) return absl::InvalidArgumentError("checkpoint_every must be >= 0");
   for (int e : o.checkpoint_epochs) {
-    if (e < 1 || e > o.epochs) {
-      return absl::InvalidArgumentError(absl::StrCat("checkpoint epoch ", e, " is not in 1..", o.epochs));
+    if (e < 0 || e > o.epochs) {
+      return absl::InvalidArgumentError(absl::StrCat("checkpoint epoch ", e, " is not in 0..", o.epochs));
     }
+  }
+  const bool start_checkpoint =
+      std::find(o.checkpoint_epochs.begin(), o.checkpoint_epochs.end(), 0) != o.checkpoint_epochs.end();
+  if (start_checkpoint && o.mode != "full") {
+    // A fresh adapter has B = 0: the gradient of A is zero, so its normalised blocks are undefined.
+    return absl::InvalidArgumentError("checkpoint epoch 0 (the model before fine-tuning) needs --mode full");
   }
   if (o.mode == "lora" && !o.engine.adapter_path.empty()) {
     return absl::InvalidArgumentError("--adapter: continuing an adapter is not supported; start from the base");
@@ -74,6 +80,17 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
     sum.checkpoints.push_back(std::move(c));
     return absl::OkStatus();
   };
+  // Checkpoint 0, the weights before any step, opens the first epoch: its model is written now and its optimizer
+  // state, the second moments of that first epoch (Adam has none before a step), once the epoch is done.
+  if (start_checkpoint) {
+    FinetuneCheckpoint c;
+    c.path = absl::StrCat(o.out_path, ".epoch-0");
+    c.optimizer_path = c.path + ".optimizer.safetensors";
+    c.lr = o.adam.lr;
+    absl::Status st = e.SaveLlama2c(c.path);
+    if (!st.ok()) return st;
+    sum.checkpoints.push_back(std::move(c));
+  }
   auto last_report = std::chrono::steady_clock::now();
   for (int epoch = 0; epoch < o.epochs; ++epoch) {
     // Shuffle, then sort windows of 32 batches by length so that a batch pads little; batches run in random order.
@@ -108,6 +125,10 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
       }
     }
     sum.epoch_loss.push_back(loss_sum / steps_per_epoch);
+    if (start_checkpoint && epoch == 0) {
+      absl::Status st = e.SaveOptimizerState(sum.checkpoints.front().optimizer_path, o.adam);
+      if (!st.ok()) return st;
+    }
     const bool listed = std::find(o.checkpoint_epochs.begin(), o.checkpoint_epochs.end(), epoch + 1) !=
                         o.checkpoint_epochs.end();
     if (((o.checkpoint_every > 0 && (epoch + 1) % o.checkpoint_every == 0) || listed) && epoch + 1 < o.epochs) {

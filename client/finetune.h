@@ -30,7 +30,9 @@ struct FinetuneOptions {
   // <out>.epoch-<e>. The final model is always at out_path.
   int checkpoint_every = 0;
   // Also save after each of these epochs (with checkpoint_every or alone). TracIn-CP gains most from early
-  // checkpoints, where a behaviour is still being learned and its gradients are large: e.g. {1, 2, 3, 6, 12}.
+  // checkpoints, where a behaviour is still being learned and its gradients are large: e.g. {0, 1, 2, 3}.
+  // Epoch 0 (full mode only) is the model before any step: <out>.epoch-0, with the second moments of the first
+  // epoch as its optimizer state (the interval it opens; Adam has none before a step).
   std::vector<int> checkpoint_epochs;
   int batch_size = 8;
   uint64_t seed = 0;                // record order (and the LoRA initialisation)

@@ -427,7 +427,8 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(0, 10000));
   ft->add_option("--checkpoint-epochs", fo.checkpoint_epochs,
-                 "also save after these epochs (comma-separated, e.g. 1,2,3,6,12: TracIn-CP gains most early)")
+                 "also save after these epochs (comma-separated, e.g. 0,1,2,3: TracIn-CP gains most early; 0 is the model "
+                 "before fine-tuning, full mode only)")
       ->delimiter(',');
   ft->add_option("--weight-decay", fo.adam.weight_decay, "AdamW decoupled weight decay")->capture_default_str();
   ft->add_option("--seed", fo.seed, "record order and LoRA initialisation")->capture_default_str();

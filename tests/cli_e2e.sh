@@ -296,8 +296,37 @@ PY
   grep -q "mode must be lora or full" "$work/bad.err" || fail "bad mode message: $(cat "$work/bad.err")"
   "$CLI" finetune --model "$DATA/models/stories260K.bin" --data "$work/ft.jsonl" --out "$work/x" --epochs 2 \
     --checkpoint-epochs 1,5 2>"$work/bad.err" && fail "finetune accepted a checkpoint after the last epoch"
-  grep -q "checkpoint epoch 5 is not in 1..2" "$work/bad.err" || fail "checkpoint epoch message: $(cat "$work/bad.err")"
+  grep -q "checkpoint epoch 5 is not in 0..2" "$work/bad.err" || fail "checkpoint epoch message: $(cat "$work/bad.err")"
   [ -e "$work/x" ] && fail "a refused finetune wrote $work/x"
+  "$CLI" finetune --model "$DATA/models/stories260K.bin" --data "$work/ft.jsonl" --out "$work/x" --epochs 2 \
+    --checkpoint-epochs 0 2>"$work/bad.err" && fail "finetune accepted checkpoint epoch 0 for a LoRA adapter"
+  grep -q "checkpoint epoch 0 (the model before fine-tuning) needs --mode full" "$work/bad.err" \
+    || fail "epoch-0 LoRA message: $(cat "$work/bad.err")"
+  # Checkpoint 0 (full mode): the weights before any step, listed first, with the first epoch's second moments;
+  # TracIn-CP over it and the final model caches 2 x K values per record.
+  "$CLI" finetune --model "$DATA/models/stories260K.bin" --data "$work/ft.jsonl" --out "$work/full.bin" --mode full \
+    --epochs 1 --batch 8 --lr 1e-3 --checkpoint-epochs 0 --json > "$work/ft0.json" 2>"$work/ft0.err" \
+    || fail "finetune --checkpoint-epochs 0: $(cat "$work/ft0.err")"
+  python3 -c "
+import json
+c = json.load(open('$work/ft0.json'))['checkpoints']
+assert [x['epoch'] for x in c] == [0, 1] and c[0]['path'].endswith('full.bin.epoch-0'), c
+assert c[0]['optimizer_state'].endswith('full.bin.epoch-0.optimizer.safetensors') and c[0]['lr'] == 0.001, c
+" || fail "checkpoint 0 in the list: $(cat "$work/ft0.json")"
+  [ -f "$work/full.bin.epoch-0.optimizer.safetensors" ] || fail "checkpoint 0 has no optimizer state"
+  "$CLI" eval --model "$work/full.bin.epoch-0" --tokenizer "$DATA/models/tok512.bin" --data "$work/ft.jsonl" --json > "$work/eval_e0.jsonl" \
+    || fail "eval of checkpoint 0"
+  python3 - "$work/eval0.jsonl" "$work/eval_e0.jsonl" <<'PY' || fail "checkpoint 0 is not the model before fine-tuning"
+import json, sys
+a = [json.loads(l)["loss"] for l in open(sys.argv[1])]
+b = [json.loads(l)["loss"] for l in open(sys.argv[2])]
+assert len(a) == len(b) == 24 and max(abs(x - y) for x, y in zip(a, b)) < 1e-6, (a, b)
+PY
+  "$CLI" cache --model "$work/full.bin" --tokenizer "$DATA/models/tok512.bin" --checkpoints "$work/ft0.json" \
+    --preconditioner "$work/full.bin.optimizer.safetensors" \
+    --data "$work/ft.jsonl" --store "$work/cp0store" --k 64 --json > "$work/cp0cache.json" 2>"$work/cp0.err" \
+    || fail "cache over checkpoint 0: $(cat "$work/cp0.err")"
+  grep -q '"cached":24' "$work/cp0cache.json" || fail "cache over checkpoint 0: $(cat "$work/cp0cache.json")"
   "$CLI" finetune --model "$work/missing.bin" --tokenizer "$DATA/models/tok512.bin" --data "$work/ft.jsonl" \
     --out "$work/x" 2>"$work/bad.err" && fail "finetune accepted a missing model"
   grep -q "not found" "$work/bad.err" || fail "missing model message: $(cat "$work/bad.err")"
