@@ -9,7 +9,9 @@
 // Variants (the options of `rapidin cache`): "dot" = RapidIn (layer-wise normalised gradients, inner product);
 // "cosine" = the same with unit-normalised vectors (for exact vectors this only rescales: every block has unit
 // norm, so it is reported for the sketches); "adam" and "adam-cosine" = gradients divided by sqrt(v)+eps first
-// (with --preconditioner). Exact scores accumulate in float64; compressed ones are the fp32 sketches' products.
+// (with --preconditioner). With --raw also "raw" and "adam-raw": the gradients without layer-wise normalisation
+// (plain TracIn's inner product; the records' gradient norms are kept). Exact scores accumulate in float64;
+// compressed ones are the fp32 sketches' products.
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <chrono>
@@ -30,9 +32,10 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-// Layer-wise unit norm of g (optionally multiplied by p first), as the engine's Block().
+// Layer-wise unit norm of g (optionally multiplied by p first), as the engine's Block(); without `normalise`,
+// g (times p) alone.
 std::vector<float> Normalised(const std::vector<double>& g, const std::vector<double>* p,
-                              const std::vector<model::ParamInfo>& params) {
+                              const std::vector<model::ParamInfo>& params, bool normalise = true) {
   std::vector<float> out(g.size());
   for (const auto& info : params) {
     double ss = 0;
@@ -40,7 +43,7 @@ std::vector<float> Normalised(const std::vector<double>& g, const std::vector<do
       const double v = p ? g[i] * (*p)[i] : g[i];
       ss += v * v;
     }
-    const double inv = ss > 0 ? 1.0 / std::sqrt(ss) : 0.0;
+    const double inv = !normalise ? 1.0 : ss > 0 ? 1.0 / std::sqrt(ss) : 0.0;
     for (int64_t i = info.offset; i < info.offset + info.numel; ++i) {
       out[i] = static_cast<float>((p ? g[i] * (*p)[i] : g[i]) * inv);
     }
@@ -66,6 +69,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> query_specs;
   std::vector<int64_t> ks = {1024, 4096, 16384, 65536};
   int lambda = 4, threads = 2, grad_batch = 8;
+  bool with_raw = false;
   uint64_t seed = 0;
   app.add_option("--model", eo.model_path)->required();
   app.add_option("--tokenizer", eo.tokenizer_path);
@@ -82,6 +86,7 @@ int main(int argc, char** argv) {
   app.add_option("--grad-batch", grad_batch, "records per forward/backward pass");
   app.add_option("--out", out)->required();
   app.add_option("--label", label, "name of the parameter selection in the report");
+  app.add_flag("--raw", with_raw, "also the variants without layer-wise normalisation (raw, adam-raw)");
   CLI11_PARSE(app, argc, argv);
   if (absl::Status st = model::ResolveTokenizer(&eo); !st.ok()) {
     std::fprintf(stderr, "%s\n", st.ToString().c_str());
@@ -108,10 +113,14 @@ int main(int argc, char** argv) {
   }
   struct Variant {
     std::string name;
-    bool adam, cosine;
+    bool adam, cosine, normalise = true;
   };
   std::vector<Variant> variants = {{"dot", false, false}, {"cosine", false, true}};
   if (!pre.empty()) variants.push_back({"adam", true, false}), variants.push_back({"adam-cosine", true, true});
+  if (with_raw) {
+    variants.push_back({"raw", false, false, false});
+    if (!pre.empty()) variants.push_back({"adam-raw", true, false, false});
+  }
   const size_t V = variants.size();
   std::vector<client::BadRecord> bad;
   auto records = client::ReadInstructionData(train, &bad);
@@ -131,7 +140,7 @@ int main(int argc, char** argv) {
   // Per variant: the feature vector (exact) and its sketches, cosine variants unit-normalised after sketching.
   auto features = [&](const std::vector<double>& raw, const Variant& v, std::vector<float>* exact,
                       std::vector<std::vector<float>>* sk) {
-    *exact = Normalised(raw, v.adam ? &pre : nullptr, e.params());
+    *exact = Normalised(raw, v.adam ? &pre : nullptr, e.params(), v.normalise);
     sk->assign(ks.size(), {});
     for (size_t ki = 0; ki < ks.size(); ++ki) {
       (*sk)[ki].resize(ks[ki]);

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import jsonl, load_model  # noqa: E402
+from common import jsonl, load_model, query_sets  # noqa: E402
 
 from datasets import Dataset  # noqa: E402
 from bergson import GradientProcessor, IndexConfig, InMemoryCollector  # noqa: E402
@@ -98,7 +98,7 @@ def main():
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     model = load_model(f"{d}/hf")
     train = jsonl(f"{d}/tok_train.jsonl")
-    sets = ("planted", "greedy", "control")
+    sets = query_sets()
     qrows = {s: jsonl(f"{d}/tok_{s}.jsonl") for s in sets}
     allq = [r for s in sets for r in qrows[s]]
     bounds = np.cumsum([0] + [len(qrows[s]) for s in sets])

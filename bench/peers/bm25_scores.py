@@ -2,6 +2,7 @@
 """BM25 (bm25s, Lucene's variant) on the text: each query's instruction + input + output against each training
 record's. Usage: bm25_scores.py PEERS_DIR SETTING_DIR -> PEERS_DIR/scores_bm25s.npz + timing."""
 import json
+import os
 import sys
 import time
 
@@ -23,7 +24,7 @@ def main():
     retriever.index(bm25s.tokenize([text(r) for r in train], stopwords="en", show_progress=False), show_progress=False)
     t_index = time.time() - t0
     out, t_score = {}, 0.0
-    for s in ("planted", "greedy", "control"):
+    for s in os.environ.get("PEER_SETS", "planted greedy control").split():  # as common.query_sets()
         qs = [json.loads(l) for l in open(f"{w}/q_{s}.jsonl")]
         t1 = time.time()
         toks = bm25s.tokenize([text(q) for q in qs], stopwords="en", show_progress=False)

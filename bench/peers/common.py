@@ -63,5 +63,10 @@ def record_losses(model, batch):
     return ce.sum(1) / n
 
 
+def query_sets():
+    """The query sets the peer scripts score: PEER_SETS (space-separated), default the backdoor benchmark's three."""
+    return tuple(os.environ.get("PEER_SETS", "planted greedy control").split())
+
+
 def labels_of(train_rows):
     return np.array([1 if r["id"].startswith("poison-") else 0 for r in train_rows])

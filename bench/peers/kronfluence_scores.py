@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Records, collate, load_model, record_losses  # noqa: E402
+from common import Records, collate, load_model, query_sets, record_losses  # noqa: E402
 
 from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402
 from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
@@ -62,13 +62,12 @@ def main():
                        factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=False)
     t_fit = time.time() - t0
     # Every query set in one pairwise pass: the training gradients are the cost, computed once.
-    sets = ("planted", "greedy", "control")
-    queries = Records(f"{d}/tok_planted.jsonl")
-    bounds = [0]
-    for s in sets:
+    sets = query_sets()
+    queries = Records(f"{d}/tok_{sets[0]}.jsonl")
+    bounds = [0, len(queries)]
+    for s in sets[1:]:
         rows = Records(f"{d}/tok_{s}.jsonl").rows
-        if s != "planted":
-            queries.rows += rows
+        queries.rows += rows
         bounds.append(bounds[-1] + len(rows))
     t1 = time.time()
     an.compute_pairwise_scores(scores_name="all", factors_name="ekfac", query_dataset=queries, train_dataset=train,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import jsonl, load_model  # noqa: E402
+from common import jsonl, load_model, query_sets  # noqa: E402
 
 from dattri.algorithm.trak import TRAKAttributor  # noqa: E402
 from dattri.task import AttributionTask  # noqa: E402
@@ -39,7 +39,7 @@ def main():
     proj_dim = int(sys.argv[2]) if len(sys.argv) > 2 else 512
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     model = load_model(f"{d}/hf")
-    T = max(len(r["ids"]) for s in ("train", "planted", "greedy", "control") for r in jsonl(f"{d}/tok_{s}.jsonl"))
+    T = max(len(r["ids"]) for s in ("train",) + query_sets() for r in jsonl(f"{d}/tok_{s}.jsonl"))
 
     def loss(params, data):
         ids, labels = data
@@ -60,7 +60,7 @@ def main():
     trak.cache(train)
     t_cache = time.time() - t0
     out, t_score = {}, 0.0
-    for s in ("planted", "greedy", "control"):
+    for s in query_sets():
         t1 = time.time()
         q = torch.utils.data.DataLoader(tensors(f"{d}/tok_{s}.jsonl", T), batch_size=8, shuffle=False)
         out[s] = trak.attribute(q).T.float().numpy()  # dattri returns [train, test]
