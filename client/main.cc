@@ -387,6 +387,12 @@ int main(int argc, char** argv) {
   cache->add_option("--score", score, "dot: RapidIn's inner product; cosine: unit-normalised vectors")
       ->capture_default_str()
       ->check(CLI::IsMember({"dot", "cosine"}));
+  std::string normalize = "layer";
+  cache->add_option("--normalize", normalize,
+                    "layer: RapidIn's layer-wise unit norm of each gradient; none: keep the gradient's norm (plain "
+                    "TracIn; with --preconditioner and --checkpoints it measured best on LDS, bench/results/lds.md)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"layer", "none"}));
   co.featurizer.engine.device = "auto";
   cache->add_option("--model-device", co.featurizer.engine.device, kModelDeviceHelp)->capture_default_str();
   cache->add_option("--threads", co.threads, "records in parallel")->capture_default_str()->check(CLI::Range(1, 256));
@@ -509,6 +515,7 @@ int main(int argc, char** argv) {
   }
   if (*cache) {
     co.featurizer.unit_norm = score == "cosine";
+    co.featurizer.layer_norm = normalize == "layer";
     if (!checkpoints.empty()) {
       absl::Status st = rapidin::model::ReadFinetuneCheckpoints(
           checkpoints, !co.featurizer.engine.preconditioner_path.empty(), &co.featurizer);

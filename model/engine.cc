@@ -766,7 +766,8 @@ absl::StatusOr<GradInfo> GradientEngine::Gradient(const Example& ex, bool normal
 
 absl::StatusOr<double> GradientEngine::InfluenceTokens(const TokenizedExample& t, const std::vector<double>& u,
                                                        std::vector<double>* scores,
-                                                       const std::vector<double>* token_scale) const {
+                                                       const std::vector<double>* token_scale,
+                                                       bool normalize) const {
   return Guarded([&]() -> absl::StatusOr<double> {
     const Impl& d = *impl_;
     if (static_cast<int64_t>(u.size()) != d.dim) {
@@ -791,9 +792,14 @@ absl::StatusOr<double> GradientEngine::InfluenceTokens(const TokenizedExample& t
         if (!g[p].defined()) continue;
         auto gp = g[p].to(torch::kDouble).reshape({-1});
         if (!d.precond.empty()) gp = gp * d.precond[p];
+        auto dot = gp.dot(ut.narrow(0, d.infos[p].offset, d.infos[p].numel));
+        if (!normalize) {
+          influence = influence + dot;
+          continue;
+        }
         auto n = gp.norm();
         if (!(n.item<double>() > 0)) continue;  // a zero block stays zero (as in Block)
-        influence = influence + gp.dot(ut.narrow(0, d.infos[p].offset, d.infos[p].numel)) / n;
+        influence = influence + dot / n;
       }
       if (grads_wanted) {
         *dalpha = torch::zeros({T}, torch::kDouble);

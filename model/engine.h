@@ -199,11 +199,13 @@ class GradientEngine {
   // Returns I and, in (*scores)[s] for every token s of t.ids, gradient x input: dI/d alpha_s at alpha = 1 (one
   // double backward pass; prompt tokens, a trigger among them, reach I through the response tokens' loss).
   // With token_scale (t.ids.size() values) only I at alpha = token_scale is computed and scores is left alone
-  // (the finite-difference reference of the tests). Errors: INVALID_ARGUMENT for a u or token_scale of the
+  // (the finite-difference reference of the tests). Without `normalize`, N is the preconditioning alone (no
+  // layer-wise norm), as GradientIds(normalize=false). Errors: INVALID_ARGUMENT for a u or token_scale of the
   // wrong size or a record CheckRecord refuses.
   absl::StatusOr<double> InfluenceTokens(const TokenizedExample& t, const std::vector<double>& u,
                                          std::vector<double>* scores,
-                                         const std::vector<double>* token_scale = nullptr) const;
+                                         const std::vector<double>* token_scale = nullptr,
+                                         bool normalize = true) const;
   // Logits of a token sequence, T x vocab, row-major (reference comparisons).
   absl::StatusOr<std::vector<float>> LogitsIds(const std::vector<int32_t>& ids) const;
   // The selected parameters' current values, concatenated in gradient order (tests).

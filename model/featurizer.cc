@@ -85,6 +85,7 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerO
   }
   f->token_method_ = options.token_method;
   f->unit_norm_ = options.unit_norm;
+  f->layer_norm_ = options.layer_norm;
   std::string error;
   auto sketch = kernels::RapidGrad::Create({f->engine_->grad_dim(), options.k, options.lambda, options.seed}, &error);
   if (sketch == nullptr) return absl::InvalidArgumentError(error);
@@ -101,8 +102,9 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerO
   f->state_ = absl::StrCat(f->sketch_->Describe(), "\nmodel=", f->engine_->model_hash(),
                            " max_length=", options.engine.max_length, " tensors=", names.size(), "\n");
   const std::string pre = f->engine_->preconditioner();
-  if (options.unit_norm || pre != "none") {
-    absl::StrAppend(&f->state_, "score=", options.unit_norm ? "cosine" : "dot", " precondition=", pre, "\n");
+  if (options.unit_norm || pre != "none" || !options.layer_norm) {
+    absl::StrAppend(&f->state_, "score=", options.unit_norm ? "cosine" : "dot", " precondition=", pre,
+                    options.layer_norm ? "" : " normalize=none", "\n");
   }
   // TracIn-CP: every earlier checkpoint must select the same parameters, so that one sketch serves them all.
   std::vector<std::string> weights, hashes;
@@ -223,7 +225,7 @@ absl::Status Featurizer::CompressWith(const GradientEngine& e, const std::vector
     std::vector<float> all;
     double sketch_s = 0;
     absl::Status st = e.GradientRowsBatch(
-        batch, /*normalize=*/true,
+        batch, layer_norm_,
         [&](const float* rows, int64_t n) {
           const auto ts = Clock::now();
           all.resize(n * k);
@@ -241,7 +243,7 @@ absl::Status Featurizer::CompressWith(const GradientEngine& e, const std::vector
     return absl::OkStatus();
   }
   std::vector<std::vector<double>> grads;
-  absl::Status st = e.GradientIdsBatch(batch, /*normalize=*/true, &grads, gi);
+  absl::Status st = e.GradientIdsBatch(batch, layer_norm_, &grads, gi);
   if (!st.ok()) return st;
   const auto t1 = Clock::now();
   double sketch_s = 0;
@@ -266,6 +268,7 @@ absl::Status Featurizer::TokenSketches(const std::vector<int32_t>& ids, int from
   std::vector<std::vector<double>> g;
   TokenGradOptions o;
   o.method = token_method_;
+  o.normalize = layer_norm_;
   o.threads = static_cast<int>(std::max(1u, std::min(4u, std::thread::hardware_concurrency())));
   // Enough chunks for every thread, none longer than 8 tokens (the fastest size in bench/results/tokens.md).
   const int n = static_cast<int>(ids.size()) - from;
@@ -307,7 +310,7 @@ absl::StatusOr<double> Featurizer::RecordTokenInfluence(const TokenizedExample& 
     const GradientEngine& e = c < earlier_.size() ? *earlier_[c] : *engine_;
     sketch_->ApplyTranspose(q.data() + k * static_cast<int64_t>(c), u.data());
     for (double& x : u) x *= scale_[c];
-    auto i = e.InfluenceTokens(t, u, c == 0 ? scores : &part);
+    auto i = e.InfluenceTokens(t, u, c == 0 ? scores : &part, nullptr, layer_norm_);
     if (!i.ok()) return i.status();
     total += *i;
     if (c > 0) {
@@ -335,7 +338,10 @@ absl::StatusOr<FeaturizerOptions> OptionsFromState(const std::string& state, con
     else if (kv.first == "d") ok = absl::SimpleAtoi(v, &d);
     else if (kv.first == "precondition") precondition = v;
     else if (kv.first == "tracincp") ok = absl::SimpleAtoi(v, &tracincp) && tracincp >= 2;
-    else if (kv.first == "score") {
+    else if (kv.first == "normalize") {
+      ok = v == "none" || v == "layer";
+      o.layer_norm = v != "none";
+    } else if (kv.first == "score") {
       ok = v == "dot" || v == "cosine";
       o.unit_norm = v == "cosine";
     }

@@ -33,13 +33,17 @@ struct FeaturizerOptions {
   // Scale every compressed record/query vector to unit L2 norm, so that the inner product is a cosine (on top of
   // the layer-wise normalisation). Per-token sketches are left as they are.
   bool unit_norm = false;
+  // false: no layer-wise normalisation (plain TracIn's inner product, after any preconditioning), so a record's
+  // gradient norm counts. The projection state says "normalize=none". Measured in bench/results/lds.md.
+  bool layer_norm = true;
   // Per-token gradients for token attributions (all exact; kLoop is the slow reference).
   TokenGradMethod token_method = TokenGradMethod::kShared;
   // TracIn-CP: earlier checkpoints (same architecture and parameter selection, same tokenizer as `engine`, which
   // is the last checkpoint). A vector is then the concatenation over the checkpoints, earliest first and
   // `engine` last, of sqrt(weight_c) * C(N(grad L at checkpoint c)): its inner product with another is
   // sum_c weight_c <C N g_c(z), C N g_c(q)>, TracIn-CP's sum, and dim() = k * (checkpoints.size() + 1).
-  // Under `unit_norm` the whole concatenation is normalised. Token views use `engine` alone.
+  // Under `unit_norm` the whole concatenation is normalised. The training-side influence view sums over the
+  // checkpoints too; the token-loss and generation-side views use `engine` alone.
   std::vector<CheckpointOptions> checkpoints;
   double weight = 1;  // `engine`'s weight (its learning rate) when checkpoints is not empty
 };
@@ -95,7 +99,8 @@ class Featurizer {
   const GradientEngine& engine() const { return *engine_; }
   const kernels::RapidGrad& sketch() const { return *sketch_; }
   // "rapidgrad/v1 d=.. k=.. lambda=.. seed=..\nmodel=<hash> max_length=.. tensors=..\n", then, when either
-  // differs from the default, "score=<dot|cosine> precondition=<none|adam-v/<hash>,eps=..>\n", then under
+  // differs from the default, "score=<dot|cosine> precondition=<none|adam-v/<hash>,eps=..>[ normalize=none]\n",
+  // then under
   // TracIn-CP "tracincp=<checkpoints> weights=<w,..> earlier=<model hash,..>\n".
   const std::string& projection_state() const { return state_; }
 
@@ -113,6 +118,7 @@ class Featurizer {
   std::string state_;
   TokenGradMethod token_method_ = TokenGradMethod::kShared;
   bool unit_norm_ = false;
+  bool layer_norm_ = true;
 };
 
 // The sketch parameters, max_length and score (dot or cosine) recorded in a projection state, on top of `engine`

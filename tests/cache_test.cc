@@ -420,6 +420,43 @@ TEST_F(CacheTest, TracInCheckpointScoresSumOverCheckpoints) {
   for (const auto& t : r->result().helpful(0).record_influence_tokens()) EXPECT_TRUE(std::isfinite(t.score()));
 }
 
+// --normalize none: the store keeps each record's gradient norm; the server reads that from the projection state
+// (no flag), its scores are the raw sketches' inner products, and a record's token view totals its score.
+TEST_F(CacheTest, RawGradientStoreIsServedFromItsState) {
+  REQUIRE_SHARED_DATA();
+  o_.featurizer.layer_norm = false;
+  auto s = RunCache(o_);
+  ASSERT_TRUE(s.ok()) << s.status();
+  auto f = model::Featurizer::Create(o_.featurizer);
+  ASSERT_TRUE(f.ok()) << f.status();
+  const model::Example record{"Give a greeting.", "", "Howdy! Nice to meet you.", {}};
+  std::vector<float> x;
+  ASSERT_TRUE((*f)->Compress(record, &x).ok());
+  auto srv = server::Server::Create(ModelServer());
+  ASSERT_TRUE(srv.ok()) << srv.status();
+  auto c = ClientFor(**srv);
+  rapidin::v1::QueryRequest q;
+  q.set_instruction(record.instruction);
+  q.set_generation(record.output);
+  q.set_top_k(2);
+  q.set_attributions(true);
+  auto r = c->Query(q);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->result().helpful(0).id(), "train-4");
+  double self = 0;
+  for (float v : x) self += static_cast<double>(v) * v;
+  EXPECT_NEAR(r->result().helpful(0).score(), self, 2e-3 * self);  // fp16 store
+  EXPECT_GT(std::fabs(self - 1.0), 0.05);  // not a unit-norm vector: the raw gradient's norm is kept
+  // The influence view's total is the score before fp16 storage: recompute it from the tokens.
+  auto t = (*f)->engine().Tokenize(record);
+  ASSERT_TRUE(t.ok());
+  std::vector<double> view;
+  auto total = (*f)->RecordTokenInfluence(*t, x, &view);
+  ASSERT_TRUE(total.ok()) << total.status();
+  EXPECT_NEAR(*total, self, 1e-4 * self);
+  EXPECT_EQ(r->result().helpful(0).record_influence_tokens_size(), static_cast<int>(t->ids.size()) - 1);
+}
+
 TEST_F(CacheTest, ServerRefusesStoreOfAnotherModelState) {
   REQUIRE_SHARED_DATA();
   o_.featurizer.engine.max_length = 100;

@@ -78,23 +78,27 @@ TEST(Influence, TokenScoresMatchFiniteDifferences) {
     std::normal_distribution<double> g;
     std::vector<double> u((*e)->grad_dim());
     for (auto& v : u) v = g(rng);
-    std::vector<double> scores;
-    auto infl = (*e)->InfluenceTokens(t, u, &scores);
-    ASSERT_TRUE(infl.ok()) << infl.status();
-    std::vector<double> n;
-    ASSERT_TRUE((*e)->GradientIds(t, true, &n).ok());
-    EXPECT_NEAR(*infl, Dot(n, u), 1e-10 * (1 + std::fabs(*infl)));
-    ASSERT_EQ(scores.size(), t.ids.size());
-    EXPECT_GT(rapidin::testing::MaxAbs(scores), 1e-4);  // not a comparison of zeros
-    for (size_t s = 0; s < t.ids.size(); ++s) {
-      const double h = 1e-5;
-      std::vector<double> up(t.ids.size(), 1.0), down(t.ids.size(), 1.0);
-      up[s] += h;
-      down[s] -= h;
-      const double fd = (*(*e)->InfluenceTokens(t, u, nullptr, &up) - *(*e)->InfluenceTokens(t, u, nullptr, &down)) /
-                        (2 * h);
-      EXPECT_NEAR(scores[s], fd, 1e-6 + 1e-5 * std::fabs(fd)) << "token " << s << (tied ? " tied" : " untied");
+    for (bool normalize : {true, false}) {  // N = layer-wise unit norm, or the raw gradient
+      std::vector<double> scores;
+      auto infl = (*e)->InfluenceTokens(t, u, &scores, nullptr, normalize);
+      ASSERT_TRUE(infl.ok()) << infl.status();
+      std::vector<double> n;
+      ASSERT_TRUE((*e)->GradientIds(t, normalize, &n).ok());
+      EXPECT_NEAR(*infl, Dot(n, u), 1e-10 * (1 + std::fabs(*infl)));
+      ASSERT_EQ(scores.size(), t.ids.size());
+      EXPECT_GT(rapidin::testing::MaxAbs(scores), 1e-4);  // not a comparison of zeros
+      for (size_t s = 0; s < t.ids.size(); ++s) {
+        const double h = 1e-5;
+        std::vector<double> up(t.ids.size(), 1.0), down(t.ids.size(), 1.0);
+        up[s] += h;
+        down[s] -= h;
+        const double fd = (*(*e)->InfluenceTokens(t, u, nullptr, &up, normalize) -
+                           *(*e)->InfluenceTokens(t, u, nullptr, &down, normalize)) / (2 * h);
+        EXPECT_NEAR(scores[s], fd, 1e-6 + 1e-5 * std::fabs(fd))
+            << "token " << s << (tied ? " tied" : " untied") << (normalize ? "" : " raw");
+      }
     }
+    std::vector<double> scores;
     // Positions after the last response token do not exist; the last token (only a target) still scores, since
     // it enters the loss; u of the wrong size is refused.
     EXPECT_EQ((*e)->InfluenceTokens(t, std::vector<double>(3), &scores).status().code(),

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "model/engine.h"
 #include "kernels/rapidgrad.h"
 #include "model/featurizer.h"
@@ -296,6 +297,29 @@ TEST(Featurizer, CompressIsSketchOfNormalisedGradient) {
   auto other = Featurizer::Create(o);
   const std::string diff = DescribeStateDifference((*f)->projection_state(), (*other)->projection_state());
   EXPECT_NE(diff.find("seed: store 3, model 4"), std::string::npos) << diff;
+
+  // Without the layer-wise norm: the sketch of the raw gradient, the state says so, and it reads back.
+  o.seed = 3;
+  o.layer_norm = false;
+  auto raw = Featurizer::Create(o);
+  ASSERT_TRUE(raw.ok()) << raw.status();
+  std::vector<float> rc, rg;
+  ASSERT_TRUE((*raw)->Compress(ex, &rc).ok());
+  ASSERT_TRUE((*raw)->engine().Gradient(ex, false, &rg).ok());
+  EXPECT_EQ(rc, (*raw)->sketch().Apply(rg));
+  EXPECT_NE(rc, c);  // a record's gradient norm is kept, so this is not the normalised sketch
+  EXPECT_NE((*raw)->projection_state().find("score=dot precondition=none normalize=none"), std::string::npos)
+      << (*raw)->projection_state();
+  EXPECT_NE(DescribeStateDifference((*f)->projection_state(), (*raw)->projection_state()), "");
+  auto back = OptionsFromState((*raw)->projection_state(), o.engine);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_FALSE(back->layer_norm);
+  auto normalised = OptionsFromState((*f)->projection_state(), o.engine);
+  ASSERT_TRUE(normalised.ok());
+  EXPECT_TRUE(normalised->layer_norm);
+  EXPECT_EQ(OptionsFromState(absl::StrReplaceAll((*raw)->projection_state(), {{"normalize=none", "normalize=half"}}),
+                             o.engine).status().code(),
+            absl::StatusCode::kDataLoss);
 }
 
 // Non-finite numbers in a checkpoint are refused at load, naming the weight. Finite weights that overflow in the
