@@ -11,7 +11,7 @@
 # attributions of the top 10 records of the planted queries -> metrics, BM25, plot, report.
 # Writes bench/results/backdoor.md, backdoor.json and backdoor.png. Stages whose outputs exist are skipped (delete
 # $WORK to start over). Settings (environment): WORK, SETTINGS, EPOCHS, LR, BATCH, SERVICE_K, SERVICE_SCORE,
-# SERVICE_PRECONDITION, SERVICE_TRACIN, KS, HARD_KS, ATTR_QUERIES, MAX_LENGTH, CHECKPOINT_EPOCHS (TracIn-CP:
+# SERVICE_PRECONDITION, SERVICE_TRACIN, SERVICE_NORMALIZE (layer | none), KS, HARD_KS, ATTR_QUERIES, MAX_LENGTH, CHECKPOINT_EPOCHS (TracIn-CP:
 # fine-tuning saves these checkpoints, backdoor_bench scores each one, metrics.py sums them with the learning-rate
 # weights, and with SERVICE_TRACIN=1 the service's store is cached over all of them).
 set -euo pipefail
@@ -23,8 +23,9 @@ BIN=${BUILD_DIR:-build}
 WORK=${WORK:-/tmp/rapidin-backdoor}
 SETTINGS=${SETTINGS:-main second hard}
 EPOCHS=${EPOCHS:-24}; LR=${LR:-4e-3}; BATCH=${BATCH:-16}; MAX_LENGTH=${MAX_LENGTH:-512}
-CHECKPOINT_EPOCHS=${CHECKPOINT_EPOCHS:-1,2,3}; SERVICE_TRACIN=${SERVICE_TRACIN:-1}
+CHECKPOINT_EPOCHS=${CHECKPOINT_EPOCHS:-0,1,2,3}; SERVICE_TRACIN=${SERVICE_TRACIN:-1}
 SERVICE_K=${SERVICE_K:-4096}; SERVICE_SCORE=${SERVICE_SCORE:-dot}; SERVICE_PRECONDITION=${SERVICE_PRECONDITION:-1}
+SERVICE_NORMALIZE=${SERVICE_NORMALIZE:-layer}
 KS=${KS:-4096}; HARD_KS=${HARD_KS:-4096}; ATTR_QUERIES=${ATTR_QUERIES:-10}
 PORT=${PORT:-50917}
 BASE=$DATA/models/stories260K.bin; TOK=$DATA/models/tok512.bin
@@ -76,7 +77,7 @@ PY
   if [ ! -f "$W/scores.json" ]; then
     "$BIN/bench/backdoor_bench" --model "$MODEL" --tokenizer "$TOK" --preconditioner "$OPT" --max-length "$MAX_LENGTH" \
       --train "$W/train.jsonl" --queries "planted=$W/q_planted.jsonl" --queries "greedy=$W/q_greedy.jsonl" \
-      --queries "control=$W/q_control.jsonl" --ks "$ks" --threads 2 --label "all weight matrices" \
+      --queries "control=$W/q_control.jsonl" --ks "$ks" --threads 2 --raw --label "all weight matrices" \
       --out "$W/scores.json"
   fi
 
@@ -86,15 +87,17 @@ PY
     [ -f "$W/scores_epoch-$E.json" ] && continue
     "$BIN/bench/backdoor_bench" --model "$C" --tokenizer "$TOK" --preconditioner "$C.optimizer.safetensors" \
       --max-length "$MAX_LENGTH" --train "$W/train.jsonl" --queries "planted=$W/q_planted.jsonl" \
-      --queries "greedy=$W/q_greedy.jsonl" --queries "control=$W/q_control.jsonl" --ks "$ks" --threads 2 \
+      --queries "greedy=$W/q_greedy.jsonl" --queries "control=$W/q_control.jsonl" --ks "$ks" --threads 2 --raw \
       --label "all weight matrices, epoch $E" --out "$W/scores_epoch-$E.json"
   done
 
   stage "the base model's gradients (before fine-tuning), alone and summed with the final model's"
+  # Checkpoint 0 is the base model: its scores (the dot variant among them) are these.
+  [ -f "$W/scores_epoch-0.json" ] && [ ! -f "$W/scores_base.json" ] && cp "$W/scores_epoch-0.json" "$W/scores_base.json"
   if [ ! -f "$W/scores_base.json" ]; then
     "$BIN/bench/backdoor_bench" --model "$BASE" --tokenizer "$TOK" --max-length "$MAX_LENGTH" --train "$W/train.jsonl" \
       --queries "planted=$W/q_planted.jsonl" --queries "greedy=$W/q_greedy.jsonl" --queries "control=$W/q_control.jsonl" \
-      --ks "$ks" --threads 2 --label "all weight matrices, base model" --out "$W/scores_base.json"
+      --ks "$ks" --threads 2 --raw --label "all weight matrices, base model" --out "$W/scores_base.json"
   fi
 
   stage "cache the service's store (K=$SERVICE_K, score $SERVICE_SCORE, Adam preconditioning $SERVICE_PRECONDITION)"
@@ -102,7 +105,8 @@ PY
   [ "$SERVICE_TRACIN" = 1 ] && pre+=(--checkpoints "$W/finetune.json")
   if [ ! -f "$W/cache.json" ]; then
     t=$(now)
-    "$RAPIDIN" cache --model "$MODEL" --tokenizer "$TOK" "${pre[@]}" --score "$SERVICE_SCORE" --data "$W/train.jsonl" \
+    "$RAPIDIN" cache --model "$MODEL" --tokenizer "$TOK" "${pre[@]}" --score "$SERVICE_SCORE" \
+      --normalize "$SERVICE_NORMALIZE" --data "$W/train.jsonl" \
       --store "$W/store" --k "$SERVICE_K" --max-length "$MAX_LENGTH" --threads 2 --json > "$W/cache.json"
     echo $(( $(now) - t )) > "$W/t_cache"
   fi
@@ -119,7 +123,7 @@ PY
       sleep 0.5
     done
     python3 bench/backdoor/service_queries.py "$W" "$RAPIDIN" "127.0.0.1:$PORT" "$ATTR_QUERIES" "$SERVICE_K" \
-      "$SERVICE_SCORE$([ "$SERVICE_PRECONDITION" = 1 ] && echo +adam)$([ "$SERVICE_TRACIN" = 1 ] && echo +tracincp)"
+      "$SERVICE_SCORE$([ "$SERVICE_PRECONDITION" = 1 ] && echo +adam)$([ "$SERVICE_TRACIN" = 1 ] && echo +tracincp)$([ "$SERVICE_NORMALIZE" = none ] && echo +raw)"
     kill $SERVER; wait $SERVER 2>/dev/null || true
     trap - EXIT
   fi
