@@ -69,7 +69,8 @@ def jsonl(path):
     return [json.loads(l) for l in open(path) if l.strip()] if os.path.exists(path) else []
 
 
-METHOD = {"dot": "rapidin", "cosine": "rapidin-cosine", "adam": "rapidin-adam", "adam-cosine": "rapidin-adam-cosine"}
+METHOD = {"dot": "rapidin", "cosine": "rapidin-cosine", "adam": "rapidin-adam", "adam-cosine": "rapidin-adam-cosine",
+          "raw": "rapidin-raw", "adam-raw": "rapidin-adam-raw"}
 
 
 def service_metrics(path, ids, labels):
@@ -102,18 +103,21 @@ def setting_rows(w, setting):
     for c in ft.get("checkpoints", [])[:-1]:
         path = f"{w}/scores_epoch-{c['epoch']}.json"
         if os.path.exists(path):
-            ckpts.append((c["lr"], {(q["set"], q["id"]): q for q in json.load(open(path))["queries"]}))
+            ckpts.append((c["lr"], {(q["set"], q["id"]): q for q in json.load(open(path))["queries"]}, c["epoch"]))
     base = json.load(open(f"{w}/scores_base.json")) if os.path.exists(f"{w}/scores_base.json") else None
     if base is not None and base["records"] != ids:
         sys.exit(f"{w}/scores_base.json ranks other records than scores.json")
     tracin = []
     if ckpts:
-        ckpts.append((ft["checkpoints"][-1]["lr"], None))
-        tracin = [(v, f"{METHOD[v]}-tracincp") for v in ("dot", "adam") if v in bench["variants"]]
+        ckpts.append((ft["checkpoints"][-1]["lr"], None, ft["checkpoints"][-1]["epoch"]))
+        has = lambda v: v in bench["variants"] and all(v in next(iter(c[1].values()))["variants"] for c in ckpts[:-1])
+        tracin = [(v, f"{METHOD[v]}-tracincp", ckpts) for v in ("dot", "adam", "raw", "adam-raw") if has(v)]
+        if ckpts[0][2] == 0 and len(ckpts) > 2:  # the same sum without checkpoint 0 (the base model), for comparison
+            tracin += [(v, f"{METHOD[v]}-tracincp-no-epoch0", ckpts[1:]) for v in ("dot", "adam", "adam-raw") if has(v)]
 
-    def tracin_scores(q, v, k):
+    def tracin_scores(q, v, k, ckpts):
         total = np.zeros(len(ids))
-        for lr, by_id in ckpts:
+        for lr, by_id, _ in ckpts:
             qq = q if by_id is None else by_id[(q["set"], q["id"])]
             x = qq["variants"][v]["exact"] if k is None else qq["variants"][v]["compressed"][str(k)]
             total += lr * np.asarray(x, dtype=np.float64)
@@ -128,12 +132,12 @@ def setting_rows(w, setting):
             for k in bench["ks"]:
                 add(s, f"{name}-rapidgrad", k,
                     mean([rank_metrics(q["variants"][v]["compressed"][str(k)], labels) for q in qs]))
-        for v, name in tracin:
-            add(s, f"{name}-exact", None, mean([rank_metrics(tracin_scores(q, v, None), labels) for q in qs]),
-                {"checkpoints": len(ckpts)})
+        for v, name, cs in tracin:
+            epochs = {"checkpoints": len(cs), "epochs": [c[2] for c in cs]}
+            add(s, f"{name}-exact", None, mean([rank_metrics(tracin_scores(q, v, None, cs), labels) for q in qs]), epochs)
             for k in bench["ks"]:
-                add(s, f"{name}-rapidgrad", k, mean([rank_metrics(tracin_scores(q, v, k), labels) for q in qs]),
-                    {"checkpoints": len(ckpts)})
+                add(s, f"{name}-rapidgrad", k, mean([rank_metrics(tracin_scores(q, v, k, cs), labels) for q in qs]),
+                    epochs)
         if base is not None:  # gradients of the model before fine-tuning (no optimizer state: RapidIn's dot only)
             bq = {q["id"]: q for q in base["queries"] if q["set"] == s}
             for k in [None] + [k for k in bench["ks"] if k in base["ks"]]:
@@ -233,11 +237,22 @@ def main():
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
 
+    # Sections of settings not re-run are kept, as their rows are in the JSON.
+    old_md = open(out_md).read() if os.path.exists(out_md) else ""
+    kept = []
+    for s in (x for x in out["settings"] if x not in info):
+        start = old_md.find(f"\n## {s}:")
+        if start >= 0:
+            end = min([e for e in (old_md.find("\n## ", start + 1), old_md.find("\nControl queries are", start + 1))
+                       if e >= 0] or [len(old_md)])
+            kept.append(old_md[start + 1:end].rstrip("\n") + "\n\n")
     with open(out_md, "w") as f:
         f.write("# Backdoor benchmark: does attribution find the poison?\n\n")
         f.write("Written by `bash bench/backdoor/run.sh` (rows also in backdoor.json). Per setting: fine-tune "
                 "stories260K on the poisoned set with `rapidin finetune`, check that the backdoor was learned, then rank "
                 "every training record for each query; positives are the poisoned records. Means over the queries.\n\n")
+        for section in kept:
+            f.write(section)
         for s, v in info.items():
             l, m = v["learned"], v["setting"]
             f.write(f"## {s}: {m['poisoned']} poisoned of {m['clean'] + m['poisoned']} records; trigger "

@@ -23,6 +23,15 @@ def main():
              "fine-tuned model exported with `rapidin export-hf` (transformers reproduces `rapidin eval`'s losses: "
              "see the check line), on the token ids of `rapidin tokenize`, with rapidin's loss (mean over the "
              "response tokens). Times are wall seconds on this machine (2 cores, no GPU).\n"]
+    old_md = open(out_md).read() if os.path.exists(out_md) else ""
+    peer_settings = sorted({r["setting"] for r in doc["rows"]
+                            if not r["method"].startswith("rapidin") and r["method"] not in ("bm25", "bm25-hotword")})
+    for s in [x for x in peer_settings if x not in settings]:
+        # A setting not re-run keeps its section (its rows stay in the JSON too).
+        start = old_md.find(f"\n## {s}\n")
+        if start >= 0:
+            end = old_md.find("\n## ", start + 1)
+            lines.append(old_md[start:end if end >= 0 else len(old_md)].rstrip("\n") + "\n")
     for s in settings:
         w, d = f"{work}/{s}", f"{work}/{s}/peers"
         train = jsonl(f"{d}/tok_train.jsonl")  # the records every method scores, in the same order
