@@ -95,21 +95,26 @@ def rapidin_methods(w):
             b = json.load(open(p))
             if b["records"] != ids:
                 sys.exit(f"{p} scores other records than scores.json")
-            ckpts.append((c["lr"], {q["id"]: q for q in b["queries"]}))
+            ckpts.append((c["lr"], {q["id"]: q for q in b["queries"]}, c["epoch"]))
     if ckpts:
-        ckpts.append((ft["checkpoints"][-1]["lr"], {q["id"]: q for q in bench["queries"]}))
-        for v in ("dot", "adam", "raw", "adam-raw"):
-            if v not in bench["variants"] or any(v not in b["variants"] for b in by_id_first(ckpts)):
-                continue
-            for k in [None] + bench["ks"]:
-                t = {}
-                for q in bench["queries"]:
-                    tot = [0.0] * len(ids)
-                    for lr, by_id in ckpts:
-                        for i, x in enumerate(pick(by_id[q["id"]], v, k)):
-                            tot[i] += lr * x
-                    t[q["id"]] = dict(zip(ids, tot))
-                out[(f"{names[v]}-tracincp-{'exact' if k is None else 'rapidgrad'}", k)] = (t, {"checkpoints": len(ckpts)})
+        ckpts.append((ft["checkpoints"][-1]["lr"], {q["id"]: q for q in bench["queries"]}, ft["checkpoints"][-1]["epoch"]))
+        sums = [("tracincp", ckpts)]
+        if ckpts[0][2] == 0 and len(ckpts) > 2:  # the same sum without checkpoint 0 (the base model), for comparison
+            sums.append(("tracincp-no-epoch0", ckpts[1:]))
+        for tag, cs in sums:
+            for v in ("dot", "adam", "raw", "adam-raw"):
+                if v not in bench["variants"] or any(v not in b["variants"] for b in by_id_first(cs)):
+                    continue
+                for k in [None] + bench["ks"]:
+                    t = {}
+                    for q in bench["queries"]:
+                        tot = [0.0] * len(ids)
+                        for lr, by_id, _ in cs:
+                            for i, x in enumerate(pick(by_id[q["id"]], v, k)):
+                                tot[i] += lr * x
+                        t[q["id"]] = dict(zip(ids, tot))
+                    out[(f"{names[v]}-{tag}-{'exact' if k is None else 'rapidgrad'}", k)] = (
+                        t, {"checkpoints": len(cs), "epochs": [c[2] for c in cs]})
     if os.path.exists(f"{w}/scores_base.json"):
         b = json.load(open(f"{w}/scores_base.json"))
         for k in [None] + b["ks"]:
@@ -118,7 +123,7 @@ def rapidin_methods(w):
             out[(f"rapidin-base-{tag}", k)] = (base, {})
             # TracIn-CP with the base model as checkpoint 0 (what `finetune --checkpoint-epochs 0,...` gives), dot
             tc = out.get((f"rapidin-tracincp-{tag}", k))
-            if tc is not None and b["records"] == ids:
+            if tc is not None and b["records"] == ids and ckpts[0][2] != 0:
                 lr0 = ckpts[0][0]
                 out[(f"rapidin-tracincp+base-{tag}", k)] = ({q: {i: x + lr0 * base[q][i] for i, x in t.items()}
                                                              for q, t in tc[0].items()}, {"checkpoints": len(ckpts) + 1})
@@ -127,7 +132,7 @@ def rapidin_methods(w):
 
 def by_id_first(ckpts):
     """Each checkpoint's scores of its first query (to see which variants it has)."""
-    return [next(iter(by_id.values())) for _, by_id in ckpts]
+    return [next(iter(by_id.values())) for _, by_id, _ in ckpts]
 
 
 def peer_methods(w):
@@ -211,7 +216,7 @@ def main():
         f.write("\nNames: `rapidin` is RapidIn's score (layer-wise normalised gradients, inner product); `-adam` divides "
                 "gradients by sqrt(v)+eps (the run's Adam second moments) first; `-raw` leaves out the layer-wise "
                 "normalisation (plain TracIn's inner product); `-cosine` unit-normalises the compressed vectors; "
-                "`-tracincp` sums the checkpoints (epoch 1 and the final model) with learning-rate weights; `-base` uses "
+                "`-tracincp` sums the checkpoints (0: the model before fine-tuning, 1, and the final model) with learning-rate weights, `-no-epoch0` without checkpoint 0; `-base` uses "
                 "the model before fine-tuning; `-exact` is the uncompressed inner product (float64), `-rapidgrad` the "
                 "RapidGrad sketch at K. Peers (bench/peers, same exported model, token ids and loss): Kronfluence EK-FAC, "
                 "TRAK (dattri, one checkpoint, projection 256), Bergson (gradient cosine; TrackStar), bm25s on the text. "
