@@ -73,29 +73,9 @@ bb scores_base.json "$BASE" --label "base model"
 
 if [ "$PEERS" = 1 ]; then
   stage "peers on the same model, records and queries"
-  D=$W/peers
-  mkdir -p "$D"
-  venv() {  # name packages...
-    local v=$WORK/venv-$1; shift
-    [ -x "$v/bin/python" ] || { python3 -m venv "$v" && "$v/bin/pip" install -q "$@"; }
-    echo "$v/bin/python"
-  }
-  PY_KF=$(venv kronfluence torch transformers kronfluence numpy safetensors)
-  PY_BM=$(venv bm25s bm25s numpy)
-  PY_TR=$(venv dattri torch transformers dattri numpy safetensors)
-  PY_BG=$(venv bergson bergson numpy)
-  export PEER_SETS=lds
-  [ -f "$D/hf/config.json" ] || "$RAPIDIN" export-hf --model "$W/model.bin" --out "$D/hf"
-  for f in train:train q_lds:lds; do
-    [ -f "$D/tok_${f#*:}.jsonl" ] || "$RAPIDIN" tokenize --model "$W/model.bin" --tokenizer "$TOK" \
-      --max-length "$MAX_LENGTH" --data "$W/${f%%:*}.jsonl" > "$D/tok_${f#*:}.jsonl"
-  done
-  "$PY_KF" bench/peers/check_export.py "$D" "$W" | tee "$D/check_export.json"
-  [ -f "$D/scores_kronfluence-ekfac.npz" ] || "$PY_KF" bench/peers/kronfluence_scores.py "$D"
-  [ -f "$D/scores_trak-dattri.npz" ] || "$PY_TR" bench/peers/trak_scores.py "$D" "${TRAK_DIM:-256}"
-  [ -f "$D/scores_bergson-trackstar.npz" ] || "$PY_BG" bench/peers/bergson_scores.py "$D" \
-    "$W/model.bin.optimizer.safetensors" "${BERGSON_DIM:-16}"
-  [ -f "$D/scores_bm25s.npz" ] || "$PY_BM" bench/peers/bm25_scores.py "$D" "$W"
+  source bench/peers/peers.sh
+  peer_venvs "$WORK"
+  PEER_SETS=lds peer_scores "$RAPIDIN" "$TOK" "$W" "$W/peers" "$MAX_LENGTH" "${TRAK_DIM:-256}"
 fi
 
 stage "LDS"
