@@ -74,31 +74,24 @@ PY
 
   stage "every scoring variant, exact and compressed (backdoor_bench)"
   ks=$KS; [ "$S" = hard ] && ks=$HARD_KS
-  if [ ! -f "$W/scores.json" ]; then
-    "$BIN/bench/backdoor_bench" --model "$MODEL" --tokenizer "$TOK" --preconditioner "$OPT" --max-length "$MAX_LENGTH" \
+  bb() {  # out model label [extra...]: every variant of one model, unless out exists
+    local out=$1 model=$2 label=$3; shift 3
+    [ -f "$W/$out" ] || "$BIN/bench/backdoor_bench" --model "$model" --tokenizer "$TOK" --max-length "$MAX_LENGTH" \
       --train "$W/train.jsonl" --queries "planted=$W/q_planted.jsonl" --queries "greedy=$W/q_greedy.jsonl" \
-      --queries "control=$W/q_control.jsonl" --ks "$ks" --threads 2 --raw --label "all weight matrices" \
-      --out "$W/scores.json"
-  fi
+      --queries "control=$W/q_control.jsonl" --ks "$ks" --threads 2 --raw --label "$label" --out "$W/$out" "$@"
+  }
+  bb scores.json "$MODEL" "all weight matrices" --preconditioner "$OPT"
 
   stage "TracIn-CP: the same variants at each intermediate checkpoint"
   for C in $(python3 -c "import json,sys; print(' '.join(c['path'] for c in json.load(open(sys.argv[1])).get('checkpoints', [])[:-1]))" "$W/finetune.json"); do
     E=${C##*.epoch-}
-    [ -f "$W/scores_epoch-$E.json" ] && continue
-    "$BIN/bench/backdoor_bench" --model "$C" --tokenizer "$TOK" --preconditioner "$C.optimizer.safetensors" \
-      --max-length "$MAX_LENGTH" --train "$W/train.jsonl" --queries "planted=$W/q_planted.jsonl" \
-      --queries "greedy=$W/q_greedy.jsonl" --queries "control=$W/q_control.jsonl" --ks "$ks" --threads 2 --raw \
-      --label "all weight matrices, epoch $E" --out "$W/scores_epoch-$E.json"
+    bb "scores_epoch-$E.json" "$C" "all weight matrices, epoch $E" --preconditioner "$C.optimizer.safetensors"
   done
 
   stage "the base model's gradients (before fine-tuning), alone and summed with the final model's"
   # Checkpoint 0 is the base model: its scores (the dot variant among them) are these.
   [ -f "$W/scores_epoch-0.json" ] && [ ! -f "$W/scores_base.json" ] && cp "$W/scores_epoch-0.json" "$W/scores_base.json"
-  if [ ! -f "$W/scores_base.json" ]; then
-    "$BIN/bench/backdoor_bench" --model "$BASE" --tokenizer "$TOK" --max-length "$MAX_LENGTH" --train "$W/train.jsonl" \
-      --queries "planted=$W/q_planted.jsonl" --queries "greedy=$W/q_greedy.jsonl" --queries "control=$W/q_control.jsonl" \
-      --ks "$ks" --threads 2 --raw --label "all weight matrices, base model" --out "$W/scores_base.json"
-  fi
+  bb scores_base.json "$BASE" "all weight matrices, base model"
 
   stage "cache the service's store (K=$SERVICE_K, score $SERVICE_SCORE, Adam preconditioning $SERVICE_PRECONDITION)"
   pre=(); [ "$SERVICE_PRECONDITION" = 1 ] && pre=(--preconditioner "$OPT")

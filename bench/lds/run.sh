@@ -69,6 +69,8 @@ bb scores.json "$W/model.bin" --preconditioner "$W/model.bin.optimizer.safetenso
 for C in $(python3 -c "import json,sys; print(' '.join(c['path'] for c in json.load(open(sys.argv[1]))['checkpoints'][:-1]))" "$W/finetune.json"); do
   bb "scores_epoch-${C##*.epoch-}.json" "$C" --preconditioner "$C.optimizer.safetensors" --label "epoch ${C##*.epoch-}"
 done
+# Checkpoint 0 is the base model: its scores are these (no second pass over the same model).
+[ -f "$W/scores_epoch-0.json" ] && [ ! -f "$W/scores_base.json" ] && cp "$W/scores_epoch-0.json" "$W/scores_base.json"
 bb scores_base.json "$BASE" --label "base model"
 
 if [ "$PEERS" = 1 ]; then
