@@ -73,6 +73,16 @@ METHOD = {"dot": "rapidin", "cosine": "rapidin-cosine", "adam": "rapidin-adam", 
           "raw": "rapidin-raw", "adam-raw": "rapidin-adam-raw"}
 
 
+def md_section(text, heading, stops=("\n## ",)):
+    """The section of a markdown report that starts at the line `heading` (up to the next stop), or None: how a
+    report re-written for some settings keeps the sections of the others."""
+    start = text.find("\n" + heading)
+    if start < 0:
+        return None
+    ends = [e for e in (text.find(stop, start + 1) for stop in stops) if e >= 0]
+    return text[start + 1:min(ends) if ends else len(text)].rstrip("\n")
+
+
 def service_metrics(path, ids, labels):
     """A service_queries.py ranking file -> (its JSON, per-query metrics); unranked records score lowest."""
     ranked = json.load(open(path))
@@ -239,13 +249,8 @@ def main():
 
     # Sections of settings not re-run are kept, as their rows are in the JSON.
     old_md = open(out_md).read() if os.path.exists(out_md) else ""
-    kept = []
-    for s in (x for x in out["settings"] if x not in info):
-        start = old_md.find(f"\n## {s}:")
-        if start >= 0:
-            end = min([e for e in (old_md.find("\n## ", start + 1), old_md.find("\nControl queries are", start + 1))
-                       if e >= 0] or [len(old_md)])
-            kept.append(old_md[start + 1:end].rstrip("\n") + "\n\n")
+    kept = [sec + "\n\n" for sec in (md_section(old_md, f"## {s}:", ("\n## ", "\nControl queries are"))
+                                     for s in out["settings"] if s not in info) if sec]
     with open(out_md, "w") as f:
         f.write("# Backdoor benchmark: does attribution find the poison?\n\n")
         f.write("Written by `bash bench/backdoor/run.sh` (rows also in backdoor.json). Per setting: fine-tune "

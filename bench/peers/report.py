@@ -11,6 +11,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import jsonl, labels_of, mean, rank_metrics  # noqa: E402
+from metrics import md_section  # noqa: E402
 
 
 def main():
@@ -28,10 +29,9 @@ def main():
                             if not r["method"].startswith("rapidin") and r["method"] not in ("bm25", "bm25-hotword")})
     for s in [x for x in peer_settings if x not in settings]:
         # A setting not re-run keeps its section (its rows stay in the JSON too).
-        start = old_md.find(f"\n## {s}\n")
-        if start >= 0:
-            end = old_md.find("\n## ", start + 1)
-            lines.append(old_md[start:end if end >= 0 else len(old_md)].rstrip("\n") + "\n")
+        section = md_section(old_md, f"## {s}\n")
+        if section:
+            lines.append("\n" + section + "\n")
     for s in settings:
         w, d = f"{work}/{s}", f"{work}/{s}/peers"
         train = jsonl(f"{d}/tok_train.jsonl")  # the records every method scores, in the same order
