@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <cmath>
@@ -14,8 +15,10 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "client/cache.h"
 #include "client/finetune.h"
 #include "client/client.h"
@@ -270,6 +273,39 @@ int ExportHf(const rapidin::model::EngineOptions& eo, const std::string& out) {
   return 0;
 }
 
+// `rapidin grow`: a larger model of the base's architecture that starts out computing the base's function
+// (GradientEngine::Grow), written as a llama2.c checkpoint (.bin) or, for another path, a Hugging Face directory.
+int GrowModel(const rapidin::model::EngineOptions& eo, const rapidin::model::ModelConfig& target, uint64_t seed,
+              double init_std, const std::string& out) {
+  auto base = rapidin::model::GradientEngine::Load(eo);
+  if (!base.ok()) return Fail(base.status());
+  rapidin::model::ModelConfig t = target;
+  const auto& c = (*base)->config();
+  const int hd = c.dim / c.n_heads, group = c.n_heads / c.n_kv_heads;
+  if (t.dim == 0) t.dim = c.dim;
+  if (t.n_layers == 0) t.n_layers = c.n_layers;
+  if (t.hidden_dim == 0) t.hidden_dim = c.hidden_dim * t.dim / c.dim;  // the base's FFN ratio
+  t.n_heads = t.dim / hd;  // head size and grouping stay the base's
+  t.n_kv_heads = std::max(1, t.n_heads / group);
+  t.vocab_size = c.vocab_size;
+  t.seq_len = c.seq_len;
+  t.tied_output = c.tied_output;
+  if (t.dim % hd != 0) {
+    return Fail(absl::InvalidArgumentError(absl::StrFormat("grow: --dim must be a multiple of the head size %d", hd)));
+  }
+  rapidin::model::EngineOptions go = eo;
+  go.adapter_path.clear();  // merged into the grown weights
+  auto g = rapidin::model::GradientEngine::Grow(**base, t, seed, init_std, go);
+  if (!g.ok()) return Fail(g.status());
+  const bool bin = absl::EndsWith(out, ".bin");
+  if (absl::Status st = bin ? (*g)->SaveLlama2c(out) : (*g)->SaveHf(out); !st.ok()) return Fail(st);
+  int64_t params = 0;
+  for (const auto& p : (*g)->params()) params += p.numel;
+  std::fprintf(stderr, "rapidin: wrote %s: dim %d, hidden %d, layers %d, heads %d (kv %d), %lld matrix parameters\n",
+               out.c_str(), t.dim, t.hidden_dim, t.n_layers, t.n_heads, t.n_kv_heads, static_cast<long long>(params));
+  return 0;
+}
+
 // `rapidin tokenize`: the token ids rapidin trains and scores on (template, truncation), one JSON line per record,
 // so that tools outside rapidin (bench/peers) see identical inputs.
 int TokenizeData(const rapidin::model::EngineOptions& eo, const std::string& data) {
@@ -466,6 +502,24 @@ int main(int argc, char** argv) {
   xh->add_option("--adapter", xo.adapter_path, "PEFT LoRA adapter directory (merged into the weights)");
   xh->add_option("--out", xout, "output directory (config.json + model.safetensors)")->required();
 
+  auto* gr = app.add_subcommand("grow", "a larger model of the same architecture, starting from the base's function");
+  rapidin::model::EngineOptions go;
+  rapidin::model::ModelConfig gt;
+  uint64_t grow_seed = 0;
+  double init_std = 0.02;
+  std::string gout;
+  gr->add_option("--model", go.model_path, "base: llama2.c checkpoint or Hugging Face directory")->required();
+  gr->add_option("--adapter", go.adapter_path, "PEFT LoRA adapter directory (merged into the base)");
+  gr->add_option("--out", gout, "a .bin path: llama2.c checkpoint; else a Hugging Face directory")->required();
+  gr->add_option("--dim", gt.dim, "model width (a multiple of the base's head size; default: the base's)")
+      ->check(CLI::Range(1, 65536));
+  gr->add_option("--hidden-dim", gt.hidden_dim, "FFN width (default: the base's ratio)")->check(CLI::Range(1, 1 << 20));
+  gr->add_option("--layers", gt.n_layers, "layers (default: the base's)")->check(CLI::Range(1, 1024));
+  gr->add_option("--seed", grow_seed, "seed of the new weights")->capture_default_str();
+  gr->add_option("--init-std", init_std, "standard deviation of the new weights that read the residual stream")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 10.0));
+
   auto* tk = app.add_subcommand("tokenize", "the token ids of instruction data, as rapidin sees them (JSON lines)");
   rapidin::model::EngineOptions to;
   tk->add_option("--model", to.model_path, "llama2.c checkpoint or Hugging Face directory")->required();
@@ -541,6 +595,7 @@ int main(int argc, char** argv) {
     return Eval(eo, file, max_new, json);
   }
   if (*xh) return ExportHf(xo, xout);
+  if (*gr) return GrowModel(go, gt, grow_seed, init_std, gout);
   if (*tk) {
     if (absl::Status st = rapidin::model::ResolveTokenizer(&to); !st.ok()) return Fail(st);
     return TokenizeData(to, file);

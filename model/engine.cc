@@ -507,6 +507,93 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Random(const Mod
   });
 }
 
+absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Grow(const GradientEngine& base,
+                                                                     const ModelConfig& t, uint64_t seed,
+                                                                     double init_std, const EngineOptions& options) {
+  return Guarded([&]() -> absl::StatusOr<std::unique_ptr<GradientEngine>> {
+    const Impl& b = *base.impl_;
+    const ModelConfig& c = b.cfg;
+    if (t.dim <= 0 || t.n_heads <= 0 || t.n_kv_heads <= 0 || t.dim % t.n_heads != 0 ||
+        t.n_heads % t.n_kv_heads != 0) {
+      return absl::InvalidArgumentError("grow: dim must be a multiple of heads, heads of kv heads");
+    }
+    if (t.dim / t.n_heads != c.dim / c.n_heads || t.n_heads / t.n_kv_heads != c.n_heads / c.n_kv_heads) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "grow: the head size (%d) and the query heads per kv head (%d) must stay as in the base model",
+          c.dim / c.n_heads, c.n_heads / c.n_kv_heads));
+    }
+    if (t.dim < c.dim || t.hidden_dim < c.hidden_dim || t.n_layers < c.n_layers || t.n_heads < c.n_heads) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "grow: the target (dim %d, hidden %d, layers %d) is smaller than the base (dim %d, hidden %d, layers %d)",
+          t.dim, t.hidden_dim, t.n_layers, c.dim, c.hidden_dim, c.n_layers));
+    }
+    if (t.vocab_size != c.vocab_size || t.seq_len != c.seq_len || t.tied_output != c.tied_output) {
+      return absl::InvalidArgumentError("grow: vocab_size, seq_len and tied_output must stay as in the base model");
+    }
+    if (!(init_std >= 0)) return absl::InvalidArgumentError("grow: init_std must be >= 0");
+    auto impl = std::make_unique<Impl>();
+    if (absl::Status init = impl->Init(options); !init.ok()) return init;
+    impl->cfg = t;
+    impl->cfg.norm_eps = c.norm_eps;
+    impl->cfg.rope_theta = c.rope_theta;
+    impl->llama2c = b.llama2c;
+    impl->rope_half = b.rope_half;
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<double> g(0.0, init_std);
+    // shape filled with N(0, init_std^2) (random) or zeros, then the base tensor (if any) copied into its corner.
+    auto make = [&](const std::vector<int64_t>& shape, bool random, const torch::Tensor& old) {
+      auto n = torch::zeros(shape, torch::kDouble);
+      if (random) {
+        auto* p = n.data_ptr<double>();
+        for (int64_t i = 0; i < n.numel(); ++i) p[i] = g(rng);
+      }
+      if (old.defined()) {
+        auto o = old.to(torch::kDouble);
+        if (o.dim() == 1) {
+          n.narrow(0, 0, o.size(0)).copy_(o);
+        } else {
+          n.narrow(0, 0, o.size(0)).narrow(1, 0, o.size(1)).copy_(o);
+        }
+      }
+      return n;
+    };
+    const double s = std::sqrt(static_cast<double>(c.dim) / t.dim);
+    auto norm = [&](const std::string& name) {  // RMSNorm weight: new entries 1, everything scaled by s
+      torch::Tensor old = name.empty() ? torch::Tensor() : b.Merged(name, torch::kDouble);
+      auto n = torch::ones({t.dim}, torch::kDouble);
+      if (old.defined()) n.narrow(0, 0, c.dim).copy_(old.to(torch::kDouble));
+      return n * s;
+    };
+    const int64_t D = t.dim, F = t.hidden_dim, KVD = (t.dim / t.n_heads) * t.n_kv_heads, V = t.vocab_size;
+    impl->Add("tok_embeddings.weight", make({V, D}, false, b.Merged("tok_embeddings.weight", torch::kDouble)));
+    for (int l = 0; l < t.n_layers; ++l) {
+      const bool old = l < c.n_layers;
+      const std::string p = absl::StrCat("layers.", l, ".");
+      auto o = [&](const char* k) { return old ? b.Merged(p + k + ".weight", torch::kDouble) : torch::Tensor(); };
+      impl->Add(p + "attention_norm.weight", norm(old ? p + "attention_norm.weight" : ""));
+      impl->Add(p + "attention.wq.weight", make({D, D}, true, o("attention.wq")));
+      impl->Add(p + "attention.wk.weight", make({KVD, D}, true, o("attention.wk")));
+      impl->Add(p + "attention.wv.weight", make({KVD, D}, true, o("attention.wv")));
+      impl->Add(p + "attention.wo.weight", make({D, D}, false, o("attention.wo")));
+      impl->Add(p + "ffn_norm.weight", norm(old ? p + "ffn_norm.weight" : ""));
+      impl->Add(p + "feed_forward.w1.weight", make({F, D}, true, o("feed_forward.w1")));
+      impl->Add(p + "feed_forward.w2.weight", make({D, F}, false, o("feed_forward.w2")));
+      impl->Add(p + "feed_forward.w3.weight", make({F, D}, true, o("feed_forward.w3")));
+    }
+    impl->Add("norm.weight", norm("norm.weight"));
+    if (!t.tied_output) impl->Add("output.weight", make({V, D}, false, b.Merged("output.weight", torch::kDouble)));
+    if (!options.tokenizer_path.empty()) {
+      auto tok = Tokenizer::Load(options.tokenizer_path, t.vocab_size);
+      if (!tok.ok()) return tok.status();
+      impl->tok = std::move(*tok);
+    }
+    absl::Status st = impl->Finish();
+    if (st.ok()) st = impl->LoadPreconditioner();
+    if (!st.ok()) return st;
+    return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
+  });
+}
+
 const ModelConfig& GradientEngine::config() const { return impl_->cfg; }
 std::string GradientEngine::device() const { return impl_->device.str(); }
 int GradientEngine::cuda_device() const { return impl_->device.is_cuda() ? impl_->device.index() : -1; }

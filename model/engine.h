@@ -140,6 +140,18 @@ class GradientEngine {
   // A randomly initialised model (tests): no tokenizer; use the *Ids methods.
   static absl::StatusOr<std::unique_ptr<GradientEngine>> Random(const ModelConfig& config, uint64_t seed,
                                                                 const EngineOptions& options);
+  // A larger model of the same architecture that starts out computing base's function (for a model too small to
+  // learn a task: fine-tune the grown one). base's weights fill the leading block of every tensor; the new
+  // heads, kv heads, FFN units and layers read the residual stream through fresh N(0, init_std^2) weights and
+  // write to it through zeros (wo, w2, the new embedding columns), so the new residual dimensions stay 0 until
+  // training moves them; RMSNorm weights are scaled by sqrt(base dim / dim) to keep the normalised values. New
+  // layers follow base's. Equal logits up to the RMSNorm epsilon's share (exactly with norm_eps = 0).
+  // target must keep head_dim, the query-per-kv-head group, vocab_size, seq_len and tied_output, and not shrink.
+  // An adapter on base is merged. The tokenizer and options come from `options` (model_path is ignored).
+  // Errors: INVALID_ARGUMENT for a target that cannot hold base.
+  static absl::StatusOr<std::unique_ptr<GradientEngine>> Grow(const GradientEngine& base, const ModelConfig& target,
+                                                              uint64_t seed, double init_std,
+                                                              const EngineOptions& options);
   ~GradientEngine();
 
   const ModelConfig& config() const;

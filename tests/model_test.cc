@@ -934,5 +934,71 @@ TEST(Engine, MalformedTokenizedRecordsAreRefused) {
   EXPECT_TRUE((*e)->GradientIds(good, true, &g).ok());
 }
 
+// A grown model starts out as the base's function (in float64, with norm_eps = 0 exactly up to rounding), and its
+// new weights are reachable by training: gradients flow into the new heads' and units' writers and the new
+// embedding columns. Targets that cannot hold the base are refused.
+TEST(Engine, GrowKeepsTheBaseFunctionAndTrainsTheNewWeights) {
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  for (bool tied : {true, false}) {
+    EngineOptions o;
+    o.use_double = true;
+    ModelConfig c = Tiny(tied);
+    c.norm_eps = 0;
+    auto base = GradientEngine::Random(c, static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 40), o);
+    ASSERT_TRUE(base.ok()) << base.status();
+    ModelConfig t = c;
+    t.dim = 2 * c.dim;
+    t.n_heads = 2 * c.n_heads;
+    t.n_kv_heads = 2 * c.n_kv_heads;
+    t.hidden_dim = c.hidden_dim + 5;
+    t.n_layers = c.n_layers + 1;
+    auto grown = GradientEngine::Grow(**base, t, rapidin::testing::FuzzSeed() + 41, 0.3, o);
+    ASSERT_TRUE(grown.ok()) << grown.status();
+    EXPECT_EQ((*grown)->config().dim, t.dim);
+    EXPECT_EQ((*grown)->config().n_layers, t.n_layers);
+    std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 42));
+    for (int r = 0; r < 4; ++r) {
+      TokenizedExample x;
+      for (int i = 0; i < 12; ++i) x.ids.push_back(static_cast<int32_t>(rng() % c.vocab_size));
+      x.response_begin = 4;
+      const double lb = *(*base)->LossIds(x), lg = *(*grown)->LossIds(x);
+      EXPECT_NEAR(lg, lb, 1e-10 * (1 + std::fabs(lb)));
+    }
+    // Training reaches the new dimensions: the new rows of layer 0's wo and the new embedding columns have
+    // non-zero gradients (reading weights of later layers are random).
+    TokenizedExample x;
+    for (int i = 0; i < 12; ++i) x.ids.push_back(static_cast<int32_t>(rng() % c.vocab_size));
+    x.response_begin = 4;
+    std::vector<double> g;
+    ASSERT_TRUE((*grown)->GradientIds(x, false, &g).ok());
+    auto block_norm = [&](const std::string& name, int64_t row0, int64_t col0) {
+      for (const auto& p : (*grown)->params()) {
+        if (p.name != name) continue;
+        const int64_t cols = t.dim;  // both are [rows, dim]
+        double s = 0;
+        for (int64_t i = 0; i < p.numel; ++i) {
+          if (i / cols >= row0 && i % cols >= col0) s += g[p.offset + i] * g[p.offset + i];
+        }
+        return std::sqrt(s);
+      }
+      ADD_FAILURE() << "no parameter " << name;
+      return 0.0;
+    };
+    EXPECT_GT(block_norm("layers.0.attention.wo.weight", c.dim, 0), 1e-8);
+    EXPECT_GT(block_norm("tok_embeddings.weight", 0, c.dim), 1e-8);
+    // Refusals: another head size, a smaller model, another vocabulary.
+    ModelConfig bad = t;
+    bad.n_heads = t.n_heads / 2;
+    bad.n_kv_heads = t.n_kv_heads / 2;
+    EXPECT_EQ(GradientEngine::Grow(**base, bad, 1, 0.1, o).status().code(), absl::StatusCode::kInvalidArgument);
+    bad = t;
+    bad.n_layers = 1;
+    EXPECT_EQ(GradientEngine::Grow(**base, bad, 1, 0.1, o).status().code(), absl::StatusCode::kInvalidArgument);
+    bad = t;
+    bad.vocab_size = c.vocab_size + 1;
+    EXPECT_EQ(GradientEngine::Grow(**base, bad, 1, 0.1, o).status().code(), absl::StatusCode::kInvalidArgument);
+  }
+}
+
 }  // namespace
 }  // namespace rapidin::model

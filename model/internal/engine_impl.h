@@ -139,11 +139,11 @@ struct GradientEngine::Impl {
 
   // Weight `name` as float32 in host memory, with its LoRA update B A * scale merged in when it has one (what
   // the checkpoint writers save).
-  torch::Tensor Merged(const std::string& name) const {
-    torch::Tensor t = w.at(name).to(torch::kFloat);
+  torch::Tensor Merged(const std::string& name, torch::Dtype dt = torch::kFloat) const {
+    torch::Tensor t = w.at(name).to(dt);
     auto it = lora.find(name);
     if (it != lora.end()) {
-      t = t + torch::matmul(w.at(it->second.second), w.at(it->second.first)).to(torch::kFloat) * lora_scale;
+      t = t + torch::matmul(w.at(it->second.second), w.at(it->second.first)).to(dt) * lora_scale;
     }
     return t.to(torch::kCPU).contiguous();
   }
