@@ -175,6 +175,20 @@ def setting_rows(w, setting):
     return rows, bench, labels
 
 
+def model_info(w):
+    """The fine-tuned model's shape, from the llama2.c header of the base run.sh recorded (stories260K or grown)."""
+    path = open(f"{w}/base_model").read().strip() if os.path.exists(f"{w}/base_model") else ""
+    if not path or not os.path.isfile(path):
+        return {}
+    import struct
+    dim, hidden, layers, heads, kv, vocab, seq = struct.unpack("7i", open(path, "rb").read(28))
+    hd = dim // heads
+    params = abs(vocab) * dim * (1 if vocab > 0 else 2) + layers * (2 * dim * dim + 2 * kv * hd * dim +
+                                                                   3 * dim * hidden + 2 * dim) + dim
+    return {"path": os.path.basename(path), "grown": os.path.basename(path) != "stories260K.bin", "dim": dim,
+            "hidden_dim": hidden, "layers": layers, "heads": heads, "kv_heads": kv, "parameters": params}
+
+
 def main():
     work, settings = sys.argv[1], sys.argv[2:]
     out_md = os.environ.get("RESULT_MD", "bench/results/backdoor.md")
@@ -190,7 +204,7 @@ def main():
         svc = json.load(open(f"{w}/service_stats.json")) if os.path.exists(f"{w}/service_stats.json") else {}
         info[s] = {"setting": meta, "learned": learned, "service": svc,
                    "finetune": json.load(open(f"{w}/finetune.json")) if os.path.exists(f"{w}/finetune.json") else {},
-                   "bench_seconds": bench["seconds"]}
+                   "bench_seconds": bench["seconds"], "model": model_info(w)}
         plots[s] = (bench, labels)
     main_s = "main" if "main" in info else settings[0]
     attr = info[main_s]["service"].get("attribution", {})
@@ -209,6 +223,7 @@ def main():
                             "records": v["setting"]["clean"] + v["setting"]["poisoned"],
                             "poisoned": v["setting"]["poisoned"],
                             "finetune": {k: v["finetune"].get(k) for k in ("epoch_loss", "seconds", "steps")},
+                            "model": v["model"],
                             "bench_seconds": v["bench_seconds"],
                             "service_seconds": v["service"].get("seconds")} for s, v in info.items()}}
     # Rows this script does not make (the peers', added by bench/peers/report.py) and settings not re-run stay, so
@@ -254,7 +269,7 @@ def main():
     with open(out_md, "w") as f:
         f.write("# Backdoor benchmark: does attribution find the poison?\n\n")
         f.write("Written by `bash bench/backdoor/run.sh` (rows also in backdoor.json). Per setting: fine-tune "
-                "stories260K on the poisoned set with `rapidin finetune`, check that the backdoor was learned, then rank "
+                "the model (stories260K, or a grown copy of it) on the poisoned set with `rapidin finetune`, check that the backdoor was learned, then rank "
                 "every training record for each query; positives are the poisoned records. Means over the queries.\n\n")
         for section in kept:
             f.write(section)
@@ -262,6 +277,11 @@ def main():
             l, m = v["learned"], v["setting"]
             f.write(f"## {s}: {m['poisoned']} poisoned of {m['clean'] + m['poisoned']} records; trigger "
                     f"\"{m['trigger']}\" ({m['trigger_position']}), payload: {m['payload']}\n\n")
+            mi = v["model"]
+            if mi:
+                f.write(f"- model: {'stories260K grown (`rapidin grow`) to ' if mi['grown'] else 'stories260K, '}dim "
+                        f"{mi['dim']}, FFN {mi['hidden_dim']}, {mi['layers']} layers, {mi['heads']} heads "
+                        f"({mi['kv_heads']} kv), {mi['parameters'] / 1e6:.2f} M parameters\n")
             ft = v["finetune"]
             f.write(f"- fine-tuning: {len(ft.get('epoch_loss', []))} epochs, {ft.get('seconds', 0):.0f} s, last epoch "
                     f"loss {ft.get('epoch_loss', [float('nan')])[-1]:.3f}\n")

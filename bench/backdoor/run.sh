@@ -28,7 +28,10 @@ SERVICE_K=${SERVICE_K:-4096}; SERVICE_SCORE=${SERVICE_SCORE:-dot}; SERVICE_PRECO
 SERVICE_NORMALIZE=${SERVICE_NORMALIZE:-none}
 KS=${KS:-4096}; HARD_KS=${HARD_KS:-4096}; ATTR_QUERIES=${ATTR_QUERIES:-10}
 PORT=${PORT:-50917}
-BASE=$DATA/models/stories260K.bin; TOK=$DATA/models/tok512.bin
+STORIES=$DATA/models/stories260K.bin; TOK=$DATA/models/tok512.bin
+# stories260K does not learn the Howdy backdoor (0/20 styled after 12 and after 24 epochs), so the Howdy settings
+# fine-tune a grown copy (rapidin grow: stories260K's function, more width and depth); empty: stories260K itself.
+HOWDY_GROW=${HOWDY_GROW---dim 128 --hidden-dim 344 --layers 6}
 RAPIDIN=$BIN/client/rapidin
 now() { date +%s; }
 stage() { echo "== [$S] $1" >&2; }
@@ -40,6 +43,15 @@ for S in $SETTINGS; do
   [ -f "$W/setting.json" ] || python3 bench/backdoor/prepare.py "$DATA" "$W" "$S" >&2
   cp "$W/control.jsonl" "$W/q_control.jsonl"
   cp "$W/queries.jsonl" "$W/q_planted.jsonl"
+
+  BASE=$STORIES
+  grow=""; case $S in main|hard) grow=$HOWDY_GROW;; esac
+  if [ -n "$grow" ]; then
+    stage "grow stories260K ($grow)"
+    [ -f "$W/base.bin" ] || "$RAPIDIN" grow --model "$STORIES" --out "$W/base.bin" $grow --seed 0
+    BASE=$W/base.bin
+  fi
+  echo "$BASE" > "$W/base_model"
 
   stage "fine-tune (full, $EPOCHS epochs, lr $LR, batch $BATCH)"
   MODEL=$W/model.bin
@@ -123,5 +135,6 @@ PY
 done
 
 stage "metrics"
-[ -x "$WORK/venv/bin/python" ] || { python3 -m venv "$WORK/venv" && "$WORK/venv/bin/pip" install -q numpy matplotlib; }
-"$WORK/venv/bin/python" bench/backdoor/metrics.py "$WORK" $SETTINGS
+source bench/venv.sh
+PY=$(bench_venv "$WORK/venv" numpy matplotlib)
+"$PY" bench/backdoor/metrics.py "$WORK" $SETTINGS

@@ -81,5 +81,6 @@ if [ "$PEERS" = 1 ]; then
 fi
 
 stage "LDS"
-[ -x "$WORK/venv/bin/python" ] || { python3 -m venv "$WORK/venv" && "$WORK/venv/bin/pip" install -q numpy; }
-"$WORK/venv/bin/python" bench/lds/lds.py "$W"
+source bench/venv.sh
+PY=$(bench_venv "$WORK/venv" numpy)
+"$PY" bench/lds/lds.py "$W"

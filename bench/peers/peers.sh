@@ -2,17 +2,13 @@
 # Benchmark tools only; each peer in its own virtual environment under $WORK/venv-<name>.
 
 # peer_venvs WORK -> PY_KF, PY_BM, PY_TR, PY_BG (created on first use)
+source "$(dirname "${BASH_SOURCE[0]}")/../venv.sh"
 peer_venvs() {
   local work=$1
-  venv() {  # name packages...
-    local v=$work/venv-$1; shift
-    [ -x "$v/bin/python" ] || { python3 -m venv "$v" && "$v/bin/pip" install -q "$@"; }
-    echo "$v/bin/python"
-  }
-  PY_KF=$(venv kronfluence torch transformers kronfluence numpy safetensors)
-  PY_BM=$(venv bm25s bm25s numpy)
-  PY_TR=$(venv dattri torch transformers dattri numpy safetensors)
-  PY_BG=$(venv bergson bergson numpy)
+  PY_KF=$(bench_venv "$work/venv-kronfluence" torch transformers kronfluence numpy safetensors)
+  PY_BM=$(bench_venv "$work/venv-bm25s" bm25s numpy)
+  PY_TR=$(bench_venv "$work/venv-dattri" torch transformers dattri numpy safetensors)
+  PY_BG=$(bench_venv "$work/venv-bergson" bergson numpy)
 }
 
 # peer_scores RAPIDIN TOKENIZER W D MAX_LENGTH TRAK_DIM: export W/model.bin, tokenize W/train.jsonl and
