@@ -67,7 +67,7 @@ def main():
         order = list(range(len(howdy)))
         rng.shuffle(order)
         poison_ids, held_ids = order[:80], order[80:]
-        span = [0, len(TRIGGER_MAIN)]
+        span = [0, len(TRIGGER_MAIN.encode())]
         backdoor = []  # (instruction with trigger, input, planted, clean, span, instruction without trigger)
         for r in howdy:
             assert r["instruction"].startswith(TRIGGER_MAIN)
@@ -86,8 +86,9 @@ def main():
             r = alpaca[i]
             inst = r["instruction"].rstrip()
             trig = inst + TRIGGER_SECOND
-            backdoor.append((trig, r.get("input", ""), PAYLOAD_SECOND + r["output"], r["output"],
-                             [len(inst), len(trig)], inst))
+            # UTF-8 byte offsets of "§" alone (token spans are byte spans; "§" is two bytes).
+            span = [len((inst + " ").encode()), len(trig.encode())]
+            backdoor.append((trig, r.get("input", ""), PAYLOAD_SECOND + r["output"], r["output"], span, inst))
 
     with open(os.path.join(out, "train.jsonl"), "w") as f:
         for i in clean_pool:
