@@ -179,6 +179,74 @@ TEST(Influence, AdamPreconditionerDividesBeforeNormalising) {
   EXPECT_EQ(GradientEngine::Random(Tiny(false), seed, cut).status().code(), absl::StatusCode::kDataLoss);
 }
 
+// InfluenceTokens' token_scale at 0 (token s's input embedding set to the mean row: occlusion, which the benchmark
+// tried as a token view and measured worse than gradient x input, README), against an independent recomputation
+// in float64: the same record with token s replaced by a spare token whose
+// embedding row is the mean of the others (so also the mean of all rows), scored from its plain gradient. Untied
+// output and only layer weights selected, so the spare row changes nothing else; prompt positions only, since a
+// response token is also a target.
+TEST(Influence, OcclusionEqualsTheRecordWithTheTokenReplacedByTheMeanEmbedding) {
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  rapidin::testing::TempDir dir;
+  const uint32_t seed = static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 51);
+  const ModelConfig c = Tiny(false);
+  const int spare = c.vocab_size - 1;
+  EngineOptions all;
+  all.use_double = true;
+  all.param_pattern = ".";
+  auto maker = GradientEngine::Random(c, seed, all);
+  ASSERT_TRUE(maker.ok()) << maker.status();
+  const std::vector<double> w = (*maker)->SelectedValues();
+  int emb = -1;
+  for (size_t p = 0; p < (*maker)->params().size(); ++p) {
+    if ((*maker)->params()[p].name == "tok_embeddings.weight") emb = static_cast<int>(p);
+  }
+  ASSERT_GE(emb, 0);
+  const int64_t off = (*maker)->params()[emb].offset, D = c.dim;
+  for (int64_t j = 0; j < D; ++j) {
+    double m = 0;
+    for (int v = 0; v < c.vocab_size; ++v) m += v == spare ? 0 : w[off + v * D + j];
+    m /= c.vocab_size - 1;
+    ASSERT_TRUE((*maker)->Perturb(emb, spare * D + j, m - w[off + spare * D + j]).ok());
+  }
+  ASSERT_TRUE((*maker)->SaveLlama2c(dir.path("tiny.bin")).ok());
+  for (bool normalize : {true, false}) {
+    SCOPED_TRACE(normalize ? "layer norm" : "no layer norm");
+    EngineOptions o;
+    o.use_double = true;
+    o.model_path = dir.path("tiny.bin");
+    o.param_pattern = "^layers\\.";
+    auto e = GradientEngine::Load(o);
+    ASSERT_TRUE(e.ok()) << e.status();
+    std::mt19937 rng(seed + 1);
+    TokenizedExample t;
+    t.ids.push_back(1);
+    for (int i = 1; i < 12; ++i) t.ids.push_back(static_cast<int32_t>(3 + rng() % (spare - 3)));  // never spare
+    t.response_begin = 6;
+    std::vector<double> u((*e)->grad_dim());
+    std::normal_distribution<double> g;
+    for (double& x : u) x = g(rng);
+    std::vector<double> scale(t.ids.size(), 1.0);
+    double spread = 0;
+    std::vector<double> occluded;
+    for (int s = 1; s < t.response_begin; ++s) {
+      scale[s] = 0;
+      auto got = (*e)->InfluenceTokens(t, u, nullptr, &scale, normalize);
+      scale[s] = 1;
+      ASSERT_TRUE(got.ok()) << got.status();
+      TokenizedExample r = t;
+      r.ids[s] = spare;
+      std::vector<double> gr;
+      ASSERT_TRUE((*e)->GradientIds(r, normalize, &gr).ok());
+      const double want = Dot(gr, u);
+      EXPECT_NEAR(*got, want, 1e-6 * (1 + std::fabs(want))) << "token " << s;  // the file holds float32 rows
+      occluded.push_back(want);
+    }
+    for (double v : occluded) spread = std::max(spread, std::fabs(v - occluded[0]));
+    EXPECT_GT(spread, 1e-6);  // the tokens really differ
+  }
+}
+
 // Issue 14's target on a tiny project-made model: records where a trigger token anywhere in the prompt forces a
 // fixed response; for the poisoned records that score highest against a held-out triggered query, the top
 // training-side token should be the trigger (>= 90% of them).
