@@ -15,6 +15,9 @@ from collections import Counter
 
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import tracincp  # noqa: E402
+
 
 def rank_metrics(scores, labels):
     scores = np.asarray(scores, dtype=np.float64)
@@ -106,32 +109,19 @@ def setting_rows(w, setting):
     add = lambda q, method, k, m, extra=None: rows.append(
         dict({"setting": setting, "queries": q, "method": method, "k": k, **m}, **(extra or {})))
     sets = [s for s in ("planted", "greedy", "control") if any(q["set"] == s for q in bench["queries"])]
-    # TracIn-CP (Pruthi et al. 2020): the sum over the saved checkpoints of lr_c * score_c. Summed compressed scores
-    # equal the inner product of the checkpoints' concatenated sketches, so a store of those would rank the same.
-    ft = json.load(open(f"{w}/finetune.json")) if os.path.exists(f"{w}/finetune.json") else {}
-    ckpts = []
-    for c in ft.get("checkpoints", [])[:-1]:
-        path = f"{w}/scores_epoch-{c['epoch']}.json"
-        if os.path.exists(path):
-            ckpts.append((c["lr"], {(q["set"], q["id"]): q for q in json.load(open(path))["queries"]}, c["epoch"]))
+    # TracIn-CP over the saved checkpoints (bench/tracincp.py).
+    ckpts = tracincp.checkpoints(w, bench, key=lambda q: (q["set"], q["id"]))
     base = json.load(open(f"{w}/scores_base.json")) if os.path.exists(f"{w}/scores_base.json") else None
     if base is not None and base["records"] != ids:
         sys.exit(f"{w}/scores_base.json ranks other records than scores.json")
+    has = lambda cs, v: v in bench["variants"] and tracincp.has_variant(cs, v)
     tracin = []
-    if ckpts:
-        ckpts.append((ft["checkpoints"][-1]["lr"], None, ft["checkpoints"][-1]["epoch"]))
-        has = lambda v: v in bench["variants"] and all(v in next(iter(c[1].values()))["variants"] for c in ckpts[:-1])
-        tracin = [(v, f"{METHOD[v]}-tracincp", ckpts) for v in ("dot", "adam", "raw", "adam-raw") if has(v)]
-        if ckpts[0][2] == 0 and len(ckpts) > 2:  # the same sum without checkpoint 0 (the base model), for comparison
-            tracin += [(v, f"{METHOD[v]}-tracincp-no-epoch0", ckpts[1:]) for v in ("dot", "adam", "adam-raw") if has(v)]
+    for tag, cs in tracincp.sums(ckpts):
+        variants = ("dot", "adam", "raw", "adam-raw") if tag == "tracincp" else ("dot", "adam", "adam-raw")
+        tracin += [(v, f"{METHOD[v]}-{tag}", cs) for v in variants if has(cs, v)]
 
     def tracin_scores(q, v, k, ckpts):
-        total = np.zeros(len(ids))
-        for lr, by_id, _ in ckpts:
-            qq = q if by_id is None else by_id[(q["set"], q["id"])]
-            x = qq["variants"][v]["exact"] if k is None else qq["variants"][v]["compressed"][str(k)]
-            total += lr * np.asarray(x, dtype=np.float64)
-        return total
+        return np.asarray(tracincp.weighted(ckpts, (q["set"], q["id"]), v, k), dtype=np.float64)
 
     for s in sets:
         qs = [q for q in bench["queries"] if q["set"] == s]

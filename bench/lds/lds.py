@@ -18,6 +18,9 @@ import os
 import random
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import tracincp  # noqa: E402
+
 
 def ranks(xs):
     """1-based ranks, ties given their average rank."""
@@ -79,7 +82,7 @@ def rapidin_methods(w):
              "raw": "rapidin-raw", "adam-raw": "rapidin-adam-raw"}
     bench = json.load(open(f"{w}/scores.json"))
     ids = bench["records"]
-    pick = lambda q, v, k: q["variants"][v]["exact"] if k is None else q["variants"][v]["compressed"][str(k)]
+    pick = tracincp.pick
     table = lambda qs, v, k: {q["id"]: dict(zip(ids, pick(q, v, k))) for q in qs}
     out = {}
     for v in bench["variants"]:
@@ -87,34 +90,15 @@ def rapidin_methods(w):
             out[(f"{names[v]}-exact", None)] = (table(bench["queries"], v, None), {})
         for k in bench["ks"]:
             out[(f"{names[v]}-rapidgrad", k)] = (table(bench["queries"], v, k), {})
-    ft = json.load(open(f"{w}/finetune.json"))
-    ckpts = []
-    for c in ft.get("checkpoints", [])[:-1]:
-        p = f"{w}/scores_epoch-{c['epoch']}.json"
-        if os.path.exists(p):
-            b = json.load(open(p))
-            if b["records"] != ids:
-                sys.exit(f"{p} scores other records than scores.json")
-            ckpts.append((c["lr"], {q["id"]: q for q in b["queries"]}, c["epoch"]))
-    if ckpts:
-        ckpts.append((ft["checkpoints"][-1]["lr"], {q["id"]: q for q in bench["queries"]}, ft["checkpoints"][-1]["epoch"]))
-        sums = [("tracincp", ckpts)]
-        if ckpts[0][2] == 0 and len(ckpts) > 2:  # the same sum without checkpoint 0 (the base model), for comparison
-            sums.append(("tracincp-no-epoch0", ckpts[1:]))
-        for tag, cs in sums:
-            for v in ("dot", "adam", "raw", "adam-raw"):
-                if v not in bench["variants"] or any(v not in b["variants"] for b in by_id_first(cs)):
-                    continue
-                for k in [None] + bench["ks"]:
-                    t = {}
-                    for q in bench["queries"]:
-                        tot = [0.0] * len(ids)
-                        for lr, by_id, _ in cs:
-                            for i, x in enumerate(pick(by_id[q["id"]], v, k)):
-                                tot[i] += lr * x
-                        t[q["id"]] = dict(zip(ids, tot))
-                    out[(f"{names[v]}-{tag}-{'exact' if k is None else 'rapidgrad'}", k)] = (
-                        t, {"checkpoints": len(cs), "epochs": [c[2] for c in cs]})
+    ckpts = tracincp.checkpoints(w, bench, key=lambda q: q["id"])
+    for tag, cs in tracincp.sums(ckpts):
+        for v in ("dot", "adam", "raw", "adam-raw"):
+            if v not in bench["variants"] or not tracincp.has_variant(cs, v):
+                continue
+            for k in [None] + bench["ks"]:
+                t = {q["id"]: dict(zip(ids, tracincp.weighted(cs, q["id"], v, k))) for q in bench["queries"]}
+                out[(f"{names[v]}-{tag}-{'exact' if k is None else 'rapidgrad'}", k)] = (
+                    t, {"checkpoints": len(cs), "epochs": [c[2] for c in cs]})
     if os.path.exists(f"{w}/scores_base.json"):
         b = json.load(open(f"{w}/scores_base.json"))
         for k in [None] + b["ks"]:
@@ -128,11 +112,6 @@ def rapidin_methods(w):
                 out[(f"rapidin-tracincp+base-{tag}", k)] = ({q: {i: x + lr0 * base[q][i] for i, x in t.items()}
                                                              for q, t in tc[0].items()}, {"checkpoints": len(ckpts) + 1})
     return out, bench["seconds"]
-
-
-def by_id_first(ckpts):
-    """Each checkpoint's scores of its first query (to see which variants it has)."""
-    return [next(iter(by_id.values())) for _, by_id, _ in ckpts]
 
 
 def peer_methods(w):
