@@ -238,6 +238,22 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 assert rows and all(r["ids"][0] == 1 and r["ids"][-1] == 2 and 1 < r["response_begin"] < len(r["ids"]) for r in rows), rows[0]
 PY
 
+  # grow: a wider, deeper llama2.c model whose losses equal the base's (up to the RMSNorm epsilon); bad sizes refused.
+  "$CLI" grow --model "$DATA/models/stories260K.bin" --out "$work/grown.bin" --dim 96 --layers 6 2>"$work/grow.err" \
+    || fail "grow: $(cat "$work/grow.err")"
+  grep -q "dim 96, hidden 258, layers 6, heads 12 (kv 6)" "$work/grow.err" || fail "grow summary: $(cat "$work/grow.err")"
+  "$CLI" eval --model "$DATA/models/stories260K.bin" --data "$DATA/instructions/rapidin_backdoor_test.jsonl" --json \
+    > "$work/grow_base.jsonl" && "$CLI" eval --model "$work/grown.bin" --tokenizer "$DATA/models/tok512.bin" --data "$DATA/instructions/rapidin_backdoor_test.jsonl" \
+    --json > "$work/grow_big.jsonl" || fail "eval of the grown model"
+  python3 - "$work/grow_base.jsonl" "$work/grow_big.jsonl" <<'PY' || fail "grown model's losses differ from the base's"
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(f)] for f in sys.argv[1:3])
+assert len(a) == len(b) == 3 and all(abs(x - y) < 1e-3 * x for x, y in zip(a, b)), (a, b)
+PY
+  expect_err 1 "multiple of the head size" "$CLI" grow --model "$DATA/models/stories260K.bin" --out "$work/g2.bin" --dim 100
+  expect_err 1 "smaller than the base" "$CLI" grow --model "$DATA/models/stories260K.bin" --out "$work/g2.bin" --layers 2
+  [ ! -e "$work/g2.bin" ] || fail "a refused grow wrote a file"
+
   # Fine-tuning: a LoRA adapter trained on 24 records lowers their loss, reloads through --adapter (eval and
   # cache), and bad settings are refused with a clear message.
   python3 -c "
