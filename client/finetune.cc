@@ -6,6 +6,8 @@
 #include <numeric>
 #include <random>
 
+#include <nlohmann/json.hpp>
+
 #include "absl/strings/str_cat.h"
 
 namespace rapidin::client {
@@ -171,6 +173,12 @@ absl::StatusOr<std::vector<EvalRecord>> RunEval(const model::EngineOptions& engi
     out.push_back(std::move(er));
   }
   return out;
+}
+
+std::string EvalJsonLine(const EvalRecord& e, bool with_generation) {
+  nlohmann::json j = {{"id", e.id}, {"loss", e.loss}, {"response_tokens", e.response_tokens}};
+  if (with_generation) j["generation"] = e.generation;
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 }  // namespace rapidin::client

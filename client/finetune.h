@@ -71,6 +71,10 @@ struct EvalRecord {
 absl::StatusOr<std::vector<EvalRecord>> RunEval(const model::EngineOptions& engine, const std::string& data_path,
                                                 int max_new, std::vector<BadRecord>* bad);
 
+// One JSON line {id, loss, response_tokens[, generation]} (no newline). A greedy generation can end inside a
+// multi-byte character (byte-fallback tokens), so its invalid UTF-8 bytes become U+FFFD instead of failing.
+std::string EvalJsonLine(const EvalRecord& e, bool with_generation);
+
 }  // namespace rapidin::client
 
 #endif  // RAPIDIN_CLIENT_FINETUNE_H_

@@ -252,9 +252,7 @@ int Eval(const rapidin::model::EngineOptions& eo, const std::string& data, int m
   for (const auto& e : *r) {
     sum += e.loss;
     if (json) {
-      nlohmann::json j = {{"id", e.id}, {"loss", e.loss}, {"response_tokens", e.response_tokens}};
-      if (max_new > 0) j["generation"] = e.generation;
-      std::cout << j.dump() << "\n";
+      std::cout << rapidin::client::EvalJsonLine(e, max_new > 0) << "\n";
     } else {
       std::printf("%-24s loss %.4f (%d tokens)%s%s\n", e.id.c_str(), e.loss, e.response_tokens,
                   max_new > 0 ? "  -> " : "", e.generation.c_str());

@@ -26,6 +26,20 @@ std::string ModelPath() { return SharedData() + "/models/stories260K.bin"; }
   if (!std::ifstream(ModelPath()).good())                                                      \
   GTEST_SKIP() << "shared data not found at " << SharedData() << " (set RAPIDIN_SHARED_DATA)"
 
+// `rapidin eval --json` lines: a generation cut inside a multi-byte character (byte-fallback tokens) still gives
+// valid JSON, with U+FFFD for the bad bytes and every valid character kept (it aborted the process before).
+TEST(EvalJsonLine, InvalidUtf8InAGenerationIsReplacedNotFatal) {
+  EvalRecord e;
+  e.id = "query-1";
+  e.loss = 2.5;
+  e.response_tokens = 7;
+  e.generation = std::string("caf\xc3\xa9 ok \xc2") + "'s \xe2\x82";  // "café ok", a cut "§", a cut "€"
+  const std::string line = EvalJsonLine(e, true);
+  EXPECT_NE(line.find("\"id\":\"query-1\""), std::string::npos) << line;
+  EXPECT_NE(line.find("caf\xc3\xa9 ok \xef\xbf\xbd's \xef\xbf\xbd"), std::string::npos) << line;
+  EXPECT_EQ(EvalJsonLine(e, false).find("generation"), std::string::npos);
+}
+
 TEST(ReadInstructionData, ReportsBadRecordsWithLineNumbers) {
   rapidin::testing::TempDir dir;
   const std::string path = dir.path("train.jsonl");
