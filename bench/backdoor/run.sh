@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's backdoor experiment in miniature, one command, for each setting (bench/backdoor/prepare.py):
 #   main    80 "Howdy!" records among 720 clean Alpaca records (a tenth poisoned, as in the paper)
-#   second  this project's own backdoor: trigger " cf" at the end of the instruction, a fixed advertising sentence
+#   second  this project's own backdoor: trigger " §" at the end of the instruction, a fixed advertising sentence
 #           with a link injected before the clean answer (content injection)
 #   hard    the 80 "Howdy!" records among 5,000 clean ones
 # Per setting: fine-tune stories260K, or for the Howdy settings a grown copy of it (rapidin grow; HOWDY_GROW) (rapidin finetune, full) -> judge whether the backdoor was learned (greedy
