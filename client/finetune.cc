@@ -20,6 +20,9 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
     return absl::InvalidArgumentError("finetune needs epochs >= 1, batch size >= 1 and an output path");
   }
   if (o.checkpoint_every < 0) return absl::InvalidArgumentError("checkpoint_every must be >= 0");
+  if (o.lr_schedule != "constant" && o.lr_schedule != "linear") {
+    return absl::InvalidArgumentError(absl::StrCat("lr schedule must be constant or linear, got \"", o.lr_schedule, "\""));
+  }
   for (int e : o.checkpoint_epochs) {
     if (e < 0 || e > o.epochs) {
       return absl::InvalidArgumentError(absl::StrCat("checkpoint epoch ", e, " is not in 0..", o.epochs));
@@ -66,6 +69,14 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
   std::vector<size_t> order(examples.size());
   const int64_t steps_per_epoch = (sum.records + o.batch_size - 1) / o.batch_size;
   const int64_t total_steps = steps_per_epoch * o.epochs;
+  auto lr_at = [&](int64_t step) {
+    return o.lr_schedule == "linear" ? o.adam.lr * (1.0 - static_cast<double>(step) / total_steps) : o.adam.lr;
+  };
+  auto epoch_lr = [&](int epoch) {  // mean over the steps of epoch (0-based)
+    double s = 0;
+    for (int64_t i = 0; i < steps_per_epoch; ++i) s += lr_at(epoch * steps_per_epoch + i);
+    return s / steps_per_epoch;
+  };
   // Writes the model and its Adam second moments; returns the optimizer state's path.
   auto save = [&](const std::string& path, int epoch, bool final_model) -> absl::Status {
     absl::Status st = o.mode == "lora" ? e.SaveAdapter(path, o.engine.model_path) : e.SaveLlama2c(path);
@@ -73,7 +84,7 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
     FinetuneCheckpoint c;
     c.epoch = epoch;
     c.path = path;
-    c.lr = o.adam.lr;
+    c.lr = epoch_lr(epoch - 1);
     c.optimizer_path = final_model && !o.optimizer_out.empty() ? o.optimizer_out
                        : o.mode == "lora"                      ? path + "/optimizer.safetensors"
                                                                : path + ".optimizer.safetensors";
@@ -88,7 +99,7 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
     FinetuneCheckpoint c;
     c.path = absl::StrCat(o.out_path, ".epoch-0");
     c.optimizer_path = c.path + ".optimizer.safetensors";
-    c.lr = o.adam.lr;
+    c.lr = epoch_lr(0);
     absl::Status st = e.SaveLlama2c(c.path);
     if (!st.ok()) return st;
     sum.checkpoints.push_back(std::move(c));
@@ -113,7 +124,9 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
       for (int64_t i = b * o.batch_size; i < std::min<int64_t>(sum.records, (b + 1) * o.batch_size); ++i) {
         batch.push_back(examples[order[i]]);
       }
-      auto loss = e.TrainStep(batch, o.adam);
+      model::AdamWOptions step = o.adam;
+      step.lr = lr_at(sum.steps);
+      auto loss = e.TrainStep(batch, step);
       if (!loss.ok()) return loss.status();
       loss_sum += *loss;
       ++sum.steps;

@@ -25,6 +25,10 @@ struct FinetuneOptions {
   model::LoraConfig lora;
   model::AdamWOptions adam;
   int epochs = 1;
+  // "constant", or "linear": step t of T uses adam.lr * (1 - t / T), decaying to 0 (a long run at a constant
+  // 4e-3 diverged on the backdoor benchmark). A checkpoint's TracIn-CP weight is then the mean rate of the epoch
+  // before it (of the first epoch for checkpoint 0).
+  std::string lr_schedule = "constant";
   // Also save the model and its optimizer state after every N-th epoch (0: only at the end), for TracIn-CP
   // (`rapidin cache --checkpoint`): full: <out>.epoch-<e> (+ .optimizer.safetensors); LoRA: directory
   // <out>.epoch-<e>. The final model is always at out_path.
@@ -43,7 +47,7 @@ struct FinetuneOptions {
 struct FinetuneCheckpoint {
   int epoch = 0;
   std::string path, optimizer_path;
-  double lr = 0;                    // the learning rate of the epochs before it (TracIn-CP's weight)
+  double lr = 0;                    // the mean learning rate of the epoch before it (TracIn-CP's weight)
 };
 
 struct FinetuneSummary {

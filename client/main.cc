@@ -462,6 +462,9 @@ int main(int argc, char** argv) {
   ft->add_option("--epochs", fo.epochs, "passes over the data")->capture_default_str()->check(CLI::Range(1, 10000));
   ft->add_option("--batch", fo.batch_size, "records per step")->capture_default_str()->check(CLI::Range(1, 65536));
   ft->add_option("--lr", fo.adam.lr, "AdamW learning rate")->capture_default_str();
+  ft->add_option("--lr-schedule", fo.lr_schedule, "constant, or linear (decays to 0 at the last step)")
+      ->check(CLI::IsMember({"constant", "linear"}))
+      ->capture_default_str();
   ft->add_option("--checkpoint-every", fo.checkpoint_every,
                  "also save the model and optimizer state every N epochs as <out>.epoch-<e> (TracIn-CP); 0: no")
       ->capture_default_str()

@@ -436,6 +436,45 @@ TEST_F(CacheTest, TracInCheckpointScoresSumOverCheckpoints) {
 
 // --normalize none: the store keeps each record's gradient norm; the server reads that from the projection state
 // (no flag), its scores are the raw sketches' inner products, and a record's token view totals its score.
+// A linear learning-rate schedule: the checkpoints' TracIn-CP weights are the mean rate of the epoch before each,
+// the constant schedule keeps the rate, and an unknown schedule is refused. Training still lowers the loss.
+TEST_F(CacheTest, LinearScheduleWeightsCheckpointsByTheirEpochsMeanRate) {
+  REQUIRE_SHARED_DATA();
+  FinetuneOptions fo;
+  fo.engine = o_.featurizer.engine;
+  fo.data_path = data_;
+  fo.out_path = dir_.path("lin.bin");
+  fo.mode = "full";
+  fo.epochs = 3;
+  fo.checkpoint_epochs = {0, 1};
+  fo.batch_size = 2;
+  fo.adam.lr = 4e-3;
+  fo.progress = false;
+  fo.lr_schedule = "linear";
+  auto ft = RunFinetune(fo);
+  ASSERT_TRUE(ft.ok()) << ft.status();
+  ASSERT_EQ(ft->checkpoints.size(), 3u);  // epochs 0, 1 and the final model (3)
+  const int64_t total = ft->steps, per = total / fo.epochs;
+  ASSERT_GE(per, 2);
+  auto mean_lr = [&](int epoch) {  // slow: the rate of every step of that epoch
+    double s = 0;
+    for (int64_t t = epoch * per; t < (epoch + 1) * per; ++t) s += fo.adam.lr * (1.0 - double(t) / total);
+    return s / per;
+  };
+  EXPECT_NEAR(ft->checkpoints[0].lr, mean_lr(0), 1e-15);  // checkpoint 0 opens the first epoch
+  EXPECT_NEAR(ft->checkpoints[1].lr, mean_lr(0), 1e-15);
+  EXPECT_NEAR(ft->checkpoints[2].lr, mean_lr(2), 1e-15);
+  EXPECT_LT(ft->checkpoints[2].lr, ft->checkpoints[1].lr / 2);
+  EXPECT_LT(ft->epoch_loss.back(), ft->epoch_loss.front());
+  fo.lr_schedule = "constant";
+  fo.out_path = dir_.path("const.bin");
+  auto fc = RunFinetune(fo);
+  ASSERT_TRUE(fc.ok()) << fc.status();
+  for (const auto& c : fc->checkpoints) EXPECT_EQ(c.lr, fo.adam.lr);
+  fo.lr_schedule = "cosine";
+  EXPECT_EQ(RunFinetune(fo).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(CacheTest, RawGradientStoreIsServedFromItsState) {
   REQUIRE_SHARED_DATA();
   o_.featurizer.layer_norm = false;
