@@ -10,7 +10,7 @@
 # -> serve it (rapidin-server) -> query the planted, greedy and control generations -> training-side token
 # attributions of the top 10 records of the planted queries -> metrics, BM25, plot, report.
 # Writes bench/results/backdoor.md, backdoor.json and backdoor.png. Stages whose outputs exist are skipped (delete
-# $WORK to start over). Settings (environment): WORK, SETTINGS, HOWDY_GROW, EPOCHS, LR, BATCH, SERVICE_K, SERVICE_SCORE,
+# $WORK to start over). Settings (environment): WORK, SETTINGS, HOWDY_GROW, EPOCHS, LR, LR_SCHEDULE, BATCH, SERVICE_K, SERVICE_SCORE,
 # SERVICE_PRECONDITION, SERVICE_TRACIN, SERVICE_NORMALIZE (layer | none), KS, HARD_KS, ATTR_QUERIES, MAX_LENGTH, CHECKPOINT_EPOCHS (TracIn-CP:
 # fine-tuning saves these checkpoints, backdoor_bench scores each one, metrics.py sums them with the learning-rate
 # weights, and with SERVICE_TRACIN=1 the service's store is cached over all of them).
@@ -22,7 +22,7 @@ DATA=${RAPIDIN_SHARED_DATA:-$ROOT/../shared/data}
 BIN=${BUILD_DIR:-build}
 WORK=${WORK:-/tmp/rapidin-backdoor}
 SETTINGS=${SETTINGS:-main second hard}
-EPOCHS=${EPOCHS:-24}; LR=${LR:-4e-3}; BATCH=${BATCH:-16}; MAX_LENGTH=${MAX_LENGTH:-512}
+EPOCHS=${EPOCHS:-24}; LR=${LR:-4e-3}; LR_SCHEDULE=${LR_SCHEDULE:-constant}; BATCH=${BATCH:-16}; MAX_LENGTH=${MAX_LENGTH:-512}
 CHECKPOINT_EPOCHS=${CHECKPOINT_EPOCHS:-0,1,2,3}; SERVICE_TRACIN=${SERVICE_TRACIN:-1}
 SERVICE_K=${SERVICE_K:-4096}; SERVICE_SCORE=${SERVICE_SCORE:-dot}; SERVICE_PRECONDITION=${SERVICE_PRECONDITION:-1}
 SERVICE_NORMALIZE=${SERVICE_NORMALIZE:-none}
@@ -57,7 +57,7 @@ for S in $SETTINGS; do
   MODEL=$W/model.bin
   if [ ! -f "$W/finetune.json" ]; then
     "$RAPIDIN" finetune --model "$BASE" --tokenizer "$TOK" --data "$W/train.jsonl" --out "$MODEL" --mode full \
-      --epochs "$EPOCHS" --lr "$LR" --batch "$BATCH" --seed 0 --max-length "$MAX_LENGTH" --threads 2 \
+      --epochs "$EPOCHS" --lr "$LR" --lr-schedule "$LR_SCHEDULE" --batch "$BATCH" --seed 0 --max-length "$MAX_LENGTH" --threads 2 \
       --checkpoint-epochs "$CHECKPOINT_EPOCHS" --json > "$W/finetune.json.tmp"
     mv "$W/finetune.json.tmp" "$W/finetune.json"
   fi
