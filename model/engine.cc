@@ -237,6 +237,17 @@ absl::Status GradientEngine::Impl::Init(const EngineOptions& o) {
   return absl::OkStatus();
 }
 
+absl::Status GradientEngine::Impl::Complete() {
+  if (!options.tokenizer_path.empty()) {
+    auto t = Tokenizer::Load(options.tokenizer_path, cfg.vocab_size);
+    if (!t.ok()) return t.status();
+    tok = std::move(*t);
+  }
+  absl::Status st = Finish();
+  if (st.ok()) st = LoadPreconditioner();
+  return st;
+}
+
 absl::Status GradientEngine::Impl::LoadPreconditioner() {
   precond.clear();
   precond_desc = "none";
@@ -360,14 +371,7 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Load(const Engin
       absl::Status st = impl->LoadAdapter(options.adapter_path);
       if (!st.ok()) return st;
     }
-    if (!options.tokenizer_path.empty()) {
-      auto tok = Tokenizer::Load(options.tokenizer_path, c.vocab_size);
-      if (!tok.ok()) return tok.status();
-      impl->tok = std::move(*tok);
-    }
-    absl::Status st = impl->Finish();
-    if (st.ok()) st = impl->LoadPreconditioner();
-    if (!st.ok()) return st;
+    if (absl::Status st = impl->Complete(); !st.ok()) return st;
     return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
   });
 }
@@ -458,13 +462,7 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::LoadHf(const Eng
     st = impl->LoadAdapter(options.adapter_path);
     if (!st.ok()) return st;
   }
-  if (!options.tokenizer_path.empty()) {
-    auto tok = Tokenizer::Load(options.tokenizer_path, c.vocab_size);
-    if (!tok.ok()) return tok.status();
-    impl->tok = std::move(*tok);
-  }
-  st = impl->Finish();
-  if (st.ok()) st = impl->LoadPreconditioner();
+  st = impl->Complete();
   if (!st.ok()) return st;
   return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
 }
@@ -582,14 +580,7 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Grow(const Gradi
     }
     impl->Add("norm.weight", norm("norm.weight"));
     if (!t.tied_output) impl->Add("output.weight", make({V, D}, false, b.Merged("output.weight", torch::kDouble)));
-    if (!options.tokenizer_path.empty()) {
-      auto tok = Tokenizer::Load(options.tokenizer_path, t.vocab_size);
-      if (!tok.ok()) return tok.status();
-      impl->tok = std::move(*tok);
-    }
-    absl::Status st = impl->Finish();
-    if (st.ok()) st = impl->LoadPreconditioner();
-    if (!st.ok()) return st;
+    if (absl::Status st = impl->Complete(); !st.ok()) return st;
     return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
   });
 }

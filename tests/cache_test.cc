@@ -101,6 +101,17 @@ class CacheTest : public ::testing::Test {
     so.model_path = ModelPath();
     return so;
   }
+  // Full fine-tuning of the model on the fixture's records, batch 2, quiet; out_name in the temp dir.
+  FinetuneOptions FullFinetune(const std::string& out_name) const {
+    FinetuneOptions fo;
+    fo.engine = o_.featurizer.engine;
+    fo.data_path = data_;
+    fo.out_path = dir_.path(out_name);
+    fo.mode = "full";
+    fo.batch_size = 2;
+    fo.progress = false;
+    return fo;
+  }
   static std::unique_ptr<Client> ClientFor(const server::Server& s) {
     return Client::Connect("127.0.0.1:" + std::to_string(s.port()));
   }
@@ -311,16 +322,10 @@ TEST_F(CacheTest, PreconditionedCosineStoreNeedsTheSameOptimizerState) {
 // a bad summary is refused with its reason.
 TEST_F(CacheTest, TracInCheckpointScoresSumOverCheckpoints) {
   REQUIRE_SHARED_DATA();
-  FinetuneOptions fo;
-  fo.engine = o_.featurizer.engine;
-  fo.data_path = data_;
-  fo.out_path = dir_.path("ft.bin");
-  fo.mode = "full";
+  FinetuneOptions fo = FullFinetune("ft.bin");
   fo.epochs = 2;
   fo.checkpoint_every = 1;
-  fo.batch_size = 2;
   fo.adam.lr = 5e-3;
-  fo.progress = false;
   auto ft = RunFinetune(fo);
   ASSERT_TRUE(ft.ok()) << ft.status();
   ASSERT_EQ(ft->checkpoints.size(), 2u);
@@ -434,22 +439,14 @@ TEST_F(CacheTest, TracInCheckpointScoresSumOverCheckpoints) {
   for (const auto& t : r->result().helpful(0).record_influence_tokens()) EXPECT_TRUE(std::isfinite(t.score()));
 }
 
-// --normalize none: the store keeps each record's gradient norm; the server reads that from the projection state
-// (no flag), its scores are the raw sketches' inner products, and a record's token view totals its score.
 // A linear learning-rate schedule: the checkpoints' TracIn-CP weights are the mean rate of the epoch before each,
 // the constant schedule keeps the rate, and an unknown schedule is refused. Training still lowers the loss.
 TEST_F(CacheTest, LinearScheduleWeightsCheckpointsByTheirEpochsMeanRate) {
   REQUIRE_SHARED_DATA();
-  FinetuneOptions fo;
-  fo.engine = o_.featurizer.engine;
-  fo.data_path = data_;
-  fo.out_path = dir_.path("lin.bin");
-  fo.mode = "full";
+  FinetuneOptions fo = FullFinetune("lin.bin");
   fo.epochs = 3;
   fo.checkpoint_epochs = {0, 1};
-  fo.batch_size = 2;
   fo.adam.lr = 4e-3;
-  fo.progress = false;
   fo.lr_schedule = "linear";
   auto ft = RunFinetune(fo);
   ASSERT_TRUE(ft.ok()) << ft.status();
@@ -475,6 +472,8 @@ TEST_F(CacheTest, LinearScheduleWeightsCheckpointsByTheirEpochsMeanRate) {
   EXPECT_EQ(RunFinetune(fo).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// --normalize none: the store keeps each record's gradient norm; the server reads that from the projection state
+// (no flag), its scores are the raw sketches' inner products, and a record's token view totals its score.
 TEST_F(CacheTest, RawGradientStoreIsServedFromItsState) {
   REQUIRE_SHARED_DATA();
   o_.featurizer.layer_norm = false;

@@ -123,6 +123,9 @@ struct GradientEngine::Impl {
   absl::Status LoadAdapter(const std::string& path);
   // Reads options.preconditioner_path (after Finish: it must match the selected parameters).
   absl::Status LoadPreconditioner();
+  // The last steps of every loader, once the weights (and any adapter) are added: the tokenizer of
+  // options.tokenizer_path when given, Finish, then the preconditioner.
+  absl::Status Complete();
 
   const torch::Tensor& W(const std::string& n) const { return tls_leaves ? tls_leaves->w.at(n) : w.at(n); }
 
