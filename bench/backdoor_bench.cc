@@ -22,7 +22,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
-#include "client/cache.h"
+#include "cache/cache.h"
 #include "kernels/rapidgrad.h"
 #include "model/engine.h"
 #include "model/featurizer.h"
@@ -122,8 +122,8 @@ int main(int argc, char** argv) {
     if (!pre.empty()) variants.push_back({"adam-raw", true, false, false});
   }
   const size_t V = variants.size();
-  std::vector<client::BadRecord> bad;
-  auto records = client::ReadInstructionData(train, &bad);
+  std::vector<cache::BadRecord> bad;
+  auto records = cache::ReadInstructionData(train, &bad);
   if (!records.ok()) {
     std::fprintf(stderr, "%s\n", records.status().ToString().c_str());
     return 1;
@@ -160,7 +160,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "--queries wants NAME=FILE, got %s\n", spec.c_str());
       return 2;
     }
-    auto qs = client::ReadInstructionData(spec.substr(eq + 1), &bad);
+    auto qs = cache::ReadInstructionData(spec.substr(eq + 1), &bad);
     if (!qs.ok()) {
       std::fprintf(stderr, "%s\n", qs.status().ToString().c_str());
       return 1;

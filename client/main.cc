@@ -19,8 +19,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "client/cache.h"
-#include "client/finetune.h"
+#include "cache/cache.h"
+#include "cache/finetune.h"
 #include "client/client.h"
 
 namespace {
@@ -170,8 +170,8 @@ int MakeDemo(const std::string& alpaca, int n, int k, uint32_t seed, int queries
   return 0;
 }
 
-int Cache(const rapidin::client::CacheOptions& o, bool json) {
-  auto s = rapidin::client::RunCache(o);
+int Cache(const rapidin::cache::CacheOptions& o, bool json) {
+  auto s = rapidin::cache::RunCache(o);
   if (!s.ok()) return Fail(s.status());
   if (json) {
     nlohmann::json j = {{"total", s->total}, {"cached", s->cached}, {"skipped_existing", s->skipped_existing},
@@ -208,8 +208,8 @@ int Cache(const rapidin::client::CacheOptions& o, bool json) {
   return 0;
 }
 
-int Finetune(const rapidin::client::FinetuneOptions& o, bool json) {
-  auto s = rapidin::client::RunFinetune(o);
+int Finetune(const rapidin::cache::FinetuneOptions& o, bool json) {
+  auto s = rapidin::cache::RunFinetune(o);
   if (!s.ok()) return Fail(s.status());
   if (json) {
     nlohmann::json bad = nlohmann::json::array();
@@ -244,15 +244,15 @@ int Finetune(const rapidin::client::FinetuneOptions& o, bool json) {
 }
 
 int Eval(const rapidin::model::EngineOptions& eo, const std::string& data, int max_new, bool json) {
-  std::vector<rapidin::client::BadRecord> bad;
-  auto r = rapidin::client::RunEval(eo, data, max_new, &bad);
+  std::vector<rapidin::cache::BadRecord> bad;
+  auto r = rapidin::cache::RunEval(eo, data, max_new, &bad);
   if (!r.ok()) return Fail(r.status());
   for (const auto& b : bad) std::fprintf(stderr, "rapidin: skipped %s: %s\n", b.where.c_str(), b.reason.c_str());
   double sum = 0;
   for (const auto& e : *r) {
     sum += e.loss;
     if (json) {
-      std::cout << rapidin::client::EvalJsonLine(e, max_new > 0) << "\n";
+      std::cout << rapidin::cache::EvalJsonLine(e, max_new > 0) << "\n";
     } else {
       std::printf("%-24s loss %.4f (%d tokens)%s%s\n", e.id.c_str(), e.loss, e.response_tokens,
                   max_new > 0 ? "  -> " : "", e.generation.c_str());
@@ -307,8 +307,8 @@ int GrowModel(const rapidin::model::EngineOptions& eo, const rapidin::model::Mod
 // `rapidin tokenize`: the token ids rapidin trains and scores on (template, truncation), one JSON line per record,
 // so that tools outside rapidin (bench/peers) see identical inputs.
 int TokenizeData(const rapidin::model::EngineOptions& eo, const std::string& data) {
-  std::vector<rapidin::client::BadRecord> bad;
-  auto records = rapidin::client::ReadInstructionData(data, &bad);
+  std::vector<rapidin::cache::BadRecord> bad;
+  auto records = rapidin::cache::ReadInstructionData(data, &bad);
   if (!records.ok()) return Fail(records.status());
   auto e = rapidin::model::GradientEngine::Load(eo);
   if (!e.ok()) return Fail(e.status());
@@ -396,7 +396,7 @@ int main(int argc, char** argv) {
   demo->add_option("--out-queries", out_queries)->capture_default_str();
 
   auto* cache = app.add_subcommand("cache", "compute compressed gradients of a training set into a store");
-  rapidin::client::CacheOptions co;
+  rapidin::cache::CacheOptions co;
   cache->add_option("--model", co.featurizer.engine.model_path,
                     "llama2.c checkpoint (.bin) or Hugging Face model directory")->required();
   cache->add_option("--tokenizer", co.featurizer.engine.tokenizer_path, "tokenizer (default: next to the model)");
@@ -446,7 +446,7 @@ int main(int argc, char** argv) {
   cache->add_flag("--json", json, "summary as JSON");
 
   auto* ft = app.add_subcommand("finetune", "fine-tune a model (AdamW; LoRA or full) on instruction data");
-  rapidin::client::FinetuneOptions fo;
+  rapidin::cache::FinetuneOptions fo;
   std::vector<std::string> targets;
   ft->add_option("--model", fo.engine.model_path, "base model: llama2.c checkpoint or Hugging Face directory")
       ->required();

@@ -1,4 +1,4 @@
-// client/cache + query by text: bad records reported with their line numbers and skipped, resumable caching,
+// cache/ + query by text: bad records reported with their line numbers and skipped, resumable caching,
 // refusal of a store made with another projection state, and a record's own text ranking it first.
 #include <gtest/gtest.h>
 
@@ -9,17 +9,18 @@
 #include <cstdlib>
 #include <fstream>
 
-#include "client/cache.h"
+#include "cache/cache.h"
 #include "client/client.h"
-#include "client/finetune.h"
+#include "cache/finetune.h"
 #include "model/engine.h"
 #include "model/featurizer.h"
 #include "server/server.h"
 #include "tests/test_util.h"
 
-namespace rapidin::client {
+namespace rapidin::cache {
 namespace {
 
+using client::Client;
 using rapidin::testing::SharedData;
 std::string ModelPath() { return SharedData() + "/models/stories260K.bin"; }
 #define REQUIRE_SHARED_DATA()                                                                  \
@@ -544,4 +545,4 @@ TEST_F(CacheTest, ServerRefusesStoreOfAnotherModelState) {
 }
 
 }  // namespace
-}  // namespace rapidin::client
+}  // namespace rapidin::cache

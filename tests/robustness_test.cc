@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "client/cache.h"
+#include "cache/cache.h"
 #include "client/client.h"
 #include "model/engine.h"
 #include "model/featurizer.h"
@@ -291,8 +291,8 @@ TEST(Robustness, MutatedInstructionFiles) {
     for (int m = 0, n = 1 + rng() % 3; m < n; ++m) text = rapidin::testing::Mutate(text, 0, rng);
     const std::string path = dir.path(is_array ? "train.json" : "train.jsonl");
     WriteFile(path, text);
-    std::vector<client::BadRecord> bad;
-    auto recs = client::ReadInstructionData(path, &bad);
+    std::vector<cache::BadRecord> bad;
+    auto recs = cache::ReadInstructionData(path, &bad);
     if (!recs.ok()) {
       ++refused;
       EXPECT_EQ(recs.status().code(), absl::StatusCode::kInvalidArgument) << recs.status();

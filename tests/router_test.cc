@@ -13,7 +13,7 @@
 #include <random>
 #include <thread>
 
-#include "client/cache.h"
+#include "cache/cache.h"
 #include "client/client.h"
 #include "model/engine.h"
 #include "server/internal/router.h"
@@ -387,13 +387,13 @@ TEST(RouterText, CachedRangesAnswerLikeOneStore) {
       if (i == 6) f << "{broken\n";  // a bad record inside a range: reported by the run that covers it
     }
   }
-  client::CacheOptions co;
+  cache::CacheOptions co;
   co.featurizer.engine.model_path = model;
   co.featurizer.k = 256;
   co.data_path = data;
   co.progress = false;
   co.store_path = dir.path("whole");
-  auto whole = client::RunCache(co);
+  auto whole = cache::RunCache(co);
   ASSERT_TRUE(whole.ok()) << whole.status();
   ASSERT_EQ(whole->cached, 14);
   int64_t cached = 0, bad = 0, next_begin = 0;
@@ -403,7 +403,7 @@ TEST(RouterText, CachedRangesAnswerLikeOneStore) {
     co.store_path = dir.path("shard" + std::to_string(s));
     co.shard_index = s;
     co.shard_count = 3;
-    auto sum = client::RunCache(co);
+    auto sum = cache::RunCache(co);
     ASSERT_TRUE(sum.ok()) << sum.status();
     EXPECT_EQ(sum->range_begin, next_begin);  // contiguous ranges covering all 15 positions
     EXPECT_EQ(sum->range_end - sum->range_begin, 5);
@@ -422,7 +422,7 @@ TEST(RouterText, CachedRangesAnswerLikeOneStore) {
   EXPECT_EQ(cached, 14);
   EXPECT_EQ(bad, 1);
   co.shard_index = 3;
-  EXPECT_EQ(client::RunCache(co).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cache::RunCache(co).status().code(), absl::StatusCode::kInvalidArgument);
 
   ServerOptions wo = ShardOptions(dir.path("whole"), 0);
   wo.model_path = model;
@@ -472,7 +472,7 @@ TEST(RouterText, CachedRangesAnswerLikeOneStore) {
   co.store_path = dir.path("other");
   co.shard_index = 0;
   co.featurizer.seed = 5;
-  ASSERT_TRUE(client::RunCache(co).ok());
+  ASSERT_TRUE(cache::RunCache(co).ok());
   ServerOptions oo = ShardOptions(co.store_path, 0);
   auto other = Server::Create(oo);
   ASSERT_TRUE(other.ok()) << other.status();

@@ -1,17 +1,17 @@
 // `rapidin finetune` and `rapidin eval`: fine-tuning with AdamW (full or LoRA) and per-record loss / greedy
 // generation, on the instruction data format of `rapidin cache`.
-#ifndef RAPIDIN_CLIENT_FINETUNE_H_
-#define RAPIDIN_CLIENT_FINETUNE_H_
+#ifndef RAPIDIN_CACHE_FINETUNE_H_
+#define RAPIDIN_CACHE_FINETUNE_H_
 
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "client/cache.h"
+#include "cache/cache.h"
 #include "model/engine.h"
 
-namespace rapidin::client {
+namespace rapidin::cache {
 
 struct FinetuneOptions {
   model::EngineOptions engine;      // base model (+ tokenizer); param_pattern selects what full fine-tuning trains
@@ -79,6 +79,6 @@ absl::StatusOr<std::vector<EvalRecord>> RunEval(const model::EngineOptions& engi
 // multi-byte character (byte-fallback tokens), so its invalid UTF-8 bytes become U+FFFD instead of failing.
 std::string EvalJsonLine(const EvalRecord& e, bool with_generation);
 
-}  // namespace rapidin::client
+}  // namespace rapidin::cache
 
-#endif  // RAPIDIN_CLIENT_FINETUNE_H_
+#endif  // RAPIDIN_CACHE_FINETUNE_H_

@@ -1,6 +1,6 @@
 // `rapidin cache`: builds (or resumes) a store of RapidGrad-compressed gradients from an instruction data set.
-#ifndef RAPIDIN_CLIENT_CACHE_H_
-#define RAPIDIN_CLIENT_CACHE_H_
+#ifndef RAPIDIN_CACHE_CACHE_H_
+#define RAPIDIN_CACHE_CACHE_H_
 
 #include <cstdint>
 #include <string>
@@ -10,7 +10,7 @@
 #include "model/engine.h"
 #include "model/featurizer.h"
 
-namespace rapidin::client {
+namespace rapidin::cache {
 
 struct DataRecord {
   std::string id;
@@ -60,6 +60,6 @@ struct CacheSummary {
 
 absl::StatusOr<CacheSummary> RunCache(const CacheOptions& options);
 
-}  // namespace rapidin::client
+}  // namespace rapidin::cache
 
-#endif  // RAPIDIN_CLIENT_CACHE_H_
+#endif  // RAPIDIN_CACHE_CACHE_H_

@@ -1,4 +1,4 @@
-#include "client/finetune.h"
+#include "cache/finetune.h"
 
 #include <algorithm>
 #include <chrono>
@@ -10,7 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 
-namespace rapidin::client {
+namespace rapidin::cache {
 
 absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
   if (o.mode != "lora" && o.mode != "full") {
@@ -194,4 +194,4 @@ std::string EvalJsonLine(const EvalRecord& e, bool with_generation) {
   return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
-}  // namespace rapidin::client
+}  // namespace rapidin::cache

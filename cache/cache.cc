@@ -1,4 +1,4 @@
-#include "client/cache.h"
+#include "cache/cache.h"
 
 #include <algorithm>
 #include <atomic>
@@ -13,7 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "storage/store.h"
 
-namespace rapidin::client {
+namespace rapidin::cache {
 namespace {
 
 using nlohmann::json;
@@ -268,4 +268,4 @@ absl::StatusOr<CacheSummary> RunCache(const CacheOptions& o) {
   return sum;
 }
 
-}  // namespace rapidin::client
+}  // namespace rapidin::cache
