@@ -15,7 +15,7 @@
 #include <unistd.h>
 
 #include "bench/bench_util.h"
-#include "server/query_engine.h"
+#include "query/query_engine.h"
 #include "storage/store.h"
 
 namespace {
@@ -23,7 +23,7 @@ namespace {
 using rapidin::storage::Store;
 using rapidin::storage::StoreOptions;
 
-double Scan(rapidin::server::QueryEngine* e, const std::vector<float>& q, int64_t* cold_rows) {
+double Scan(rapidin::query::QueryEngine* e, const std::vector<float>& q, int64_t* cold_rows) {
   const auto t0 = std::chrono::steady_clock::now();
   auto r = e->Search(q, 1, 10, 10);
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -125,7 +125,7 @@ int main(int argc, char** argv) {
     if (drop && !dropped) std::fprintf(stderr, "could not drop the page cache (not root?)\n");
     auto s = Store::Open(dir, o);
     if (!s.ok()) return 1;
-    rapidin::server::QueryEngine e(s->get(), {});
+    rapidin::query::QueryEngine e(s->get(), {});
     int64_t cold_rows = 0;
     const double first = Scan(&e, q, &cold_rows);
     std::vector<double> t;

@@ -17,10 +17,17 @@
 #include "server/metrics.h"
 #include "server/internal/router.h"
 #include "server/internal/service.h"
-#include "server/query_engine.h"
+#include "query/query_engine.h"
 #include "storage/store.h"
 
 namespace rapidin::server {
+
+using query::CudaBackendUsable;
+using query::CudaHostAllocator;
+using query::GpuTierUsage;
+using query::QueryEngine;
+using query::SearchResult;
+
 namespace {
 
 namespace v1 = rapidin::v1;

@@ -11,10 +11,10 @@
 #include <random>
 #include <thread>
 
-#include "server/query_engine.h"
+#include "query/query_engine.h"
 #include "tests/test_util.h"
 
-namespace rapidin::server {
+namespace rapidin::query {
 namespace {
 
 using rapidin::testing::SeededVector;
@@ -215,4 +215,4 @@ INSTANTIATE_TEST_SUITE_P(HostBudget, QueryEngineTest, ::testing::Values(0, 250),
                                                                        : "Cold" + std::to_string(info.param); });
 
 }  // namespace
-}  // namespace rapidin::server
+}  // namespace rapidin::query

@@ -6,11 +6,11 @@
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "server/query_engine.h"
+#include "query/query_engine.h"
 #include "storage/store.h"
 #include "tests/test_util.h"
 
-namespace rapidin::server {
+namespace rapidin::query {
 namespace {
 
 using rapidin::testing::Item;
@@ -175,4 +175,4 @@ TEST(GpuBackend, UnknownBackendAndMissingDeviceAreClearErrors) {
 }
 
 }  // namespace
-}  // namespace rapidin::server
+}  // namespace rapidin::query

@@ -1,4 +1,4 @@
-#include "server/query_engine.h"
+#include "query/query_engine.h"
 
 #include <algorithm>
 #include <chrono>
@@ -16,7 +16,7 @@
 #include "kernels/cuda/scanner.h"
 #endif
 
-namespace rapidin::server {
+namespace rapidin::query {
 
 #if RAPIDIN_HAVE_CUDA
 namespace {
@@ -409,4 +409,4 @@ void QueryEngine::RunBatch(std::vector<std::shared_ptr<Pending>>& batch) {
   }
 }
 
-}  // namespace rapidin::server
+}  // namespace rapidin::query

@@ -8,8 +8,8 @@
 // Search() may be called from many threads. Requests that arrive while a scan is running are queued and served
 // together by the next scan (up to Options::max_batch_vectors query vectors), so the store is read once for the
 // whole batch. Results are deterministic: ties are broken by the smaller row index.
-#ifndef RAPIDIN_SERVER_QUERY_ENGINE_H_
-#define RAPIDIN_SERVER_QUERY_ENGINE_H_
+#ifndef RAPIDIN_QUERY_QUERY_ENGINE_H_
+#define RAPIDIN_QUERY_QUERY_ENGINE_H_
 
 #include <atomic>
 #include <condition_variable>
@@ -26,7 +26,7 @@
 #include "kernels/score.h"
 #include "storage/store.h"
 
-namespace rapidin::server {
+namespace rapidin::query {
 
 struct ShardTiming {
   int shard = 0;
@@ -113,6 +113,6 @@ class QueryEngine {
   std::thread dispatcher_;
 };
 
-}  // namespace rapidin::server
+}  // namespace rapidin::query
 
-#endif  // RAPIDIN_SERVER_QUERY_ENGINE_H_
+#endif  // RAPIDIN_QUERY_QUERY_ENGINE_H_
