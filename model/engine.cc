@@ -31,19 +31,6 @@ void SetComputeThreads(int threads) {
   if (auto fn = reinterpret_cast<SetFn>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) fn(1);
 }
 
-std::string AlpacaPrompt(const std::string& instruction, const std::string& input) {
-  if (input.empty()) {
-    return absl::StrCat(
-        "Below is an instruction that describes a task. Write a response that appropriately completes the "
-        "request.\n\n### Instruction:\n",
-        instruction, "\n\n### Response:\n");
-  }
-  return absl::StrCat(
-      "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
-      "response that appropriately completes the request.\n\n### Instruction:\n",
-      instruction, "\n\n### Input:\n", input, "\n\n### Response:\n");
-}
-
 thread_local const Leaves* tls_leaves = nullptr;
 
 absl::Status TorchError(const std::exception& e) {

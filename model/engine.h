@@ -22,6 +22,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "model/prompt.h"
 #include "model/tokenizer.h"
 
 namespace rapidin::model {
@@ -104,9 +105,6 @@ struct AdamWOptions {
 
 // Sets LibTorch's intra-op thread count for this process (1 is best when records are spread over threads).
 void SetComputeThreads(int threads);
-
-// The Alpaca prompt (everything before the response).
-std::string AlpacaPrompt(const std::string& instruction, const std::string& input);
 
 struct ParamInfo {
   std::string name;

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "model/engine.h"
+#include "model/prompt.h"
 
 namespace rapidin::server::internal {
 
@@ -179,37 +180,6 @@ double Dot(const std::vector<float>& a, const std::vector<float>& b, int64_t off
   return s;
 }
 
-// Byte ranges of the instruction and the input inside a record's formatted prompt (computed once per record).
-struct PromptFields {
-  int32_t ib, ie, nb, ne;  // nb = ne = -1 without input
-};
-PromptFields FieldsOf(const model::Example& z) {
-  const std::string prompt = model::AlpacaPrompt(z.instruction, z.input);
-  PromptFields f;
-  f.ib = static_cast<int32_t>(prompt.find("### Instruction:\n") + 17);
-  f.ie = f.ib + static_cast<int32_t>(z.instruction.size());
-  f.nb = z.input.empty() ? -1 : static_cast<int32_t>(prompt.find("### Input:\n", f.ie) + 11);
-  f.ne = z.input.empty() ? -1 : f.nb + static_cast<int32_t>(z.input.size());
-  return f;
-}
-
-// Where a prompt token's byte span falls: inside the instruction, the input, or the template's own text.
-void SetPromptField(const PromptFields& f, model::Span sp, v1::TokenScore* ts) {
-  if (sp.begin >= f.ib && sp.end <= f.ie) {
-    ts->set_field("instruction");
-    ts->set_begin(sp.begin - f.ib);
-    ts->set_end(sp.end - f.ib);
-  } else if (f.nb >= 0 && sp.begin >= f.nb && sp.end <= f.ne) {
-    ts->set_field("input");
-    ts->set_begin(sp.begin - f.nb);
-    ts->set_end(sp.end - f.nb);
-  } else {
-    ts->set_field("template");
-    ts->set_begin(sp.begin);
-    ts->set_end(sp.end);
-  }
-}
-
 }  // namespace
 
 absl::Status Attribute(const model::Featurizer& featurizer, const model::Example& gen, const std::vector<float>& q,
@@ -242,11 +212,14 @@ absl::Status Attribute(const model::Featurizer& featurizer, const model::Example
     std::vector<double> infl;
     auto total = featurizer.RecordTokenInfluence(*zt, q, &infl);
     if (!total.ok()) return total.status();
-    const PromptFields fields = FieldsOf(z);
+    const model::PromptFields fields = model::AlpacaPromptFields(z.instruction, z.input);
     auto place = [&](size_t s, v1::TokenScore* ts) {
       ts->set_text(ValidUtf8(eng.tokenizer()->Piece(zt->ids[s])));
       if (static_cast<int32_t>(s) < zt->response_begin) {
-        SetPromptField(fields, zt->prompt_spans[s - 1], ts);
+        const model::FieldSpan f = model::LocateInPrompt(fields, zt->prompt_spans[s - 1]);
+        ts->set_field(f.field);
+        ts->set_begin(f.span.begin);
+        ts->set_end(f.span.end);
       } else {
         const model::Span sp = zt->response_spans[s - zt->response_begin];
         ts->set_field("output");
