@@ -16,6 +16,7 @@
 #include "model/featurizer.h"
 #include "server/metrics.h"
 #include "server/internal/router.h"
+#include "model/attribution.h"
 #include "server/internal/service.h"
 #include "query/query_engine.h"
 #include "storage/store.h"
@@ -248,7 +249,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
   }
 
   // A returned record's text and stored vector, from this server's store.
-  internal::RecordFetcher LocalRecord() const {
+  model::RecordFetcher LocalRecord() const {
     return [this](const v1::ScoredRecord& sr, v1::Record* rec, std::vector<float>* x) -> absl::Status {
       auto v = store_->GetVector(sr.index());
       if (!v.ok()) return v.status();
@@ -278,7 +279,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     if (!st.ok()) return st;
     if (req.attributions()) {
       const auto ta = std::chrono::steady_clock::now();
-      st = internal::Attribute(*featurizer_, *gen, q_copy, LocalRecord(), resp->mutable_result());
+      st = model::Attribute(*featurizer_, *gen, q_copy, LocalRecord(), resp->mutable_result());
       if (!st.ok()) return st;
       resp->set_attribution_ms(internal::MsSince(ta));
     }

@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "model/attribution.h"
 #include "server/internal/service.h"
 
 namespace rapidin::server::internal {
@@ -259,7 +260,7 @@ absl::Status RouterService::DoQuery(grpc::ServerContext* ctx, const v1::QueryReq
       x->assign(got.vector().begin(), got.vector().end());
       return absl::OkStatus();
     };
-    st = Attribute(*featurizer_, *gen, q, fetch, resp->mutable_result());
+    st = model::Attribute(*featurizer_, *gen, q, fetch, resp->mutable_result());
     if (!st.ok()) return st;
     resp->set_attribution_ms(MsSince(ta));
   }

@@ -1,5 +1,5 @@
 // Pieces shared by the shard service (server.cc) and the router (router.cc): status mapping, request checks,
-// loading the query model for a store's projection state, and token attributions.
+// loading the query model for a store's projection state (token attributions: model/attribution.h).
 #ifndef RAPIDIN_SERVER_INTERNAL_SERVICE_H_
 #define RAPIDIN_SERVER_INTERNAL_SERVICE_H_
 
@@ -28,10 +28,6 @@ absl::Time DeadlineOf(const grpc::ServerContext* ctx);
 // Counts the request in metrics (method, status code, latency), logs a failure at debug level, and returns st.
 grpc::Status Observe(Metrics* metrics, const char* method, std::chrono::steady_clock::time_point t0,
                      const absl::Status& st);
-
-// Proto3 strings must be UTF-8, but a byte-fallback token can hold part of a multi-byte character: such bytes
-// become U+FFFD. Byte offsets reported next to the text stay exact.
-std::string ValidUtf8(const std::string& s);
 
 // Milliseconds since t0 (response timings).
 double MsSince(std::chrono::steady_clock::time_point t0);
@@ -63,14 +59,6 @@ absl::StatusOr<std::unique_ptr<model::Featurizer>> LoadFeaturizer(const std::str
 absl::StatusOr<model::Example> GenerationGradient(const model::Featurizer& featurizer, const v1::QueryRequest& req,
                                                   std::chrono::steady_clock::time_point t0, std::vector<float>* q,
                                                   v1::QueryResponse* resp);
-
-// A returned record's text and stored vector (from the local store, or from the shard server that holds it).
-using RecordFetcher = std::function<absl::Status(const v1::ScoredRecord&, v1::Record*, std::vector<float>*)>;
-
-// Token-level views for every record of *result: generation side (per generated token, against the record's
-// stored vector) and training side (per token of the record, against the query vector q).
-absl::Status Attribute(const model::Featurizer& featurizer, const model::Example& gen, const std::vector<float>& q,
-                       const RecordFetcher& fetch, v1::QueryResult* result);
 
 }  // namespace rapidin::server::internal
 

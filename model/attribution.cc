@@ -1,0 +1,110 @@
+#include "model/attribution.h"
+
+#include "model/engine.h"
+#include "model/prompt.h"
+
+namespace rapidin::model {
+
+std::string ValidUtf8(const std::string& s) {
+  std::string out;
+  out.reserve(s.size());
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const size_t n = s.size();
+  for (size_t i = 0; i < n;) {
+    const unsigned char c = p[i];
+    size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
+    bool ok = len > 0 && i + len <= n;
+    for (size_t k = 1; ok && k < len; ++k) ok = (p[i + k] & 0xc0) == 0x80;
+    if (ok && len == 2) ok = c >= 0xc2;                                        // overlong
+    if (ok && len == 3) ok = !(c == 0xe0 && p[i + 1] < 0xa0) && !(c == 0xed && p[i + 1] >= 0xa0);  // overlong, surrogates
+    if (ok && len == 4) ok = !(c == 0xf0 && p[i + 1] < 0x90) && !(c == 0xf4 && p[i + 1] >= 0x90) && c <= 0xf4;
+    if (ok) {
+      out.append(s, i, len);
+      i += len;
+    } else {
+      out += "\xef\xbf\xbd";
+      ++i;
+    }
+  }
+  return out;
+}
+
+namespace {
+
+// A token's sketch (k values) against the final checkpoint's part of a record or query vector.
+double Dot(const std::vector<float>& a, const std::vector<float>& b, int64_t offset) {
+  double s = 0;
+  for (size_t i = 0; i < a.size() && offset + i < b.size(); ++i) s += static_cast<double>(a[i]) * b[offset + i];
+  return s;
+}
+
+}  // namespace
+
+absl::Status Attribute(const Featurizer& featurizer, const Example& gen, const std::vector<float>& q,
+                       const RecordFetcher& fetch, v1::QueryResult* result) {
+  const GradientEngine& eng = featurizer.engine();
+  auto gt = eng.Tokenize(gen);
+  if (!gt.ok()) return gt.status();
+  std::vector<std::vector<float>> g_tok;
+  absl::Status st = featurizer.TokenSketches(gt->ids, gt->response_begin, &g_tok);
+  if (!st.ok()) return st;
+  auto attribute = [&](v1::ScoredRecord* sr) -> absl::Status {
+    v1::Record rec;
+    std::vector<float> x;
+    absl::Status fs = fetch(*sr, &rec, &x);
+    if (!fs.ok()) return fs;
+    for (size_t t = 0; t < g_tok.size(); ++t) {
+      auto* ts = sr->add_generation_tokens();
+      ts->set_text(ValidUtf8(eng.tokenizer()->Piece(gt->ids[gt->response_begin + t])));
+      ts->set_field("generation");
+      ts->set_begin(gt->response_spans[t].begin);
+      ts->set_end(gt->response_spans[t].end);
+      ts->set_score(static_cast<float>(Dot(g_tok[t], x, featurizer.final_offset())));
+    }
+    const Example z{rec.instruction(), rec.input(), rec.output(), {}};
+    auto zt = eng.Tokenize(z);
+    if (!zt.ok()) return zt.status();
+    std::vector<std::vector<float>> z_tok;
+    absl::Status s2 = featurizer.TokenSketches(zt->ids, 1, &z_tok);
+    if (!s2.ok()) return s2;
+    std::vector<double> infl;
+    auto total = featurizer.RecordTokenInfluence(*zt, q, &infl);
+    if (!total.ok()) return total.status();
+    const PromptFields fields = AlpacaPromptFields(z.instruction, z.input);
+    auto place = [&](size_t s, v1::TokenScore* ts) {
+      ts->set_text(ValidUtf8(eng.tokenizer()->Piece(zt->ids[s])));
+      if (static_cast<int32_t>(s) < zt->response_begin) {
+        const FieldSpan f = LocateInPrompt(fields, zt->prompt_spans[s - 1]);
+        ts->set_field(f.field);
+        ts->set_begin(f.span.begin);
+        ts->set_end(f.span.end);
+      } else {
+        const Span sp = zt->response_spans[s - zt->response_begin];
+        ts->set_field("output");
+        ts->set_begin(sp.begin);
+        ts->set_end(sp.end);
+      }
+    };
+    for (size_t s = 1; s < zt->ids.size(); ++s) {
+      auto* ts = sr->add_record_tokens();
+      place(s, ts);
+      ts->set_score(static_cast<float>(Dot(z_tok[s - 1], q, featurizer.final_offset())));
+      auto* ti = sr->add_record_influence_tokens();
+      place(s, ti);
+      ti->set_score(static_cast<float>(infl[s]));
+    }
+    return absl::OkStatus();
+  };
+  for (auto& sr : *result->mutable_helpful()) {
+    st = attribute(&sr);
+    if (!st.ok()) return st;
+  }
+  for (auto& sr : *result->mutable_harmful()) {
+    st = attribute(&sr);
+    if (!st.ok()) return st;
+  }
+  return absl::OkStatus();
+}
+
+
+}  // namespace rapidin::model
