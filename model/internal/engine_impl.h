@@ -72,6 +72,10 @@ absl::Status TorchError(const std::exception& e);
 
 // INVALID_ARGUMENT naming the first id outside [0, vocab_size).
 absl::Status CheckIds(const std::vector<int32_t>& ids, int vocab_size);
+// Checks a tokenized record (ids, a response, loss weights) before it reaches LibTorch.
+absl::Status CheckRecord(const TokenizedExample& t, int vocab_size);
+// Hugging Face Llama module paths inside a layer -> the engine's names (loaders, LoRA, Hugging Face export).
+const std::vector<std::pair<std::string, std::string>>& HfModules();
 template <class F>
 auto Guarded(F&& f) -> decltype(f()) {
   try {

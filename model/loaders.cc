@@ -1,0 +1,516 @@
+// Loading an engine: llama2.c checkpoints, Hugging Face directories (safetensors), PEFT LoRA adapters, the
+// preconditioner, random models (tests) and grown models (rapidin grow).
+#include "model/engine.h"
+
+#include <dlfcn.h>
+#include <torch/torch.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+#include <thread>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <fstream>
+#include <random>
+#include <regex>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "model/internal/engine_impl.h"
+
+namespace rapidin::model {
+namespace {
+
+absl::StatusOr<torch::Device> ResolveDevice(const std::string& name) {
+  const TorchRuntime rt = GetTorchRuntime();
+  if (name == "cpu") return torch::Device(torch::kCPU);
+  if (name == "auto") return rt.cuda_devices > 0 ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+  int index = 0;
+  if (name != "cuda" && !(absl::StartsWith(name, "cuda:") && absl::SimpleAtoi(name.substr(5), &index) && index >= 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown model device \"", name, "\": use cpu, cuda, cuda:N or auto"));
+  }
+  if (index >= rt.cuda_devices) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "model device ", name, " is not usable: LibTorch ", rt.version, " sees ", rt.cuda_devices, " CUDA device(s)",
+        rt.cuda_devices == 0 ? " (a CPU-only build such as Debian's, or no GPU visible); use cpu or auto" : ""));
+  }
+  return torch::Device(torch::kCUDA, index);
+}
+
+absl::StatusOr<nlohmann::json> ReadJson(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("file not found: ", path));
+  auto j = nlohmann::json::parse(in, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return absl::DataLossError(absl::StrCat(path, ": malformed JSON"));
+  return j;
+}
+
+// Reads every tensor of a .safetensors file as float32 (F32, F16 and BF16 are accepted).
+absl::Status ReadSafetensors(const std::string& path, std::map<std::string, torch::Tensor>* out,
+                             nlohmann::json* metadata = nullptr) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) return absl::NotFoundError(absl::StrCat("file not found: ", path));
+  const int64_t size = in.tellg();
+  in.seekg(0);
+  uint64_t hlen = 0;
+  if (size < 8 || !in.read(reinterpret_cast<char*>(&hlen), 8) || hlen > static_cast<uint64_t>(size - 8)) {
+    return absl::DataLossError(absl::StrCat(path, ": not a safetensors file"));
+  }
+  std::string header(hlen, '\0');
+  in.read(header.data(), hlen);
+  auto h = nlohmann::json::parse(header, nullptr, false);
+  if (h.is_discarded() || !h.is_object()) return absl::DataLossError(absl::StrCat(path, ": bad safetensors header"));
+  std::string data(size - 8 - hlen, '\0');
+  if (!in.read(data.data(), data.size())) return absl::DataLossError(absl::StrCat(path, ": truncated"));
+  for (auto it = h.begin(); it != h.end(); ++it) {
+    if (it.key() == "__metadata__") {
+      if (metadata) *metadata = it.value();
+      continue;
+    }
+    const auto& t = it.value();
+    if (!t.is_object() || !t.contains("dtype") || !t.contains("shape") || !t.contains("data_offsets")) {
+      return absl::DataLossError(absl::StrCat(path, ": bad entry for ", it.key()));
+    }
+    const std::string dt = t["dtype"].get<std::string>();
+    torch::Dtype type;
+    int64_t width;
+    if (dt == "F32") type = torch::kFloat, width = 4;
+    else if (dt == "F16") type = torch::kHalf, width = 2;
+    else if (dt == "BF16") type = torch::kBFloat16, width = 2;
+    else return absl::DataLossError(absl::StrCat(path, ": ", it.key(), " has unsupported dtype ", dt));
+    std::vector<int64_t> shape = t["shape"].get<std::vector<int64_t>>();
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    const auto off = t["data_offsets"].get<std::vector<int64_t>>();
+    if (off.size() != 2 || off[0] < 0 || off[1] > static_cast<int64_t>(data.size()) || off[1] - off[0] != n * width) {
+      return absl::DataLossError(absl::StrCat(path, ": ", it.key(), " has inconsistent offsets"));
+    }
+    (*out)[it.key()] = torch::from_blob(data.data() + off[0], shape, type).to(torch::kFloat).clone();
+  }
+  return absl::OkStatus();
+}
+
+// Hugging Face Llama module path (inside a layer) -> our name.
+
+}  // namespace
+
+
+// Attaches a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors).
+absl::Status GradientEngine::Impl::LoadAdapter(const std::string& path) {
+  namespace fs = std::filesystem;
+  const fs::path ad(path);
+  auto aj = ReadJson((ad / "adapter_config.json").string());
+  if (!aj.ok()) return aj.status();
+  int r = 0;
+  double alpha = 0;
+  std::set<std::string> targets;
+  try {
+    if (aj->value("peft_type", "LORA") != "LORA") return absl::InvalidArgumentError("adapter is not a LoRA adapter");
+    r = aj->at("r").get<int>();
+    alpha = aj->at("lora_alpha").get<double>();
+    if (aj->value("fan_in_fan_out", false)) return absl::UnimplementedError("fan_in_fan_out LoRA is not supported");
+    const auto& tm = aj->at("target_modules");
+    if (tm.is_string()) targets.insert(tm.get<std::string>());
+    else for (const auto& m : tm) targets.insert(m.get<std::string>());
+    lora_scale = aj->value("use_rslora", false) ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r;
+    lora_alpha = alpha;
+    lora_rank = r;
+    lora_targets.assign(targets.begin(), targets.end());
+  } catch (const std::exception& e) {
+    return absl::DataLossError(absl::StrCat((ad / "adapter_config.json").string(), ": ", e.what()));
+  }
+  if (r <= 0) return absl::DataLossError("adapter_config.json: r must be positive");
+  std::map<std::string, torch::Tensor> at;
+  absl::Status st = ReadSafetensors((ad / "adapter_model.safetensors").string(), &at);
+  if (!st.ok()) return st;
+  int found = 0;
+  for (int l = 0; l < cfg.n_layers; ++l) {
+    for (const auto& [hf, ours] : HfModules()) {
+      const std::string shortname = hf.substr(hf.find('.') + 1);
+      if (!targets.count(shortname)) continue;
+      const std::string base = absl::StrCat("base_model.model.model.layers.", l, ".", hf);
+      const std::string p = absl::StrCat("layers.", l, ".", ours);
+      const auto& weight = W(p + ".weight");
+      auto a = at.find(base + ".lora_A.weight"), b = at.find(base + ".lora_B.weight");
+      if (a == at.end() || b == at.end()) return absl::DataLossError(absl::StrCat("adapter lacks ", base, " A/B"));
+      if (a->second.sizes().vec() != std::vector<int64_t>{r, weight.size(1)} ||
+          b->second.sizes().vec() != std::vector<int64_t>{weight.size(0), r}) {
+        return absl::DataLossError(absl::StrCat(base, ": LoRA shapes do not match the base weight and r"));
+      }
+      Add(p + ".lora_A.weight", a->second);
+      Add(p + ".lora_B.weight", b->second);
+      lora[p + ".weight"] = {p + ".lora_A.weight", p + ".lora_B.weight"};
+      ++found;
+    }
+  }
+  if (found == 0) return absl::DataLossError("the adapter's target_modules match no Llama module");
+  return absl::OkStatus();
+}
+
+absl::Status GradientEngine::Impl::Init(const EngineOptions& o) {
+  options = o;
+  dtype = o.use_double ? torch::kDouble : torch::kFloat;
+  auto dev = ResolveDevice(o.device);
+  if (!dev.ok()) return dev.status();
+  device = *dev;
+  // Float32 matrix products in full precision on the GPU too (no TF32), so that devices agree up to rounding.
+  if (device.is_cuda()) at::globalContext().setFloat32MatmulPrecision("highest");
+  return absl::OkStatus();
+}
+
+absl::Status GradientEngine::Impl::Complete() {
+  if (!options.tokenizer_path.empty()) {
+    auto t = Tokenizer::Load(options.tokenizer_path, cfg.vocab_size);
+    if (!t.ok()) return t.status();
+    tok = std::move(*t);
+  }
+  absl::Status st = Finish();
+  if (st.ok()) st = LoadPreconditioner();
+  return st;
+}
+
+absl::Status GradientEngine::Impl::LoadPreconditioner() {
+  precond.clear();
+  precond_desc = "none";
+  if (options.preconditioner_path.empty()) return absl::OkStatus();
+  std::map<std::string, torch::Tensor> v;
+  nlohmann::json meta;
+  const std::string& path = options.preconditioner_path;
+  if (absl::Status st = ReadSafetensors(path, &v, &meta); !st.ok()) return st;
+  double eps = 1e-8;
+  if (meta.is_object() && meta.contains("eps")) {
+    const auto& e = meta["eps"];
+    eps = e.is_string() ? std::strtod(e.get<std::string>().c_str(), nullptr) : e.get<double>();
+  }
+  if (!(eps > 0) || !std::isfinite(eps)) return absl::DataLossError(absl::StrCat(path, ": bad eps in its metadata"));
+  uint64_t h = 1469598103934665603ull;
+  for (const auto& info : infos) {
+    auto it = v.find(info.name);
+    if (it == v.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": no second moments for parameter ", info.name,
+                                                     " (written for another model or parameter selection?)"));
+    }
+    if (it->second.numel() != info.numel) {
+      return absl::InvalidArgumentError(absl::StrFormat("%s: %s has %d values, the parameter %d", path, info.name,
+                                                        it->second.numel(), info.numel));
+    }
+    auto c = it->second.contiguous();
+    if ((~torch::isfinite(c)).any().item<bool>() || (c < 0).any().item<bool>()) {
+      return absl::DataLossError(absl::StrCat(path, ": ", info.name, " has negative or non-finite second moments"));
+    }
+    h = Fnv(h, info.name.data(), info.name.size());
+    h = Fnv(h, c.data_ptr<float>(), c.numel() * sizeof(float));
+    precond.push_back((1.0 / (c.to(torch::kDouble).sqrt() + eps)).reshape({-1}).to(device));
+  }
+  h = Fnv(h, &eps, sizeof eps);
+  precond_hash = h;
+  precond_desc = absl::StrFormat("adam-v/%016x,eps=%g", h, eps);
+  Rehash();
+  return absl::OkStatus();
+}
+
+GradientEngine::GradientEngine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+GradientEngine::~GradientEngine() = default;
+
+absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Load(const EngineOptions& options) {
+  return Guarded([&]() -> absl::StatusOr<std::unique_ptr<GradientEngine>> {
+    if (options.max_length < 4) return absl::InvalidArgumentError("max_length must be at least 4");
+    if (std::filesystem::is_directory(options.model_path)) return LoadHf(options);
+    std::ifstream in(options.model_path, std::ios::binary | std::ios::ate);
+    if (!in) return absl::NotFoundError(absl::StrCat("model file not found: ", options.model_path));
+    const int64_t size = in.tellg();
+    in.seekg(0);
+    int32_t hdr[7];
+    if (size < 28 || !in.read(reinterpret_cast<char*>(hdr), sizeof hdr)) {
+      return absl::DataLossError(absl::StrCat(options.model_path, ": too short for a llama2.c checkpoint"));
+    }
+    auto impl = std::make_unique<Impl>();
+    if (absl::Status init = impl->Init(options); !init.ok()) return init;
+    ModelConfig& c = impl->cfg;
+    c.dim = hdr[0];
+    c.hidden_dim = hdr[1];
+    c.n_layers = hdr[2];
+    c.n_heads = hdr[3];
+    c.n_kv_heads = hdr[4];
+    c.tied_output = hdr[5] > 0;
+    c.vocab_size = hdr[5] == INT32_MIN ? 0 : std::abs(hdr[5]);  // -INT32_MIN overflows; 0 is refused below
+    c.seq_len = hdr[6];
+    if (c.dim <= 0 || c.hidden_dim <= 0 || c.n_layers <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 ||
+        c.vocab_size <= 0 || c.seq_len <= 0 || c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0 ||
+        (c.dim / c.n_heads) % 2 != 0 || c.dim > 65536 || c.n_layers > 1024 || c.vocab_size > 10000000) {
+      return absl::DataLossError(absl::StrCat(options.model_path, ": implausible llama2.c header"));
+    }
+    const int64_t D = c.dim, F = c.hidden_dim, L = c.n_layers, V = c.vocab_size, hd = D / c.n_heads;
+    const int64_t KVD = hd * c.n_kv_heads;
+    const int64_t floats = V * D + L * D + L * D * D + 2 * L * KVD * D + L * D * D + L * D + 3 * L * F * D + D +
+                           c.seq_len * hd + (c.tied_output ? 0 : V * D);
+    if (size != 28 + floats * 4) {
+      return absl::DataLossError(absl::StrFormat("%s: %d bytes, but the header implies %d", options.model_path, size,
+                                                 28 + floats * 4));
+    }
+    std::vector<float> buf(floats);
+    if (!in.read(reinterpret_cast<char*>(buf.data()), floats * 4)) {
+      return absl::DataLossError(absl::StrCat(options.model_path, ": read failed"));
+    }
+    int64_t off = 0;
+    auto take = [&](std::vector<int64_t> shape) {
+      int64_t n = 1;
+      for (auto s : shape) n *= s;
+      auto t = torch::from_blob(buf.data() + off, shape, torch::kFloat).clone();
+      off += n;
+      return t;
+    };
+    auto emb = take({V, D});
+    auto rms_att = take({L, D});
+    auto wq = take({L, D, D});
+    auto wk = take({L, KVD, D});
+    auto wv = take({L, KVD, D});
+    auto wo = take({L, D, D});
+    auto rms_ffn = take({L, D});
+    auto w1 = take({L, F, D});
+    auto w2 = take({L, D, F});
+    auto w3 = take({L, F, D});
+    auto rms_final = take({D});
+    off += c.seq_len * hd;  // freq_cis_real / imag: recomputed
+    impl->Add("tok_embeddings.weight", emb);
+    for (int l = 0; l < L; ++l) {
+      const std::string p = absl::StrCat("layers.", l, ".");
+      impl->Add(p + "attention_norm.weight", rms_att[l]);
+      impl->Add(p + "attention.wq.weight", wq[l]);
+      impl->Add(p + "attention.wk.weight", wk[l]);
+      impl->Add(p + "attention.wv.weight", wv[l]);
+      impl->Add(p + "attention.wo.weight", wo[l]);
+      impl->Add(p + "ffn_norm.weight", rms_ffn[l]);
+      impl->Add(p + "feed_forward.w1.weight", w1[l]);
+      impl->Add(p + "feed_forward.w2.weight", w2[l]);
+      impl->Add(p + "feed_forward.w3.weight", w3[l]);
+    }
+    impl->Add("norm.weight", rms_final);
+    if (!c.tied_output) impl->Add("output.weight", take({V, D}));
+    impl->llama2c = true;
+    if (!options.adapter_path.empty()) {
+      absl::Status st = impl->LoadAdapter(options.adapter_path);
+      if (!st.ok()) return st;
+    }
+    if (absl::Status st = impl->Complete(); !st.ok()) return st;
+    return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
+  });
+}
+
+
+absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::LoadHf(const EngineOptions& options) {
+  namespace fs = std::filesystem;
+  const fs::path dir(options.model_path);
+  auto cj = ReadJson((dir / "config.json").string());
+  if (!cj.ok()) return cj.status();
+  auto impl = std::make_unique<Impl>();
+  if (absl::Status init = impl->Init(options); !init.ok()) return init;
+  impl->rope_half = true;
+  ModelConfig& c = impl->cfg;
+  try {
+    const auto& j = *cj;
+    c.dim = j.at("hidden_size").get<int>();
+    c.hidden_dim = j.at("intermediate_size").get<int>();
+    c.n_layers = j.at("num_hidden_layers").get<int>();
+    c.n_heads = j.at("num_attention_heads").get<int>();
+    c.n_kv_heads = j.value("num_key_value_heads", c.n_heads);
+    c.vocab_size = j.at("vocab_size").get<int>();
+    c.seq_len = j.value("max_position_embeddings", 2048);
+    c.norm_eps = j.value("rms_norm_eps", 1e-6f);
+    c.rope_theta = j.value("rope_theta", 10000.0f);
+    c.tied_output = j.value("tie_word_embeddings", false);
+    if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
+      return absl::UnimplementedError("config.json: rope_scaling is not supported");
+    }
+  } catch (const std::exception& e) {
+    return absl::DataLossError(absl::StrCat((dir / "config.json").string(), ": ", e.what()));
+  }
+  if (c.dim <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 || c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0 ||
+      c.n_layers <= 0 || c.vocab_size <= 0 || c.hidden_dim <= 0) {
+    return absl::DataLossError("config.json: implausible model dimensions");
+  }
+  // Weights: one file, or an index naming the shards.
+  std::map<std::string, torch::Tensor> t;
+  std::vector<std::string> files;
+  if (fs::exists(dir / "model.safetensors.index.json")) {
+    auto idx = ReadJson((dir / "model.safetensors.index.json").string());
+    if (!idx.ok()) return idx.status();
+    if (!idx->contains("weight_map") || !(*idx)["weight_map"].is_object()) {
+      return absl::DataLossError("model.safetensors.index.json has no weight_map");
+    }
+    std::set<std::string> shards;
+    for (auto it = (*idx)["weight_map"].begin(); it != (*idx)["weight_map"].end(); ++it) {
+      shards.insert(it.value().get<std::string>());
+    }
+    files.assign(shards.begin(), shards.end());
+  } else if (fs::exists(dir / "model.safetensors")) {
+    files.push_back("model.safetensors");
+  } else {
+    return absl::NotFoundError(absl::StrCat("no model.safetensors or model.safetensors.index.json in ", dir.string()));
+  }
+  for (const auto& f : files) {
+    absl::Status st = ReadSafetensors((dir / f).string(), &t);
+    if (!st.ok()) return st;
+  }
+  const int64_t D = c.dim, F = c.hidden_dim, hd = D / c.n_heads, KVD = hd * c.n_kv_heads, V = c.vocab_size;
+  auto take = [&](const std::string& hf, std::vector<int64_t> shape, const std::string& ours) -> absl::Status {
+    auto it = t.find(hf);
+    if (it == t.end()) return absl::DataLossError(absl::StrCat("weights lack ", hf));
+    if (it->second.sizes().vec() != shape) {
+      return absl::DataLossError(absl::StrCat(hf, " has shape ", c10::str(it->second.sizes()), ", expected ",
+                                              c10::str(c10::IntArrayRef(shape))));
+    }
+    impl->Add(ours, it->second);
+    return absl::OkStatus();
+  };
+  absl::Status st = take("model.embed_tokens.weight", {V, D}, "tok_embeddings.weight");
+  const std::map<std::string, std::vector<int64_t>> shapes = {
+      {"attention.wq", {D, D}}, {"attention.wk", {KVD, D}}, {"attention.wv", {KVD, D}}, {"attention.wo", {D, D}},
+      {"feed_forward.w1", {F, D}}, {"feed_forward.w2", {D, F}}, {"feed_forward.w3", {F, D}}};
+  for (int l = 0; l < c.n_layers && st.ok(); ++l) {
+    const std::string hp = absl::StrCat("model.layers.", l, "."), p = absl::StrCat("layers.", l, ".");
+    st = take(hp + "input_layernorm.weight", {D}, p + "attention_norm.weight");
+    for (const auto& [hf, ours] : HfModules()) {
+      if (st.ok()) st = take(hp + hf + ".weight", shapes.at(ours), p + ours + ".weight");
+    }
+    if (st.ok()) st = take(hp + "post_attention_layernorm.weight", {D}, p + "ffn_norm.weight");
+  }
+  if (st.ok()) st = take("model.norm.weight", {D}, "norm.weight");
+  if (st.ok() && !c.tied_output) st = take("lm_head.weight", {V, D}, "output.weight");
+  if (!st.ok()) return st;
+
+  if (!options.adapter_path.empty()) {
+    st = impl->LoadAdapter(options.adapter_path);
+    if (!st.ok()) return st;
+  }
+  st = impl->Complete();
+  if (!st.ok()) return st;
+  return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
+}
+
+absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Random(const ModelConfig& c, uint64_t seed,
+                                                                       const EngineOptions& options) {
+  return Guarded([&]() -> absl::StatusOr<std::unique_ptr<GradientEngine>> {
+    auto impl = std::make_unique<Impl>();
+    if (absl::Status init = impl->Init(options); !init.ok()) return init;
+    impl->cfg = c;
+    impl->llama2c = true;  // same layout (interleaved RoPE pairs), so SaveLlama2c can write it
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<double> g(0.0, 1.0);
+    auto rnd = [&](std::vector<int64_t> shape, double scale, double mean) {
+      auto t = torch::empty(shape, torch::kDouble);
+      auto* p = t.data_ptr<double>();
+      for (int64_t i = 0; i < t.numel(); ++i) p[i] = mean + scale * g(rng);
+      return t;
+    };
+    const int64_t D = c.dim, F = c.hidden_dim, hd = D / c.n_heads, KVD = hd * c.n_kv_heads;
+    impl->Add("tok_embeddings.weight", rnd({c.vocab_size, D}, 0.5, 0));
+    for (int l = 0; l < c.n_layers; ++l) {
+      const std::string p = absl::StrCat("layers.", l, ".");
+      impl->Add(p + "attention_norm.weight", rnd({D}, 0.1, 1));
+      impl->Add(p + "attention.wq.weight", rnd({D, D}, 0.3, 0));
+      impl->Add(p + "attention.wk.weight", rnd({KVD, D}, 0.3, 0));
+      impl->Add(p + "attention.wv.weight", rnd({KVD, D}, 0.3, 0));
+      impl->Add(p + "attention.wo.weight", rnd({D, D}, 0.3, 0));
+      impl->Add(p + "ffn_norm.weight", rnd({D}, 0.1, 1));
+      impl->Add(p + "feed_forward.w1.weight", rnd({F, D}, 0.3, 0));
+      impl->Add(p + "feed_forward.w2.weight", rnd({D, F}, 0.3, 0));
+      impl->Add(p + "feed_forward.w3.weight", rnd({F, D}, 0.3, 0));
+    }
+    impl->Add("norm.weight", rnd({D}, 0.1, 1));
+    if (!c.tied_output) impl->Add("output.weight", rnd({c.vocab_size, D}, 0.5, 0));
+    absl::Status st = impl->Finish();
+    if (st.ok()) st = impl->LoadPreconditioner();
+    if (!st.ok()) return st;
+    return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
+  });
+}
+
+absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Grow(const GradientEngine& base,
+                                                                     const ModelConfig& t, uint64_t seed,
+                                                                     double init_std, const EngineOptions& options) {
+  return Guarded([&]() -> absl::StatusOr<std::unique_ptr<GradientEngine>> {
+    const Impl& b = *base.impl_;
+    const ModelConfig& c = b.cfg;
+    if (t.dim <= 0 || t.n_heads <= 0 || t.n_kv_heads <= 0 || t.dim % t.n_heads != 0 ||
+        t.n_heads % t.n_kv_heads != 0) {
+      return absl::InvalidArgumentError("grow: dim must be a multiple of heads, heads of kv heads");
+    }
+    if (t.dim / t.n_heads != c.dim / c.n_heads || t.n_heads / t.n_kv_heads != c.n_heads / c.n_kv_heads) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "grow: the head size (%d) and the query heads per kv head (%d) must stay as in the base model",
+          c.dim / c.n_heads, c.n_heads / c.n_kv_heads));
+    }
+    if (t.dim < c.dim || t.hidden_dim < c.hidden_dim || t.n_layers < c.n_layers || t.n_heads < c.n_heads) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "grow: the target (dim %d, hidden %d, layers %d) is smaller than the base (dim %d, hidden %d, layers %d)",
+          t.dim, t.hidden_dim, t.n_layers, c.dim, c.hidden_dim, c.n_layers));
+    }
+    if (t.vocab_size != c.vocab_size || t.seq_len != c.seq_len || t.tied_output != c.tied_output) {
+      return absl::InvalidArgumentError("grow: vocab_size, seq_len and tied_output must stay as in the base model");
+    }
+    if (!(init_std >= 0)) return absl::InvalidArgumentError("grow: init_std must be >= 0");
+    auto impl = std::make_unique<Impl>();
+    if (absl::Status init = impl->Init(options); !init.ok()) return init;
+    impl->cfg = t;
+    impl->cfg.norm_eps = c.norm_eps;
+    impl->cfg.rope_theta = c.rope_theta;
+    impl->llama2c = b.llama2c;
+    impl->rope_half = b.rope_half;
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<double> g(0.0, init_std);
+    // shape filled with N(0, init_std^2) (random) or zeros, then the base tensor (if any) copied into its corner.
+    auto make = [&](const std::vector<int64_t>& shape, bool random, const torch::Tensor& old) {
+      auto n = torch::zeros(shape, torch::kDouble);
+      if (random) {
+        auto* p = n.data_ptr<double>();
+        for (int64_t i = 0; i < n.numel(); ++i) p[i] = g(rng);
+      }
+      if (old.defined()) {
+        auto o = old.to(torch::kDouble);
+        if (o.dim() == 1) {
+          n.narrow(0, 0, o.size(0)).copy_(o);
+        } else {
+          n.narrow(0, 0, o.size(0)).narrow(1, 0, o.size(1)).copy_(o);
+        }
+      }
+      return n;
+    };
+    const double s = std::sqrt(static_cast<double>(c.dim) / t.dim);
+    auto norm = [&](const std::string& name) {  // RMSNorm weight: new entries 1, everything scaled by s
+      torch::Tensor old = name.empty() ? torch::Tensor() : b.Merged(name, torch::kDouble);
+      auto n = torch::ones({t.dim}, torch::kDouble);
+      if (old.defined()) n.narrow(0, 0, c.dim).copy_(old.to(torch::kDouble));
+      return n * s;
+    };
+    const int64_t D = t.dim, F = t.hidden_dim, KVD = (t.dim / t.n_heads) * t.n_kv_heads, V = t.vocab_size;
+    impl->Add("tok_embeddings.weight", make({V, D}, false, b.Merged("tok_embeddings.weight", torch::kDouble)));
+    for (int l = 0; l < t.n_layers; ++l) {
+      const bool old = l < c.n_layers;
+      const std::string p = absl::StrCat("layers.", l, ".");
+      auto o = [&](const char* k) { return old ? b.Merged(p + k + ".weight", torch::kDouble) : torch::Tensor(); };
+      impl->Add(p + "attention_norm.weight", norm(old ? p + "attention_norm.weight" : ""));
+      impl->Add(p + "attention.wq.weight", make({D, D}, true, o("attention.wq")));
+      impl->Add(p + "attention.wk.weight", make({KVD, D}, true, o("attention.wk")));
+      impl->Add(p + "attention.wv.weight", make({KVD, D}, true, o("attention.wv")));
+      impl->Add(p + "attention.wo.weight", make({D, D}, false, o("attention.wo")));
+      impl->Add(p + "ffn_norm.weight", norm(old ? p + "ffn_norm.weight" : ""));
+      impl->Add(p + "feed_forward.w1.weight", make({F, D}, true, o("feed_forward.w1")));
+      impl->Add(p + "feed_forward.w2.weight", make({D, F}, false, o("feed_forward.w2")));
+      impl->Add(p + "feed_forward.w3.weight", make({F, D}, true, o("feed_forward.w3")));
+    }
+    impl->Add("norm.weight", norm("norm.weight"));
+    if (!t.tied_output) impl->Add("output.weight", make({V, D}, false, b.Merged("output.weight", torch::kDouble)));
+    if (absl::Status st = impl->Complete(); !st.ok()) return st;
+    return std::unique_ptr<GradientEngine>(new GradientEngine(std::move(impl)));
+  });
+}
+
+
+}  // namespace rapidin::model
