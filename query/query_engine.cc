@@ -4,78 +4,11 @@
 #include <chrono>
 #include <cstdlib>
 #include <future>
+#include <mutex>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
-
-#if RAPIDIN_HAVE_CUDA
-#include <mutex>
-#include <unordered_set>
-
-#include "kernels/cuda/absl_status.h"
-#include "kernels/cuda/scanner.h"
-#endif
 
 namespace rapidin::query {
-
-#if RAPIDIN_HAVE_CUDA
-namespace {
-
-// Pinned memory when the driver gives it, plain aligned memory otherwise; the set says which to free how.
-std::mutex plain_mu;
-std::unordered_set<void*>* plain_blocks = new std::unordered_set<void*>();
-
-void* HostTierAlloc(size_t bytes) {
-  if (void* p = gpu::PinnedAlloc(bytes)) return p;
-  void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-  if (p != nullptr) {
-    std::lock_guard<std::mutex> l(plain_mu);
-    plain_blocks->insert(p);
-  }
-  return p;
-}
-
-void HostTierFree(void* p) {
-  {
-    std::lock_guard<std::mutex> l(plain_mu);
-    if (plain_blocks->erase(p) > 0) {
-      std::free(p);
-      return;
-    }
-  }
-  gpu::PinnedFree(p);
-}
-
-}  // namespace
-
-struct QueryEngine::Gpu {
-  std::unique_ptr<gpu::Scanner> scanner;
-  std::vector<std::vector<int>> shards_of_device;
-};
-
-bool CudaBackendBuilt() { return true; }
-
-absl::Status CudaBackendUsable(std::string* description) {
-  std::vector<gpu::DeviceInfo> devs;
-  const gpu::Status st = gpu::ListDevices(&devs);
-  if (!st.ok()) return gpu::ToAbsl(st);
-  if (description != nullptr) {
-    std::vector<std::string> names;
-    for (const auto& d : devs) names.push_back(absl::StrCat(d.ordinal, ": ", d.name));
-    *description = absl::StrJoin(names, ", ");
-  }
-  return absl::OkStatus();
-}
-
-storage::internal::HostAllocator CudaHostAllocator() { return {&HostTierAlloc, &HostTierFree}; }
-#else
-struct QueryEngine::Gpu {};
-bool CudaBackendBuilt() { return false; }
-absl::Status CudaBackendUsable(std::string*) {
-  return absl::UnavailableError("this build has no CUDA backend (configure with -DRAPIDIN_ENABLE_CUDA=ON)");
-}
-storage::internal::HostAllocator CudaHostAllocator() { return {}; }
-#endif
 
 struct QueryEngine::Pending {
   std::vector<float> queries;
@@ -126,77 +59,42 @@ struct QueryEngine::Worker {
   }
 };
 
-QueryEngine::QueryEngine(const storage::Store* store, Options options)
-    : QueryEngine(store, std::move(options), nullptr) {}
+namespace {
+BackendOptions BackendOf(const QueryEngine::Options& o) {
+  BackendOptions b;
+  b.backend = o.backend;
+  b.impl = o.impl;
+  b.gpu = o.gpu;
+  return b;
+}
 
-QueryEngine::QueryEngine(const storage::Store* store, Options options, std::unique_ptr<Gpu> gpu)
-    : store_(store), options_(std::move(options)), gpu_(std::move(gpu)) {
+// The CPU backend cannot fail.
+std::unique_ptr<ScanBackend> CpuBackendOf(const storage::Store* store, QueryEngine::Options o) {
+  o.backend = "cpu";
+  return std::move(*MakeScanBackend(store, BackendOf(o)));
+}
+
+}  // namespace
+
+QueryEngine::QueryEngine(const storage::Store* store, Options options)
+    : QueryEngine(store, options, CpuBackendOf(store, options)) {}
+
+QueryEngine::QueryEngine(const storage::Store* store, Options options, std::unique_ptr<ScanBackend> backend)
+    : store_(store), options_(std::move(options)), backend_(std::move(backend)) {
   options_.impl = kernels::ResolveImpl(options_.impl);
-  int workers = store_->num_shards();
-#if RAPIDIN_HAVE_CUDA
-  if (gpu_) workers = gpu_->scanner->num_devices();
-#endif
-  for (int w = 0; w < workers; ++w) workers_.push_back(std::make_unique<Worker>());
+  for (int w = 0; w < backend_->num_workers(); ++w) workers_.push_back(std::make_unique<Worker>());
   dispatcher_ = std::thread([this] { DispatchLoop(); });
 }
 
 absl::StatusOr<std::unique_ptr<QueryEngine>> QueryEngine::Create(const storage::Store* store, Options options) {
-  if (options.backend == "cpu") return std::unique_ptr<QueryEngine>(new QueryEngine(store, std::move(options)));
-  if (options.backend != "cuda") {
-    return absl::InvalidArgumentError(absl::StrCat("unknown backend \"", options.backend, "\" (cpu|cuda)"));
-  }
-#if RAPIDIN_HAVE_CUDA
-  gpu::ScannerOptions so;
-  so.devices = options.gpu.devices;
-  so.memory_fraction = options.gpu.memory_fraction;
-  so.hot_limit_bytes = options.gpu.hot_limit_bytes;
-  so.chunk_bytes = std::max<uint64_t>(options.gpu.chunk_bytes, uint64_t{store->k()} * 2);
-  auto g = std::make_unique<Gpu>();
-  absl::Status st = gpu::ToAbsl(gpu::Scanner::Create(store->k(), so, &g->scanner));
-  if (!st.ok()) return absl::Status(st.code(), absl::StrCat("CUDA backend: ", st.message()));
-  // Place every shard by its current size, then upload the hot ones.
-  std::vector<uint64_t> bytes(store->num_shards());
-  for (int s = 0; s < store->num_shards(); ++s) {
-    st = store->WithShard(s, [&](const storage::ShardView& v) {
-      bytes[s] = static_cast<uint64_t>(v.n) * v.k * 2;
-      return absl::OkStatus();
-    });
-    if (!st.ok()) return st;
-  }
-  if (!(st = gpu::ToAbsl(g->scanner->Place(bytes))).ok()) return st;
-  g->shards_of_device.resize(g->scanner->num_devices());
-  for (int s = 0; s < store->num_shards(); ++s) {
-    g->shards_of_device[g->scanner->shard_device(s)].push_back(s);
-    st = store->WithShard(s, [&](const storage::ShardView& v) {
-      return gpu::ToAbsl(g->scanner->Sync(s, {v.rows, v.n, v.first_index, v.index_stride, v.generation,
-                                          v.rewrite_generation}));
-    });
-    if (!st.ok()) return st;
-  }
-  return std::unique_ptr<QueryEngine>(new QueryEngine(store, std::move(options), std::move(g)));
-#else
-  return CudaBackendUsable();
-#endif
+  auto backend = MakeScanBackend(store, BackendOf(options));
+  if (!backend.ok()) return backend.status();
+  return std::unique_ptr<QueryEngine>(new QueryEngine(store, std::move(options), std::move(*backend)));
 }
 
-std::string QueryEngine::backend() const {
-#if RAPIDIN_HAVE_CUDA
-  if (gpu_) return gpu_->scanner->Describe();
-#endif
-  return kernels::ImplName(options_.impl);
-}
+std::string QueryEngine::backend() const { return backend_->Describe(); }
 
-GpuTierUsage QueryEngine::GpuUsage() const {
-  GpuTierUsage u;
-#if RAPIDIN_HAVE_CUDA
-  if (gpu_) {
-    const gpu::TierBytes t = gpu_->scanner->Usage();
-    u.hot_bytes = t.hot;
-    u.warm_bytes = t.warm;
-  }
-#endif
-  return u;
-}
+GpuTierUsage QueryEngine::GpuUsage() const { return backend_->Usage(); }
 
 QueryEngine::~QueryEngine() {
   {
@@ -284,10 +182,18 @@ void QueryEngine::RunBatch(std::vector<std::shared_ptr<Pending>>& batch) {
     max_top = std::max(max_top, p->top_k);
     max_harm = std::max(max_harm, p->harmful_k);
   }
-  absl::Status setup;
-#if RAPIDIN_HAVE_CUDA
-  if (gpu_) setup = gpu::ToAbsl(gpu_->scanner->SetQueries(all.data(), total_q));
-#endif
+  ScanBatch sb;
+  sb.queries = all.data();
+  sb.q = total_q;
+  for (const auto& p : batch) {
+    for (int j = 0; j < p->q; ++j) {
+      sb.top_k.push_back(p->top_k);
+      sb.harmful_k.push_back(p->harmful_k);
+    }
+  }
+  sb.max_top_k = max_top;
+  sb.max_harmful_k = max_harm;
+  const absl::Status setup = backend_->SetQueries(sb);
   // Cold rows: the range as of now, in chunks dealt round-robin to the workers after their resident rows.
   const auto [cold_begin, cold_end] = store_->ColdRange();
   const int64_t chunk_rows = std::max<int64_t>(1, static_cast<int64_t>(options_.cold_chunk_bytes / (k * 2)));
@@ -322,52 +228,15 @@ void QueryEngine::RunBatch(std::vector<std::shared_ptr<Pending>>& batch) {
   for (int s = 0; s < S && setup.ok(); ++s) {
     workers_[s]->Post([&, s] {
       ShardOut& o = outs[s];
-      o.helpful.resize(total_q);
-      o.harmful.resize(total_q);
       const auto t0 = std::chrono::steady_clock::now();
-      o.timing.shard = s;
-      if (!gpu_) {
-        std::vector<kernels::TopK> hp, hm;
-        for (const auto& p : batch) {
-          for (int j = 0; j < p->q; ++j) {
-            hp.emplace_back(p->top_k, true);
-            hm.emplace_back(p->harmful_k, false);
-          }
-        }
-        o.status = store_->WithShard(s, [&](const storage::ShardView& v) {
-          o.timing.rows = v.n;
-          o.timing.bytes_scanned = static_cast<uint64_t>(v.n) * v.k * sizeof(uint16_t);
-          return kernels::ScanTopK(v.rows, v.n, v.k, all.data(), total_q, v.first_index, v.index_stride, &hp,
-                                   &hm, options_.impl);
-        });
-        for (int j = 0; j < total_q; ++j) {
-          o.helpful[j].push_back(hp[j].Sorted());
-          o.harmful[j].push_back(hm[j].Sorted());
-        }
-        o.timing.backend = kernels::ImplName(options_.impl);
-      } else {
-#if RAPIDIN_HAVE_CUDA
-        // One GPU: scan each shard placed on it in turn.
-        const gpu::DeviceInfo& dev = gpu_->scanner->device(s);
-        o.timing.backend = absl::StrCat("cuda:", dev.ordinal);
-        for (int shard : gpu_->shards_of_device[s]) {
-          if (!o.status.ok()) break;
-          o.status = store_->WithShard(shard, [&](const storage::ShardView& v) {
-            o.timing.rows += v.n;
-            o.timing.bytes_scanned += static_cast<uint64_t>(v.n) * v.k * sizeof(uint16_t);
-            std::vector<std::vector<kernels::Candidate>> hp, hm;
-            absl::Status st = gpu::ToAbsl(gpu_->scanner->ScanShard(
-                shard, {v.rows, v.n, v.first_index, v.index_stride, v.generation, v.rewrite_generation}, max_top,
-                max_harm, &hp, &hm));
-            for (int j = 0; j < total_q && st.ok(); ++j) {
-              o.helpful[j].push_back(std::move(hp[j]));
-              o.harmful[j].push_back(std::move(hm[j]));
-            }
-            return st;
-          });
-        }
-#endif
-      }
+      WorkerScan ws;
+      ws.helpful.resize(total_q);
+      ws.harmful.resize(total_q);
+      ws.timing.shard = s;
+      o.status = backend_->Scan(s, sb, &ws);
+      o.helpful = std::move(ws.helpful);
+      o.harmful = std::move(ws.harmful);
+      o.timing = std::move(ws.timing);
       if (o.status.ok()) scan_cold(s, o);
       o.timing.scan_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       std::lock_guard<std::mutex> l(done_mu);
