@@ -15,26 +15,15 @@
 #include "absl/strings/str_split.h"
 #include <nlohmann/json.hpp>
 
-#if RAPIDIN_HAVE_CUDA
-#include "kernels/cuda/absl_status.h"
-#include "kernels/cuda/sketch.h"
-#endif
+#include "model/internal/device_sketch.h"
 
 namespace rapidin::model {
 
-// Made only when the CUDA layer is built (Featurizer::Create).
+// Made only when the engine's weights are on a GPU and the CUDA layer is built (Featurizer::Create).
 struct Featurizer::Device {
-#if RAPIDIN_HAVE_CUDA
-  std::unique_ptr<gpu::GpuSketch> sketch;
-#endif
+  std::unique_ptr<internal::DeviceSketch> sketch;
   // out[i * k ...] = C(rows[i]) for n rows of the engine's device buffer.
-  absl::Status Sketch(const float* rows, int64_t n, float* out) const {
-#if RAPIDIN_HAVE_CUDA
-    return gpu::ToAbsl(sketch->ApplyDeviceToHost(rows, static_cast<int>(n), out));
-#else
-    return absl::InternalError("no CUDA layer");
-#endif
-  }
+  absl::Status Sketch(const float* rows, int64_t n, float* out) const { return sketch->Apply(rows, n, out); }
 };
 
 namespace {
@@ -91,11 +80,12 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerO
   if (sketch == nullptr) return absl::InvalidArgumentError(error);
   f->sketch_ = std::move(sketch);
   if (const int index = f->engine_->cuda_device(); index >= 0) {
-#if RAPIDIN_HAVE_CUDA
-    f->device_ = std::make_unique<Device>();
-    absl::Status st = gpu::ToAbsl(gpu::GpuSketch::Create(*f->sketch_, index, &f->device_->sketch));
-    if (!st.ok()) return st;
-#endif  // without the CUDA layer, the gradients come to the host and the CPU sketch runs
+    auto device_sketch = internal::MakeDeviceSketch(*f->sketch_, index);
+    if (!device_sketch.ok()) return device_sketch.status();
+    if (*device_sketch != nullptr) {  // without the CUDA layer, the gradients come to the host and the CPU sketch runs
+      f->device_ = std::make_unique<Device>();
+      f->device_->sketch = std::move(*device_sketch);
+    }
   }
   std::vector<std::string> names;
   for (const auto& p : f->engine_->params()) names.push_back(p.name);
