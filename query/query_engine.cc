@@ -154,107 +154,103 @@ void QueryEngine::DispatchLoop() {
   }
 }
 
-void QueryEngine::RunBatch(std::vector<std::shared_ptr<Pending>>& batch) {
-  const int64_t k = store_->k();
-  // Stack every request's vectors into one matrix so each shard reads its rows once for all of them.
-  int total_q = 0;
-  for (const auto& p : batch) total_q += p->q;
-  std::vector<float> all(static_cast<size_t>(total_q) * k);
-  {
-    size_t off = 0;
-    for (const auto& p : batch) {
-      std::copy(p->queries.begin(), p->queries.end(), all.begin() + off);
-      off += p->queries.size();
-    }
-  }
-  const int S = static_cast<int>(workers_.size());
-  // Per worker: for each query vector of the batch, candidate lists (several per vector when a GPU worker
-  // scans several shards), merged below by the same code for both backends.
-  struct ShardOut {
-    std::vector<std::vector<std::vector<kernels::Candidate>>> helpful, harmful;
-    ShardTiming timing;
-    absl::Status status;
-  };
-  std::vector<ShardOut> outs(S);
-  // The largest k of the batch: each request's own k is applied at the merge.
-  int max_top = 0, max_harm = 0;
-  for (const auto& p : batch) {
-    max_top = std::max(max_top, p->top_k);
-    max_harm = std::max(max_harm, p->harmful_k);
-  }
+// Per worker: for each query vector of the batch, candidate lists (several per vector when a GPU worker scans
+// several shards, plus its cold-tier chunks), merged by the same code for every backend.
+struct QueryEngine::WorkerResult {
+  WorkerScan scan;
+  absl::Status status;
+};
+
+// Step 1: every request's vectors stacked into one matrix, so each shard reads its rows once for all of them.
+// Each vector keeps its request's k; the largest k of the batch bounds what the GPU and cold scans keep.
+ScanBatch QueryEngine::Stack(const std::vector<std::shared_ptr<Pending>>& batch, std::vector<float>* all) const {
   ScanBatch sb;
-  sb.queries = all.data();
-  sb.q = total_q;
   for (const auto& p : batch) {
+    all->insert(all->end(), p->queries.begin(), p->queries.end());
+    sb.q += p->q;
     for (int j = 0; j < p->q; ++j) {
       sb.top_k.push_back(p->top_k);
       sb.harmful_k.push_back(p->harmful_k);
     }
+    sb.max_top_k = std::max(sb.max_top_k, p->top_k);
+    sb.max_harmful_k = std::max(sb.max_harmful_k, p->harmful_k);
   }
-  sb.max_top_k = max_top;
-  sb.max_harmful_k = max_harm;
-  const absl::Status setup = backend_->SetQueries(sb);
-  // Cold rows: the range as of now, in chunks dealt round-robin to the workers after their resident rows.
-  const auto [cold_begin, cold_end] = store_->ColdRange();
+  sb.queries = all->data();
+  return sb;
+}
+
+// Step 2b: cold rows (not resident in host memory), the range as of now, read in chunks dealt round-robin to the
+// workers after their resident rows, and scored on the CPU for every backend.
+void QueryEngine::ScanCold(int w, const ScanBatch& sb, std::pair<uint64_t, uint64_t> cold, WorkerResult* o) const {
+  const int64_t k = store_->k();
+  const int S = static_cast<int>(workers_.size());
+  const auto [cold_begin, cold_end] = cold;
   const int64_t chunk_rows = std::max<int64_t>(1, static_cast<int64_t>(options_.cold_chunk_bytes / (k * 2)));
   const int64_t cold_chunks = static_cast<int64_t>((cold_end - cold_begin + chunk_rows - 1) / chunk_rows);
-  auto scan_cold = [&, cold_begin = cold_begin, cold_end = cold_end](int w, ShardOut& o) {
-    if (w >= cold_chunks) return;
-    std::vector<kernels::TopK> hp, hm;
-    for (int j = 0; j < total_q; ++j) {
-      hp.emplace_back(max_top, true);
-      hm.emplace_back(max_harm, false);
-    }
-    storage::internal::AlignedRows buf(k);
-    for (int64_t c = w; c < cold_chunks && o.status.ok(); c += S) {
-      const uint64_t begin = cold_begin + static_cast<uint64_t>(c * chunk_rows);
-      const int64_t n = static_cast<int64_t>(std::min<uint64_t>(chunk_rows, cold_end - begin));
-      o.status = store_->ReadRows(begin, n, &buf);
-      if (!o.status.ok()) break;
-      o.status = kernels::ScanTopK(buf.data(), n, k, all.data(), total_q, static_cast<int64_t>(begin), 1, &hp, &hm,
-                                   options_.impl);
-      o.timing.rows += n;
-      o.timing.cold_rows += n;
-      o.timing.bytes_scanned += static_cast<uint64_t>(n) * k * sizeof(uint16_t);
-    }
-    for (int j = 0; j < total_q && o.status.ok(); ++j) {
-      o.helpful[j].push_back(hp[j].Sorted());
-      o.harmful[j].push_back(hm[j].Sorted());
-    }
-  };
+  if (w >= cold_chunks) return;
+  std::vector<kernels::TopK> hp, hm;
+  for (int j = 0; j < sb.q; ++j) {
+    hp.emplace_back(sb.max_top_k, true);
+    hm.emplace_back(sb.max_harmful_k, false);
+  }
+  storage::internal::AlignedRows buf(k);
+  for (int64_t c = w; c < cold_chunks && o->status.ok(); c += S) {
+    const uint64_t begin = cold_begin + static_cast<uint64_t>(c * chunk_rows);
+    const int64_t n = static_cast<int64_t>(std::min<uint64_t>(chunk_rows, cold_end - begin));
+    o->status = store_->ReadRows(begin, n, &buf);
+    if (!o->status.ok()) break;
+    o->status = kernels::ScanTopK(buf.data(), n, k, sb.queries, sb.q, static_cast<int64_t>(begin), 1, &hp, &hm,
+                                  options_.impl);
+    o->scan.timing.rows += n;
+    o->scan.timing.cold_rows += n;
+    o->scan.timing.bytes_scanned += static_cast<uint64_t>(n) * k * sizeof(uint16_t);
+  }
+  for (int j = 0; j < sb.q && o->status.ok(); ++j) {
+    o->scan.helpful[j].push_back(hp[j].Sorted());
+    o->scan.harmful[j].push_back(hm[j].Sorted());
+  }
+}
+
+// Step 2: every worker scans its resident rows through the backend, then its share of the cold chunks; waits for
+// all. Returns the first error.
+absl::Status QueryEngine::ScanAll(const ScanBatch& sb, std::vector<WorkerResult>* outs) {
+  absl::Status setup = backend_->SetQueries(sb);
+  if (!setup.ok()) return setup;
+  const auto cold = store_->ColdRange();
+  const int S = static_cast<int>(workers_.size());
+  outs->resize(S);
   std::mutex done_mu;
   std::condition_variable done_cv;
   int remaining = S;
-  for (int s = 0; s < S && setup.ok(); ++s) {
+  for (int s = 0; s < S; ++s) {
     workers_[s]->Post([&, s] {
-      ShardOut& o = outs[s];
+      WorkerResult& o = (*outs)[s];
       const auto t0 = std::chrono::steady_clock::now();
-      WorkerScan ws;
-      ws.helpful.resize(total_q);
-      ws.harmful.resize(total_q);
-      ws.timing.shard = s;
-      o.status = backend_->Scan(s, sb, &ws);
-      o.helpful = std::move(ws.helpful);
-      o.harmful = std::move(ws.harmful);
-      o.timing = std::move(ws.timing);
-      if (o.status.ok()) scan_cold(s, o);
-      o.timing.scan_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      o.scan.helpful.resize(sb.q);
+      o.scan.harmful.resize(sb.q);
+      o.scan.timing.shard = s;
+      o.status = backend_->Scan(s, sb, &o.scan);
+      if (o.status.ok()) ScanCold(s, sb, cold, &o);
+      o.scan.timing.scan_ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       std::lock_guard<std::mutex> l(done_mu);
       if (--remaining == 0) done_cv.notify_one();
     });
   }
-  if (!setup.ok()) remaining = 0;
-  {
-    std::unique_lock<std::mutex> l(done_mu);
-    done_cv.wait(l, [&] { return remaining == 0; });
+  std::unique_lock<std::mutex> l(done_mu);
+  done_cv.wait(l, [&] { return remaining == 0; });
+  for (const auto& o : *outs) {
+    if (!o.status.ok()) return o.status;
   }
-  absl::Status status = setup;
+  return absl::OkStatus();
+}
+
+// Step 3: per query vector, the global top-k of the workers' lists, with each request's own k; every request of
+// the batch gets its answer (or the batch's error).
+void QueryEngine::Merge(std::vector<std::shared_ptr<Pending>>& batch, const std::vector<WorkerResult>& outs,
+                        const absl::Status& status, int total_q) {
   std::vector<ShardTiming> timings;
-  for (auto& o : outs) {
-    if (!o.status.ok() && status.ok()) status = o.status;
-    timings.push_back(o.timing);
-  }
-  // Merge stage: per query vector, the global top-k of the shards' local top-k lists.
+  for (const auto& o : outs) timings.push_back(o.scan.timing);
   int base = 0;
   for (auto& p : batch) {
     if (!status.ok()) {
@@ -266,9 +262,9 @@ void QueryEngine::RunBatch(std::vector<std::shared_ptr<Pending>>& batch) {
     r.vectors_in_scan = total_q;
     for (int j = 0; j < p->q; ++j) {
       std::vector<std::vector<kernels::Candidate>> hp, hm;
-      for (auto& o : outs) {
-        for (auto& c : o.helpful[base + j]) hp.push_back(c);
-        for (auto& c : o.harmful[base + j]) hm.push_back(c);
+      for (const auto& o : outs) {
+        for (const auto& c : o.scan.helpful[base + j]) hp.push_back(c);
+        for (const auto& c : o.scan.harmful[base + j]) hm.push_back(c);
       }
       r.helpful.push_back(kernels::MergeTopK(hp, p->top_k, true));
       r.harmful.push_back(kernels::MergeTopK(hm, p->harmful_k, false));
@@ -276,6 +272,14 @@ void QueryEngine::RunBatch(std::vector<std::shared_ptr<Pending>>& batch) {
     base += p->q;
     p->promise.set_value(std::move(r));
   }
+}
+
+void QueryEngine::RunBatch(std::vector<std::shared_ptr<Pending>>& batch) {
+  std::vector<float> all;
+  const ScanBatch sb = Stack(batch, &all);
+  std::vector<WorkerResult> outs;
+  const absl::Status status = ScanAll(sb, &outs);
+  Merge(batch, outs, status, sb.q);
 }
 
 }  // namespace rapidin::query

@@ -19,6 +19,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -71,7 +72,14 @@ class QueryEngine {
   struct Worker;
   QueryEngine(const storage::Store* store, Options options, std::unique_ptr<ScanBackend> backend);
   void DispatchLoop();
+  struct WorkerResult;
+  // One batch: Stack -> ScanAll (backend scan + ScanCold on every worker) -> Merge.
   void RunBatch(std::vector<std::shared_ptr<Pending>>& batch);
+  ScanBatch Stack(const std::vector<std::shared_ptr<Pending>>& batch, std::vector<float>* all) const;
+  absl::Status ScanAll(const ScanBatch& sb, std::vector<WorkerResult>* outs);
+  void ScanCold(int w, const ScanBatch& sb, std::pair<uint64_t, uint64_t> cold, WorkerResult* o) const;
+  void Merge(std::vector<std::shared_ptr<Pending>>& batch, const std::vector<WorkerResult>& outs,
+             const absl::Status& status, int total_q);
 
   const storage::Store* store_;
   Options options_;
