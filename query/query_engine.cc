@@ -23,8 +23,8 @@ struct QueryEngine::Pending {
 struct QueryEngine::Worker {
   std::mutex mu;
   std::condition_variable cv;
-  std::deque<std::function<void()>> tasks;
-  bool stop = false;
+  std::deque<std::function<void()>> tasks ABSL_GUARDED_BY(mu);
+  bool stop ABSL_GUARDED_BY(mu) = false;
   std::thread thread;
 
   Worker() {
@@ -103,7 +103,12 @@ QueryEngine::~QueryEngine() {
   }
   cv_.notify_all();
   dispatcher_.join();
-  for (auto& p : queue_) p->promise.set_value(absl::CancelledError("server is shutting down"));
+  std::deque<std::shared_ptr<Pending>> left;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    left.swap(queue_);
+  }
+  for (auto& p : left) p->promise.set_value(absl::CancelledError("server is shutting down"));
   workers_.clear();
 }
 
