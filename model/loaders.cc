@@ -189,7 +189,7 @@ absl::Status GradientEngine::Impl::LoadPreconditioner() {
     eps = e.is_string() ? std::strtod(e.get<std::string>().c_str(), nullptr) : e.get<double>();
   }
   if (!(eps > 0) || !std::isfinite(eps)) return absl::DataLossError(absl::StrCat(path, ": bad eps in its metadata"));
-  uint64_t h = 1469598103934665603ull;
+  uint64_t h = kernels::kFnv1aOffset;
   for (const auto& info : infos) {
     auto it = v.find(info.name);
     if (it == v.end()) {
@@ -204,11 +204,11 @@ absl::Status GradientEngine::Impl::LoadPreconditioner() {
     if ((~torch::isfinite(c)).any().item<bool>() || (c < 0).any().item<bool>()) {
       return absl::DataLossError(absl::StrCat(path, ": ", info.name, " has negative or non-finite second moments"));
     }
-    h = Fnv(h, info.name.data(), info.name.size());
-    h = Fnv(h, c.data_ptr<float>(), c.numel() * sizeof(float));
+    h = Fnv1a(h, info.name.data(), info.name.size());
+    h = Fnv1a(h, c.data_ptr<float>(), c.numel() * sizeof(float));
     precond.push_back((1.0 / (c.to(torch::kDouble).sqrt() + eps)).reshape({-1}).to(device));
   }
-  h = Fnv(h, &eps, sizeof eps);
+  h = Fnv1a(h, &eps, sizeof eps);
   precond_hash = h;
   precond_desc = absl::StrFormat("adam-v/%016x,eps=%g", h, eps);
   Rehash();

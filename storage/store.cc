@@ -13,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "kernels/half.h"
+#include "kernels/hash.h"
 #include "rocksdb/db.h"
 #include "rocksdb/options.h"
 #include "rocksdb/table.h"
@@ -59,12 +60,8 @@ std::string IdKey(const std::string& id) { return "i" + id; }
 }  // namespace
 
 std::string ProjectionStateId(const std::string& projection_state) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : projection_state) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  return absl::StrFormat("%016x", h);
+  return absl::StrFormat("%016x",
+                         kernels::Fnv1a(kernels::kFnv1aOffset, projection_state.data(), projection_state.size()));
 }
 
 struct Store::Impl {

@@ -19,18 +19,12 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "kernels/hash.h"
 #include "model/engine.h"
 
 namespace rapidin::model {
 
-inline uint64_t Fnv(uint64_t h, const void* data, size_t n) {
-  const unsigned char* p = static_cast<const unsigned char*>(data);
-  for (size_t i = 0; i < n; ++i) {
-    h ^= p[i];
-    h *= 1099511628211ull;
-  }
-  return h;
-}
+using kernels::Fnv1a;
 
 // Activations recorded during a forward pass so that per-sample weight gradients can be formed from one
 // backward pass: for y = x W^T, dL_b/dW = dy_b^T x_b for each sample b (samples never interact).
@@ -218,17 +212,17 @@ struct GradientEngine::Impl {
   }
 
   void Rehash() {
-    uint64_t h = 1469598103934665603ull;
+    uint64_t h = kernels::kFnv1aOffset;
     for (const auto& n : names) {
       auto c = w[n].detach().to(torch::kCPU, torch::kFloat).contiguous();
-      h = Fnv(h, n.data(), n.size());
-      h = Fnv(h, c.data_ptr<float>(), c.numel() * sizeof(float));
+      h = Fnv1a(h, n.data(), n.size());
+      h = Fnv1a(h, c.data_ptr<float>(), c.numel() * sizeof(float));
     }
     const std::string sel = options.param_pattern.empty() ? "<matrices>" : options.param_pattern;
-    h = Fnv(h, sel.data(), sel.size());
+    h = Fnv1a(h, sel.data(), sel.size());
     const std::string tmpl = absl::StrCat("alpaca/v1 max_length=", options.max_length);
-    h = Fnv(h, tmpl.data(), tmpl.size());
-    if (!precond.empty()) h = Fnv(h, &precond_hash, sizeof precond_hash);
+    h = Fnv1a(h, tmpl.data(), tmpl.size());
+    if (!precond.empty()) h = Fnv1a(h, &precond_hash, sizeof precond_hash);
     hash = absl::StrFormat("%016x", h);
   }
 
