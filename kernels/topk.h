@@ -17,6 +17,16 @@ struct Candidate {
   int64_t index;
 };
 
+// The one ranking rule, for shards, the merge stage and the router alike: the higher score first (largest; the
+// lower for harmful), then the smaller source (the router's shard-server order; 0 inside one store), then the
+// smaller row index. Results are deterministic for equal scores.
+inline bool RanksBefore(bool largest, float score_a, int64_t source_a, int64_t index_a, float score_b,
+                        int64_t source_b, int64_t index_b) {
+  if (score_a != score_b) return largest ? score_a > score_b : score_a < score_b;
+  if (source_a != source_b) return source_a < source_b;
+  return index_a < index_b;
+}
+
 class TopK {
  public:
   // largest=true keeps the highest scores (helpful), false the lowest (harmful). k may be 0.
@@ -24,8 +34,7 @@ class TopK {
 
   // True when (a) ranks before (b) in this selector's order.
   bool Before(const Candidate& a, const Candidate& b) const {
-    if (a.score != b.score) return largest_ ? a.score > b.score : a.score < b.score;
-    return a.index < b.index;
+    return RanksBefore(largest_, a.score, 0, a.index, b.score, 0, b.index);
   }
 
   void Push(float score, int64_t index) {

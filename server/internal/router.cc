@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kernels/topk.h"
 #include "model/attribution.h"
 #include "server/internal/service.h"
 
@@ -61,9 +62,9 @@ void MergeResults(const std::vector<const v1::QueryResult*>& parts, const std::v
       for (const auto& r : helpful ? parts[i]->helpful() : parts[i]->harmful()) all.push_back({&r, i});
     }
     auto before = [helpful](const Item& a, const Item& b) {
-      if (a.r->score() != b.r->score()) return helpful ? a.r->score() > b.r->score() : a.r->score() < b.r->score();
-      if (a.shard != b.shard) return a.shard < b.shard;
-      return a.r->index() < b.r->index();
+      return kernels::RanksBefore(helpful, a.r->score(), static_cast<int64_t>(a.shard),
+                                  static_cast<int64_t>(a.r->index()), b.r->score(), static_cast<int64_t>(b.shard),
+                                  static_cast<int64_t>(b.r->index()));
     };
     const size_t n = std::min<size_t>(k, all.size());
     std::partial_sort(all.begin(), all.begin() + n, all.end(), before);
