@@ -246,10 +246,10 @@ class GradientEngine {
   // Greedy decoding after the Alpaca prompt, until EOS or max_new tokens; returns the decoded text.
   absl::StatusOr<std::string> Generate(const std::string& instruction, const std::string& input, int max_new) const;
 
- // Opaque outside model/ (defined in model/internal/engine_impl.h).
-  struct Impl;
-
  private:
+  // Defined in model/internal/engine_impl.h; model/'s own translation units reach it through EngineAccess.
+  struct Impl;
+  friend struct EngineAccess;
   explicit GradientEngine(std::unique_ptr<Impl> impl);
   static absl::StatusOr<std::unique_ptr<GradientEngine>> LoadHf(const EngineOptions& options);
   std::unique_ptr<Impl> impl_;

@@ -36,7 +36,7 @@ struct LayerRec {
 
 class SharedTokenBackprop {
  public:
-  SharedTokenBackprop(const GradientEngine::Impl& d, const std::vector<int32_t>& ids) : d_(d) {
+  SharedTokenBackprop(const EngineAccess::Impl& d, const std::vector<int32_t>& ids) : d_(d) {
     for (size_t i = 0; i < d.infos.size(); ++i) index_[d.infos[i].name] = static_cast<int>(i);
     std::vector<int64_t> v(ids.begin(), ids.end());
     ids_ = torch::tensor(v, torch::kLong).to(d.device);
@@ -254,7 +254,7 @@ class SharedTokenBackprop {
     return NormBack(c, gh, Cut(r.x_in, P), Cut(r.r1, P), p + "attention_norm.weight");
   }
 
-  const GradientEngine::Impl& d_;
+  const EngineAccess::Impl& d_;
   std::map<std::string, int> index_;  // selected parameter name -> position in d_.infos
   torch::Tensor ids_;                 // [T]
   std::vector<LayerRec> layers_;
@@ -272,7 +272,7 @@ using ChunkSink = std::function<absl::Status(int s0, int s1, const std::vector<t
                                              std::vector<std::vector<double>>* host)>;
 
 // Validates, then runs the chunks of [from, ids.size()) over options.threads threads, handing each to `sink`.
-absl::Status ForEachTokenChunk(const GradientEngine& e, const GradientEngine::Impl& d, const std::vector<int32_t>& ids,
+absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl& d, const std::vector<int32_t>& ids,
                                int from, const TokenGradOptions& options, const ChunkSink& sink) {
   const int T = static_cast<int>(ids.size());
   const int chunk = options.method == TokenGradMethod::kLoop ? 1 : options.chunk;

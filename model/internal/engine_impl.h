@@ -379,6 +379,12 @@ struct GradientEngine::Impl {
   }
 };
 
+// model/'s files other than the engine's own (token_grads.cc) reach its state through this; nothing outside
+// model/ can, since GradientEngine::Impl is private.
+struct EngineAccess {
+  using Impl = GradientEngine::Impl;
+};
+
 }  // namespace rapidin::model
 
 #endif  // RAPIDIN_MODEL_INTERNAL_ENGINE_IMPL_H_
