@@ -18,14 +18,6 @@
 #include "model/internal/device_sketch.h"
 
 namespace rapidin::model {
-
-// Made only when the engine's weights are on a GPU and the CUDA layer is built (Featurizer::Create).
-struct Featurizer::Device {
-  std::unique_ptr<internal::DeviceSketch> sketch;
-  // out[i * k ...] = C(rows[i]) for n rows of the engine's device buffer.
-  absl::Status Sketch(const float* rows, int64_t n, float* out) const { return sketch->Apply(rows, n, out); }
-};
-
 namespace {
 
 // Finite weights can still overflow in the forward pass; a NaN or Inf compressed gradient would be refused by the
@@ -80,12 +72,9 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(const FeaturizerO
   if (sketch == nullptr) return absl::InvalidArgumentError(error);
   f->sketch_ = std::move(sketch);
   if (const int index = f->engine_->cuda_device(); index >= 0) {
-    auto device_sketch = internal::MakeDeviceSketch(*f->sketch_, index);
+    auto device_sketch = internal::MakeDeviceSketch(*f->sketch_, index);  // null without the CUDA layer
     if (!device_sketch.ok()) return device_sketch.status();
-    if (*device_sketch != nullptr) {  // without the CUDA layer, the gradients come to the host and the CPU sketch runs
-      f->device_ = std::make_unique<Device>();
-      f->device_->sketch = std::move(*device_sketch);
-    }
+    f->device_sketch_ = std::move(*device_sketch);
   }
   std::vector<std::string> names;
   for (const auto& p : f->engine_->params()) names.push_back(p.name);
@@ -211,7 +200,7 @@ absl::Status Featurizer::CompressWith(const GradientEngine& e, const std::vector
   const auto t0 = Clock::now();
   const int64_t k = sketch_->params().k;
   out->assign(batch.size(), {});
-  if (device_) {
+  if (device_sketch_) {
     std::vector<float> all;
     double sketch_s = 0;
     absl::Status st = e.GradientRowsBatch(
@@ -219,7 +208,7 @@ absl::Status Featurizer::CompressWith(const GradientEngine& e, const std::vector
         [&](const float* rows, int64_t n) {
           const auto ts = Clock::now();
           all.resize(n * k);
-          absl::Status s = device_->Sketch(rows, n, all.data());
+          absl::Status s = device_sketch_->Apply(rows, n, all.data());
           sketch_s = std::chrono::duration<double>(Clock::now() - ts).count();
           return s;
         },
@@ -263,12 +252,12 @@ absl::Status Featurizer::TokenSketches(const std::vector<int32_t>& ids, int from
   // Enough chunks for every thread, none longer than 8 tokens (the fastest size in bench/results/tokens.md).
   const int n = static_cast<int>(ids.size()) - from;
   o.chunk = std::max(1, std::min(8, (n + o.threads - 1) / o.threads));
-  if (device_) {  // sketched on the device, chunk by chunk
+  if (device_sketch_) {  // sketched on the device, chunk by chunk
     const int64_t k = sketch_->params().k;
     if (n > 0) out->assign(n, std::vector<float>(k));
     return engine_->TokenGradientRows(ids, from, o, [&](const float* rows, int first, int count) {
       std::vector<float> sk(static_cast<size_t>(count) * k);
-      absl::Status s = device_->Sketch(rows, count, sk.data());
+      absl::Status s = device_sketch_->Apply(rows, count, sk.data());
       if (s.ok()) s = CheckFinite(sk, "a token's compressed gradient");
       for (int i = 0; s.ok() && i < count; ++i) (*out)[first + i].assign(sk.begin() + i * k, sk.begin() + (i + 1) * k);
       return s;

@@ -16,6 +16,9 @@
 #include "model/engine.h"
 
 namespace rapidin::model {
+namespace internal {
+class DeviceSketch;  // model/internal/device_sketch.h
+}  // namespace internal
 
 // An earlier checkpoint of the fine-tuning run, for TracIn-CP (Pruthi et al. 2020).
 struct CheckpointOptions {
@@ -109,8 +112,8 @@ class Featurizer {
   // The compressed gradients of one engine (no unit normalisation), for the records of `batch`.
   absl::Status CompressWith(const GradientEngine& e, const std::vector<TokenizedExample>& batch,
                             std::vector<std::vector<float>>* out, std::vector<GradInfo>* gi, Timing* timing) const;
-  struct Device;  // the device sketch (featurizer.cc)
-  std::unique_ptr<Device> device_;
+  // The sketch on the engine's GPU; null when the gradients come to the host (CPU engine, or no CUDA layer).
+  std::unique_ptr<internal::DeviceSketch> device_sketch_;
   std::unique_ptr<GradientEngine> engine_;
   std::vector<std::unique_ptr<GradientEngine>> earlier_;  // TracIn-CP's earlier checkpoints
   std::vector<double> scale_;                             // sqrt(weight) per checkpoint, engine_ last
