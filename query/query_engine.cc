@@ -60,18 +60,11 @@ struct QueryEngine::Worker {
 };
 
 namespace {
-BackendOptions BackendOf(const QueryEngine::Options& o) {
-  BackendOptions b;
-  b.backend = o.backend;
-  b.impl = o.impl;
-  b.gpu = o.gpu;
-  return b;
-}
 
 // The CPU backend cannot fail.
-std::unique_ptr<ScanBackend> CpuBackendOf(const storage::Store* store, QueryEngine::Options o) {
+std::unique_ptr<ScanBackend> CpuBackendOf(const storage::Store* store, BackendOptions o) {
   o.backend = "cpu";
-  return std::move(*MakeScanBackend(store, BackendOf(o)));
+  return std::move(*MakeScanBackend(store, o));
 }
 
 }  // namespace
@@ -87,7 +80,7 @@ QueryEngine::QueryEngine(const storage::Store* store, Options options, std::uniq
 }
 
 absl::StatusOr<std::unique_ptr<QueryEngine>> QueryEngine::Create(const storage::Store* store, Options options) {
-  auto backend = MakeScanBackend(store, BackendOf(options));
+  auto backend = MakeScanBackend(store, options);
   if (!backend.ok()) return backend.status();
   return std::unique_ptr<QueryEngine>(new QueryEngine(store, std::move(options), std::move(*backend)));
 }

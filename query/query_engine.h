@@ -40,11 +40,9 @@ struct SearchResult {
 
 class QueryEngine {
  public:
-  struct Options {
+  // The backend's options (backend, impl, gpu) and the engine's own.
+  struct Options : BackendOptions {
     int max_batch_vectors = 64;      // query vectors that may share one scan
-    kernels::ScoreImpl impl = kernels::ScoreImpl::kAuto;
-    std::string backend = "cpu";     // "cpu" | "cuda"
-    GpuOptions gpu;
     // Cold tier (rows not resident in host memory): read from RocksDB in chunks of this many bytes, spread over
     // the workers, and scored on the CPU for either backend (disk, not scoring, bounds that tier).
     uint64_t cold_chunk_bytes = 32u << 20;
