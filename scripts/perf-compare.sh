@@ -6,23 +6,16 @@
 # Prints a table; N records (default 400), Q queries per kind and round (default 20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# = 2 ] || { echo "usage: $0 BEFORE_DIR AFTER_DIR" >&2; exit 2; }
-DATA="${RAPIDIN_SHARED_DATA:-$(cd .. && pwd)/shared/data}"
-MODEL="$DATA/models/stories260K.bin"; TRAIN="$DATA/instructions/alpaca_5000.json"
-[ -f "$MODEL" ] && [ -f "$TRAIN" ] || { echo "perf-compare: no shared data at $DATA" >&2; exit 77; }
+source scripts/two-builds.sh
 N=${N:-400}; Q=${Q:-20}; PORT=${PORT:-50933}
-WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
-python3 -c "import random; r = random.Random(3); print('{\"vector\": [%s]}' % ', '.join('%.6f' % r.gauss(0, 1) for _ in range(4096)))" > "$WORK/vector.jsonl"
+random_vector 3 "$WORK/vector.jsonl"
 
 round() {  # label dir
-  local label=$1 bin=$2 srv
+  local label=$1 bin=$2
   rm -rf "$WORK/store"
   "$bin/rapidin" cache --model "$MODEL" --data "$TRAIN" --store "$WORK/store" --k 4096 --threads 2 --limit "$N" \
     --json 2> /dev/null | python3 -c "import json,sys; print('$label cache', json.load(sys.stdin)['records_per_second'])"
-  "$bin/rapidin-server" --store "$WORK/store" --model "$MODEL" --listen "127.0.0.1:$PORT" --metrics-listen "" \
-    --log-level warn &
-  srv=$!
-  for _ in $(seq 200); do "$bin/rapidin" stats --server "127.0.0.1:$PORT" > /dev/null 2>&1 && break; sleep 0.1; done
+  serve "$bin" "$WORK/store" "$PORT"
   python3 - "$label" "$bin/rapidin" "127.0.0.1:$PORT" "$Q" "$WORK/vector.jsonl" <<'PY'
 import subprocess, sys, time
 label, cli, server, q, vec = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
@@ -38,7 +31,7 @@ for kind, cmd in kinds.items():
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         print(label, kind, (time.perf_counter() - t) * 1000)
 PY
-  kill "$srv"; wait "$srv" 2> /dev/null || true
+  kill "$SRV"; wait "$SRV" 2> /dev/null || true
 }
 
 for r in 1 2; do

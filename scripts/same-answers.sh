@@ -8,25 +8,15 @@
 # Exit 0 when identical, 1 with a diff otherwise. Data: ../shared/data or $RAPIDIN_SHARED_DATA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# = 2 ] || { echo "usage: $0 BEFORE_DIR AFTER_DIR" >&2; exit 2; }
-DATA="${RAPIDIN_SHARED_DATA:-$(cd .. && pwd)/shared/data}"
-MODEL="$DATA/models/stories260K.bin"; TRAIN="$DATA/instructions/alpaca_5000.json"
-[ -f "$MODEL" ] && [ -f "$TRAIN" ] || { echo "same-answers: no shared data at $DATA" >&2; exit 77; }
-for d in "$1" "$2"; do
-  for b in rapidin rapidin-server; do [ -x "$d/$b" ] || { echo "same-answers: no $d/$b" >&2; exit 2; }; done
-done
+source scripts/two-builds.sh
 N=${N:-300}; PORT=${PORT:-50931}
-WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT; [ -n "${KEEP:-}" ] && trap - EXIT
 
 answers() {  # dir out
-  local bin=$1 out=$2 srv
+  local bin=$1 out=$2
   mkdir -p "$out"
   "$bin/rapidin" cache --model "$MODEL" --data "$TRAIN" --store "$out/store" --k 4096 --threads 2 --limit "$N" \
     --json > "$out/cache.json" 2> /dev/null
-  "$bin/rapidin-server" --store "$out/store" --model "$MODEL" --listen "127.0.0.1:$PORT" --metrics-listen "" \
-    --log-level warn &
-  srv=$!
-  for _ in $(seq 200); do "$bin/rapidin" stats --server "127.0.0.1:$PORT" > /dev/null 2>&1 && break; sleep 0.1; done
+  serve "$bin" "$out/store" "$PORT"
   local q=("$bin/rapidin" query --server "127.0.0.1:$PORT" --json)
   {
     "${q[@]}" --instruction "Give three tips for staying healthy." --top-k 5 --harmful-k 3 --tokens \
@@ -40,7 +30,7 @@ answers() {  # dir out
     "$bin/rapidin" get --server "127.0.0.1:$PORT" --id alpaca_5000-7 --json
     "$bin/rapidin" stats --server "127.0.0.1:$PORT" --json
   } > "$out/answers.json" 2> "$out/errors.txt" || true
-  kill "$srv"; wait "$srv" 2> /dev/null || true
+  kill "$SRV"; wait "$SRV" 2> /dev/null || true
   # Drop what is timing, not behaviour; keep the rest byte for byte.
   python3 - "$out/answers.json" "$out/cache.json" > "$out/canonical.txt" <<'PY'
 import json, sys
@@ -67,7 +57,7 @@ PY
 }
 
 
-python3 -c "import random; r = random.Random(15); print('{\"vector\": [%s]}' % ', '.join('%.6f' % r.gauss(0, 1) for _ in range(4096)))" > "$WORK/vector.jsonl"
+random_vector 15 "$WORK/vector.jsonl"
 echo '{"vector": [0.5, -1.25, 2.0]}' > "$WORK/short.jsonl"
 # Both builds run in the same folder (the store's path is part of the stats), moved aside after.
 answers "$1" "$WORK/run" && mv "$WORK/run" "$WORK/before"
