@@ -4,16 +4,18 @@
 #   second  this project's own backdoor: trigger " §" at the end of the instruction, a fixed advertising sentence
 #           with a link injected before the clean answer (content injection)
 #   hard    the 80 "Howdy!" records among 5,000 clean ones
-# Per setting: fine-tune stories260K, or for the Howdy settings a grown copy of it (rapidin grow; HOWDY_GROW) (rapidin finetune, full) -> judge whether the backdoor was learned (greedy
-# generations under the trigger and without it; bench/backdoor/judge.py) -> every scoring variant, exact and
-# compressed at several K, from one gradient pass (backdoor_bench) -> cache the store the service uses (rapidin cache)
-# -> serve it (rapidin-server) -> query the planted, greedy and control generations -> training-side token
-# attributions of the top 10 records of the planted queries -> metrics, BM25, plot, report.
+# Per setting: fine-tune stories260K, or for the Howdy settings a grown copy of it (rapidin grow; HOWDY_GROW)
+# (rapidin finetune, full) -> judge whether the backdoor was learned (greedy generations under the trigger and
+# without it; bench/backdoor/judge.py) -> every scoring variant, exact and compressed at several K, from one
+# gradient pass (backdoor_bench) -> cache the store the service uses (rapidin cache) -> serve it (rapidin-server)
+# -> query the planted, greedy and control generations -> training-side token attributions of the top 10 records
+# of the planted queries -> metrics, BM25, plot, report.
 # Writes bench/results/backdoor.md, backdoor.json and backdoor.png. Stages whose outputs exist are skipped (delete
-# $WORK to start over). Settings (environment): WORK, SETTINGS, HOWDY_GROW, EPOCHS, LR, LR_SCHEDULE, BATCH, SERVICE_K, SERVICE_SCORE,
-# SERVICE_PRECONDITION, SERVICE_TRACIN, SERVICE_NORMALIZE (layer | none), KS, HARD_KS, ATTR_QUERIES, MAX_LENGTH, CHECKPOINT_EPOCHS (TracIn-CP:
-# fine-tuning saves these checkpoints, backdoor_bench scores each one, metrics.py sums them with the learning-rate
-# weights, and with SERVICE_TRACIN=1 the service's store is cached over all of them).
+# $WORK to start over). Settings (environment): WORK, SETTINGS, HOWDY_GROW, EPOCHS, LR, LR_SCHEDULE, BATCH,
+# SERVICE_K, SERVICE_SCORE, SERVICE_PRECONDITION, SERVICE_TRACIN, SERVICE_NORMALIZE (layer | none), KS, HARD_KS,
+# ATTR_QUERIES, MAX_LENGTH, CHECKPOINT_EPOCHS (TracIn-CP: fine-tuning saves these checkpoints, backdoor_bench
+# scores each one, metrics.py sums them with the learning-rate weights, and with SERVICE_TRACIN=1 the service's
+# store is cached over all of them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
