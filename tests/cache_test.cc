@@ -10,8 +10,8 @@
 #include <fstream>
 
 #include "cache/cache.h"
-#include "client/client.h"
 #include "cache/finetune.h"
+#include "client/client.h"
 #include "model/engine.h"
 #include "model/featurizer.h"
 #include "server/server.h"
