@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "kernels/gpu_types.h"
 #include "kernels/score.h"
 #include "kernels/topk.h"
 #include "storage/store.h"
@@ -25,19 +26,6 @@ struct ShardTiming {
   double scan_ms = 0;
   uint64_t bytes_scanned = 0;
   int64_t cold_rows = 0;             // of `rows`, read from the cold tier (disk) for this scan
-};
-
-struct GpuOptions {
-  std::vector<int> devices;                    // empty: every visible device
-  double memory_fraction = 0.85;               // share of free device memory the hot tier may take
-  uint64_t hot_limit_bytes = ~uint64_t{0};     // per-device cap on the hot tier (0: stream everything)
-  uint64_t chunk_bytes = uint64_t{128} << 20;  // streamed chunk size for warm shards
-};
-
-// Bytes of the store per GPU tier (zero for the CPU backend).
-struct GpuTierUsage {
-  uint64_t hot_bytes = 0;     // resident in device memory
-  uint64_t warm_bytes = 0;    // streamed from host memory at each scan
 };
 
 // One scan's query vectors: q rows of store->k() floats, each with its own k at both ends.
@@ -62,7 +50,7 @@ class ScanBackend {
   virtual int num_workers() const = 0;
   virtual std::string Describe() const = 0;  // e.g. the CPU kernels' name, or the GPUs
   virtual bool is_gpu() const = 0;
-  virtual GpuTierUsage Usage() const { return {}; }
+  virtual kernels::TierBytes Usage() const { return {}; }  // zeros for the CPU backend
   virtual absl::Status SetQueries(const ScanBatch& batch) { return absl::OkStatus(); }
   // Worker w's resident rows against every query vector of batch; out->helpful/harmful have batch.q entries.
   virtual absl::Status Scan(int w, const ScanBatch& batch, WorkerScan* out) = 0;
@@ -71,7 +59,7 @@ class ScanBackend {
 struct BackendOptions {
   std::string backend = "cpu";  // "cpu" | "cuda"
   kernels::ScoreImpl impl = kernels::ScoreImpl::kAuto;
-  GpuOptions gpu;
+  kernels::GpuOptions gpu;     // "cuda" only
 };
 
 // store must outlive the backend. For "cuda", places the shards on the GPUs and uploads the hot ones.

@@ -87,7 +87,7 @@ absl::StatusOr<std::unique_ptr<QueryEngine>> QueryEngine::Create(const storage::
 
 std::string QueryEngine::backend() const { return backend_->Describe(); }
 
-GpuTierUsage QueryEngine::GpuUsage() const { return backend_->Usage(); }
+kernels::TierBytes QueryEngine::GpuUsage() const { return backend_->Usage(); }
 
 QueryEngine::~QueryEngine() {
   {

@@ -64,7 +64,7 @@ class QueryEngine {
   int num_workers() const { return static_cast<int>(workers_.size()); }
   std::string backend() const;
   bool uses_gpu() const { return backend_->is_gpu(); }
-  GpuTierUsage GpuUsage() const;  // zeros for the CPU backend
+  kernels::TierBytes GpuUsage() const;  // zeros for the CPU backend
 
  private:
   struct Pending;

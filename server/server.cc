@@ -25,7 +25,6 @@ namespace rapidin::server {
 
 using query::CudaBackendUsable;
 using query::CudaHostAllocator;
-using query::GpuTierUsage;
 using query::QueryEngine;
 using query::SearchResult;
 
@@ -132,16 +131,16 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     cold->set_records(u.cold_records);
     cold->set_bytes(u.cold_bytes);
     if (engine_->uses_gpu()) {
-      const GpuTierUsage g = engine_->GpuUsage();
+      const kernels::TierBytes g = engine_->GpuUsage();
       const uint64_t row = uint64_t{m.k()} * 2;
       auto* hot = resp->add_tiers();
       hot->set_tier("gpu");
-      hot->set_records(row ? g.hot_bytes / row : 0);
-      hot->set_bytes(g.hot_bytes);
+      hot->set_records(row ? g.hot / row : 0);
+      hot->set_bytes(g.hot);
       auto* warm = resp->add_tiers();
       warm->set_tier("streamed");
-      warm->set_records(row ? g.warm_bytes / row : 0);
-      warm->set_bytes(g.warm_bytes);
+      warm->set_records(row ? g.warm / row : 0);
+      warm->set_bytes(g.warm);
     }
     return Observe("Stats", t0, absl::OkStatus());
   }
@@ -152,10 +151,10 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     metrics_->SetTier("cold", static_cast<double>(u.cold_records), static_cast<double>(u.cold_bytes));
     metrics_->SetTier("disk", static_cast<double>(store_->size()), static_cast<double>(u.disk_bytes));
     if (engine_->uses_gpu()) {
-      const GpuTierUsage g = engine_->GpuUsage();
+      const kernels::TierBytes g = engine_->GpuUsage();
       const double row = static_cast<double>(store_->k()) * 2;
-      metrics_->SetTier("gpu", g.hot_bytes / row, static_cast<double>(g.hot_bytes));
-      metrics_->SetTier("streamed", g.warm_bytes / row, static_cast<double>(g.warm_bytes));
+      metrics_->SetTier("gpu", g.hot / row, static_cast<double>(g.hot));
+      metrics_->SetTier("streamed", g.warm / row, static_cast<double>(g.warm));
     }
   }
 
@@ -450,9 +449,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   if (!engine.ok()) return engine.status();
   impl->engine = std::move(*engine);
   if (backend == "cuda") {
-    const GpuTierUsage g = impl->engine->GpuUsage();
+    const kernels::TierBytes g = impl->engine->GpuUsage();
     spdlog::info("{}: {:.1f} MB hot in GPU memory, {:.1f} MB streamed from host, placed in {:.2f} s",
-                 impl->engine->backend(), g.hot_bytes / 1e6, g.warm_bytes / 1e6,
+                 impl->engine->backend(), g.hot / 1e6, g.warm / 1e6,
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count());
   }
   impl->metrics = std::make_unique<Metrics>();

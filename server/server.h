@@ -40,7 +40,7 @@ struct ServerOptions {
   uint64_t cold_chunk_bytes = 32u << 20;           // cold rows are read from disk and scored in chunks this large
   uint32_t max_attributed_records = 10;            // top_k + harmful_k allowed with token attributions
   std::string backend = "auto";                    // auto (CUDA when a GPU is usable) | cpu | cuda
-  query::GpuOptions gpu;                           // CUDA backend: devices, hot-tier budget, chunk size
+  kernels::GpuOptions gpu;                           // CUDA backend: devices, hot-tier budget, chunk size
   kernels::ScoreImpl impl = kernels::ScoreImpl::kAuto;
   std::function<void(uint64_t, uint64_t)> load_progress;
   // Query by text: the model whose gradients the store holds. The sketch parameters come from the store's

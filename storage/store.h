@@ -29,6 +29,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kernels/gpu_types.h"
 #include "rapidin/v1/store.pb.h"
 #include "storage/internal/host_shard.h"
 
@@ -61,16 +62,10 @@ struct IngestResult {
   uint64_t replaced = 0;
 };
 
-// Read-only view of one shard's rows, valid while the callback of WithShard runs.
-struct ShardView {
+// Read-only view of one shard's rows (fp16, 64-byte aligned), valid while the callback of WithShard runs.
+// The row fields are kernels::ShardRows, which the GPU scanner takes as is.
+struct ShardView : kernels::ShardRows {
   int shard = 0;
-  const uint16_t* rows = nullptr;    // n x k fp16, 64-byte aligned
-  int64_t n = 0;
-  int64_t k = 0;
-  int64_t first_index = 0;           // global index of local row 0
-  int64_t index_stride = 1;          // global index of local row r = first_index + r * index_stride
-  uint64_t generation = 0;           // bumped by every change to this shard's rows
-  uint64_t rewrite_generation = 0;   // generation of the last in-place overwrite (appends leave it)
 };
 
 struct TierUsage {

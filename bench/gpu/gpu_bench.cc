@@ -179,7 +179,7 @@ int main(int argc, char** argv) {
       CHECK(cudaFree(scores));
       // Scan + top-k through the scanner (hot shard: rows already in device memory).
       {
-        gpu::ScannerOptions o;
+        kernels::GpuOptions o;
         std::unique_ptr<gpu::Scanner> sc;
         st = gpu::Scanner::Create(s.k, o, &sc);
         if (!st.ok()) {
@@ -195,7 +195,7 @@ int main(int argc, char** argv) {
           std::printf("scanner: shard does not fit the hot tier\n");
           return 1;
         }
-        gpu::ShardRows sr{host.data(), s.n, 0, 1, 1, 0};
+        kernels::ShardRows sr{host.data(), s.n, s.k, 0, 1, 1, 0};
         if (!(st = sc->Sync(0, sr)).ok() || !(st = sc->SetQueries(hq.data(), q)).ok()) {
           std::printf("scanner: %s\n", st.ToString().c_str());
           return 1;
@@ -211,13 +211,13 @@ int main(int argc, char** argv) {
                         std::to_string(static_cast<int>(100 * store_gb / tms * 1e3 / d2d + 0.5)) + "% of d2d"});
         // Warm tier: the same shard streamed from pinned host memory.
         if (q == 1) {
-          gpu::ScannerOptions wo;
+          kernels::GpuOptions wo;
           wo.hot_limit_bytes = 0;
           std::unique_ptr<gpu::Scanner> wsc;
           uint16_t* pinned = static_cast<uint16_t*>(gpu::PinnedAlloc(elems * 2));
           if (pinned != nullptr && gpu::Scanner::Create(s.k, wo, &wsc).ok() && wsc->Place({elems * 2}).ok()) {
             std::memcpy(pinned, host.data(), elems * 2);
-            gpu::ShardRows wr{pinned, s.n, 0, 1, 1, 0};
+            kernels::ShardRows wr{pinned, s.n, s.k, 0, 1, 1, 0};
             if ((st = wsc->SetQueries(hq.data(), q)).ok()) {
               const double wms = TimeMs([&] {
                 if (!(st = wsc->ScanShard(0, wr, 10, 10, &h, &m)).ok()) {

@@ -80,13 +80,13 @@ struct Scanner::Impl {
   };
 
   int64_t k = 0;
-  ScannerOptions opt;
+  kernels::GpuOptions opt;
   std::vector<std::unique_ptr<Device>> devices;
   std::vector<std::unique_ptr<Shard>> shards;
   int q = 0;
   bool nccl = false;
 
-  Status SyncLocked(Device& dev, Shard& sh, const ShardRows& rows);
+  Status SyncLocked(Device& dev, Shard& sh, const kernels::ShardRows& rows);
   void FreeShard(Device& dev, Shard& sh) {
     if (sh.d_rows != nullptr) {
       cudaFree(sh.d_rows);
@@ -159,7 +159,7 @@ Scanner::~Scanner() {
   }
 }
 
-Status Scanner::Create(int64_t k, const ScannerOptions& options, std::unique_ptr<Scanner>* out) {
+Status Scanner::Create(int64_t k, const kernels::GpuOptions& options, std::unique_ptr<Scanner>* out) {
   if (k < 1) return Status(Code::kInvalidArgument, "Scanner: k must be >= 1");
   if (options.chunk_bytes < static_cast<uint64_t>(k) * 2 || options.max_chunk_scores < 1 ||
       !(options.memory_fraction > 0 && options.memory_fraction <= 1)) {
@@ -229,7 +229,11 @@ Status Scanner::Place(const std::vector<uint64_t>& shard_bytes) {
   return Status::Ok();
 }
 
-Status Scanner::Impl::SyncLocked(Device& dev, Shard& sh, const ShardRows& rows) {
+Status Scanner::Impl::SyncLocked(Device& dev, Shard& sh, const kernels::ShardRows& rows) {
+  if (rows.k != k) {
+    return Status(Code::kInvalidArgument, "Scanner: shard rows have k=" + std::to_string(rows.k) +
+                                              ", the scanner was made for k=" + std::to_string(k));
+  }
   const uint64_t row_bytes = static_cast<uint64_t>(k) * 2;
   if (!sh.hot) {
     sh.bytes = static_cast<uint64_t>(rows.n) * row_bytes;
@@ -271,7 +275,7 @@ Status Scanner::Impl::SyncLocked(Device& dev, Shard& sh, const ShardRows& rows) 
   return Status::Ok();
 }
 
-Status Scanner::Sync(int shard, const ShardRows& rows) {
+Status Scanner::Sync(int shard, const kernels::ShardRows& rows) {
   if (shard < 0 || shard >= static_cast<int>(impl_->shards.size())) {
     return Status(Code::kInvalidArgument, "Scanner::Sync: shard " + std::to_string(shard) + " was not placed");
   }
@@ -323,7 +327,7 @@ Status Scanner::SetQueries(const float* queries, int q) {
   return Status::Ok();
 }
 
-Status Scanner::ScanShard(int shard, const ShardRows& rows, int top_k, int harmful_k,
+Status Scanner::ScanShard(int shard, const kernels::ShardRows& rows, int top_k, int harmful_k,
                           std::vector<std::vector<kernels::Candidate>>* helpful,
                           std::vector<std::vector<kernels::Candidate>>* harmful) {
   Impl& m = *impl_;
@@ -387,9 +391,9 @@ Status Scanner::ScanShard(int shard, const ShardRows& rows, int top_k, int harmf
       RAPIDIN_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(dev.compute, dev.copied[b], 0), "wait");
       src = dev.stage[b].as<uint16_t>();
     }
+    const StoreType type = m.opt.bf16_rows ? StoreType::kBF16 : StoreType::kF16;
     RAPIDIN_CUDA_RETURN_IF_ERROR(
-        LaunchScore(m.opt.type, src, rc, k, dev.queries.as<float>(), q, dev.scores.as<float>(), dev.compute),
-        "LaunchScore");
+        LaunchScore(type, src, rc, k, dev.queries.as<float>(), q, dev.scores.as<float>(), dev.compute), "LaunchScore");
     for (int side = 0; side < 2; ++side) {
       if (ks[side] == 0) continue;
       const size_t off = static_cast<size_t>(c) * q * ks[side];
@@ -441,8 +445,8 @@ int Scanner::shard_device(int shard) const { return impl_->shards[shard]->device
 bool Scanner::shard_hot(int shard) const { return impl_->shards[shard]->hot.load(); }
 bool Scanner::uses_nccl() const { return impl_->nccl; }
 
-TierBytes Scanner::Usage() const {
-  TierBytes t;
+kernels::TierBytes Scanner::Usage() const {
+  kernels::TierBytes t;
   for (int s = 0; s < static_cast<int>(impl_->shards.size()); ++s) {
     (shard_hot(s) ? t.hot : t.warm) += impl_->shards[s]->bytes.load();
   }

@@ -20,6 +20,7 @@
 
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/status.h"
+#include "kernels/gpu_types.h"
 #include "kernels/topk.h"
 
 namespace rapidin::gpu {
@@ -42,49 +43,25 @@ void PinnedFree(void* p);
 // True when this build can broadcast with NCCL.
 bool HaveNccl();
 
-struct ScannerOptions {
-  std::vector<int> devices;              // empty: every visible device
-  double memory_fraction = 0.85;         // share of a device's free memory the hot tier may take
-  uint64_t hot_limit_bytes = ~uint64_t{0};  // per-device cap on the hot tier (small values force streaming)
-  uint64_t chunk_bytes = uint64_t{128} << 20;  // store bytes per streamed chunk (two buffers per device)
-  int64_t max_chunk_scores = int64_t{1} << 22;  // rows x query vectors per top-k pass
-  bool force_nccl = false;               // broadcast through NCCL even with one device (tests)
-  StoreType type = StoreType::kF16;
-};
-
-// A host shard as the store exposes it; valid for the duration of one call.
-struct ShardRows {
-  const uint16_t* rows = nullptr;  // n x k
-  int64_t n = 0;
-  int64_t first_index = 0;         // global index of local row r = first_index + r * index_stride
-  int64_t index_stride = 1;
-  uint64_t generation = 0;         // bumped by every change to the shard
-  uint64_t rewrite_generation = 0; // generation of the last in-place overwrite (appends do not set it)
-};
-
-struct TierBytes {
-  uint64_t hot = 0;   // store bytes resident in device memory
-  uint64_t warm = 0;  // store bytes streamed from host memory at each scan
-};
-
 class Scanner {
  public:
   // Errors: kUnavailable (no usable device), kInvalidArgument (k < 1, unknown device), NCCL failures.
-  static Status Create(int64_t k, const ScannerOptions& options, std::unique_ptr<Scanner>* out);
+  static Status Create(int64_t k, const kernels::GpuOptions& options, std::unique_ptr<Scanner>* out);
   ~Scanner();
   Scanner(const Scanner&) = delete;
   Scanner& operator=(const Scanner&) = delete;
 
   // Places shards by their expected size in bytes (replaces any earlier placement).
   Status Place(const std::vector<uint64_t>& shard_bytes);
+  // rows.k must be the scanner's k (kInvalidArgument otherwise), here and in ScanShard.
   // Brings a hot shard's device copy up to date (uploads appended rows, or all rows after an overwrite).
   // A hot shard that has outgrown its device memory becomes warm. No-op for warm shards.
-  Status Sync(int shard, const ShardRows& rows);
+  Status Sync(int shard, const kernels::ShardRows& rows);
   // Copies q query vectors (q x k floats, host memory) to every device.
   Status SetQueries(const float* queries, int q);
   // Scans one shard on its device against the last queries: per query vector, the shard's best top_k
   // (highest scores) and harmful_k (lowest), best first, with global indices. Syncs hot shards first.
-  Status ScanShard(int shard, const ShardRows& rows, int top_k, int harmful_k,
+  Status ScanShard(int shard, const kernels::ShardRows& rows, int top_k, int harmful_k,
                    std::vector<std::vector<kernels::Candidate>>* helpful,
                    std::vector<std::vector<kernels::Candidate>>* harmful);
 
@@ -92,7 +69,7 @@ class Scanner {
   const DeviceInfo& device(int i) const;
   int shard_device(int shard) const;   // index into the scanner's devices
   bool shard_hot(int shard) const;
-  TierBytes Usage() const;
+  kernels::TierBytes Usage() const;
   bool uses_nccl() const;
   std::string Describe() const;        // e.g. "cuda x1 (NVIDIA H100 80GB HBM3)"
 

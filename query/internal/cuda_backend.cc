@@ -38,10 +38,6 @@ void HostTierFree(void* p) {
   gpu::PinnedFree(p);
 }
 
-gpu::ShardRows RowsOf(const storage::ShardView& v) {
-  return {v.rows, v.n, v.first_index, v.index_stride, v.generation, v.rewrite_generation};
-}
-
 class CudaBackend : public ScanBackend {
  public:
   CudaBackend(const storage::Store* store, std::unique_ptr<gpu::Scanner> scanner,
@@ -51,10 +47,7 @@ class CudaBackend : public ScanBackend {
   int num_workers() const override { return scanner_->num_devices(); }
   std::string Describe() const override { return scanner_->Describe(); }
   bool is_gpu() const override { return true; }
-  GpuTierUsage Usage() const override {
-    const gpu::TierBytes t = scanner_->Usage();
-    return {t.hot, t.warm};
-  }
+  kernels::TierBytes Usage() const override { return scanner_->Usage(); }
   absl::Status SetQueries(const ScanBatch& b) override { return gpu::ToAbsl(scanner_->SetQueries(b.queries, b.q)); }
 
   // One GPU: scan each shard placed on it in turn.
@@ -69,7 +62,7 @@ class CudaBackend : public ScanBackend {
         o->timing.bytes_scanned += static_cast<uint64_t>(v.n) * v.k * sizeof(uint16_t);
         std::vector<std::vector<kernels::Candidate>> hp, hm;
         absl::Status st =
-            gpu::ToAbsl(scanner_->ScanShard(shard, RowsOf(v), b.max_top_k, b.max_harmful_k, &hp, &hm));
+            gpu::ToAbsl(scanner_->ScanShard(shard, v, b.max_top_k, b.max_harmful_k, &hp, &hm));
         for (int j = 0; j < b.q && st.ok(); ++j) {
           o->helpful[j].push_back(std::move(hp[j]));
           o->harmful[j].push_back(std::move(hm[j]));
@@ -89,10 +82,7 @@ class CudaBackend : public ScanBackend {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<ScanBackend>> MakeCudaBackend(const storage::Store* store, const BackendOptions& o) {
-  gpu::ScannerOptions so;
-  so.devices = o.gpu.devices;
-  so.memory_fraction = o.gpu.memory_fraction;
-  so.hot_limit_bytes = o.gpu.hot_limit_bytes;
+  kernels::GpuOptions so = o.gpu;
   so.chunk_bytes = std::max<uint64_t>(o.gpu.chunk_bytes, uint64_t{store->k()} * 2);
   std::unique_ptr<gpu::Scanner> scanner;
   absl::Status st = gpu::ToAbsl(gpu::Scanner::Create(store->k(), so, &scanner));
@@ -110,7 +100,7 @@ absl::StatusOr<std::unique_ptr<ScanBackend>> MakeCudaBackend(const storage::Stor
   std::vector<std::vector<int>> shards_of_device(scanner->num_devices());
   for (int s = 0; s < store->num_shards(); ++s) {
     shards_of_device[scanner->shard_device(s)].push_back(s);
-    st = store->WithShard(s, [&](const storage::ShardView& v) { return gpu::ToAbsl(scanner->Sync(s, RowsOf(v))); });
+    st = store->WithShard(s, [&](const storage::ShardView& v) { return gpu::ToAbsl(scanner->Sync(s, v)); });
     if (!st.ok()) return st;
   }
   return std::unique_ptr<ScanBackend>(new CudaBackend(store, std::move(scanner), std::move(shards_of_device)));

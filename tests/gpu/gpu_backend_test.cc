@@ -85,9 +85,9 @@ TEST(GpuBackend, MatchesCpuBackendAcrossTiersAndIngest) {
       ExpectSameRanking(*c, *g, what + " " + (*e)->backend());
     }
     const uint64_t bytes = (*store)->size() * k * 2;
-    EXPECT_EQ((*hot)->GpuUsage().hot_bytes, bytes) << what;
-    EXPECT_EQ((*warm)->GpuUsage().warm_bytes, bytes) << what;
-    EXPECT_EQ((*warm)->GpuUsage().hot_bytes, 0u) << what;
+    EXPECT_EQ((*hot)->GpuUsage().hot, bytes) << what;
+    EXPECT_EQ((*warm)->GpuUsage().warm, bytes) << what;
+    EXPECT_EQ((*warm)->GpuUsage().hot, 0u) << what;
   };
   compare("initial", 1000000);
   add(4001, 4500);  // appends
@@ -153,7 +153,7 @@ TEST(GpuBackend, ColdRowsJoinTheGpuScan) {
   }
   EXPECT_EQ(cold, 4001 - 1500);
   EXPECT_EQ(rows, 4001);
-  EXPECT_EQ((*gpu)->GpuUsage().hot_bytes, 1500u * k * 2);  // only resident rows go to the GPU
+  EXPECT_EQ((*gpu)->GpuUsage().hot, 1500u * k * 2);  // only resident rows go to the GPU
 }
 
 TEST(GpuBackend, UnknownBackendAndMissingDeviceAreClearErrors) {

@@ -83,7 +83,7 @@ TEST(GpuKernels, ErrorsAreReturnedNotFatal) {
     EXPECT_EQ(Scanner::Create(16, {}, &s).code(), Code::kUnavailable);
     return;
   }
-  ScannerOptions o;
+  kernels::GpuOptions o;
   o.devices = {static_cast<int>(devs.size()) + 3};
   const Status bad = Scanner::Create(16, o, &s);
   EXPECT_EQ(bad.code(), Code::kInvalidArgument) << bad.ToString();
@@ -267,7 +267,7 @@ TEST_P(ScannerTest, MatchesFloat64ScanAndFollowsIngest) {
     }
   };
   deal();
-  ScannerOptions o;
+  kernels::GpuOptions o;
   o.chunk_bytes = 97 * k * 2;        // several chunks per shard, the last one partial
   o.max_chunk_scores = 700;          // several top-k passes for hot shards too
   o.force_nccl = HaveNccl();         // exercise the broadcast path even with one device
@@ -290,7 +290,8 @@ TEST_P(ScannerTest, MatchesFloat64ScanAndFollowsIngest) {
     ASSERT_TRUE(scanner->SetQueries(queries.data(), q).ok());
     std::vector<std::vector<std::vector<kernels::Candidate>>> hp(q), hm(q);
     for (int s = 0; s < shards; ++s) {
-      ShardRows rows{host[s].data(), static_cast<int64_t>(host[s].size()) / k, s, shards, gen[s], rewrite[s]};
+      const int64_t n = static_cast<int64_t>(host[s].size()) / k;
+      kernels::ShardRows rows{host[s].data(), n, k, s, shards, gen[s], rewrite[s]};
       std::vector<std::vector<kernels::Candidate>> h, m;
       const Status scan = scanner->ScanShard(s, rows, top_k, harmful_k, &h, &m);
       ASSERT_TRUE(scan.ok()) << scan.ToString();
@@ -306,7 +307,7 @@ TEST_P(ScannerTest, MatchesFloat64ScanAndFollowsIngest) {
       if (j == 0 && expect_top >= 0) EXPECT_EQ(best[0].index, expect_top) << what;
       ExpectTopKMatches(kernels::MergeTopK(hm[j], harmful_k, false), ref, harmful_k, false, what + " harmful");
     }
-    const TierBytes t = scanner->Usage();
+    const kernels::TierBytes t = scanner->Usage();
     EXPECT_EQ(t.hot + t.warm, all.size() * 2) << what;
     EXPECT_EQ(warm ? t.hot : t.warm, 0u) << what;
   };
@@ -335,19 +336,22 @@ TEST(GpuScanner, HotShardOutgrowingBudgetBecomesWarm) {
   std::normal_distribution<float> nd;
   std::vector<uint16_t> rows(1000 * k);
   for (auto& v : rows) v = kernels::FloatToHalf(nd(rng));
-  ScannerOptions o;
+  kernels::GpuOptions o;
   o.hot_limit_bytes = 600 * k * 2;
   std::unique_ptr<Scanner> scanner;
   ASSERT_TRUE(Scanner::Create(k, o, &scanner).ok());
   ASSERT_TRUE(scanner->Place({200 * k * 2}).ok());
   ASSERT_TRUE(scanner->shard_hot(0));
-  ASSERT_TRUE(scanner->Sync(0, {rows.data(), 200, 0, 1, 1, 0}).ok());
+  // Rows of another width are refused, not read past their end.
+  const Status wrong_k = scanner->Sync(0, {rows.data(), 200, k / 2, 0, 1, 1, 0});
+  EXPECT_EQ(wrong_k.code(), Code::kInvalidArgument) << wrong_k.ToString();
+  ASSERT_TRUE(scanner->Sync(0, {rows.data(), 200, k, 0, 1, 1, 0}).ok());
   ASSERT_TRUE(scanner->shard_hot(0));
   std::vector<float> q(k);
   for (auto& v : q) v = nd(rng);
   ASSERT_TRUE(scanner->SetQueries(q.data(), 1).ok());
   std::vector<std::vector<kernels::Candidate>> h, m;
-  ASSERT_TRUE(scanner->ScanShard(0, {rows.data(), 1000, 0, 1, 2, 0}, 10, 10, &h, &m).ok());
+  ASSERT_TRUE(scanner->ScanShard(0, {rows.data(), 1000, k, 0, 1, 2, 0}, 10, 10, &h, &m).ok());
   EXPECT_FALSE(scanner->shard_hot(0));
   ExpectTopKMatches(h[0], RefScores(rows, k, q, 0), 10, true, "demoted");
   EXPECT_EQ(scanner->Usage().warm, rows.size() * 2);
