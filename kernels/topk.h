@@ -2,7 +2,7 @@
 //
 // "Helpful" keeps the k largest scores, "harmful" the k smallest; equal scores are ordered by the smaller
 // global index first, so a result never depends on shard count or thread timing. NaN scores are never kept.
-// Not thread-safe: one selector per (query, shard); merge with MergeTopK.
+// Not thread-safe: one selector per (query, shard); merge with MergeParts / MergeTopK.
 #ifndef RAPIDIN_KERNELS_TOPK_H_
 #define RAPIDIN_KERNELS_TOPK_H_
 
@@ -61,7 +61,21 @@ class TopK {
   std::vector<Candidate> heap_;  // heap_.front() is the worst kept candidate
 };
 
-// Global top-k of several partial lists (each any order), best first.
+// A merged candidate and where it came from: parts[part][position].
+struct MergedCandidate {
+  Candidate c;
+  int part = 0;
+  int position = 0;
+};
+
+// The one merge stage, for the query engine (shards, GPUs and cold chunks of one store) and the router (shard
+// servers) alike: the global top-k of several partial lists (each in any order), best first by RanksBefore, where a
+// candidate's source is source_of_part[part] (empty: 0 for every part, as inside one store, whose indices are
+// global). NaN scores are dropped. source_of_part, when given, has one entry per part.
+std::vector<MergedCandidate> MergeParts(const std::vector<std::vector<Candidate>>& parts, int k, bool largest,
+                                        const std::vector<int64_t>& source_of_part = {});
+
+// MergeParts inside one store: the candidates only.
 std::vector<Candidate> MergeTopK(const std::vector<std::vector<Candidate>>& parts, int k, bool largest);
 
 }  // namespace rapidin::kernels

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "kernels/half.h"
@@ -178,6 +179,55 @@ TEST(TopK, MergeOfPartsEqualsWhole) {
   const auto want = BruteTopK(scores, 25, true);
   ASSERT_EQ(merged.size(), want.size());
   for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(merged[i].index, want[i].index);
+}
+
+// MergeParts with a source per part (the router's shard servers, whose row indices repeat across sources) equals a
+// full sort of every candidate by (score, source, row), and says where each came from. Few distinct scores and
+// overlapping indices make ties on score and on index common.
+TEST(TopK, MergePartsWithSourcesEqualsFullSort) {
+  std::uniform_int_distribution<int> small(-6, 6), row(0, 30), len(0, 12);
+  for (int trial = 0; trial < 50; ++trial) {
+    const int n_parts = 1 + trial % 5;
+    std::vector<std::vector<Candidate>> parts(n_parts);
+    std::vector<int64_t> source(n_parts);
+    for (int p = 0; p < n_parts; ++p) {
+      source[p] = (p * 7 + trial) % n_parts;  // sources in another order than the parts
+      const int n = len(Rng());
+      for (int i = 0; i < n; ++i) parts[p].push_back({static_cast<float>(small(Rng())), row(Rng())});
+    }
+    if (trial % 3 == 0) parts[0].insert(parts[0].begin(), {std::nanf(""), 1});  // never kept
+    for (const bool largest : {true, false}) {
+      struct Ref {
+        double score;
+        int64_t source, index;
+        int part, position;
+      };
+      std::vector<Ref> all;
+      for (int p = 0; p < n_parts; ++p) {
+        for (size_t i = 0; i < parts[p].size(); ++i) {
+          if (std::isnan(parts[p][i].score)) continue;
+          all.push_back({parts[p][i].score, source[p], parts[p][i].index, p, static_cast<int>(i)});
+        }
+      }
+      std::stable_sort(all.begin(), all.end(), [&](const Ref& a, const Ref& b) {
+        if (a.score != b.score) return largest ? a.score > b.score : a.score < b.score;
+        return std::tie(a.source, a.index) < std::tie(b.source, b.index);
+      });
+      const int k = trial % 9;
+      const auto got = MergeParts(parts, k, largest, source);
+      ASSERT_EQ(got.size(), std::min<size_t>(k, all.size()));
+      for (size_t i = 0; i < got.size(); ++i) {
+        EXPECT_EQ(got[i].c.score, all[i].score) << trial << " " << i;
+        EXPECT_EQ(source[got[i].part], all[i].source) << trial << " " << i;
+        EXPECT_EQ(got[i].c.index, all[i].index) << trial << " " << i;
+        // The reference and the merge may order exact duplicates (same score, source, row) differently; the
+        // position must still name a candidate equal to the one returned.
+        const Candidate& at = parts[got[i].part][got[i].position];
+        EXPECT_EQ(at.score, got[i].c.score);
+        EXPECT_EQ(at.index, got[i].c.index);
+      }
+    }
+  }
 }
 
 // ScanTopK on interleaved shards, merged, equals the top-k of all scores (N not a multiple of the shards, k > N).

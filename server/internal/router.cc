@@ -52,27 +52,23 @@ absl::Status First(const std::vector<absl::Status>& st) {
 
 void MergeResults(const std::vector<const v1::QueryResult*>& parts, const std::vector<std::string>& sources,
                   uint32_t top_k, uint32_t harmful_k, v1::QueryResult* out) {
-  struct Item {
-    const v1::ScoredRecord* r;
-    size_t shard;
-  };
+  std::vector<int64_t> source_of_part(parts.size());
+  for (size_t i = 0; i < parts.size(); ++i) source_of_part[i] = static_cast<int64_t>(i);
   auto merge = [&](bool helpful, uint32_t k, google::protobuf::RepeatedPtrField<v1::ScoredRecord>* dst) {
-    std::vector<Item> all;
+    std::vector<std::vector<kernels::Candidate>> lists(parts.size());
     for (size_t i = 0; i < parts.size(); ++i) {
-      for (const auto& r : helpful ? parts[i]->helpful() : parts[i]->harmful()) all.push_back({&r, i});
+      for (const auto& r : helpful ? parts[i]->helpful() : parts[i]->harmful()) {
+        lists[i].push_back({r.score(), static_cast<int64_t>(r.index())});
+      }
     }
-    auto before = [helpful](const Item& a, const Item& b) {
-      return kernels::RanksBefore(helpful, a.r->score(), static_cast<int64_t>(a.shard),
-                                  static_cast<int64_t>(a.r->index()), b.r->score(), static_cast<int64_t>(b.shard),
-                                  static_cast<int64_t>(b.r->index()));
-    };
-    const size_t n = std::min<size_t>(k, all.size());
-    std::partial_sort(all.begin(), all.begin() + n, all.end(), before);
-    for (size_t j = 0; j < n; ++j) {
+    const auto merged = kernels::MergeParts(lists, static_cast<int>(std::min<uint32_t>(k, INT32_MAX)), helpful,
+                                            source_of_part);
+    for (size_t j = 0; j < merged.size(); ++j) {
+      const auto& from = helpful ? parts[merged[j].part]->helpful() : parts[merged[j].part]->harmful();
       v1::ScoredRecord* r = dst->Add();
-      *r = *all[j].r;
+      *r = from.Get(merged[j].position);
       r->set_rank(static_cast<uint32_t>(j + 1));
-      r->set_source(sources[all[j].shard]);
+      r->set_source(sources[merged[j].part]);
     }
   };
   merge(true, top_k, out->mutable_helpful());

@@ -18,8 +18,8 @@
 namespace rapidin::server::internal {
 
 // The global top-k of per-shard top-k lists (parts[i] from sources[i]): helpful by descending score, harmful by
-// ascending score; equal scores go to the earlier shard, then to the smaller row, as within one store. Sets rank
-// and source.
+// ascending score; equal scores go to the earlier shard, then to the smaller row (kernels::MergeParts, the merge the
+// query engine uses, with the shard server's position as the source). Sets rank and source.
 void MergeResults(const std::vector<const v1::QueryResult*>& parts, const std::vector<std::string>& sources,
                   uint32_t top_k, uint32_t harmful_k, v1::QueryResult* out);
 
