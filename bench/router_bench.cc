@@ -48,8 +48,8 @@ void WriteStore(const std::string& path, int64_t begin, int64_t end, int k) {
 }
 
 std::unique_ptr<Server> Start(ServerOptions o) {
-  o.listen = "127.0.0.1:0";
-  o.metrics_listen = "";
+  o.net.listen = "127.0.0.1:0";
+  o.net.metrics_listen = "";
   auto s = Server::Create(o);
   if (!s.ok()) Die(s.status(), "server");
   return std::move(*s);
@@ -128,18 +128,18 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "router_bench: wrote %lld rows twice in %.1f s\n", static_cast<long long>(rows),
                std::chrono::duration<double>(std::chrono::steady_clock::now() - tw).count());
   ServerOptions o;
-  o.store_path = dir.path("whole");
-  o.shards = shards;
-  o.backend = "cpu";
+  o.store.path = dir.path("whole");
+  o.store.shards = shards;
+  o.scan.backend = "cpu";
   auto whole = Start(o);
   for (int s = 0; s < servers; ++s) {
-    o.store_path = dir.path("range" + std::to_string(s));
-    o.shards = shards / servers;
+    o.store.path = dir.path("range" + std::to_string(s));
+    o.store.shards = shards / servers;
     shard_servers.push_back(Start(o));
     addresses.push_back("127.0.0.1:" + std::to_string(shard_servers.back()->port()));
   }
   ServerOptions ro;
-  ro.shard_servers = addresses;
+  ro.router.shard_servers = addresses;
   auto router = Start(ro);
   const double bytes = static_cast<double>(rows) * k * 2;
   const std::string one = "127.0.0.1:" + std::to_string(whole->port());

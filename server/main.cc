@@ -22,27 +22,27 @@ int main(int argc, char** argv) {
   std::string impl = "auto";
   double grace_s = 5;
   std::string log_level = "info";
-  app.add_option("--store", o.store_path, "store directory (a shard server)");
-  app.add_option("--shard-servers", o.shard_servers,
+  app.add_option("--store", o.store.path, "store directory (a shard server)");
+  app.add_option("--shard-servers", o.router.shard_servers,
                  "router mode, instead of --store: HOST:PORT of every shard server (comma-separated), in merge order")
       ->delimiter(',');
   double connect_s = 60;
   app.add_option("--shard-connect-timeout", connect_s, "router: seconds start-up waits for every shard server")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app.add_option("--listen", o.listen, "gRPC HOST:PORT")->capture_default_str();
-  app.add_option("--metrics-listen", o.metrics_listen, "Prometheus /metrics HOST:PORT ('' disables)")
+  app.add_option("--listen", o.net.listen, "gRPC HOST:PORT")->capture_default_str();
+  app.add_option("--metrics-listen", o.net.metrics_listen, "Prometheus /metrics HOST:PORT ('' disables)")
       ->capture_default_str();
-  app.add_option("--shards", o.shards, "host-tier shards = scan workers (0: one per hardware thread)");
+  app.add_option("--shards", o.store.shards, "host-tier shards = scan workers (0: one per hardware thread)");
   double host_budget_mb = 0;
   app.add_option("--host-budget-mb", host_budget_mb,
                  "MB of vectors kept in host memory (0: all); the rest is the cold tier, read from disk per scan")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
-  app.add_option("--k", o.create_k, "create the store with this K if it does not exist");
-  app.add_option("--backend", o.backend, "auto (CUDA when a GPU is usable) | cpu | cuda")->capture_default_str();
-  app.add_option("--gpu-devices", o.gpu.devices, "CUDA device ordinals (default: all visible)");
-  app.add_option("--gpu-memory-fraction", o.gpu.memory_fraction, "share of free GPU memory for the hot tier")
+  app.add_option("--k", o.store.create_k, "create the store with this K if it does not exist");
+  app.add_option("--backend", o.scan.backend, "auto (CUDA when a GPU is usable) | cpu | cuda")->capture_default_str();
+  app.add_option("--gpu-devices", o.scan.gpu.devices, "CUDA device ordinals (default: all visible)");
+  app.add_option("--gpu-memory-fraction", o.scan.gpu.memory_fraction, "share of free GPU memory for the hot tier")
       ->check(CLI::Range(0.01, 1.0))
       ->capture_default_str();
   uint64_t hot_limit_mb = ~uint64_t{0} >> 20, chunk_mb = 128;
@@ -51,25 +51,25 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 1 << 16))
       ->capture_default_str();
   app.add_option("--kernels", impl, "auto|avx2|portable")->capture_default_str();
-  app.add_option("--max-top-k", o.max_top_k, "largest top_k / harmful_k accepted")->capture_default_str();
-  app.add_option("--max-query-vectors", o.max_query_vectors, "query vectors per request")->capture_default_str();
-  app.add_option("--max-message-mb", o.max_message_bytes, "largest gRPC message, MiB")
+  app.add_option("--max-top-k", o.limits.max_top_k, "largest top_k / harmful_k accepted")->capture_default_str();
+  app.add_option("--max-query-vectors", o.limits.max_query_vectors, "query vectors per request")->capture_default_str();
+  app.add_option("--max-message-mb", o.net.max_message_bytes, "largest gRPC message, MiB")
       ->transform([](std::string s) { return std::to_string(std::stoll(s) << 20); });
-  app.add_option("--max-attributed-records", o.max_attributed_records,
+  app.add_option("--max-attributed-records", o.limits.max_attributed_records,
                  "records per query that may get token attributions")->capture_default_str();
-  app.add_option("--max-batch-vectors", o.max_batch_vectors, "query vectors that may share one scan")
+  app.add_option("--max-batch-vectors", o.scan.max_batch_vectors, "query vectors that may share one scan")
       ->capture_default_str();
   app.add_option("--shutdown-grace", grace_s, "seconds in-flight RPCs get at shutdown")->capture_default_str();
-  app.add_option("--model", o.model_path, "model for query by text (the one the store was cached with)");
-  app.add_option("--adapter", o.adapter_path, "PEFT LoRA adapter the store was cached with");
-  app.add_option("--tokenizer", o.tokenizer_path, "its tokenizer (default: next to the model)");
-  app.add_option("--params", o.param_pattern, "parameter regex used by `rapidin cache --params`");
-  app.add_option("--preconditioner", o.preconditioner_path,
+  app.add_option("--model", o.model.path, "model for query by text (the one the store was cached with)");
+  app.add_option("--adapter", o.model.adapter_path, "PEFT LoRA adapter the store was cached with");
+  app.add_option("--tokenizer", o.model.tokenizer_path, "its tokenizer (default: next to the model)");
+  app.add_option("--params", o.model.param_pattern, "parameter regex used by `rapidin cache --params`");
+  app.add_option("--preconditioner", o.model.preconditioner_path,
                  "Adam second moments used by `rapidin cache --preconditioner` (the store's state says when)");
-  app.add_option("--checkpoints", o.checkpoints_path,
+  app.add_option("--checkpoints", o.model.checkpoints_path,
                  "TracIn-CP: the `rapidin finetune` summary used by `rapidin cache --checkpoints` (the store's state "
                  "says when)");
-  app.add_option("--model-device", o.model_device,
+  app.add_option("--model-device", o.model.device,
                  "where gradients run: cpu | cuda | cuda:N | auto (CUDA when this LibTorch has it and sees a GPU)")
       ->capture_default_str();
   const std::map<std::string, rapidin::model::TokenGradMethod> token_methods = {
@@ -84,16 +84,16 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
-  o.token_method = token_methods.at(token_method);
-  o.shard_connect_timeout = absl::Seconds(connect_s);
-  o.host_budget_bytes = static_cast<uint64_t>(host_budget_mb * 1048576.0);
+  o.model.token_method = token_methods.at(token_method);
+  o.router.connect_timeout = absl::Seconds(connect_s);
+  o.store.host_budget_bytes = static_cast<uint64_t>(host_budget_mb * 1048576.0);
   spdlog::set_level(spdlog::level::from_str(log_level));
-  o.gpu.hot_limit_bytes = hot_limit_mb >= (~uint64_t{0} >> 20) ? ~uint64_t{0} : hot_limit_mb << 20;
-  o.gpu.chunk_bytes = chunk_mb << 20;
+  o.scan.gpu.hot_limit_bytes = hot_limit_mb >= (~uint64_t{0} >> 20) ? ~uint64_t{0} : hot_limit_mb << 20;
+  o.scan.gpu.chunk_bytes = chunk_mb << 20;
   if (impl == "avx2") {
-    o.impl = rapidin::kernels::ScoreImpl::kAvx2;
+    o.scan.impl = rapidin::kernels::ScoreImpl::kAvx2;
   } else if (impl == "portable") {
-    o.impl = rapidin::kernels::ScoreImpl::kPortable;
+    o.scan.impl = rapidin::kernels::ScoreImpl::kPortable;
   } else if (impl != "auto") {
     std::fprintf(stderr, "rapidin-server: --kernels must be auto, avx2 or portable\n");
     return 2;
@@ -117,7 +117,7 @@ int main(int argc, char** argv) {
   sigaction(SIGTERM, &sa, nullptr);
   sigaction(SIGINT, &sa, nullptr);
 
-  o.load_progress = [](uint64_t done, uint64_t total) {
+  o.store.load_progress = [](uint64_t done, uint64_t total) {
     if (total >= 10000) spdlog::info("loading vectors: {}/{} ({:.0f}%)", done, total, 100.0 * done / total);
   };
   auto server = rapidin::server::Server::Create(o);

@@ -6,19 +6,19 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
-#include <filesystem>
 #include <cmath>
+#include <filesystem>
 #include <mutex>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "rapidin/v1/rapidin.grpc.pb.h"
-#include "model/featurizer.h"
-#include "server/metrics.h"
-#include "server/internal/router.h"
 #include "model/attribution.h"
-#include "server/internal/service.h"
+#include "model/featurizer.h"
 #include "query/query_engine.h"
+#include "rapidin/v1/rapidin.grpc.pb.h"
+#include "server/internal/router.h"
+#include "server/internal/service.h"
+#include "server/metrics.h"
 #include "storage/store.h"
 
 namespace rapidin::server {
@@ -114,7 +114,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     resp->set_num_workers(engine_->num_workers());
     resp->set_backend(engine_->backend());
     resp->set_store_path(store_->path());
-    resp->set_max_top_k(options_.max_top_k);
+    resp->set_max_top_k(options_.limits.max_top_k);
     resp->set_model_loaded(featurizer_ != nullptr);
     if (featurizer_) resp->set_model_device(featurizer_->engine().device());
     const storage::TierUsage u = store_->Usage();
@@ -167,12 +167,12 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
   absl::StatusOr<std::vector<float>> QueryMatrix(const v1::QueryByVectorRequest& req, int* q) const {
     const v1::Manifest m = store_->manifest();
     const uint32_t k = m.k();
-    if (req.queries_size() > options_.max_query_vectors) {
+    if (req.queries_size() > options_.limits.max_query_vectors) {
       return absl::InvalidArgumentError(absl::StrCat(req.queries_size(), " query vectors; at most ",
-                                                     options_.max_query_vectors, " per request"));
+                                                     options_.limits.max_query_vectors, " per request"));
     }
     absl::Status st =
-        internal::CheckQueryVectors(req, k, m.projection_state_id(), options_.max_top_k, "this store uses");
+        internal::CheckQueryVectors(req, k, m.projection_state_id(), options_.limits.max_top_k, "this store uses");
     if (!st.ok()) return st;
     const int nq = req.queries_size();
     std::vector<float> out(static_cast<size_t>(req.aggregate() ? 1 : nq) * k, 0.0f);
@@ -262,7 +262,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
 
   absl::Status DoQuery(grpc::ServerContext* ctx, const v1::QueryRequest& req, v1::QueryResponse* resp,
                        std::chrono::steady_clock::time_point t0) {
-    absl::Status st = internal::CheckTextQuery(req, featurizer_ != nullptr, options_);
+    absl::Status st = internal::CheckTextQuery(req, featurizer_ != nullptr, options_.limits);
     if (!st.ok()) return st;
     std::vector<float> q;
     auto gen = internal::GenerationGradient(*featurizer_, req, t0, &q, resp);
@@ -338,34 +338,34 @@ namespace {
 // Starts /metrics and the gRPC server for `service` (health and reflection included).
 absl::Status Serve(const ServerOptions& options, grpc::Service* service, Metrics* metrics, const std::string& what,
                    std::unique_ptr<grpc::Server>* out, int* port) {
-  if (!options.metrics_listen.empty()) {
-    absl::Status st = metrics->Serve(options.metrics_listen);
+  if (!options.net.metrics_listen.empty()) {
+    absl::Status st = metrics->Serve(options.net.metrics_listen);
     if (!st.ok()) return st;
   }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), port);
-  builder.SetMaxReceiveMessageSize(options.max_message_bytes);
-  builder.SetMaxSendMessageSize(options.max_message_bytes);
+  builder.AddListeningPort(options.net.listen, grpc::InsecureServerCredentials(), port);
+  builder.SetMaxReceiveMessageSize(options.net.max_message_bytes);
+  builder.SetMaxSendMessageSize(options.net.max_message_bytes);
   builder.RegisterService(service);
   *out = builder.BuildAndStart();
-  if (!*out || *port == 0) return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
+  if (!*out || *port == 0) return absl::UnavailableError(absl::StrCat("cannot listen on ", options.net.listen));
   (*out)->GetHealthCheckService()->SetServingStatus("rapidin.v1.InfluenceService", true);
   (*out)->GetHealthCheckService()->SetServingStatus("", true);
   spdlog::info("serving rapidin.v1.InfluenceService on port {} ({}){}", *port, what,
-               options.metrics_listen.empty() ? "" : absl::StrCat(", metrics on port ", metrics->port()));
+               options.net.metrics_listen.empty() ? "" : absl::StrCat(", metrics on port ", metrics->port()));
   return absl::OkStatus();
 }
 
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& options) {
-  if (options.max_top_k == 0 || options.max_query_vectors <= 0 || options.max_message_bytes <= 0) {
+  if (options.limits.max_top_k == 0 || options.limits.max_query_vectors <= 0 || options.net.max_message_bytes <= 0) {
     return absl::InvalidArgumentError("limits must be positive");
   }
-  if (!options.shard_servers.empty()) {
-    if (!options.store_path.empty()) {
+  if (!options.router.shard_servers.empty()) {
+    if (!options.store.path.empty()) {
       return absl::InvalidArgumentError("--store and --shard-servers exclude each other: a router has no store");
     }
     auto impl = std::make_unique<Impl>();
@@ -375,17 +375,17 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     if (!router.ok()) return router.status();
     impl->router = std::move(*router);
     absl::Status st = Serve(options, impl->router.get(), impl->metrics.get(),
-                            absl::StrCat("router over ", options.shard_servers.size(), " shard servers"),
+                            absl::StrCat("router over ", options.router.shard_servers.size(), " shard servers"),
                             &impl->grpc_server, &impl->port);
     if (!st.ok()) return st;
     return std::unique_ptr<Server>(new Server(std::move(impl)));
   }
-  if (options.store_path.empty()) return absl::InvalidArgumentError("--store (or --shard-servers) is required");
-  if (options.backend != "auto" && options.backend != "cpu" && options.backend != "cuda") {
-    return absl::InvalidArgumentError(absl::StrCat("unknown backend \"", options.backend, "\" (auto|cpu|cuda)"));
+  if (options.store.path.empty()) return absl::InvalidArgumentError("--store (or --shard-servers) is required");
+  if (options.scan.backend != "auto" && options.scan.backend != "cpu" && options.scan.backend != "cuda") {
+    return absl::InvalidArgumentError(absl::StrCat("unknown backend \"", options.scan.backend, "\" (auto|cpu|cuda)"));
   }
   // Decide the backend before opening the store: the CUDA backend wants the host tier in pinned memory.
-  std::string backend = options.backend;
+  std::string backend = options.scan.backend;
   if (backend != "cpu") {
     std::string devices;
     const absl::Status usable = CudaBackendUsable(&devices);
@@ -402,48 +402,48 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   storage::StoreOptions so;
-  so.create_if_missing = options.create_k > 0;
-  so.k = options.create_k;
-  so.num_shards = options.shards > 0 ? options.shards : std::max(1u, std::thread::hardware_concurrency());
-  so.progress = options.load_progress;
-  so.host_budget_bytes = options.host_budget_bytes;
+  so.create_if_missing = options.store.create_k > 0;
+  so.k = options.store.create_k;
+  so.num_shards = options.store.shards > 0 ? options.store.shards : std::max(1u, std::thread::hardware_concurrency());
+  so.progress = options.store.load_progress;
+  so.host_budget_bytes = options.store.host_budget_bytes;
   if (backend == "cuda") so.host_allocator = CudaHostAllocator();
-  if (!options.model_path.empty()) {  // checked before the store is opened (or created) for nothing
-    if (absl::Status st = internal::CheckModelExists(options); !st.ok()) return st;
-    if (!std::filesystem::exists(options.store_path)) {
+  if (!options.model.path.empty()) {  // checked before the store is opened (or created) for nothing
+    if (absl::Status st = internal::CheckModelExists(options.model); !st.ok()) return st;
+    if (!std::filesystem::exists(options.store.path)) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "no store at ", options.store_path, ": with --model, build it first with `rapidin cache --model ",
-          options.model_path, " --store ", options.store_path, " --data ...`"));
+          "no store at ", options.store.path, ": with --model, build it first with `rapidin cache --model ",
+          options.model.path, " --store ", options.store.path, " --data ...`"));
     }
   }
   const auto t0 = std::chrono::steady_clock::now();
-  auto store = storage::Store::Open(options.store_path, so);
+  auto store = storage::Store::Open(options.store.path, so);
   if (!store.ok()) return store.status();
   impl->store = std::move(*store);
   spdlog::info("store {}: {} records, K={}, projection state {}, {} shards, loaded in {:.2f} s",
-               options.store_path, impl->store->size(), impl->store->k(),
+               options.store.path, impl->store->size(), impl->store->k(),
                impl->store->manifest().projection_state_id(), impl->store->num_shards(),
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
 
-  if (!options.model_path.empty()) {
-    auto f = internal::LoadFeaturizer(impl->store->manifest().projection_state(), options,
-                                      absl::StrCat("store ", options.store_path));
+  if (!options.model.path.empty()) {
+    auto f = internal::LoadFeaturizer(impl->store->manifest().projection_state(), options.model,
+                                      absl::StrCat("store ", options.store.path));
     if (!f.ok()) return f.status();
     impl->featurizer = std::move(*f);
-    spdlog::info("model {} on {}: gradient dimension {}, {}", options.model_path,
+    spdlog::info("model {} on {}: gradient dimension {}, {}", options.model.path,
                  impl->featurizer->engine().device(), impl->featurizer->engine().grad_dim(),
                  impl->featurizer->sketch().Describe());
   }
 
   QueryEngine::Options eo;
-  eo.max_batch_vectors = options.max_batch_vectors;
-  eo.cold_chunk_bytes = options.cold_chunk_bytes;
-  eo.impl = options.impl;
+  eo.max_batch_vectors = options.scan.max_batch_vectors;
+  eo.cold_chunk_bytes = options.scan.cold_chunk_bytes;
+  eo.impl = options.scan.impl;
   if (eo.impl == kernels::ScoreImpl::kAvx2 && !kernels::Avx2Available()) {
     return absl::FailedPreconditionError("AVX2/F16C/FMA kernels requested but this CPU lacks them");
   }
   eo.backend = backend;
-  eo.gpu = options.gpu;
+  eo.gpu = options.scan.gpu;
   const auto t1 = std::chrono::steady_clock::now();
   auto engine = QueryEngine::Create(impl->store.get(), eo);
   if (!engine.ok()) return engine.status();
@@ -466,7 +466,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
 }
 
 int Server::port() const { return impl_->port; }
-int Server::metrics_port() const { return impl_->options.metrics_listen.empty() ? 0 : impl_->metrics->port(); }
+int Server::metrics_port() const { return impl_->options.net.metrics_listen.empty() ? 0 : impl_->metrics->port(); }
 
 void Server::Wait() { impl_->grpc_server->Wait(); }
 

@@ -95,11 +95,11 @@ class CacheTest : public ::testing::Test {
   // Options for a loopback server with the model over the cached store.
   server::ServerOptions ModelServer() const {
     server::ServerOptions so;
-    so.store_path = o_.store_path;
-    so.listen = "127.0.0.1:0";
-    so.metrics_listen = "";
-    so.shards = 2;
-    so.model_path = ModelPath();
+    so.store.path = o_.store_path;
+    so.net.listen = "127.0.0.1:0";
+    so.net.metrics_listen = "";
+    so.store.shards = 2;
+    so.model.path = ModelPath();
     return so;
   }
   // Full fine-tuning of the model on the fixture's records, batch 2, quiet; out_name in the temp dir.
@@ -147,7 +147,7 @@ TEST_F(CacheTest, QueryByTextFindsTheRecordItself) {
   REQUIRE_SHARED_DATA();
   ASSERT_TRUE(RunCache(o_).ok());
   server::ServerOptions so = ModelServer();
-  so.tokenizer_path = o_.featurizer.engine.tokenizer_path;
+  so.model.tokenizer_path = o_.featurizer.engine.tokenizer_path;
   auto srv = server::Server::Create(so);
   ASSERT_TRUE(srv.ok()) << srv.status();
   auto c = ClientFor(**srv);
@@ -163,7 +163,7 @@ TEST_F(CacheTest, QueryByTextFindsTheRecordItself) {
   EXPECT_EQ(r->result().helpful(0).record().output(), "Howdy! Nice to meet you.");
   EXPECT_GT(r->generation_tokens(), 3u);
   EXPECT_TRUE(c->Stats()->model_loaded());
-  EXPECT_EQ(c->Stats()->model_device(), so.model_device == "auto" && model::GetTorchRuntime().cuda_devices > 0
+  EXPECT_EQ(c->Stats()->model_device(), so.model.device == "auto" && model::GetTorchRuntime().cuda_devices > 0
                                             ? "cuda:0"
                                             : "cpu");
   // The same vector through QueryByVector gives the same scores (one pipeline).
@@ -193,7 +193,7 @@ TEST_F(CacheTest, TokenAttributionsMapBackToTextAndAreDeterministic) {
   REQUIRE_SHARED_DATA();
   ASSERT_TRUE(RunCache(o_).ok());
   server::ServerOptions so = ModelServer();
-  so.max_attributed_records = 3;
+  so.limits.max_attributed_records = 3;
   auto srv = server::Server::Create(so);
   ASSERT_TRUE(srv.ok()) << srv.status();
   auto c = ClientFor(**srv);
@@ -303,7 +303,7 @@ TEST_F(CacheTest, PreconditionedCosineStoreNeedsTheSameOptimizerState) {
   auto refused = server::Server::Create(so);
   ASSERT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
   EXPECT_NE(refused.status().message().find("--preconditioner"), std::string::npos) << refused.status();
-  so.preconditioner_path = dir_.path("opt.safetensors");
+  so.model.preconditioner_path = dir_.path("opt.safetensors");
   auto srv = server::Server::Create(so);
   ASSERT_TRUE(srv.ok()) << srv.status();
   auto c = ClientFor(**srv);
@@ -417,12 +417,12 @@ TEST_F(CacheTest, TracInCheckpointScoresSumOverCheckpoints) {
   auto s = RunCache(o_);
   ASSERT_TRUE(s.ok()) << s.status();
   server::ServerOptions so = ModelServer();
-  so.model_path = last;
-  so.tokenizer_path = o_.featurizer.engine.tokenizer_path;
+  so.model.path = last;
+  so.model.tokenizer_path = o_.featurizer.engine.tokenizer_path;
   auto refused = server::Server::Create(so);
   ASSERT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
   EXPECT_NE(refused.status().message().find("--checkpoints"), std::string::npos) << refused.status();
-  so.checkpoints_path = summary;
+  so.model.checkpoints_path = summary;
   auto srv = server::Server::Create(so);
   ASSERT_TRUE(srv.ok()) << srv.status();
   auto c = ClientFor(**srv);
@@ -515,30 +515,30 @@ TEST_F(CacheTest, ServerRefusesStoreOfAnotherModelState) {
   o_.featurizer.engine.max_length = 100;
   ASSERT_TRUE(RunCache(o_).ok());
   server::ServerOptions so = ModelServer();
-  so.param_pattern = "attention";  // the store was cached with every matrix
+  so.model.param_pattern = "attention";  // the store was cached with every matrix
   auto srv = server::Server::Create(so);
   ASSERT_EQ(srv.status().code(), absl::StatusCode::kFailedPrecondition) << srv.status();
   EXPECT_NE(srv.status().message().find("model: store"), std::string::npos) << srv.status();
-  so.model_path = dir_.path("missing.bin");
+  so.model.path = dir_.path("missing.bin");
   EXPECT_EQ(server::Server::Create(so).status().code(), absl::StatusCode::kNotFound);
   // A model with a store that does not exist yet: refused before anything is created.
   so = ModelServer();
-  so.store_path = dir_.path("not_yet");
-  so.create_k = 64;
+  so.store.path = dir_.path("not_yet");
+  so.store.create_k = 64;
   auto st = server::Server::Create(so).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
   EXPECT_NE(st.message().find("rapidin cache"), std::string::npos) << st;
-  EXPECT_FALSE(std::filesystem::exists(so.store_path));
+  EXPECT_FALSE(std::filesystem::exists(so.store.path));
   // A store of precomputed vectors (no projection state) with a model.
   {
     server::ServerOptions vo;
-    vo.store_path = dir_.path("vectors");
-    vo.create_k = 64;
-    vo.listen = "127.0.0.1:0";
-    vo.metrics_listen = "";
+    vo.store.path = dir_.path("vectors");
+    vo.store.create_k = 64;
+    vo.net.listen = "127.0.0.1:0";
+    vo.net.metrics_listen = "";
     ASSERT_TRUE(server::Server::Create(vo).ok());
   }
-  so.store_path = dir_.path("vectors");
+  so.store.path = dir_.path("vectors");
   st = server::Server::Create(so).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
   EXPECT_NE(st.message().find("no projection state"), std::string::npos) << st;

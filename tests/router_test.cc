@@ -32,20 +32,20 @@ constexpr int kShards = 3;
 
 ServerOptions ShardOptions(const std::string& store, uint32_t k) {
   ServerOptions o;
-  o.store_path = store;
-  o.listen = "127.0.0.1:0";
-  o.metrics_listen = "";
-  o.shards = 2;
-  o.create_k = k;
+  o.store.path = store;
+  o.net.listen = "127.0.0.1:0";
+  o.net.metrics_listen = "";
+  o.store.shards = 2;
+  o.store.create_k = k;
   return o;
 }
 
 ServerOptions RouterOptions(const std::vector<std::string>& addresses) {
   ServerOptions o;
-  o.listen = "127.0.0.1:0";
-  o.metrics_listen = "127.0.0.1:0";
-  o.shard_servers = addresses;
-  o.shard_connect_timeout = absl::Seconds(10);
+  o.net.listen = "127.0.0.1:0";
+  o.net.metrics_listen = "127.0.0.1:0";
+  o.router.shard_servers = addresses;
+  o.router.connect_timeout = absl::Seconds(10);
   return o;
 }
 
@@ -265,7 +265,7 @@ TEST(Router, RefusesShardServersThatDifferOrDoNotAnswer) {
   // Nothing listening there: refused after the connect timeout.
   (*b)->Shutdown(absl::Milliseconds(10));
   ServerOptions o = RouterOptions({Address(**a), Address(**b)});
-  o.shard_connect_timeout = absl::Seconds(1);
+  o.router.connect_timeout = absl::Seconds(1);
   r = Server::Create(o);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_NE(r.status().message().find(Address(**b)), std::string::npos) << r.status();
@@ -277,10 +277,10 @@ TEST(Router, RefusesShardServersThatDifferOrDoNotAnswer) {
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(r.status().message().find("empty address"), std::string::npos) << r.status();
   o = RouterOptions({Address(**a)});
-  o.store_path = dir.path("c");
+  o.store.path = dir.path("c");
   EXPECT_EQ(Server::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
   o = RouterOptions({Address(**a)});
-  o.model_path = dir.path("missing.bin");
+  o.model.path = dir.path("missing.bin");
   EXPECT_EQ(Server::Create(o).status().code(), absl::StatusCode::kNotFound);
 }
 
@@ -297,7 +297,7 @@ TEST(Router, WaitsForShardServersThatStartLater) {
   auto router = std::async(std::launch::async, [&] { return Server::Create(RouterOptions({address})); });
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   ServerOptions so = ShardOptions(dir.path("late"), 8);
-  so.listen = address;
+  so.net.listen = address;
   auto late = Server::Create(so);
   ASSERT_TRUE(late.ok()) << late.status();
   auto r = router.get();
@@ -412,7 +412,7 @@ TEST(RouterText, CachedRangesAnswerLikeOneStore) {
     cached += sum->cached;
     bad += sum->bad;
     ServerOptions so = ShardOptions(co.store_path, 0);
-    so.model_path = model;
+    so.model.path = model;
     auto srv = Server::Create(so);
     ASSERT_TRUE(srv.ok()) << srv.status();
     addresses.push_back(Address(**srv));
@@ -425,11 +425,11 @@ TEST(RouterText, CachedRangesAnswerLikeOneStore) {
   EXPECT_EQ(cache::RunCache(co).status().code(), absl::StatusCode::kInvalidArgument);
 
   ServerOptions wo = ShardOptions(dir.path("whole"), 0);
-  wo.model_path = model;
+  wo.model.path = model;
   auto one = Server::Create(wo);
   ASSERT_TRUE(one.ok()) << one.status();
   ServerOptions ro = RouterOptions(addresses);
-  ro.model_path = model;
+  ro.model.path = model;
   auto router = Server::Create(ro);
   ASSERT_TRUE(router.ok()) << router.status();
 
@@ -476,7 +476,7 @@ TEST(RouterText, CachedRangesAnswerLikeOneStore) {
   ServerOptions oo = ShardOptions(co.store_path, 0);
   auto other = Server::Create(oo);
   ASSERT_TRUE(other.ok()) << other.status();
-  ro.shard_servers = {addresses[0], Address(**other)};
+  ro.router.shard_servers = {addresses[0], Address(**other)};
   auto refused = Server::Create(ro);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(refused.status().message().find(Address(**other)), std::string::npos) << refused.status();

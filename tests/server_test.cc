@@ -31,14 +31,14 @@ class ServerTest : public ::testing::Test {
  protected:
   void SetUp() override {
     ServerOptions o;
-    o.store_path = dir_.path("store");
-    o.listen = "127.0.0.1:0";
-    o.metrics_listen = "127.0.0.1:0";
-    o.shards = 3;
-    o.create_k = kK;
-    o.max_top_k = 50;
-    o.max_query_vectors = 8;
-    o.max_message_bytes = 1 << 20;
+    o.store.path = dir_.path("store");
+    o.net.listen = "127.0.0.1:0";
+    o.net.metrics_listen = "127.0.0.1:0";
+    o.store.shards = 3;
+    o.store.create_k = kK;
+    o.limits.max_top_k = 50;
+    o.limits.max_query_vectors = 8;
+    o.net.max_message_bytes = 1 << 20;
     auto s = Server::Create(o);
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = std::move(*s);
@@ -119,9 +119,9 @@ class ServerTest : public ::testing::Test {
     server_->Shutdown(absl::Seconds(1));
     server_.reset();
     ServerOptions o;
-    o.store_path = dir_.path("store");
-    o.listen = "127.0.0.1:0";
-    o.metrics_listen = "";
+    o.store.path = dir_.path("store");
+    o.net.listen = "127.0.0.1:0";
+    o.net.metrics_listen = "";
     return o;
   }
 
@@ -518,7 +518,7 @@ TEST_F(ServerTest, HealthAndMetrics) {
 
 TEST_F(ServerTest, RestartKeepsData) {
   ServerOptions o = StopForRestart();
-  o.shards = 2;  // a different shard count over the same store
+  o.store.shards = 2;  // a different shard count over the same store
   auto s = Server::Create(o);
   ASSERT_TRUE(s.ok()) << s.status();
   auto c = client::Client::Connect("127.0.0.1:" + std::to_string((*s)->port()));
@@ -533,9 +533,9 @@ TEST_F(ServerTest, RestartKeepsData) {
 // row is seen by the next scan.
 TEST_F(ServerTest, ColdTierScansFromDiskAndFollowsIngest) {
   ServerOptions o = StopForRestart();
-  o.shards = 3;
-  o.host_budget_bytes = 400 * kK * 2;
-  o.cold_chunk_bytes = 97 * kK * 2;
+  o.store.shards = 3;
+  o.store.host_budget_bytes = 400 * kK * 2;
+  o.scan.cold_chunk_bytes = 97 * kK * 2;
   auto s = Server::Create(o);
   ASSERT_TRUE(s.ok()) << s.status();
   auto c = client::Client::Connect("127.0.0.1:" + std::to_string((*s)->port()));

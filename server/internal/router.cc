@@ -111,9 +111,9 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const Serve
   std::unique_ptr<RouterService> r(new RouterService(options, metrics));
   std::set<std::string> seen;
   grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(options.max_message_bytes);
-  args.SetMaxSendMessageSize(options.max_message_bytes);
-  for (const std::string& a : options.shard_servers) {
+  args.SetMaxReceiveMessageSize(options.net.max_message_bytes);
+  args.SetMaxSendMessageSize(options.net.max_message_bytes);
+  for (const std::string& a : options.router.shard_servers) {
     if (a.empty()) return absl::InvalidArgumentError("--shard-servers: an empty address");
     if (!seen.insert(a).second) return absl::InvalidArgumentError(absl::StrCat("--shard-servers: ", a, " twice"));
     auto s = std::make_unique<Shard>();
@@ -122,7 +122,7 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const Serve
     s->stub = v1::InfluenceService::NewStub(s->channel);
     r->shards_.push_back(std::move(s));
   }
-  if (absl::Status st = CheckModelExists(options); !st.ok()) return st;  // before waiting for shard servers
+  if (absl::Status st = CheckModelExists(options.model); !st.ok()) return st;  // before waiting for shard servers
 
   // Shard servers may start after the router (Kubernetes starts pods in any order): wait for every one.
   std::vector<v1::StatsResponse> stats;
@@ -130,10 +130,10 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const Serve
   auto failed = r->FanOut(
       nullptr, v1::StatsRequest(), &stats,
       [](auto* a, auto* c, auto* q, auto* p, auto cb) { a->Stats(c, q, p, std::move(cb)); },
-      absl::Now() + options.shard_connect_timeout, /*wait_for_ready=*/true);
+      absl::Now() + options.router.connect_timeout, /*wait_for_ready=*/true);
   if (absl::Status st = First(failed); !st.ok()) {
     return absl::UnavailableError(absl::StrCat("router start-up (waited up to ",
-                                               absl::FormatDuration(options.shard_connect_timeout),
+                                               absl::FormatDuration(options.router.connect_timeout),
                                                "): ", st.message()));
   }
   const v1::StatsResponse& s0 = stats[0];
@@ -146,7 +146,7 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const Serve
     desc.push_back(absl::StrCat(r->shards_[i]->address, ": ", s.num_records(), " records, K=", s.k(), " ",
                                 DTypeName(s.dtype()), ", projection state ", s.projection_state_id()));
     records += s.num_records();
-    r->options_.max_top_k = std::min(r->options_.max_top_k, s.max_top_k());
+    r->options_.limits.max_top_k = std::min(r->options_.limits.max_top_k, s.max_top_k());
   }
   if (!same) {
     return absl::FailedPreconditionError(
@@ -159,11 +159,11 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const Serve
   r->state_ = s0.projection_state();
   spdlog::info("router over {} shard servers ({} records, K={}, projection state {}) ready after {:.2f} s: {}",
                r->shards_.size(), records, r->k_, r->state_id_, MsSince(t0) / 1e3, absl::StrJoin(desc, "; "));
-  if (!options.model_path.empty()) {
-    auto f = LoadFeaturizer(r->state_, options, "the shard servers' stores were");
+  if (!options.model.path.empty()) {
+    auto f = LoadFeaturizer(r->state_, options.model, "the shard servers' stores were");
     if (!f.ok()) return f.status();
     r->featurizer_ = std::move(*f);
-    spdlog::info("model {} on {}: gradient dimension {}, {}", options.model_path, r->featurizer_->engine().device(),
+    spdlog::info("model {} on {}: gradient dimension {}, {}", options.model.path, r->featurizer_->engine().device(),
                  r->featurizer_->engine().grad_dim(), r->featurizer_->sketch().Describe());
   }
   return r;
@@ -211,7 +211,7 @@ absl::Status RouterService::Scatter(const grpc::ServerContext* ctx, const v1::Qu
 grpc::Status RouterService::QueryByVector(grpc::ServerContext* ctx, const v1::QueryByVectorRequest* req,
                                           v1::QueryByVectorResponse* resp) {
   const auto t0 = std::chrono::steady_clock::now();
-  absl::Status st = CheckQueryVectors(*req, k_, state_id_, options_.max_top_k, "the shard servers use");
+  absl::Status st = CheckQueryVectors(*req, k_, state_id_, options_.limits.max_top_k, "the shard servers use");
   if (st.ok()) {
     v1::QueryByVectorRequest fwd = *req;
     fwd.set_projection_state_id(state_id_);  // a shard server replaced by another store refuses the query
@@ -223,7 +223,7 @@ grpc::Status RouterService::QueryByVector(grpc::ServerContext* ctx, const v1::Qu
 
 absl::Status RouterService::DoQuery(grpc::ServerContext* ctx, const v1::QueryRequest& req, v1::QueryResponse* resp,
                                     std::chrono::steady_clock::time_point t0) {
-  absl::Status st = CheckTextQuery(req, featurizer_ != nullptr, options_);
+  absl::Status st = CheckTextQuery(req, featurizer_ != nullptr, options_.limits);
   if (!st.ok()) return st;
   std::vector<float> q;
   auto gen = GenerationGradient(*featurizer_, req, t0, &q, resp);
@@ -345,7 +345,7 @@ absl::Status RouterService::DoStats(grpc::ServerContext* ctx, v1::StatsResponse*
   resp->set_backend(absl::StrCat("router over ", parts.size(), " shard servers (", absl::StrJoin(backends, ", "), ")"));
   resp->set_format_version(parts[0].format_version());
   resp->set_store_path(absl::StrJoin(stores, ","));
-  resp->set_max_top_k(options_.max_top_k);
+  resp->set_max_top_k(options_.limits.max_top_k);
   resp->set_model_loaded(featurizer_ != nullptr);
   if (featurizer_) resp->set_model_device(featurizer_->engine().device());
   return absl::OkStatus();

@@ -13,7 +13,7 @@
 #include "model/featurizer.h"
 #include "rapidin/v1/rapidin.grpc.pb.h"
 #include "server/metrics.h"
-#include "server/server.h"
+#include "server/options.h"
 
 namespace rapidin::server::internal {
 
@@ -25,8 +25,8 @@ void MergeResults(const std::vector<const v1::QueryResult*>& parts, const std::v
 
 class RouterService final : public v1::InfluenceService::Service {
  public:
-  // Connects to options.shard_servers and checks that their stores agree (see Server::Create for the errors).
-  // With options.model_path, loads the query model for their projection state. metrics must outlive the service.
+  // Connects to options.router.shard_servers and checks that their stores agree (see Server::Create for the errors).
+  // With options.model.path, loads the query model for their projection state. metrics must outlive the service.
   static absl::StatusOr<std::unique_ptr<RouterService>> Create(const ServerOptions& options, Metrics* metrics);
   ~RouterService() override;
 

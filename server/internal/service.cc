@@ -84,14 +84,14 @@ absl::Status CheckQueryVectors(const v1::QueryByVectorRequest& req, uint32_t k, 
   return absl::OkStatus();
 }
 
-absl::Status CheckModelExists(const ServerOptions& options) {
-  if (!options.model_path.empty() && !std::filesystem::exists(options.model_path)) {
-    return absl::NotFoundError(absl::StrCat("model not found: ", options.model_path));
+absl::Status CheckModelExists(const ServerOptions::Model& model) {
+  if (!model.path.empty() && !std::filesystem::exists(model.path)) {
+    return absl::NotFoundError(absl::StrCat("model not found: ", model.path));
   }
   return absl::OkStatus();
 }
 
-absl::Status CheckTextQuery(const v1::QueryRequest& req, bool have_model, const ServerOptions& options) {
+absl::Status CheckTextQuery(const v1::QueryRequest& req, bool have_model, const ServerOptions::Limits& limits) {
   if (!have_model) {
     return absl::FailedPreconditionError(
         "Query by text needs a model: this server was started without --model; use QueryByVector with "
@@ -99,29 +99,29 @@ absl::Status CheckTextQuery(const v1::QueryRequest& req, bool have_model, const 
   }
   if (req.generation().empty()) return absl::InvalidArgumentError("generation is empty");
   if (req.instruction().empty()) return absl::InvalidArgumentError("instruction is empty");
-  absl::Status st = CheckK(req.top_k(), req.harmful_k(), options.max_top_k);
+  absl::Status st = CheckK(req.top_k(), req.harmful_k(), limits.max_top_k);
   if (!st.ok()) return st;
-  if (req.attributions() && req.top_k() + req.harmful_k() > options.max_attributed_records) {
+  if (req.attributions() && req.top_k() + req.harmful_k() > limits.max_attributed_records) {
     return absl::InvalidArgumentError(absl::StrCat("token attributions are computed for at most ",
-                                                   options.max_attributed_records, " records per query; asked for ",
+                                                   limits.max_attributed_records, " records per query; asked for ",
                                                    req.top_k() + req.harmful_k(), " (top_k + harmful_k)"));
   }
   return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<model::Featurizer>> LoadFeaturizer(const std::string& state,
-                                                                  const ServerOptions& options,
+                                                                  const ServerOptions::Model& model,
                                                                   const std::string& what) {
   model::EngineOptions mo;
-  mo.model_path = options.model_path;
-  mo.tokenizer_path = options.tokenizer_path;
-  mo.adapter_path = options.adapter_path;
-  mo.param_pattern = options.param_pattern;
-  mo.preconditioner_path = options.preconditioner_path;
-  mo.device = options.model_device;
-  auto fo = model::OptionsFromState(state, mo, options.checkpoints_path);
+  mo.model_path = model.path;
+  mo.tokenizer_path = model.tokenizer_path;
+  mo.adapter_path = model.adapter_path;
+  mo.param_pattern = model.param_pattern;
+  mo.preconditioner_path = model.preconditioner_path;
+  mo.device = model.device;
+  auto fo = model::OptionsFromState(state, mo, model.checkpoints_path);
   if (!fo.ok()) return fo.status();
-  fo->token_method = options.token_method;
+  fo->token_method = model.token_method;
   model::SetComputeThreads(1);
   auto f = model::Featurizer::Create(*fo);
   if (!f.ok()) return f.status();

@@ -17,7 +17,7 @@
 #include "model/featurizer.h"
 #include "rapidin/v1/rapidin.pb.h"
 #include "server/metrics.h"
-#include "server/server.h"
+#include "server/options.h"
 
 namespace rapidin::server::internal {
 
@@ -41,17 +41,17 @@ absl::Status CheckK(uint32_t top_k, uint32_t harmful_k, uint32_t max_top_k);
 absl::Status CheckQueryVectors(const v1::QueryByVectorRequest& req, uint32_t k, const std::string& state_id,
                                uint32_t max_top_k, const char* holder);
 
-// NOT_FOUND when options name a model file that does not exist (checked before slow start-up work).
-absl::Status CheckModelExists(const ServerOptions& options);
+// NOT_FOUND when `model` names a model file that does not exist (checked before slow start-up work).
+absl::Status CheckModelExists(const ServerOptions::Model& model);
 
 // Checks a text query's fields and limits (model loaded, non-empty texts, attribution count).
-absl::Status CheckTextQuery(const v1::QueryRequest& req, bool have_model, const ServerOptions& options);
+absl::Status CheckTextQuery(const v1::QueryRequest& req, bool have_model, const ServerOptions::Limits& limits);
 
 // The query model for a store whose projection state is `state`: the sketch parameters come from the state, and a
 // model, adapter, parameter selection or max_length that gives another state is refused (FAILED_PRECONDITION
 // naming the differences). `what` names the store in messages.
 absl::StatusOr<std::unique_ptr<model::Featurizer>> LoadFeaturizer(const std::string& state,
-                                                                  const ServerOptions& options,
+                                                                  const ServerOptions::Model& model,
                                                                   const std::string& what);
 
 // The generation of a text query (already checked by CheckTextQuery) and its compressed gradient in *q; fills the
