@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "model/engine.h"
+#include "model/training.h"
 #include "nlohmann/json.hpp"
 
 namespace {
@@ -117,7 +118,7 @@ int main(int argc, char** argv) {
     if (e.ok() && lora > 0) {
       rapidin::model::LoraConfig lc;
       lc.rank = lora;
-      absl::Status st = (*e)->AddLora(lc);
+      absl::Status st = rapidin::model::AddLora(e->get(), lc);
       if (!st.ok()) e = st;
     }
     if (!e.ok()) {

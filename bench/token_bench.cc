@@ -14,6 +14,8 @@
 
 #include "bench/bench_util.h"
 #include "model/engine.h"
+#include "model/testing.h"
+#include "model/training.h"
 
 int main(int argc, char** argv) {
   if (argc < 2) {
@@ -46,13 +48,14 @@ int main(int argc, char** argv) {
   if (lora > 0) {
     rapidin::model::LoraConfig lc;
     lc.rank = lora;
-    if (!(*e)->AddLora(lc).ok()) return 1;
+    if (!rapidin::model::AddLora(e->get(), lc).ok()) return 1;
     // B starts at zero, which would make every A gradient zero: give B small random values.
     std::srand(1);
     for (size_t p = 0; p < (*e)->params().size(); ++p) {
       if ((*e)->params()[p].name.find("lora_B") == std::string::npos) continue;
       for (int64_t i = 0; i < (*e)->params()[p].numel; ++i) {
-        (void)(*e)->Perturb(static_cast<int>(p), i, 0.01 * (std::rand() / double(RAND_MAX) - 0.5));
+        const double d = 0.01 * (std::rand() / double(RAND_MAX) - 0.5);
+        (void)rapidin::model::testing::Perturb(e->get(), static_cast<int>(p), i, d);
       }
     }
   }

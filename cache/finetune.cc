@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "model/training.h"
 
 namespace rapidin::cache {
 
@@ -48,7 +49,7 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
   if (o.mode == "lora") {
     model::LoraConfig lc = o.lora;
     lc.seed = o.seed;
-    absl::Status st = e.AddLora(lc);
+    absl::Status st = model::AddLora(&e, lc);
     if (!st.ok()) return st;
   }
   for (const auto& p : e.params()) sum.trained_parameters += p.numel;
@@ -79,7 +80,7 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
   };
   // Writes the model and its Adam second moments; returns the optimizer state's path.
   auto save = [&](const std::string& path, int epoch, bool final_model) -> absl::Status {
-    absl::Status st = o.mode == "lora" ? e.SaveAdapter(path, o.engine.model_path) : e.SaveLlama2c(path);
+    absl::Status st = o.mode == "lora" ? model::SaveAdapter(e, path, o.engine.model_path) : model::SaveLlama2c(e, path);
     if (!st.ok()) return st;
     FinetuneCheckpoint c;
     c.epoch = epoch;
@@ -88,7 +89,7 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
     c.optimizer_path = final_model && !o.optimizer_out.empty() ? o.optimizer_out
                        : o.mode == "lora"                      ? path + "/optimizer.safetensors"
                                                                : path + ".optimizer.safetensors";
-    st = e.SaveOptimizerState(c.optimizer_path, o.adam);
+    st = model::SaveOptimizerState(e, c.optimizer_path, o.adam);
     if (!st.ok()) return st;
     sum.checkpoints.push_back(std::move(c));
     return absl::OkStatus();
@@ -100,7 +101,7 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
     c.path = absl::StrCat(o.out_path, ".epoch-0");
     c.optimizer_path = c.path + ".optimizer.safetensors";
     c.lr = epoch_lr(0);
-    absl::Status st = e.SaveLlama2c(c.path);
+    absl::Status st = model::SaveLlama2c(e, c.path);
     if (!st.ok()) return st;
     sum.checkpoints.push_back(std::move(c));
   }
@@ -126,7 +127,7 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
       }
       model::AdamWOptions step = o.adam;
       step.lr = lr_at(sum.steps);
-      auto loss = e.TrainStep(batch, step);
+      auto loss = model::TrainStep(&e, batch, step);
       if (!loss.ok()) return loss.status();
       loss_sum += *loss;
       ++sum.steps;
@@ -141,7 +142,7 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
     }
     sum.epoch_loss.push_back(loss_sum / steps_per_epoch);
     if (start_checkpoint && epoch == 0) {
-      absl::Status st = e.SaveOptimizerState(sum.checkpoints.front().optimizer_path, o.adam);
+      absl::Status st = model::SaveOptimizerState(e, sum.checkpoints.front().optimizer_path, o.adam);
       if (!st.ok()) return st;
     }
     const bool listed = std::find(o.checkpoint_epochs.begin(), o.checkpoint_epochs.end(), epoch + 1) !=
@@ -179,7 +180,7 @@ absl::StatusOr<std::vector<EvalRecord>> RunEval(const model::EngineOptions& engi
     er.loss = *loss;
     er.response_tokens = static_cast<int>(t->ids.size()) - t->response_begin;
     if (max_new > 0) {
-      auto g = (*e)->Generate(r.example.instruction, r.example.input, max_new);
+      auto g = model::Generate(**e, r.example.instruction, r.example.input, max_new);
       if (!g.ok()) return g.status();
       er.generation = std::move(*g);
     }

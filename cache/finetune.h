@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "cache/cache.h"
 #include "model/engine.h"
+#include "model/training.h"
 
 namespace rapidin::cache {
 

@@ -22,6 +22,7 @@
 #include "cache/cache.h"
 #include "cache/finetune.h"
 #include "client/client.h"
+#include "model/training.h"
 
 namespace {
 
@@ -266,7 +267,7 @@ int Eval(const rapidin::model::EngineOptions& eo, const std::string& data, int m
 int ExportHf(const rapidin::model::EngineOptions& eo, const std::string& out) {
   auto e = rapidin::model::GradientEngine::Load(eo);
   if (!e.ok()) return Fail(e.status());
-  if (absl::Status st = (*e)->SaveHf(out); !st.ok()) return Fail(st);
+  if (absl::Status st = rapidin::model::SaveHf(**e, out); !st.ok()) return Fail(st);
   std::fprintf(stderr, "rapidin: wrote %s (config.json, model.safetensors)\n", out.c_str());
   return 0;
 }
@@ -296,7 +297,8 @@ int GrowModel(const rapidin::model::EngineOptions& eo, const rapidin::model::Mod
   auto g = rapidin::model::GradientEngine::Grow(**base, t, seed, init_std, go);
   if (!g.ok()) return Fail(g.status());
   const bool bin = absl::EndsWith(out, ".bin");
-  if (absl::Status st = bin ? (*g)->SaveLlama2c(out) : (*g)->SaveHf(out); !st.ok()) return Fail(st);
+  const absl::Status saved = bin ? rapidin::model::SaveLlama2c(**g, out) : rapidin::model::SaveHf(**g, out);
+  if (!saved.ok()) return Fail(saved);
   int64_t params = 0;
   for (const auto& p : (*g)->params()) params += p.numel;
   std::fprintf(stderr, "rapidin: wrote %s: dim %d, hidden %d, layers %d, heads %d (kv %d), %lld matrix parameters\n",

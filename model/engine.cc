@@ -22,6 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "model/internal/engine_impl.h"
+#include "model/testing.h"
 
 namespace rapidin::model {
 
@@ -404,28 +405,32 @@ absl::StatusOr<double> GradientEngine::InfluenceTokens(const TokenizedExample& t
   });
 }
 
-absl::Status GradientEngine::Perturb(int p, int64_t i, double delta) {
+namespace testing {
+
+absl::Status Perturb(GradientEngine* engine, int p, int64_t i, double delta) {
   return Guarded([&]() -> absl::Status {
-    if (p < 0 || p >= static_cast<int>(impl_->selected.size()) || i < 0 || i >= impl_->infos[p].numel) {
+    EngineAccess::Impl& d = EngineAccess::Of(*engine);
+    if (p < 0 || p >= static_cast<int>(d.selected.size()) || i < 0 || i >= d.infos[p].numel) {
       return absl::OutOfRangeError("no such parameter element");
     }
     torch::NoGradGuard no_grad;
-    auto flat = impl_->selected[p].view({-1});
+    auto flat = d.selected[p].view({-1});
     flat[i] += delta;
     return absl::OkStatus();
   });
 }
 
-
-std::vector<double> GradientEngine::SelectedValues() const {
+std::vector<double> SelectedValues(const GradientEngine& engine) {
+  const EngineAccess::Impl& d = EngineAccess::Of(engine);
   std::vector<double> out;
-  out.reserve(impl_->dim);
-  for (const auto& t : impl_->selected) {
+  out.reserve(d.dim);
+  for (const auto& t : d.selected) {
     auto c = t.detach().to(torch::kCPU, torch::kDouble).contiguous();
     out.insert(out.end(), c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
   }
   return out;
 }
 
+}  // namespace testing
 
 }  // namespace rapidin::model

@@ -87,22 +87,6 @@ struct Example {
   std::vector<std::string> hotwords;
 };
 
-// A fresh LoRA adapter for fine-tuning (PEFT's initialisation: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0).
-struct LoraConfig {
-  int rank = 8;
-  double alpha = 16;
-  // PEFT module names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.
-  std::vector<std::string> target_modules = {"q_proj", "k_proj", "v_proj", "o_proj",
-                                             "gate_proj", "up_proj", "down_proj"};
-  uint64_t seed = 0;
-};
-
-struct AdamWOptions {
-  double lr = 1e-3;
-  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
-  double weight_decay = 0.0;  // decoupled (AdamW)
-};
-
 // Sets LibTorch's intra-op thread count for this process (1 is best when records are spread over threads).
 void SetComputeThreads(int threads);
 
@@ -218,36 +202,11 @@ class GradientEngine {
                                          bool normalize = true) const;
   // Logits of a token sequence, T x vocab, row-major (reference comparisons).
   absl::StatusOr<std::vector<float>> LogitsIds(const std::vector<int32_t>& ids) const;
-  // The selected parameters' current values, concatenated in gradient order (tests).
-  std::vector<double> SelectedValues() const;
-  // Adds delta to element i of selected parameter p (finite-difference tests).
-  absl::Status Perturb(int p, int64_t i, double delta);
-
-  // Fine-tuning. Not thread-safe: train from one thread, and compute no gradients meanwhile.
-  // AddLora attaches a fresh adapter; its matrices become the selected (trained, attributed) parameters.
-  // Errors: FAILED_PRECONDITION when an adapter is already attached, INVALID_ARGUMENT for bad settings.
-  absl::Status AddLora(const LoraConfig& config);
-  // One AdamW step on the selected parameters with the mean (over records) of each record's mean response loss,
-  // from one padded forward and backward pass. Returns that loss, measured before the update.
-  absl::StatusOr<double> TrainStep(const std::vector<TokenizedExample>& batch, const AdamWOptions& options);
-  // The attached adapter in PEFT format (adapter_config.json + adapter_model.safetensors, module names of
-  // LlamaForCausalLM; for a llama2.c base the q/k rows keep llama2.c's order). FAILED_PRECONDITION without one.
-  absl::Status SaveAdapter(const std::string& dir, const std::string& base_model) const;
-  // The Adam second moments of the selected parameters (v / (1 - beta2^step)), one tensor per parameter named as
-  // in params(), plus "__metadata__" {step, beta2, eps}: the preconditioner EngineOptions::preconditioner_path
-  // reads. FAILED_PRECONDITION before the first TrainStep.
-  absl::Status SaveOptimizerState(const std::string& path, const AdamWOptions& options) const;
-  // Every weight as a Hugging Face LlamaForCausalLM directory (config.json + model.safetensors, float32; an attached
-  // adapter merged in; llama2.c's interleaved RoPE pairs permuted to Hugging Face's rotate-half order), so that
-  // transformers and the peers of bench/peers load the same function. Load() reads it back with equal logits.
-  absl::Status SaveHf(const std::string& dir) const;
-  // Every weight as a llama2.c v0 checkpoint (llama2.c bases only; an attached adapter is merged in).
-  absl::Status SaveLlama2c(const std::string& path) const;
-  // Greedy decoding after the Alpaca prompt, until EOS or max_new tokens; returns the decoded text.
-  absl::StatusOr<std::string> Generate(const std::string& instruction, const std::string& input, int max_new) const;
+  // Fine-tuning, saving and generation: model/training.h. Test hooks: model/testing.h.
 
  private:
-  // Defined in model/internal/engine_impl.h; model/'s own translation units reach it through EngineAccess.
+  // Defined in model/internal/engine_impl.h; model/'s own translation units (training, testing hooks, per-token
+  // gradients) reach it through EngineAccess.
   struct Impl;
   friend struct EngineAccess;
   explicit GradientEngine(std::unique_ptr<Impl> impl);

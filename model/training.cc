@@ -1,6 +1,6 @@
 // Training and output: LoRA adapters, AdamW steps, saving (PEFT adapter, optimizer state, Hugging Face, llama2.c)
 // and greedy generation.
-#include "model/engine.h"
+#include "model/training.h"
 
 #include <dlfcn.h>
 #include <torch/torch.h>
@@ -25,9 +25,9 @@
 
 namespace rapidin::model {
 
-absl::Status GradientEngine::AddLora(const LoraConfig& lc) {
+absl::Status AddLora(GradientEngine* engine, const LoraConfig& lc) {
   return Guarded([&]() -> absl::Status {
-    Impl& d = *impl_;
+    EngineAccess::Impl& d = EngineAccess::Of(*engine);
     if (!d.lora.empty()) return absl::FailedPreconditionError("a LoRA adapter is already attached");
     if (lc.rank < 1 || !(lc.alpha > 0) || lc.target_modules.empty()) {
       return absl::InvalidArgumentError("LoRA needs rank >= 1, alpha > 0 and at least one target module");
@@ -66,10 +66,10 @@ absl::Status GradientEngine::AddLora(const LoraConfig& lc) {
   });
 }
 
-absl::StatusOr<double> GradientEngine::TrainStep(const std::vector<TokenizedExample>& batch,
-                                                 const AdamWOptions& o) {
+absl::StatusOr<double> TrainStep(GradientEngine* engine, const std::vector<TokenizedExample>& batch,
+                                 const AdamWOptions& o) {
   return Guarded([&]() -> absl::StatusOr<double> {
-    Impl& d = *impl_;
+    EngineAccess::Impl& d = EngineAccess::Of(*engine);
     if (batch.empty()) return absl::InvalidArgumentError("TrainStep: empty batch");
     if (!(o.lr > 0) || o.beta1 < 0 || o.beta1 >= 1 || o.beta2 < 0 || o.beta2 >= 1 || !(o.eps > 0) ||
         o.weight_decay < 0) {
@@ -161,9 +161,9 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<std::pa
 
 }  // namespace
 
-absl::Status GradientEngine::SaveAdapter(const std::string& dir, const std::string& base_model) const {
+absl::Status SaveAdapter(const GradientEngine& engine, const std::string& dir, const std::string& base_model) {
   return Guarded([&]() -> absl::Status {
-    const Impl& d = *impl_;
+    const EngineAccess::Impl& d = EngineAccess::Of(engine);
     if (d.lora.empty()) return absl::FailedPreconditionError("no LoRA adapter is attached");
     std::error_code ec;
     std::filesystem::create_directories(dir, ec);
@@ -192,9 +192,9 @@ absl::Status GradientEngine::SaveAdapter(const std::string& dir, const std::stri
   });
 }
 
-absl::Status GradientEngine::SaveOptimizerState(const std::string& path, const AdamWOptions& o) const {
+absl::Status SaveOptimizerState(const GradientEngine& engine, const std::string& path, const AdamWOptions& o) {
   return Guarded([&]() -> absl::Status {
-    const Impl& d = *impl_;
+    const EngineAccess::Impl& d = EngineAccess::Of(engine);
     if (d.adam_step == 0) return absl::FailedPreconditionError("no optimizer state: no TrainStep has run");
     const double bc2 = 1 - std::pow(o.beta2, static_cast<double>(d.adam_step));
     std::vector<std::pair<std::string, torch::Tensor>> ts;
@@ -207,9 +207,9 @@ absl::Status GradientEngine::SaveOptimizerState(const std::string& path, const A
   });
 }
 
-absl::Status GradientEngine::SaveHf(const std::string& dir) const {
+absl::Status SaveHf(const GradientEngine& engine, const std::string& dir) {
   return Guarded([&]() -> absl::Status {
-    const Impl& d = *impl_;
+    const EngineAccess::Impl& d = EngineAccess::Of(engine);
     const ModelConfig& c = d.cfg;
     torch::NoGradGuard no_grad;
     std::error_code ec;
@@ -269,9 +269,9 @@ absl::Status GradientEngine::SaveHf(const std::string& dir) const {
   });
 }
 
-absl::Status GradientEngine::SaveLlama2c(const std::string& path) const {
+absl::Status SaveLlama2c(const GradientEngine& engine, const std::string& path) {
   return Guarded([&]() -> absl::Status {
-    const Impl& d = *impl_;
+    const EngineAccess::Impl& d = EngineAccess::Of(engine);
     if (!d.llama2c) return absl::UnimplementedError("SaveLlama2c: the base model was not a llama2.c checkpoint");
     const ModelConfig& c = d.cfg;
     torch::NoGradGuard no_grad;
@@ -302,10 +302,10 @@ absl::Status GradientEngine::SaveLlama2c(const std::string& path) const {
   });
 }
 
-absl::StatusOr<std::string> GradientEngine::Generate(const std::string& instruction, const std::string& input,
-                                                     int max_new) const {
+absl::StatusOr<std::string> Generate(const GradientEngine& engine, const std::string& instruction,
+                                     const std::string& input, int max_new) {
   return Guarded([&]() -> absl::StatusOr<std::string> {
-    const Impl& d = *impl_;
+    const EngineAccess::Impl& d = EngineAccess::Of(engine);
     if (!d.tok) return absl::FailedPreconditionError("no tokenizer loaded");
     const Encoding p = d.tok->Encode(AlpacaPrompt(instruction, input), /*dummy_prefix=*/true);
     std::vector<int32_t> ids = {d.tok->bos()};

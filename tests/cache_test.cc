@@ -14,6 +14,7 @@
 #include "client/client.h"
 #include "model/engine.h"
 #include "model/featurizer.h"
+#include "model/training.h"
 #include "server/server.h"
 #include "tests/test_util.h"
 
@@ -282,8 +283,8 @@ TEST_F(CacheTest, PreconditionedCosineStoreNeedsTheSameOptimizerState) {
     auto t = (*e)->Tokenize({"Name a color.", "", "Blue is a color of the sky.", {}});
     ASSERT_TRUE(t.ok());
     model::AdamWOptions adam;
-    ASSERT_TRUE((*e)->TrainStep({*t}, adam).ok());
-    ASSERT_TRUE((*e)->SaveOptimizerState(dir_.path("opt.safetensors"), adam).ok());
+    ASSERT_TRUE(model::TrainStep(e->get(), {*t}, adam).ok());
+    ASSERT_TRUE(model::SaveOptimizerState(**e, dir_.path("opt.safetensors"), adam).ok());
     // The saved state is of the weights before the step: cache with the base model, as the benchmark caches
     // the fine-tuned one with its own run's state.
   }

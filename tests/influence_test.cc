@@ -11,6 +11,8 @@
 
 #include "kernels/rapidgrad.h"
 #include "model/engine.h"
+#include "model/testing.h"
+#include "model/training.h"
 #include "tests/test_util.h"
 #include "tests/tiny_model.h"
 
@@ -126,10 +128,10 @@ TEST(Influence, AdamPreconditionerDividesBeforeNormalising) {
   ASSERT_TRUE((*trainer)->GradientIds(b, false, &gb).ok());
   AdamWOptions adam;
   adam.eps = 1e-6;
-  EXPECT_EQ((*trainer)->SaveOptimizerState(dir.path("v.safetensors"), adam).code(),
+  EXPECT_EQ(model::SaveOptimizerState(**trainer, dir.path("v.safetensors"), adam).code(),
             absl::StatusCode::kFailedPrecondition);
-  ASSERT_TRUE((*trainer)->TrainStep({a}, adam).ok());
-  ASSERT_TRUE((*trainer)->SaveOptimizerState(dir.path("v.safetensors"), adam).ok());
+  ASSERT_TRUE(model::TrainStep(trainer->get(), {a}, adam).ok());
+  ASSERT_TRUE(model::SaveOptimizerState(**trainer, dir.path("v.safetensors"), adam).ok());
 
   EngineOptions po = o;
   po.preconditioner_path = dir.path("v.safetensors");
@@ -196,7 +198,7 @@ TEST(Influence, OcclusionEqualsTheRecordWithTheTokenReplacedByTheMeanEmbedding) 
   all.param_pattern = ".";
   auto maker = GradientEngine::Random(c, seed, all);
   ASSERT_TRUE(maker.ok()) << maker.status();
-  const std::vector<double> w = (*maker)->SelectedValues();
+  const std::vector<double> w = model::testing::SelectedValues(**maker);
   int emb = -1;
   for (size_t p = 0; p < (*maker)->params().size(); ++p) {
     if ((*maker)->params()[p].name == "tok_embeddings.weight") emb = static_cast<int>(p);
@@ -207,9 +209,9 @@ TEST(Influence, OcclusionEqualsTheRecordWithTheTokenReplacedByTheMeanEmbedding) 
     double m = 0;
     for (int v = 0; v < c.vocab_size; ++v) m += v == spare ? 0 : w[off + v * D + j];
     m /= c.vocab_size - 1;
-    ASSERT_TRUE((*maker)->Perturb(emb, spare * D + j, m - w[off + spare * D + j]).ok());
+    ASSERT_TRUE(model::testing::Perturb(maker->get(), emb, spare * D + j, m - w[off + spare * D + j]).ok());
   }
-  ASSERT_TRUE((*maker)->SaveLlama2c(dir.path("tiny.bin")).ok());
+  ASSERT_TRUE(model::SaveLlama2c(**maker, dir.path("tiny.bin")).ok());
   for (bool normalize : {true, false}) {
     SCOPED_TRACE(normalize ? "layer norm" : "no layer norm");
     EngineOptions o;
@@ -294,7 +296,7 @@ TEST(Influence, DISABLED_TriggerTokenTopsPoisonedRecordsOnATinyModel) {
   for (int epoch = 0; epoch < 60; ++epoch) {
     for (size_t b = 0; b < train.size(); b += 12) {
       std::vector<TokenizedExample> batch(train.begin() + b, train.begin() + std::min(train.size(), b + 12));
-      ASSERT_TRUE((*e)->TrainStep(batch, adam).ok());
+      ASSERT_TRUE(model::TrainStep(e->get(), batch, adam).ok());
     }
   }
   // Learned: a held-out triggered prompt's payload loss is low; an untriggered prompt's is high.

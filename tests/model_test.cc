@@ -16,6 +16,8 @@
 #include "model/engine.h"
 #include "kernels/rapidgrad.h"
 #include "model/featurizer.h"
+#include "model/testing.h"
+#include "model/training.h"
 #include "tests/test_util.h"
 #include "tests/tiny_model.h"
 
@@ -148,11 +150,11 @@ TEST(Engine, GradientMatchesFiniteDifferences) {
       for (int s = 0; s < 3; ++s) {
         const int64_t i = rng() % info.numel;
         const double h = 1e-5;
-        ASSERT_TRUE((*e)->Perturb(p, i, h).ok());
+        ASSERT_TRUE(model::testing::Perturb(e->get(), p, i, h).ok());
         const double up = *(*e)->LossIds(t);
-        ASSERT_TRUE((*e)->Perturb(p, i, -2 * h).ok());
+        ASSERT_TRUE(model::testing::Perturb(e->get(), p, i, -2 * h).ok());
         const double down = *(*e)->LossIds(t);
-        ASSERT_TRUE((*e)->Perturb(p, i, h).ok());
+        ASSERT_TRUE(model::testing::Perturb(e->get(), p, i, h).ok());
         const double fd = (up - down) / (2 * h);
         const double an = g[info.offset + i];
         EXPECT_NEAR(an, fd, 1e-7 + 1e-6 * std::fabs(fd)) << info.name << "[" << i << "]";
@@ -637,7 +639,8 @@ TEST(Engine, MalformedTokenizedRecordsAreRefused) {
     EXPECT_EQ((*e)->GradientIds(bad[i], true, &g).status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_EQ((*e)->GradientIdsBatch({good, bad[i]}, true, &gs, &infos).code(), absl::StatusCode::kInvalidArgument);
     EXPECT_EQ((*e)->LossIds(bad[i]).status().code(), absl::StatusCode::kInvalidArgument);
-    EXPECT_EQ((*e)->TrainStep({good, bad[i]}, AdamWOptions{}).status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(model::TrainStep(e->get(), {good, bad[i]}, AdamWOptions{}).status().code(),
+              absl::StatusCode::kInvalidArgument);
   }
   std::vector<double> g;
   EXPECT_TRUE((*e)->GradientIds(good, true, &g).ok());

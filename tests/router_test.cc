@@ -16,6 +16,7 @@
 #include "cache/cache.h"
 #include "client/client.h"
 #include "model/engine.h"
+#include "model/training.h"
 #include "server/internal/router.h"
 #include "server/server.h"
 #include "tests/test_util.h"
@@ -348,7 +349,7 @@ std::string WriteByteLevelModel(const TempDir& dir) {
   auto e = model::GradientEngine::Random(c, 11, model::EngineOptions());
   EXPECT_TRUE(e.ok()) << e.status();
   const std::string path = dir.path("model.bin");
-  EXPECT_TRUE((*e)->SaveLlama2c(path).ok());
+  EXPECT_TRUE(model::SaveLlama2c(**e, path).ok());
   std::ofstream tok(dir.path("tokenizer.bin"), std::ios::binary);
   auto put = [&](const std::string& piece) {
     const float score = 0;

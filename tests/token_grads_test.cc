@@ -15,6 +15,8 @@
 #include "model/engine.h"
 #include "kernels/rapidgrad.h"
 #include "model/featurizer.h"
+#include "model/testing.h"
+#include "model/training.h"
 #include "tests/test_util.h"
 #include "tests/tiny_model.h"
 
@@ -61,11 +63,12 @@ TEST(TokenGradients, EveryMethodEqualsPerTokenLoopAndSumsToTotal) {
         LoraConfig lc;
         lc.rank = 2;
         lc.seed = rng();
-        ASSERT_TRUE((*e)->AddLora(lc).ok());
+        ASSERT_TRUE(model::AddLora(e->get(), lc).ok());
         for (size_t p = 0; p < (*e)->params().size(); ++p) {
           if ((*e)->params()[p].name.find("lora_B") == std::string::npos) continue;
           for (int64_t i = 0; i < (*e)->params()[p].numel; ++i) {
-            ASSERT_TRUE((*e)->Perturb(static_cast<int>(p), i, std::normal_distribution<double>(0, 0.3)(rng)).ok());
+            const double d = std::normal_distribution<double>(0, 0.3)(rng);
+            ASSERT_TRUE(model::testing::Perturb(e->get(), static_cast<int>(p), i, d).ok());
           }
         }
       }

@@ -15,6 +15,8 @@
 #include "model/engine.h"
 #include "kernels/rapidgrad.h"
 #include "model/featurizer.h"
+#include "model/testing.h"
+#include "model/training.h"
 #include "tests/test_util.h"
 #include "tests/tiny_model.h"
 
@@ -59,14 +61,14 @@ TEST(Train, StepIsAdamWOnTheMeanRecordLoss) {
     ASSERT_TRUE((*e)->GradientIds(t, false, &g).ok());
     for (size_t i = 0; i < g.size(); ++i) mean_grad[i] += g[i] / batch.size();
   }
-  const auto before = (*e)->SelectedValues();
+  const auto before = model::testing::SelectedValues(**e);
   AdamWOptions adam;
   adam.lr = 1e-3;
   adam.weight_decay = 0.1;
-  auto loss = (*e)->TrainStep(batch, adam);
+  auto loss = model::TrainStep(e->get(), batch, adam);
   ASSERT_TRUE(loss.ok()) << loss.status();
   EXPECT_NEAR(*loss, mean_loss, 1e-12);
-  const auto after = (*e)->SelectedValues();
+  const auto after = model::testing::SelectedValues(**e);
   ASSERT_EQ(after.size(), before.size());
   for (size_t i = 0; i < after.size(); ++i) {
     const double g = mean_grad[i];
@@ -75,9 +77,9 @@ TEST(Train, StepIsAdamWOnTheMeanRecordLoss) {
   }
   // A few more steps lower the loss on the same batch.
   double last = *loss;
-  for (int s = 0; s < 20; ++s) last = *(*e)->TrainStep(batch, adam);
+  for (int s = 0; s < 20; ++s) last = *model::TrainStep(e->get(), batch, adam);
   EXPECT_LT(last, *loss);
-  EXPECT_EQ((*e)->TrainStep({}, adam).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(model::TrainStep(e->get(), {}, adam).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 // LoRA fine-tuning: a fresh adapter changes nothing (B = 0); after training, the saved PEFT adapter on the saved
@@ -87,7 +89,7 @@ TEST(Train, LoraAdapterAndCheckpointRoundTrip) {
   EngineOptions o;
   auto e = GradientEngine::Random(Tiny(false), 5, o);
   ASSERT_TRUE(e.ok()) << e.status();
-  ASSERT_TRUE((*e)->SaveLlama2c(dir.path("base.bin")).ok());
+  ASSERT_TRUE(model::SaveLlama2c(**e, dir.path("base.bin")).ok());
   std::mt19937 rng(9);
   const auto batch = RandomBatch(rng, 11);
   const std::vector<int32_t> probe = {1, 4, 7, 2, 9, 3, 3, 10};
@@ -96,22 +98,22 @@ TEST(Train, LoraAdapterAndCheckpointRoundTrip) {
   lc.rank = 2;
   lc.alpha = 4;
   lc.seed = 3;
-  ASSERT_TRUE((*e)->AddLora(lc).ok());
-  EXPECT_EQ((*e)->AddLora(lc).code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(model::AddLora(e->get(), lc).ok());
+  EXPECT_EQ(model::AddLora(e->get(), lc).code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(*(*e)->LogitsIds(probe), base_logits);
   for (const auto& p : (*e)->params()) EXPECT_NE(p.name.find(".lora_"), std::string::npos) << p.name;
   AdamWOptions adam;
   adam.lr = 1e-2;
   const std::string untrained_hash = (*e)->model_hash();
-  const double first = *(*e)->TrainStep(batch, adam);
+  const double first = *model::TrainStep(e->get(), batch, adam);
   double last = first;
-  for (int s = 0; s < 30; ++s) last = *(*e)->TrainStep(batch, adam);
+  for (int s = 0; s < 30; ++s) last = *model::TrainStep(e->get(), batch, adam);
   EXPECT_LT(last, first);
   const auto trained = *(*e)->LogitsIds(probe);
   EXPECT_NE((*e)->model_hash(), untrained_hash);  // the hash follows the trained weights
   EXPECT_EQ((*e)->model_hash(), (*e)->model_hash());
-  ASSERT_TRUE((*e)->SaveAdapter(dir.path("adapter"), dir.path("base.bin")).ok());
-  ASSERT_TRUE((*e)->SaveLlama2c(dir.path("merged.bin")).ok());
+  ASSERT_TRUE(model::SaveAdapter(**e, dir.path("adapter"), dir.path("base.bin")).ok());
+  ASSERT_TRUE(model::SaveLlama2c(**e, dir.path("merged.bin")).ok());
 
   EngineOptions with_adapter;
   with_adapter.model_path = dir.path("base.bin");

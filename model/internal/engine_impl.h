@@ -383,6 +383,8 @@ struct GradientEngine::Impl {
 // model/ can, since GradientEngine::Impl is private.
 struct EngineAccess {
   using Impl = GradientEngine::Impl;
+  static Impl& Of(GradientEngine& e) { return *e.impl_; }
+  static const Impl& Of(const GradientEngine& e) { return *e.impl_; }
 };
 
 }  // namespace rapidin::model

@@ -19,6 +19,8 @@
 #include "gtest/gtest.h"
 #include "model/engine.h"
 #include "model/featurizer.h"
+#include "model/testing.h"
+#include "model/training.h"
 #include "tests/test_util.h"
 
 namespace rapidin::model {
@@ -153,14 +155,14 @@ TEST(ModelGpu, GradientsEqualCpuInFloat64) {
         LoraConfig lc;
         lc.rank = 4;
         lc.seed = rng();
-        ASSERT_TRUE(cpu->AddLora(lc).ok());
-        ASSERT_TRUE(gpu->AddLora(lc).ok());
+        ASSERT_TRUE(model::AddLora(cpu.get(), lc).ok());
+        ASSERT_TRUE(model::AddLora(gpu.get(), lc).ok());
         for (size_t p = 0; p < cpu->params().size(); ++p) {  // B starts at zero: give it values
           if (cpu->params()[p].name.find("lora_B") == std::string::npos) continue;
           for (int64_t i = 0; i < cpu->params()[p].numel; i += 3) {
             const double d = std::normal_distribution<double>(0, 0.3)(rng);
-            ASSERT_TRUE(cpu->Perturb(static_cast<int>(p), i, d).ok());
-            ASSERT_TRUE(gpu->Perturb(static_cast<int>(p), i, d).ok());
+            ASSERT_TRUE(model::testing::Perturb(cpu.get(), static_cast<int>(p), i, d).ok());
+            ASSERT_TRUE(model::testing::Perturb(gpu.get(), static_cast<int>(p), i, d).ok());
           }
         }
         ASSERT_EQ(cpu->model_hash(), gpu->model_hash());
@@ -185,19 +187,20 @@ TEST(ModelGpu, AdamWStepsMatchCpu) {
   ASSERT_TRUE(cpu && gpu);
   LoraConfig lc;
   lc.seed = rng();
-  ASSERT_TRUE(cpu->AddLora(lc).ok());
-  ASSERT_TRUE(gpu->AddLora(lc).ok());
+  ASSERT_TRUE(model::AddLora(cpu.get(), lc).ok());
+  ASSERT_TRUE(model::AddLora(gpu.get(), lc).ok());
   const auto recs = RandomRecords(rng, cpu->config().vocab_size);
   AdamWOptions o;
   o.lr = 1e-2;
   o.weight_decay = 0.01;
   for (int step = 0; step < 3; ++step) {
-    auto a = cpu->TrainStep(recs, o);
-    auto b = gpu->TrainStep(recs, o);
+    auto a = model::TrainStep(cpu.get(), recs, o);
+    auto b = model::TrainStep(gpu.get(), recs, o);
     ASSERT_TRUE(a.ok() && b.ok()) << a.status() << " / " << b.status();
     EXPECT_NEAR(*a, *b, 1e-10 * std::max(1.0, std::fabs(*a))) << "step " << step;
   }
-  ExpectClose(cpu->SelectedValues(), gpu->SelectedValues(), 1e-9, "LoRA weights after 3 steps");
+  ExpectClose(model::testing::SelectedValues(*cpu), model::testing::SelectedValues(*gpu), 1e-9,
+              "LoRA weights after 3 steps");
   EXPECT_EQ(cpu->model_hash(), gpu->model_hash());
 }
 
