@@ -1,16 +1,31 @@
 #!/usr/bin/env bash
+# The one GPU entry point.
+#   scripts/gpu-check.sh pack       on the build machine: builds what needs the Debian libraries against a CUDA
+#                                   LibTorch and packs it in .gpu-deps/ (scripts/internal/gpu-pack.sh)
+#   scripts/gpu-check.sh [--quick]  on the GPU machine (carry .gpu-deps): every check below
+#   scripts/gpu-check.sh e2e BIN DATA OUT
+#                                   only the service on the GPU against the CPU (scripts/internal/gpu-server-e2e.sh;
+#                                   GPU_DEVICE=cpu GPU_BACKEND=cpu runs it without a GPU, as a check of the script)
+#
 # All GPU checks in one call: builds the CUDA layer on its own (RAPIDIN_GPU_ONLY: no Debian libraries needed),
 # runs the GPU tests (ctest label "gpu"), compute-sanitizer's memcheck on them when it is installed, and the GPU
-# benchmark, then prints a short table. When .gpu-deps/pack holds what scripts/pack-gpu-tests.sh packs on the build
-# machine, it also runs the CUDA query backend against the CPU one, and, when python3's torch is the version those
-# were built against, the gradient engine on the GPU against the CPU, the gradient benchmark on each device, and the
-# service end to end on the GPU against the CPU (scripts/gpu-server-e2e.sh).
+# benchmark, then prints a short table. When .gpu-deps/pack holds what `pack` packs on the build machine, it also
+# runs the CUDA query backend against the CPU one, and, when python3's torch is the version those were built
+# against, the gradient engine on the GPU against the CPU, the gradient benchmark on each device, and the
+# service end to end on the GPU against the CPU (`e2e`).
 #
 # Needs nvcc, cmake, a C++17 compiler and GoogleTest: installed, or its sources in GTEST_SOURCE_DIR (default:
 # /usr/src/googletest, then .gpu-deps/googletest). NCCL is used when found (NCCL_HOME, the CUDA toolkit, or
 # Python's nvidia-nccl package). Options: --quick (small benchmark), BUILD=<dir>, OUT=<dir for logs>.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+here=$(dirname "$0")
+case "${1:-}" in
+  pack) shift; exec bash "$here/internal/gpu-pack.sh" "$@" ;;
+  e2e) shift; exec bash "$here/internal/gpu-server-e2e.sh" "$@" ;;
+  ""|--quick) ;;
+  *) echo "usage: scripts/gpu-check.sh [--quick] | pack | e2e BIN_DIR DATA_DIR OUT_DIR" >&2; exit 2 ;;
+esac
+cd "$here/.."
 QUICK=""
 [[ "${1:-}" == "--quick" ]] && QUICK="--quick"
 BUILD=${BUILD:-build-gpu-check}
@@ -54,7 +69,7 @@ if command -v compute-sanitizer >/dev/null; then
   grep -E "ERROR SUMMARY|PASSED|FAILED" "$LOG/memcheck.log" | tail -5
 fi
 
-# Packed by scripts/pack-gpu-tests.sh on the build machine: binaries that need the Debian libraries (in
+# Packed by `scripts/gpu-check.sh pack` on the build machine: binaries that need the Debian libraries (in
 # .gpu-deps/pack/lib) and, for the gradient engine, python3's torch of the version they were built against.
 PACK=$PWD/.gpu-deps/pack
 backend_rc=skipped
@@ -98,8 +113,9 @@ if [[ -x $PACK/gpu_backend_test ]]; then
       echo | tee -a "$LOG/grad_bench.md"
     done
     if [[ -f $PACK/data/instructions/alpaca_5000.json ]]; then
-      echo "== the service on the GPU against the service on the CPU (scripts/gpu-server-e2e.sh)"
-      if LD_LIBRARY_PATH=$libs N=$([[ -n "$QUICK" ]] && echo 200 || echo 500) bash scripts/gpu-server-e2e.sh "$PACK" \
+      echo "== the service on the GPU against the service on the CPU (e2e)"
+      n_e2e=$([[ -n "$QUICK" ]] && echo 200 || echo 500)
+      if LD_LIBRARY_PATH=$libs N=$n_e2e bash scripts/internal/gpu-server-e2e.sh "$PACK" \
            "$PACK/data" "$LOG/e2e" | tee "$LOG/e2e.md"; then e2e_rc=0; else e2e_rc=$?; fi
     fi
   fi

@@ -5,7 +5,7 @@
 // the GPU featurizer's device sketch bitwise equal to the CPU sketch of the same gradient (per-token sketches to
 // 1e-5); and a CUDA
 // out-of-memory error returned as RESOURCE_EXHAUSTED, after which the engine still works.
-// Needs a LibTorch built with CUDA (Debian's is CPU-only: scripts/pack-gpu-tests.sh builds against PyTorch's)
+// Needs a LibTorch built with CUDA (Debian's is CPU-only: `scripts/gpu-check.sh pack` builds against PyTorch's)
 // and a visible GPU; skips otherwise.
 #include <algorithm>
 #include <cmath>

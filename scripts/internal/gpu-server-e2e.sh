@@ -2,11 +2,12 @@
 # The service end to end on a GPU, against the same service on the CPU: caches the first N Alpaca records with
 # stories260K twice (gradients on the CPU, and on GPU_DEVICE), checks that both stores have the same projection
 # state, starts one rapidin-server per store (CPU: --backend cpu --model-device cpu; GPU: --backend GPU_BACKEND
-# --model-device GPU_DEVICE, and a host budget that leaves most rows in the cold tier), asks both the same question by text with token attributions, and compares: the same
-# top records (a swap only between near-equal scores), scores within 1e-3, the GPU server's Stats showing its
-# vectors in GPU memory. Prints a table. scripts/gpu-check.sh runs it from the packed binaries.
-# Usage: gpu-server-e2e.sh BIN_DIR DATA_DIR OUT_DIR   (env: N=300, GPU_DEVICE=cuda, GPU_BACKEND=cuda; on a machine
-#        without a GPU, GPU_DEVICE=cpu GPU_BACKEND=cpu runs the same comparison as a check of this script)
+# --model-device GPU_DEVICE, and a host budget that leaves most rows in the cold tier), asks both the same question
+# by text with token attributions, and compares: the same top records (a swap only between near-equal scores),
+# scores within 1e-3, the GPU server's Stats showing its vectors in GPU memory. Prints a table. scripts/gpu-check.sh
+# runs it from the packed binaries.
+# Usage: scripts/gpu-check.sh e2e BIN_DIR DATA_DIR OUT_DIR   (env: N=300, GPU_DEVICE=cuda, GPU_BACKEND=cuda; on a
+#        machine without a GPU, GPU_DEVICE=cpu GPU_BACKEND=cpu runs the same comparison as a check of this script)
 set -euo pipefail
 BIN=$1 DATA=$2 OUT=$3
 N=${N:-300}

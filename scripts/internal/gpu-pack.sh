@@ -3,15 +3,15 @@
 # (PyTorch's, the same version as the GPU machine's python3 torch: Debian's LibTorch is CPU-only), and packs it in
 # .gpu-deps/pack/: tests/gpu/gpu_backend_test (CUDA query backend against the CPU one), tests/gpu/model_gpu_test
 # (gradient engine on the GPU against the CPU), bench/grad_bench, rapidin-server and rapidin (for
-# scripts/gpu-server-e2e.sh); their Debian shared-library closure (without LibTorch, CUDA and NVIDIA libraries,
+# the e2e check); their Debian shared-library closure (without LibTorch, CUDA and NVIDIA libraries,
 # which come from the GPU machine, nor glibc and libstdc++); and, when the shared data is here, stories260K, its
-# tokenizer and alpaca_5000.json. scripts/gpu-check.sh runs them there when present.
+# tokenizer and alpaca_5000.json. scripts/gpu-check.sh runs them there when present. Run as `scripts/gpu-check.sh pack`.
 #
 # TORCH_PREFIX: a torch/ folder (include/, lib/, share/cmake/) to build against. Without it, the torch wheel of
 # TORCH_VERSION (default 2.11.0, CUDA 13.0 on PyPI: the GPU machine's) is fetched with pip and unpacked under
-# build-torchcuda/. Usage: scripts/pack-gpu-tests.sh   (then carry .gpu-deps to the GPU machine)
+# build-torchcuda/. Then carry .gpu-deps to the GPU machine.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 BUILD_DIR=${BUILD_DIR:-build-torchcuda}
 TORCH_VERSION=${TORCH_VERSION:-2.11.0}
 if [[ -z "${TORCH_PREFIX:-}" ]]; then
