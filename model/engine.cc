@@ -108,9 +108,9 @@ std::vector<double> GradientEngine::PreconditionerValues() const {
   return out;
 }
 std::string GradientEngine::model_hash() const {
-  std::lock_guard<std::mutex> l(impl_->hash_mu);
+  MutexLock l(&impl_->hash_mu);
   if (impl_->hash_stale) {
-    impl_->Rehash();
+    impl_->RehashLocked();
     impl_->hash_stale = false;
   }
   return impl_->hash;

@@ -123,7 +123,7 @@ absl::StatusOr<double> TrainStep(GradientEngine* engine, const std::vector<Token
       p.addcdiv_(d.adam_m[i] / bc1, (d.adam_v[i] / bc2).sqrt_().add_(o.eps), -o.lr);
     }
     // Hashing reads every weight (the base model too): do it when the hash is asked for, not every step.
-    std::lock_guard<std::mutex> l(d.hash_mu);
+    MutexLock l(&d.hash_mu);
     d.hash_stale = true;
     return value;
   });

@@ -4,7 +4,6 @@
 #include <chrono>
 #include <cstdlib>
 #include <future>
-#include <mutex>
 
 #include "absl/strings/str_cat.h"
 
@@ -21,41 +20,40 @@ struct QueryEngine::Pending {
 
 // One thread that runs the tasks given to its shard, in order.
 struct QueryEngine::Worker {
-  std::mutex mu;
-  std::condition_variable cv;
+  Mutex mu;
+  CondVar cv{&mu};
   std::deque<std::function<void()>> tasks ABSL_GUARDED_BY(mu);
   bool stop ABSL_GUARDED_BY(mu) = false;
   std::thread thread;
 
-  Worker() {
-    thread = std::thread([this] {
-      for (;;) {
-        std::function<void()> task;
-        {
-          std::unique_lock<std::mutex> l(mu);
-          cv.wait(l, [this] { return stop || !tasks.empty(); });
-          if (tasks.empty()) return;
-          task = std::move(tasks.front());
-          tasks.pop_front();
-        }
-        task();
-      }
-    });
-  }
+  Worker() : thread([this] { Run(); }) {}
   ~Worker() {
     {
-      std::lock_guard<std::mutex> l(mu);
+      MutexLock l(&mu);
       stop = true;
+      cv.Signal();
     }
-    cv.notify_one();
     thread.join();
   }
   void Post(std::function<void()> task) {
-    {
-      std::lock_guard<std::mutex> l(mu);
-      tasks.push_back(std::move(task));
+    MutexLock l(&mu);
+    tasks.push_back(std::move(task));
+    cv.Signal();
+  }
+
+ private:
+  void Run() {
+    for (;;) {
+      std::function<void()> task;
+      {
+        MutexLock l(&mu);
+        while (!stop && tasks.empty()) cv.Wait();
+        if (tasks.empty()) return;
+        task = std::move(tasks.front());
+        tasks.pop_front();
+      }
+      task();
     }
-    cv.notify_one();
   }
 };
 
@@ -91,14 +89,14 @@ kernels::TierBytes QueryEngine::GpuUsage() const { return backend_->Usage(); }
 
 QueryEngine::~QueryEngine() {
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     stopping_ = true;
+    cv_.SignalAll();
   }
-  cv_.notify_all();
   dispatcher_.join();
   std::deque<std::shared_ptr<Pending>> left;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     left.swap(queue_);
   }
   for (auto& p : left) p->promise.set_value(absl::CancelledError("server is shutting down"));
@@ -114,11 +112,11 @@ absl::StatusOr<SearchResult> QueryEngine::Search(std::vector<float> queries, int
   p->harmful_k = harmful_k;
   auto fut = p->promise.get_future();
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(&mu_);
     if (stopping_) return absl::CancelledError("server is shutting down");
     queue_.push_back(p);
+    cv_.Signal();
   }
-  cv_.notify_one();
   if (deadline != absl::InfiniteFuture()) {
     if (fut.wait_until(absl::ToChronoTime(deadline)) != std::future_status::ready) {
       p->abandoned = true;  // the dispatcher skips it if it has not started yet
@@ -132,8 +130,8 @@ void QueryEngine::DispatchLoop() {
   for (;;) {
     std::vector<std::shared_ptr<Pending>> batch;
     {
-      std::unique_lock<std::mutex> l(mu_);
-      cv_.wait(l, [this] { return stopping_ || !queue_.empty(); });
+      MutexLock l(&mu_);
+      while (!stopping_ && queue_.empty()) cv_.Wait();
       if (stopping_) return;
       int vectors = 0;
       while (!queue_.empty()) {
@@ -217,9 +215,7 @@ absl::Status QueryEngine::ScanAll(const ScanBatch& sb, std::vector<WorkerResult>
   const auto cold = store_->ColdRange();
   const int S = static_cast<int>(workers_.size());
   outs->resize(S);
-  std::mutex done_mu;
-  std::condition_variable done_cv;
-  int remaining = S;
+  BlockingCounter remaining(S);
   for (int s = 0; s < S; ++s) {
     workers_[s]->Post([&, s] {
       WorkerResult& o = (*outs)[s];
@@ -231,12 +227,10 @@ absl::Status QueryEngine::ScanAll(const ScanBatch& sb, std::vector<WorkerResult>
       if (o.status.ok()) ScanCold(s, sb, cold, &o);
       o.scan.timing.scan_ms =
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-      std::lock_guard<std::mutex> l(done_mu);
-      if (--remaining == 0) done_cv.notify_one();
+      remaining.DecrementCount();
     });
   }
-  std::unique_lock<std::mutex> l(done_mu);
-  done_cv.wait(l, [&] { return remaining == 0; });
+  remaining.Wait();
   for (const auto& o : *outs) {
     if (!o.status.ok()) return o.status;
   }

@@ -12,11 +12,9 @@
 #define RAPIDIN_QUERY_QUERY_ENGINE_H_
 
 #include <atomic>
-#include <condition_variable>
 #include <deque>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <utility>
@@ -25,6 +23,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "base/mutex.h"
 #include "kernels/score.h"
 #include "query/backend.h"
 #include "storage/store.h"
@@ -84,8 +83,8 @@ class QueryEngine {
   Options options_;
   std::unique_ptr<ScanBackend> backend_;
   std::vector<std::unique_ptr<Worker>> workers_;
-  std::mutex mu_;
-  std::condition_variable cv_;
+  Mutex mu_;
+  CondVar cv_{&mu_};
   std::deque<std::shared_ptr<Pending>> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread dispatcher_;

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # once (measured here: concurrent gradient passes returned wrong values); rapidin sets it to one BLAS thread and
 # parallelises over records/tokens itself.
 PKGS=(
-  build-essential cmake ninja-build pkg-config git ca-certificates
+  build-essential cmake ninja-build pkg-config git ca-certificates clang
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libtorch-dev libopenblas0-pthread
   librocksdb-dev libabsl-dev prometheus-cpp-dev

@@ -4,14 +4,12 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
-#include <mutex>
-#include <shared_mutex>
 #include <tuple>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/synchronization/mutex.h"
+#include "base/mutex.h"
 #include "kernels/half.h"
 #include "kernels/hash.h"
 #include "rocksdb/db.h"
@@ -73,16 +71,16 @@ struct Store::Impl {
   rocksdb::ColumnFamilyHandle* cf_records() const { return handles[1]; }
   rocksdb::ColumnFamilyHandle* cf_vectors() const { return handles[2]; }
 
-  mutable absl::Mutex manifest_mu;
+  mutable Mutex manifest_mu;
   rapidin::v1::Manifest manifest ABSL_GUARDED_BY(manifest_mu);
 
-  std::mutex ingest_mu;  // serialises writers
+  Mutex ingest_mu;  // serialises writers (the read-modify-write of ids, rows and the manifest)
   struct Shard {
     Shard(int64_t k, internal::HostAllocator a) : rows(k, a) {}
-    mutable std::shared_mutex mu;
-    internal::AlignedRows rows;
-    uint64_t generation = 1;           // see ShardView
-    uint64_t rewrite_generation = 0;
+    mutable SharedMutex mu;  // writers: Ingest and the load at Open; readers: scans, GetVector, Usage
+    internal::AlignedRows rows ABSL_GUARDED_BY(mu);
+    uint64_t generation ABSL_GUARDED_BY(mu) = 1;  // see ShardView
+    uint64_t rewrite_generation ABSL_GUARDED_BY(mu) = 0;
   };
   std::vector<std::unique_ptr<Shard>> shards;
   uint64_t resident_limit = ~uint64_t{0};  // rows [0, resident_limit) may live in the host tier
@@ -98,7 +96,7 @@ struct Store::Impl {
 
   int num_shards() const { return static_cast<int>(shards.size()); }
   uint32_t k() const {
-    absl::MutexLock l(&manifest_mu);
+    MutexLock l(&manifest_mu);
     return manifest.k();
   }
 
@@ -137,6 +135,7 @@ struct Store::Impl {
     const int s_count = num_shards();
     for (int s = 0; s < s_count; ++s) {
       const int64_t rows = static_cast<int64_t>((count + s_count - 1 - s) / s_count);
+      WriterMutexLock l(&shards[s]->mu);  // uncontended: the store is not shared yet
       if (!shards[s]->rows.Reserve(rows)) {
         return absl::ResourceExhaustedError(absl::StrCat("cannot allocate the host tier for ", count, " rows"));
       }
@@ -154,7 +153,9 @@ struct Store::Impl {
                                                 " bytes, expected ", k * sizeof(uint16_t)));
       }
       if (index >= count) break;  // caught below
-      shards[index % s_count]->rows.Append(reinterpret_cast<const uint16_t*>(it->value().data()));
+      Shard& shard = *shards[index % s_count];
+      WriterMutexLock l(&shard.mu);
+      shard.rows.Append(reinterpret_cast<const uint16_t*>(it->value().data()));
       ++expect;
       if (options.progress && expect % step == 0) options.progress(expect, count);
     }
@@ -266,7 +267,7 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path, cons
                      ProjectionStateId(options.projection_state)));
   }
   {
-    absl::MutexLock l(&impl->manifest_mu);
+    MutexLock l(&impl->manifest_mu);
     impl->manifest = m;
   }
   for (int s = 0; s < options.num_shards; ++s) {
@@ -309,7 +310,7 @@ absl::StatusOr<IngestResult> Store::Ingest(const std::vector<IngestItem>& batch)
     }
   }
 
-  std::lock_guard<std::mutex> writer(d.ingest_mu);
+  MutexLock writer(&d.ingest_mu);
   rapidin::v1::Manifest m = manifest();
   const uint64_t old_count = m.record_count();
   uint64_t next = old_count;
@@ -342,7 +343,7 @@ absl::StatusOr<IngestResult> Store::Ingest(const std::vector<IngestItem>& batch)
   const uint64_t resident = d.Resident(next);
   for (int s = 0; s < S; ++s) {
     const int64_t need = static_cast<int64_t>((resident + S - 1 - s) / S);
-    std::unique_lock<std::shared_mutex> l(d.shards[s]->mu);
+    WriterMutexLock l(&d.shards[s]->mu);
     if (!d.shards[s]->rows.Reserve(need)) {
       return absl::ResourceExhaustedError("host tier: out of memory for this batch");
     }
@@ -373,7 +374,7 @@ absl::StatusOr<IngestResult> Store::Ingest(const std::vector<IngestItem>& batch)
   for (const auto& [g, i] : by_row) {
     if (g >= resident) break;  // cold rows live on disk only
     auto& shard = *d.shards[g % S];
-    std::unique_lock<std::shared_mutex> l(shard.mu);
+    WriterMutexLock l(&shard.mu);
     ++shard.generation;
     if (g < old_count) {
       shard.rows.Overwrite(static_cast<int64_t>(g / S), halves[i].data());
@@ -383,7 +384,7 @@ absl::StatusOr<IngestResult> Store::Ingest(const std::vector<IngestItem>& batch)
     }
   }
   {
-    absl::MutexLock l(&d.manifest_mu);
+    MutexLock l(&d.manifest_mu);
     d.manifest.set_record_count(next);
   }
   return result;
@@ -424,7 +425,7 @@ absl::StatusOr<std::vector<float>> Store::GetVector(uint64_t index) const {
   }
   const int S = impl_->num_shards();
   const auto& shard = *impl_->shards[index % S];
-  std::shared_lock<std::shared_mutex> l(shard.mu);
+  ReaderMutexLock l(&shard.mu);
   const int64_t r = static_cast<int64_t>(index / S);
   if (r >= shard.rows.n()) return absl::NotFoundError(absl::StrCat("no vector at row ", index));
   return widen(shard.rows.row(r));
@@ -433,7 +434,7 @@ absl::StatusOr<std::vector<float>> Store::GetVector(uint64_t index) const {
 absl::Status Store::WithShard(int s, const std::function<absl::Status(const ShardView&)>& fn) const {
   if (s < 0 || s >= impl_->num_shards()) return absl::OutOfRangeError(absl::StrCat("no shard ", s));
   const auto& shard = *impl_->shards[s];
-  std::shared_lock<std::shared_mutex> l(shard.mu);
+  ReaderMutexLock l(&shard.mu);
   ShardView v;
   v.shard = s;
   v.rows = shard.rows.data();
@@ -480,7 +481,7 @@ absl::Status Store::ReadRows(uint64_t begin, int64_t count, internal::AlignedRow
 }
 
 rapidin::v1::Manifest Store::manifest() const {
-  absl::MutexLock l(&impl_->manifest_mu);
+  MutexLock l(&impl_->manifest_mu);
   return impl_->manifest;
 }
 uint64_t Store::size() const { return manifest().record_count(); }
@@ -491,7 +492,7 @@ const std::string& Store::path() const { return impl_->path; }
 TierUsage Store::Usage() const {
   TierUsage u;
   for (const auto& s : impl_->shards) {
-    std::shared_lock<std::shared_mutex> l(s->mu);
+    ReaderMutexLock l(&s->mu);
     u.host_records += s->rows.n();
     u.host_bytes += s->rows.bytes();
   }

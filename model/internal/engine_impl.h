@@ -10,7 +10,6 @@
 #include <limits>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <regex>
 #include <string>
 #include <utility>
@@ -19,6 +18,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "base/mutex.h"
 #include "kernels/hash.h"
 #include "model/engine.h"
 
@@ -95,9 +95,10 @@ struct GradientEngine::Impl {
   std::vector<ParamInfo> infos;
   int64_t dim = 0;
   torch::Tensor cos, sin, neg_sin;  // [seq_len, head_dim / 2]
-  std::string hash;
-  bool hash_stale = false;   // weights changed by TrainStep since the last Rehash
-  std::mutex hash_mu;
+  // model_hash() may be called from any thread while TrainStep (one thread) marks the weights changed.
+  Mutex hash_mu;
+  std::string hash ABSL_GUARDED_BY(hash_mu);
+  bool hash_stale ABSL_GUARDED_BY(hash_mu) = false;  // weights changed by TrainStep since the last Rehash
   torch::Dtype dtype = torch::kFloat;
   torch::Device device = torch::kCPU;  // every weight and activation lives here
   bool rope_half = false;  // Hugging Face rotates (i, i + hd/2) pairs; llama2.c interleaved (2i, 2i+1) pairs
@@ -212,6 +213,10 @@ struct GradientEngine::Impl {
   }
 
   void Rehash() {
+    MutexLock l(&hash_mu);
+    RehashLocked();
+  }
+  void RehashLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(hash_mu) {
     uint64_t h = kernels::kFnv1aOffset;
     for (const auto& n : names) {
       auto c = w[n].detach().to(torch::kCPU, torch::kFloat).contiguous();

@@ -2,11 +2,11 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <mutex>
 #include <unordered_set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/mutex.h"
 #include "kernels/cuda/absl_status.h"
 #include "kernels/cuda/scanner.h"
 
@@ -14,14 +14,14 @@ namespace rapidin::query::internal {
 namespace {
 
 // Pinned memory when the driver gives it, plain aligned memory otherwise; the set says which to free how.
-std::mutex plain_mu;
-std::unordered_set<void*>* plain_blocks = new std::unordered_set<void*>();
+Mutex plain_mu;
+std::unordered_set<void*>* plain_blocks ABSL_PT_GUARDED_BY(plain_mu) = new std::unordered_set<void*>();
 
 void* HostTierAlloc(size_t bytes) {
   if (void* p = gpu::PinnedAlloc(bytes)) return p;
   void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
   if (p != nullptr) {
-    std::lock_guard<std::mutex> l(plain_mu);
+    MutexLock l(&plain_mu);
     plain_blocks->insert(p);
   }
   return p;
@@ -29,7 +29,7 @@ void* HostTierAlloc(size_t bytes) {
 
 void HostTierFree(void* p) {
   {
-    std::lock_guard<std::mutex> l(plain_mu);
+    MutexLock l(&plain_mu);
     if (plain_blocks->erase(p) > 0) {
       std::free(p);
       return;

@@ -3,13 +3,12 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <condition_variable>
 #include <map>
-#include <mutex>
 #include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/mutex.h"
 #include "kernels/topk.h"
 #include "model/attribution.h"
 #include "server/internal/service.h"
@@ -58,7 +57,7 @@ void MergeResults(const std::vector<const v1::QueryResult*>& parts, const std::v
     std::vector<std::vector<kernels::Candidate>> lists(parts.size());
     for (size_t i = 0; i < parts.size(); ++i) {
       for (const auto& r : helpful ? parts[i]->helpful() : parts[i]->harmful()) {
-        lists[i].push_back({r.score(), static_cast<int64_t>(r.index())});
+        lists[i].push_back({static_cast<float>(r.score()), static_cast<int64_t>(r.index())});
       }
     }
     const auto merged = kernels::MergeParts(lists, static_cast<int>(std::min<uint32_t>(k, INT32_MAX)), helpful,
@@ -86,21 +85,17 @@ std::vector<absl::Status> RouterService::FanOut(const grpc::ServerContext* paren
   out->assign(n, Resp());
   std::vector<std::unique_ptr<grpc::ClientContext>> ctxs(n);
   std::vector<grpc::Status> got(n);
-  std::mutex mu;
-  std::condition_variable cv;
-  size_t left = n;
+  BlockingCounter left(static_cast<int>(n));
   for (size_t i = 0; i < n; ++i) {
     ctxs[i] = parent ? grpc::ClientContext::FromServerContext(*parent) : std::make_unique<grpc::ClientContext>();
     if (deadline != absl::InfiniteFuture()) ctxs[i]->set_deadline(absl::ToChronoTime(deadline));
     ctxs[i]->set_wait_for_ready(wait_for_ready);
     call(shards_[i]->stub->async(), ctxs[i].get(), &req, &(*out)[i], [&, i](grpc::Status s) {
-      std::lock_guard<std::mutex> l(mu);
-      got[i] = std::move(s);
-      if (--left == 0) cv.notify_one();
+      got[i] = std::move(s);  // each callback its own slot; Wait() orders the writes before the reads below
+      left.DecrementCount();
     });
   }
-  std::unique_lock<std::mutex> l(mu);
-  cv.wait(l, [&] { return left == 0; });
+  left.Wait();
   std::vector<absl::Status> st(n);
   for (size_t i = 0; i < n; ++i) st[i] = ShardStatus(shards_[i]->address, got[i]);
   return st;
