@@ -1,4 +1,6 @@
 // `rapidin cache`: builds (or resumes) a store of RapidGrad-compressed gradients from an instruction data set.
+// Thread-safety: one RunCache per store at a time (the store's lock refuses a second process); it runs its own
+// worker threads (CacheOptions::threads).
 #ifndef RAPIDIN_CACHE_CACHE_H_
 #define RAPIDIN_CACHE_CACHE_H_
 

@@ -1,5 +1,6 @@
 // `rapidin finetune` and `rapidin eval`: fine-tuning with AdamW (full or LoRA) and per-record loss / greedy
-// generation, on the instruction data format of `rapidin cache`.
+// generation, on the instruction data format of `rapidin cache`. Thread-safety: each call owns its engine; calls
+// on different outputs may run concurrently.
 #ifndef RAPIDIN_CACHE_FINETUNE_H_
 #define RAPIDIN_CACHE_FINETUNE_H_
 

@@ -1,5 +1,8 @@
 // The rapidin client library behind the `rapidin` CLI: JSONL parsing with line-numbered errors, a thin gRPC
 // client, and the table/JSON renderings of results.
+//
+// Thread-safety: the free functions are; a Client may be shared by threads (gRPC stubs are thread-safe, and a
+// call keeps no state in the Client).
 #ifndef RAPIDIN_CLIENT_CLIENT_H_
 #define RAPIDIN_CLIENT_CLIENT_H_
 

@@ -1,5 +1,6 @@
 // Plain types shared by the GPU scanner (kernels/cuda/) and the backend seam (query/backend.h), so that neither
 // copies the other's fields. No CUDA here: every build includes this header, with or without the toolkit.
+// Plain values: thread-compatible.
 #ifndef RAPIDIN_KERNELS_GPU_TYPES_H_
 #define RAPIDIN_KERNELS_GPU_TYPES_H_
 

@@ -2,6 +2,7 @@
 //
 // FloatToHalf rounds to nearest, ties to even (the rounding of F16C's _MM_FROUND_TO_NEAREST_INT); values beyond
 // the fp16 range become +/-inf, so callers that must not store inf check FitsHalf first. HalfToFloat is exact.
+// Pure functions: thread-safe.
 #ifndef RAPIDIN_KERNELS_HALF_H_
 #define RAPIDIN_KERNELS_HALF_H_
 

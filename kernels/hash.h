@@ -1,5 +1,6 @@
 // FNV-1a 64: the one hash of the project (projection-state ids, model and preconditioner hashes). Stable across
-// builds and machines, so ids written into a store stay valid. Not for adversarial inputs. Header-only.
+// builds and machines, so ids written into a store stay valid. Not for adversarial inputs. Header-only; pure
+// functions, thread-safe.
 #ifndef RAPIDIN_KERNELS_HASH_H_
 #define RAPIDIN_KERNELS_HASH_H_
 

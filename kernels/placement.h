@@ -1,7 +1,7 @@
 // Where each host shard goes among several GPUs (kernels/cuda/scanner.cc), as plain C++ so that it is tested
 // without a device: shards are taken largest first (ties by index); a shard is hot on the device with the most
 // hot-tier budget left when it fits there (a tie goes to the lower device), else warm (streamed from host memory)
-// on the device with the fewest warm bytes so far.
+// on the device with the fewest warm bytes so far. A pure function: thread-safe.
 #ifndef RAPIDIN_KERNELS_PLACEMENT_H_
 #define RAPIDIN_KERNELS_PLACEMENT_H_
 

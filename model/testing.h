@@ -1,5 +1,5 @@
 // Test hooks into a GradientEngine's selected parameters (finite-difference checks, training tests). Not for
-// production code paths.
+// production code paths. Not thread-safe: Perturb changes the weights under any concurrent gradient pass.
 #ifndef RAPIDIN_MODEL_TESTING_H_
 #define RAPIDIN_MODEL_TESTING_H_
 

@@ -1,6 +1,7 @@
 // Metrics: defined here, in one place, named rapidin_<what>_<unit>, served as Prometheus text on their own
 // port by a small HTTP listener (prometheus-cpp's TextSerializer; civetweb's Exposer is avoided because its
-// fixed thread stacks are too small inside a LibTorch process, see BUILD-NOTES).
+// fixed thread stacks are too small inside a LibTorch process, see BUILD-NOTES). Thread-safety: every recording
+// method may be called from any thread (prometheus-cpp's metrics are atomic); call Serve once.
 #ifndef RAPIDIN_SERVER_METRICS_H_
 #define RAPIDIN_SERVER_METRICS_H_
 

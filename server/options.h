@@ -1,7 +1,7 @@
 // rapidin-server's options, grouped by role: every server listens (net) and enforces request limits; a shard
 // server opens a store and scans it (store, scan); a router forwards to shard servers (router); either answers
 // queries by text when given the model (model). Server::Create checks that exactly one of store.path and
-// router.shard_servers is set.
+// router.shard_servers is set. Plain values: thread-compatible.
 #ifndef RAPIDIN_SERVER_OPTIONS_H_
 #define RAPIDIN_SERVER_OPTIONS_H_
 

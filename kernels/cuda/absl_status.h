@@ -1,5 +1,6 @@
 // gpu::Status as absl::Status, for the layers above kernels/cuda/ (the GPU layer itself has no Abseil, so that
-// scripts/gpu-check.sh builds it with the CUDA toolkit alone).
+// scripts/gpu-check.sh builds it with the CUDA toolkit alone). The one conversion, used by query/internal/
+// cuda_backend.cc and model/internal/device_sketch_cuda.cc. Thread-safe.
 #ifndef RAPIDIN_KERNELS_CUDA_ABSL_STATUS_H_
 #define RAPIDIN_KERNELS_CUDA_ABSL_STATUS_H_
 

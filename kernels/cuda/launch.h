@@ -2,7 +2,8 @@
 //
 // CUB-style: the caller owns every buffer (including scratch, sized by a first call with scratch == nullptr),
 // every launch takes an explicit stream and is asynchronous, and errors come back as cudaError_t (launch
-// configuration errors included); nothing here allocates, synchronises or aborts.
+// configuration errors included); nothing here allocates, synchronises or aborts. Thread-safe: launches from
+// several threads are ordered only by the streams they are given.
 // Layouts: a store is n rows of k 16-bit values (row-major); queries are q rows of k floats; scores are
 // query-major, scores[j * n + r].
 #ifndef RAPIDIN_KERNELS_CUDA_LAUNCH_H_

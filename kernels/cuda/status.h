@@ -1,7 +1,8 @@
 // Errors of the GPU layer. Every CUDA, CUB and NCCL failure is returned as a Status (never an abort or exit).
 //
 // This layer has no Abseil dependency so it builds on a GPU machine that has only the CUDA toolkit
-// (scripts/gpu-check.sh); server/ maps a gpu::Status to an absl::Status with the same meaning.
+// (scripts/gpu-check.sh); kernels/cuda/absl_status.h maps a gpu::Status to an absl::Status with the same meaning,
+// for query/ and model/. A Status is a value: thread-compatible.
 #ifndef RAPIDIN_KERNELS_CUDA_STATUS_H_
 #define RAPIDIN_KERNELS_CUDA_STATUS_H_
 
