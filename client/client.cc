@@ -210,18 +210,27 @@ absl::Status CheckUtf8In(const google::protobuf::Message& m, const std::string& 
 absl::Status CheckUtf8(const google::protobuf::Message& m) { return CheckUtf8In(m, ""); }
 
 std::unique_ptr<Client> Client::Connect(const std::string& address, double deadline_s, int max_message_bytes) {
+  return std::move(*Connect(address, Credentials(), deadline_s, max_message_bytes));  // plaintext cannot fail
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& address, const Credentials& credentials,
+                                                        double deadline_s, int max_message_bytes) {
+  auto creds = ChannelCredentials(credentials);
+  if (!creds.ok()) return creds.status();
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(max_message_bytes);
   args.SetMaxSendMessageSize(max_message_bytes);
-  auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  auto channel = grpc::CreateCustomChannel(address, *creds, args);
   std::unique_ptr<Client> c(new Client());
   c->stub_ = rapidin::v1::InfluenceService::NewStub(channel);
   c->deadline_s_ = deadline_s;
+  c->credentials_ = credentials;
   return c;
 }
 
-void Client::SetDeadline(grpc::ClientContext* ctx) const {
-  if (deadline_s_ > 0) {
+void Client::Prepare(grpc::ClientContext* ctx, bool stream) const {
+  AddToken(credentials_, ctx);
+  if (!stream && deadline_s_ > 0) {
     ctx->set_deadline(std::chrono::system_clock::now() +
                       std::chrono::microseconds(static_cast<int64_t>(deadline_s_ * 1e6)));
   }
@@ -231,6 +240,7 @@ absl::StatusOr<rapidin::v1::IngestResponse> Client::Ingest(
     const std::function<bool(rapidin::v1::IngestRequest*)>& next_batch,
     const std::function<void(uint64_t)>& progress) {
   grpc::ClientContext ctx;
+  Prepare(&ctx, /*stream=*/true);
   rapidin::v1::IngestResponse resp;
   auto writer = stub_->Ingest(&ctx, &resp);
   rapidin::v1::IngestRequest batch;
@@ -257,7 +267,7 @@ absl::StatusOr<rapidin::v1::IngestResponse> Client::Ingest(
 absl::StatusOr<rapidin::v1::QueryByVectorResponse> Client::QueryByVector(
     const rapidin::v1::QueryByVectorRequest& req) {
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  Prepare(&ctx);
   if (absl::Status bad = CheckUtf8(req); !bad.ok()) return bad;
   rapidin::v1::QueryByVectorResponse resp;
   absl::Status st = FromGrpc(stub_->QueryByVector(&ctx, req, &resp));
@@ -267,7 +277,7 @@ absl::StatusOr<rapidin::v1::QueryByVectorResponse> Client::QueryByVector(
 
 absl::StatusOr<rapidin::v1::QueryResponse> Client::Query(const rapidin::v1::QueryRequest& req) {
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  Prepare(&ctx);
   if (absl::Status bad = CheckUtf8(req); !bad.ok()) return bad;
   rapidin::v1::QueryResponse resp;
   absl::Status st = FromGrpc(stub_->Query(&ctx, req, &resp));
@@ -277,7 +287,7 @@ absl::StatusOr<rapidin::v1::QueryResponse> Client::Query(const rapidin::v1::Quer
 
 absl::StatusOr<rapidin::v1::StatsResponse> Client::Stats() {
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  Prepare(&ctx);
   rapidin::v1::StatsResponse resp;
   absl::Status st = FromGrpc(stub_->Stats(&ctx, rapidin::v1::StatsRequest(), &resp));
   if (!st.ok()) return st;
@@ -286,7 +296,7 @@ absl::StatusOr<rapidin::v1::StatsResponse> Client::Stats() {
 
 absl::StatusOr<rapidin::v1::GetRecordResponse> Client::GetRecord(const std::string& id, bool include_vector) {
   grpc::ClientContext ctx;
-  SetDeadline(&ctx);
+  Prepare(&ctx);
   rapidin::v1::GetRecordRequest req;
   req.set_id(id);
   req.set_include_vector(include_vector);

@@ -15,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "client/credentials.h"
 #include "rapidin/v1/rapidin.grpc.pb.h"
 
 namespace rapidin::client {
@@ -40,9 +41,12 @@ absl::Status CheckUtf8(const google::protobuf::Message& m);
 // Every call checks its request with CheckUtf8 before sending it.
 class Client {
  public:
-  // deadline_s <= 0: no deadline.
+  // Plaintext, no token. deadline_s <= 0: no deadline.
   static std::unique_ptr<Client> Connect(const std::string& address, double deadline_s = 60,
                                          int max_message_bytes = 64 << 20);
+  // With TLS and/or a bearer token (client/credentials.h); the errors of ChannelCredentials.
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(const std::string& address, const Credentials& credentials,
+                                                         double deadline_s = 60, int max_message_bytes = 64 << 20);
 
   // Streams `batches`; each is applied atomically by the server. progress(records_sent) after each batch.
   absl::StatusOr<rapidin::v1::IngestResponse> Ingest(
@@ -55,9 +59,11 @@ class Client {
 
  private:
   Client() = default;
-  void SetDeadline(grpc::ClientContext* ctx) const;
+  // The deadline (unless `stream`: an Ingest stream runs as long as its batches) and the token.
+  void Prepare(grpc::ClientContext* ctx, bool stream = false) const;
   std::unique_ptr<rapidin::v1::InfluenceService::Stub> stub_;
   double deadline_s_ = 60;
+  Credentials credentials_;
 };
 
 // Renderings. JSON is one object per call, stable field names (protobuf's JSON mapping).

@@ -37,6 +37,22 @@ int Fail(const absl::Status& st) {
   return 1;
 }
 
+// TLS and token settings of the gRPC subcommands (--tls-ca, --tls-cert, --tls-key, --token-file, RAPIDIN_TOKEN).
+rapidin::client::Credentials g_credentials;
+std::string g_token_file;
+
+absl::StatusOr<std::unique_ptr<Client>> Dial(const std::string& server, double deadline) {
+  rapidin::client::Credentials c = g_credentials;
+  if (!g_token_file.empty()) {
+    auto t = rapidin::client::ReadTokenFile(g_token_file);
+    if (!t.ok()) return t.status();
+    c.token = *t;
+  } else if (const char* env = std::getenv("RAPIDIN_TOKEN"); env != nullptr && *env != '\0') {
+    c.token = env;
+  }
+  return Client::Connect(server, c, deadline);
+}
+
 int Ingest(const std::string& server, const std::string& file, int batch_size, double deadline) {
   // Parse the whole file first so that a bad line is reported before anything is sent.
   std::vector<rapidin::v1::IngestRecord> records;
@@ -47,7 +63,9 @@ int Ingest(const std::string& server, const std::string& file, int batch_size, d
     return absl::OkStatus();
   });
   if (!st.ok()) return Fail(st);
-  auto client = Client::Connect(server, deadline);
+  auto dialed = Dial(server, deadline);
+  if (!dialed.ok()) return Fail(dialed.status());
+  auto& client = *dialed;
   size_t next = 0;
   const auto t0 = std::chrono::steady_clock::now();
   const bool tty = isatty(STDERR_FILENO);
@@ -89,7 +107,9 @@ int QueryVectors(const std::string& server, const std::string& file, uint32_t to
   req.set_aggregate(aggregate);
   req.set_projection_state_id(psid);
   req.set_omit_text(omit_text);
-  auto resp = Client::Connect(server, deadline)->QueryByVector(req);
+  auto client = Dial(server, deadline);
+  if (!client.ok()) return Fail(client.status());
+  auto resp = (*client)->QueryByVector(req);
   if (!resp.ok()) return Fail(resp.status());
   std::cout << (json ? rapidin::client::ToJson(*resp) + "\n" : rapidin::client::QueryTable(*resp));
   return 0;
@@ -107,7 +127,9 @@ int QueryText(const std::string& server, const std::string& instruction, const s
   req.set_harmful_k(harmful_k);
   req.set_attributions(tokens || !html.empty());
   for (const auto& h : hotwords) req.add_hotwords(h);
-  auto resp = Client::Connect(server, deadline)->Query(req);
+  auto client = Dial(server, deadline);
+  if (!client.ok()) return Fail(client.status());
+  auto resp = (*client)->Query(req);
   if (!resp.ok()) return Fail(resp.status());
   if (!html.empty()) {
     std::ofstream f(html);
@@ -385,6 +407,13 @@ int main(int argc, char** argv) {
   get->add_flag("--json", json);
   get->add_option("--timeout", deadline, "seconds (0: none)");
 
+  for (CLI::App* sub : {ingest, query, stats, get}) {
+    sub->add_option("--tls-ca", g_credentials.tls_ca, "PEM: the CA of the server's certificate (default: plaintext)");
+    sub->add_option("--tls-cert", g_credentials.tls_cert, "PEM: this client's certificate (mutual TLS)");
+    sub->add_option("--tls-key", g_credentials.tls_key, "PEM: its private key");
+    sub->add_option("--token-file", g_token_file, "bearer token, first line of the file (default: $RAPIDIN_TOKEN)");
+  }
+
   auto* demo = app.add_subcommand("make-demo", "write demo records (Alpaca text, random vectors) and queries");
   std::string alpaca, out_records = "demo_records.jsonl", out_queries = "demo_queries.jsonl";
   int n = 5000, k = 4096, nq = 2;
@@ -551,13 +580,17 @@ int main(int argc, char** argv) {
                      deadline);
   }
   if (*stats) {
-    auto r = Client::Connect(server, deadline)->Stats();
+    auto client = Dial(server, deadline);
+    if (!client.ok()) return Fail(client.status());
+    auto r = (*client)->Stats();
     if (!r.ok()) return Fail(r.status());
     std::cout << (json ? rapidin::client::ToJson(*r) + "\n" : rapidin::client::StatsTable(*r));
     return 0;
   }
   if (*get) {
-    auto r = Client::Connect(server, deadline)->GetRecord(id, with_vector);
+    auto client = Dial(server, deadline);
+    if (!client.ok()) return Fail(client.status());
+    auto r = (*client)->GetRecord(id, with_vector);
     if (!r.ok()) return Fail(r.status());
     std::cout << (json ? rapidin::client::ToJson(*r) + "\n" : rapidin::client::RecordTable(*r));
     return 0;

@@ -9,11 +9,13 @@
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <string>
 #include <thread>
 
+#include "client/credentials.h"
 #include "server/server.h"
 
 int main(int argc, char** argv) {
@@ -82,8 +84,31 @@ int main(int argc, char** argv) {
                  "copies | loop (one backward pass per token: the slow reference)")
       ->check(CLI::IsMember(token_methods))
       ->capture_default_str();
+  app.add_option("--tls-cert", o.net.tls_cert, "PEM: the server's certificate (TLS only; plaintext is refused)");
+  app.add_option("--tls-key", o.net.tls_key, "PEM: its private key");
+  app.add_option("--tls-client-ca", o.net.tls_client_ca, "PEM: require client certificates signed by this CA (mTLS)");
+  app.add_option("--auth-tokens", o.net.auth_tokens,
+                 "file of \"TOKEN ROLE\" lines (roles: query, ingest, admin); every RPC then needs "
+                 "\"authorization: Bearer TOKEN\". Re-read on SIGHUP");
+  app.add_option("--shard-tls-ca", o.router.shard_credentials.tls_ca, "router: PEM CA of the shard servers (TLS)");
+  app.add_option("--shard-tls-cert", o.router.shard_credentials.tls_cert, "router: its client certificate (mTLS)");
+  app.add_option("--shard-tls-key", o.router.shard_credentials.tls_key, "router: that certificate's key");
+  std::string shard_token_file;
+  app.add_option("--shard-token-file", shard_token_file,
+                 "router: bearer token for the shard servers, first line of the file (default: "
+                 "$RAPIDIN_SHARD_TOKEN); needs the admin role there to forward every method");
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  if (!shard_token_file.empty()) {
+    auto t = rapidin::client::ReadTokenFile(shard_token_file);
+    if (!t.ok()) {
+      std::fprintf(stderr, "rapidin-server: %s\n", t.status().ToString().c_str());
+      return 1;
+    }
+    o.router.shard_credentials.token = *t;
+  } else if (const char* env = std::getenv("RAPIDIN_SHARD_TOKEN"); env != nullptr && *env != '\0') {
+    o.router.shard_credentials.token = env;
+  }
   o.model.token_method = token_methods.at(token_method);
   o.router.connect_timeout = absl::Seconds(connect_s);
   o.store.host_budget_bytes = static_cast<uint64_t>(host_budget_mb * 1048576.0);
@@ -116,6 +141,7 @@ int main(int argc, char** argv) {
   sigemptyset(&sa.sa_mask);
   sigaction(SIGTERM, &sa, nullptr);
   sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGHUP, &sa, nullptr);
 
   o.store.load_progress = [](uint64_t done, uint64_t total) {
     if (total >= 10000) spdlog::info("loading vectors: {}/{} ({:.0f}%)", done, total, 100.0 * done / total);
@@ -126,12 +152,20 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::thread signals([&] {
-    char sig = 0;
-    while (read(pipe_fds[0], &sig, 1) < 0 && errno == EINTR) {
+    for (;;) {
+      char sig = 0;
+      while (read(pipe_fds[0], &sig, 1) < 0 && errno == EINTR) {
+      }
+      if (sig == 0) return;  // woken by main after a shutdown for another reason
+      if (sig == SIGHUP) {   // re-read the token file; the old tokens stay in force on an error
+        absl::Status st = (*server)->ReloadTokens();
+        if (!st.ok()) spdlog::error("SIGHUP: tokens not reloaded: {}", st.ToString());
+        continue;
+      }
+      spdlog::info("received {}", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+      (*server)->Shutdown(absl::Seconds(grace_s));
+      return;
     }
-    if (sig == 0) return;  // woken by main after a shutdown for another reason
-    spdlog::info("received {}", sig == SIGTERM ? "SIGTERM" : "SIGINT");
-    (*server)->Shutdown(absl::Seconds(grace_s));
   });
   (*server)->Wait();
   const char zero = 0;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/time/time.h"
+#include "client/credentials.h"
 #include "kernels/gpu_types.h"
 #include "kernels/score.h"
 #include "model/engine.h"  // TokenGradMethod
@@ -22,6 +23,12 @@ struct ServerOptions {
     std::string listen = "127.0.0.1:50051";         // port 0 picks a free port (see Server::port)
     std::string metrics_listen = "127.0.0.1:9464";  // empty disables /metrics
     int max_message_bytes = 64 << 20;               // larger requests get RESOURCE_EXHAUSTED
+    // TLS (PEM files): with a certificate and key the gRPC port speaks TLS only (plaintext is refused); with a
+    // client CA too, clients must present a certificate it signed (mutual TLS).
+    std::string tls_cert, tls_key, tls_client_ca;
+    // "TOKEN ROLE" lines (server/internal/auth.h): every RPC then needs a bearer token of its role. Re-read by
+    // Server::ReloadTokens (SIGHUP in rapidin-server).
+    std::string auth_tokens;
   };
   // What one request may ask for.
   struct Limits {
@@ -62,6 +69,7 @@ struct ServerOptions {
   struct Router {
     std::vector<std::string> shard_servers;
     absl::Duration connect_timeout = absl::Seconds(60);
+    client::Credentials shard_credentials;  // TLS and token for the connections to the shard servers
   };
 
   Net net;

@@ -16,6 +16,7 @@
 #include "model/featurizer.h"
 #include "query/query_engine.h"
 #include "rapidin/v1/rapidin.grpc.pb.h"
+#include "server/internal/auth.h"
 #include "server/internal/router.h"
 #include "server/internal/service.h"
 #include "server/metrics.h"
@@ -32,27 +33,35 @@ namespace {
 
 namespace v1 = rapidin::v1;
 using internal::DeadlineOf;
+using internal::Need;
 
 class InfluenceServiceImpl final : public v1::InfluenceService::Service {
  public:
   InfluenceServiceImpl(storage::Store* store, QueryEngine* engine, Metrics* metrics,
-                       const model::Featurizer* featurizer, const ServerOptions& options)
-      : store_(store), engine_(engine), metrics_(metrics), featurizer_(featurizer), options_(options) {}
+                       const model::Featurizer* featurizer, const ServerOptions& options,
+                       const internal::TokenTable* tokens)
+      : store_(store), engine_(engine), metrics_(metrics), featurizer_(featurizer), options_(options),
+        tokens_(tokens) {}
 
   grpc::Status Query(grpc::ServerContext* ctx, const v1::QueryRequest* req, v1::QueryResponse* resp) override {
     const auto t0 = std::chrono::steady_clock::now();
+    if (absl::Status a = Authorize(*ctx, Need::kQuery, "Query"); !a.ok()) return Observe("Query", t0, a);
     return Observe("Query", t0, DoQuery(ctx, *req, resp, t0));
   }
 
   grpc::Status QueryByVector(grpc::ServerContext* ctx, const v1::QueryByVectorRequest* req,
                              v1::QueryByVectorResponse* resp) override {
     const auto t0 = std::chrono::steady_clock::now();
+    if (absl::Status a = Authorize(*ctx, Need::kQuery, "QueryByVector"); !a.ok()) {
+      return Observe("QueryByVector", t0, a);
+    }
     return Observe("QueryByVector", t0, DoQueryByVector(ctx, *req, resp, t0));
   }
 
   grpc::Status Ingest(grpc::ServerContext* ctx, grpc::ServerReader<v1::IngestRequest>* reader,
                       v1::IngestResponse* resp) override {
     const auto t0 = std::chrono::steady_clock::now();
+    if (absl::Status a = Authorize(*ctx, Need::kIngest, "Ingest"); !a.ok()) return Observe("Ingest", t0, a);
     v1::IngestRequest msg;
     absl::Status st;
     while (reader->Read(&msg)) {
@@ -86,8 +95,10 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     return Observe("Ingest", t0, st);
   }
 
-  grpc::Status GetRecord(grpc::ServerContext*, const v1::GetRecordRequest* req, v1::GetRecordResponse* resp) override {
+  grpc::Status GetRecord(grpc::ServerContext* ctx, const v1::GetRecordRequest* req,
+                         v1::GetRecordResponse* resp) override {
     const auto t0 = std::chrono::steady_clock::now();
+    if (absl::Status a = Authorize(*ctx, Need::kQuery, "GetRecord"); !a.ok()) return Observe("GetRecord", t0, a);
     if (req->id().empty()) return Observe("GetRecord", t0, absl::InvalidArgumentError("id is empty"));
     auto sr = store_->GetRecordById(req->id());
     if (!sr.ok()) return Observe("GetRecord", t0, sr.status());
@@ -101,8 +112,9 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     return Observe("GetRecord", t0, absl::OkStatus());
   }
 
-  grpc::Status Stats(grpc::ServerContext*, const v1::StatsRequest*, v1::StatsResponse* resp) override {
+  grpc::Status Stats(grpc::ServerContext* ctx, const v1::StatsRequest*, v1::StatsResponse* resp) override {
     const auto t0 = std::chrono::steady_clock::now();
+    if (absl::Status a = Authorize(*ctx, Need::kAnyRole, "Stats"); !a.ok()) return Observe("Stats", t0, a);
     const v1::Manifest m = store_->manifest();
     resp->set_num_records(m.record_count());
     resp->set_k(m.k());
@@ -161,6 +173,9 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
  private:
   grpc::Status Observe(const char* method, std::chrono::steady_clock::time_point t0, const absl::Status& st) {
     return internal::Observe(metrics_, method, t0, st);
+  }
+  absl::Status Authorize(const grpc::ServerContext& ctx, Need need, const char* method) const {
+    return internal::Authorize(tokens_, ctx, need, method);
   }
 
   // Validates the request and returns the query matrix (q x K), aggregated into one row when asked.
@@ -312,6 +327,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
   Metrics* metrics_;
   const model::Featurizer* featurizer_;
   ServerOptions options_;
+  const internal::TokenTable* tokens_;  // null: no tokens required
 };
 
 }  // namespace
@@ -324,6 +340,7 @@ struct Server::Impl {
   std::unique_ptr<Metrics> metrics;
   std::unique_ptr<InfluenceServiceImpl> service;
   std::unique_ptr<internal::RouterService> router;  // router mode, instead of store, engine and service
+  std::unique_ptr<internal::TokenTable> tokens;     // null without --auth-tokens
   std::unique_ptr<grpc::Server> grpc_server;
   int port = 0;
   std::once_flag shutdown_once;
@@ -337,7 +354,9 @@ namespace {
 
 // Starts /metrics and the gRPC server for `service` (health and reflection included).
 absl::Status Serve(const ServerOptions& options, grpc::Service* service, Metrics* metrics, const std::string& what,
-                   std::unique_ptr<grpc::Server>* out, int* port) {
+                   const internal::TokenTable* tokens, std::unique_ptr<grpc::Server>* out, int* port) {
+  auto creds = internal::ServerCredentials(options.net);  // files read again here: checked in Create
+  if (!creds.ok()) return creds.status();
   if (!options.net.metrics_listen.empty()) {
     absl::Status st = metrics->Serve(options.net.metrics_listen);
     if (!st.ok()) return st;
@@ -345,7 +364,7 @@ absl::Status Serve(const ServerOptions& options, grpc::Service* service, Metrics
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.net.listen, grpc::InsecureServerCredentials(), port);
+  builder.AddListeningPort(options.net.listen, *creds, port);
   builder.SetMaxReceiveMessageSize(options.net.max_message_bytes);
   builder.SetMaxSendMessageSize(options.net.max_message_bytes);
   builder.RegisterService(service);
@@ -353,7 +372,11 @@ absl::Status Serve(const ServerOptions& options, grpc::Service* service, Metrics
   if (!*out || *port == 0) return absl::UnavailableError(absl::StrCat("cannot listen on ", options.net.listen));
   (*out)->GetHealthCheckService()->SetServingStatus("rapidin.v1.InfluenceService", true);
   (*out)->GetHealthCheckService()->SetServingStatus("", true);
-  spdlog::info("serving rapidin.v1.InfluenceService on port {} ({}){}", *port, what,
+  const char* transport = options.net.tls_cert.empty()       ? "plaintext"
+                          : options.net.tls_client_ca.empty() ? "TLS"
+                                                              : "mutual TLS";
+  spdlog::info("serving rapidin.v1.InfluenceService on port {} ({}; {}, {}){}", *port, what, transport,
+               tokens ? absl::StrCat(tokens->size(), " bearer tokens") : "no tokens",
                options.net.metrics_listen.empty() ? "" : absl::StrCat(", metrics on port ", metrics->port()));
   return absl::OkStatus();
 }
@@ -364,19 +387,28 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   if (options.limits.max_top_k == 0 || options.limits.max_query_vectors <= 0 || options.net.max_message_bytes <= 0) {
     return absl::InvalidArgumentError("limits must be positive");
   }
+  // Security settings are checked first, before any slow start-up work.
+  if (auto creds = internal::ServerCredentials(options.net); !creds.ok()) return creds.status();
+  std::unique_ptr<internal::TokenTable> tokens;
+  if (!options.net.auth_tokens.empty()) {
+    auto t = internal::TokenTable::Load(options.net.auth_tokens);
+    if (!t.ok()) return t.status();
+    tokens = std::move(*t);
+  }
   if (!options.router.shard_servers.empty()) {
     if (!options.store.path.empty()) {
       return absl::InvalidArgumentError("--store and --shard-servers exclude each other: a router has no store");
     }
     auto impl = std::make_unique<Impl>();
     impl->options = options;
+    impl->tokens = std::move(tokens);
     impl->metrics = std::make_unique<Metrics>();
-    auto router = internal::RouterService::Create(options, impl->metrics.get());
+    auto router = internal::RouterService::Create(options, impl->metrics.get(), impl->tokens.get());
     if (!router.ok()) return router.status();
     impl->router = std::move(*router);
     absl::Status st = Serve(options, impl->router.get(), impl->metrics.get(),
                             absl::StrCat("router over ", options.router.shard_servers.size(), " shard servers"),
-                            &impl->grpc_server, &impl->port);
+                            impl->tokens.get(), &impl->grpc_server, &impl->port);
     if (!st.ok()) return st;
     return std::unique_ptr<Server>(new Server(std::move(impl)));
   }
@@ -455,12 +487,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count());
   }
   impl->metrics = std::make_unique<Metrics>();
+  impl->tokens = std::move(tokens);
   impl->service = std::make_unique<InfluenceServiceImpl>(impl->store.get(), impl->engine.get(), impl->metrics.get(),
-                                                         impl->featurizer.get(), options);
+                                                         impl->featurizer.get(), options, impl->tokens.get());
   impl->service->UpdateTierMetrics();
   absl::Status st = Serve(options, impl->service.get(), impl->metrics.get(),
                           absl::StrCat(impl->engine->num_workers(), " workers, ", impl->engine->backend(), " kernels"),
-                          &impl->grpc_server, &impl->port);
+                          impl->tokens.get(), &impl->grpc_server, &impl->port);
   if (!st.ok()) return st;
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }
@@ -469,6 +502,13 @@ int Server::port() const { return impl_->port; }
 int Server::metrics_port() const { return impl_->options.net.metrics_listen.empty() ? 0 : impl_->metrics->port(); }
 
 void Server::Wait() { impl_->grpc_server->Wait(); }
+
+absl::Status Server::ReloadTokens() {
+  if (!impl_->tokens) return absl::FailedPreconditionError("the server was started without --auth-tokens");
+  absl::Status st = impl_->tokens->Reload();
+  if (st.ok()) spdlog::info("reloaded {}: {} bearer tokens", impl_->options.net.auth_tokens, impl_->tokens->size());
+  return st;
+}
 
 void Server::Shutdown(absl::Duration grace) {
   std::call_once(impl_->shutdown_once, [&] {

@@ -31,6 +31,9 @@ class Server {
   int port() const;          // the gRPC port actually bound
   int metrics_port() const;  // 0 when metrics are disabled
   void Wait();               // until Shutdown
+  // Re-reads ServerOptions::net.auth_tokens (rapidin-server does on SIGHUP); on an error the old tokens stay.
+  // FAILED_PRECONDITION when the server has no token file.
+  absl::Status ReloadTokens();
   // Stops accepting RPCs, lets in-flight ones finish until `grace`, then cancels the rest.
   void Shutdown(absl::Duration grace = absl::Seconds(5));
 

@@ -9,8 +9,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/mutex.h"
+#include "client/credentials.h"
 #include "kernels/topk.h"
 #include "model/attribution.h"
+#include "server/internal/auth.h"
 #include "server/internal/service.h"
 
 namespace rapidin::server::internal {
@@ -74,7 +76,8 @@ void MergeResults(const std::vector<const v1::QueryResult*>& parts, const std::v
   merge(false, harmful_k, out->mutable_harmful());
 }
 
-RouterService::RouterService(const ServerOptions& options, Metrics* metrics) : options_(options), metrics_(metrics) {}
+RouterService::RouterService(const ServerOptions& options, Metrics* metrics, const TokenTable* tokens)
+    : options_(options), metrics_(metrics), tokens_(tokens) {}
 RouterService::~RouterService() = default;
 
 template <typename Req, typename Resp, typename Call>
@@ -90,6 +93,7 @@ std::vector<absl::Status> RouterService::FanOut(const grpc::ServerContext* paren
     ctxs[i] = parent ? grpc::ClientContext::FromServerContext(*parent) : std::make_unique<grpc::ClientContext>();
     if (deadline != absl::InfiniteFuture()) ctxs[i]->set_deadline(absl::ToChronoTime(deadline));
     ctxs[i]->set_wait_for_ready(wait_for_ready);
+    client::AddToken(options_.router.shard_credentials, ctxs[i].get());
     call(shards_[i]->stub->async(), ctxs[i].get(), &req, &(*out)[i], [&, i](grpc::Status s) {
       got[i] = std::move(s);  // each callback its own slot; Wait() orders the writes before the reads below
       left.DecrementCount();
@@ -102,8 +106,12 @@ std::vector<absl::Status> RouterService::FanOut(const grpc::ServerContext* paren
 }
 
 absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const ServerOptions& options,
-                                                                     Metrics* metrics) {
-  std::unique_ptr<RouterService> r(new RouterService(options, metrics));
+                                                                     Metrics* metrics, const TokenTable* tokens) {
+  std::unique_ptr<RouterService> r(new RouterService(options, metrics, tokens));
+  auto creds = client::ChannelCredentials(options.router.shard_credentials);
+  if (!creds.ok()) {
+    return absl::Status(creds.status().code(), absl::StrCat("shard servers: ", creds.status().message()));
+  }
   std::set<std::string> seen;
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.net.max_message_bytes);
@@ -113,7 +121,7 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const Serve
     if (!seen.insert(a).second) return absl::InvalidArgumentError(absl::StrCat("--shard-servers: ", a, " twice"));
     auto s = std::make_unique<Shard>();
     s->address = a;
-    s->channel = grpc::CreateCustomChannel(a, grpc::InsecureChannelCredentials(), args);
+    s->channel = grpc::CreateCustomChannel(a, *creds, args);
     s->stub = v1::InfluenceService::NewStub(s->channel);
     r->shards_.push_back(std::move(s));
   }
@@ -206,6 +214,9 @@ absl::Status RouterService::Scatter(const grpc::ServerContext* ctx, const v1::Qu
 grpc::Status RouterService::QueryByVector(grpc::ServerContext* ctx, const v1::QueryByVectorRequest* req,
                                           v1::QueryByVectorResponse* resp) {
   const auto t0 = std::chrono::steady_clock::now();
+  if (absl::Status a = Authorize(tokens_, *ctx, Need::kQuery, "QueryByVector"); !a.ok()) {
+    return Observe(metrics_, "QueryByVector", t0, a);
+  }
   absl::Status st = CheckQueryVectors(*req, k_, state_id_, options_.limits.max_top_k, "the shard servers use");
   if (st.ok()) {
     v1::QueryByVectorRequest fwd = *req;
@@ -246,6 +257,7 @@ absl::Status RouterService::DoQuery(grpc::ServerContext* ctx, const v1::QueryReq
       gr.set_include_vector(true);
       v1::GetRecordResponse got;
       std::unique_ptr<grpc::ClientContext> c = grpc::ClientContext::FromServerContext(*ctx);
+      client::AddToken(options_.router.shard_credentials, c.get());
       absl::Status s = ShardStatus(shard->address, shard->stub->GetRecord(c.get(), gr, &got));
       if (!s.ok()) return s;
       *rec = std::move(*got.mutable_record());
@@ -262,12 +274,18 @@ absl::Status RouterService::DoQuery(grpc::ServerContext* ctx, const v1::QueryReq
 
 grpc::Status RouterService::Query(grpc::ServerContext* ctx, const v1::QueryRequest* req, v1::QueryResponse* resp) {
   const auto t0 = std::chrono::steady_clock::now();
+  if (absl::Status a = Authorize(tokens_, *ctx, Need::kQuery, "Query"); !a.ok()) {
+    return Observe(metrics_, "Query", t0, a);
+  }
   return Observe(metrics_, "Query", t0, DoQuery(ctx, *req, resp, t0));
 }
 
-grpc::Status RouterService::Ingest(grpc::ServerContext*, grpc::ServerReader<v1::IngestRequest>*,
+grpc::Status RouterService::Ingest(grpc::ServerContext* ctx, grpc::ServerReader<v1::IngestRequest>*,
                                    v1::IngestResponse*) {
   const auto t0 = std::chrono::steady_clock::now();
+  if (absl::Status a = Authorize(tokens_, *ctx, Need::kIngest, "Ingest"); !a.ok()) {
+    return Observe(metrics_, "Ingest", t0, a);
+  }
   return Observe(metrics_, "Ingest", t0,
                  absl::UnimplementedError("a router does not take ingests: each record belongs to one shard "
                                           "server's store; send it to that shard server (GetRecord through the "
@@ -298,6 +316,9 @@ absl::Status RouterService::DoGetRecord(grpc::ServerContext* ctx, const v1::GetR
 grpc::Status RouterService::GetRecord(grpc::ServerContext* ctx, const v1::GetRecordRequest* req,
                                       v1::GetRecordResponse* resp) {
   const auto t0 = std::chrono::steady_clock::now();
+  if (absl::Status a = Authorize(tokens_, *ctx, Need::kQuery, "GetRecord"); !a.ok()) {
+    return Observe(metrics_, "GetRecord", t0, a);
+  }
   return Observe(metrics_, "GetRecord", t0, DoGetRecord(ctx, *req, resp));
 }
 
@@ -348,6 +369,9 @@ absl::Status RouterService::DoStats(grpc::ServerContext* ctx, v1::StatsResponse*
 
 grpc::Status RouterService::Stats(grpc::ServerContext* ctx, const v1::StatsRequest*, v1::StatsResponse* resp) {
   const auto t0 = std::chrono::steady_clock::now();
+  if (absl::Status a = Authorize(tokens_, *ctx, Need::kAnyRole, "Stats"); !a.ok()) {
+    return Observe(metrics_, "Stats", t0, a);
+  }
   return Observe(metrics_, "Stats", t0, DoStats(ctx, resp));
 }
 

@@ -12,6 +12,7 @@
 #include "absl/time/time.h"
 #include "model/featurizer.h"
 #include "rapidin/v1/rapidin.grpc.pb.h"
+#include "server/internal/auth.h"
 #include "server/metrics.h"
 #include "server/options.h"
 
@@ -27,7 +28,9 @@ class RouterService final : public v1::InfluenceService::Service {
  public:
   // Connects to options.router.shard_servers and checks that their stores agree (see Server::Create for the errors).
   // With options.model.path, loads the query model for their projection state. metrics must outlive the service.
-  static absl::StatusOr<std::unique_ptr<RouterService>> Create(const ServerOptions& options, Metrics* metrics);
+  // tokens (null: none required) must outlive the service; options.router.shard_credentials reach the shards.
+  static absl::StatusOr<std::unique_ptr<RouterService>> Create(const ServerOptions& options, Metrics* metrics,
+                                                               const TokenTable* tokens = nullptr);
   ~RouterService() override;
 
   const model::Featurizer* featurizer() const { return featurizer_.get(); }
@@ -43,7 +46,7 @@ class RouterService final : public v1::InfluenceService::Service {
 
  private:
   struct Shard;
-  RouterService(const ServerOptions& options, Metrics* metrics);
+  RouterService(const ServerOptions& options, Metrics* metrics, const TokenTable* tokens);
 
   // Sends req to every shard server at once and waits for all answers. Child calls inherit the deadline and
   // cancellation of parent (when given). A failure names the shard server.
@@ -61,6 +64,7 @@ class RouterService final : public v1::InfluenceService::Service {
 
   ServerOptions options_;  // max_top_k lowered to the smallest of the shard servers'
   Metrics* metrics_;
+  const TokenTable* tokens_;
   std::vector<std::unique_ptr<Shard>> shards_;
   uint32_t k_ = 0;
   v1::VectorDType dtype_ = v1::VECTOR_DTYPE_UNSPECIFIED;
