@@ -78,6 +78,19 @@ for path in sorted(glob.glob(os.path.join(src, "deploy", "*.yaml"))):
                     check(a in known, f"{path}: {c['name']}: {command[0]} has no flag {a}")
             check(("--store" in args) != ("--shard-servers" in args) or command == ["rapidin"],
                   f"{path}: {c['name']}: exactly one of --store and --shard-servers")
+            if command == ["rapidin-server"]:  # TLS and tokens, from files on Secret volumes
+                secrets = {v["name"] for v in pod.get("volumes", []) if "secret" in v}
+                secret_mounts = [m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] in secrets]
+                need = ["--tls-cert", "--tls-key", "--auth-tokens"]
+                if "--shard-servers" in args:
+                    need += ["--shard-tls-ca", "--shard-tls-cert", "--shard-tls-key", "--shard-token-file"]
+                for flag in need:
+                    value = arg(args, flag)
+                    check(value is not None, f"{path}: {c['name']}: no {flag}")
+                    check(value is None or any(value.startswith(m + "/") for m in secret_mounts),
+                          f"{path}: {c['name']}: {flag} {value} is not on a Secret volume ({secret_mounts})")
+                probe = c.get("readinessProbe", {})
+                check("grpc" not in probe, f"{path}: {c['name']}: a gRPC readiness probe cannot speak TLS")
             env = {e["name"] for e in c.get("env", [])}
             for ref in re.findall(r"\$\((\w+)\)", " ".join(args)):
                 check(ref in env, f"{path}: {c['name']}: $({ref}) is not defined in env (Kubernetes would not expand it)")
