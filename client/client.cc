@@ -307,6 +307,20 @@ absl::StatusOr<rapidin::v1::GetRecordResponse> Client::GetRecord(const std::stri
   return resp;
 }
 
+absl::StatusOr<rapidin::v1::DeleteRecordsResponse> Client::DeleteRecords(const std::vector<std::string>& ids,
+                                                                          bool compact) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  rapidin::v1::DeleteRecordsRequest req;
+  for (const auto& id : ids) req.add_ids(id);
+  req.set_compact(compact);
+  if (absl::Status bad = CheckUtf8(req); !bad.ok()) return bad;
+  rapidin::v1::DeleteRecordsResponse resp;
+  absl::Status st = FromGrpc(stub_->DeleteRecords(&ctx, req, &resp));
+  if (!st.ok()) return st;
+  return resp;
+}
+
 std::string ToJson(const google::protobuf::Message& m) {
   std::string out;
   google::protobuf::util::JsonPrintOptions o;

@@ -56,6 +56,8 @@ class Client {
   absl::StatusOr<rapidin::v1::QueryResponse> Query(const rapidin::v1::QueryRequest& req);
   absl::StatusOr<rapidin::v1::StatsResponse> Stats();
   absl::StatusOr<rapidin::v1::GetRecordResponse> GetRecord(const std::string& id, bool include_vector);
+  absl::StatusOr<rapidin::v1::DeleteRecordsResponse> DeleteRecords(const std::vector<std::string>& ids,
+                                                                   bool compact = false);
 
  private:
   Client() = default;

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -407,7 +408,18 @@ int main(int argc, char** argv) {
   get->add_flag("--json", json);
   get->add_option("--timeout", deadline, "seconds (0: none)");
 
-  for (CLI::App* sub : {ingest, query, stats, get}) {
+  auto* del = app.add_subcommand("delete", "delete records by id (admin role); idempotent");
+  std::vector<std::string> del_ids;
+  std::string ids_file;
+  bool compact = false;
+  del->add_option("--server", server)->capture_default_str();
+  del->add_option("--id", del_ids, "a record id (repeatable)");
+  del->add_option("--ids-file", ids_file, "one id per line");
+  del->add_flag("--compact", compact, "also compact the store now, reclaiming the space");
+  del->add_flag("--json", json);
+  del->add_option("--timeout", deadline, "seconds (0: none)");
+
+  for (CLI::App* sub : {ingest, query, stats, get, del}) {
     sub->add_option("--tls-ca", g_credentials.tls_ca, "PEM: the CA of the server's certificate (default: plaintext)");
     sub->add_option("--tls-cert", g_credentials.tls_cert, "PEM: this client's certificate (mutual TLS)");
     sub->add_option("--tls-key", g_credentials.tls_key, "PEM: its private key");
@@ -585,6 +597,32 @@ int main(int argc, char** argv) {
     auto r = (*client)->Stats();
     if (!r.ok()) return Fail(r.status());
     std::cout << (json ? rapidin::client::ToJson(*r) + "\n" : rapidin::client::StatsTable(*r));
+    return 0;
+  }
+  if (*del) {
+    if (!ids_file.empty()) {
+      absl::Status st = rapidin::client::ForEachLine(ids_file, [&](int64_t, const std::string& line) {
+        const std::string id(absl::StripAsciiWhitespace(line));
+        if (!id.empty()) del_ids.push_back(id);
+        return absl::OkStatus();
+      });
+      if (!st.ok()) return Fail(st);
+    }
+    if (del_ids.empty()) {
+      std::fprintf(stderr, "rapidin: delete needs --id or --ids-file\n");
+      return 2;
+    }
+    auto client = Dial(server, deadline);
+    if (!client.ok()) return Fail(client.status());
+    auto r = (*client)->DeleteRecords(del_ids, compact);
+    if (!r.ok()) return Fail(r.status());
+    if (json) {
+      std::cout << rapidin::client::ToJson(*r) << "\n";
+    } else {
+      std::printf("%llu deleted, %llu not found; the store holds %llu records\n",
+                  static_cast<unsigned long long>(r->deleted()), static_cast<unsigned long long>(r->not_found()),
+                  static_cast<unsigned long long>(r->record_count()));
+    }
     return 0;
   }
   if (*get) {

@@ -85,14 +85,34 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
       resp->set_batches_applied(resp->batches_applied() + 1);
       resp->set_records_inserted(resp->records_inserted() + res->inserted);
       resp->set_records_replaced(resp->records_replaced() + res->replaced);
-      resp->set_record_count(store_->size());
+      resp->set_record_count(store_->live_records());
     }
-    resp->set_record_count(store_->size());
+    resp->set_record_count(store_->live_records());
     UpdateTierMetrics();
     spdlog::info("ingest: {} batches, {} inserted, {} replaced, store now {} records{}", resp->batches_applied(),
                  resp->records_inserted(), resp->records_replaced(), resp->record_count(),
                  st.ok() ? "" : absl::StrCat(" (", st.message(), ")"));
     return Observe("Ingest", t0, st);
+  }
+
+  grpc::Status DeleteRecords(grpc::ServerContext* ctx, const v1::DeleteRecordsRequest* req,
+                             v1::DeleteRecordsResponse* resp) override {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (absl::Status a = Authorize(*ctx, Need::kAdmin, "DeleteRecords"); !a.ok()) {
+      return Observe("DeleteRecords", t0, a);
+    }
+    auto res = store_->Delete({req->ids().begin(), req->ids().end()});
+    if (!res.ok()) return Observe("DeleteRecords", t0, res.status());
+    resp->set_deleted(res->deleted);
+    resp->set_not_found(res->not_found);
+    if (req->compact()) {
+      if (absl::Status st = store_->Compact(); !st.ok()) return Observe("DeleteRecords", t0, st);
+    }
+    resp->set_record_count(store_->live_records());
+    UpdateTierMetrics();
+    spdlog::info("delete: {} deleted, {} not found{}, store now {} records", res->deleted, res->not_found,
+                 req->compact() ? ", compacted" : "", resp->record_count());
+    return Observe("DeleteRecords", t0, absl::OkStatus());
   }
 
   grpc::Status GetRecord(grpc::ServerContext* ctx, const v1::GetRecordRequest* req,
@@ -116,7 +136,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     const auto t0 = std::chrono::steady_clock::now();
     if (absl::Status a = Authorize(*ctx, Need::kAnyRole, "Stats"); !a.ok()) return Observe("Stats", t0, a);
     const v1::Manifest m = store_->manifest();
-    resp->set_num_records(m.record_count());
+    resp->set_num_records(m.record_count() - m.deleted_count());
     resp->set_k(m.k());
     resp->set_dtype(m.dtype());
     resp->set_projection_state_id(m.projection_state_id());

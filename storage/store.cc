@@ -55,6 +55,13 @@ uint64_t FromBigEndian64(const rocksdb::Slice& s) {
 std::string RecordKey(uint64_t index) { return "r" + BigEndian64(index); }
 std::string IdKey(const std::string& id) { return "i" + id; }
 
+// A deleted row in memory: fp16 quiet NaNs, whose scores are NaN, which no top-k keeps (CPU or GPU).
+const std::vector<uint16_t>& TombstoneRow(uint32_t k) {
+  thread_local std::vector<uint16_t> row;
+  if (row.size() != k) row.assign(k, 0x7E00);
+  return row;
+}
+
 }  // namespace
 
 std::string ProjectionStateId(const std::string& projection_state) {
@@ -128,7 +135,7 @@ struct Store::Impl {
         return absl::DataLossError(absl::StrCat("manifest says ", all, " records but row ", all - 1, " is missing"));
       }
       if (!st.ok()) return st;
-      if (v.size() != k * sizeof(uint16_t)) {
+      if (v.size() != k * sizeof(uint16_t) && !v.empty()) {
         return absl::DataLossError(absl::StrCat("vectors: row ", all - 1, " has ", v.size(), " bytes"));
       }
     }
@@ -148,14 +155,15 @@ struct Store::Impl {
       if (it->key().size() != 8 || index != expect) {
         return absl::DataLossError(absl::StrCat("vectors: expected row ", expect, ", found key of row ", index));
       }
-      if (it->value().size() != k * sizeof(uint16_t)) {
+      if (it->value().size() != k * sizeof(uint16_t) && !it->value().empty()) {
         return absl::DataLossError(absl::StrCat("vectors: row ", index, " has ", it->value().size(),
                                                 " bytes, expected ", k * sizeof(uint16_t)));
       }
       if (index >= count) break;  // caught below
       Shard& shard = *shards[index % s_count];
       WriterMutexLock l(&shard.mu);
-      shard.rows.Append(reinterpret_cast<const uint16_t*>(it->value().data()));
+      shard.rows.Append(it->value().empty() ? TombstoneRow(k).data()
+                                            : reinterpret_cast<const uint16_t*>(it->value().data()));
       ++expect;
       if (options.progress && expect % step == 0) options.progress(expect, count);
     }
@@ -401,6 +409,74 @@ absl::StatusOr<rapidin::v1::StoredRecord> Store::GetRecordByIndex(uint64_t index
   return sr;
 }
 
+absl::StatusOr<DeleteResult> Store::Delete(const std::vector<std::string>& ids) {
+  Impl& d = *impl_;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i].empty()) return absl::InvalidArgumentError(absl::StrCat("ids[", i, "] is empty"));
+  }
+  MutexLock writer(&d.ingest_mu);
+  rapidin::v1::Manifest m = manifest();
+  DeleteResult result;
+  std::vector<uint64_t> rows;
+  absl::flat_hash_map<std::string, bool> seen;
+  rocksdb::WriteBatch wb;
+  for (const std::string& id : ids) {
+    if (!seen.emplace(id, true).second) continue;  // twice in one request: once
+    std::string val;
+    rocksdb::Status rs = d.db->Get(rocksdb::ReadOptions(), d.cf_records(), IdKey(id), &val);
+    if (rs.IsNotFound()) {
+      ++result.not_found;
+      continue;
+    }
+    if (!rs.ok()) return FromRocks(rs, "looking up record id");
+    const uint64_t g = FromBigEndian64(val);
+    rows.push_back(g);
+    wb.Delete(d.cf_records(), IdKey(id));
+    wb.Delete(d.cf_records(), RecordKey(g));
+    wb.Put(d.cf_vectors(), BigEndian64(g), rocksdb::Slice());  // the tombstone: an empty row
+    ++result.deleted;
+  }
+  if (rows.empty()) return result;
+  m.set_deleted_count(m.deleted_count() + rows.size());
+  wb.Put(d.cf_manifest(), kManifestKey, m.SerializeAsString());
+  rocksdb::WriteOptions wo;
+  wo.sync = d.options.sync_writes;
+  absl::Status st = FromRocks(d.db->Write(wo, &wb), "writing deletions");
+  if (!st.ok()) return st;
+  // Memory follows disk: resident rows become NaN rows (rewrites, so a GPU copy is refreshed whole).
+  const int S = d.num_shards();
+  const uint64_t resident = d.Resident(m.record_count());
+  const uint32_t k = d.k();
+  for (uint64_t g : rows) {
+    if (g >= resident) continue;  // a cold row: the tombstone on disk is all there is
+    auto& shard = *d.shards[g % S];
+    WriterMutexLock l(&shard.mu);
+    ++shard.generation;
+    shard.rows.Overwrite(static_cast<int64_t>(g / S), TombstoneRow(k).data());
+    shard.rewrite_generation = shard.generation;
+  }
+  {
+    MutexLock l(&d.manifest_mu);
+    d.manifest.set_deleted_count(m.deleted_count());
+  }
+  return result;
+}
+
+absl::Status Store::Compact() {
+  rocksdb::CompactRangeOptions o;
+  o.bottommost_level_compaction = rocksdb::BottommostLevelCompaction::kForce;
+  for (auto* h : impl_->handles) {
+    absl::Status st = FromRocks(impl_->db->CompactRange(o, h, nullptr, nullptr), "compacting");
+    if (!st.ok()) return st;
+  }
+  return absl::OkStatus();
+}
+
+uint64_t Store::live_records() const {
+  const rapidin::v1::Manifest m = manifest();
+  return m.record_count() - m.deleted_count();
+}
+
 absl::StatusOr<rapidin::v1::StoredRecord> Store::GetRecordById(const std::string& id) const {
   std::string val;
   rocksdb::Status rs = impl_->db->Get(rocksdb::ReadOptions(), impl_->cf_records(), IdKey(id), &val);
@@ -469,6 +545,10 @@ absl::Status Store::ReadRows(uint64_t begin, int64_t count, internal::AlignedRow
   for (it->Seek(BigEndian64(begin)); it->Valid() && expect < begin + count; it->Next(), ++expect) {
     if (it->key().size() != 8 || FromBigEndian64(it->key()) != expect) {
       return absl::DataLossError(absl::StrCat("vectors: row ", expect, " is missing"));
+    }
+    if (it->value().empty()) {  // a deleted row
+      out->Append(TombstoneRow(k).data());
+      continue;
     }
     if (it->value().size() != k * sizeof(uint16_t)) {
       return absl::DataLossError(absl::StrCat("vectors: row ", expect, " has ", it->value().size(), " bytes"));

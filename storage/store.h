@@ -62,6 +62,11 @@ struct IngestResult {
   uint64_t replaced = 0;
 };
 
+struct DeleteResult {
+  uint64_t deleted = 0;
+  uint64_t not_found = 0;
+};
+
 // Read-only view of one shard's rows (fp16, 64-byte aligned), valid while the callback of WithShard runs.
 // The row fields are kernels::ShardRows, which the GPU scanner takes as is.
 struct ShardView : kernels::ShardRows {
@@ -94,9 +99,20 @@ class Store {
   // An id already in the store is replaced in place; within a batch the last occurrence of an id wins.
   absl::StatusOr<IngestResult> Ingest(const std::vector<IngestItem>& batch);
 
+  // Deletes the records with these ids in one synced batch: their records and ids are removed and their vector
+  // rows become tombstones (an empty value on disk, a NaN row in memory, which no scan ever returns), so they
+  // are gone from the next scan and from GetRecord*, and a kill -9 afterwards keeps them deleted. Ids not in the
+  // store are counted in not_found (deleting twice is harmless). A deleted id ingested again gets a new row.
+  // Errors: INVALID_ARGUMENT for an empty id (nothing is deleted then).
+  absl::StatusOr<DeleteResult> Delete(const std::vector<std::string>& ids);
+  // Compacts the store's files so that the space of deleted records is reclaimed now (RocksDB would in time).
+  absl::Status Compact();
+  // Live records: size() less the deleted rows.
+  uint64_t live_records() const;
+
   absl::StatusOr<rapidin::v1::StoredRecord> GetRecordById(const std::string& id) const;
   absl::StatusOr<rapidin::v1::StoredRecord> GetRecordByIndex(uint64_t index) const;
-  // The row's vector as stored (fp16 widened to float).
+  // The row's vector as stored (fp16 widened to float; NaN for a deleted row).
   absl::StatusOr<std::vector<float>> GetVector(uint64_t index) const;
 
   // Runs fn on shard s under its reader lock (the resident rows only).

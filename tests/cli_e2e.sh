@@ -87,6 +87,21 @@ a, b = (json.load(open(f))["results"] for f in sys.argv[1:3])
 key = lambda rs: [[(x["id"], round(x["score"], 4)) for x in r.get(side, [])] for r in rs for side in ("helpful", "harmful")]
 assert key(a) == key(b), (key(a), key(b))
 PY
+# Deletion (a resident row, then a cold one): by id and from a file, idempotent, gone from get and stats.
+"$CLI" delete --server 127.0.0.1:$port --id alpaca-7 --id nope >"$work/del.out" 2>&1 \
+  || fail "delete: $(cat "$work/del.out")"
+grep -q "1 deleted, 1 not found; the store holds 299 records" "$work/del.out" \
+  || fail "delete output: $(cat "$work/del.out")"
+printf 'alpaca-250\n\nalpaca-7\n' >"$work/ids.txt"
+"$CLI" delete --server 127.0.0.1:$port --ids-file "$work/ids.txt" --compact --json >"$work/del.json" \
+  || fail "delete --ids-file"
+python3 -c 'import json,sys; d=json.load(open(sys.argv[1]))
+assert (d["deleted"], d["not_found"], d["record_count"]) == ("1", "1", "298"), d' "$work/del.json" \
+  || fail "delete JSON: $(cat "$work/del.json")"
+expect_err 1 "NOT_FOUND" "$CLI" get --server 127.0.0.1:$port --id alpaca-7
+expect_err 2 "needs --id or --ids-file" "$CLI" delete --server 127.0.0.1:$port
+"$CLI" stats --server 127.0.0.1:$port --json \
+  | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["num_records"]=="298", d' || fail "stats after delete"
 kill -TERM $spid; wait $spid
 
 # Router mode: the 300 records split over two shard servers behind a router answer like the single store.

@@ -209,6 +209,47 @@ TEST_F(RouterTest, StatsAndRecordsThroughTheRouter) {
   EXPECT_EQ(via_router_->GetRecord("", false).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// DeleteRecords through the router reaches the shard server holding each record: afterwards the router answers as
+// the whole store does after the same delete, the deleted records never come back from a scan, and a repeat is
+// harmless.
+TEST_F(RouterTest, DeletesThroughTheRouterEqualDeletesOnOneStore) {
+  const std::vector<std::string> ids = {"rec-0", "rec-5", "rec-" + std::to_string(kN / 2), "rec-nope", "rec-5"};
+  auto r = via_router_->DeleteRecords(ids, /*compact=*/true);
+  ASSERT_TRUE(r.ok()) << r.status();
+  auto w = direct_->DeleteRecords(ids);
+  ASSERT_TRUE(w.ok()) << w.status();
+  EXPECT_EQ(r->deleted(), 3u);
+  EXPECT_EQ(r->not_found(), 1u);
+  EXPECT_EQ(w->deleted(), 3u);
+  EXPECT_EQ(r->record_count(), static_cast<uint64_t>(kN - 3));
+  EXPECT_EQ(w->record_count(), static_cast<uint64_t>(kN - 3));
+  EXPECT_EQ(via_router_->Stats()->num_records(), static_cast<uint64_t>(kN - 3));
+  EXPECT_EQ(via_router_->GetRecord("rec-5", false).status().code(), absl::StatusCode::kNotFound);
+  // A query that is record 5's own vector: it would rank first; now it is nowhere, at either end.
+  v1::QueryByVectorRequest req;
+  for (int row : {5, 0}) {
+    auto* v = req.add_queries();
+    for (float x : vectors_[row]) v->add_values(x);
+  }
+  req.set_top_k(kN);
+  req.set_harmful_k(10);
+  auto got = via_router_->QueryByVector(req);
+  auto want = direct_->QueryByVector(req);
+  ASSERT_TRUE(got.ok() && want.ok()) << got.status() << " / " << want.status();
+  for (int j = 0; j < 2; ++j) {
+    ASSERT_EQ(got->results(j).helpful_size(), kN - 3) << "every live record, and no deleted one";
+    for (const auto& sr : got->results(j).helpful()) {
+      EXPECT_TRUE(sr.id() != "rec-0" && sr.id() != "rec-5" && sr.id() != "rec-" + std::to_string(kN / 2)) << sr.id();
+    }
+    ExpectSameList(got->results(j).helpful(), want->results(j).helpful());
+    ExpectSameList(got->results(j).harmful(), want->results(j).harmful());
+  }
+  auto again = via_router_->DeleteRecords(ids);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->deleted(), 0u);
+  EXPECT_EQ(again->not_found(), 4u);
+}
+
 TEST_F(RouterTest, BadRequestsAndAStoppedShardServerAreClearErrors) {
   auto req = Request(1, 5, 0, 7);
   req.mutable_queries(0)->add_values(1.0f);

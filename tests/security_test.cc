@@ -213,6 +213,17 @@ TEST_F(SecurityTest, TokensAndRoles) {
   EXPECT_TRUE(QueryOne(admin.get()).ok());
   EXPECT_TRUE(query->GetRecord("r1", false).ok());
   for (Client* c : {query.get(), ingest.get(), admin.get()}) EXPECT_TRUE(c->Stats().ok());
+  for (Client* c : {none.get(), wrong.get()}) {
+    EXPECT_EQ(c->DeleteRecords({"r1"}).status().code(), absl::StatusCode::kUnauthenticated);
+  }
+  for (Client* c : {query.get(), ingest.get()}) {
+    EXPECT_EQ(c->DeleteRecords({"r1"}).status().code(), absl::StatusCode::kPermissionDenied);
+  }
+  ASSERT_TRUE(admin->GetRecord("r2", false).ok());
+  auto del = admin->DeleteRecords({"r2"});
+  ASSERT_TRUE(del.ok()) << del.status();
+  EXPECT_EQ(del->deleted(), 1u);
+  ASSERT_TRUE(IngestOne(admin.get(), "r2").ok());
   auto stats = admin->Stats();
   ASSERT_TRUE(stats.ok());
   EXPECT_EQ(stats->num_records(), 2u) << "the refused ingests wrote nothing";

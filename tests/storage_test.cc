@@ -7,6 +7,7 @@
 #include <rocksdb/db.h>
 
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -563,6 +564,176 @@ TEST(Store, KilledWriterLeavesWholeBatches) {
       for (int c = 0; c < k; ++c) ASSERT_EQ(kernels::HalfToFloat(rows.row(row - batch)[c]), want[c]) << row;
     }
     EXPECT_EQ(*(*cold)->GetVector(n), Fp16Rounded(SeededVector(7, k)));
+  }
+}
+
+bool AllNaN(const uint16_t* row, int k) {
+  for (int c = 0; c < k; ++c) {
+    if (!std::isnan(kernels::HalfToFloat(row[c]))) return false;
+  }
+  return true;
+}
+
+// Deleted records are gone from GetRecord*, their rows (resident or cold) are NaN (which no top-k keeps), the
+// counts add up, a second delete is harmless, the deletion survives a reopen, and a deleted id can come back.
+TEST(Store, DeleteIsDurableIdempotentAndReusesNothing) {
+  TempDir dir;
+  const int k = 16, n = 40;
+  std::vector<std::vector<float>> vecs;
+  {
+    auto s = MustOpen(dir.path("s"), k, 3);
+    ASSERT_NE(s, nullptr);
+    std::vector<IngestItem> batch;
+    for (int i = 0; i < n; ++i) {
+      vecs.push_back(SeededVector(700 + i, k));
+      batch.push_back(Item("id" + std::to_string(i), vecs.back()));
+    }
+    ASSERT_TRUE(s->Ingest(batch).ok());
+  }
+  StoreOptions o;
+  o.num_shards = 3;
+  o.host_budget_bytes = 25 * k * 2;  // rows 0..24 resident, 25..39 cold
+  auto check = [&](Store* s) {
+    EXPECT_EQ(s->size(), uint64_t{n});
+    EXPECT_EQ(s->live_records(), uint64_t{n - 2});
+    EXPECT_EQ(s->manifest().deleted_count(), 2u);
+    for (int gone : {7, 31}) {
+      EXPECT_EQ(s->GetRecordById("id" + std::to_string(gone)).status().code(), absl::StatusCode::kNotFound);
+      EXPECT_EQ(s->GetRecordByIndex(gone).status().code(), absl::StatusCode::kNotFound);
+      auto vec = s->GetVector(gone);
+      ASSERT_TRUE(vec.ok()) << vec.status();
+      for (float v : *vec) EXPECT_TRUE(std::isnan(v)) << gone;
+    }
+    EXPECT_TRUE(s->WithShard(7 % 3, [&](const ShardView& v) {
+                   EXPECT_TRUE(AllNaN(v.rows + (7 / 3) * k, k));
+                   EXPECT_FALSE(AllNaN(v.rows + (4 / 3) * k, k));
+                   return absl::OkStatus();
+                 }).ok());
+    internal::AlignedRows rows(k);
+    ASSERT_TRUE(s->ReadRows(25, n - 25, &rows).ok());
+    EXPECT_TRUE(AllNaN(rows.row(31 - 25), k));
+    EXPECT_EQ(*s->GetVector(30), Fp16Rounded(vecs[30]));
+    EXPECT_EQ(s->GetRecordById("id8")->index(), 8u);
+  };
+  {
+    auto s = Store::Open(dir.path("s"), o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    uint64_t gen_before = 0;
+    ASSERT_TRUE((*s)->WithShard(7 % 3, [&](const ShardView& v) {
+                   gen_before = v.generation;
+                   return absl::OkStatus();
+                 }).ok());
+    EXPECT_EQ((*s)->Delete({"id7", ""}).status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ((*s)->live_records(), uint64_t{n}) << "a refused request deletes nothing";
+    auto r = (*s)->Delete({"id7", "id31", "id7", "nope"});
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->deleted, 2u);
+    EXPECT_EQ(r->not_found, 1u);
+    ASSERT_TRUE((*s)->WithShard(7 % 3, [&](const ShardView& v) {
+                   EXPECT_GT(v.rewrite_generation, gen_before) << "a GPU copy must be refreshed";
+                   return absl::OkStatus();
+                 }).ok());
+    check(s->get());
+    auto again = (*s)->Delete({"id7", "id31"});
+    ASSERT_TRUE(again.ok());
+    EXPECT_EQ(again->deleted, 0u);
+    EXPECT_EQ(again->not_found, 2u);
+    check(s->get());
+  }
+  {
+    auto s = Store::Open(dir.path("s"), o);  // the deletions were synced: they survive the reopen
+    ASSERT_TRUE(s.ok()) << s.status();
+    check(s->get());
+    auto back = (*s)->Ingest({Item("id7", SeededVector(1, k))});
+    ASSERT_TRUE(back.ok());
+    EXPECT_EQ(back->inserted, 1u) << "a deleted id comes back as a new row";
+    EXPECT_EQ((*s)->GetRecordById("id7")->index(), uint64_t{n});
+    EXPECT_EQ((*s)->live_records(), uint64_t{n - 1});
+  }
+}
+
+TEST(Store, CompactionReclaimsTheSpaceOfDeletedRecords) {
+  TempDir dir;
+  const int k = 512, n = 400;
+  auto s = MustOpen(dir.path("s"), k, 2);
+  ASSERT_NE(s, nullptr);
+  std::vector<IngestItem> batch;
+  std::vector<std::string> ids;
+  for (int i = 0; i < n; ++i) {
+    batch.push_back(Item("id" + std::to_string(i), SeededVector(i, k)));
+    if (i % 10 != 0) ids.push_back("id" + std::to_string(i));
+  }
+  ASSERT_TRUE(s->Ingest(batch).ok());
+  ASSERT_TRUE(s->Compact().ok());
+  const uint64_t before = s->Usage().disk_bytes;
+  auto r = s->Delete(ids);
+  ASSERT_TRUE(r.ok());
+  ASSERT_EQ(r->deleted, ids.size());
+  ASSERT_TRUE(s->Compact().ok());
+  const uint64_t after = s->Usage().disk_bytes;
+  EXPECT_LT(after, before / 3) << "disk bytes " << before << " -> " << after << " after deleting 90%";
+  EXPECT_EQ(*s->GetVector(10), Fp16Rounded(SeededVector(10, k)));
+}
+
+// kill -9 while a writer ingests and deletes: every ingest batch and every delete request is whole or absent,
+// and what the writer had acknowledged is there.
+TEST(Store, KilledWriterLeavesWholeDeletes) {
+  const int k = 32, batch = 20;
+  for (int trial = 0; trial < 4; ++trial) {
+    TempDir dir;
+    const std::string path = dir.path("s");
+    int out[2];
+    ASSERT_EQ(pipe(out), 0);
+    const pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      dup2(out[1], STDOUT_FILENO);
+      close(out[0]);
+      execl(RAPIDIN_CRASH_WRITER, RAPIDIN_CRASH_WRITER, path.c_str(), std::to_string(k).c_str(),
+            std::to_string(batch).c_str(), "delete", static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    close(out[1]);
+    std::FILE* in = fdopen(out[0], "r");
+    int committed = -1, b = 0;
+    while (committed < 3 + trial * 3 && std::fscanf(in, "%d", &b) == 1) committed = b;
+    std::this_thread::sleep_for(std::chrono::microseconds(200 * trial));
+    kill(pid, SIGKILL);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    std::fclose(in);
+    ASSERT_TRUE(WIFSIGNALED(status)) << "writer exited on its own: " << status;
+
+    auto s = MustOpen(path, k, 2, false);
+    ASSERT_NE(s, nullptr);
+    const uint64_t n = s->size();
+    ASSERT_EQ(n % batch, 0u) << "a partial ingest batch survived";
+    const int batches = static_cast<int>(n / batch);
+    ASSERT_GE(batches, committed + 1) << "a committed batch was lost";
+    uint64_t deleted = 0;
+    for (int bb = 0; bb < batches; ++bb) {
+      int gone = 0;
+      for (int i = 0; i < batch; ++i) {
+        const std::string id = "b" + std::to_string(bb) + "-" + std::to_string(i);
+        auto rec = s->GetRecordById(id);
+        if (rec.ok()) {
+          ASSERT_EQ(*s->GetVector(rec->index()), Fp16Rounded(SeededVector(bb * 1000 + i, k))) << id;
+        } else {
+          ASSERT_EQ(rec.status().code(), absl::StatusCode::kNotFound);
+          ASSERT_EQ(i % 2, 0) << id << ": only even ids are deleted";
+          ++gone;
+        }
+      }
+      // Batch bb's delete ran after batch bb + 1's ingest: acknowledged for bb < committed, whole or absent after.
+      if (bb < committed) {
+        ASSERT_EQ(gone, batch / 2) << "an acknowledged delete of batch " << bb << " was lost";
+      } else {
+        ASSERT_TRUE(gone == 0 || gone == batch / 2) << "a partial delete of batch " << bb << ": " << gone;
+      }
+      deleted += gone;
+    }
+    EXPECT_EQ(s->manifest().deleted_count(), deleted);
+    EXPECT_EQ(s->live_records(), n - deleted);
   }
 }
 

@@ -375,4 +375,28 @@ grpc::Status RouterService::Stats(grpc::ServerContext* ctx, const v1::StatsReque
   return Observe(metrics_, "Stats", t0, DoStats(ctx, resp));
 }
 
+grpc::Status RouterService::DeleteRecords(grpc::ServerContext* ctx, const v1::DeleteRecordsRequest* req,
+                                          v1::DeleteRecordsResponse* resp) {
+  const auto t0 = std::chrono::steady_clock::now();
+  if (absl::Status a = Authorize(tokens_, *ctx, Need::kAdmin, "DeleteRecords"); !a.ok()) {
+    return Observe(metrics_, "DeleteRecords", t0, a);
+  }
+  std::vector<v1::DeleteRecordsResponse> got;
+  absl::Status st = First(FanOut(ctx, *req, &got, [](auto* a, auto* c, auto* q, auto* p, auto cb) {
+    a->DeleteRecords(c, q, p, std::move(cb));
+  }));
+  if (st.ok()) {
+    uint64_t deleted = 0, records = 0;
+    for (const auto& g : got) {
+      deleted += g.deleted();
+      records += g.record_count();
+    }
+    std::set<std::string> unique(req->ids().begin(), req->ids().end());
+    resp->set_deleted(deleted);
+    resp->set_not_found(unique.size() >= deleted ? unique.size() - deleted : 0);
+    resp->set_record_count(records);
+  }
+  return Observe(metrics_, "DeleteRecords", t0, st);
+}
+
 }  // namespace rapidin::server::internal

@@ -43,6 +43,9 @@ class RouterService final : public v1::InfluenceService::Service {
   grpc::Status GetRecord(grpc::ServerContext* ctx, const v1::GetRecordRequest* req,
                          v1::GetRecordResponse* resp) override;
   grpc::Status Stats(grpc::ServerContext* ctx, const v1::StatsRequest* req, v1::StatsResponse* resp) override;
+  // Forwarded to every shard server (each deletes the ids it holds); the counts are summed.
+  grpc::Status DeleteRecords(grpc::ServerContext* ctx, const v1::DeleteRecordsRequest* req,
+                             v1::DeleteRecordsResponse* resp) override;
 
  private:
   struct Shard;
