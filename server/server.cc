@@ -252,12 +252,14 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
                            google::protobuf::RepeatedPtrField<v1::ScoredRecord>* out) const {
     uint32_t rank = 0;
     for (const auto& c : cands) {
+      auto rec = store_->GetRecordByIndex(c.index);
+      // Deleted between the scan and now: the answer is as of after the delete, so the record is left out.
+      if (absl::IsNotFound(rec.status())) continue;
+      if (!rec.ok()) return rec.status();
       auto* sr = out->Add();
       sr->set_rank(++rank);
       sr->set_score(c.score);
       sr->set_index(c.index);
-      auto rec = store_->GetRecordByIndex(c.index);
-      if (!rec.ok()) return rec.status();
       sr->set_id(rec->record().id());
       if (!omit_text) *sr->mutable_record() = std::move(*rec->mutable_record());
     }
