@@ -248,14 +248,26 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     return out;
   }
 
-  absl::Status FillRecords(const std::vector<kernels::Candidate>& cands, bool omit_text,
+  // The candidates' records, best first. A row that changed between the scan and now (its record deleted, or
+  // its row reused by a new record, or replaced in place) is left out: its score is re-checked against the row's
+  // vector now (query: the K floats the candidates were scored with), so a score is never shown beside a record
+  // that did not earn it.
+  absl::Status FillRecords(const std::vector<kernels::Candidate>& cands, const float* query, bool omit_text,
                            google::protobuf::RepeatedPtrField<v1::ScoredRecord>* out) const {
     uint32_t rank = 0;
     for (const auto& c : cands) {
       auto rec = store_->GetRecordByIndex(c.index);
-      // Deleted between the scan and now: the answer is as of after the delete, so the record is left out.
       if (absl::IsNotFound(rec.status())) continue;
       if (!rec.ok()) return rec.status();
+      auto now = store_->GetVector(c.index);
+      if (!now.ok()) return now.status();
+      double dot = 0, mag = 0;
+      for (size_t e = 0; e < now->size(); ++e) {
+        dot += static_cast<double>((*now)[e]) * query[e];
+        mag += std::fabs(static_cast<double>((*now)[e]) * query[e]);
+      }
+      // fp32 accumulation over K terms stays far inside 1e-3 of the magnitude; another vector does not.
+      if (!(std::fabs(dot - c.score) <= 1e-3 * mag + 1e-30)) continue;
       auto* sr = out->Add();
       sr->set_rank(++rank);
       sr->set_score(c.score);
@@ -305,13 +317,15 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     auto gen = internal::GenerationGradient(*featurizer_, req, t0, &q, resp);
     if (!gen.ok()) return gen.status();
     if (ctx->IsCancelled()) return absl::CancelledError("cancelled by the client");
-    const std::vector<float> q_copy = req.attributions() ? q : std::vector<float>();
+    const std::vector<float> q_copy = q;
     auto res = engine_->Search(std::move(q), 1, static_cast<int>(req.top_k()), static_cast<int>(req.harmful_k()),
                                DeadlineOf(ctx));
     if (!res.ok()) return res.status();
     RecordScan(*res, 1, resp->mutable_shard_timings());
-    st = FillRecords(res->helpful[0], req.omit_text(), resp->mutable_result()->mutable_helpful());
-    if (st.ok()) st = FillRecords(res->harmful[0], req.omit_text(), resp->mutable_result()->mutable_harmful());
+    st = FillRecords(res->helpful[0], q_copy.data(), req.omit_text(), resp->mutable_result()->mutable_helpful());
+    if (st.ok()) {
+      st = FillRecords(res->harmful[0], q_copy.data(), req.omit_text(), resp->mutable_result()->mutable_harmful());
+    }
     if (!st.ok()) return st;
     if (req.attributions()) {
       const auto ta = std::chrono::steady_clock::now();
@@ -329,6 +343,8 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     auto matrix = QueryMatrix(req, &q);
     if (!matrix.ok()) return matrix.status();
     if (ctx->IsCancelled()) return absl::CancelledError("cancelled by the client");
+    const std::vector<float> queries = *matrix;  // for FillRecords' re-check
+    const size_t k = queries.size() / std::max(q, 1);
     auto res = engine_->Search(std::move(*matrix), q, static_cast<int>(req.top_k()),
                                static_cast<int>(req.harmful_k()), DeadlineOf(ctx));
     if (!res.ok()) return res.status();
@@ -336,8 +352,9 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     resp->set_vectors_in_scan(res->vectors_in_scan);
     for (int j = 0; j < q; ++j) {
       auto* r = resp->add_results();
-      absl::Status st = FillRecords(res->helpful[j], req.omit_text(), r->mutable_helpful());
-      if (st.ok()) st = FillRecords(res->harmful[j], req.omit_text(), r->mutable_harmful());
+      const float* qj = queries.data() + j * k;
+      absl::Status st = FillRecords(res->helpful[j], qj, req.omit_text(), r->mutable_helpful());
+      if (st.ok()) st = FillRecords(res->harmful[j], qj, req.omit_text(), r->mutable_harmful());
       if (!st.ok()) return st;
     }
     resp->set_total_ms(internal::MsSince(t0));

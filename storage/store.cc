@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <set>
 #include <tuple>
 
 #include "absl/container/flat_hash_map.h"
@@ -54,6 +55,7 @@ uint64_t FromBigEndian64(const rocksdb::Slice& s) {
 
 std::string RecordKey(uint64_t index) { return "r" + BigEndian64(index); }
 std::string IdKey(const std::string& id) { return "i" + id; }
+std::string FreeKey(uint64_t index) { return "f" + BigEndian64(index); }
 
 // A deleted row in memory: fp16 quiet NaNs, whose scores are NaN, which no top-k keeps (CPU or GPU).
 const std::vector<uint16_t>& TombstoneRow(uint32_t k) {
@@ -82,6 +84,9 @@ struct Store::Impl {
   rapidin::v1::Manifest manifest ABSL_GUARDED_BY(manifest_mu);
 
   Mutex ingest_mu;  // serialises writers (the read-modify-write of ids, rows and the manifest)
+  // Rows of deleted records, which new ids reuse (smallest first) so that churn does not grow the store. On disk:
+  // a FreeKey per row, written with the tombstone and removed when the row is reused.
+  std::set<uint64_t> free_rows ABSL_GUARDED_BY(ingest_mu);
   struct Shard {
     Shard(int64_t k, internal::HostAllocator a) : rows(k, a) {}
     mutable SharedMutex mu;  // writers: Ingest and the load at Open; readers: scans, GetVector, Usage
@@ -284,6 +289,22 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path, cons
   if (options.host_budget_bytes > 0) impl->resident_limit = options.host_budget_bytes / (uint64_t{m.k()} * 2);
   st = impl->LoadHostTier(m.record_count(), m.k());
   if (!st.ok()) return st;
+  {
+    MutexLock l(&impl->ingest_mu);
+    std::unique_ptr<rocksdb::Iterator> it(impl->db->NewIterator(rocksdb::ReadOptions(), impl->cf_records()));
+    for (it->Seek("f"); it->Valid() && it->key().starts_with("f"); it->Next()) {
+      const uint64_t g = FromBigEndian64(it->key().ToString().substr(1));
+      if (it->key().size() != 9 || g >= m.record_count()) {
+        return absl::DataLossError(absl::StrCat("records: a free-row key past the ", m.record_count(), " rows"));
+      }
+      impl->free_rows.insert(g);
+    }
+    if (!it->status().ok()) return FromRocks(it->status(), "reading free rows");
+    if (impl->free_rows.size() != m.deleted_count()) {
+      return absl::DataLossError(absl::StrCat("manifest says ", m.deleted_count(), " deleted rows, but ",
+                                              impl->free_rows.size(), " are marked free"));
+    }
+  }
   return std::unique_ptr<Store>(new Store(std::move(impl)));
 }
 
@@ -322,9 +343,12 @@ absl::StatusOr<IngestResult> Store::Ingest(const std::vector<IngestItem>& batch)
   rapidin::v1::Manifest m = manifest();
   const uint64_t old_count = m.record_count();
   uint64_t next = old_count;
-  // 2. Resolve each id to its row: existing rows are replaced, new ids get the next rows.
+  // 2. Resolve each id to its row: existing rows are replaced, new ids get a deleted record's row (smallest
+  // first), else the next rows.
   absl::flat_hash_map<std::string, uint64_t> batch_rows;
   std::vector<uint64_t> rows(batch.size());
+  std::vector<uint64_t> reused;
+  auto free_it = d.free_rows.begin();
   IngestResult result;
   for (size_t i = 0; i < batch.size(); ++i) {
     const std::string& id = batch[i].record.id();
@@ -339,7 +363,12 @@ absl::StatusOr<IngestResult> Store::Ingest(const std::vector<IngestItem>& batch)
       rows[i] = FromBigEndian64(val);
       ++result.replaced;
     } else if (rs.IsNotFound()) {
-      rows[i] = next++;
+      if (free_it != d.free_rows.end()) {
+        rows[i] = *free_it++;
+        reused.push_back(rows[i]);
+      } else {
+        rows[i] = next++;
+      }
       ++result.inserted;
     } else {
       return FromRocks(rs, "looking up record id");
@@ -367,12 +396,15 @@ absl::StatusOr<IngestResult> Store::Ingest(const std::vector<IngestItem>& batch)
     wb.Put(d.cf_vectors(), BigEndian64(rows[i]),
            rocksdb::Slice(reinterpret_cast<const char*>(halves[i].data()), k * sizeof(uint16_t)));
   }
+  for (uint64_t g : reused) wb.Delete(d.cf_records(), FreeKey(g));
   m.set_record_count(next);
+  m.set_deleted_count(m.deleted_count() - reused.size());
   wb.Put(d.cf_manifest(), kManifestKey, m.SerializeAsString());
   rocksdb::WriteOptions wo;
   wo.sync = d.options.sync_writes;
   absl::Status st = FromRocks(d.db->Write(wo, &wb), "writing batch");
   if (!st.ok()) return st;
+  for (uint64_t g : reused) d.free_rows.erase(g);
   // 5. Memory follows disk: the last occurrence of each row's id wins, as it did in the WriteBatch. New rows
   // are appended in index order so that local positions stay g / S.
   absl::flat_hash_map<uint64_t, size_t> last_item;
@@ -394,6 +426,7 @@ absl::StatusOr<IngestResult> Store::Ingest(const std::vector<IngestItem>& batch)
   {
     MutexLock l(&d.manifest_mu);
     d.manifest.set_record_count(next);
+    d.manifest.set_deleted_count(m.deleted_count());
   }
   return result;
 }
@@ -434,6 +467,7 @@ absl::StatusOr<DeleteResult> Store::Delete(const std::vector<std::string>& ids) 
     wb.Delete(d.cf_records(), IdKey(id));
     wb.Delete(d.cf_records(), RecordKey(g));
     wb.Put(d.cf_vectors(), BigEndian64(g), rocksdb::Slice());  // the tombstone: an empty row
+    wb.Put(d.cf_records(), FreeKey(g), rocksdb::Slice());
     ++result.deleted;
   }
   if (rows.empty()) return result;
@@ -443,6 +477,7 @@ absl::StatusOr<DeleteResult> Store::Delete(const std::vector<std::string>& ids) 
   wo.sync = d.options.sync_writes;
   absl::Status st = FromRocks(d.db->Write(wo, &wb), "writing deletions");
   if (!st.ok()) return st;
+  d.free_rows.insert(rows.begin(), rows.end());
   // Memory follows disk: resident rows become NaN rows (rewrites, so a GPU copy is refreshed whole).
   const int S = d.num_shards();
   const uint64_t resident = d.Resident(m.record_count());

@@ -102,7 +102,8 @@ class Store {
   // Deletes the records with these ids in one synced batch: their records and ids are removed and their vector
   // rows become tombstones (an empty value on disk, a NaN row in memory, which no scan ever returns), so they
   // are gone from the next scan and from GetRecord*, and a kill -9 afterwards keeps them deleted. Ids not in the
-  // store are counted in not_found (deleting twice is harmless). A deleted id ingested again gets a new row.
+  // store are counted in not_found (deleting twice is harmless). New ids ingested later reuse the deleted rows
+  // (smallest first), so a store under churn does not grow.
   // Errors: INVALID_ARGUMENT for an empty id (nothing is deleted then).
   absl::StatusOr<DeleteResult> Delete(const std::vector<std::string>& ids);
   // Compacts the store's files so that the space of deleted records is reclaimed now (RocksDB would in time).
