@@ -3,8 +3,8 @@
 // descriptors and threads sampled every few seconds (with the memory slope after warm-up).
 //
 // Traffic per worker thread, chosen at random: QueryByVector (a stored record's vector plus noise), Query by text
-// (when --text), GetRecord, Ingest of a small batch of fresh records, DeleteRecords of records this worker ingested
-// earlier, and --deadline-share of QueryByVector calls with a 1 ms deadline (DEADLINE_EXCEEDED is then expected and
+// (when --text), GetRecord, and, in 15% of the calls, Ingest of 8 fresh records while the worker holds fewer than
+// 64 of its own, else DeleteRecords of the 8 oldest (so the store's size stays bounded), and --deadline-share of QueryByVector calls with a 1 ms deadline (DEADLINE_EXCEEDED is then expected and
 // counted apart). Any other non-OK status is an error.
 //
 // Usage: soak --server HOST:PORT --pid PID (--ids-from FILE.jsonl | --id-prefix P --id-count N) [--seconds 600]
@@ -195,7 +195,7 @@ int main(int argc, char** argv) {
         } else if (u < 0.85) {
           method = "GetRecord";
           st = c->GetRecord(ids[r], false).status();
-        } else if (u < 0.95 || mine.size() < 8) {
+        } else if (mine.size() < 64) {  // each worker keeps up to 64 records of its own: ingests and deletes balance
           method = "Ingest";
           std::vector<std::string> batch_ids;
           auto res = ci->Ingest([&, sent = false](v1::IngestRequest* b) mutable {
