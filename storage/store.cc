@@ -209,10 +209,15 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path, cons
   dbo.create_if_missing = !exists;
   dbo.create_missing_column_families = !exists;
   dbo.paranoid_checks = true;
+  // Bounded memtables: RocksDB's default lets each column family hold up to 2 x 64 MB before a flush, so a
+  // server under steady ingest/delete churn grew for many minutes (the soak of bench/results/reliability.md). All
+  // column families together now hold at most 32 MB.
+  dbo.db_write_buffer_size = 32 << 20;
   std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
   cfs.emplace_back(rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions());
   for (const char* name : kCfNames) {
     rocksdb::ColumnFamilyOptions co;
+    co.write_buffer_size = 16 << 20;
     if (std::string(name) == "vectors") {
       // Rows are 2K bytes of fp16 gradients: incompressible, read in key order by cold-tier scans. 64 KB blocks
       // (several rows each) and no compression cut the per-row block work; existing SST files keep their layout.

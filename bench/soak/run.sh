@@ -4,7 +4,8 @@
 # bench/soak (mixed QueryByVector, text Query, GetRecord, Ingest, DeleteRecords, and deadline-bound calls):
 #   1. one rapidin-server with the model;
 #   2. a router with the model over two shard servers (ingests go to shard server 0; deletes through the router).
-# Prints the soak tables. Usage: bench/soak/run.sh [SECONDS=600] [N=1000] [THREADS=6]   (from the repository root)
+# Prints the soak tables. Usage: bench/soak/run.sh [SECONDS=600] [N=1000] [THREADS=6]   (from the repository root;
+# ONLY_SERVER=1 runs setting 1 alone)
 set -euo pipefail
 SECONDS_RUN=${1:-600}
 N=${2:-1000}
@@ -41,6 +42,7 @@ wait_up 127.0.0.1:$port
   --seconds "$SECONDS_RUN" --threads "$THREADS" --json "$work/soak1.json" || echo "soak 1: errors (see the table)"
 kill -TERM $spid; wait $spid || true
 
+[[ -n "${ONLY_SERVER:-}" ]] && exit 0
 echo "== 2. router over two shard servers, $SECONDS_RUN s, $THREADS client threads"
 shard_pids=()
 for i in 0 1; do
