@@ -19,7 +19,7 @@
 namespace rapidin::model {
 namespace {
 
-ModelConfig Tiny(bool tied) { return rapidin::testing::TinyModel(tied); }
+using rapidin::testing::TinyModel;
 
 TokenizedExample RandomRecord(std::mt19937& rng, int vocab, int len, int response_begin) {
   TokenizedExample t;
@@ -73,7 +73,7 @@ TEST(Influence, TokenScoresMatchFiniteDifferences) {
     o.use_double = true;
     o.param_pattern = ".";  // norms and embeddings too
     const uint32_t seed = static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 21);
-    auto e = GradientEngine::Random(Tiny(tied), seed, o);
+    auto e = GradientEngine::Random(TinyModel(tied), seed, o);
     ASSERT_TRUE(e.ok()) << e.status();
     std::mt19937 rng(seed + 1);
     const TokenizedExample t = RandomRecord(rng, 11, 12, 6);
@@ -121,7 +121,7 @@ TEST(Influence, AdamPreconditionerDividesBeforeNormalising) {
   const uint32_t seed = static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 31);
   std::mt19937 rng(seed + 1);
   const TokenizedExample a = RandomRecord(rng, 11, 12, 5), b = RandomRecord(rng, 11, 14, 7);
-  auto trainer = GradientEngine::Random(Tiny(false), seed, o);
+  auto trainer = GradientEngine::Random(TinyModel(false), seed, o);
   ASSERT_TRUE(trainer.ok());
   std::vector<double> ga, gb;
   ASSERT_TRUE((*trainer)->GradientIds(a, false, &ga).ok());
@@ -135,8 +135,8 @@ TEST(Influence, AdamPreconditionerDividesBeforeNormalising) {
 
   EngineOptions po = o;
   po.preconditioner_path = dir.path("v.safetensors");
-  auto plain = GradientEngine::Random(Tiny(false), seed, o);
-  auto pre = GradientEngine::Random(Tiny(false), seed, po);
+  auto plain = GradientEngine::Random(TinyModel(false), seed, o);
+  auto pre = GradientEngine::Random(TinyModel(false), seed, po);
   ASSERT_TRUE(pre.ok()) << pre.status();
   EXPECT_EQ((*plain)->preconditioner(), "none");
   EXPECT_EQ((*pre)->preconditioner().rfind("adam-v/", 0), 0u) << (*pre)->preconditioner();
@@ -166,10 +166,10 @@ TEST(Influence, AdamPreconditionerDividesBeforeNormalising) {
   // Another parameter selection, a missing file and a damaged one are refused with the reason.
   EngineOptions other = po;
   other.param_pattern = ".";
-  EXPECT_EQ(GradientEngine::Random(Tiny(false), seed, other).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(GradientEngine::Random(TinyModel(false), seed, other).status().code(), absl::StatusCode::kInvalidArgument);
   EngineOptions missing = o;
   missing.preconditioner_path = dir.path("nope.safetensors");
-  EXPECT_EQ(GradientEngine::Random(Tiny(false), seed, missing).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(GradientEngine::Random(TinyModel(false), seed, missing).status().code(), absl::StatusCode::kNotFound);
   {
     std::ifstream in(dir.path("v.safetensors"), std::ios::binary);
     std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -178,7 +178,7 @@ TEST(Influence, AdamPreconditionerDividesBeforeNormalising) {
   }
   EngineOptions cut = o;
   cut.preconditioner_path = dir.path("cut.safetensors");
-  EXPECT_EQ(GradientEngine::Random(Tiny(false), seed, cut).status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(GradientEngine::Random(TinyModel(false), seed, cut).status().code(), absl::StatusCode::kDataLoss);
 }
 
 // InfluenceTokens' token_scale at 0 (token s's input embedding set to the mean row: occlusion, which the benchmark
@@ -191,7 +191,7 @@ TEST(Influence, OcclusionEqualsTheRecordWithTheTokenReplacedByTheMeanEmbedding) 
   SCOPED_TRACE(rapidin::testing::FuzzReplay());
   rapidin::testing::TempDir dir;
   const uint32_t seed = static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 51);
-  const ModelConfig c = Tiny(false);
+  const ModelConfig c = TinyModel(false);
   const int spare = c.vocab_size - 1;
   EngineOptions all;
   all.use_double = true;

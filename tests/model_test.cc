@@ -24,6 +24,8 @@
 namespace rapidin::model {
 namespace {
 
+using rapidin::testing::TinyModel;
+
 using rapidin::testing::SharedData;
 using rapidin::testing::MaxAbs;
 std::string ModelPath() { return SharedData() + "/models/stories260K.bin"; }
@@ -125,8 +127,6 @@ TEST(Engine, MissingAndMalformedFilesAreClearErrors) {
   EXPECT_EQ(GradientEngine::Load(o).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
-ModelConfig Tiny(bool tied) { return rapidin::testing::TinyModel(tied); }
-
 // Response-loss gradient against central finite differences, all in float64, on random weights and tokens.
 TEST(Engine, GradientMatchesFiniteDifferences) {
   SCOPED_TRACE(rapidin::testing::FuzzReplay());
@@ -134,7 +134,7 @@ TEST(Engine, GradientMatchesFiniteDifferences) {
     EngineOptions o;
     o.use_double = true;
     o.param_pattern = ".";  // every parameter, norms included
-    auto e = GradientEngine::Random(Tiny(tied), static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 1), o);
+    auto e = GradientEngine::Random(TinyModel(tied), static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 1), o);
     ASSERT_TRUE(e.ok()) << e.status();
     std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 2));
     TokenizedExample t;
@@ -175,7 +175,7 @@ TEST(Engine, GradientMatchesFiniteDifferences) {
 TEST(Engine, LayerwiseNormalisation) {
   EngineOptions o;
   o.use_double = true;
-  auto e = GradientEngine::Random(Tiny(true), 7, o);
+  auto e = GradientEngine::Random(TinyModel(true), 7, o);
   ASSERT_TRUE(e.ok());
   TokenizedExample t;
   t.ids = {1, 3, 4, 5, 6, 7, 8, 2};
@@ -201,7 +201,7 @@ TEST(Engine, BatchedGradientsEqualPerRecordLoop) {
   for (bool tied : {true, false}) {
     EngineOptions o;
     o.use_double = true;
-    auto e = GradientEngine::Random(Tiny(tied), static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 3), o);
+    auto e = GradientEngine::Random(TinyModel(tied), static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 3), o);
     ASSERT_TRUE(e.ok());
     std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 4));
     std::vector<TokenizedExample> batch;
@@ -485,7 +485,7 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> TinyOn(const std::string& device
   EngineOptions o;
   o.device = device;
   o.param_pattern = pattern;
-  return GradientEngine::Random(Tiny(tied), 3, o);
+  return GradientEngine::Random(TinyModel(tied), 3, o);
 }
 
 TEST(EngineDevice, NamesAreResolvedOrRefusedWithTheReason) {
@@ -525,7 +525,7 @@ TEST(Engine, GradientRowsAreTheBatchedGradientsInFloat32) {
     SCOPED_TRACE(pattern);
     EngineOptions o;
     o.param_pattern = pattern;
-    auto e = GradientEngine::Random(Tiny(false), rng(), o);
+    auto e = GradientEngine::Random(TinyModel(false), rng(), o);
     ASSERT_TRUE(e.ok());
     std::vector<TokenizedExample> batch(3);
     for (size_t r = 0; r < batch.size(); ++r) {
@@ -575,7 +575,7 @@ TEST(TokenGradients, RowsAreThePerTokenGradientsInFloat32) {
   SCOPED_TRACE(rapidin::testing::FuzzReplay());
   std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 9));
   EngineOptions o;
-  auto e = GradientEngine::Random(Tiny(true), rng(), o);
+  auto e = GradientEngine::Random(TinyModel(true), rng(), o);
   ASSERT_TRUE(e.ok());
   std::vector<int32_t> ids;
   for (int i = 0; i < 15; ++i) ids.push_back(static_cast<int32_t>(rng() % 11));
@@ -619,7 +619,7 @@ TEST(TokenGradients, RowsAreThePerTokenGradientsInFloat32) {
 TEST(Engine, MalformedTokenizedRecordsAreRefused) {
   EngineOptions o;
   o.use_double = true;
-  auto e = GradientEngine::Random(Tiny(true), 9, o);
+  auto e = GradientEngine::Random(TinyModel(true), 9, o);
   ASSERT_TRUE(e.ok());
   TokenizedExample good;
   good.ids = {1, 4, 2, 7, 3};
@@ -654,7 +654,7 @@ TEST(Engine, GrowKeepsTheBaseFunctionAndTrainsTheNewWeights) {
   for (bool tied : {true, false}) {
     EngineOptions o;
     o.use_double = true;
-    ModelConfig c = Tiny(tied);
+    ModelConfig c = TinyModel(tied);
     c.norm_eps = 0;
     auto base = GradientEngine::Random(c, static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 40), o);
     ASSERT_TRUE(base.ok()) << base.status();

@@ -12,13 +12,8 @@ spid=
 trap 'kill -9 $spid 2>/dev/null; rm -rf "$work"' EXIT
 fail() { echo "FAIL: $*"; [ -f "$work/server.log" ] && tail -20 "$work/server.log"; exit 1; }
 
+bash "$(dirname "$0")/make-test-certs.sh" "$work" || fail "test certificates (tests/make-test-certs.sh)"
 cd "$work"
-key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1.key" 2>/dev/null; }
-key ca && openssl req -x509 -new -key ca.key -out ca.pem -subj /CN=ca -days 2 2>/dev/null || fail "CA"
-key server && openssl req -new -key server.key -out server.csr -subj /CN=localhost 2>/dev/null || fail "CSR"
-printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > server.ext
-openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 \
-  -extfile server.ext 2>/dev/null || fail "server certificate"
 printf 'qtok-5e1d0a\n' > query.token
 printf 'itok-93bc47\n' > ingest.token
 printf '# TOKEN ROLE\nqtok-5e1d0a query\nitok-93bc47 ingest\natok-d2f6e8 admin\n' > tokens

@@ -31,29 +31,10 @@ constexpr char kIngestToken[] = "itok-2d8e6b4a90";
 constexpr char kAdminToken[] = "atok-c51f0e7d33";
 constexpr char kWrongToken[] = "wrong-9b1c4e2a77";
 
-// CA "ca" (server and client certificates), a second CA "other", a server certificate for localhost/127.0.0.1
-// ("server"), one that expired ("expired"), a client certificate from each CA ("client", "stranger").
+// The certificates of tests/make-test-certs.sh, made in d.
 bool MakeCerts(const TempDir& d) {
-  const std::string script = R"(set -e
-cd ")" + d.path() + R"("
-key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1.key" 2>/dev/null; }
-ca() { key "$1"; openssl req -x509 -new -key "$1.key" -out "$1.pem" -subj "/CN=$1" -days 2 2>/dev/null; }
-leaf() {  # name ca days extfile
-  key "$1"; openssl req -new -key "$1.key" -out "$1.csr" -subj "/CN=$1" 2>/dev/null
-  openssl x509 -req -in "$1.csr" -CA "$2.pem" -CAkey "$2.key" -CAcreateserial -out "$1.pem" -days "$3" \
-    -extfile "$4" 2>/dev/null
-}
-printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > server.ext
-printf 'extendedKeyUsage=clientAuth\n' > client.ext
-ca ca; ca other
-leaf server ca 2 server.ext
-leaf expired ca -1 server.ext
-leaf client ca 2 client.ext
-leaf stranger other 2 client.ext
-)";
-  const std::string path = d.path("make-certs.sh");
-  std::ofstream(path) << script;
-  return std::system(("sh " + path + " >/dev/null 2>&1").c_str()) == 0;
+  const std::string cmd = "bash " RAPIDIN_SOURCE_DIR "/tests/make-test-certs.sh " + d.path() + " >/dev/null 2>&1";
+  return std::system(cmd.c_str()) == 0;
 }
 
 bool HaveOpenssl() { return std::system("openssl version >/dev/null 2>&1") == 0; }
@@ -84,6 +65,14 @@ class SecurityTest : public ::testing::Test {
     o.store.shards = 2;
     o.net.listen = "127.0.0.1:0";
     o.net.metrics_listen = "";
+    return o;
+  }
+
+  // Options for a server that speaks TLS with certificate `cert` (see MakeCerts).
+  ServerOptions TlsOptions(const std::string& store, const std::string& cert) const {
+    ServerOptions o = Options(store);
+    o.net.tls_cert = Cert(cert);
+    o.net.tls_key = Cert(cert, ".key");
     return o;
   }
 
@@ -129,10 +118,7 @@ class SecurityTest : public ::testing::Test {
 
 TEST_F(SecurityTest, TlsRefusesPlaintextAndAnotherCa) {
   SKIP_WITHOUT_OPENSSL();
-  ServerOptions o = Options(stores_.path("tls"));
-  o.net.tls_cert = Cert("server");
-  o.net.tls_key = Cert("server", ".key");
-  auto s = Start(o);
+  auto s = Start(TlsOptions(stores_.path("tls"), "server"));
   ASSERT_NE(s, nullptr);
   EXPECT_EQ(StatsCode(Address(*s), Credentials{}), absl::StatusCode::kUnavailable) << "plaintext against TLS";
   EXPECT_EQ(StatsCode(Address(*s), Credentials{Cert("ca")}), absl::StatusCode::kOk);
@@ -142,19 +128,14 @@ TEST_F(SecurityTest, TlsRefusesPlaintextAndAnotherCa) {
 
 TEST_F(SecurityTest, ExpiredServerCertificateIsRefusedByClients) {
   SKIP_WITHOUT_OPENSSL();
-  ServerOptions o = Options(stores_.path("expired"));
-  o.net.tls_cert = Cert("expired");
-  o.net.tls_key = Cert("expired", ".key");
-  auto s = Start(o);
+  auto s = Start(TlsOptions(stores_.path("expired"), "expired"));
   ASSERT_NE(s, nullptr);
   EXPECT_EQ(StatsCode(Address(*s), Credentials{Cert("ca")}), absl::StatusCode::kUnavailable);
 }
 
 TEST_F(SecurityTest, MutualTlsNeedsAClientCertificateFromItsCa) {
   SKIP_WITHOUT_OPENSSL();
-  ServerOptions o = Options(stores_.path("mtls"));
-  o.net.tls_cert = Cert("server");
-  o.net.tls_key = Cert("server", ".key");
+  ServerOptions o = TlsOptions(stores_.path("mtls"), "server");
   o.net.tls_client_ca = Cert("ca");
   auto s = Start(o);
   ASSERT_NE(s, nullptr);
@@ -275,9 +256,7 @@ TEST_F(SecurityTest, RouterSpeaksTlsAndTokensToItsShardServers) {
   std::vector<std::unique_ptr<Server>> shards;
   std::vector<std::string> addresses;
   for (int i = 0; i < 2; ++i) {
-    ServerOptions o = Options(stores_.path("shard" + std::to_string(i)));
-    o.net.tls_cert = Cert("server");
-    o.net.tls_key = Cert("server", ".key");
+    ServerOptions o = TlsOptions(stores_.path("shard" + std::to_string(i)), "server");
     o.net.tls_client_ca = Cert("ca");
     o.net.auth_tokens = certs_.path("tokens");
     shards.push_back(Start(o));

@@ -502,6 +502,36 @@ TEST(Store, BadBatchIsRejectedWhole) {
   }
 }
 
+// Runs tests/crash_writer on a new store at `path` (with `deletes`, it also deletes as it goes), waits until it
+// has acknowledged batch `wait_for`, sleeps `sleep_us` so the kill lands at a varying moment, and SIGKILLs it.
+// *committed: the last batch it acknowledged.
+void RunWriterAndKill(const std::string& path, int k, int batch, bool deletes, int wait_for, int sleep_us,
+                      int* committed) {
+  int out[2];
+  ASSERT_EQ(pipe(out), 0);
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    dup2(out[1], STDOUT_FILENO);
+    close(out[0]);
+    execl(RAPIDIN_CRASH_WRITER, RAPIDIN_CRASH_WRITER, path.c_str(), std::to_string(k).c_str(),
+          std::to_string(batch).c_str(), deletes ? "delete" : static_cast<char*>(nullptr),
+          static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  close(out[1]);
+  std::FILE* in = fdopen(out[0], "r");
+  int b = 0;
+  *committed = -1;
+  while (*committed < wait_for && std::fscanf(in, "%d", &b) == 1) *committed = b;
+  std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
+  kill(pid, SIGKILL);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  std::fclose(in);
+  ASSERT_TRUE(WIFSIGNALED(status)) << "writer exited on its own: " << status;
+}
+
 // A writer process is SIGKILLed in the middle of ingesting; the store must open with every batch either
 // fully present (records and vectors) or absent.
 TEST(Store, KilledWriterLeavesWholeBatches) {
@@ -509,28 +539,9 @@ TEST(Store, KilledWriterLeavesWholeBatches) {
   for (int trial = 0; trial < 3; ++trial) {
     TempDir dir;
     const std::string path = dir.path("s");
-    int out[2];
-    ASSERT_EQ(pipe(out), 0);
-    const pid_t pid = fork();
-    ASSERT_GE(pid, 0);
-    if (pid == 0) {
-      dup2(out[1], STDOUT_FILENO);
-      close(out[0]);
-      execl(RAPIDIN_CRASH_WRITER, RAPIDIN_CRASH_WRITER, path.c_str(), std::to_string(k).c_str(),
-            std::to_string(batch).c_str(), static_cast<char*>(nullptr));
-      _exit(127);
-    }
-    close(out[1]);
-    // Wait until a few batches committed, then kill at a varying moment.
-    std::FILE* in = fdopen(out[0], "r");
-    int committed = -1, b = 0;
-    while (committed < 3 + trial * 4 && std::fscanf(in, "%d", &b) == 1) committed = b;
-    std::this_thread::sleep_for(std::chrono::microseconds(300 * trial));
-    kill(pid, SIGKILL);
-    int status = 0;
-    waitpid(pid, &status, 0);
-    std::fclose(in);
-    ASSERT_TRUE(WIFSIGNALED(status)) << "writer exited on its own: " << status;
+    int committed = -1;
+    RunWriterAndKill(path, k, batch, /*deletes=*/false, 3 + trial * 4, 300 * trial, &committed);
+    if (::testing::Test::HasFatalFailure()) return;
     ASSERT_GE(committed, 3);
 
     auto s = MustOpen(path, k, 2, false);
@@ -703,27 +714,9 @@ TEST(Store, KilledWriterLeavesWholeDeletes) {
   for (int trial = 0; trial < 4; ++trial) {
     TempDir dir;
     const std::string path = dir.path("s");
-    int out[2];
-    ASSERT_EQ(pipe(out), 0);
-    const pid_t pid = fork();
-    ASSERT_GE(pid, 0);
-    if (pid == 0) {
-      dup2(out[1], STDOUT_FILENO);
-      close(out[0]);
-      execl(RAPIDIN_CRASH_WRITER, RAPIDIN_CRASH_WRITER, path.c_str(), std::to_string(k).c_str(),
-            std::to_string(batch).c_str(), "delete", static_cast<char*>(nullptr));
-      _exit(127);
-    }
-    close(out[1]);
-    std::FILE* in = fdopen(out[0], "r");
-    int committed = -1, b = 0;
-    while (committed < 3 + trial * 3 && std::fscanf(in, "%d", &b) == 1) committed = b;
-    std::this_thread::sleep_for(std::chrono::microseconds(200 * trial));
-    kill(pid, SIGKILL);
-    int status = 0;
-    waitpid(pid, &status, 0);
-    std::fclose(in);
-    ASSERT_TRUE(WIFSIGNALED(status)) << "writer exited on its own: " << status;
+    int committed = -1;
+    RunWriterAndKill(path, k, batch, /*deletes=*/true, 3 + trial * 3, 200 * trial, &committed);
+    if (::testing::Test::HasFatalFailure()) return;
 
     auto s = MustOpen(path, k, 2, false);
     ASSERT_NE(s, nullptr);

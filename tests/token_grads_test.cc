@@ -22,13 +22,10 @@
 
 namespace rapidin::model {
 namespace {
-using rapidin::testing::MaxAbs;
-ModelConfig Tiny(bool tied) { return rapidin::testing::TinyModel(tied); }
-}  // namespace
-}  // namespace rapidin::model
 
-namespace rapidin::model {
-namespace {
+using rapidin::testing::MaxAbs;
+using rapidin::testing::TinyModel;
+
 
 // Token-wise gradients: every method equals the reference (one autograd backward pass per token) in float64 on
 // random weights and tokens, for tied and untied heads and three parameter selections: every weight matrix,
@@ -57,7 +54,7 @@ TEST(TokenGradients, EveryMethodEqualsPerTokenLoopAndSumsToTotal) {
       EngineOptions o;
       o.use_double = true;
       if (sel == "all") o.param_pattern = ".*";
-      auto e = GradientEngine::Random(Tiny(tied), rng(), o);
+      auto e = GradientEngine::Random(TinyModel(tied), rng(), o);
       ASSERT_TRUE(e.ok());
       if (sel == "lora") {
         LoraConfig lc;
@@ -155,7 +152,7 @@ TEST(TokenGradients, EveryMethodEqualsPerTokenLoopAndSumsToTotal) {
 TEST(TokenGradients, SharedEqualsLoopOnLongSequences) {
   SCOPED_TRACE(rapidin::testing::FuzzReplay());
   std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 5));
-  ModelConfig c = Tiny(false);
+  ModelConfig c = TinyModel(false);
   c.seq_len = 160;
   EngineOptions o;
   o.use_double = true;
@@ -179,7 +176,7 @@ TEST(TokenGradients, SharedEqualsLoopOnLongSequences) {
 TEST(TokenGradients, BadRangesAndIdsAreRefused) {
   EngineOptions o;
   o.use_double = true;
-  auto e = GradientEngine::Random(Tiny(true), 7, o);
+  auto e = GradientEngine::Random(TinyModel(true), 7, o);
   ASSERT_TRUE(e.ok());
   std::vector<int32_t> ids = {1, 2, 3, 4, 5};
   std::vector<std::vector<double>> g;

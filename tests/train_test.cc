@@ -22,13 +22,9 @@
 
 namespace rapidin::model {
 namespace {
-using rapidin::testing::MaxAbs;
-ModelConfig Tiny(bool tied) { return rapidin::testing::TinyModel(tied); }
-}  // namespace
-}  // namespace rapidin::model
 
-namespace rapidin::model {
-namespace {
+using rapidin::testing::TinyModel;
+
 std::vector<TokenizedExample> RandomBatch(std::mt19937& rng, int vocab) {
   std::vector<TokenizedExample> batch;
   for (int len : {9, 14, 6}) {
@@ -49,7 +45,7 @@ TEST(Train, StepIsAdamWOnTheMeanRecordLoss) {
   SCOPED_TRACE(rapidin::testing::FuzzReplay());
   EngineOptions o;
   o.use_double = true;
-  auto e = GradientEngine::Random(Tiny(false), static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 6), o);
+  auto e = GradientEngine::Random(TinyModel(false), static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 6), o);
   ASSERT_TRUE(e.ok()) << e.status();
   std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 7));
   const auto batch = RandomBatch(rng, 11);
@@ -87,7 +83,7 @@ TEST(Train, StepIsAdamWOnTheMeanRecordLoss) {
 TEST(Train, LoraAdapterAndCheckpointRoundTrip) {
   rapidin::testing::TempDir dir;
   EngineOptions o;
-  auto e = GradientEngine::Random(Tiny(false), 5, o);
+  auto e = GradientEngine::Random(TinyModel(false), 5, o);
   ASSERT_TRUE(e.ok()) << e.status();
   ASSERT_TRUE(model::SaveLlama2c(**e, dir.path("base.bin")).ok());
   std::mt19937 rng(9);
