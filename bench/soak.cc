@@ -99,11 +99,12 @@ int main(int argc, char** argv) {
   if (ingest_server.empty()) ingest_server = server;
 
   Credentials creds;
-  if (!token_file.empty()) {
-    auto t = rapidin::client::ReadTokenFile(token_file);
-    if (!t.ok()) return 2;
-    creds.token = *t;
+  auto token = rapidin::client::TokenFromFileOrEnv(token_file, nullptr);
+  if (!token.ok()) {
+    std::fprintf(stderr, "soak: %s\n", token.status().ToString().c_str());
+    return 2;
   }
+  creds.token = *token;
   std::vector<std::string> ids;
   std::vector<std::vector<float>> vecs;
   if (ids_from.empty()) {

@@ -1,5 +1,6 @@
 #include "client/credentials.h"
 
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 
@@ -36,6 +37,12 @@ absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
   const std::string token(absl::StripAsciiWhitespace(first));
   if (token.empty()) return absl::InvalidArgumentError(absl::StrCat("token file ", path, ": the first line is empty"));
   return token;
+}
+
+absl::StatusOr<std::string> TokenFromFileOrEnv(const std::string& file, const char* env) {
+  if (!file.empty()) return ReadTokenFile(file);
+  const char* value = env != nullptr ? std::getenv(env) : nullptr;
+  return std::string(value != nullptr ? value : "");
 }
 
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ChannelCredentials(const Credentials& c) {

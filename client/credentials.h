@@ -31,6 +31,10 @@ void AddToken(const Credentials& c, grpc::ClientContext* ctx);
 // The token never appears in an error message.
 absl::StatusOr<std::string> ReadTokenFile(const std::string& path);
 
+// The bearer token from `file` (ReadTokenFile) when it is given, else from the environment variable `env` (when
+// `env` is not null and the variable is set and non-empty), else empty: no token.
+absl::StatusOr<std::string> TokenFromFileOrEnv(const std::string& file, const char* env);
+
 // A PEM file's contents. Errors: NOT_FOUND, INVALID_ARGUMENT when it holds no "-----BEGIN" block.
 absl::StatusOr<std::string> ReadPemFile(const std::string& path, const char* what);
 

@@ -44,13 +44,9 @@ std::string g_token_file;
 
 absl::StatusOr<std::unique_ptr<Client>> Dial(const std::string& server, double deadline) {
   rapidin::client::Credentials c = g_credentials;
-  if (!g_token_file.empty()) {
-    auto t = rapidin::client::ReadTokenFile(g_token_file);
-    if (!t.ok()) return t.status();
-    c.token = *t;
-  } else if (const char* env = std::getenv("RAPIDIN_TOKEN"); env != nullptr && *env != '\0') {
-    c.token = env;
-  }
+  auto token = rapidin::client::TokenFromFileOrEnv(g_token_file, "RAPIDIN_TOKEN");
+  if (!token.ok()) return token.status();
+  c.token = *token;
   return Client::Connect(server, c, deadline);
 }
 

@@ -99,15 +99,11 @@ int main(int argc, char** argv) {
                  "$RAPIDIN_SHARD_TOKEN); needs the admin role there to forward every method");
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
-  if (!shard_token_file.empty()) {
-    auto t = rapidin::client::ReadTokenFile(shard_token_file);
-    if (!t.ok()) {
-      std::fprintf(stderr, "rapidin-server: %s\n", t.status().ToString().c_str());
-      return 1;
-    }
+  if (auto t = rapidin::client::TokenFromFileOrEnv(shard_token_file, "RAPIDIN_SHARD_TOKEN"); t.ok()) {
     o.router.shard_credentials.token = *t;
-  } else if (const char* env = std::getenv("RAPIDIN_SHARD_TOKEN"); env != nullptr && *env != '\0') {
-    o.router.shard_credentials.token = env;
+  } else {
+    std::fprintf(stderr, "rapidin-server: %s\n", t.status().ToString().c_str());
+    return 1;
   }
   o.model.token_method = token_methods.at(token_method);
   o.router.connect_timeout = absl::Seconds(connect_s);

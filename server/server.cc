@@ -393,9 +393,8 @@ namespace {
 
 // Starts /metrics and the gRPC server for `service` (health and reflection included).
 absl::Status Serve(const ServerOptions& options, grpc::Service* service, Metrics* metrics, const std::string& what,
-                   const internal::TokenTable* tokens, std::unique_ptr<grpc::Server>* out, int* port) {
-  auto creds = internal::ServerCredentials(options.net);  // files read again here: checked in Create
-  if (!creds.ok()) return creds.status();
+                   const std::shared_ptr<grpc::ServerCredentials>& creds, const internal::TokenTable* tokens,
+                   std::unique_ptr<grpc::Server>* out, int* port) {
   if (!options.net.metrics_listen.empty()) {
     absl::Status st = metrics->Serve(options.net.metrics_listen);
     if (!st.ok()) return st;
@@ -403,7 +402,7 @@ absl::Status Serve(const ServerOptions& options, grpc::Service* service, Metrics
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.net.listen, *creds, port);
+  builder.AddListeningPort(options.net.listen, creds, port);
   builder.SetMaxReceiveMessageSize(options.net.max_message_bytes);
   builder.SetMaxSendMessageSize(options.net.max_message_bytes);
   builder.RegisterService(service);
@@ -427,7 +426,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     return absl::InvalidArgumentError("limits must be positive");
   }
   // Security settings are checked first, before any slow start-up work.
-  if (auto creds = internal::ServerCredentials(options.net); !creds.ok()) return creds.status();
+  auto creds = internal::ServerCredentials(options.net);
+  if (!creds.ok()) return creds.status();
   std::unique_ptr<internal::TokenTable> tokens;
   if (!options.net.auth_tokens.empty()) {
     auto t = internal::TokenTable::Load(options.net.auth_tokens);
@@ -447,7 +447,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     impl->router = std::move(*router);
     absl::Status st = Serve(options, impl->router.get(), impl->metrics.get(),
                             absl::StrCat("router over ", options.router.shard_servers.size(), " shard servers"),
-                            impl->tokens.get(), &impl->grpc_server, &impl->port);
+                            *creds, impl->tokens.get(), &impl->grpc_server, &impl->port);
     if (!st.ok()) return st;
     return std::unique_ptr<Server>(new Server(std::move(impl)));
   }
@@ -532,7 +532,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   impl->service->UpdateTierMetrics();
   absl::Status st = Serve(options, impl->service.get(), impl->metrics.get(),
                           absl::StrCat(impl->engine->num_workers(), " workers, ", impl->engine->backend(), " kernels"),
-                          impl->tokens.get(), &impl->grpc_server, &impl->port);
+                          *creds, impl->tokens.get(), &impl->grpc_server, &impl->port);
   if (!st.ok()) return st;
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }

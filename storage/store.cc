@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "base/mutex.h"
@@ -456,10 +457,10 @@ absl::StatusOr<DeleteResult> Store::Delete(const std::vector<std::string>& ids) 
   rapidin::v1::Manifest m = manifest();
   DeleteResult result;
   std::vector<uint64_t> rows;
-  absl::flat_hash_map<std::string, bool> seen;
+  absl::flat_hash_set<std::string> seen;
   rocksdb::WriteBatch wb;
   for (const std::string& id : ids) {
-    if (!seen.emplace(id, true).second) continue;  // twice in one request: once
+    if (!seen.insert(id).second) continue;  // twice in one request: once
     std::string val;
     rocksdb::Status rs = d.db->Get(rocksdb::ReadOptions(), d.cf_records(), IdKey(id), &val);
     if (rs.IsNotFound()) {
