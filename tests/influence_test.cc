@@ -241,11 +241,17 @@ TEST(Influence, OcclusionEqualsTheRecordWithTheTokenReplacedByTheMeanEmbedding) 
       std::vector<double> gr;
       ASSERT_TRUE((*e)->GradientIds(r, normalize, &gr).ok());
       const double want = Dot(gr, u);
-      EXPECT_NEAR(*got, want, 1e-6 * (1 + std::fabs(want))) << "token " << s;  // the file holds float32 rows
+      // The file holds float32 rows: the spare row is the float32 rounding of the mean (6e-8 relative per value),
+      // which a random tiny model amplifies to a few 1e-6 (1.7e-6 measured with RAPIDIN_FUZZ_SEED=546411).
+      EXPECT_NEAR(*got, want, 2e-5 * (1 + std::fabs(want))) << "token " << s;
       occluded.push_back(want);
     }
-    for (double v : occluded) spread = std::max(spread, std::fabs(v - occluded[0]));
-    EXPECT_GT(spread, 1e-6);  // the tokens really differ
+    double largest = 0;
+    for (double v : occluded) {
+      spread = std::max(spread, std::fabs(v - occluded[0]));
+      largest = std::max(largest, std::fabs(v));
+    }
+    EXPECT_GT(spread, 1e-2 * largest);  // the tokens really differ, far beyond the tolerance above
   }
 }
 
