@@ -14,8 +14,9 @@ struct QueryEngine::Pending {
   int q = 0;
   int top_k = 0;
   int harmful_k = 0;
-  std::atomic<bool> abandoned{false};
-  std::promise<absl::StatusOr<SearchResult>> promise;
+  absl::Time deadline = absl::InfiniteFuture();
+  std::atomic<bool> abandoned{false};  // a blocking Search() gave up waiting: skip it
+  std::function<void(absl::StatusOr<SearchResult>)> done;
 };
 
 // One thread that runs the tasks given to its shard, in order.
@@ -99,25 +100,17 @@ QueryEngine::~QueryEngine() {
     MutexLock l(&mu_);
     left.swap(queue_);
   }
-  for (auto& p : left) p->promise.set_value(absl::CancelledError("server is shutting down"));
+  for (auto& p : left) p->done(absl::CancelledError("server is shutting down"));
   workers_.clear();
 }
 
 absl::StatusOr<SearchResult> QueryEngine::Search(std::vector<float> queries, int q, int top_k, int harmful_k,
                                                  absl::Time deadline) {
-  auto p = std::make_shared<Pending>();
-  p->queries = std::move(queries);
-  p->q = q;
-  p->top_k = top_k;
-  p->harmful_k = harmful_k;
-  auto fut = p->promise.get_future();
-  {
-    MutexLock l(&mu_);
-    if (stopping_) return absl::CancelledError("server is shutting down");
-    queue_.push_back(p);
-    cv_.Signal();
-  }
-  if (deadline != absl::InfiniteFuture()) {
+  auto promise = std::make_shared<std::promise<absl::StatusOr<SearchResult>>>();
+  auto fut = promise->get_future();
+  std::shared_ptr<Pending> p = Enqueue(std::move(queries), q, top_k, harmful_k, deadline,
+                                       [promise](absl::StatusOr<SearchResult> r) { promise->set_value(std::move(r)); });
+  if (p != nullptr && deadline != absl::InfiniteFuture()) {
     if (fut.wait_until(absl::ToChronoTime(deadline)) != std::future_status::ready) {
       p->abandoned = true;  // the dispatcher skips it if it has not started yet
       return absl::DeadlineExceededError("deadline exceeded while waiting for the scan");
@@ -126,17 +119,50 @@ absl::StatusOr<SearchResult> QueryEngine::Search(std::vector<float> queries, int
   return fut.get();
 }
 
+void QueryEngine::SearchAsync(std::vector<float> queries, int q, int top_k, int harmful_k, absl::Time deadline,
+                              std::function<void(absl::StatusOr<SearchResult>)> done) {
+  Enqueue(std::move(queries), q, top_k, harmful_k, deadline, std::move(done));
+}
+
+std::shared_ptr<QueryEngine::Pending> QueryEngine::Enqueue(std::vector<float> queries, int q, int top_k,
+                                                           int harmful_k, absl::Time deadline,
+                                                           std::function<void(absl::StatusOr<SearchResult>)> done) {
+  auto p = std::make_shared<Pending>();
+  p->queries = std::move(queries);
+  p->q = q;
+  p->top_k = top_k;
+  p->harmful_k = harmful_k;
+  p->deadline = deadline;
+  p->done = std::move(done);
+  {
+    MutexLock l(&mu_);
+    if (!stopping_) {
+      queue_.push_back(p);
+      cv_.Signal();
+      return p;
+    }
+  }
+  p->done(absl::CancelledError("server is shutting down"));
+  return nullptr;
+}
+
 void QueryEngine::DispatchLoop() {
   for (;;) {
-    std::vector<std::shared_ptr<Pending>> batch;
+    std::vector<std::shared_ptr<Pending>> batch, expired;
     {
       MutexLock l(&mu_);
       while (!stopping_ && queue_.empty()) cv_.Wait();
       if (stopping_) return;
+      const absl::Time now = absl::Now();
       int vectors = 0;
       while (!queue_.empty()) {
         auto& p = queue_.front();
         if (p->abandoned) {
+          queue_.pop_front();
+          continue;
+        }
+        if (p->deadline <= now) {  // an asynchronous caller's deadline passed while it waited: answer, do not scan
+          expired.push_back(std::move(p));
           queue_.pop_front();
           continue;
         }
@@ -146,6 +172,7 @@ void QueryEngine::DispatchLoop() {
         queue_.pop_front();
       }
     }
+    for (auto& p : expired) p->done(absl::DeadlineExceededError("deadline exceeded while waiting for the scan"));
     if (!batch.empty()) RunBatch(batch);
   }
 }
@@ -246,7 +273,7 @@ void QueryEngine::Merge(std::vector<std::shared_ptr<Pending>>& batch, const std:
   int base = 0;
   for (auto& p : batch) {
     if (!status.ok()) {
-      p->promise.set_value(status);
+      p->done(status);
       continue;
     }
     SearchResult r;
@@ -262,7 +289,7 @@ void QueryEngine::Merge(std::vector<std::shared_ptr<Pending>>& batch, const std:
       r.harmful.push_back(kernels::MergeTopK(hm, p->harmful_k, false));
     }
     base += p->q;
-    p->promise.set_value(std::move(r));
+    p->done(std::move(r));
   }
 }
 

@@ -59,6 +59,12 @@ class QueryEngine {
   // Errors: DEADLINE_EXCEEDED, CANCELLED (shutdown), or a scan error.
   absl::StatusOr<SearchResult> Search(std::vector<float> queries, int q, int top_k, int harmful_k,
                                       absl::Time deadline = absl::InfiniteFuture());
+  // The same search without a waiting thread (the servers' callback handlers): done gets the answer exactly once,
+  // on the engine's dispatcher thread (so it must be quick: hand real work to another thread), or on the calling
+  // thread when the engine is shutting down. A request whose deadline passes before its scan starts gets
+  // DEADLINE_EXCEEDED without a scan; one whose scan has started gets its answer even if late.
+  void SearchAsync(std::vector<float> queries, int q, int top_k, int harmful_k, absl::Time deadline,
+                   std::function<void(absl::StatusOr<SearchResult>)> done);
 
   int num_workers() const { return static_cast<int>(workers_.size()); }
   std::string backend() const;
@@ -69,6 +75,9 @@ class QueryEngine {
   struct Pending;
   struct Worker;
   QueryEngine(const storage::Store* store, Options options, std::unique_ptr<ScanBackend> backend);
+  // Queues a search; null (after done(CANCELLED)) when the engine is shutting down.
+  std::shared_ptr<Pending> Enqueue(std::vector<float> queries, int q, int top_k, int harmful_k, absl::Time deadline,
+                                   std::function<void(absl::StatusOr<SearchResult>)> done);
   void DispatchLoop();
   struct WorkerResult;
   // One batch: Stack -> ScanAll (backend scan + ScanCold on every worker) -> Merge.

@@ -14,7 +14,7 @@ CLANG=${CLANG:-$(command -v clang++ || true)}
 # std::mutex sections are short and local). The LibTorch ones (model/engine.cc, training.cc) take ~20 s each.
 FILES=(storage/store.cc query/query_engine.cc query/backend.cc query/internal/cuda_backend.cc server/server.cc
        server/internal/router.cc server/internal/service.cc server/metrics.cc model/featurizer.cc model/engine.cc
-       model/training.cc)
+       model/training.cc tests/base_test.cc)
 python3 - "$BUILD/compile_commands.json" "$CLANG" "${FILES[@]}" <<'PY'
 import json, os, shlex, subprocess, sys
 db, clang, files = sys.argv[1], sys.argv[2], sys.argv[3:]

@@ -54,6 +54,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--kernels", impl, "auto|avx2|portable")->capture_default_str();
   app.add_option("--max-top-k", o.limits.max_top_k, "largest top_k / harmful_k accepted")->capture_default_str();
+  app.add_option("--handler-threads", o.limits.handler_threads,
+                 "threads for requests' blocking work (0: max(4, hardware threads))")->capture_default_str();
+  app.add_option("--max-queued-requests", o.limits.max_queued_requests,
+                 "requests waiting for a handler thread before new ones get RESOURCE_EXHAUSTED")->capture_default_str();
   app.add_option("--max-query-vectors", o.limits.max_query_vectors, "query vectors per request")->capture_default_str();
   app.add_option("--max-message-mb", o.net.max_message_bytes, "largest gRPC message, MiB")
       ->transform([](std::string s) { return std::to_string(std::stoll(s) << 20); });

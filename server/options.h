@@ -35,6 +35,10 @@ struct ServerOptions {
     uint32_t max_top_k = 1000;              // limit on top_k and harmful_k
     int max_query_vectors = 64;             // per request
     uint32_t max_attributed_records = 10;   // top_k + harmful_k allowed with token attributions
+    // Requests run on gRPC's callback API; their blocking work (gradients, record reads, synced writes) on a fixed
+    // pool of handler threads. New requests beyond max_queued_requests waiting for a thread get RESOURCE_EXHAUSTED.
+    int handler_threads = 0;                // 0: max(4, hardware threads)
+    int max_queued_requests = 1024;
   };
   // Shard server: the store it serves.
   struct Store {

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "base/thread_pool.h"
 #include "model/attribution.h"
 #include "model/featurizer.h"
 #include "query/query_engine.h"
@@ -35,106 +36,111 @@ namespace v1 = rapidin::v1;
 using internal::DeadlineOf;
 using internal::Need;
 
-class InfluenceServiceImpl final : public v1::InfluenceService::Service {
+using Call = internal::UnaryCall;
+
+// The shard service on gRPC's callback API: no thread waits for a request. Authorization runs on gRPC's thread;
+// the rest on the handler pool (admission: RESOURCE_EXHAUSTED when its queue is full), and a scan in the query
+// engine, whose answer is handed back to the pool for the record reads.
+class InfluenceServiceImpl final : public v1::InfluenceService::CallbackService {
  public:
   InfluenceServiceImpl(storage::Store* store, QueryEngine* engine, Metrics* metrics,
                        const model::Featurizer* featurizer, const ServerOptions& options,
-                       const internal::TokenTable* tokens)
+                       const internal::TokenTable* tokens, ThreadPool* pool)
       : store_(store), engine_(engine), metrics_(metrics), featurizer_(featurizer), options_(options),
-        tokens_(tokens) {}
+        tokens_(tokens), pool_(pool) {}
 
-  grpc::Status Query(grpc::ServerContext* ctx, const v1::QueryRequest* req, v1::QueryResponse* resp) override {
-    const auto t0 = std::chrono::steady_clock::now();
-    if (absl::Status a = Authorize(*ctx, Need::kQuery, "Query"); !a.ok()) return Observe("Query", t0, a);
-    return Observe("Query", t0, DoQuery(ctx, *req, resp, t0));
+  grpc::ServerUnaryReactor* Query(grpc::CallbackServerContext* ctx, const v1::QueryRequest* req,
+                                  v1::QueryResponse* resp) override {
+    return Start(ctx, Need::kQuery, "Query", [this, ctx, req, resp](const Call& call) {
+      absl::Status st = internal::CheckTextQuery(*req, featurizer_ != nullptr, options_.limits);
+      if (!st.ok()) return call.Finish(st);
+      auto q = std::make_shared<std::vector<float>>();
+      auto gen = internal::GenerationGradient(*featurizer_, *req, call.t0, q.get(), resp);
+      if (!gen.ok()) return call.Finish(gen.status());
+      if (ctx->IsCancelled()) return call.Finish(absl::CancelledError("cancelled by the client"));
+      auto example = std::make_shared<model::Example>(std::move(*gen));
+      engine_->SearchAsync(*q, 1, static_cast<int>(req->top_k()), static_cast<int>(req->harmful_k()),
+                           DeadlineOf(ctx), [this, req, resp, call, q, example](absl::StatusOr<SearchResult> res) {
+                             auto r = std::make_shared<absl::StatusOr<SearchResult>>(std::move(res));
+                             pool_->Schedule([this, req, resp, call, q, example, r] {
+                               call.Finish(AfterQueryScan(*req, *example, *q, *r, call.t0, resp));
+                             });
+                           });
+    });
   }
 
-  grpc::Status QueryByVector(grpc::ServerContext* ctx, const v1::QueryByVectorRequest* req,
-                             v1::QueryByVectorResponse* resp) override {
-    const auto t0 = std::chrono::steady_clock::now();
-    if (absl::Status a = Authorize(*ctx, Need::kQuery, "QueryByVector"); !a.ok()) {
-      return Observe("QueryByVector", t0, a);
-    }
-    return Observe("QueryByVector", t0, DoQueryByVector(ctx, *req, resp, t0));
+  grpc::ServerUnaryReactor* QueryByVector(grpc::CallbackServerContext* ctx, const v1::QueryByVectorRequest* req,
+                                          v1::QueryByVectorResponse* resp) override {
+    return Start(ctx, Need::kQuery, "QueryByVector", [this, ctx, req, resp](const Call& call) {
+      int q = 0;
+      auto matrix = QueryMatrix(*req, &q);
+      if (!matrix.ok()) return call.Finish(matrix.status());
+      auto queries = std::make_shared<const std::vector<float>>(*matrix);  // for FillRecords' re-check
+      engine_->SearchAsync(std::move(*matrix), q, static_cast<int>(req->top_k()), static_cast<int>(req->harmful_k()),
+                           DeadlineOf(ctx), [this, req, resp, call, q, queries](absl::StatusOr<SearchResult> res) {
+                             auto r = std::make_shared<absl::StatusOr<SearchResult>>(std::move(res));
+                             pool_->Schedule([this, req, resp, call, q, queries, r] {
+                               call.Finish(AfterVectorScan(*req, q, *queries, *r, call.t0, resp));
+                             });
+                           });
+    });
   }
 
-  grpc::Status Ingest(grpc::ServerContext* ctx, grpc::ServerReader<v1::IngestRequest>* reader,
-                      v1::IngestResponse* resp) override {
-    const auto t0 = std::chrono::steady_clock::now();
-    if (absl::Status a = Authorize(*ctx, Need::kIngest, "Ingest"); !a.ok()) return Observe("Ingest", t0, a);
-    v1::IngestRequest msg;
-    absl::Status st;
-    while (reader->Read(&msg)) {
-      if (ctx->IsCancelled()) {
-        st = absl::CancelledError("ingest cancelled by the client");
-        break;
-      }
-      std::vector<storage::IngestItem> items(msg.records_size());
-      for (int i = 0; i < msg.records_size(); ++i) {
-        auto* r = msg.mutable_records(i);
-        items[i].record = std::move(*r->mutable_record());
-        items[i].vector.assign(r->vector().begin(), r->vector().end());
-      }
-      auto res = store_->Ingest(items);
-      if (!res.ok()) {
-        st = absl::Status(res.status().code(),
-                          absl::StrCat("batch ", resp->batches_applied() + 1, " rejected (", resp->batches_applied(),
-                                       " earlier batches were applied): ", res.status().message()));
-        break;
-      }
-      resp->set_batches_applied(resp->batches_applied() + 1);
-      resp->set_records_inserted(resp->records_inserted() + res->inserted);
-      resp->set_records_replaced(resp->records_replaced() + res->replaced);
-      resp->set_record_count(store_->live_records());
-    }
-    resp->set_record_count(store_->live_records());
-    UpdateTierMetrics();
-    spdlog::info("ingest: {} batches, {} inserted, {} replaced, store now {} records{}", resp->batches_applied(),
-                 resp->records_inserted(), resp->records_replaced(), resp->record_count(),
-                 st.ok() ? "" : absl::StrCat(" (", st.message(), ")"));
-    return Observe("Ingest", t0, st);
+  grpc::ServerReadReactor<v1::IngestRequest>* Ingest(grpc::CallbackServerContext* ctx,
+                                                     v1::IngestResponse* resp) override {
+    return new IngestReactor(this, ctx, resp);
   }
 
-  grpc::Status DeleteRecords(grpc::ServerContext* ctx, const v1::DeleteRecordsRequest* req,
-                             v1::DeleteRecordsResponse* resp) override {
-    const auto t0 = std::chrono::steady_clock::now();
-    if (absl::Status a = Authorize(*ctx, Need::kAdmin, "DeleteRecords"); !a.ok()) {
-      return Observe("DeleteRecords", t0, a);
-    }
-    auto res = store_->Delete({req->ids().begin(), req->ids().end()});
-    if (!res.ok()) return Observe("DeleteRecords", t0, res.status());
+  grpc::ServerUnaryReactor* DeleteRecords(grpc::CallbackServerContext* ctx, const v1::DeleteRecordsRequest* req,
+                                          v1::DeleteRecordsResponse* resp) override {
+    return Start(ctx, Need::kAdmin, "DeleteRecords",
+                 [this, req, resp](const Call& call) { call.Finish(DoDeleteRecords(*req, resp)); });
+  }
+
+  grpc::ServerUnaryReactor* GetRecord(grpc::CallbackServerContext* ctx, const v1::GetRecordRequest* req,
+                                      v1::GetRecordResponse* resp) override {
+    return Start(ctx, Need::kQuery, "GetRecord",
+                 [this, req, resp](const Call& call) { call.Finish(DoGetRecord(*req, resp)); });
+  }
+
+  grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* ctx, const v1::StatsRequest*,
+                                  v1::StatsResponse* resp) override {
+    return Start(ctx, Need::kAnyRole, "Stats", [this, resp](const Call& call) {
+      DoStats(resp);
+      call.Finish(absl::OkStatus());
+    });
+  }
+
+  absl::Status DoDeleteRecords(const v1::DeleteRecordsRequest& req, v1::DeleteRecordsResponse* resp) {
+    auto res = store_->Delete({req.ids().begin(), req.ids().end()});
+    if (!res.ok()) return res.status();
     resp->set_deleted(res->deleted);
     resp->set_not_found(res->not_found);
-    if (req->compact()) {
-      if (absl::Status st = store_->Compact(); !st.ok()) return Observe("DeleteRecords", t0, st);
+    if (req.compact()) {
+      if (absl::Status st = store_->Compact(); !st.ok()) return st;
     }
     resp->set_record_count(store_->live_records());
     UpdateTierMetrics();
     spdlog::info("delete: {} deleted, {} not found{}, store now {} records", res->deleted, res->not_found,
-                 req->compact() ? ", compacted" : "", resp->record_count());
-    return Observe("DeleteRecords", t0, absl::OkStatus());
+                 req.compact() ? ", compacted" : "", resp->record_count());
+    return absl::OkStatus();
   }
 
-  grpc::Status GetRecord(grpc::ServerContext* ctx, const v1::GetRecordRequest* req,
-                         v1::GetRecordResponse* resp) override {
-    const auto t0 = std::chrono::steady_clock::now();
-    if (absl::Status a = Authorize(*ctx, Need::kQuery, "GetRecord"); !a.ok()) return Observe("GetRecord", t0, a);
-    if (req->id().empty()) return Observe("GetRecord", t0, absl::InvalidArgumentError("id is empty"));
-    auto sr = store_->GetRecordById(req->id());
-    if (!sr.ok()) return Observe("GetRecord", t0, sr.status());
+  absl::Status DoGetRecord(const v1::GetRecordRequest& req, v1::GetRecordResponse* resp) const {
+    if (req.id().empty()) return absl::InvalidArgumentError("id is empty");
+    auto sr = store_->GetRecordById(req.id());
+    if (!sr.ok()) return sr.status();
     *resp->mutable_record() = sr->record();
     resp->set_index(sr->index());
-    if (req->include_vector()) {
+    if (req.include_vector()) {
       auto v = store_->GetVector(sr->index());
-      if (!v.ok()) return Observe("GetRecord", t0, v.status());
+      if (!v.ok()) return v.status();
       resp->mutable_vector()->Add(v->begin(), v->end());
     }
-    return Observe("GetRecord", t0, absl::OkStatus());
+    return absl::OkStatus();
   }
 
-  grpc::Status Stats(grpc::ServerContext* ctx, const v1::StatsRequest*, v1::StatsResponse* resp) override {
-    const auto t0 = std::chrono::steady_clock::now();
-    if (absl::Status a = Authorize(*ctx, Need::kAnyRole, "Stats"); !a.ok()) return Observe("Stats", t0, a);
+  void DoStats(v1::StatsResponse* resp) const {
     const v1::Manifest m = store_->manifest();
     resp->set_num_records(m.record_count() - m.deleted_count());
     resp->set_k(m.k());
@@ -174,7 +180,6 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
       warm->set_records(row ? g.warm / row : 0);
       warm->set_bytes(g.warm);
     }
-    return Observe("Stats", t0, absl::OkStatus());
   }
 
   void UpdateTierMetrics() {
@@ -191,10 +196,81 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
   }
 
  private:
-  grpc::Status Observe(const char* method, std::chrono::steady_clock::time_point t0, const absl::Status& st) {
-    return internal::Observe(metrics_, method, t0, st);
+  // An ingest stream: each message is one batch, applied (one synced write) on the handler pool before the next
+  // is read. The answer counts the batches applied; the first failure ends the stream and names the batch.
+  class IngestReactor final : public grpc::ServerReadReactor<v1::IngestRequest> {
+   public:
+    IngestReactor(InfluenceServiceImpl* service, grpc::CallbackServerContext* ctx, v1::IngestResponse* resp)
+        : s_(service), ctx_(ctx), resp_(resp), t0_(std::chrono::steady_clock::now()) {
+      if (absl::Status a = s_->Authorize(*ctx, Need::kIngest, "Ingest"); !a.ok()) {
+        Finish(internal::Observe(s_->metrics_, "Ingest", t0_, a));
+        return;
+      }
+      StartRead(&msg_);
+    }
+    void OnReadDone(bool ok) override {
+      if (!ok) {  // the client closed its side (or the call is cancelled: the status then goes nowhere)
+        return Done(ctx_->IsCancelled() ? absl::CancelledError("ingest cancelled by the client") : absl::OkStatus());
+      }
+      if (!s_->pool_->TrySchedule([this] { Apply(); })) {
+        Done(absl::ResourceExhaustedError(absl::StrCat("server busy: ", s_->pool_->max_queued(),
+                                                       " requests are waiting for a handler thread; batch ",
+                                                       resp_->batches_applied() + 1, " not applied (",
+                                                       resp_->batches_applied(), " earlier batches were)")));
+      }
+    }
+    void OnDone() override { delete this; }
+
+   private:
+    void Apply() {
+      if (ctx_->IsCancelled()) return Done(absl::CancelledError("ingest cancelled by the client"));
+      std::vector<storage::IngestItem> items(msg_.records_size());
+      for (int i = 0; i < msg_.records_size(); ++i) {
+        auto* r = msg_.mutable_records(i);
+        items[i].record = std::move(*r->mutable_record());
+        items[i].vector.assign(r->vector().begin(), r->vector().end());
+      }
+      auto res = s_->store_->Ingest(items);
+      if (!res.ok()) {
+        return Done(absl::Status(res.status().code(),
+                                 absl::StrCat("batch ", resp_->batches_applied() + 1, " rejected (",
+                                              resp_->batches_applied(), " earlier batches were applied): ",
+                                              res.status().message())));
+      }
+      resp_->set_batches_applied(resp_->batches_applied() + 1);
+      resp_->set_records_inserted(resp_->records_inserted() + res->inserted);
+      resp_->set_records_replaced(resp_->records_replaced() + res->replaced);
+      StartRead(&msg_);
+    }
+    void Done(const absl::Status& st) {
+      resp_->set_record_count(s_->store_->live_records());
+      s_->UpdateTierMetrics();
+      spdlog::info("ingest: {} batches, {} inserted, {} replaced, store now {} records{}", resp_->batches_applied(),
+                   resp_->records_inserted(), resp_->records_replaced(), resp_->record_count(),
+                   st.ok() ? "" : absl::StrCat(" (", st.message(), ")"));
+      Finish(internal::Observe(s_->metrics_, "Ingest", t0_, st));
+    }
+
+    InfluenceServiceImpl* const s_;
+    grpc::CallbackServerContext* const ctx_;
+    v1::IngestResponse* const resp_;
+    const std::chrono::steady_clock::time_point t0_;
+    v1::IngestRequest msg_;
+  };
+
+  // Authorizes on gRPC's thread, then runs work(call) on the handler pool (internal::RunOnPool).
+  grpc::ServerUnaryReactor* Start(grpc::CallbackServerContext* ctx, Need need, const char* method,
+                                  std::function<void(const Call&)> work) {
+    const Call call = internal::BeginCall(ctx, method, metrics_);
+    if (absl::Status a = Authorize(*ctx, need, method); !a.ok()) {
+      call.Finish(a);
+    } else {
+      internal::RunOnPool(pool_, ctx, call, std::move(work));
+    }
+    return call.reactor;
   }
-  absl::Status Authorize(const grpc::ServerContext& ctx, Need need, const char* method) const {
+
+  absl::Status Authorize(const grpc::ServerContextBase& ctx, Need need, const char* method) const {
     return internal::Authorize(tokens_, ctx, need, method);
   }
 
@@ -309,27 +385,20 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     };
   }
 
-  absl::Status DoQuery(grpc::ServerContext* ctx, const v1::QueryRequest& req, v1::QueryResponse* resp,
-                       std::chrono::steady_clock::time_point t0) {
-    absl::Status st = internal::CheckTextQuery(req, featurizer_ != nullptr, options_.limits);
-    if (!st.ok()) return st;
-    std::vector<float> q;
-    auto gen = internal::GenerationGradient(*featurizer_, req, t0, &q, resp);
-    if (!gen.ok()) return gen.status();
-    if (ctx->IsCancelled()) return absl::CancelledError("cancelled by the client");
-    const std::vector<float> q_copy = q;
-    auto res = engine_->Search(std::move(q), 1, static_cast<int>(req.top_k()), static_cast<int>(req.harmful_k()),
-                               DeadlineOf(ctx));
+  // A text query after its scan: the records, then the token attributions when asked.
+  absl::Status AfterQueryScan(const v1::QueryRequest& req, const model::Example& gen, const std::vector<float>& q,
+                              const absl::StatusOr<SearchResult>& res, std::chrono::steady_clock::time_point t0,
+                              v1::QueryResponse* resp) {
     if (!res.ok()) return res.status();
     RecordScan(*res, 1, resp->mutable_shard_timings());
-    st = FillRecords(res->helpful[0], q_copy.data(), req.omit_text(), resp->mutable_result()->mutable_helpful());
+    absl::Status st = FillRecords(res->helpful[0], q.data(), req.omit_text(), resp->mutable_result()->mutable_helpful());
     if (st.ok()) {
-      st = FillRecords(res->harmful[0], q_copy.data(), req.omit_text(), resp->mutable_result()->mutable_harmful());
+      st = FillRecords(res->harmful[0], q.data(), req.omit_text(), resp->mutable_result()->mutable_harmful());
     }
     if (!st.ok()) return st;
     if (req.attributions()) {
       const auto ta = std::chrono::steady_clock::now();
-      st = model::Attribute(*featurizer_, *gen, q_copy, LocalRecord(), resp->mutable_result());
+      st = model::Attribute(*featurizer_, gen, q, LocalRecord(), resp->mutable_result());
       if (!st.ok()) return st;
       resp->set_attribution_ms(internal::MsSince(ta));
     }
@@ -337,17 +406,11 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
     return absl::OkStatus();
   }
 
-  absl::Status DoQueryByVector(grpc::ServerContext* ctx, const v1::QueryByVectorRequest& req,
-                               v1::QueryByVectorResponse* resp, std::chrono::steady_clock::time_point t0) {
-    int q = 0;
-    auto matrix = QueryMatrix(req, &q);
-    if (!matrix.ok()) return matrix.status();
-    if (ctx->IsCancelled()) return absl::CancelledError("cancelled by the client");
-    const std::vector<float> queries = *matrix;  // for FillRecords' re-check
-    const size_t k = queries.size() / std::max(q, 1);
-    auto res = engine_->Search(std::move(*matrix), q, static_cast<int>(req.top_k()),
-                               static_cast<int>(req.harmful_k()), DeadlineOf(ctx));
+  absl::Status AfterVectorScan(const v1::QueryByVectorRequest& req, int q, const std::vector<float>& queries,
+                               const absl::StatusOr<SearchResult>& res, std::chrono::steady_clock::time_point t0,
+                               v1::QueryByVectorResponse* resp) {
     if (!res.ok()) return res.status();
+    const size_t k = queries.size() / std::max(q, 1);
     RecordScan(*res, q, resp->mutable_shard_timings());
     resp->set_vectors_in_scan(res->vectors_in_scan);
     for (int j = 0; j < q; ++j) {
@@ -367,6 +430,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::Service {
   const model::Featurizer* featurizer_;
   ServerOptions options_;
   const internal::TokenTable* tokens_;  // null: no tokens required
+  ThreadPool* pool_;
 };
 
 }  // namespace
@@ -380,6 +444,7 @@ struct Server::Impl {
   std::unique_ptr<InfluenceServiceImpl> service;
   std::unique_ptr<internal::RouterService> router;  // router mode, instead of store, engine and service
   std::unique_ptr<internal::TokenTable> tokens;     // null without --auth-tokens
+  std::unique_ptr<ThreadPool> pool;                 // handlers' blocking work; outlives every call
   std::unique_ptr<grpc::Server> grpc_server;
   int port = 0;
   std::once_flag shutdown_once;
@@ -419,10 +484,17 @@ absl::Status Serve(const ServerOptions& options, grpc::Service* service, Metrics
   return absl::OkStatus();
 }
 
+std::unique_ptr<ThreadPool> MakePool(const ServerOptions::Limits& limits) {
+  const int n = limits.handler_threads > 0 ? limits.handler_threads
+                                           : std::max(4, static_cast<int>(std::thread::hardware_concurrency()));
+  return std::make_unique<ThreadPool>(n, limits.max_queued_requests);
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& options) {
-  if (options.limits.max_top_k == 0 || options.limits.max_query_vectors <= 0 || options.net.max_message_bytes <= 0) {
+  if (options.limits.max_top_k == 0 || options.limits.max_query_vectors <= 0 || options.net.max_message_bytes <= 0 ||
+      options.limits.handler_threads < 0 || options.limits.max_queued_requests <= 0) {
     return absl::InvalidArgumentError("limits must be positive");
   }
   // Security settings are checked first, before any slow start-up work.
@@ -442,7 +514,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     impl->options = options;
     impl->tokens = std::move(tokens);
     impl->metrics = std::make_unique<Metrics>();
-    auto router = internal::RouterService::Create(options, impl->metrics.get(), impl->tokens.get());
+    impl->pool = MakePool(options.limits);
+    auto router =
+        internal::RouterService::Create(options, impl->metrics.get(), impl->tokens.get(), impl->pool.get());
     if (!router.ok()) return router.status();
     impl->router = std::move(*router);
     absl::Status st = Serve(options, impl->router.get(), impl->metrics.get(),
@@ -527,8 +601,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   }
   impl->metrics = std::make_unique<Metrics>();
   impl->tokens = std::move(tokens);
+  impl->pool = MakePool(options.limits);
   impl->service = std::make_unique<InfluenceServiceImpl>(impl->store.get(), impl->engine.get(), impl->metrics.get(),
-                                                         impl->featurizer.get(), options, impl->tokens.get());
+                                                         impl->featurizer.get(), options, impl->tokens.get(),
+                                                         impl->pool.get());
   impl->service->UpdateTierMetrics();
   absl::Status st = Serve(options, impl->service.get(), impl->metrics.get(),
                           absl::StrCat(impl->engine->num_workers(), " workers, ", impl->engine->backend(), " kernels"),
@@ -553,7 +629,8 @@ void Server::Shutdown(absl::Duration grace) {
   std::call_once(impl_->shutdown_once, [&] {
     spdlog::info("shutting down (grace {} ms)", absl::ToInt64Milliseconds(grace));
     impl_->grpc_server->GetHealthCheckService()->SetServingStatus(false);
-    impl_->grpc_server->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+    impl_->grpc_server->Shutdown(absl::ToChronoTime(absl::Now() + grace));  // returns when every call is finished
+    impl_->pool.reset();
     impl_->metrics->Stop();
     impl_->engine.reset();
     impl_->store.reset();

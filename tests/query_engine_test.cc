@@ -11,6 +11,7 @@
 #include <random>
 #include <thread>
 
+#include "base/mutex.h"
 #include "query/query_engine.h"
 #include "tests/test_util.h"
 
@@ -208,6 +209,61 @@ TEST_P(QueryEngineTest, SearchesRacingIngestSeeWholeRowsAndMissNothingOlder) {
     CheckAnswer(r->harmful[0], false, q.data(), 12, latest, 1000, 0);
   }
   std::cout << searches.load() << " searches raced 30 ingest batches\n";
+}
+
+// SearchAsync (the servers' callback handlers): many searches started at once from one thread, with nobody
+// waiting, each answered exactly once with the same lists as the blocking Search; a deadline already passed is
+// answered DEADLINE_EXCEEDED without a scan; a search queued when the engine stops gets CANCELLED.
+TEST_P(QueryEngineTest, SearchAsyncAnswersEachOnceLikeSearch) {
+  Append(0, 700, 3);
+  const auto versions = history_.Snapshot();
+  constexpr int kCalls = 40;
+  std::vector<std::vector<float>> qs;
+  for (int i = 0; i < kCalls; ++i) qs.push_back(SeededVector(5000 + i, kK));
+  std::vector<absl::StatusOr<SearchResult>> got(kCalls, absl::UnknownError("no answer"));
+  std::vector<std::atomic<int>> answers(kCalls);
+  BlockingCounter left(kCalls);
+  for (int i = 0; i < kCalls; ++i) {
+    engine_->SearchAsync(qs[i], 1, 7, 3, absl::InfiniteFuture(), [&, i](absl::StatusOr<SearchResult> r) {
+      got[i] = std::move(r);
+      answers[i]++;
+      left.DecrementCount();
+    });
+  }
+  left.Wait();
+  for (int i = 0; i < kCalls; ++i) {
+    EXPECT_EQ(answers[i].load(), 1);
+    ASSERT_TRUE(got[i].ok()) << got[i].status();
+    CheckAnswer(got[i]->helpful[0], true, qs[i].data(), 7, versions, 700, 0);
+    CheckAnswer(got[i]->harmful[0], false, qs[i].data(), 3, versions, 700, 0);
+    auto sync = engine_->Search(qs[i], 1, 7, 3);
+    ASSERT_TRUE(sync.ok());
+    for (int j = 0; j < 7; ++j) EXPECT_EQ(sync->helpful[0][j].index, got[i]->helpful[0][j].index);
+  }
+
+  BlockingCounter late(1);
+  absl::Status late_status;
+  engine_->SearchAsync(qs[0], 1, 7, 3, absl::Now() - absl::Seconds(1), [&](absl::StatusOr<SearchResult> r) {
+    late_status = r.status();
+    late.DecrementCount();
+  });
+  late.Wait();
+  EXPECT_EQ(late_status.code(), absl::StatusCode::kDeadlineExceeded) << late_status;
+
+  engine_.reset();  // stopped: nothing may be left unanswered
+  QueryEngine::Options eo;
+  auto stopped = std::make_unique<QueryEngine>(store_.get(), eo);
+  std::atomic<int> cancelled{0}, other{0};
+  BlockingCounter all(200);
+  for (int i = 0; i < 200; ++i) {
+    stopped->SearchAsync(qs[i % kCalls], 1, 7, 3, absl::InfiniteFuture(), [&](absl::StatusOr<SearchResult> r) {
+      (r.ok() ? other : absl::IsCancelled(r.status()) ? cancelled : other)++;
+      all.DecrementCount();
+    });
+  }
+  stopped.reset();  // every search still queued is answered CANCELLED, the others with their answer
+  all.Wait();
+  EXPECT_EQ(cancelled.load() + other.load(), 200);
 }
 
 INSTANTIATE_TEST_SUITE_P(HostBudget, QueryEngineTest, ::testing::Values(0, 250),

@@ -11,6 +11,7 @@
 #include <map>
 #include <thread>
 
+#include "base/mutex.h"
 #include "client/client.h"
 #include "kernels/half.h"
 #include "kernels/score.h"
@@ -479,6 +480,79 @@ TEST_F(ServerTest, ConcurrentQueriesGetTheirOwnAnswers) {
       EXPECT_EQ(r->results(0).helpful(j).index(), serial[i].results(0).helpful(j).index());
       EXPECT_EQ(r->results(0).harmful(j).score(), serial[i].results(0).harmful(j).score());
     }
+  }
+}
+
+// The callback API with one handler thread: a burst of concurrent requests is served without a thread per
+// request, and requests beyond the queue's bound are refused with RESOURCE_EXHAUSTED, never dropped or mixed up.
+TEST_F(ServerTest, BurstBeyondTheHandlerQueueIsRefusedAndTheRestAnswered) {
+  ServerOptions o = StopForRestart();
+  o.limits.handler_threads = 1;
+  o.limits.max_queued_requests = 1;
+  o.limits.max_top_k = 50;
+  o.limits.max_query_vectors = 8;
+  auto s = Server::Create(o);
+  ASSERT_TRUE(s.ok()) << s.status();
+  const std::string addr = "127.0.0.1:" + std::to_string((*s)->port());
+  auto stub = v1::InfluenceService::NewStub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
+  // Each request reads 8 x 100 records after its scan (milliseconds on the one handler thread): the burst queues.
+  std::vector<std::vector<float>> qs;
+  for (int i = 0; i < 8; ++i) qs.push_back(SeededVector(2000 + i, kK));
+  const v1::QueryByVectorRequest req = Request(qs, 50, 50);
+  constexpr int kBurst = 64;
+  std::vector<grpc::ClientContext> ctxs(kBurst);
+  std::vector<v1::QueryByVectorResponse> resps(kBurst);
+  std::vector<grpc::Status> got(kBurst);
+  BlockingCounter left(kBurst);
+  for (int i = 0; i < kBurst; ++i) {
+    stub->async()->QueryByVector(&ctxs[i], &req, &resps[i], [&, i](grpc::Status st) {
+      got[i] = std::move(st);
+      left.DecrementCount();
+    });
+  }
+  left.Wait();
+  int ok = 0, busy = 0;
+  for (int i = 0; i < kBurst; ++i) {
+    if (got[i].ok()) {
+      ++ok;
+      ASSERT_EQ(resps[i].results_size(), 8);
+      for (int j = 0; j < 8; ++j) CheckAgainstReference(resps[i].results(j), qs[j], 50, 50);
+    } else {
+      ASSERT_EQ(got[i].error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << got[i].error_message();
+      EXPECT_NE(got[i].error_message().find("server busy"), std::string::npos) << got[i].error_message();
+      ++busy;
+    }
+  }
+  EXPECT_GT(ok, 0);
+  EXPECT_GT(busy, 0);
+  auto after = client::Client::Connect(addr)->QueryByVector(Request({qs[0]}, 5, 0));
+  EXPECT_TRUE(after.ok()) << after.status();
+}
+
+TEST_F(ServerTest, OneHandlerThreadServesManyConcurrentQueries) {
+  ServerOptions o = StopForRestart();
+  o.limits.handler_threads = 1;
+  auto s = Server::Create(o);
+  ASSERT_TRUE(s.ok()) << s.status();
+  const std::string addr = "127.0.0.1:" + std::to_string((*s)->port());
+  auto stub = v1::InfluenceService::NewStub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
+  constexpr int kCalls = 48;
+  std::vector<v1::QueryByVectorRequest> reqs;
+  for (int i = 0; i < kCalls; ++i) reqs.push_back(Request({SeededVector(3000 + i, kK)}, 10, 3));
+  std::vector<grpc::ClientContext> ctxs(kCalls);
+  std::vector<v1::QueryByVectorResponse> resps(kCalls);
+  std::vector<grpc::Status> got(kCalls);
+  BlockingCounter left(kCalls);
+  for (int i = 0; i < kCalls; ++i) {
+    stub->async()->QueryByVector(&ctxs[i], &reqs[i], &resps[i], [&, i](grpc::Status st) {
+      got[i] = std::move(st);
+      left.DecrementCount();
+    });
+  }
+  left.Wait();
+  for (int i = 0; i < kCalls; ++i) {
+    ASSERT_TRUE(got[i].ok()) << i << ": " << got[i].error_message();
+    CheckAgainstReference(resps[i].results(0), SeededVector(3000 + i, kK), 10, 3);
   }
 }
 

@@ -92,7 +92,7 @@ size_t TokenTable::size() const {
   return tokens_.size();
 }
 
-absl::Status TokenTable::Check(const grpc::ServerContext& ctx, Need need, const char* method) const {
+absl::Status TokenTable::Check(const grpc::ServerContextBase& ctx, Need need, const char* method) const {
   const auto& md = ctx.client_metadata();
   auto it = md.find("authorization");
   if (it == md.end()) {

@@ -40,7 +40,7 @@ class TokenTable {
 
   // OK, or UNAUTHENTICATED (no bearer token, or not in the table), or PERMISSION_DENIED (the token's role may
   // not call `method`).
-  absl::Status Check(const grpc::ServerContext& ctx, Need need, const char* method) const;
+  absl::Status Check(const grpc::ServerContextBase& ctx, Need need, const char* method) const;
 
   size_t size() const;
 
@@ -54,7 +54,7 @@ class TokenTable {
 };
 
 // tokens->Check(...), or OK when tokens is null (no --auth-tokens).
-inline absl::Status Authorize(const TokenTable* tokens, const grpc::ServerContext& ctx, Need need,
+inline absl::Status Authorize(const TokenTable* tokens, const grpc::ServerContextBase& ctx, Need need,
                               const char* method) {
   return tokens == nullptr ? absl::OkStatus() : tokens->Check(ctx, need, method);
 }

@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <atomic>
 #include <map>
 #include <set>
 
@@ -76,38 +77,52 @@ void MergeResults(const std::vector<const v1::QueryResult*>& parts, const std::v
   merge(false, harmful_k, out->mutable_harmful());
 }
 
-RouterService::RouterService(const ServerOptions& options, Metrics* metrics, const TokenTable* tokens)
-    : options_(options), metrics_(metrics), tokens_(tokens) {}
+RouterService::RouterService(const ServerOptions& options, Metrics* metrics, const TokenTable* tokens,
+                             ThreadPool* pool)
+    : options_(options), metrics_(metrics), tokens_(tokens), pool_(pool) {}
 RouterService::~RouterService() = default;
 
 template <typename Req, typename Resp, typename Call>
-std::vector<absl::Status> RouterService::FanOut(const grpc::ServerContext* parent, const Req& req,
-                                                std::vector<Resp>* out, Call call, absl::Time deadline,
-                                                bool wait_for_ready) const {
+void RouterService::FanOut(const grpc::ServerContextBase* parent, const Req& req, Call call, Answers<Resp> done,
+                           absl::Time deadline, bool wait_for_ready) const {
+  struct State {
+    Req req;
+    std::vector<Resp> out;
+    std::vector<std::unique_ptr<grpc::ClientContext>> ctxs;
+    std::vector<grpc::Status> got;
+    std::atomic<size_t> left{0};
+    Answers<Resp> done;
+  };
   const size_t n = shards_.size();
-  out->assign(n, Resp());
-  std::vector<std::unique_ptr<grpc::ClientContext>> ctxs(n);
-  std::vector<grpc::Status> got(n);
-  BlockingCounter left(static_cast<int>(n));
+  auto st = std::make_shared<State>();
+  st->req = req;
+  st->out.resize(n);
+  st->ctxs.resize(n);
+  st->got.resize(n);
+  st->left = n;
+  st->done = std::move(done);
   for (size_t i = 0; i < n; ++i) {
-    ctxs[i] = parent ? grpc::ClientContext::FromServerContext(*parent) : std::make_unique<grpc::ClientContext>();
-    if (deadline != absl::InfiniteFuture()) ctxs[i]->set_deadline(absl::ToChronoTime(deadline));
-    ctxs[i]->set_wait_for_ready(wait_for_ready);
-    client::AddToken(options_.router.shard_credentials, ctxs[i].get());
-    call(shards_[i]->stub->async(), ctxs[i].get(), &req, &(*out)[i], [&, i](grpc::Status s) {
-      got[i] = std::move(s);  // each callback its own slot; Wait() orders the writes before the reads below
-      left.DecrementCount();
+    st->ctxs[i] = parent ? grpc::ClientContext::FromServerContext(*parent) : std::make_unique<grpc::ClientContext>();
+    if (deadline != absl::InfiniteFuture()) st->ctxs[i]->set_deadline(absl::ToChronoTime(deadline));
+    st->ctxs[i]->set_wait_for_ready(wait_for_ready);
+    client::AddToken(options_.router.shard_credentials, st->ctxs[i].get());
+  }
+  for (size_t i = 0; i < n; ++i) {
+    call(shards_[i]->stub->async(), st->ctxs[i].get(), &st->req, &st->out[i], [this, st, i, n](grpc::Status s) {
+      st->got[i] = std::move(s);  // each callback its own slot; the last one (acq_rel) reads them all
+      if (st->left.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+      std::vector<absl::Status> statuses(n);
+      for (size_t j = 0; j < n; ++j) statuses[j] = ShardStatus(shards_[j]->address, st->got[j]);
+      Answers<Resp> d = std::move(st->done);
+      d(std::move(statuses), std::move(st->out));
     });
   }
-  left.Wait();
-  std::vector<absl::Status> st(n);
-  for (size_t i = 0; i < n; ++i) st[i] = ShardStatus(shards_[i]->address, got[i]);
-  return st;
 }
 
 absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const ServerOptions& options,
-                                                                     Metrics* metrics, const TokenTable* tokens) {
-  std::unique_ptr<RouterService> r(new RouterService(options, metrics, tokens));
+                                                                     Metrics* metrics, const TokenTable* tokens,
+                                                                     ThreadPool* pool) {
+  std::unique_ptr<RouterService> r(new RouterService(options, metrics, tokens, pool));
   auto creds = client::ChannelCredentials(options.router.shard_credentials);
   if (!creds.ok()) {
     return absl::Status(creds.status().code(), absl::StrCat("shard servers: ", creds.status().message()));
@@ -116,6 +131,11 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const Serve
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.net.max_message_bytes);
   args.SetMaxSendMessageSize(options.net.max_message_bytes);
+  // A shard server that restarts is reached again within a second or two, not after gRPC's default backoff
+  // (which grows to two minutes while it is down).
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 200);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   for (const std::string& a : options.router.shard_servers) {
     if (a.empty()) return absl::InvalidArgumentError("--shard-servers: an empty address");
     if (!seen.insert(a).second) return absl::InvalidArgumentError(absl::StrCat("--shard-servers: ", a, " twice"));
@@ -129,11 +149,19 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const Serve
 
   // Shard servers may start after the router (Kubernetes starts pods in any order): wait for every one.
   std::vector<v1::StatsResponse> stats;
+  std::vector<absl::Status> failed;
   const auto t0 = std::chrono::steady_clock::now();
-  auto failed = r->FanOut(
-      nullptr, v1::StatsRequest(), &stats,
+  BlockingCounter answered(1);
+  r->FanOut<v1::StatsRequest, v1::StatsResponse>(
+      nullptr, v1::StatsRequest(),
       [](auto* a, auto* c, auto* q, auto* p, auto cb) { a->Stats(c, q, p, std::move(cb)); },
+      [&](std::vector<absl::Status> st, std::vector<v1::StatsResponse> parts) {
+        failed = std::move(st);
+        stats = std::move(parts);
+        answered.DecrementCount();
+      },
       absl::Now() + options.router.connect_timeout, /*wait_for_ready=*/true);
+  answered.Wait();
   if (absl::Status st = First(failed); !st.ok()) {
     return absl::UnavailableError(absl::StrCat("router start-up (waited up to ",
                                                absl::FormatDuration(options.router.connect_timeout),
@@ -172,13 +200,24 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(const Serve
   return r;
 }
 
-absl::Status RouterService::Scatter(const grpc::ServerContext* ctx, const v1::QueryByVectorRequest& req,
-                                    v1::QueryByVectorResponse* resp) const {
-  std::vector<v1::QueryByVectorResponse> parts;
-  absl::Status st = First(FanOut(ctx, req, &parts, [](auto* a, auto* c, auto* q, auto* p, auto cb) {
-    a->QueryByVector(c, q, p, std::move(cb));
-  }));
-  if (!st.ok()) return st;
+void RouterService::Scatter(const grpc::ServerContextBase* ctx, const v1::QueryByVectorRequest& req,
+                            std::function<void(absl::Status, v1::QueryByVectorResponse)> done) const {
+  auto shape = std::make_shared<v1::QueryByVectorRequest>();  // what the merge needs of the request
+  shape->set_top_k(req.top_k());
+  shape->set_harmful_k(req.harmful_k());
+  FanOut<v1::QueryByVectorRequest, v1::QueryByVectorResponse>(
+      ctx, req, [](auto* a, auto* c, auto* q, auto* p, auto cb) { a->QueryByVector(c, q, p, std::move(cb)); },
+      [this, shape, done = std::move(done)](std::vector<absl::Status> st, std::vector<v1::QueryByVectorResponse> parts) {
+        v1::QueryByVectorResponse merged;
+        absl::Status s = First(st);
+        if (s.ok()) s = MergeScattered(*shape, parts, &merged);
+        done(std::move(s), std::move(merged));
+      });
+}
+
+absl::Status RouterService::MergeScattered(const v1::QueryByVectorRequest& req,
+                                           const std::vector<v1::QueryByVectorResponse>& parts,
+                                           v1::QueryByVectorResponse* resp) const {
   std::vector<std::string> sources;
   for (const auto& s : shards_) sources.push_back(s->address);
   const int nr = parts[0].results_size();
@@ -211,123 +250,144 @@ absl::Status RouterService::Scatter(const grpc::ServerContext* ctx, const v1::Qu
   return absl::OkStatus();
 }
 
-grpc::Status RouterService::QueryByVector(grpc::ServerContext* ctx, const v1::QueryByVectorRequest* req,
-                                          v1::QueryByVectorResponse* resp) {
-  const auto t0 = std::chrono::steady_clock::now();
-  if (absl::Status a = Authorize(tokens_, *ctx, Need::kQuery, "QueryByVector"); !a.ok()) {
-    return Observe(metrics_, "QueryByVector", t0, a);
+grpc::ServerUnaryReactor* RouterService::QueryByVector(grpc::CallbackServerContext* ctx,
+                                                       const v1::QueryByVectorRequest* req,
+                                                       v1::QueryByVectorResponse* resp) {
+  const UnaryCall call = BeginCall(ctx, "QueryByVector", metrics_);
+  absl::Status st = Authorize(tokens_, *ctx, Need::kQuery, "QueryByVector");
+  if (st.ok()) st = CheckQueryVectors(*req, k_, state_id_, options_.limits.max_top_k, "the shard servers use");
+  if (!st.ok()) {
+    call.Finish(st);
+    return call.reactor;
   }
-  absl::Status st = CheckQueryVectors(*req, k_, state_id_, options_.limits.max_top_k, "the shard servers use");
-  if (st.ok()) {
-    v1::QueryByVectorRequest fwd = *req;
-    fwd.set_projection_state_id(state_id_);  // a shard server replaced by another store refuses the query
-    st = Scatter(ctx, fwd, resp);
-  }
-  if (st.ok()) resp->set_total_ms(MsSince(t0));
-  return Observe(metrics_, "QueryByVector", t0, st);
+  v1::QueryByVectorRequest fwd = *req;
+  fwd.set_projection_state_id(state_id_);  // a shard server replaced by another store refuses the query
+  Scatter(ctx, fwd, [call, resp](absl::Status s, v1::QueryByVectorResponse merged) {
+    if (s.ok()) {
+      *resp = std::move(merged);
+      resp->set_total_ms(MsSince(call.t0));
+    }
+    call.Finish(s);
+  });
+  return call.reactor;
 }
 
-absl::Status RouterService::DoQuery(grpc::ServerContext* ctx, const v1::QueryRequest& req, v1::QueryResponse* resp,
-                                    std::chrono::steady_clock::time_point t0) {
-  absl::Status st = CheckTextQuery(req, featurizer_ != nullptr, options_.limits);
-  if (!st.ok()) return st;
-  std::vector<float> q;
-  auto gen = GenerationGradient(*featurizer_, req, t0, &q, resp);
-  if (!gen.ok()) return gen.status();
-  if (ctx->IsCancelled()) return absl::CancelledError("cancelled by the client");
-  v1::QueryByVectorRequest fwd;
-  fwd.add_queries()->mutable_values()->Add(q.begin(), q.end());
-  fwd.set_top_k(req.top_k());
-  fwd.set_harmful_k(req.harmful_k());
-  fwd.set_projection_state_id(state_id_);
-  fwd.set_omit_text(req.omit_text());
-  v1::QueryByVectorResponse scattered;
-  st = Scatter(ctx, fwd, &scattered);
-  if (!st.ok()) return st;
-  *resp->mutable_result() = std::move(*scattered.mutable_results(0));
-  *resp->mutable_shard_timings() = std::move(*scattered.mutable_shard_timings());
-  if (req.attributions()) {
-    const auto ta = std::chrono::steady_clock::now();
-    std::map<std::string, const Shard*> by_address;
-    for (const auto& s : shards_) by_address[s->address] = s.get();
-    auto fetch = [&](const v1::ScoredRecord& sr, v1::Record* rec, std::vector<float>* x) -> absl::Status {
-      const Shard* shard = by_address.at(sr.source());
-      v1::GetRecordRequest gr;
-      gr.set_id(sr.id());
-      gr.set_include_vector(true);
-      v1::GetRecordResponse got;
-      std::unique_ptr<grpc::ClientContext> c = grpc::ClientContext::FromServerContext(*ctx);
-      client::AddToken(options_.router.shard_credentials, c.get());
-      absl::Status s = ShardStatus(shard->address, shard->stub->GetRecord(c.get(), gr, &got));
-      if (!s.ok()) return s;
-      *rec = std::move(*got.mutable_record());
-      x->assign(got.vector().begin(), got.vector().end());
-      return absl::OkStatus();
-    };
-    st = model::Attribute(*featurizer_, *gen, q, fetch, resp->mutable_result());
-    if (!st.ok()) return st;
-    resp->set_attribution_ms(MsSince(ta));
+grpc::ServerUnaryReactor* RouterService::Query(grpc::CallbackServerContext* ctx, const v1::QueryRequest* req,
+                                               v1::QueryResponse* resp) {
+  const UnaryCall call = BeginCall(ctx, "Query", metrics_);
+  if (absl::Status a = Authorize(tokens_, *ctx, Need::kQuery, "Query"); !a.ok()) {
+    call.Finish(a);
+    return call.reactor;
   }
-  resp->set_total_ms(MsSince(t0));
+  RunOnPool(pool_, ctx, call, [this, ctx, req, resp](const UnaryCall& call) {
+    absl::Status st = CheckTextQuery(*req, featurizer_ != nullptr, options_.limits);
+    if (!st.ok()) return call.Finish(st);
+    auto q = std::make_shared<std::vector<float>>();
+    auto gen = GenerationGradient(*featurizer_, *req, call.t0, q.get(), resp);
+    if (!gen.ok()) return call.Finish(gen.status());
+    if (ctx->IsCancelled()) return call.Finish(absl::CancelledError("cancelled by the client"));
+    auto example = std::make_shared<model::Example>(std::move(*gen));
+    v1::QueryByVectorRequest fwd;
+    fwd.add_queries()->mutable_values()->Add(q->begin(), q->end());
+    fwd.set_top_k(req->top_k());
+    fwd.set_harmful_k(req->harmful_k());
+    fwd.set_projection_state_id(state_id_);
+    fwd.set_omit_text(req->omit_text());
+    Scatter(ctx, fwd, [this, ctx, req, resp, call, q, example](absl::Status s, v1::QueryByVectorResponse scattered) {
+      if (!s.ok()) return call.Finish(s);
+      *resp->mutable_result() = std::move(*scattered.mutable_results(0));
+      *resp->mutable_shard_timings() = std::move(*scattered.mutable_shard_timings());
+      if (!req->attributions()) {
+        resp->set_total_ms(MsSince(call.t0));
+        return call.Finish(absl::OkStatus());
+      }
+      pool_->Schedule([this, ctx, resp, call, q, example] {  // reads records from the shard servers: blocks
+        absl::Status a = Attribute(ctx, *example, *q, resp);
+        if (a.ok()) resp->set_total_ms(MsSince(call.t0));
+        call.Finish(a);
+      });
+    });
+  });
+  return call.reactor;
+}
+
+absl::Status RouterService::Attribute(const grpc::ServerContextBase* ctx, const model::Example& gen,
+                                      const std::vector<float>& q, v1::QueryResponse* resp) const {
+  const auto ta = std::chrono::steady_clock::now();
+  std::map<std::string, const Shard*> by_address;
+  for (const auto& s : shards_) by_address[s->address] = s.get();
+  auto fetch = [&](const v1::ScoredRecord& sr, v1::Record* rec, std::vector<float>* x) -> absl::Status {
+    const Shard* shard = by_address.at(sr.source());
+    v1::GetRecordRequest gr;
+    gr.set_id(sr.id());
+    gr.set_include_vector(true);
+    v1::GetRecordResponse got;
+    std::unique_ptr<grpc::ClientContext> c = grpc::ClientContext::FromServerContext(*ctx);
+    client::AddToken(options_.router.shard_credentials, c.get());
+    absl::Status s = ShardStatus(shard->address, shard->stub->GetRecord(c.get(), gr, &got));
+    if (!s.ok()) return s;
+    *rec = std::move(*got.mutable_record());
+    x->assign(got.vector().begin(), got.vector().end());
+    return absl::OkStatus();
+  };
+  absl::Status st = model::Attribute(*featurizer_, gen, q, fetch, resp->mutable_result());
+  if (!st.ok()) return st;
+  resp->set_attribution_ms(MsSince(ta));
   return absl::OkStatus();
 }
 
-grpc::Status RouterService::Query(grpc::ServerContext* ctx, const v1::QueryRequest* req, v1::QueryResponse* resp) {
+namespace {
+
+// A stream answered at once, before any message is read.
+class RefuseStream final : public grpc::ServerReadReactor<v1::IngestRequest> {
+ public:
+  explicit RefuseStream(const grpc::Status& status) { Finish(status); }
+  void OnDone() override { delete this; }
+};
+
+}  // namespace
+
+grpc::ServerReadReactor<v1::IngestRequest>* RouterService::Ingest(grpc::CallbackServerContext* ctx,
+                                                                 v1::IngestResponse*) {
   const auto t0 = std::chrono::steady_clock::now();
-  if (absl::Status a = Authorize(tokens_, *ctx, Need::kQuery, "Query"); !a.ok()) {
-    return Observe(metrics_, "Query", t0, a);
+  absl::Status st = Authorize(tokens_, *ctx, Need::kIngest, "Ingest");
+  if (st.ok()) {
+    st = absl::UnimplementedError("a router does not take ingests: each record belongs to one shard "
+                                  "server's store; send it to that shard server (GetRecord through the "
+                                  "router names it in `source`)");
   }
-  return Observe(metrics_, "Query", t0, DoQuery(ctx, *req, resp, t0));
+  return new RefuseStream(Observe(metrics_, "Ingest", t0, st));
 }
 
-grpc::Status RouterService::Ingest(grpc::ServerContext* ctx, grpc::ServerReader<v1::IngestRequest>*,
-                                   v1::IngestResponse*) {
-  const auto t0 = std::chrono::steady_clock::now();
-  if (absl::Status a = Authorize(tokens_, *ctx, Need::kIngest, "Ingest"); !a.ok()) {
-    return Observe(metrics_, "Ingest", t0, a);
+grpc::ServerUnaryReactor* RouterService::GetRecord(grpc::CallbackServerContext* ctx, const v1::GetRecordRequest* req,
+                                                   v1::GetRecordResponse* resp) {
+  const UnaryCall call = BeginCall(ctx, "GetRecord", metrics_);
+  absl::Status st = Authorize(tokens_, *ctx, Need::kQuery, "GetRecord");
+  if (st.ok() && req->id().empty()) st = absl::InvalidArgumentError("id is empty");
+  if (!st.ok()) {
+    call.Finish(st);
+    return call.reactor;
   }
-  return Observe(metrics_, "Ingest", t0,
-                 absl::UnimplementedError("a router does not take ingests: each record belongs to one shard "
-                                          "server's store; send it to that shard server (GetRecord through the "
-                                          "router names it in `source`)"));
+  FanOut<v1::GetRecordRequest, v1::GetRecordResponse>(
+      ctx, *req, [](auto* a, auto* c, auto* q, auto* p, auto cb) { a->GetRecord(c, q, p, std::move(cb)); },
+      [this, call, resp, id = req->id()](std::vector<absl::Status> st, std::vector<v1::GetRecordResponse> got) {
+        for (size_t i = 0; i < got.size(); ++i) {  // ids are unique across shard ranges; the first holder answers
+          if (st[i].ok()) {
+            *resp = std::move(got[i]);
+            resp->set_source(shards_[i]->address);
+            return call.Finish(absl::OkStatus());
+          }
+        }
+        for (const auto& s : st) {
+          if (!absl::IsNotFound(s)) return call.Finish(s);  // a shard server that cannot answer may hold it
+        }
+        call.Finish(absl::NotFoundError(
+            absl::StrCat("no record with id \"", id, "\" on any of the ", shards_.size(), " shard servers")));
+      });
+  return call.reactor;
 }
 
-absl::Status RouterService::DoGetRecord(grpc::ServerContext* ctx, const v1::GetRecordRequest& req,
-                                        v1::GetRecordResponse* resp) {
-  if (req.id().empty()) return absl::InvalidArgumentError("id is empty");
-  std::vector<v1::GetRecordResponse> got;
-  std::vector<absl::Status> st = FanOut(ctx, req, &got, [](auto* a, auto* c, auto* q, auto* p, auto cb) {
-    a->GetRecord(c, q, p, std::move(cb));
-  });
-  for (size_t i = 0; i < got.size(); ++i) {  // ids are unique across shard ranges; the first holder answers
-    if (st[i].ok()) {
-      *resp = std::move(got[i]);
-      resp->set_source(shards_[i]->address);
-      return absl::OkStatus();
-    }
-  }
-  for (const auto& s : st) {
-    if (!absl::IsNotFound(s)) return s;  // a shard server that cannot answer may hold the record
-  }
-  return absl::NotFoundError(absl::StrCat("no record with id \"", req.id(), "\" on any of the ", shards_.size(),
-                                          " shard servers"));
-}
-
-grpc::Status RouterService::GetRecord(grpc::ServerContext* ctx, const v1::GetRecordRequest* req,
-                                      v1::GetRecordResponse* resp) {
-  const auto t0 = std::chrono::steady_clock::now();
-  if (absl::Status a = Authorize(tokens_, *ctx, Need::kQuery, "GetRecord"); !a.ok()) {
-    return Observe(metrics_, "GetRecord", t0, a);
-  }
-  return Observe(metrics_, "GetRecord", t0, DoGetRecord(ctx, *req, resp));
-}
-
-absl::Status RouterService::DoStats(grpc::ServerContext* ctx, v1::StatsResponse* resp) {
-  std::vector<v1::StatsResponse> parts;
-  absl::Status st = First(FanOut(ctx, v1::StatsRequest(), &parts, [](auto* a, auto* c, auto* q, auto* p, auto cb) {
-    a->Stats(c, q, p, std::move(cb));
-  }));
-  if (!st.ok()) return st;
+void RouterService::MergeStats(const std::vector<v1::StatsResponse>& parts, v1::StatsResponse* resp) const {
   std::vector<std::string> tier_order, backends, stores;
   std::map<std::string, v1::TierStats> tiers;
   uint64_t records = 0;
@@ -364,39 +424,51 @@ absl::Status RouterService::DoStats(grpc::ServerContext* ctx, v1::StatsResponse*
   resp->set_max_top_k(options_.limits.max_top_k);
   resp->set_model_loaded(featurizer_ != nullptr);
   if (featurizer_) resp->set_model_device(featurizer_->engine().device());
-  return absl::OkStatus();
 }
 
-grpc::Status RouterService::Stats(grpc::ServerContext* ctx, const v1::StatsRequest*, v1::StatsResponse* resp) {
-  const auto t0 = std::chrono::steady_clock::now();
+grpc::ServerUnaryReactor* RouterService::Stats(grpc::CallbackServerContext* ctx, const v1::StatsRequest*,
+                                               v1::StatsResponse* resp) {
+  const UnaryCall call = BeginCall(ctx, "Stats", metrics_);
   if (absl::Status a = Authorize(tokens_, *ctx, Need::kAnyRole, "Stats"); !a.ok()) {
-    return Observe(metrics_, "Stats", t0, a);
+    call.Finish(a);
+    return call.reactor;
   }
-  return Observe(metrics_, "Stats", t0, DoStats(ctx, resp));
+  FanOut<v1::StatsRequest, v1::StatsResponse>(
+      ctx, v1::StatsRequest(), [](auto* a, auto* c, auto* q, auto* p, auto cb) { a->Stats(c, q, p, std::move(cb)); },
+      [this, call, resp](std::vector<absl::Status> st, std::vector<v1::StatsResponse> parts) {
+        absl::Status s = First(st);
+        if (s.ok()) MergeStats(parts, resp);
+        call.Finish(s);
+      });
+  return call.reactor;
 }
 
-grpc::Status RouterService::DeleteRecords(grpc::ServerContext* ctx, const v1::DeleteRecordsRequest* req,
-                                          v1::DeleteRecordsResponse* resp) {
-  const auto t0 = std::chrono::steady_clock::now();
+grpc::ServerUnaryReactor* RouterService::DeleteRecords(grpc::CallbackServerContext* ctx,
+                                                       const v1::DeleteRecordsRequest* req,
+                                                       v1::DeleteRecordsResponse* resp) {
+  const UnaryCall call = BeginCall(ctx, "DeleteRecords", metrics_);
   if (absl::Status a = Authorize(tokens_, *ctx, Need::kAdmin, "DeleteRecords"); !a.ok()) {
-    return Observe(metrics_, "DeleteRecords", t0, a);
+    call.Finish(a);
+    return call.reactor;
   }
-  std::vector<v1::DeleteRecordsResponse> got;
-  absl::Status st = First(FanOut(ctx, *req, &got, [](auto* a, auto* c, auto* q, auto* p, auto cb) {
-    a->DeleteRecords(c, q, p, std::move(cb));
-  }));
-  if (st.ok()) {
-    uint64_t deleted = 0, records = 0;
-    for (const auto& g : got) {
-      deleted += g.deleted();
-      records += g.record_count();
-    }
-    std::set<std::string> unique(req->ids().begin(), req->ids().end());
-    resp->set_deleted(deleted);
-    resp->set_not_found(unique.size() >= deleted ? unique.size() - deleted : 0);
-    resp->set_record_count(records);
-  }
-  return Observe(metrics_, "DeleteRecords", t0, st);
+  const size_t unique = std::set<std::string>(req->ids().begin(), req->ids().end()).size();
+  FanOut<v1::DeleteRecordsRequest, v1::DeleteRecordsResponse>(
+      ctx, *req, [](auto* a, auto* c, auto* q, auto* p, auto cb) { a->DeleteRecords(c, q, p, std::move(cb)); },
+      [call, resp, unique](std::vector<absl::Status> st, std::vector<v1::DeleteRecordsResponse> got) {
+        absl::Status s = First(st);
+        if (s.ok()) {
+          uint64_t deleted = 0, records = 0;
+          for (const auto& g : got) {
+            deleted += g.deleted();
+            records += g.record_count();
+          }
+          resp->set_deleted(deleted);
+          resp->set_not_found(unique >= deleted ? unique - deleted : 0);
+          resp->set_record_count(records);
+        }
+        call.Finish(s);
+      });
+  return call.reactor;
 }
 
 }  // namespace rapidin::server::internal

@@ -36,7 +36,7 @@ const char* CodeName(grpc::StatusCode c) {
   return i >= 0 && i <= 16 ? kNames[i] : "UNKNOWN";
 }
 
-absl::Time DeadlineOf(const grpc::ServerContext* ctx) {
+absl::Time DeadlineOf(const grpc::ServerContextBase* ctx) {
   const auto d = ctx->deadline();
   if (d == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
   return absl::FromChrono(d);
@@ -49,6 +49,25 @@ grpc::Status Observe(Metrics* metrics, const char* method, std::chrono::steady_c
   metrics->ObserveRequest(method, CodeName(g.error_code()), secs);
   if (!st.ok()) spdlog::debug("{} -> {}: {}", method, CodeName(g.error_code()), std::string(st.message()));
   return g;
+}
+
+UnaryCall BeginCall(grpc::CallbackServerContext* ctx, const char* method, Metrics* metrics) {
+  return UnaryCall{ctx->DefaultReactor(), method, std::chrono::steady_clock::now(), metrics};
+}
+
+void RunOnPool(ThreadPool* pool, grpc::CallbackServerContext* ctx, const UnaryCall& call,
+               std::function<void(const UnaryCall&)> work) {
+  const bool admitted = pool->TrySchedule([ctx, call, work = std::move(work)] {
+    if (ctx->IsCancelled()) return call.Finish(absl::CancelledError("cancelled by the client"));
+    if (absl::Now() >= DeadlineOf(ctx)) {
+      return call.Finish(absl::DeadlineExceededError("deadline exceeded while waiting for a handler thread"));
+    }
+    work(call);
+  });
+  if (!admitted) {
+    call.Finish(absl::ResourceExhaustedError(absl::StrCat("server busy: ", pool->max_queued(),
+                                                          " requests are waiting for a handler thread; retry later")));
+  }
 }
 
 double MsSince(std::chrono::steady_clock::time_point t0) {

@@ -14,6 +14,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "base/thread_pool.h"
 #include "model/featurizer.h"
 #include "rapidin/v1/rapidin.pb.h"
 #include "server/metrics.h"
@@ -24,10 +25,27 @@ namespace rapidin::server::internal {
 // The one place absl::Status becomes grpc::Status (the codes map one to one).
 grpc::Status ToGrpc(const absl::Status& s);
 const char* CodeName(grpc::StatusCode c);
-absl::Time DeadlineOf(const grpc::ServerContext* ctx);
+absl::Time DeadlineOf(const grpc::ServerContextBase* ctx);
 // Counts the request in metrics (method, status code, latency), logs a failure at debug level, and returns st.
 grpc::Status Observe(Metrics* metrics, const char* method, std::chrono::steady_clock::time_point t0,
                      const absl::Status& st);
+
+// One unary call on the callback API: its reactor, and the method and start time its metrics need.
+struct UnaryCall {
+  grpc::ServerUnaryReactor* reactor;
+  const char* method;
+  std::chrono::steady_clock::time_point t0;
+  Metrics* metrics;
+  // Counts the call (Observe) and answers it. Exactly once per call.
+  void Finish(const absl::Status& st) const { reactor->Finish(Observe(metrics, method, t0, st)); }
+};
+UnaryCall BeginCall(grpc::CallbackServerContext* ctx, const char* method, Metrics* metrics);
+
+// Runs work(call) on the handler pool; work must end with call.Finish (at once or from a continuation). When the
+// pool's queue is full the call is answered RESOURCE_EXHAUSTED; when it was cancelled, or its deadline passed, by
+// the time a thread takes it, it is answered without running work.
+void RunOnPool(ThreadPool* pool, grpc::CallbackServerContext* ctx, const UnaryCall& call,
+               std::function<void(const UnaryCall&)> work);
 
 // Milliseconds since t0 (response timings).
 double MsSince(std::chrono::steady_clock::time_point t0);
