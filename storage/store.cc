@@ -1,6 +1,8 @@
 #include "storage/store.h"
 
 #include <algorithm>
+#include <cstdarg>
+#include <cstdio>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -36,6 +38,10 @@ absl::Status FromRocks(const rocksdb::Status& s, absl::string_view what) {
     return absl::UnavailableError(absl::StrCat(msg, " (is another process using this store?)"));
   }
   if (s.IsInvalidArgument()) return absl::InvalidArgumentError(msg);
+  if (s.IsNoSpace() || s.ToString().find("No space left") != std::string::npos) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(msg, " (the store's disk is full: nothing of this write was applied; free space and retry)"));
+  }
   return absl::InternalError(msg);
 }
 
@@ -72,6 +78,22 @@ std::string ProjectionStateId(const std::string& projection_state) {
                          kernels::Fnv1a(kernels::kFnv1aOffset, projection_state.data(), projection_state.size()));
 }
 
+// RocksDB's informational log goes to stderr (warnings and errors only), not to a LOG file in the
+// store: on a full disk Debian's RocksDB 7.8 aborts (an assertion in WritableFileWriter) when it writes again to a
+// LOG file whose last write failed, so nothing but data may live on the store's disk.
+class ServiceLogger final : public rocksdb::Logger {
+ public:
+  ServiceLogger() : rocksdb::Logger(rocksdb::InfoLogLevel::WARN_LEVEL) {}
+  void Logv(const char* format, va_list ap) override { Logv(rocksdb::InfoLogLevel::INFO_LEVEL, format, ap); }
+  void Logv(const rocksdb::InfoLogLevel level, const char* format, va_list ap) override {
+    if (level < GetInfoLogLevel() || level == rocksdb::InfoLogLevel::HEADER_LEVEL) return;
+    char buf[2048];
+    std::vsnprintf(buf, sizeof buf, format, ap);
+    // stderr, one line: stdout belongs to the programs' output (JSON, tables, the crash writer's protocol).
+    std::fprintf(stderr, "rocksdb %s: %s\n", level >= rocksdb::InfoLogLevel::ERROR_LEVEL ? "error" : "warning", buf);
+  }
+};
+
 struct Store::Impl {
   std::string path;
   StoreOptions options;
@@ -85,6 +107,29 @@ struct Store::Impl {
   rapidin::v1::Manifest manifest ABSL_GUARDED_BY(manifest_mu);
 
   Mutex ingest_mu;  // serialises writers (the read-modify-write of ids, rows and the manifest)
+  // A write failed (a full disk): RocksDB then refuses every write until DB::Resume(), even once there is space.
+  bool write_failed ABSL_GUARDED_BY(ingest_mu) = false;
+
+  // Before a write: after a failed one, asks RocksDB to recover (it flushes what it could not); its error, mapped
+  // by FromRocks, when it still cannot (the disk is still full).
+  absl::Status ResumeAfterFailedWrite() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ingest_mu) {
+    if (!write_failed) return absl::OkStatus();
+    const rocksdb::Status rs = db->Resume();
+    if (rs.IsBusy()) {  // RocksDB's own recovery (it polls for free space) is under way
+      return absl::UnavailableError(
+          "the store is recovering from a failed write (a full disk?); nothing was written: retry shortly");
+    }
+    absl::Status st = FromRocks(rs, "recovering from the last failed write");
+    if (st.ok()) write_failed = false;
+    return st;
+  }
+  absl::Status Write(const rocksdb::WriteOptions& wo, rocksdb::WriteBatch* wb, absl::string_view what)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(ingest_mu) {
+    if (absl::Status st = ResumeAfterFailedWrite(); !st.ok()) return st;
+    absl::Status st = FromRocks(db->Write(wo, wb), what);
+    if (!st.ok()) write_failed = true;
+    return st;
+  }
   // Rows of deleted records, which new ids reuse (smallest first) so that churn does not grow the store. On disk:
   // a FreeKey per row, written with the tombstone and removed when the row is reused.
   std::set<uint64_t> free_rows ABSL_GUARDED_BY(ingest_mu);
@@ -203,6 +248,10 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path, cons
     }
   }
 
+  if (!exists) {
+    fs::create_directories(path, ec);  // else RocksDB logs an error about the missing directory, then makes it
+    if (ec) return absl::FailedPreconditionError(absl::StrCat("cannot create ", path, ": ", ec.message()));
+  }
   auto impl = std::make_unique<Impl>();
   impl->path = path;
   impl->options = options;
@@ -210,6 +259,7 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path, cons
   dbo.create_if_missing = !exists;
   dbo.create_missing_column_families = !exists;
   dbo.paranoid_checks = true;
+  dbo.info_log = std::make_shared<ServiceLogger>();
   // Bounded memtables: RocksDB's default lets each column family hold up to 2 x 64 MB before a flush, so a
   // server under steady ingest/delete churn grew for many minutes (the soak of bench/results/reliability.md). All
   // column families together now hold at most 32 MB.
@@ -408,7 +458,7 @@ absl::StatusOr<IngestResult> Store::Ingest(const std::vector<IngestItem>& batch)
   wb.Put(d.cf_manifest(), kManifestKey, m.SerializeAsString());
   rocksdb::WriteOptions wo;
   wo.sync = d.options.sync_writes;
-  absl::Status st = FromRocks(d.db->Write(wo, &wb), "writing batch");
+  absl::Status st = d.Write(wo, &wb, "writing batch");
   if (!st.ok()) return st;
   for (uint64_t g : reused) d.free_rows.erase(g);
   // 5. Memory follows disk: the last occurrence of each row's id wins, as it did in the WriteBatch. New rows
@@ -481,7 +531,7 @@ absl::StatusOr<DeleteResult> Store::Delete(const std::vector<std::string>& ids) 
   wb.Put(d.cf_manifest(), kManifestKey, m.SerializeAsString());
   rocksdb::WriteOptions wo;
   wo.sync = d.options.sync_writes;
-  absl::Status st = FromRocks(d.db->Write(wo, &wb), "writing deletions");
+  absl::Status st = d.Write(wo, &wb, "writing deletions");
   if (!st.ok()) return st;
   d.free_rows.insert(rows.begin(), rows.end());
   // Memory follows disk: resident rows become NaN rows (rewrites, so a GPU copy is refreshed whole).
@@ -506,9 +556,17 @@ absl::StatusOr<DeleteResult> Store::Delete(const std::vector<std::string>& ids) 
 absl::Status Store::Compact() {
   rocksdb::CompactRangeOptions o;
   o.bottommost_level_compaction = rocksdb::BottommostLevelCompaction::kForce;
+  {
+    MutexLock writer(&impl_->ingest_mu);  // not held while compacting, which may take long: writers go on
+    if (absl::Status st = impl_->ResumeAfterFailedWrite(); !st.ok()) return st;
+  }
   for (auto* h : impl_->handles) {
     absl::Status st = FromRocks(impl_->db->CompactRange(o, h, nullptr, nullptr), "compacting");
-    if (!st.ok()) return st;
+    if (!st.ok()) {
+      MutexLock writer(&impl_->ingest_mu);
+      impl_->write_failed = true;
+      return st;
+    }
   }
   return absl::OkStatus();
 }
