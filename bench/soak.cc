@@ -46,11 +46,21 @@ struct ProcSample {
   double rss_mb = 0;
   int fds = 0;
   int threads = 0;
+  int sst_files = 0;  // in the store directory (RocksDB keeps each open)
 };
 
-ProcSample Sample(int pid, double t) {
+ProcSample Sample(int pid, double t, const std::string& store) {
   ProcSample s;
   s.t = t;
+  if (!store.empty()) {
+    if (DIR* d = opendir(store.c_str())) {
+      while (dirent* e = readdir(d)) {
+        const std::string n = e->d_name;
+        s.sst_files += n.size() > 4 && n.compare(n.size() - 4, 4, ".sst") == 0;
+      }
+      closedir(d);
+    }
+  }
   std::ifstream st("/proc/" + std::to_string(pid) + "/status");
   std::string line;
   while (std::getline(st, line)) {
@@ -79,7 +89,7 @@ double Percentile(std::vector<double> v, double p) {
 
 int main(int argc, char** argv) {
   CLI::App app{"soak: mixed traffic against a running rapidin-server"};
-  std::string server, ingest_server, ids_from, id_prefix, token_file, json_out;
+  std::string server, ingest_server, ids_from, id_prefix, token_file, json_out, store_dir;
   int pid = 0, threads = 8, id_count = 0;
   double seconds = 600, deadline_share = 0.02;
   bool text = false;
@@ -95,6 +105,7 @@ int main(int argc, char** argv) {
   app.add_option("--ingest-server", ingest_server, "where Ingest/DeleteRecords go (default --server)");
   app.add_option("--token-file", token_file);
   app.add_option("--json", json_out);
+  app.add_option("--store", store_dir, "the server's store directory (its SST files are counted)");
   CLI11_PARSE(app, argc, argv);
   if (ingest_server.empty()) ingest_server = server;
 
@@ -147,10 +158,10 @@ int main(int argc, char** argv) {
   std::vector<ProcSample> samples;
   std::thread sampler([&] {
     while (!stop) {
-      samples.push_back(Sample(pid, since()));
+      samples.push_back(Sample(pid, since(), store_dir));
       for (int i = 0; i < 50 && !stop; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
-    samples.push_back(Sample(pid, since()));
+    samples.push_back(Sample(pid, since(), store_dir));
   });
 
   std::vector<std::thread> workers;
@@ -283,6 +294,14 @@ int main(int argc, char** argv) {
   std::printf("server RSS %.1f MB at start, %.1f MB after warm-up, %.1f MB at the end (slope after warm-up %+.3f%%/min); "
               "fds %d -> %d; threads %d -> %d\n",
               a.rss_mb, w.rss_mb, b.rss_mb, slope_pct, w.fds, b.fds, w.threads, b.threads);
+  // fds and SST files over time (ten points), so a count that grows can be told from one that levels off.
+  std::string series;
+  for (size_t i = 0; i < 10 && !samples.empty(); ++i) {
+    const ProcSample& s = samples[i * (samples.size() - 1) / 9];
+    absl::StrAppendFormat(&series, "%s%.0fs: %d fds, %d threads%s", i ? "; " : "", s.t, s.fds, s.threads,
+                          store_dir.empty() ? "" : absl::StrFormat(", %d SST files", s.sst_files));
+  }
+  std::printf("over time: %s\n", series.c_str());
   if (!json_out.empty()) {
     std::ofstream f(json_out);
     f << absl::StrFormat(

@@ -1,5 +1,6 @@
 // rapidin-server: serves a gradient store over gRPC until SIGTERM/SIGINT; with --shard-servers, routes queries to
 // several such servers and merges their answers.
+#include <malloc.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -19,6 +20,12 @@
 #include "server/server.h"
 
 int main(int argc, char** argv) {
+  // Buffers of 1 MiB and more (large requests, query matrices) are mapped and unmapped rather than carved from
+  // the heap: glibc's default threshold rises with the largest buffer freed (up to 32 MiB), after which such
+  // buffers fragment the heap. Measured with bench/faults storm (4 MiB messages, no data growth): 25-s rounds
+  // after the first grew RSS by 5-9 MB each; with this setting by -0.2 to +4.7 MB. MALLOC_MMAP_THRESHOLD_ in the
+  // environment overrides it.
+  if (std::getenv("MALLOC_MMAP_THRESHOLD_") == nullptr) mallopt(M_MMAP_THRESHOLD, 1 << 20);
   CLI::App app{"rapidin-server: influence queries over a RapidIn gradient store"};
   rapidin::server::ServerOptions o;
   std::string impl = "auto";

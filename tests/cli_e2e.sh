@@ -55,7 +55,7 @@ expect_err 1 "broken.jsonl:1: malformed JSON" "$CLI" query --server 127.0.0.1:$p
 expect_err 1 "top_k" "$CLI" query --server 127.0.0.1:$port --vector-file "$work/q.jsonl" --top-k 0
 expect_err 1 "FAILED_PRECONDITION" "$CLI" query --server 127.0.0.1:$port --generation "hi"
 expect_err 2 "exactly one of" "$CLI" query --server 127.0.0.1:$port
-# Text that is not UTF-8 is named before it is sent (gRPC would refuse the message with an empty INTERNAL).
+# Text that is not UTF-8 is named before it is sent (gRPC would refuse the message with an empty status).
 expect_err 1 "generation is not valid UTF-8 (byte 3)" "$CLI" query --server 127.0.0.1:$port --instruction hi \
   --generation $'caf\xe9'
 expect_err 1 "hotwords\[0\] is not valid UTF-8" "$CLI" query --server 127.0.0.1:$port --instruction hi \

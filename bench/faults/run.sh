@@ -36,6 +36,7 @@ failed=0
 wait_up() { for _ in $(seq 300); do "$CLI" stats --server "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; return 1; }
 now() { date +%s.%N; }
 need_cache() {
+  local i
   [[ -d $work/whole ]] && return 0
   echo "== caching $N_RECORDS Alpaca records (one store, and two ranges)"
   "$CLI" cache --model "$MODEL" --data "$TRAIN" --limit "$N_RECORDS" --store "$work/whole" --threads 2 >/dev/null 2>&1
@@ -45,6 +46,7 @@ need_cache() {
   done
 }
 start_shards() {  # two shard servers on the ranges, and a router over them; sets s0 s1 router
+  local i
   for i in 0 1; do
     "$SERVER" --store "$work/range$i" --listen 127.0.0.1:$((port + 1 + i)) --metrics-listen "" --shards 1 \
       >>"$work/shard$i.log" 2>&1 &
@@ -110,7 +112,7 @@ PY
 }
 
 kill_loop() {
-  local n=$1
+  local n=$1 i
   echo "== kill: $n x SIGKILL of a server taking ingests and deletes"
   local store=$work/kstore log=$work/writer.log p=$((port + 10))
   : >"$log"
@@ -232,16 +234,17 @@ storm() {
   kill -TERM "$s0" "$s1" "$router"; wait "$s0" "$s1" "$router" 2>/dev/null
 }
 
-i=0
-while [[ $i -lt ${#parts[@]} ]]; do
-  case ${parts[$i]} in
+part=0  # (the functions' own loops use i)
+while [[ $part -lt ${#parts[@]} ]]; do
+  arg=${parts[$((part + 1))]:-}
+  case ${parts[$part]} in
     shard-kill) shard_kill ;;
-    kill) n=100; [[ ${parts[$((i + 1))]:-} =~ ^[0-9]+$ ]] && { n=${parts[$((i + 1))]}; i=$((i + 1)); }; kill_loop "$n" ;;
+    kill) n=100; [[ $arg =~ ^[0-9]+$ ]] && { n=$arg; part=$((part + 1)); }; kill_loop "$n" ;;
     disk) disk ;;
-    storm) s=60; [[ ${parts[$((i + 1))]:-} =~ ^[0-9]+$ ]] && { s=${parts[$((i + 1))]}; i=$((i + 1)); }; storm "$s" ;;
-    *) echo "faults: unknown part ${parts[$i]}" >&2; exit 2 ;;
+    storm) s=60; [[ $arg =~ ^[0-9]+$ ]] && { s=$arg; part=$((part + 1)); }; storm "$s" ;;
+    *) echo "faults: unknown part ${parts[$part]}" >&2; exit 2 ;;
   esac
-  i=$((i + 1))
+  part=$((part + 1))
 done
 [[ $failed -eq 0 ]] && echo "faults: all checks passed" || echo "faults: FAILED (see above)"
 exit $failed

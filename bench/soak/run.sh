@@ -39,7 +39,7 @@ pids+=($!)
 spid=$!
 wait_up 127.0.0.1:$port
 "$SOAK" --server 127.0.0.1:$port --pid $spid --id-prefix alpaca_5000- --id-count "$N" --text \
-  --seconds "$SECONDS_RUN" --threads "$THREADS" --json "$work/soak1.json" || echo "soak 1: errors (see the table)"
+  --seconds "$SECONDS_RUN" --threads "$THREADS" --json "$work/soak1.json" --store "$work/whole" || echo "soak 1: errors (see the table)"
 kill -TERM $spid; wait $spid || true
 
 [[ -n "${ONLY_SERVER:-}" ]] && exit 0
