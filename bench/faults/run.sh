@@ -19,7 +19,7 @@ FAULTS=$BUILD/bench/faults
 MODEL=$DATA/models/stories260K.bin
 TRAIN=$DATA/instructions/alpaca_5000.json
 N_RECORDS=${N_RECORDS:-300}
-for f in "$CLI" "$SERVER" "$FAULTS" "$MODEL" "$TRAIN"; do [[ -e $f ]] || { echo "faults: missing $f" >&2; exit 2; }; done
+for f in "$CLI" "$SERVER" "$FAULTS"; do [[ -e $f ]] || { echo "faults: missing $f" >&2; exit 2; }; done
 parts=("$@")
 [[ ${#parts[@]} -eq 0 ]] && parts=(shard-kill kill disk storm)
 work=$(mktemp -d /tmp/rapidin-faults.XXXXXX)
@@ -35,9 +35,10 @@ failed=0
 
 wait_up() { for _ in $(seq 300); do "$CLI" stats --server "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; return 1; }
 now() { date +%s.%N; }
-need_cache() {
+need_cache() {  # shard-kill and storm serve real records: the model and Alpaca data from shared/data
   local i
   [[ -d $work/whole ]] && return 0
+  for f in "$MODEL" "$TRAIN"; do [[ -e $f ]] || { echo "faults: missing $f (shared data)" >&2; exit 2; }; done
   echo "== caching $N_RECORDS Alpaca records (one store, and two ranges)"
   "$CLI" cache --model "$MODEL" --data "$TRAIN" --limit "$N_RECORDS" --store "$work/whole" --threads 2 >/dev/null 2>&1
   for i in 0 1; do
