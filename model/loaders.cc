@@ -21,6 +21,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "model/internal/engine_impl.h"
 
 namespace rapidin::model {
@@ -325,8 +326,38 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::LoadHf(const Eng
     c.norm_eps = j.value("rms_norm_eps", 1e-6f);
     c.rope_theta = j.value("rope_theta", 10000.0f);
     c.tied_output = j.value("tie_word_embeddings", false);
+    // Only LlamaForCausalLM is implemented: another architecture, or a Llama option that changes the function,
+    // is refused by name (never approximated by the Llama forward).
+    if (j.contains("architectures")) {
+      const auto& a = j["architectures"];
+      if (!a.is_array() || a.size() != 1 || !a[0].is_string() || a[0].get<std::string>() != "LlamaForCausalLM") {
+        return absl::UnimplementedError(absl::StrCat("config.json: architectures ", a.dump(),
+                                                     " is not supported (only [\"LlamaForCausalLM\"])"));
+      }
+    } else if (j.contains("model_type") && j["model_type"] != "llama") {
+      return absl::UnimplementedError(
+          absl::StrCat("config.json: model_type ", j["model_type"].dump(), " is not supported (only \"llama\")"));
+    }
     if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
-      return absl::UnimplementedError("config.json: rope_scaling is not supported");
+      return absl::UnimplementedError(
+          absl::StrCat("config.json: rope_scaling ", j["rope_scaling"].dump(), " is not supported"));
+    }
+    for (const char* key : {"hidden_act", "hidden_activation"}) {
+      if (j.contains(key) && j[key] != "silu") {
+        return absl::UnimplementedError(
+            absl::StrCat("config.json: ", key, " ", j[key].dump(), " is not supported (only \"silu\")"));
+      }
+    }
+    for (const char* key : {"attention_bias", "mlp_bias"}) {
+      if (j.contains(key) && j[key] != false) {
+        return absl::UnimplementedError(absl::StrCat("config.json: ", key, " ", j[key].dump(),
+                                                     " is not supported (only false)"));
+      }
+    }
+    if (j.contains("head_dim") && !j["head_dim"].is_null() &&
+        j["head_dim"].get<int>() * j.at("num_attention_heads").get<int>() != j.at("hidden_size").get<int>()) {
+      return absl::UnimplementedError(absl::StrCat("config.json: head_dim ", j["head_dim"].dump(),
+                                                   " other than hidden_size / num_attention_heads is not supported"));
     }
   } catch (const std::exception& e) {
     return absl::DataLossError(absl::StrCat((dir / "config.json").string(), ": ", e.what()));
@@ -359,7 +390,9 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::LoadHf(const Eng
     if (!st.ok()) return st;
   }
   const int64_t D = c.dim, F = c.hidden_dim, hd = D / c.n_heads, KVD = hd * c.n_kv_heads, V = c.vocab_size;
+  std::set<std::string> taken;
   auto take = [&](const std::string& hf, std::vector<int64_t> shape, const std::string& ours) -> absl::Status {
+    taken.insert(hf);
     auto it = t.find(hf);
     if (it == t.end()) return absl::DataLossError(absl::StrCat("weights lack ", hf));
     if (it->second.sizes().vec() != shape) {
@@ -384,6 +417,18 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::LoadHf(const Eng
   if (st.ok()) st = take("model.norm.weight", {D}, "norm.weight");
   if (st.ok() && !c.tied_output) st = take("lm_head.weight", {V, D}, "output.weight");
   if (!st.ok()) return st;
+  // A weight the Llama forward would not use (biases, extra norms, another model's layers) means the checkpoint
+  // is not what the config says: refused by name. RoPE's inv_freq buffers, which old exports include, are derived.
+  std::vector<std::string> unused;
+  for (const auto& [name, tensor] : t) {
+    if (!taken.count(name) && !absl::EndsWith(name, "rotary_emb.inv_freq")) unused.push_back(name);
+  }
+  if (!unused.empty()) {
+    const size_t n = unused.size();
+    if (n > 3) unused.resize(3);
+    return absl::UnimplementedError(absl::StrCat("weights hold ", n, " tensors a LlamaForCausalLM does not use: ",
+                                                 absl::StrJoin(unused, ", "), n > 3 ? ", ..." : ""));
+  }
 
   if (!options.adapter_path.empty()) {
     st = impl->LoadAdapter(options.adapter_path);

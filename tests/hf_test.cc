@@ -141,6 +141,72 @@ TEST(HuggingFace, BaseModelAndClearErrors) {
   EXPECT_FALSE(GradientEngine::Load(o).ok());
 }
 
+// What the loader does not implement is refused by name, never approximated by the Llama forward: another
+// architecture, a Llama option that changes the function, a weight the forward would not use, a truncated file.
+TEST(HuggingFace, UnsupportedArchitecturesOptionsAndWeightsAreRefusedByName) {
+  namespace fs = std::filesystem;
+  rapidin::testing::TempDir dir;
+  const std::string copy = dir.path("model");
+  fs::copy(kDir, copy, fs::copy_options::recursive);
+  EngineOptions o;
+  o.model_path = copy;
+  ASSERT_TRUE(GradientEngine::Load(o).ok());  // the copy loads as it is
+  nlohmann::json base;
+  std::ifstream(kDir + "/config.json") >> base;
+  auto refused_with = [&](const nlohmann::json& cfg, const std::string& words) {
+    std::ofstream(copy + "/config.json") << cfg.dump();
+    const absl::Status st = GradientEngine::Load(o).status();
+    EXPECT_EQ(st.code(), absl::StatusCode::kUnimplemented) << st;
+    EXPECT_NE(st.message().find(words), std::string::npos) << st;
+  };
+  nlohmann::json c = base;
+  c["architectures"] = {"Qwen2ForCausalLM"};
+  refused_with(c, "Qwen2ForCausalLM");
+  c = base;
+  c.erase("architectures");
+  c["model_type"] = "mistral";
+  refused_with(c, "mistral");
+  c = base;
+  c["attention_bias"] = true;
+  refused_with(c, "attention_bias");
+  c = base;
+  c["hidden_act"] = "gelu_pytorch_tanh";
+  refused_with(c, "gelu_pytorch_tanh");
+  c = base;
+  c["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}};
+  refused_with(c, "llama3");
+  c = base;
+  c["head_dim"] = 8;  // hidden 16 / 4 heads = 4
+  refused_with(c, "head_dim");
+  std::ofstream(copy + "/config.json") << base.dump();
+
+  // A q_proj bias in an extra shard (as a Qwen2 checkpoint has): named, not ignored.
+  const std::string name = "model.layers.0.self_attn.q_proj.bias";
+  const std::string header = nlohmann::json{{name, {{"dtype", "F32"}, {"shape", {16}}, {"data_offsets", {0, 64}}}}}.dump();
+  {
+    std::ofstream f(copy + "/extra.safetensors", std::ios::binary);
+    const uint64_t n = header.size();
+    f.write(reinterpret_cast<const char*>(&n), 8);
+    f << header << std::string(64, '\0');
+  }
+  nlohmann::json index;
+  std::ifstream(kDir + "/model.safetensors.index.json") >> index;
+  index["weight_map"][name] = "extra.safetensors";
+  std::ofstream(copy + "/model.safetensors.index.json") << index.dump();
+  absl::Status st = GradientEngine::Load(o).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnimplemented) << st;
+  EXPECT_NE(st.message().find(name), std::string::npos) << st;
+
+  // A truncated shard: DATA_LOSS naming the file.
+  fs::copy_file(kDir + "/model.safetensors.index.json", copy + "/model.safetensors.index.json",
+                fs::copy_options::overwrite_existing);
+  const std::string shard = copy + "/model-00002-of-00003.safetensors";
+  fs::resize_file(shard, fs::file_size(shard) - 100);
+  st = GradientEngine::Load(o).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+  EXPECT_NE(st.message().find("model-00002-of-00003.safetensors"), std::string::npos) << st;
+}
+
 // A Hugging Face directory brings its tokenizer.model: a featurizer needs no --tokenizer for it, and one without any
 // tokenizer is refused when it is made (not record by record).
 TEST(HuggingFace, FeaturizerFindsTheDirectorysTokenizer) {
