@@ -1,8 +1,9 @@
 // rapidin-server: start here for the service.
 //
 // Server::Create opens the store, starts the query engine (one worker per shard), the gRPC server
-// (InfluenceService, grpc.health.v1, reflection) and the metrics listener. All of it is torn down by Shutdown or
-// the destructor. Thread-safety: Wait and Shutdown may be called from different threads.
+// (InfluenceService on gRPC's callback API, grpc.health.v1, reflection), the handler pool (the requests' blocking
+// work: ServerOptions::limits.handler_threads, max_queued_requests) and the metrics listener. All of it is torn
+// down by Shutdown or the destructor. Thread-safety: Wait and Shutdown may be called from different threads.
 //
 // Router mode (ServerOptions::router.shard_servers instead of store.path): the same service over several shard servers,
 // each serving one range of the records (`rapidin cache --shard-index I --shard-count N`). The router computes a
