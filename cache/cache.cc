@@ -1,15 +1,19 @@
 #include "cache/cache.h"
 
+#include <zlib.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <nlohmann/json.hpp>
 #include <thread>
 #include <unordered_set>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "storage/store.h"
 
@@ -55,10 +59,42 @@ std::string Eta(double s) {
 
 }  // namespace
 
+// The whole of a gzip file (path ends in .gz), or the error that names why not: a truncated or damaged file is
+// refused whole (DATA_LOSS), never read in part.
+absl::StatusOr<std::string> ReadGzip(const std::string& path) {
+  gzFile f = gzopen(path.c_str(), "rb");
+  if (f == nullptr) return absl::NotFoundError(absl::StrCat("data file not found: ", path));
+  std::string out;
+  char buf[1 << 16];
+  int n = 0;
+  while ((n = gzread(f, buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
+  int err = Z_OK;
+  const char* msg = gzerror(f, &err);
+  const std::string why = msg ? msg : "";
+  gzclose(f);
+  if (n < 0 || (err != Z_OK && err != Z_STREAM_END)) {
+    return absl::DataLossError(absl::StrCat(path, ": not a whole gzip file (", why, ")"));
+  }
+  return out;
+}
+
 absl::StatusOr<std::vector<DataRecord>> ReadInstructionData(const std::string& path, std::vector<BadRecord>* bad) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("data file not found: ", path));
-  const std::string stem = std::filesystem::path(path).stem().string();
+  const bool gz = absl::EndsWith(path, ".gz");
+  std::ifstream file;
+  std::istringstream text;
+  if (gz) {
+    auto whole = ReadGzip(path);
+    if (!whole.ok()) return whole.status();
+    text.str(std::move(*whole));
+  } else {
+    file.open(path);
+    if (!file) return absl::NotFoundError(absl::StrCat("data file not found: ", path));
+  }
+  std::istream& in = gz ? static_cast<std::istream&>(text) : file;
+  // Ids default to STEM-POSITION, with STEM the name without .json/.jsonl (and .gz): train.jsonl.gz = train.jsonl.
+  std::filesystem::path name(path);
+  if (gz) name = name.stem();
+  const std::string stem = name.stem().string();
   std::vector<DataRecord> out;
   std::unordered_set<std::string> seen;
   auto add = [&](const json& j, int64_t pos, const std::string& where) {

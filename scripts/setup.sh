@@ -13,7 +13,7 @@ PKGS=(
   build-essential cmake ninja-build pkg-config git ca-certificates clang
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libtorch-dev libopenblas0-pthread
-  librocksdb-dev libabsl-dev prometheus-cpp-dev
+  librocksdb-dev libabsl-dev prometheus-cpp-dev zlib1g-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libsentencepiece-dev
   libfaiss-dev libcpp-httplib-dev libtbb-dev

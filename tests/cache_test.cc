@@ -1,6 +1,7 @@
 // cache/ + query by text: bad records reported with their line numbers and skipped, resumable caching,
 // refusal of a store made with another projection state, and a record's own text ranking it first.
 #include <gtest/gtest.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <cmath>
@@ -70,6 +71,51 @@ TEST(ReadInstructionData, ReportsBadRecordsWithLineNumbers) {
   EXPECT_EQ(ReadInstructionData(dir.path("none.json"), &bad).status().code(), absl::StatusCode::kNotFound);
   std::ofstream(dir.path("arr.json")) << "[{\"instruction\": 1";
   EXPECT_EQ(ReadInstructionData(dir.path("arr.json"), &bad).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// .jsonl.gz and .json.gz read exactly like the plain files (ids too: train.jsonl.gz gives train-N); a truncated
+// gzip file is refused whole, naming it.
+TEST(ReadInstructionData, GzipFilesReadLikePlainOnesAndTruncatedOnesAreRefused) {
+  rapidin::testing::TempDir dir;
+  std::string lines;
+  for (int i = 0; i < 300; ++i) {
+    lines += "{\"instruction\": \"instruction " + std::to_string(i) + " caf\u00e9\", \"output\": \"output " +
+             std::to_string(i * 7) + "\"}\n";
+  }
+  const std::string array = "[" + std::string(R"({"instruction": "a", "input": "b", "output": "c"})") + "]";
+  auto gzip = [](const std::string& path, const std::string& body) {
+    gzFile f = gzopen(path.c_str(), "wb");
+    ASSERT_NE(f, nullptr);
+    ASSERT_EQ(gzwrite(f, body.data(), static_cast<unsigned>(body.size())), static_cast<int>(body.size()));
+    gzclose(f);
+  };
+  std::ofstream(dir.path("train.jsonl")) << lines;
+  gzip(dir.path("train.jsonl.gz"), lines);
+  std::ofstream(dir.path("arr.json")) << array;
+  gzip(dir.path("arr.json.gz"), array);
+  for (const auto& [plain, packed] : {std::pair<std::string, std::string>{"train.jsonl", "train.jsonl.gz"},
+                                      {"arr.json", "arr.json.gz"}}) {
+    std::vector<BadRecord> bad;
+    auto a = ReadInstructionData(dir.path(plain), &bad);
+    auto b = ReadInstructionData(dir.path(packed), &bad);
+    ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+    EXPECT_TRUE(bad.empty());
+    ASSERT_EQ(a->size(), b->size());
+    for (size_t i = 0; i < a->size(); ++i) {
+      EXPECT_EQ((*a)[i].id, (*b)[i].id);
+      EXPECT_EQ((*a)[i].example.instruction, (*b)[i].example.instruction);
+      EXPECT_EQ((*a)[i].example.output, (*b)[i].example.output);
+    }
+  }
+  std::vector<BadRecord> bad;
+  EXPECT_EQ((*ReadInstructionData(dir.path("train.jsonl.gz"), &bad))[299].id, "train-299");
+  const std::string cut = dir.path("cut.jsonl.gz");
+  std::filesystem::copy_file(dir.path("train.jsonl.gz"), cut);
+  std::filesystem::resize_file(cut, std::filesystem::file_size(cut) / 2);
+  auto st = ReadInstructionData(cut, &bad).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+  EXPECT_NE(st.message().find("cut.jsonl.gz"), std::string::npos) << st;
+  EXPECT_EQ(ReadInstructionData(dir.path("none.jsonl.gz"), &bad).status().code(), absl::StatusCode::kNotFound);
 }
 
 class CacheTest : public ::testing::Test {
