@@ -2,7 +2,11 @@
 // store (by vector, and by text with token attributions), stats and records through the router, the merge's tie
 // rule, `rapidin cache --shard-index/--shard-count` ranges, and every refusal (stores that differ, a shard server
 // that is down, a router started before its shard servers).
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -328,19 +332,27 @@ TEST(Router, RefusesShardServersThatDifferOrDoNotAnswer) {
 
 TEST(Router, WaitsForShardServersThatStartLater) {
   TempDir dir;
-  // A free port: bound by a first server, then released for the late shard server.
-  int port = 0;
-  {
-    auto probe = Server::Create(ShardOptions(dir.path("probe"), 8));
-    ASSERT_TRUE(probe.ok());
-    port = (*probe)->port();
-  }
+  // A port for the late shard server, held (bound, not listening) by this test until the server starts, so that
+  // no other test running in parallel can take it meanwhile; SO_REUSEPORT, which gRPC's servers also set, lets the
+  // server bind it while it is held.
+  const int held = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(held, 0);
+  const int one = 1;
+  ASSERT_EQ(setsockopt(held, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one), 0);
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(held, reinterpret_cast<sockaddr*>(&sa), sizeof sa), 0);
+  socklen_t len = sizeof sa;
+  ASSERT_EQ(getsockname(held, reinterpret_cast<sockaddr*>(&sa), &len), 0);
+  const int port = ntohs(sa.sin_port);
   const std::string address = "127.0.0.1:" + std::to_string(port);
   auto router = std::async(std::launch::async, [&] { return Server::Create(RouterOptions({address})); });
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   ServerOptions so = ShardOptions(dir.path("late"), 8);
   so.net.listen = address;
   auto late = Server::Create(so);
+  close(held);
   ASSERT_TRUE(late.ok()) << late.status();
   auto r = router.get();
   ASSERT_TRUE(r.ok()) << r.status();
