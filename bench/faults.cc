@@ -15,7 +15,6 @@
 //       that are not a protobuf, wrong dimensions, NaN, bad k, a foreign projection state, unknown methods) beside
 //       well-behaved ones. Every hostile call must get its expected status class; every well-behaved call must
 //       succeed; cancelled ingest batches must be whole or absent; the server must keep answering.
-#include <dirent.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <unistd.h>
@@ -39,6 +38,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "client/client.h"
+#include "bench/proc_stats.h"
 #include "kernels/half.h"
 #include "rapidin/v1/rapidin.grpc.pb.h"
 
@@ -405,6 +405,35 @@ int Writer(const std::string& server, const std::string& log_path, int k, uint64
 // ---------------------------------------------------------------------------------------------------------------
 // storm
 
+// start(callback) begins an asynchronous call that reports to callback; meanwhile() runs once it is under way.
+// Returns the call's status.
+template <typename Start, typename Meanwhile>
+grpc::Status Await(Start start, Meanwhile meanwhile) {
+  std::mutex m;
+  std::condition_variable cv;
+  bool done = false;
+  grpc::Status st;
+  start([&](grpc::Status s) {
+    std::lock_guard<std::mutex> l(m);
+    st = std::move(s);
+    done = true;
+    cv.notify_one();
+  });
+  meanwhile();
+  std::unique_lock<std::mutex> l(m);
+  cv.wait(l, [&] { return done; });
+  return st;
+}
+
+// `bytes` sent as the request of `method` (a full path), whatever they are.
+grpc::Status RawCall(grpc::GenericStub* stub, grpc::ClientContext* ctx, const std::string& method,
+                     const std::string& bytes) {
+  grpc::Slice slice(bytes);
+  grpc::ByteBuffer req(&slice, 1), resp;
+  grpc::StubOptions opts;
+  return Await([&](auto cb) { stub->UnaryCall(ctx, method, opts, &req, &resp, std::move(cb)); }, [] {});
+}
+
 struct Tally {
   std::map<std::string, std::map<std::string, int64_t>> codes;  // kind -> code -> calls
   int64_t unexpected = 0;
@@ -420,27 +449,6 @@ const char* Code(grpc::StatusCode c) {
   return i >= 0 && i <= 16 ? kNames[i] : "UNKNOWN";
 }
 
-struct ProcState {
-  double rss_mb = 0;
-  int fds = 0, threads = 0;
-};
-
-ProcState Proc(int pid) {
-  ProcState s;
-  if (pid <= 0) return s;
-  std::ifstream st("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(st, line)) {
-    if (line.rfind("VmRSS:", 0) == 0) s.rss_mb = std::atof(line.c_str() + 6) / 1024.0;
-    if (line.rfind("Threads:", 0) == 0) s.threads = std::atoi(line.c_str() + 8);
-  }
-  if (DIR* d = opendir(("/proc/" + std::to_string(pid) + "/fd").c_str())) {
-    while (dirent* e = readdir(d)) s.fds += e->d_name[0] != '.';
-    closedir(d);
-  }
-  return s;
-}
-
 int Storm(const std::string& server, const std::string& prefix, int count, double seconds, int threads,
           int max_message_mb, int pid, bool no_ingest) {
   std::vector<std::string> ids;
@@ -449,7 +457,7 @@ int Storm(const std::string& server, const std::string& prefix, int count, doubl
   auto stats = Client::Connect(server, 30)->Stats();
   if (!stats.ok()) return 2;
   const int k = static_cast<int>(stats->k());
-  const ProcState before = Proc(pid);
+  const rapidin::bench::ProcState before = rapidin::bench::ReadProc(pid);
   std::mutex mu;
   Tally tally;
   std::vector<std::vector<std::string>> cancelled_batches;  // ids of each batch sent in a cancelled stream
@@ -516,20 +524,11 @@ int Storm(const std::string& server, const std::string& prefix, int count, doubl
         } else if (kind == 1) {  // cancelled after 0-3 ms
           v1::QueryByVectorRequest q = vector_request(10);
           v1::QueryByVectorResponse r;
-          std::mutex m;
-          std::condition_variable cv;
-          bool done = false;
-          grpc::Status st;
-          stub->async()->QueryByVector(&ctx, &q, &r, [&](grpc::Status s) {
-            std::lock_guard<std::mutex> l(m);
-            st = std::move(s);
-            done = true;
-            cv.notify_one();
-          });
-          std::this_thread::sleep_for(std::chrono::microseconds(rng() % 3000));
-          ctx.TryCancel();
-          std::unique_lock<std::mutex> l(m);
-          cv.wait(l, [&] { return done; });
+          grpc::Status st = Await([&](auto cb) { stub->async()->QueryByVector(&ctx, &q, &r, std::move(cb)); },
+                                  [&] {
+                                    std::this_thread::sleep_for(std::chrono::microseconds(rng() % 3000));
+                                    ctx.TryCancel();
+                                  });
           record(&local, "cancelled query", st.error_code(), st.error_message(), {C::OK, C::CANCELLED});
         } else if (kind == 2) {  // an ingest stream cancelled after 1-3 batches
           v1::IngestResponse r;
@@ -564,41 +563,11 @@ int Storm(const std::string& server, const std::string& prefix, int count, doubl
                                  // server code runs; bytes that happen to parse fail validation instead
           std::string junk(1 + rng() % 4096, '\0');
           for (char& ch : junk) ch = static_cast<char>(rng());
-          grpc::Slice slice(junk);
-          grpc::ByteBuffer req(&slice, 1), resp;
-          std::mutex m;
-          std::condition_variable cv;
-          bool done = false;
-          grpc::Status st;
-          grpc::StubOptions opts;
-          generic.UnaryCall(&ctx, "/rapidin.v1.InfluenceService/QueryByVector", opts, &req, &resp,
-                            [&](grpc::Status s) {
-                              std::lock_guard<std::mutex> l(m);
-                              st = std::move(s);
-                              done = true;
-                              cv.notify_one();
-                            });
-          std::unique_lock<std::mutex> l(m);
-          cv.wait(l, [&] { return done; });
+          grpc::Status st = RawCall(&generic, &ctx, "/rapidin.v1.InfluenceService/QueryByVector", junk);
           record(&local, "random bytes as a request", st.error_code(), st.error_message(),
                  {C::UNIMPLEMENTED, C::INTERNAL, C::INVALID_ARGUMENT, C::FAILED_PRECONDITION});
         } else if (kind == 5) {  // an unknown method
-          grpc::Slice slice(std::string("x"));
-          grpc::ByteBuffer req(&slice, 1), resp;
-          std::mutex m;
-          std::condition_variable cv;
-          bool done = false;
-          grpc::Status st;
-          grpc::StubOptions opts;
-          generic.UnaryCall(&ctx, "/rapidin.v1.InfluenceService/NoSuchMethod", opts, &req, &resp,
-                            [&](grpc::Status s) {
-                              std::lock_guard<std::mutex> l(m);
-                              st = std::move(s);
-                              done = true;
-                              cv.notify_one();
-                            });
-          std::unique_lock<std::mutex> l(m);
-          cv.wait(l, [&] { return done; });
+          grpc::Status st = RawCall(&generic, &ctx, "/rapidin.v1.InfluenceService/NoSuchMethod", "x");
           record(&local, "unknown method", st.error_code(), st.error_message(), {C::UNIMPLEMENTED});
         } else {  // well-formed but invalid
           v1::QueryByVectorRequest q = vector_request(10);
@@ -660,7 +629,7 @@ int Storm(const std::string& server, const std::string& prefix, int count, doubl
     }
   }
   std::this_thread::sleep_for(std::chrono::seconds(2));  // let the server settle before reading its state
-  const ProcState after = Proc(pid);
+  const rapidin::bench::ProcState after = rapidin::bench::ReadProc(pid);
   auto alive = c->Stats();
 
   int64_t total = 0;

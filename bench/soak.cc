@@ -31,6 +31,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "bench/proc_stats.h"
 #include "client/client.h"
 #include "client/credentials.h"
 
@@ -41,16 +42,15 @@ using rapidin::client::Credentials;
 namespace v1 = rapidin::v1;
 using Clock = std::chrono::steady_clock;
 
-struct ProcSample {
+// The server's /proc figures at time t (seconds into the run), and the SST files in its store directory.
+struct ProcSample : rapidin::bench::ProcState {
   double t = 0;
-  double rss_mb = 0;
-  int fds = 0;
-  int threads = 0;
-  int sst_files = 0;  // in the store directory (RocksDB keeps each open)
+  int sst_files = 0;  // RocksDB keeps each one open
 };
 
 ProcSample Sample(int pid, double t, const std::string& store) {
   ProcSample s;
+  static_cast<rapidin::bench::ProcState&>(s) = rapidin::bench::ReadProc(pid);
   s.t = t;
   if (!store.empty()) {
     if (DIR* d = opendir(store.c_str())) {
@@ -60,16 +60,6 @@ ProcSample Sample(int pid, double t, const std::string& store) {
       }
       closedir(d);
     }
-  }
-  std::ifstream st("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(st, line)) {
-    if (line.rfind("VmRSS:", 0) == 0) s.rss_mb = std::atof(line.c_str() + 6) / 1024.0;
-    if (line.rfind("Threads:", 0) == 0) s.threads = std::atoi(line.c_str() + 8);
-  }
-  if (DIR* d = opendir(("/proc/" + std::to_string(pid) + "/fd").c_str())) {
-    while (dirent* e = readdir(d)) s.fds += e->d_name[0] != '.';
-    closedir(d);
   }
   return s;
 }

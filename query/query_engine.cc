@@ -19,45 +19,6 @@ struct QueryEngine::Pending {
   std::function<void(absl::StatusOr<SearchResult>)> done;
 };
 
-// One thread that runs the tasks given to its shard, in order.
-struct QueryEngine::Worker {
-  Mutex mu;
-  CondVar cv{&mu};
-  std::deque<std::function<void()>> tasks ABSL_GUARDED_BY(mu);
-  bool stop ABSL_GUARDED_BY(mu) = false;
-  std::thread thread;
-
-  Worker() : thread([this] { Run(); }) {}
-  ~Worker() {
-    {
-      MutexLock l(&mu);
-      stop = true;
-      cv.Signal();
-    }
-    thread.join();
-  }
-  void Post(std::function<void()> task) {
-    MutexLock l(&mu);
-    tasks.push_back(std::move(task));
-    cv.Signal();
-  }
-
- private:
-  void Run() {
-    for (;;) {
-      std::function<void()> task;
-      {
-        MutexLock l(&mu);
-        while (!stop && tasks.empty()) cv.Wait();
-        if (tasks.empty()) return;
-        task = std::move(tasks.front());
-        tasks.pop_front();
-      }
-      task();
-    }
-  }
-};
-
 namespace {
 
 // The CPU backend cannot fail.
@@ -74,7 +35,7 @@ QueryEngine::QueryEngine(const storage::Store* store, Options options)
 QueryEngine::QueryEngine(const storage::Store* store, Options options, std::unique_ptr<ScanBackend> backend)
     : store_(store), options_(std::move(options)), backend_(std::move(backend)) {
   options_.impl = kernels::ResolveImpl(options_.impl);
-  for (int w = 0; w < backend_->num_workers(); ++w) workers_.push_back(std::make_unique<Worker>());
+  for (int w = 0; w < backend_->num_workers(); ++w) workers_.push_back(std::make_unique<ThreadPool>(1, 1));  // Schedule only: one thread, tasks in order
   dispatcher_ = std::thread([this] { DispatchLoop(); });
 }
 
@@ -244,7 +205,7 @@ absl::Status QueryEngine::ScanAll(const ScanBatch& sb, std::vector<WorkerResult>
   outs->resize(S);
   BlockingCounter remaining(S);
   for (int s = 0; s < S; ++s) {
-    workers_[s]->Post([&, s] {
+    workers_[s]->Schedule([&, s] {
       WorkerResult& o = (*outs)[s];
       const auto t0 = std::chrono::steady_clock::now();
       o.scan.helpful.resize(sb.q);

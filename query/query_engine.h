@@ -24,6 +24,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "base/mutex.h"
+#include "base/thread_pool.h"
 #include "kernels/score.h"
 #include "query/backend.h"
 #include "storage/store.h"
@@ -73,7 +74,6 @@ class QueryEngine {
 
  private:
   struct Pending;
-  struct Worker;
   QueryEngine(const storage::Store* store, Options options, std::unique_ptr<ScanBackend> backend);
   // Queues a search; null (after done(CANCELLED)) when the engine is shutting down.
   std::shared_ptr<Pending> Enqueue(std::vector<float> queries, int q, int top_k, int harmful_k, absl::Time deadline,
@@ -91,7 +91,7 @@ class QueryEngine {
   const storage::Store* store_;
   Options options_;
   std::unique_ptr<ScanBackend> backend_;
-  std::vector<std::unique_ptr<Worker>> workers_;
+  std::vector<std::unique_ptr<ThreadPool>> workers_;  // one thread per backend worker: its tasks run in order
   Mutex mu_;
   CondVar cv_{&mu_};
   std::deque<std::shared_ptr<Pending>> queue_ ABSL_GUARDED_BY(mu_);
