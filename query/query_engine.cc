@@ -35,7 +35,8 @@ QueryEngine::QueryEngine(const storage::Store* store, Options options)
 QueryEngine::QueryEngine(const storage::Store* store, Options options, std::unique_ptr<ScanBackend> backend)
     : store_(store), options_(std::move(options)), backend_(std::move(backend)) {
   options_.impl = kernels::ResolveImpl(options_.impl);
-  for (int w = 0; w < backend_->num_workers(); ++w) workers_.push_back(std::make_unique<ThreadPool>(1, 1));  // Schedule only: one thread, tasks in order
+  // One thread per worker, its tasks run in order (Schedule only: the bound applies to TrySchedule).
+  for (int w = 0; w < backend_->num_workers(); ++w) workers_.push_back(std::make_unique<ThreadPool>(1, 1));
   dispatcher_ = std::thread([this] { DispatchLoop(); });
 }
 

@@ -258,16 +258,9 @@ class InfluenceServiceImpl final : public v1::InfluenceService::CallbackService 
     v1::IngestRequest msg_;
   };
 
-  // Authorizes on gRPC's thread, then runs work(call) on the handler pool (internal::RunOnPool).
   grpc::ServerUnaryReactor* Start(grpc::CallbackServerContext* ctx, Need need, const char* method,
                                   std::function<void(const Call&)> work) {
-    const Call call = internal::BeginCall(ctx, method, metrics_);
-    if (absl::Status a = Authorize(*ctx, need, method); !a.ok()) {
-      call.Finish(a);
-    } else {
-      internal::RunOnPool(pool_, ctx, call, std::move(work));
-    }
-    return call.reactor;
+    return internal::StartOnPool(ctx, method, need, tokens_, metrics_, pool_, std::move(work));
   }
 
   absl::Status Authorize(const grpc::ServerContextBase& ctx, Need need, const char* method) const {

@@ -207,7 +207,8 @@ void RouterService::Scatter(const grpc::ServerContextBase* ctx, const v1::QueryB
   shape->set_harmful_k(req.harmful_k());
   FanOut<v1::QueryByVectorRequest, v1::QueryByVectorResponse>(
       ctx, req, [](auto* a, auto* c, auto* q, auto* p, auto cb) { a->QueryByVector(c, q, p, std::move(cb)); },
-      [this, shape, done = std::move(done)](std::vector<absl::Status> st, std::vector<v1::QueryByVectorResponse> parts) {
+      [this, shape, done = std::move(done)](std::vector<absl::Status> st,
+                                            std::vector<v1::QueryByVectorResponse> parts) {
         v1::QueryByVectorResponse merged;
         absl::Status s = First(st);
         if (s.ok()) s = MergeScattered(*shape, parts, &merged);
@@ -274,12 +275,7 @@ grpc::ServerUnaryReactor* RouterService::QueryByVector(grpc::CallbackServerConte
 
 grpc::ServerUnaryReactor* RouterService::Query(grpc::CallbackServerContext* ctx, const v1::QueryRequest* req,
                                                v1::QueryResponse* resp) {
-  const UnaryCall call = BeginCall(ctx, "Query", metrics_);
-  if (absl::Status a = Authorize(tokens_, *ctx, Need::kQuery, "Query"); !a.ok()) {
-    call.Finish(a);
-    return call.reactor;
-  }
-  RunOnPool(pool_, ctx, call, [this, ctx, req, resp](const UnaryCall& call) {
+  auto work = [this, ctx, req, resp](const UnaryCall& call) {
     absl::Status st = CheckTextQuery(*req, featurizer_ != nullptr, options_.limits);
     if (!st.ok()) return call.Finish(st);
     auto q = std::make_shared<std::vector<float>>();
@@ -307,8 +303,8 @@ grpc::ServerUnaryReactor* RouterService::Query(grpc::CallbackServerContext* ctx,
         call.Finish(a);
       });
     });
-  });
-  return call.reactor;
+  };
+  return StartOnPool(ctx, "Query", Need::kQuery, tokens_, metrics_, pool_, std::move(work));
 }
 
 absl::Status RouterService::Attribute(const grpc::ServerContextBase* ctx, const model::Example& gen,

@@ -70,6 +70,18 @@ void RunOnPool(ThreadPool* pool, grpc::CallbackServerContext* ctx, const UnaryCa
   }
 }
 
+grpc::ServerUnaryReactor* StartOnPool(grpc::CallbackServerContext* ctx, const char* method, Need need,
+                                      const TokenTable* tokens, Metrics* metrics, ThreadPool* pool,
+                                      std::function<void(const UnaryCall&)> work) {
+  const UnaryCall call = BeginCall(ctx, method, metrics);
+  if (absl::Status a = Authorize(tokens, *ctx, need, method); !a.ok()) {
+    call.Finish(a);
+  } else {
+    RunOnPool(pool, ctx, call, std::move(work));
+  }
+  return call.reactor;
+}
+
 double MsSince(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }

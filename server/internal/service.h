@@ -17,6 +17,7 @@
 #include "base/thread_pool.h"
 #include "model/featurizer.h"
 #include "rapidin/v1/rapidin.pb.h"
+#include "server/internal/auth.h"
 #include "server/metrics.h"
 #include "server/options.h"
 
@@ -46,6 +47,12 @@ UnaryCall BeginCall(grpc::CallbackServerContext* ctx, const char* method, Metric
 // the time a thread takes it, it is answered without running work.
 void RunOnPool(ThreadPool* pool, grpc::CallbackServerContext* ctx, const UnaryCall& call,
                std::function<void(const UnaryCall&)> work);
+
+// A unary call whose work runs on the pool: BeginCall, the token check (auth.h; tokens null: none required) on
+// gRPC's thread, answered at once when it fails, else RunOnPool. Returns the call's reactor.
+grpc::ServerUnaryReactor* StartOnPool(grpc::CallbackServerContext* ctx, const char* method, Need need,
+                                      const TokenTable* tokens, Metrics* metrics, ThreadPool* pool,
+                                      std::function<void(const UnaryCall&)> work);
 
 // Milliseconds since t0 (response timings).
 double MsSince(std::chrono::steady_clock::time_point t0);
