@@ -61,13 +61,16 @@ absl::Status CheckIds(const std::vector<int32_t>& ids, int vocab_size) {
 }
 
 
-const std::vector<std::pair<std::string, std::string>>& HfModules() {
+const std::vector<std::pair<std::string, std::string>>& HfModules(bool fused) {
   static const std::vector<std::pair<std::string, std::string>> k = {
       {"self_attn.q_proj", "attention.wq"}, {"self_attn.k_proj", "attention.wk"},
       {"self_attn.v_proj", "attention.wv"}, {"self_attn.o_proj", "attention.wo"},
       {"mlp.gate_proj", "feed_forward.w1"}, {"mlp.down_proj", "feed_forward.w2"},
       {"mlp.up_proj", "feed_forward.w3"}};
-  return k;
+  static const std::vector<std::pair<std::string, std::string>> f = {
+      {"self_attn.qkv_proj", "attention.wqkv"}, {"self_attn.o_proj", "attention.wo"},
+      {"mlp.gate_up_proj", "feed_forward.w13"}, {"mlp.down_proj", "feed_forward.w2"}};
+  return fused ? f : k;
 }
 
 // Checks a tokenized record before it reaches LibTorch, which would throw on it or read past its end.

@@ -32,11 +32,15 @@ struct ModelConfig {
   bool tied_output = true;
   float norm_eps = 1e-5f;
   float rope_theta = 10000.0f;
+  int head_dim = 0;  // 0: dim / n_heads (Gemma and Mistral configurations may set another)
+  int HeadDim() const { return head_dim > 0 ? head_dim : dim / n_heads; }
 };
 
 struct EngineOptions {
   // A llama2.c checkpoint (.bin), or a Hugging Face model directory (config.json + model.safetensors or
-  // model.safetensors.index.json with its shards; LlamaForCausalLM tensor names).
+  // model.safetensors.index.json with its shards) of LlamaForCausalLM (rope_scaling linear or llama3 included),
+  // MistralForCausalLM, Qwen2ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM or Phi3ForCausalLM. Another
+  // architecture, or a config field that changes the function and is not implemented, is refused by name.
   std::string model_path;
   std::string tokenizer_path;   // llama2.c tokenizer (.bin)
   // A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors); its A/B matrices become

@@ -89,6 +89,10 @@ absl::Status ReadSafetensors(const std::string& path, std::map<std::string, torc
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
     const auto off = t["data_offsets"].get<std::vector<int64_t>>();
+    if (off.size() == 2 && off[1] > static_cast<int64_t>(data.size()) && off[0] >= 0 && off[1] - off[0] == n * width) {
+      return absl::DataLossError(absl::StrCat(path, ": truncated: ", it.key(), " ends at data byte ", off[1],
+                                              " but the file holds ", data.size()));
+    }
     if (off.size() != 2 || off[0] < 0 || off[1] > static_cast<int64_t>(data.size()) || off[1] - off[0] != n * width) {
       return absl::DataLossError(absl::StrCat(path, ": ", it.key(), " has inconsistent offsets"));
     }
@@ -97,7 +101,142 @@ absl::Status ReadSafetensors(const std::string& path, std::map<std::string, torc
   return absl::OkStatus();
 }
 
-// Hugging Face Llama module path (inside a layer) -> our name.
+using Arch = EngineAccess::Impl::Arch;
+
+// Reads a Hugging Face config.json into c and arch. Every key is either implemented, checked to have the one
+// value that is implemented, or known not to change the function (bookkeeping, dropout, generation, caching);
+// any other key, like an architecture not listed, is refused by name: a model is never approximated.
+absl::Status ParseHfConfig(const nlohmann::json& j, ModelConfig* c, Arch* arch) {
+  static const std::set<std::string> kInert = {
+      "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype", "use_cache",
+      "initializer_range", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "pretraining_tp",
+      "embd_pdrop", "resid_pdrop", "cache_implementation", "auto_map", "output_attentions", "output_hidden_states",
+      "return_dict", "id2label", "label2id", "tokenizer_class", "max_length", "use_return_dict"};
+  std::string name;
+  if (j.contains("architectures")) {
+    const auto& a = j["architectures"];
+    if (!a.is_array() || a.size() != 1 || !a[0].is_string()) {
+      return absl::UnimplementedError(absl::StrCat("architectures ", a.dump(), " is not one architecture"));
+    }
+    name = a[0].get<std::string>();
+  } else {
+    static const std::map<std::string, std::string> kByType = {
+        {"llama", "LlamaForCausalLM"}, {"mistral", "MistralForCausalLM"}, {"qwen2", "Qwen2ForCausalLM"},
+        {"gemma", "GemmaForCausalLM"}, {"gemma2", "Gemma2ForCausalLM"},   {"phi3", "Phi3ForCausalLM"}};
+    const std::string type = j.value("model_type", "llama");
+    auto it = kByType.find(type);
+    if (it == kByType.end()) return absl::UnimplementedError(absl::StrCat("model_type \"", type, "\" is not supported"));
+    name = it->second;
+  }
+  static const std::set<std::string> kArchs = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                                               "GemmaForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM"};
+  if (!kArchs.count(name)) {
+    return absl::UnimplementedError(absl::StrCat("architecture \"", name, "\" is not supported (supported: ",
+                                                 absl::StrJoin(kArchs, ", "), ")"));
+  }
+  arch->name = name;
+  const bool gemma = name == "GemmaForCausalLM" || name == "Gemma2ForCausalLM";
+  std::set<std::string> handled = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                   "num_key_value_heads", "vocab_size", "max_position_embeddings", "rms_norm_eps",
+                                   "rope_theta", "tie_word_embeddings", "head_dim"};
+  auto refuse = [&](const std::string& key) {
+    return absl::UnimplementedError(
+        absl::StrCat(key, " ", j[key].dump(), " is not supported for ", name));
+  };
+  auto present = [&](const char* key) { return j.contains(key) && !j[key].is_null(); };
+  try {
+    c->dim = j.at("hidden_size").get<int>();
+    c->hidden_dim = j.at("intermediate_size").get<int>();
+    c->n_layers = j.at("num_hidden_layers").get<int>();
+    c->n_heads = j.at("num_attention_heads").get<int>();
+    c->n_kv_heads = present("num_key_value_heads") ? j["num_key_value_heads"].get<int>() : c->n_heads;
+    c->vocab_size = j.at("vocab_size").get<int>();
+    c->seq_len = j.value("max_position_embeddings", 2048);
+    c->norm_eps = j.value("rms_norm_eps", 1e-6f);
+    c->rope_theta = j.value("rope_theta", 10000.0f);
+    // save_pretrained leaves out a value equal to the class default: Gemma ties by default, the others do not.
+    c->tied_output = j.value("tie_word_embeddings", gemma);
+    c->head_dim = present("head_dim") ? j["head_dim"].get<int>() : (gemma ? 256 : 0);
+    // Projection biases: only Qwen2's q/k/v, which its class always has.
+    arch->qkv_bias = name == "Qwen2ForCausalLM";
+    for (const char* key : {"attention_bias", "mlp_bias"}) {
+      handled.insert(key);
+      if (j.contains(key) && j[key] != false) return refuse(key);
+    }
+    if (gemma) {
+      // GemmaMLP ignores hidden_act; hidden_activation (default gelu_pytorch_tanh) picks the activation.
+      handled.insert({"hidden_act", "hidden_activation"});
+      const std::string act = present("hidden_activation") ? j["hidden_activation"].get<std::string>()
+                                                           : "gelu_pytorch_tanh";
+      if (act == "gelu_pytorch_tanh") arch->act = Arch::Act::kGeluTanh;
+      else if (act == "gelu") arch->act = Arch::Act::kGelu;
+      else return refuse("hidden_activation");
+      arch->norm_offset = true;
+      arch->emb_normalizer = true;
+    } else {
+      handled.insert("hidden_act");
+      if (j.contains("hidden_act") && j["hidden_act"] != "silu") return refuse("hidden_act");
+    }
+    if (name == "Gemma2ForCausalLM") {
+      handled.insert({"query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window"});
+      arch->sandwich = true;
+      arch->query_scale = 1.0 / std::sqrt(j.value("query_pre_attn_scalar", 224.0));
+      if (present("attn_logit_softcapping")) arch->attn_softcap = j["attn_logit_softcapping"].get<double>();
+      if (present("final_logit_softcapping")) arch->final_softcap = j["final_logit_softcapping"].get<double>();
+      arch->window = present("sliding_window") ? j["sliding_window"].get<int>() : 4096;
+      arch->window_even_layers = true;
+    }
+    if (name == "MistralForCausalLM") {
+      handled.insert("sliding_window");
+      if (present("sliding_window")) arch->window = j["sliding_window"].get<int>();
+    }
+    if (name == "Qwen2ForCausalLM") {
+      // transformers applies Qwen2's window only under flash attention, and only with use_sliding_window.
+      handled.insert({"sliding_window", "max_window_layers", "use_sliding_window"});
+      if (j.value("use_sliding_window", false)) return refuse("use_sliding_window");
+    }
+    if (name == "Phi3ForCausalLM") {
+      // transformers' eager and SDPA paths ignore Phi3's window, flash attention applies it: the context is kept
+      // within the window, where they agree.
+      handled.insert({"sliding_window", "original_max_position_embeddings"});
+      arch->fused = true;
+      if (present("sliding_window")) c->seq_len = std::min(c->seq_len, j["sliding_window"].get<int>());
+    }
+    if (name == "LlamaForCausalLM") {
+      handled.insert("rope_scaling");
+      if (present("rope_scaling")) {
+        const auto& rs = j["rope_scaling"];
+        const std::string type = rs.value("rope_type", rs.value("type", ""));
+        if (type == "llama3") {
+          arch->rope_factor = rs.at("factor").get<double>();
+          arch->rope_low = rs.at("low_freq_factor").get<double>();
+          arch->rope_high = rs.at("high_freq_factor").get<double>();
+          arch->rope_original = rs.at("original_max_position_embeddings").get<double>();
+          if (!(arch->rope_factor > 0) || !(arch->rope_high > arch->rope_low) || !(arch->rope_original > 0)) {
+            return absl::DataLossError(absl::StrCat("implausible rope_scaling ", rs.dump()));
+          }
+        } else if (type == "linear") {
+          arch->rope_linear = rs.at("factor").get<double>();
+          if (!(arch->rope_linear > 0)) return absl::DataLossError(absl::StrCat("implausible rope_scaling ", rs.dump()));
+        } else {
+          return refuse("rope_scaling");
+        }
+      }
+    }
+    if (name != "LlamaForCausalLM" && present("rope_scaling")) return refuse("rope_scaling");
+    handled.insert("rope_scaling");  // null
+  } catch (const std::exception& e) {
+    return absl::DataLossError(e.what());
+  }
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (!handled.count(it.key()) && !kInert.count(it.key())) {
+      return absl::UnimplementedError(absl::StrCat("field \"", it.key(), "\" (", it.value().dump(),
+                                                   ") is not implemented for ", name));
+    }
+  }
+  return absl::OkStatus();
+}
+
 
 }  // namespace
 
@@ -132,7 +271,7 @@ absl::Status GradientEngine::Impl::LoadAdapter(const std::string& path) {
   if (!st.ok()) return st;
   int found = 0;
   for (int l = 0; l < cfg.n_layers; ++l) {
-    for (const auto& [hf, ours] : HfModules()) {
+    for (const auto& [hf, ours] : HfModules(arch.fused)) {
       const std::string shortname = hf.substr(hf.find('.') + 1);
       if (!targets.count(shortname)) continue;
       const std::string base = absl::StrCat("base_model.model.model.layers.", l, ".", hf);
@@ -150,7 +289,9 @@ absl::Status GradientEngine::Impl::LoadAdapter(const std::string& path) {
       ++found;
     }
   }
-  if (found == 0) return absl::DataLossError("the adapter's target_modules match no Llama module");
+  if (found == 0) {
+    return absl::DataLossError(absl::StrCat("the adapter's target_modules match no ", arch.name, " module"));
+  }
   return absl::OkStatus();
 }
 
@@ -314,56 +455,12 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::LoadHf(const Eng
   if (absl::Status init = impl->Init(options); !init.ok()) return init;
   impl->rope_half = true;
   ModelConfig& c = impl->cfg;
-  try {
-    const auto& j = *cj;
-    c.dim = j.at("hidden_size").get<int>();
-    c.hidden_dim = j.at("intermediate_size").get<int>();
-    c.n_layers = j.at("num_hidden_layers").get<int>();
-    c.n_heads = j.at("num_attention_heads").get<int>();
-    c.n_kv_heads = j.value("num_key_value_heads", c.n_heads);
-    c.vocab_size = j.at("vocab_size").get<int>();
-    c.seq_len = j.value("max_position_embeddings", 2048);
-    c.norm_eps = j.value("rms_norm_eps", 1e-6f);
-    c.rope_theta = j.value("rope_theta", 10000.0f);
-    c.tied_output = j.value("tie_word_embeddings", false);
-    // Only LlamaForCausalLM is implemented: another architecture, or a Llama option that changes the function,
-    // is refused by name (never approximated by the Llama forward).
-    if (j.contains("architectures")) {
-      const auto& a = j["architectures"];
-      if (!a.is_array() || a.size() != 1 || !a[0].is_string() || a[0].get<std::string>() != "LlamaForCausalLM") {
-        return absl::UnimplementedError(absl::StrCat("config.json: architectures ", a.dump(),
-                                                     " is not supported (only [\"LlamaForCausalLM\"])"));
-      }
-    } else if (j.contains("model_type") && j["model_type"] != "llama") {
-      return absl::UnimplementedError(
-          absl::StrCat("config.json: model_type ", j["model_type"].dump(), " is not supported (only \"llama\")"));
-    }
-    if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
-      return absl::UnimplementedError(
-          absl::StrCat("config.json: rope_scaling ", j["rope_scaling"].dump(), " is not supported"));
-    }
-    for (const char* key : {"hidden_act", "hidden_activation"}) {
-      if (j.contains(key) && j[key] != "silu") {
-        return absl::UnimplementedError(
-            absl::StrCat("config.json: ", key, " ", j[key].dump(), " is not supported (only \"silu\")"));
-      }
-    }
-    for (const char* key : {"attention_bias", "mlp_bias"}) {
-      if (j.contains(key) && j[key] != false) {
-        return absl::UnimplementedError(absl::StrCat("config.json: ", key, " ", j[key].dump(),
-                                                     " is not supported (only false)"));
-      }
-    }
-    if (j.contains("head_dim") && !j["head_dim"].is_null() &&
-        j["head_dim"].get<int>() * j.at("num_attention_heads").get<int>() != j.at("hidden_size").get<int>()) {
-      return absl::UnimplementedError(absl::StrCat("config.json: head_dim ", j["head_dim"].dump(),
-                                                   " other than hidden_size / num_attention_heads is not supported"));
-    }
-  } catch (const std::exception& e) {
-    return absl::DataLossError(absl::StrCat((dir / "config.json").string(), ": ", e.what()));
+  if (absl::Status st = ParseHfConfig(*cj, &c, &impl->arch); !st.ok()) {
+    return absl::Status(st.code(), absl::StrCat((dir / "config.json").string(), ": ", st.message()));
   }
-  if (c.dim <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 || c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0 ||
-      c.n_layers <= 0 || c.vocab_size <= 0 || c.hidden_dim <= 0) {
+  impl->hf_config = cj->dump(2);
+  if (c.dim <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 || c.HeadDim() <= 0 || c.HeadDim() % 2 != 0 ||
+      c.n_heads % c.n_kv_heads != 0 || c.n_layers <= 0 || c.vocab_size <= 0 || c.hidden_dim <= 0) {
     return absl::DataLossError("config.json: implausible model dimensions");
   }
   // Weights: one file, or an index naming the shards.
@@ -389,7 +486,9 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::LoadHf(const Eng
     absl::Status st = ReadSafetensors((dir / f).string(), &t);
     if (!st.ok()) return st;
   }
-  const int64_t D = c.dim, F = c.hidden_dim, hd = D / c.n_heads, KVD = hd * c.n_kv_heads, V = c.vocab_size;
+  const int64_t D = c.dim, F = c.hidden_dim, hd = c.HeadDim(), QD = hd * c.n_heads, KVD = hd * c.n_kv_heads,
+                V = c.vocab_size;
+  const auto& arch = impl->arch;
   std::set<std::string> taken;
   auto take = [&](const std::string& hf, std::vector<int64_t> shape, const std::string& ours) -> absl::Status {
     taken.insert(hf);
@@ -400,25 +499,36 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::LoadHf(const Eng
                                               c10::str(c10::IntArrayRef(shape))));
     }
     impl->Add(ours, it->second);
+    impl->hf_names[ours] = hf;
     return absl::OkStatus();
   };
   absl::Status st = take("model.embed_tokens.weight", {V, D}, "tok_embeddings.weight");
   const std::map<std::string, std::vector<int64_t>> shapes = {
-      {"attention.wq", {D, D}}, {"attention.wk", {KVD, D}}, {"attention.wv", {KVD, D}}, {"attention.wo", {D, D}},
-      {"feed_forward.w1", {F, D}}, {"feed_forward.w2", {D, F}}, {"feed_forward.w3", {F, D}}};
+      {"attention.wq", {QD, D}},       {"attention.wk", {KVD, D}},       {"attention.wv", {KVD, D}},
+      {"attention.wo", {D, QD}},       {"feed_forward.w1", {F, D}},      {"feed_forward.w2", {D, F}},
+      {"feed_forward.w3", {F, D}},     {"attention.wqkv", {QD + 2 * KVD, D}}, {"feed_forward.w13", {2 * F, D}}};
   for (int l = 0; l < c.n_layers && st.ok(); ++l) {
     const std::string hp = absl::StrCat("model.layers.", l, "."), p = absl::StrCat("layers.", l, ".");
     st = take(hp + "input_layernorm.weight", {D}, p + "attention_norm.weight");
-    for (const auto& [hf, ours] : HfModules()) {
+    for (const auto& [hf, ours] : HfModules(arch.fused)) {
       if (st.ok()) st = take(hp + hf + ".weight", shapes.at(ours), p + ours + ".weight");
+      if (st.ok() && arch.qkv_bias && (ours == "attention.wq" || ours == "attention.wk" || ours == "attention.wv")) {
+        st = take(hp + hf + ".bias", {shapes.at(ours)[0]}, p + ours + ".bias");
+      }
     }
-    if (st.ok()) st = take(hp + "post_attention_layernorm.weight", {D}, p + "ffn_norm.weight");
+    if (arch.sandwich) {  // Gemma2: post_attention_layernorm is on the attention output, pre_feedforward the MLP's in
+      if (st.ok()) st = take(hp + "post_attention_layernorm.weight", {D}, p + "attention_post_norm.weight");
+      if (st.ok()) st = take(hp + "pre_feedforward_layernorm.weight", {D}, p + "ffn_norm.weight");
+      if (st.ok()) st = take(hp + "post_feedforward_layernorm.weight", {D}, p + "ffn_post_norm.weight");
+    } else if (st.ok()) {
+      st = take(hp + "post_attention_layernorm.weight", {D}, p + "ffn_norm.weight");
+    }
   }
   if (st.ok()) st = take("model.norm.weight", {D}, "norm.weight");
   if (st.ok() && !c.tied_output) st = take("lm_head.weight", {V, D}, "output.weight");
   if (!st.ok()) return st;
-  // A weight the Llama forward would not use (biases, extra norms, another model's layers) means the checkpoint
-  // is not what the config says: refused by name. RoPE's inv_freq buffers, which old exports include, are derived.
+  // A weight the forward would not use (biases, extra norms, another model's layers) means the checkpoint is not
+  // what the config says: refused by name. RoPE's inv_freq buffers, which old exports include, are derived.
   std::vector<std::string> unused;
   for (const auto& [name, tensor] : t) {
     if (!taken.count(name) && !absl::EndsWith(name, "rotary_emb.inv_freq")) unused.push_back(name);
@@ -426,7 +536,7 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::LoadHf(const Eng
   if (!unused.empty()) {
     const size_t n = unused.size();
     if (n > 3) unused.resize(3);
-    return absl::UnimplementedError(absl::StrCat("weights hold ", n, " tensors a LlamaForCausalLM does not use: ",
+    return absl::UnimplementedError(absl::StrCat("weights hold ", n, " tensors a ", arch.name, " does not use: ",
                                                  absl::StrJoin(unused, ", "), n > 3 ? ", ..." : ""));
   }
 
@@ -483,6 +593,9 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Grow(const Gradi
   return Guarded([&]() -> absl::StatusOr<std::unique_ptr<GradientEngine>> {
     const Impl& b = *base.impl_;
     const ModelConfig& c = b.cfg;
+    if (!b.arch.Plain() || c.HeadDim() * c.n_heads != c.dim || b.arch.rope_factor > 0 || b.arch.rope_linear > 0) {
+      return absl::UnimplementedError(absl::StrCat("grow: only the Llama architecture can grow, not ", b.arch.name));
+    }
     if (t.dim <= 0 || t.n_heads <= 0 || t.n_kv_heads <= 0 || t.dim % t.n_heads != 0 ||
         t.n_heads % t.n_kv_heads != 0) {
       return absl::InvalidArgumentError("grow: dim must be a multiple of heads, heads of kv heads");
@@ -508,6 +621,7 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::Grow(const Gradi
     impl->cfg.rope_theta = c.rope_theta;
     impl->llama2c = b.llama2c;
     impl->rope_half = b.rope_half;
+    impl->arch = b.arch;  // Llama, with its RoPE scaling
     std::mt19937_64 rng(seed);
     std::normal_distribution<double> g(0.0, init_std);
     // shape filled with N(0, init_std^2) (random) or zeros, then the base tensor (if any) copied into its corner.

@@ -276,6 +276,12 @@ absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl
                                int from, const TokenGradOptions& options, const ChunkSink& sink) {
   const int T = static_cast<int>(ids.size());
   const int chunk = options.method == TokenGradMethod::kLoop ? 1 : options.chunk;
+  // The hand-written backward covers the Llama layer only; other architectures take the batched autograd copies.
+  const TokenGradMethod method =
+      options.method == TokenGradMethod::kShared &&
+              (!d.arch.Plain() || d.cfg.HeadDim() * d.cfg.n_heads != d.cfg.dim)
+          ? TokenGradMethod::kCopies
+          : options.method;
   const int threads = options.threads;
   if (from < 1 || from >= T) {
     return absl::InvalidArgumentError(absl::StrCat("token range [", from, ", ", T, ") is empty"));
@@ -286,7 +292,7 @@ absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl
   }
   if (absl::Status st = CheckIds(ids, d.cfg.vocab_size); !st.ok()) return st;
   std::unique_ptr<SharedTokenBackprop> shared;
-  if (options.method == TokenGradMethod::kShared) shared = std::make_unique<SharedTokenBackprop>(d, ids);
+  if (method == TokenGradMethod::kShared) shared = std::make_unique<SharedTokenBackprop>(d, ids);
   // Work items are chunks of consecutive tokens; threads take them in turn (autograd::grad is thread-safe, and the
   // shared forward pass is only read).
   std::atomic<int> next{from};

@@ -34,13 +34,13 @@ absl::Status AddLora(GradientEngine* engine, const LoraConfig& lc) {
     }
     std::set<std::string> targets(lc.target_modules.begin(), lc.target_modules.end());
     std::set<std::string> known;
-    for (const auto& [hf, ours] : HfModules()) known.insert(hf.substr(hf.find('.') + 1));
+    for (const auto& [hf, ours] : HfModules(d.arch.fused)) known.insert(hf.substr(hf.find('.') + 1));
     for (const auto& t : targets) {
       if (!known.count(t)) return absl::InvalidArgumentError(absl::StrCat("unknown LoRA target module \"", t, "\""));
     }
     std::mt19937_64 rng(lc.seed);
     for (int l = 0; l < d.cfg.n_layers; ++l) {
-      for (const auto& [hf, ours] : HfModules()) {
+      for (const auto& [hf, ours] : HfModules(d.arch.fused)) {
         if (!targets.count(hf.substr(hf.find('.') + 1))) continue;
         const std::string p = absl::StrCat("layers.", l, ".", ours);
         const torch::Tensor& base = d.w.at(p + ".weight");
@@ -170,7 +170,7 @@ absl::Status SaveAdapter(const GradientEngine& engine, const std::string& dir, c
     if (ec) return absl::UnavailableError(absl::StrCat("cannot create ", dir, ": ", ec.message()));
     std::vector<std::pair<std::string, torch::Tensor>> ts;
     for (int l = 0; l < d.cfg.n_layers; ++l) {
-      for (const auto& [hf, ours] : HfModules()) {
+      for (const auto& [hf, ours] : HfModules(d.arch.fused)) {
         auto it = d.lora.find(absl::StrCat("layers.", l, ".", ours, ".weight"));
         if (it == d.lora.end()) continue;
         const std::string base = absl::StrCat("base_model.model.model.layers.", l, ".", hf);
@@ -207,6 +207,24 @@ absl::Status SaveOptimizerState(const GradientEngine& engine, const std::string&
   });
 }
 
+namespace {
+
+// Writes path.tmp, then renames it over path.
+absl::Status WriteFileAtomically(const std::string& path, const std::string& content) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << content;
+    if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) return absl::UnavailableError(absl::StrCat("cannot rename ", tmp, ": ", ec.message()));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status SaveHf(const GradientEngine& engine, const std::string& dir) {
   return Guarded([&]() -> absl::Status {
     const EngineAccess::Impl& d = EngineAccess::Of(engine);
@@ -215,6 +233,17 @@ absl::Status SaveHf(const GradientEngine& engine, const std::string& dir) {
     std::error_code ec;
     std::filesystem::create_directories(dir, ec);
     if (ec) return absl::UnavailableError(absl::StrCat("cannot create ", dir, ": ", ec.message()));
+    if (!d.hf_names.empty()) {  // loaded from Hugging Face: every tensor under its own name, its config as read
+      std::vector<std::pair<std::string, torch::Tensor>> ts;
+      for (const auto& n : d.names) {
+        auto it = d.hf_names.find(n);
+        if (it != d.hf_names.end()) ts.push_back({it->second, d.Merged(n)});
+      }
+      absl::Status st = WriteSafetensors((std::filesystem::path(dir) / "model.safetensors").string(), ts,
+                                         nlohmann::json{{"format", "pt"}});
+      if (!st.ok()) return st;
+      return WriteFileAtomically((std::filesystem::path(dir) / "config.json").string(), d.hf_config + "\n");
+    }
     const int64_t hd = c.dim / c.n_heads;
     // Interleaved (2i, 2i+1) pairs -> (i, i + hd/2) halves, per head (transformers' convert_llama_weights_to_hf).
     auto permute = [&](const torch::Tensor& w, int64_t heads) {
@@ -257,15 +286,7 @@ absl::Status SaveHf(const GradientEngine& engine, const std::string& dir) {
                           {"bos_token_id", 1},
                           {"eos_token_id", 2},
                           {"torch_dtype", "float32"}};
-    const std::string tmp = (std::filesystem::path(dir) / "config.json.tmp").string();
-    {
-      std::ofstream out(tmp, std::ios::trunc);
-      out << cfg.dump(2) << "\n";
-      if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
-    }
-    std::filesystem::rename(tmp, std::filesystem::path(dir) / "config.json", ec);
-    if (ec) return absl::UnavailableError(absl::StrCat("cannot rename ", tmp, ": ", ec.message()));
-    return absl::OkStatus();
+    return WriteFileAtomically((std::filesystem::path(dir) / "config.json").string(), cfg.dump(2) + "\n");
   });
 }
 

@@ -160,12 +160,12 @@ TEST(HuggingFace, UnsupportedArchitecturesOptionsAndWeightsAreRefusedByName) {
     EXPECT_NE(st.message().find(words), std::string::npos) << st;
   };
   nlohmann::json c = base;
-  c["architectures"] = {"Qwen2ForCausalLM"};
-  refused_with(c, "Qwen2ForCausalLM");
+  c["architectures"] = {"FalconForCausalLM"};
+  refused_with(c, "FalconForCausalLM");
   c = base;
   c.erase("architectures");
-  c["model_type"] = "mistral";
-  refused_with(c, "mistral");
+  c["model_type"] = "falcon";
+  refused_with(c, "falcon");
   c = base;
   c["attention_bias"] = true;
   refused_with(c, "attention_bias");
@@ -173,11 +173,11 @@ TEST(HuggingFace, UnsupportedArchitecturesOptionsAndWeightsAreRefusedByName) {
   c["hidden_act"] = "gelu_pytorch_tanh";
   refused_with(c, "gelu_pytorch_tanh");
   c = base;
-  c["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}};
-  refused_with(c, "llama3");
+  c["rope_scaling"] = {{"rope_type", "dynamic"}, {"factor", 8.0}};
+  refused_with(c, "dynamic");
   c = base;
-  c["head_dim"] = 8;  // hidden 16 / 4 heads = 4
-  refused_with(c, "head_dim");
+  c["partial_rotary_factor"] = 0.5;  // a field the loader does not know
+  refused_with(c, "partial_rotary_factor");
   std::ofstream(copy + "/config.json") << base.dump();
 
   // A q_proj bias in an extra shard (as a Qwen2 checkpoint has): named, not ignored.

@@ -68,8 +68,9 @@ absl::Status TorchError(const std::exception& e);
 absl::Status CheckIds(const std::vector<int32_t>& ids, int vocab_size);
 // Checks a tokenized record (ids, a response, loss weights) before it reaches LibTorch.
 absl::Status CheckRecord(const TokenizedExample& t, int vocab_size);
-// Hugging Face Llama module paths inside a layer -> the engine's names (loaders, LoRA, Hugging Face export).
-const std::vector<std::pair<std::string, std::string>>& HfModules();
+// Hugging Face module paths inside a layer -> the engine's names (loaders, LoRA, Hugging Face export); fused:
+// Phi3's qkv_proj and gate_up_proj.
+const std::vector<std::pair<std::string, std::string>>& HfModules(bool fused = false);
 template <class F>
 auto Guarded(F&& f) -> decltype(f()) {
   try {
@@ -108,6 +109,31 @@ struct GradientEngine::Impl {
   double lora_alpha = 0;
   std::vector<std::string> lora_targets;  // PEFT module names
   bool llama2c = false;                   // loaded from a llama2.c checkpoint
+  // The decoder's variant: Hugging Face families next to Llama. Defaults are Llama's.
+  struct Arch {
+    std::string name = "LlamaForCausalLM";
+    bool qkv_bias = false;        // Qwen2: biases on the q, k and v projections
+    bool fused = false;           // Phi3: one qkv projection and one gate_up projection (gate first)
+    enum class Act { kSilu, kGeluTanh, kGelu } act = Act::kSilu;
+    bool norm_offset = false;     // Gemma: RMSNorm scales by (1 + w)
+    bool emb_normalizer = false;  // Gemma: embeddings times sqrt(hidden_size)
+    bool sandwich = false;        // Gemma2: RMSNorm on the attention and MLP outputs too
+    double query_scale = 0;       // 0: 1 / sqrt(head_dim) (Gemma2: query_pre_attn_scalar^-1/2)
+    double attn_softcap = 0;      // Gemma2: scores become c tanh(s / c)
+    double final_softcap = 0;     // Gemma2: logits become c tanh(l / c)
+    int window = 0;               // sliding window: a position sees itself and window - 1 before it; 0: all
+    bool window_even_layers = false;  // Gemma2: only layers 0, 2, 4, .. slide
+    // Llama 3 RoPE frequency scaling (rope_scaling type llama3): factor 0 = none.
+    double rope_factor = 0, rope_low = 0, rope_high = 0, rope_original = 0;
+    double rope_linear = 0;       // rope_scaling type linear: positions divided by this; 0 = none
+    // The forward matches the hand-written per-token backward of token_grads.cc (plain Llama).
+    bool Plain() const {
+      return !qkv_bias && !fused && act == Act::kSilu && !norm_offset && !emb_normalizer && !sandwich &&
+             query_scale == 0 && attn_softcap == 0 && final_softcap == 0 && window == 0;
+    }
+  } arch;
+  std::map<std::string, std::string> hf_names;  // our tensor name -> the Hugging Face one (HF directories)
+  std::string hf_config;                        // config.json as read (written back by SaveHf)
   // AdamW state of the selected parameters (fine-tuning).
   std::vector<torch::Tensor> adam_m, adam_v;
   int64_t adam_step = 0;
@@ -166,10 +192,20 @@ struct GradientEngine::Impl {
         return absl::DataLossError(absl::StrCat("weight ", name, " has ", bad, " non-finite value(s) (NaN or Inf)"));
       }
     }
-    const int hd = cfg.dim / cfg.n_heads;
+    const int hd = cfg.HeadDim();
     auto freqs = torch::arange(0, hd, 2, torch::kDouble) / hd;
     freqs = torch::pow(static_cast<double>(cfg.rope_theta), -freqs);  // [hd/2]
+    if (arch.rope_factor > 0) {  // Llama 3: long wavelengths slowed by factor, a smooth ramp in between
+      auto wavelen = 2 * M_PI / freqs;
+      const double low_wl = arch.rope_original / arch.rope_low, high_wl = arch.rope_original / arch.rope_high;
+      auto scaled = torch::where(wavelen > low_wl, freqs / arch.rope_factor, freqs);
+      auto smooth = (arch.rope_original / wavelen - arch.rope_low) / (arch.rope_high - arch.rope_low);
+      auto smoothed = (1 - smooth) * scaled / arch.rope_factor + smooth * scaled;
+      auto medium = (wavelen >= high_wl).logical_and(wavelen <= low_wl);
+      freqs = torch::where(medium, smoothed, scaled);
+    }
     auto pos = torch::arange(0, cfg.seq_len, torch::kDouble);
+    if (arch.rope_linear > 0) pos = pos / arch.rope_linear;
     auto ang = torch::outer(pos, freqs);
     cos = torch::cos(ang).to(device, dtype);
     sin = torch::sin(ang).to(device, dtype);
@@ -225,7 +261,7 @@ struct GradientEngine::Impl {
     }
     const std::string sel = options.param_pattern.empty() ? "<matrices>" : options.param_pattern;
     h = Fnv1a(h, sel.data(), sel.size());
-    const std::string tmpl = absl::StrCat("alpaca/v1 max_length=", options.max_length);
+    const std::string tmpl = absl::StrCat("alpaca/v1 max_length=", options.max_length, " arch=", arch.name);
     h = Fnv1a(h, tmpl.data(), tmpl.size());
     if (!precond.empty()) h = Fnv1a(h, &precond_hash, sizeof precond_hash);
     hash = absl::StrFormat("%016x", h);
@@ -235,7 +271,15 @@ struct GradientEngine::Impl {
   torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& g, torch::Tensor* r = nullptr) const {
     auto s = torch::rsqrt(x.pow(2).mean(-1, true) + cfg.norm_eps);
     if (r) *r = s;
-    return x * s * g;
+    return arch.norm_offset ? x * s * (1 + g) : x * s * g;
+  }
+
+  torch::Tensor Act(const torch::Tensor& a) const {
+    switch (arch.act) {
+      case Arch::Act::kGeluTanh: return torch::gelu(a, "tanh");
+      case Arch::Act::kGelu: return torch::gelu(a);
+      default: return torch::silu(a);
+    }
   }
 
   // x: [B, T, H, hd]; llama2.c rotates interleaved pairs (2i, 2i+1), Hugging Face (i, i + hd/2).
@@ -259,6 +303,10 @@ struct GradientEngine::Impl {
   torch::Tensor Lin(const torch::Tensor& x, const std::string& name, Captures* cap) const {
     auto y = torch::matmul(x, W(name).t());
     if (cap) cap->linears.push_back({name, x.detach(), y});
+    if (arch.qkv_bias) {  // Qwen2's q, k, v projections: "<module>.weight" has "<module>.bias"
+      const std::string bias = name.substr(0, name.size() - 6) + "bias";
+      if (w.count(bias)) y = y + W(bias);
+    }
     auto it = lora.find(name);
     if (it != lora.end()) y = y + Lin(Lin(x, it->second.first, cap), it->second.second, cap) * lora_scale;
     return y;
@@ -272,7 +320,7 @@ struct GradientEngine::Impl {
   torch::Tensor Forward(const torch::Tensor& ids, Captures* cap = nullptr, int64_t from = 0,
                         const torch::Tensor& emb_scale = torch::Tensor()) const {
     const int64_t B = ids.size(0), T = ids.size(1);
-    const int H = cfg.n_heads, KV = cfg.n_kv_heads, hd = cfg.dim / cfg.n_heads;
+    const int H = cfg.n_heads, KV = cfg.n_kv_heads, hd = cfg.HeadDim();
     auto x = torch::embedding(W("tok_embeddings.weight"), ids);
     if (emb_scale.defined()) {  // interpolate between the mean embedding (alpha 0) and each token's own (alpha 1)
       auto base = W("tok_embeddings.weight").mean(0).detach();
@@ -282,7 +330,14 @@ struct GradientEngine::Impl {
       cap->ids = ids;
       cap->emb_out = x;
     }
+    // Gemma: sqrt(hidden_size) rounded to the activations' dtype, as transformers does.
+    if (arch.emb_normalizer) x = x * torch::tensor(std::sqrt(static_cast<double>(cfg.dim)), Opts());
     auto mask = torch::full({T, T}, -std::numeric_limits<double>::infinity(), Opts()).triu(1);
+    torch::Tensor window_mask;  // also hides keys window or more positions back
+    if (arch.window > 0 && arch.window < T) {
+      window_mask = mask + torch::full({T, T}, -std::numeric_limits<double>::infinity(), Opts()).tril(-arch.window);
+    }
+    const double scale = arch.query_scale > 0 ? arch.query_scale : 1.0 / std::sqrt(static_cast<double>(hd));
     const bool rec = cap && cap->layers_wanted;
     if (rec) cap->layers.assign(cfg.n_layers, {});
     for (int l = 0; l < cfg.n_layers; ++l) {
@@ -290,11 +345,20 @@ struct GradientEngine::Impl {
       Captures::Layer* r = rec ? &cap->layers[l] : nullptr;
       if (r) r->x_in = x;
       auto h = RmsNorm(x, W(p + "attention_norm.weight"), r ? &r->r1 : nullptr);
-      auto q = Lin(h, p + "attention.wq.weight", cap).view({B, T, H, hd});
-      auto k = Lin(h, p + "attention.wk.weight", cap).view({B, T, KV, hd});
-      auto v = Lin(h, p + "attention.wv.weight", cap).view({B, T, KV, hd});
-      q = Rope(q);
-      k = Rope(k);
+      torch::Tensor q, k, v;
+      if (arch.fused) {
+        auto qkv = Lin(h, p + "attention.wqkv.weight", cap);
+        q = qkv.narrow(-1, 0, H * hd);
+        k = qkv.narrow(-1, H * hd, KV * hd);
+        v = qkv.narrow(-1, (H + KV) * hd, KV * hd);
+      } else {
+        q = Lin(h, p + "attention.wq.weight", cap);
+        k = Lin(h, p + "attention.wk.weight", cap);
+        v = Lin(h, p + "attention.wv.weight", cap);
+      }
+      q = Rope(q.reshape({B, T, H, hd}));
+      k = Rope(k.reshape({B, T, KV, hd}));
+      v = v.reshape({B, T, KV, hd});
       if (KV != H) {
         k = k.repeat_interleave(H / KV, 2);
         v = v.repeat_interleave(H / KV, 2);
@@ -302,20 +366,36 @@ struct GradientEngine::Impl {
       q = q.transpose(1, 2);
       k = k.transpose(1, 2);
       v = v.transpose(1, 2);
-      auto att = torch::softmax(torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(hd)) + mask, -1);
+      auto scores = torch::matmul(q, k.transpose(-2, -1)) * scale;
+      if (arch.attn_softcap > 0) scores = torch::tanh(scores / arch.attn_softcap) * arch.attn_softcap;
+      const bool slides = window_mask.defined() && (!arch.window_even_layers || l % 2 == 0);
+      auto att = torch::softmax(scores + (slides ? window_mask : mask), -1);
       auto oh = torch::matmul(att, v);
-      x = x + Lin(oh.transpose(1, 2).reshape({B, T, cfg.dim}), p + "attention.wo.weight", cap);
+      auto a = Lin(oh.transpose(1, 2).reshape({B, T, H * hd}), p + "attention.wo.weight", cap);
+      if (arch.sandwich) a = RmsNorm(a, W(p + "attention_post_norm.weight"));
+      x = x + a;
       h = RmsNorm(x, W(p + "ffn_norm.weight"), r ? &r->r2 : nullptr);
-      auto a1 = Lin(h, p + "feed_forward.w1.weight", cap);
-      auto a3 = Lin(h, p + "feed_forward.w3.weight", cap);
-      auto s1 = torch::silu(a1);
+      torch::Tensor a1, a3;
+      if (arch.fused) {
+        auto gu = Lin(h, p + "feed_forward.w13.weight", cap);
+        a1 = gu.narrow(-1, 0, cfg.hidden_dim);
+        a3 = gu.narrow(-1, cfg.hidden_dim, cfg.hidden_dim);
+      } else {
+        a1 = Lin(h, p + "feed_forward.w1.weight", cap);
+        a3 = Lin(h, p + "feed_forward.w3.weight", cap);
+      }
+      auto s1 = Act(a1);
       if (r) *r = {r->x_in, r->r1, q, k, v, att, oh, x, r->r2, a1, a3, s1};
-      x = x + Lin(s1 * a3, p + "feed_forward.w2.weight", cap);
+      auto m = Lin(s1 * a3, p + "feed_forward.w2.weight", cap);
+      if (arch.sandwich) m = RmsNorm(m, W(p + "ffn_post_norm.weight"));
+      x = x + m;
     }
     if (from > 0) x = x.slice(1, from, T);
     if (rec) cap->x_final = x;
     x = RmsNorm(x, W("norm.weight"), rec ? &cap->r_final : nullptr);
-    return Lin(x, cfg.tied_output ? "tok_embeddings.weight" : "output.weight", cap);
+    auto logits = Lin(x, cfg.tied_output ? "tok_embeddings.weight" : "output.weight", cap);
+    if (arch.final_softcap > 0) logits = torch::tanh(logits / arch.final_softcap) * arch.final_softcap;
+    return logits;
   }
 
   // Selected parameter p's per-sample gradients (per_p: [B, ...]) as [B, numel] doubles on the device,

@@ -1,0 +1,240 @@
+// The architectures next to Llama against transformers itself: tests/fixtures/arch/<name> was written by
+// scripts/make_hf_arch_fixtures.py (transformers 4.44.2, peft 0.12.0) with reference logits, losses, LoRA
+// gradients and every base weight's gradient. Float32 must agree to 1e-4 (relative to the largest value).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <functional>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "model/engine.h"
+#include "model/training.h"
+#include "tests/test_util.h"
+
+namespace rapidin::model {
+namespace {
+
+const std::string kRoot = RAPIDIN_SOURCE_DIR "/tests/fixtures/arch/";
+
+nlohmann::json Reference(const std::string& name) {
+  std::ifstream in(kRoot + name + "/reference.json");
+  return nlohmann::json::parse(in);
+}
+
+void Replace(std::string* s, const std::string& a, const std::string& b) {
+  const size_t p = s->find(a);
+  if (p != std::string::npos) s->replace(p, a.size(), b);
+}
+
+// Our parameter name -> transformers' (gemma2: the Gemma2 decoder layer's norm names).
+std::string HfName(std::string s, bool gemma2) {
+  const std::vector<std::pair<std::string, std::string>> m = {
+      {"attention.wqkv", "self_attn.qkv_proj"}, {"feed_forward.w13", "mlp.gate_up_proj"},
+      {"attention.wq", "self_attn.q_proj"},     {"attention.wk", "self_attn.k_proj"},
+      {"attention.wv", "self_attn.v_proj"},     {"attention.wo", "self_attn.o_proj"},
+      {"feed_forward.w1", "mlp.gate_proj"},     {"feed_forward.w2", "mlp.down_proj"},
+      {"feed_forward.w3", "mlp.up_proj"},       {"attention_norm", "input_layernorm"},
+      {"attention_post_norm", "post_attention_layernorm"},
+      {"ffn_post_norm", "post_feedforward_layernorm"},
+      {"ffn_norm", gemma2 ? "pre_feedforward_layernorm" : "post_attention_layernorm"}};
+  if (s == "tok_embeddings.weight") return "model.embed_tokens.weight";
+  if (s == "output.weight") return "lm_head.weight";
+  if (s == "norm.weight") return "model.norm.weight";
+  for (const auto& [a, b] : m) {
+    if (s.find(a + ".") != std::string::npos) {
+      Replace(&s, a + ".", b + ".");
+      break;
+    }
+  }
+  return "model." + s;
+}
+
+double RelErr(const std::vector<double>& got, const std::vector<double>& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    num = std::max(num, std::fabs(got[i] - want[i]));
+    den = std::max(den, std::fabs(want[i]));
+  }
+  return num / std::max(den, 1e-30);
+}
+
+class Arch : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(Arch, LogitsLossAndLoraGradientsMatchTransformers) {
+  const std::string name = GetParam();
+  const auto ref = Reference(name);
+  EngineOptions o;
+  o.model_path = kRoot + name;
+  o.adapter_path = kRoot + name + "/adapter";
+  auto e = GradientEngine::Load(o);
+  ASSERT_TRUE(e.ok()) << e.status();
+  const size_t targets = ref["lora_targets"].size();
+  ASSERT_EQ((*e)->params().size(), 2u * targets * 2);  // 2 layers x targets x (A, B)
+  for (const auto& rec : ref["records"]) {
+    TokenizedExample t;
+    t.ids = rec["ids"].get<std::vector<int32_t>>();
+    t.response_begin = rec["response_begin"].get<int32_t>();
+    auto logits = (*e)->LogitsIds(t.ids);
+    ASSERT_TRUE(logits.ok()) << logits.status();
+    const auto want_logits = rec["logits"].get<std::vector<double>>();
+    ASSERT_EQ(logits->size(), want_logits.size());
+    EXPECT_LT(RelErr(std::vector<double>(logits->begin(), logits->end()), want_logits), 1e-4) << t.ids.size();
+    std::vector<double> g;
+    auto info = (*e)->GradientIds(t, /*normalize=*/false, &g);
+    ASSERT_TRUE(info.ok()) << info.status();
+    const double want_loss = rec["loss"].get<double>();
+    EXPECT_LT(std::fabs(info->loss - want_loss) / std::fabs(want_loss), 1e-4);
+    for (const auto& p : (*e)->params()) {
+      const std::string hf = "base_model.model." + HfName(p.name, name == "gemma2");
+      ASSERT_TRUE(rec["lora_grads"].contains(hf)) << hf;
+      const auto want = rec["lora_grads"][hf].get<std::vector<double>>();
+      ASSERT_EQ(static_cast<int64_t>(want.size()), p.numel) << p.name;
+      std::vector<double> got(g.begin() + p.offset, g.begin() + p.offset + p.numel);
+      EXPECT_LT(RelErr(got, want), 1e-4) << p.name;
+    }
+    // The batched per-sample path (padding, captured linears) agrees with the loop.
+    std::vector<std::vector<double>> gb;
+    std::vector<GradInfo> ib;
+    ASSERT_TRUE((*e)->GradientIdsBatch({t, t}, false, &gb, &ib).ok());
+    EXPECT_LT(RelErr(gb[1], g), 1e-4);
+  }
+}
+
+// Every base weight (norms and Qwen2's biases included) against transformers' autograd.
+TEST_P(Arch, EveryBaseWeightGradientMatchesTransformers) {
+  const std::string name = GetParam();
+  const auto ref = Reference(name);
+  EngineOptions o;
+  o.model_path = kRoot + name;
+  o.param_pattern = ".*";
+  auto e = GradientEngine::Load(o);
+  ASSERT_TRUE(e.ok()) << e.status();
+  const auto& rec = ref["records"][0];
+  TokenizedExample t;
+  t.ids = rec["ids"].get<std::vector<int32_t>>();
+  t.response_begin = rec["response_begin"].get<int32_t>();
+  std::vector<double> g;
+  ASSERT_TRUE((*e)->GradientIds(t, false, &g).ok());
+  const auto& base = ref["base_grads"];
+  ASSERT_EQ((*e)->params().size(), base.size());  // every transformers parameter, none extra
+  for (const auto& p : (*e)->params()) {
+    const std::string hf = HfName(p.name, name == "gemma2");
+    ASSERT_TRUE(base.contains(hf)) << p.name << " -> " << hf;
+    const auto want = base[hf].get<std::vector<double>>();
+    ASSERT_EQ(static_cast<int64_t>(want.size()), p.numel) << p.name;
+    EXPECT_LT(RelErr(std::vector<double>(g.begin() + p.offset, g.begin() + p.offset + p.numel), want), 1e-4)
+        << p.name;
+  }
+}
+
+// Per-token gradients: the default method (batched copies for these architectures) equals the
+// one-backward-per-token reference in float64.
+TEST_P(Arch, TokenGradientsEqualTheLoop) {
+  const std::string name = GetParam();
+  EngineOptions o;
+  o.model_path = kRoot + name;
+  o.adapter_path = kRoot + name + "/adapter";
+  o.use_double = true;
+  auto e = GradientEngine::Load(o);
+  ASSERT_TRUE(e.ok()) << e.status();
+  const auto ids = Reference(name)["records"][0]["ids"].get<std::vector<int32_t>>();
+  TokenGradOptions loop, fast;
+  loop.method = TokenGradMethod::kLoop;
+  fast.chunk = 4;
+  std::vector<std::vector<double>> want, got;
+  ASSERT_TRUE((*e)->TokenGradientsIds(ids, 1, loop, &want).ok());
+  ASSERT_TRUE((*e)->TokenGradientsIds(ids, 1, fast, &got).ok());
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t t = 0; t < want.size(); ++t) EXPECT_LT(RelErr(got[t], want[t]), 1e-9) << t;
+}
+
+// SaveHf writes the architecture back (its config as read, the adapter merged): reloaded, the logits are the
+// adapted model's.
+TEST_P(Arch, SaveHfRoundTrips) {
+  const std::string name = GetParam();
+  EngineOptions o;
+  o.model_path = kRoot + name;
+  o.adapter_path = kRoot + name + "/adapter";
+  auto e = GradientEngine::Load(o);
+  ASSERT_TRUE(e.ok()) << e.status();
+  rapidin::testing::TempDir dir;
+  ASSERT_TRUE(SaveHf(**e, dir.path()).ok());
+  EngineOptions r;
+  r.model_path = dir.path();
+  auto back = GradientEngine::Load(r);
+  ASSERT_TRUE(back.ok()) << back.status();
+  const auto ids = Reference(name)["records"][1]["ids"].get<std::vector<int32_t>>();
+  auto a = (*e)->LogitsIds(ids), b = (*back)->LogitsIds(ids);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_LT(RelErr(std::vector<double>(b->begin(), b->end()), std::vector<double>(a->begin(), a->end())), 1e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(HuggingFace, Arch,
+                         ::testing::Values("qwen2", "qwen2_untied", "mistral", "llama3", "gemma", "gemma2", "phi3"));
+
+// Copies a fixture's model files (config.json, model.safetensors) into dir and applies `edit` to its config.
+void CopyWithConfig(const std::string& name, const std::string& dir, const std::function<void(nlohmann::json*)>& edit) {
+  namespace fs = std::filesystem;
+  fs::copy_file(kRoot + name + "/model.safetensors", dir + "/model.safetensors", fs::copy_options::overwrite_existing);
+  std::ifstream in(kRoot + name + "/config.json");
+  auto j = nlohmann::json::parse(in);
+  edit(&j);
+  std::ofstream(dir + "/config.json") << j.dump();
+}
+
+absl::Status LoadDir(const std::string& dir) {
+  EngineOptions o;
+  o.model_path = dir;
+  return GradientEngine::Load(o).status();
+}
+
+TEST(HuggingFaceArch, UnknownArchitecturesFieldsAndDamagedFilesAreRefusedByName) {
+  rapidin::testing::TempDir dir;
+  CopyWithConfig("qwen2", dir.path(), [](nlohmann::json* j) { (*j)["architectures"] = {"FalconForCausalLM"}; });
+  absl::Status st = LoadDir(dir.path());
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(st.message().find("FalconForCausalLM"), std::string::npos) << st;
+  // A field this loader does not implement, never ignored.
+  CopyWithConfig("mistral", dir.path(), [](nlohmann::json* j) { (*j)["partial_rotary_factor"] = 0.5; });
+  st = LoadDir(dir.path());
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(st.message().find("partial_rotary_factor"), std::string::npos) << st;
+  // Options that change the function and are not implemented for the architecture.
+  CopyWithConfig("qwen2", dir.path(), [](nlohmann::json* j) { (*j)["use_sliding_window"] = true; });
+  st = LoadDir(dir.path());
+  EXPECT_NE(st.message().find("use_sliding_window"), std::string::npos) << st;
+  CopyWithConfig("phi3", dir.path(), [](nlohmann::json* j) {
+    (*j)["rope_scaling"] = {{"type", "longrope"}, {"short_factor", {1.0}}, {"long_factor", {1.0}}};
+  });
+  st = LoadDir(dir.path());
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(st.message().find("rope_scaling"), std::string::npos) << st;
+  CopyWithConfig("llama3", dir.path(), [](nlohmann::json* j) { (*j)["rope_scaling"]["rope_type"] = "yarn"; });
+  st = LoadDir(dir.path());
+  EXPECT_NE(st.message().find("rope_scaling"), std::string::npos) << st;
+  CopyWithConfig("gemma", dir.path(), [](nlohmann::json* j) { (*j)["hidden_activation"] = "relu"; });
+  st = LoadDir(dir.path());
+  EXPECT_NE(st.message().find("hidden_activation"), std::string::npos) << st;
+  // Qwen2 without its biases: the weights do not match the architecture.
+  CopyWithConfig("mistral", dir.path(), [](nlohmann::json* j) {
+    (*j)["architectures"] = {"Qwen2ForCausalLM"};
+    j->erase("sliding_window");
+    j->erase("head_dim");
+  });
+  st = LoadDir(dir.path());
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(st.message().find("bias"), std::string::npos) << st;
+  // A truncated safetensors file.
+  CopyWithConfig("gemma2", dir.path(), [](nlohmann::json*) {});
+  std::filesystem::resize_file(dir.path("model.safetensors"), std::filesystem::file_size(dir.path("model.safetensors")) - 100);
+  st = LoadDir(dir.path());
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(st.message().find("truncated"), std::string::npos) << st;
+}
+
+}  // namespace
+}  // namespace rapidin::model
