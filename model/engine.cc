@@ -125,15 +125,17 @@ absl::StatusOr<TokenizedExample> GradientEngine::Tokenize(const Example& ex) con
   const Encoding p = impl_->tok->Encode(AlpacaPrompt(ex.instruction, ex.input), /*dummy_prefix=*/true);
   const Encoding r = impl_->tok->Encode(ex.output, /*dummy_prefix=*/false);
   TokenizedExample t;
-  t.ids.push_back(impl_->tok->bos());
+  if (impl_->tok->bos() >= 0) t.ids.push_back(impl_->tok->bos());
   t.ids.insert(t.ids.end(), p.ids.begin(), p.ids.end());
   t.response_begin = static_cast<int32_t>(t.ids.size());
   t.ids.insert(t.ids.end(), r.ids.begin(), r.ids.end());
-  t.ids.push_back(impl_->tok->eos());
   t.response_spans = r.spans;
   t.prompt_spans = p.spans;
-  const int32_t len = static_cast<int32_t>(ex.output.size());
-  t.response_spans.push_back({len, len});
+  if (impl_->tok->eos() >= 0) {
+    t.ids.push_back(impl_->tok->eos());
+    const int32_t len = static_cast<int32_t>(ex.output.size());
+    t.response_spans.push_back({len, len});
+  }
   const int max_len = std::min(impl_->options.max_length, impl_->cfg.seq_len);
   if (static_cast<int>(t.ids.size()) > max_len) {
     if (t.response_begin >= max_len) {
@@ -171,7 +173,8 @@ absl::StatusOr<double> GradientEngine::MeanNll(const std::string& text, int64_t*
     if (!impl_->tok) return absl::FailedPreconditionError("no tokenizer loaded");
     torch::NoGradGuard no_grad;
     Encoding e = impl_->tok->Encode(text, true);
-    std::vector<int32_t> ids = {impl_->tok->bos()};
+    std::vector<int32_t> ids;
+    if (impl_->tok->bos() >= 0) ids.push_back(impl_->tok->bos());
     ids.insert(ids.end(), e.ids.begin(), e.ids.end());
     if (static_cast<int>(ids.size()) > impl_->cfg.seq_len) ids.resize(impl_->cfg.seq_len);
     if (ids.size() < 2) return absl::InvalidArgumentError("text is empty");

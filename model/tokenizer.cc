@@ -9,8 +9,12 @@
 #include "sentencepiece/model_min.pb.h"
 
 #include "absl/strings/str_cat.h"
+#include "model/internal/unicode.h"
 
 namespace rapidin::model {
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadHfTokenizer(const std::string& path, int32_t vocab_size);
+
 namespace {
 
 class Llama2cTokenizer : public Tokenizer {
@@ -31,7 +35,7 @@ class Llama2cTokenizer : public Tokenizer {
 // way SentencePiece's BPE model does: whitespace handling of the normaliser spec (dummy prefix, collapsed
 // spaces, spaces as U+2581), greedy highest-score merges (leftmost first on ties), and byte fallback for
 // characters left unknown (the character's span goes to its last byte piece, earlier ones get empty spans,
-// as libsentencepiece reports them). NFKC normalisation is not applied: text is taken as it comes.
+// as libsentencepiece reports them). An nmt_nfkc spec normalises with ICU's NFKC first.
 class SentencePieceBpe : public Tokenizer {
  public:
   static absl::StatusOr<std::unique_ptr<Tokenizer>> Load(const std::string& path, int32_t vocab_size) {
@@ -48,6 +52,12 @@ class SentencePieceBpe : public Tokenizer {
     }
     std::unique_ptr<SentencePieceBpe> t(new SentencePieceBpe());
     t->m_ = m;
+    const std::string& rule = m.normalizer_spec().name();
+    if (rule.find("nfkc") != std::string::npos) {
+      t->nfkc_ = true;
+    } else if (!rule.empty() && rule != "identity") {
+      return absl::UnimplementedError(absl::StrCat(path, ": normalization rule \"", rule, "\" is not supported"));
+    }
     for (int i = 0; i < m.pieces_size(); ++i) {
       const auto& p = m.pieces(i);
       using P = rapidin::sentencepiece::ModelProto::SentencePiece;
@@ -60,7 +70,27 @@ class SentencePieceBpe : public Tokenizer {
     return std::unique_ptr<Tokenizer>(std::move(t));
   }
 
-  Encoding Encode(const std::string& text, bool) const override {
+  Encoding Encode(const std::string& raw, bool) const override {
+    // An NFKC normaliser spec (nmt_nfkc, SentencePiece's default) runs first, with the spans mapped back to the
+    // caller's bytes. Its extra rules beyond NFKC are not applied (tests/fixtures/tokenizers/nfkc.json checks
+    // the common cases against libsentencepiece).
+    if (!nfkc_) return EncodeNormalized(raw);
+    const internal::Normalized norm = internal::Normalize(raw, internal::NormalForm::kNfkc);
+    Encoding e = EncodeNormalized(norm.text);
+    // SentencePiece maps a normalised position to the start of its source run: a token ends where the next
+    // position starts, so the pieces of an expansion (fi from U+FB01) are empty except the last.
+    const int32_t n = static_cast<int32_t>(norm.text.size()), raw_n = static_cast<int32_t>(raw.size());
+    auto start = [&](int32_t i) {
+      if (i >= n) return raw_n;
+      int32_t r = i;  // the first byte of i's run (bytes of one changed run share their source range)
+      while (r > 0 && norm.begin[r - 1] == norm.begin[i] && norm.end[r - 1] == norm.end[i]) --r;
+      return norm.begin[r];
+    };
+    for (Span& sp : e.spans) sp = {start(sp.begin), start(sp.end)};
+    return e;
+  }
+
+  Encoding EncodeNormalized(const std::string& text) const {
     static const std::string kSpace = "\xe2\x96\x81";
     const auto& ns = m_.normalizer_spec();
     // 1. Characters with their source byte spans; spaces become U+2581 (collapsed and trimmed when asked).
@@ -169,6 +199,7 @@ class SentencePieceBpe : public Tokenizer {
   rapidin::sentencepiece::ModelProto m_;
   std::unordered_map<std::string, int32_t> lookup_;
   int32_t byte_id_[256] = {0};
+  bool nfkc_ = false;
 };
 
 }  // namespace
@@ -181,6 +212,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& pa
     // with libprotobuf's in one process (a crash during static initialisation with Debian's packages).
     return SentencePieceBpe::Load(path, vocab_size);
   }
+  if (path.size() > 5 && path.compare(path.size() - 5, 5, ".json") == 0) return LoadHfTokenizer(path, vocab_size);
   return Llama2cTokenizer::Load(path, vocab_size);
 }
 

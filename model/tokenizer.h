@@ -30,7 +30,8 @@ class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
 
-  // A path ending in ".model" is a SentencePiece model, anything else a llama2.c tokenizer.bin.
+  // A path ending in ".model" is a SentencePiece model, one ending in ".json" a Hugging Face tokenizer.json
+  // (byte-level BPE: model/hf_tokenizer.cc), anything else a llama2.c tokenizer.bin.
   // Errors: NOT_FOUND (missing file), DATA_LOSS (malformed file), INVALID_ARGUMENT (vocab size differs from the
   // model's), UNIMPLEMENTED (a SentencePiece model that is not BPE).
   static absl::StatusOr<std::unique_ptr<Tokenizer>> Load(const std::string& path, int32_t vocab_size);
@@ -41,8 +42,11 @@ class Tokenizer {
   // The text of one token (byte tokens decode to their byte).
   virtual std::string Piece(int32_t id) const = 0;
   virtual int32_t vocab_size() const = 0;
+  // BOS and EOS ids; -1 when the tokenizer has none (a tokenizer.json without a BOS template, say).
   virtual int32_t bos() const { return 1; }
   virtual int32_t eos() const { return 2; }
+  // The id of a token given by its text (special tokens such as "<|im_end|>"), or -1.
+  virtual int32_t TokenId(const std::string& piece) const { return -1; }
 };
 
 }  // namespace rapidin::model

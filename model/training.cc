@@ -329,7 +329,8 @@ absl::StatusOr<std::string> Generate(const GradientEngine& engine, const std::st
     const EngineAccess::Impl& d = EngineAccess::Of(engine);
     if (!d.tok) return absl::FailedPreconditionError("no tokenizer loaded");
     const Encoding p = d.tok->Encode(AlpacaPrompt(instruction, input), /*dummy_prefix=*/true);
-    std::vector<int32_t> ids = {d.tok->bos()};
+    std::vector<int32_t> ids;
+    if (d.tok->bos() >= 0) ids.push_back(d.tok->bos());
     ids.insert(ids.end(), p.ids.begin(), p.ids.end());
     const size_t max_len = static_cast<size_t>(std::min(d.options.max_length, d.cfg.seq_len));
     if (ids.size() >= max_len) return absl::InvalidArgumentError("the prompt fills max_length");

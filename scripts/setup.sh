@@ -15,7 +15,7 @@ PKGS=(
   libtorch-dev libopenblas0-pthread
   librocksdb-dev libabsl-dev prometheus-cpp-dev zlib1g-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libsentencepiece-dev
+  libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libsentencepiece-dev libpcre2-dev libicu-dev
   libfaiss-dev libcpp-httplib-dev libtbb-dev
   python3-grpcio python3-protobuf python3-yaml
 )
