@@ -33,11 +33,33 @@ std::string ToRecord(const json& j, const std::string& default_id, DataRecord* r
     return "";
   };
   std::string why;
-  if (!(why = str("instruction", true, &rec->example.instruction)).empty()) return why;
-  if (!(why = str("input", false, &rec->example.input)).empty()) return why;
-  if (!(why = str("output", true, &rec->example.output)).empty()) return why;
-  if (rec->example.output.empty()) return "empty output";
-  if (rec->example.instruction.empty()) return "empty instruction";
+  auto& ex = rec->example;
+  if (j.contains("messages")) {  // a chat: [{"role": ..., "content": ...}, ...]
+    const auto& m = j["messages"];
+    if (!m.is_array() || m.empty()) return "\"messages\" must be a non-empty array";
+    ex.format = model::RecordFormat::kChat;
+    bool assistant = false;
+    for (size_t i = 0; i < m.size(); ++i) {
+      const auto& msg = m[i];
+      if (!msg.is_object() || !msg.contains("role") || !msg["role"].is_string() || !msg.contains("content") ||
+          !msg["content"].is_string()) {
+        return absl::StrCat("messages[", i, "] needs string \"role\" and \"content\"");
+      }
+      ex.messages.push_back({msg["role"].get<std::string>(), msg["content"].get<std::string>()});
+      assistant = assistant || ex.messages.back().role == "assistant";
+    }
+    if (!assistant) return "a chat record needs an assistant turn (the loss is on assistant turns)";
+  } else if (j.contains("text") && !j.contains("instruction")) {  // plain text: the loss on every token
+    ex.format = model::RecordFormat::kText;
+    if (!(why = str("text", true, &ex.text)).empty()) return why;
+    if (ex.text.empty()) return "empty text";
+  } else {
+    if (!(why = str("instruction", true, &ex.instruction)).empty()) return why;
+    if (!(why = str("input", false, &ex.input)).empty()) return why;
+    if (!(why = str("output", true, &ex.output)).empty()) return why;
+    if (ex.output.empty()) return "empty output";
+    if (ex.instruction.empty()) return "empty instruction";
+  }
   auto id = j.find("id");
   if (id == j.end() || id->is_null()) {
     rec->id = default_id;
@@ -220,7 +242,10 @@ absl::StatusOr<CacheSummary> RunCache(const CacheOptions& o) {
   // longest record) stays small. Stable, so the order is deterministic.
   if (o.grad_batch > 1) {
     auto len = [](const DataRecord* r) {
-      return r->example.instruction.size() + r->example.input.size() + r->example.output.size();
+      size_t n = r->example.instruction.size() + r->example.input.size() + r->example.output.size() +
+                 r->example.text.size();
+      for (const auto& m : r->example.messages) n += m.content.size();
+      return n;
     };
     std::stable_sort(todo.begin(), todo.end(), [&](const DataRecord* a, const DataRecord* b) { return len(a) < len(b); });
   }
@@ -261,6 +286,12 @@ absl::StatusOr<CacheSummary> RunCache(const CacheOptions& o) {
             rec.set_instruction(r.example.instruction);
             rec.set_input(r.example.input);
             rec.set_output(r.example.output);
+            rec.set_text(r.example.text);
+            for (const auto& m : r.example.messages) {
+              auto* pm = rec.add_messages();
+              pm->set_role(m.role);
+              pm->set_content(m.content);
+            }
           }
         }
       });

@@ -27,7 +27,9 @@ struct BadRecord {
   int64_t position = 0;
 };
 
-// Reads a JSON array or JSONL file of {id?, instruction, input?, output}. Records without an id get
+// Reads a JSON array or JSONL file (optionally gzipped: .jsonl.gz, .json.gz) of records: Alpaca
+// {id?, instruction, input?, output}, chat {id?, messages: [{role, content}, ...]} (at least one assistant turn)
+// or plain text {id?, text}; the forms may mix. Records without an id get
 // "<file stem>-<0-based position>". Bad records (unparsable line, missing or non-string fields, empty output,
 // duplicate id) are returned in *bad and skipped. Errors: NOT_FOUND, INVALID_ARGUMENT (a JSON array that does
 // not parse at all).

@@ -179,8 +179,10 @@ absl::StatusOr<std::vector<EvalRecord>> RunEval(const model::EngineOptions& engi
     er.id = r.id;
     er.loss = *loss;
     er.response_tokens = static_cast<int>(t->ids.size()) - t->response_begin;
-    if (max_new > 0) {
-      auto g = model::Generate(**e, r.example.instruction, r.example.input, max_new);
+    if (max_new > 0 && r.example.format != model::RecordFormat::kText) {  // a text record has no prompt
+      auto g = r.example.format == model::RecordFormat::kChat
+                   ? model::GenerateChat(**e, r.example.messages, max_new)
+                   : model::Generate(**e, r.example.instruction, r.example.input, max_new);
       if (!g.ok()) return g.status();
       er.generation = std::move(*g);
     }

@@ -61,6 +61,11 @@ std::string Clip(const std::string& s, size_t n) {
 }
 
 std::string RecordSummary(const rapidin::v1::Record& r) {
+  if (r.messages_size() > 0) {  // a chat: "role: content" turns
+    std::string s;
+    for (const auto& m : r.messages()) absl::StrAppend(&s, s.empty() ? "" : " | ", m.role(), ": ", m.content());
+    return s;
+  }
   if (!r.text().empty()) return r.text();
   std::string s = r.instruction();
   if (!r.input().empty()) s += " | " + r.input();
@@ -529,6 +534,10 @@ std::string RecordTable(const rapidin::v1::GetRecordResponse& r) {
   if (!rec.input().empty()) absl::StrAppendFormat(&out, "%-12s %s\n", "input", rec.input());
   if (!rec.output().empty()) absl::StrAppendFormat(&out, "%-12s %s\n", "output", rec.output());
   if (!rec.text().empty()) absl::StrAppendFormat(&out, "%-12s %s\n", "text", rec.text());
+  for (int i = 0; i < rec.messages_size(); ++i) {
+    absl::StrAppendFormat(&out, "%-12s %s: %s\n", absl::StrCat("messages[", i, "]"), rec.messages(i).role(),
+                          rec.messages(i).content());
+  }
   for (const auto& [k, v] : rec.metadata()) absl::StrAppendFormat(&out, "%-12s %s=%s\n", "metadata", k, v);
   if (r.vector_size() > 0) {
     double n2 = 0;

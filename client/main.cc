@@ -112,10 +112,36 @@ int QueryVectors(const std::string& server, const std::string& file, uint32_t to
   return 0;
 }
 
+// A chat query's messages: a JSON array of {role, content}, or an object with "messages".
+absl::Status ReadChat(const std::string& path, rapidin::v1::QueryRequest* req) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("chat file not found: ", path));
+  auto j = nlohmann::json::parse(in, nullptr, false);
+  if (j.is_object() && j.contains("messages")) j = j["messages"];
+  if (j.is_discarded() || !j.is_array() || j.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": expected a JSON array of {role, content} messages"));
+  }
+  for (size_t i = 0; i < j.size(); ++i) {
+    const auto& m = j[i];
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string() || !m.contains("content") ||
+        !m["content"].is_string()) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": messages[", i, "] needs string role and content"));
+    }
+    auto* pm = req->add_messages();
+    pm->set_role(m["role"].get<std::string>());
+    pm->set_content(m["content"].get<std::string>());
+  }
+  return absl::OkStatus();
+}
+
 int QueryText(const std::string& server, const std::string& instruction, const std::string& input,
-              const std::string& generation, uint32_t top_k, uint32_t harmful_k, bool json, bool tokens,
-              const std::string& html, const std::vector<std::string>& hotwords, bool omit_text, double deadline) {
+              const std::string& generation, const std::string& chat, uint32_t top_k, uint32_t harmful_k, bool json,
+              bool tokens, const std::string& html, const std::vector<std::string>& hotwords, bool omit_text,
+              double deadline) {
   rapidin::v1::QueryRequest req;
+  if (!chat.empty()) {
+    if (absl::Status st = ReadChat(chat, &req); !st.ok()) return Fail(st);
+  }
   req.set_omit_text(omit_text);
   req.set_instruction(instruction);
   req.set_input(input);
@@ -377,6 +403,10 @@ int main(int argc, char** argv) {
   query->add_option("--instruction", instruction, "prompt instruction (query by text, needs a model)");
   query->add_option("--input", input, "prompt input");
   query->add_option("--generation", generation, "the generation to explain");
+  std::string chat;
+  query->add_option("--chat", chat,
+                    "a chat to explain instead (JSON array of {role, content}; the last, the assistant's, is the "
+                    "generation)");
   query->add_option("--top-k", top_k)->capture_default_str();
   query->add_option("--harmful-k", harmful_k)->capture_default_str();
   query->add_flag("--aggregate", aggregate, "one ranking for the weighted sum of the query vectors");
@@ -439,8 +469,11 @@ int main(int argc, char** argv) {
   cache->add_option("--model", co.featurizer.engine.model_path,
                     "llama2.c checkpoint (.bin) or Hugging Face model directory")->required();
   cache->add_option("--tokenizer", co.featurizer.engine.tokenizer_path, "tokenizer (default: next to the model)");
+  cache->add_option("--template", co.featurizer.engine.chat_template,
+                  "chat template for chat records: a JSON file or chatml|llama3|llama2|mistral|gemma (default: "
+                  "tokenizer_config.json's chat_template)");
   cache->add_option("--adapter", co.featurizer.engine.adapter_path, "PEFT LoRA adapter directory");
-  cache->add_option("--data", co.data_path, "training data: JSON array or JSONL of {instruction, input, output}")
+  cache->add_option("--data", co.data_path, "training data: JSON array or JSONL (.gz too) of Alpaca {instruction, input, output}, chat {messages} or {text} records")
       ->required();
   cache->add_option("--store", co.store_path, "store directory (created, or resumed)")->required();
   cache->add_option("--k", co.featurizer.k, "sketch dimension K")->capture_default_str()->check(CLI::Range(1, 1 << 24));
@@ -490,7 +523,10 @@ int main(int argc, char** argv) {
   ft->add_option("--model", fo.engine.model_path, "base model: llama2.c checkpoint or Hugging Face directory")
       ->required();
   ft->add_option("--tokenizer", fo.engine.tokenizer_path, "tokenizer (default: next to the model)");
-  ft->add_option("--data", fo.data_path, "JSON array or JSONL of {instruction, input, output}")->required();
+  ft->add_option("--template", fo.engine.chat_template,
+                  "chat template for chat records: a JSON file or chatml|llama3|llama2|mistral|gemma (default: "
+                  "tokenizer_config.json's chat_template)");
+  ft->add_option("--data", fo.data_path, "JSON array or JSONL of Alpaca, chat {messages} or {text} records")->required();
   ft->add_option("--out", fo.out_path, "LoRA: adapter directory (PEFT format); full: llama2.c checkpoint")
       ->required();
   ft->add_option("--mode", fo.mode, "lora | full")->capture_default_str();
@@ -527,8 +563,11 @@ int main(int argc, char** argv) {
   int max_new = 0;
   ev->add_option("--model", eo.model_path, "llama2.c checkpoint or Hugging Face directory")->required();
   ev->add_option("--tokenizer", eo.tokenizer_path, "tokenizer (default: next to the model)");
+  ev->add_option("--template", eo.chat_template,
+                  "chat template for chat records: a JSON file or chatml|llama3|llama2|mistral|gemma (default: "
+                  "tokenizer_config.json's chat_template)");
   ev->add_option("--adapter", eo.adapter_path, "PEFT LoRA adapter directory");
-  ev->add_option("--data", file, "JSON array or JSONL of {id?, instruction, input, output}")->required();
+  ev->add_option("--data", file, "JSON array or JSONL of Alpaca, chat {messages} or {text} records")->required();
   ev->add_option("--generate", max_new, "also generate up to N tokens greedily (0: no)")->capture_default_str();
   ev->add_option("--max-length", eo.max_length, "tokens per record")->capture_default_str();
   eo.device = "auto";
@@ -564,7 +603,10 @@ int main(int argc, char** argv) {
   rapidin::model::EngineOptions to;
   tk->add_option("--model", to.model_path, "llama2.c checkpoint or Hugging Face directory")->required();
   tk->add_option("--tokenizer", to.tokenizer_path, "tokenizer (default: next to the model)");
-  tk->add_option("--data", file, "JSON array or JSONL of {id?, instruction, input, output}")->required();
+  tk->add_option("--template", to.chat_template,
+                  "chat template for chat records: a JSON file or chatml|llama3|llama2|mistral|gemma (default: "
+                  "tokenizer_config.json's chat_template)");
+  tk->add_option("--data", file, "JSON array or JSONL of Alpaca, chat {messages} or {text} records")->required();
   tk->add_option("--max-length", to.max_length, "tokens per record")->capture_default_str();
 
   try {
@@ -577,15 +619,15 @@ int main(int argc, char** argv) {
 
   if (*ingest) return Ingest(server, file, batch_size, deadline);
   if (*query) {
-    if (!vector_file.empty() == !generation.empty()) {
-      std::fprintf(stderr, "rapidin: query needs exactly one of --vector-file or --generation\n");
+    if (!vector_file.empty() + !generation.empty() + !chat.empty() != 1) {
+      std::fprintf(stderr, "rapidin: query needs exactly one of --vector-file, --generation or --chat\n");
       return 2;
     }
     if (!vector_file.empty()) {
       return QueryVectors(server, vector_file, top_k, harmful_k, aggregate, psid, json, omit_text, deadline);
     }
-    return QueryText(server, instruction, input, generation, top_k, harmful_k, json, tokens, html, hotwords, omit_text,
-                     deadline);
+    return QueryText(server, instruction, input, generation, chat, top_k, harmful_k, json, tokens, html, hotwords,
+                     omit_text, deadline);
   }
   if (*stats) {
     auto client = Dial(server, deadline);

@@ -40,6 +40,22 @@ double Dot(const std::vector<float>& a, const std::vector<float>& b, int64_t off
 
 }  // namespace
 
+Example ExampleFromRecord(const v1::Record& r) {
+  Example ex;
+  if (r.messages_size() > 0) {
+    ex.format = RecordFormat::kChat;
+    for (const auto& m : r.messages()) ex.messages.push_back({m.role(), m.content()});
+  } else if (!r.text().empty() && r.instruction().empty()) {
+    ex.format = RecordFormat::kText;
+    ex.text = r.text();
+  } else {
+    ex.instruction = r.instruction();
+    ex.input = r.input();
+    ex.output = r.output();
+  }
+  return ex;
+}
+
 absl::Status Attribute(const Featurizer& featurizer, const Example& gen, const std::vector<float>& q,
                        const RecordFetcher& fetch, v1::QueryResult* result) {
   const GradientEngine& eng = featurizer.engine();
@@ -54,14 +70,17 @@ absl::Status Attribute(const Featurizer& featurizer, const Example& gen, const s
     absl::Status fs = fetch(*sr, &rec, &x);
     if (!fs.ok()) return fs;
     for (size_t t = 0; t < g_tok.size(); ++t) {
+      // Tokens outside the generation's loss (a chat's template text between turns) are not shown.
+      if (!gt->loss_weights.empty() && gt->loss_weights[t] == 0 && gen.format == RecordFormat::kChat) continue;
+      const TokenPlace& pl = gt->places[gt->response_begin + t];
       auto* ts = sr->add_generation_tokens();
       ts->set_text(ValidUtf8(eng.tokenizer()->Piece(gt->ids[gt->response_begin + t])));
-      ts->set_field("generation");
-      ts->set_begin(gt->response_spans[t].begin);
-      ts->set_end(gt->response_spans[t].end);
+      ts->set_field(gen.format == RecordFormat::kAlpaca ? "generation" : pl.field);
+      ts->set_begin(pl.span.begin);
+      ts->set_end(pl.span.end);
       ts->set_score(static_cast<float>(Dot(g_tok[t], x, featurizer.final_offset())));
     }
-    const Example z{rec.instruction(), rec.input(), rec.output(), {}};
+    const Example z = ExampleFromRecord(rec);
     auto zt = eng.Tokenize(z);
     if (!zt.ok()) return zt.status();
     std::vector<std::vector<float>> z_tok;
@@ -70,20 +89,12 @@ absl::Status Attribute(const Featurizer& featurizer, const Example& gen, const s
     std::vector<double> infl;
     auto total = featurizer.RecordTokenInfluence(*zt, q, &infl);
     if (!total.ok()) return total.status();
-    const PromptFields fields = AlpacaPromptFields(z.instruction, z.input);
     auto place = [&](size_t s, v1::TokenScore* ts) {
       ts->set_text(ValidUtf8(eng.tokenizer()->Piece(zt->ids[s])));
-      if (static_cast<int32_t>(s) < zt->response_begin) {
-        const FieldSpan f = LocateInPrompt(fields, zt->prompt_spans[s - 1]);
-        ts->set_field(f.field);
-        ts->set_begin(f.span.begin);
-        ts->set_end(f.span.end);
-      } else {
-        const Span sp = zt->response_spans[s - zt->response_begin];
-        ts->set_field("output");
-        ts->set_begin(sp.begin);
-        ts->set_end(sp.end);
-      }
+      const TokenPlace& pl = zt->places[s];
+      ts->set_field(pl.field);
+      ts->set_begin(pl.span.begin);
+      ts->set_end(pl.span.end);
     };
     for (size_t s = 1; s < zt->ids.size(); ++s) {
       auto* ts = sr->add_record_tokens();

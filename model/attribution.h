@@ -20,9 +20,14 @@ using RecordFetcher = std::function<absl::Status(const v1::ScoredRecord&, v1::Re
 // Token-level views for every record of *result: generation side (per generated token, its sketch against the
 // record's stored vector), the record's per-token loss view (record_tokens: each token's own sketch against q),
 // and the training-side influence view (record_influence_tokens: gradient x input of I(z, q) per token, prompt
-// tokens included). Prompt tokens are placed in their field (instruction, input, template) by model/prompt.h.
+// tokens included). Every token is placed in its field (TokenPlace); a generation's own tokens are "generation"
+// for an Alpaca query and "messages[i]" for a chat.
 absl::Status Attribute(const Featurizer& featurizer, const Example& gen, const std::vector<float>& q,
                        const RecordFetcher& fetch, v1::QueryResult* result);
+
+// The Example a stored record stands for: a chat when it has messages, text when it has text and no
+// instruction, else Alpaca.
+Example ExampleFromRecord(const v1::Record& r);
 
 // Proto3 strings must be UTF-8, but a byte-fallback token can hold part of a multi-byte character: such bytes
 // become U+FFFD. Byte offsets reported next to the text stay exact.

@@ -120,50 +120,211 @@ std::string GradientEngine::model_hash() const {
 }
 const Tokenizer* GradientEngine::tokenizer() const { return impl_->tok.get(); }
 
+namespace {
+
+// Sets loss_weights to 1 on the response tokens whose place is `field` and whose span overlaps an occurrence of a
+// hotword in `text` (that field's text), 0 elsewhere.
+absl::Status ApplyHotwords(const std::vector<std::string>& hotwords, const std::string& text, const std::string& field,
+                           TokenizedExample* t) {
+  const size_t n = t->ids.size() - t->response_begin;
+  t->loss_weights.assign(n, 0.0);
+  for (const std::string& hw : hotwords) {
+    if (hw.empty()) return absl::InvalidArgumentError("empty hotword");
+    bool found = false;
+    for (size_t pos = text.find(hw); pos != std::string::npos; pos = text.find(hw, pos + 1)) {
+      found = true;
+      const int32_t b = static_cast<int32_t>(pos), e = static_cast<int32_t>(pos + hw.size());
+      for (size_t i = 0; i < n; ++i) {
+        const TokenPlace& pl = t->places[t->response_begin + i];
+        if (pl.field == field && pl.span.begin < e && pl.span.end > b) t->loss_weights[i] = 1.0;
+      }
+    }
+    if (!found) return absl::InvalidArgumentError(absl::StrCat("hotword \"", hw, "\" does not occur in the generation"));
+  }
+  double sum = 0;
+  for (double w : t->loss_weights) sum += w;
+  if (sum == 0) return absl::InvalidArgumentError("the hotwords fall outside the tokens kept after truncation");
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+Encoding EncodeWithSpecials(const Tokenizer& tok, const std::string& text) {
+  std::vector<std::pair<std::string, int32_t>> specials;
+  for (int32_t id : {tok.bos(), tok.eos()}) {
+    if (id < 0) continue;
+    const std::string piece = tok.Piece(id);
+    if (!piece.empty() && tok.TokenId(piece) < 0) specials.push_back({piece, id});
+  }
+  Encoding out;
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    size_t best = std::string::npos;
+    std::pair<std::string, int32_t> hit;
+    for (const auto& sp : specials) {
+      const size_t at = text.find(sp.first, pos);
+      if (at < best) best = at, hit = sp;
+    }
+    const size_t stop = best == std::string::npos ? text.size() : best;
+    if (stop > pos) {
+      Encoding e = tok.Encode(text.substr(pos, stop - pos), /*dummy_prefix=*/true);
+      for (size_t i = 0; i < e.ids.size(); ++i) {
+        out.ids.push_back(e.ids[i]);
+        out.spans.push_back({e.spans[i].begin + static_cast<int32_t>(pos), e.spans[i].end + static_cast<int32_t>(pos)});
+      }
+    }
+    if (best == std::string::npos) break;
+    out.ids.push_back(hit.second);
+    out.spans.push_back({static_cast<int32_t>(best), static_cast<int32_t>(best + hit.first.size())});
+    pos = best + hit.first.size();
+  }
+  return out;
+}
+
+std::string GradientEngine::chat_template() const { return impl_->chat ? impl_->chat->name() : ""; }
+
 absl::StatusOr<TokenizedExample> GradientEngine::Tokenize(const Example& ex) const {
   if (!impl_->tok) return absl::FailedPreconditionError("no tokenizer loaded");
-  const Encoding p = impl_->tok->Encode(AlpacaPrompt(ex.instruction, ex.input), /*dummy_prefix=*/true);
-  const Encoding r = impl_->tok->Encode(ex.output, /*dummy_prefix=*/false);
+  const Tokenizer& tok = *impl_->tok;
+  const int max_len = std::min(impl_->options.max_length, impl_->cfg.seq_len);
   TokenizedExample t;
-  if (impl_->tok->bos() >= 0) t.ids.push_back(impl_->tok->bos());
+  if (ex.format == RecordFormat::kText) {
+    if (ex.text.empty()) return absl::InvalidArgumentError("empty text");
+    if (tok.bos() >= 0) {
+      t.ids.push_back(tok.bos());
+      t.places.push_back({"template", {0, 0}});
+    }
+    const Encoding e = tok.Encode(ex.text, /*dummy_prefix=*/true);
+    for (size_t i = 0; i < e.ids.size(); ++i) {
+      t.ids.push_back(e.ids[i]);
+      t.places.push_back({"text", e.spans[i]});
+    }
+    if (tok.eos() >= 0) {
+      t.ids.push_back(tok.eos());
+      const int32_t len = static_cast<int32_t>(ex.text.size());
+      t.places.push_back({"text", {len, len}});
+    }
+    if (t.ids.size() < 2) return absl::InvalidArgumentError("a text record needs at least two tokens");
+    t.response_begin = 1;  // every token the model predicts
+    if (static_cast<int>(t.ids.size()) > max_len) {
+      t.ids.resize(max_len);
+      t.places.resize(max_len);
+      t.truncated = true;
+    }
+    for (size_t i = t.response_begin; i < t.ids.size(); ++i) t.response_spans.push_back(t.places[i].span);
+    if (!ex.hotwords.empty()) {
+      if (absl::Status st = ApplyHotwords(ex.hotwords, ex.text, "text", &t); !st.ok()) return st;
+    }
+    return t;
+  }
+  if (ex.format == RecordFormat::kChat) {
+    if (!impl_->chat) return impl_->chat_status;
+    int last = -1;
+    for (int i = 0; i < static_cast<int>(ex.messages.size()); ++i) {
+      if (ex.messages[i].role == "assistant") last = i;
+    }
+    if (last < 0) return absl::InvalidArgumentError("a chat record needs an assistant turn (the loss is on assistant turns)");
+    auto r = impl_->chat->Render(ex.messages, /*add_generation_prompt=*/false);
+    if (!r.ok()) return r.status();
+    // Trained byte ranges: every assistant turn, or the last one only (a query).
+    std::vector<std::pair<int32_t, int32_t>> trained;
+    for (const auto& c : r->contents) {
+      if (ex.messages[c.message].role != "assistant" || (ex.last_turn_only && c.message != last)) continue;
+      trained.push_back({c.begin, c.end});
+      if (c.suffix_begin >= 0) trained.push_back({c.suffix_begin, c.suffix_end});
+    }
+    const Encoding e = EncodeWithSpecials(tok, r->text);
+    std::vector<bool> is_trained;
+    for (size_t i = 0; i < e.ids.size(); ++i) {
+      const Span sp = e.spans[i];
+      TokenPlace pl{"template", sp};
+      for (const auto& c : r->contents) {
+        if (sp.begin >= c.begin && sp.end <= c.end) {
+          pl = {absl::StrCat("messages[", c.message, "]"),
+                {sp.begin - c.begin + c.content_offset, sp.end - c.begin + c.content_offset}};
+          break;
+        }
+      }
+      bool tr = false;
+      for (const auto& [b, en] : trained) tr = tr || (sp.begin < en && sp.end > b);
+      t.ids.push_back(e.ids[i]);
+      t.places.push_back(std::move(pl));
+      is_trained.push_back(tr);
+    }
+    int first = -1;
+    for (size_t i = 0; i < is_trained.size() && first < 0; ++i) {
+      if (is_trained[i]) first = static_cast<int>(i);
+    }
+    if (first < 0) return absl::InvalidArgumentError("the assistant turns are empty");
+    if (first == 0) {  // nothing before the first trained token predicts it: drop it from the loss
+      is_trained[0] = false;
+      first = -1;
+      for (size_t i = 1; i < is_trained.size() && first < 0; ++i) {
+        if (is_trained[i]) first = static_cast<int>(i);
+      }
+      if (first < 0) return absl::InvalidArgumentError("the assistant turn has no token to predict");
+    }
+    if (static_cast<int>(t.ids.size()) > max_len) {
+      if (first >= max_len) {
+        return absl::InvalidArgumentError(absl::StrCat("the conversation before the first trained assistant turn is ",
+                                                       first, " tokens; max_length is ", max_len));
+      }
+      t.ids.resize(max_len);
+      t.places.resize(max_len);
+      is_trained.resize(max_len);
+      t.truncated = true;
+    }
+    t.response_begin = first;
+    for (size_t i = first; i < t.ids.size(); ++i) {
+      t.loss_weights.push_back(is_trained[i] ? 1.0 : 0.0);
+      t.response_spans.push_back(t.places[i].span);
+    }
+    for (int i = 0; i < first; ++i) t.prompt_spans.push_back(t.places[i].span);
+    bool uniform = true;
+    for (double w : t.loss_weights) uniform = uniform && w == 1.0;
+    if (uniform) t.loss_weights.clear();
+    if (!ex.hotwords.empty()) {
+      if (absl::Status st = ApplyHotwords(ex.hotwords, ex.messages[last].content, absl::StrCat("messages[", last, "]"), &t);
+          !st.ok()) {
+        return st;
+      }
+    }
+    return t;
+  }
+  const Encoding p = tok.Encode(AlpacaPrompt(ex.instruction, ex.input), /*dummy_prefix=*/true);
+  const Encoding r = tok.Encode(ex.output, /*dummy_prefix=*/false);
+  const PromptFields fields = AlpacaPromptFields(ex.instruction, ex.input);
+  if (tok.bos() >= 0) {
+    t.ids.push_back(tok.bos());
+    t.places.push_back({"template", {0, 0}});
+  }
   t.ids.insert(t.ids.end(), p.ids.begin(), p.ids.end());
+  for (const Span& sp : p.spans) {
+    const FieldSpan f = LocateInPrompt(fields, sp);
+    t.places.push_back({f.field, f.span});
+  }
   t.response_begin = static_cast<int32_t>(t.ids.size());
   t.ids.insert(t.ids.end(), r.ids.begin(), r.ids.end());
   t.response_spans = r.spans;
   t.prompt_spans = p.spans;
-  if (impl_->tok->eos() >= 0) {
-    t.ids.push_back(impl_->tok->eos());
+  if (tok.eos() >= 0) {
+    t.ids.push_back(tok.eos());
     const int32_t len = static_cast<int32_t>(ex.output.size());
     t.response_spans.push_back({len, len});
   }
-  const int max_len = std::min(impl_->options.max_length, impl_->cfg.seq_len);
+  for (const Span& sp : t.response_spans) t.places.push_back({"output", sp});
   if (static_cast<int>(t.ids.size()) > max_len) {
     if (t.response_begin >= max_len) {
       return absl::InvalidArgumentError(absl::StrCat("the prompt alone is ", t.response_begin,
                                                      " tokens; max_length is ", max_len));
     }
     t.ids.resize(max_len);
+    t.places.resize(max_len);
     t.response_spans.resize(max_len - t.response_begin);
     t.truncated = true;
   }
   if (!ex.hotwords.empty()) {
-    t.loss_weights.assign(t.response_spans.size(), 0.0);
-    for (const std::string& hw : ex.hotwords) {
-      if (hw.empty()) return absl::InvalidArgumentError("empty hotword");
-      bool found = false;
-      for (size_t pos = ex.output.find(hw); pos != std::string::npos; pos = ex.output.find(hw, pos + 1)) {
-        found = true;
-        const int32_t b = static_cast<int32_t>(pos), e = static_cast<int32_t>(pos + hw.size());
-        for (size_t i = 0; i < t.response_spans.size(); ++i) {
-          const Span sp = t.response_spans[i];
-          if (sp.begin < e && sp.end > b) t.loss_weights[i] = 1.0;
-        }
-      }
-      if (!found) return absl::InvalidArgumentError(absl::StrCat("hotword \"", hw, "\" does not occur in the generation"));
-    }
-    double sum = 0;
-    for (double w : t.loss_weights) sum += w;
-    if (sum == 0) return absl::InvalidArgumentError("the hotwords fall outside the tokens kept after truncation");
+    if (absl::Status st = ApplyHotwords(ex.hotwords, ex.output, "output", &t); !st.ok()) return st;
   }
   return t;
 }

@@ -22,6 +22,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "model/chat.h"
 #include "model/prompt.h"
 #include "model/tokenizer.h"
 
@@ -42,7 +43,12 @@ struct EngineOptions {
   // MistralForCausalLM, Qwen2ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM or Phi3ForCausalLM. Another
   // architecture, or a config field that changes the function and is not implemented, is refused by name.
   std::string model_path;
-  std::string tokenizer_path;   // llama2.c tokenizer (.bin)
+  // llama2.c tokenizer.bin, SentencePiece tokenizer.model or Hugging Face tokenizer.json.
+  std::string tokenizer_path;
+  // Chat records: a template file (JSON, model/chat.h's TemplateSpec) or a built-in family name (chatml, llama3,
+  // llama2, mistral, gemma). Empty: the chat_template of the tokenizer_config.json next to the tokenizer,
+  // recognised by family; without one, chat records are refused (Alpaca and text records need none).
+  std::string chat_template;
   // A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors); its A/B matrices become
   // the parameters whose gradients are taken (unless param_pattern says otherwise).
   std::string adapter_path;
@@ -84,11 +90,29 @@ struct TokenGradOptions {
   bool normalize = true;  // layer-wise unit L2 norm, per token
 };
 
+// What a record is made of. Alpaca: instruction/input/output through the Alpaca prompt, the loss on the output.
+// Chat: messages through the model's chat template, the loss on the assistant turns (their contents and
+// end-of-turn markers). Text: plain text, the loss on every token (pretraining-style).
+enum class RecordFormat { kAlpaca, kChat, kText };
+
 struct Example {
   std::string instruction, input, output;
   // RapidIn's hotwords: when non-empty, the loss covers only the output tokens that overlap an occurrence of one
-  // of these strings in `output` (query side).
+  // of these strings in `output` (query side; for a chat, in the last assistant message).
   std::vector<std::string> hotwords;
+  RecordFormat format = RecordFormat::kAlpaca;
+  std::vector<Message> messages;  // kChat
+  std::string text;               // kText
+  // kChat: the loss covers the last assistant turn only (a query: the generation being explained), not every one.
+  bool last_turn_only = false;
+};
+
+// Where a token came from: a field of the record ("instruction", "input", "output", "text", "messages[i]" for
+// message i's content) with byte offsets into it, or "template" with offsets into the formatted prompt or the
+// rendered conversation (BOS: an empty span).
+struct TokenPlace {
+  std::string field;
+  Span span;
 };
 
 // Sets LibTorch's intra-op thread count for this process (1 is best when records are spread over threads).
@@ -107,6 +131,7 @@ struct TokenizedExample {
   std::vector<Span> response_spans;  // byte spans of the response tokens in Example::output (EOS: empty at end)
   std::vector<Span> prompt_spans;    // byte spans of the prompt tokens in AlpacaPrompt(instruction, input)
   std::vector<double> loss_weights;  // per response token; empty: uniform (the mean over response tokens)
+  std::vector<TokenPlace> places;    // one per id (Tokenize fills it; records built from ids leave it empty)
 };
 
 struct GradInfo {
@@ -154,8 +179,12 @@ class GradientEngine {
   std::vector<double> PreconditionerValues() const;
   const Tokenizer* tokenizer() const;
 
-  // Errors: INVALID_ARGUMENT when the prompt alone exceeds max_length or a hotword does not occur in the output.
+  // Errors: INVALID_ARGUMENT when the prompt alone exceeds max_length, a hotword does not occur in the output, a
+  // chat has no assistant turn or breaks its template's rules, or a text is empty; FAILED_PRECONDITION for a
+  // chat when no chat template is known (the message says why).
   absl::StatusOr<TokenizedExample> Tokenize(const Example& ex) const;
+  // The chat template chat records use ("" when none), and why there is none.
+  std::string chat_template() const;
   // Mean NLL (nats/token) of [BOS] encode(text) predicting every token after BOS.
   absl::StatusOr<double> MeanNll(const std::string& text, int64_t* tokens) const;
 

@@ -36,10 +36,12 @@ absl::Status CheckFinite(const std::vector<float>& v, const char* what) {
 
 absl::Status ResolveTokenizer(EngineOptions* eo) {
   if (!eo->tokenizer_path.empty()) return absl::OkStatus();
-  // llama2.c keeps its tokenizer next to the checkpoint; a Hugging Face directory holds a SentencePiece model.
+  // llama2.c keeps its tokenizer next to the checkpoint; a Hugging Face directory holds a SentencePiece model or
+  // a tokenizer.json (the SentencePiece model first when both are there: Llama 2's tokenizer.json is not
+  // byte-level).
   const std::filesystem::path model(eo->model_path);
   const auto dir = std::filesystem::is_directory(model) ? model : model.parent_path();
-  for (const char* name : {"tokenizer.bin", "tok512.bin", "tokenizer.model"}) {
+  for (const char* name : {"tokenizer.bin", "tok512.bin", "tokenizer.model", "tokenizer.json"}) {
     if (std::filesystem::exists(dir / name)) {
       eo->tokenizer_path = (dir / name).string();
       return absl::OkStatus();

@@ -306,11 +306,64 @@ absl::Status GradientEngine::Impl::Init(const EngineOptions& o) {
   return absl::OkStatus();
 }
 
+// The chat template: options.chat_template (a file or a built-in name), else the tokenizer_config.json next to
+// the tokenizer. A missing or unrecognised template is not an error here: chat records are refused later with
+// chat_status's reason.
+static absl::Status LoadChatTemplate(const EngineOptions& options, const Tokenizer& tok, std::optional<ChatTemplate>* chat,
+                              absl::Status* why) {
+  namespace fs = std::filesystem;
+  nlohmann::json cfg;
+  const fs::path cfg_path = fs::path(options.tokenizer_path).parent_path() / "tokenizer_config.json";
+  if (std::ifstream in(cfg_path); in) {
+    cfg = nlohmann::json::parse(in, nullptr, false);
+    if (cfg.is_discarded() || !cfg.is_object()) return absl::DataLossError(absl::StrCat(cfg_path.string(), ": malformed JSON"));
+  }
+  // BOS and EOS as text, for the templates that write them: tokenizer_config.json's, else the tokenizer's pieces.
+  auto text = [&](const char* key, int32_t id) -> std::string {
+    if (cfg.is_object() && cfg.contains(key)) {
+      const auto& v = cfg[key];
+      if (v.is_string()) return v.get<std::string>();
+      if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
+    }
+    return id >= 0 ? tok.Piece(id) : "";
+  };
+  const std::string bos = text("bos_token", tok.bos()), eos = text("eos_token", tok.eos());
+  absl::StatusOr<ChatTemplate> t = absl::FailedPreconditionError("");
+  if (!options.chat_template.empty()) {
+    t = fs::exists(options.chat_template) ? ChatTemplate::FromFile(options.chat_template, bos, eos)
+                                          : ChatTemplate::Named(options.chat_template, bos, eos);
+    if (!t.ok()) return t.status();  // asked for explicitly: an error now
+  } else if (cfg.is_object() && cfg.contains("chat_template")) {
+    std::string jinja;
+    const auto& ct = cfg["chat_template"];
+    if (ct.is_string()) {
+      jinja = ct.get<std::string>();
+    } else if (ct.is_array()) {  // named templates: the "default" one
+      for (const auto& e : ct) {
+        if (e.is_object() && e.value("name", "") == "default" && e.contains("template")) jinja = e["template"].get<std::string>();
+      }
+    }
+    t = ChatTemplate::Recognize(jinja, bos, eos);
+  } else {
+    t = absl::FailedPreconditionError(absl::StrCat("chat records need a chat template: ", cfg_path.string(),
+                                                   " has no chat_template; pass --template FILE or a family name"));
+  }
+  if (t.ok()) {
+    *chat = std::move(*t);
+  } else {
+    *why = t.status();
+  }
+  return absl::OkStatus();
+}
+
 absl::Status GradientEngine::Impl::Complete() {
   if (!options.tokenizer_path.empty()) {
     auto t = Tokenizer::Load(options.tokenizer_path, cfg.vocab_size);
     if (!t.ok()) return t.status();
     tok = std::move(*t);
+    if (absl::Status st = LoadChatTemplate(options, *tok, &chat, &chat_status); !st.ok()) return st;
+  } else if (!options.chat_template.empty()) {
+    return absl::InvalidArgumentError("a chat template needs a tokenizer");
   }
   absl::Status st = Finish();
   if (st.ok()) st = LoadPreconditioner();

@@ -323,6 +323,28 @@ absl::Status SaveLlama2c(const GradientEngine& engine, const std::string& path) 
   });
 }
 
+namespace {
+
+// Greedy decoding after ids until max_new tokens, EOS or `stop` (-1: none).
+absl::StatusOr<std::string> GenerateAfter(const EngineAccess::Impl& d, std::vector<int32_t> ids, int max_new,
+                                          int32_t stop);
+
+}  // namespace
+
+absl::StatusOr<std::string> GenerateChat(const GradientEngine& engine, std::vector<Message> messages, int max_new) {
+  return Guarded([&]() -> absl::StatusOr<std::string> {
+    const EngineAccess::Impl& d = EngineAccess::Of(engine);
+    if (!d.tok) return absl::FailedPreconditionError("no tokenizer loaded");
+    if (!d.chat) return d.chat_status;
+    if (!messages.empty() && messages.back().role == "assistant") messages.pop_back();
+    auto r = d.chat->Render(messages, /*add_generation_prompt=*/true);
+    if (!r.ok()) return r.status();
+    const Encoding e = EncodeWithSpecials(*d.tok, r->text);
+    const std::string& end = d.chat->spec().assistant_trained_suffix;
+    return GenerateAfter(d, e.ids, max_new, end.empty() ? -1 : d.tok->TokenId(end));
+  });
+}
+
 absl::StatusOr<std::string> Generate(const GradientEngine& engine, const std::string& instruction,
                                      const std::string& input, int max_new) {
   return Guarded([&]() -> absl::StatusOr<std::string> {
@@ -332,6 +354,15 @@ absl::StatusOr<std::string> Generate(const GradientEngine& engine, const std::st
     std::vector<int32_t> ids;
     if (d.tok->bos() >= 0) ids.push_back(d.tok->bos());
     ids.insert(ids.end(), p.ids.begin(), p.ids.end());
+    return GenerateAfter(d, std::move(ids), max_new, -1);
+  });
+}
+
+namespace {
+
+absl::StatusOr<std::string> GenerateAfter(const EngineAccess::Impl& d, std::vector<int32_t> ids, int max_new,
+                                          int32_t stop) {
+  {
     const size_t max_len = static_cast<size_t>(std::min(d.options.max_length, d.cfg.seq_len));
     if (ids.size() >= max_len) return absl::InvalidArgumentError("the prompt fills max_length");
     torch::NoGradGuard no_grad;
@@ -339,12 +370,14 @@ absl::StatusOr<std::string> Generate(const GradientEngine& engine, const std::st
     for (int i = 0; i < max_new && ids.size() < max_len; ++i) {
       auto logits = d.Forward(d.Ids(ids), nullptr, static_cast<int64_t>(ids.size()) - 1);
       const int32_t next = static_cast<int32_t>(logits[0][0].argmax().item<int64_t>());
-      if (next == d.tok->eos()) break;
+      if (next == d.tok->eos() || next == stop) break;
       ids.push_back(next);
       text += d.tok->Piece(next);
     }
     return text;
-  });
+  }
 }
+
+}  // namespace
 
 }  // namespace rapidin::model

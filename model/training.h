@@ -62,6 +62,9 @@ absl::Status SaveLlama2c(const GradientEngine& engine, const std::string& path);
 // Greedy decoding after the Alpaca prompt, until EOS or max_new tokens; returns the decoded text.
 absl::StatusOr<std::string> Generate(const GradientEngine& engine, const std::string& instruction,
                                      const std::string& input, int max_new);
+// Greedy generation for a chat: the conversation (its trailing assistant turn, if any, left out) rendered with the
+// chat template's generation prompt; stops at EOS or the template's end-of-turn token.
+absl::StatusOr<std::string> GenerateChat(const GradientEngine& engine, std::vector<Message> messages, int max_new);
 
 }  // namespace rapidin::model
 

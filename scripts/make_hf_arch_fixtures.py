@@ -10,7 +10,7 @@ RMSNorm, embedding scaling and a head_dim other than hidden/heads, Gemma2's soft
 query_pre_attn_scalar and alternating sliding window, Phi3's fused qkv and gate_up projections.
 
     python3 -m venv /tmp/hfenv && /tmp/hfenv/bin/pip install transformers==4.44.2 peft==0.12.0 safetensors torch
-    /tmp/hfenv/bin/python scripts/make_hf_arch_fixtures.py
+    /tmp/hfenv/bin/python scripts/make_hf_arch_fixtures.py [name ...]   (qwen2_chat: the chat demo's model)
 """
 import json
 import os
@@ -106,7 +106,80 @@ def write(name, config_cls, model_cls, extra, targets):
     print("wrote", out, file=sys.stderr)
 
 
-if __name__ == "__main__":
+def main():
     for name, spec in FIXTURES.items():
         if len(sys.argv) == 1 or name in sys.argv[1:]:
             write(name, *spec)
+    if len(sys.argv) == 1 or "qwen2_chat" in sys.argv[1:]:
+        write_chat_demo()
+
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+          "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+QWEN2_RE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def write_chat_demo():
+    """tests/fixtures/qwen2_chat: the second demo's model. A Qwen2ForCausalLM (random weights, tied head) with a
+    Qwen2-style byte-level tokenizer.json trained on this repository's own Markdown (not on any data set) and a
+    ChatML chat_template; `rapidin finetune` trains it on chat records in scripts/demo.sh --chat. reference.json
+    holds transformers' ids for chats rendered with apply_chat_template and the model's logits on one of them."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    import glob
+    out = os.path.join(ROOT, "..", "qwen2_chat")
+    os.makedirs(out, exist_ok=True)
+    repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    texts = []
+    for path in sorted(glob.glob(os.path.join(repo, "*.md")) + glob.glob(os.path.join(repo, "bench", "results", "*.md"))):
+        with open(path, encoding="utf-8") as f:
+            texts += [line for line in f.read().splitlines() if line.strip()]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_RE), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2048, special_tokens=specials, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(os.path.join(out, "tokenizer.json"))
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": CHATML, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                   "bos_token": None, "model_max_length": 512, "tokenizer_class": "Qwen2Tokenizer"}, f, indent=1)
+    torch.manual_seed(99)
+    cfg = tf.Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=172, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True, torch_dtype="float32",
+                         bos_token_id=None, eos_token_id=tok.token_to_id("<|im_end|>"))
+    cfg._attn_implementation = "eager"
+    model = tf.Qwen2ForCausalLM(cfg).float()
+    model.save_pretrained(out, safe_serialization=True)
+    model.eval()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(out, "tokenizer.json"), eos_token="<|im_end|>",
+                                     pad_token="<|endoftext|>")
+    hf_tok.chat_template = CHATML
+    chats = [
+        [{"role": "user", "content": "What does the router do?"},
+         {"role": "assistant", "content": "It fans a query out to every shard server and merges the answers."}],
+        [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Caf\u00e9? \u4eca\u65e5"},
+         {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "And then"},
+         {"role": "assistant", "content": " the store  is\nwritten. \U0001F600"}],
+    ]
+    ref = []
+    for c in chats:
+        ids = hf_tok.apply_chat_template(c, tokenize=True)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+        ref.append({"messages": c, "ids": ids, "text": hf_tok.apply_chat_template(c, tokenize=False),
+                    "logits_last": logits[-1].tolist()})
+    with open(os.path.join(out, "reference.json"), "w") as f:
+        json.dump({"chats": ref}, f, ensure_ascii=False)
+    print("wrote", out, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

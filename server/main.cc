@@ -76,6 +76,9 @@ int main(int argc, char** argv) {
   app.add_option("--model", o.model.path, "model for query by text (the one the store was cached with)");
   app.add_option("--adapter", o.model.adapter_path, "PEFT LoRA adapter the store was cached with");
   app.add_option("--tokenizer", o.model.tokenizer_path, "its tokenizer (default: next to the model)");
+  app.add_option("--template", o.model.chat_template,
+                 "chat template for chat queries and records: a JSON file or chatml|llama3|llama2|mistral|gemma "
+                 "(default: tokenizer_config.json's chat_template)");
   app.add_option("--params", o.model.param_pattern, "parameter regex used by `rapidin cache --params`");
   app.add_option("--preconditioner", o.model.preconditioner_path,
                  "Adam second moments used by `rapidin cache --preconditioner` (the store's state says when)");

@@ -62,6 +62,7 @@ struct ServerOptions {
     std::string path;
     std::string adapter_path;
     std::string tokenizer_path;
+    std::string chat_template;     // a template file or a family name (model/engine.h EngineOptions)
     std::string param_pattern;
     std::string preconditioner_path;  // Adam second moments the store was cached with (`cache --preconditioner`)
     std::string checkpoints_path;     // TracIn-CP: the fine-tuning summary the store was cached with

@@ -73,6 +73,40 @@ TEST(ReadInstructionData, ReportsBadRecordsWithLineNumbers) {
   EXPECT_EQ(ReadInstructionData(dir.path("arr.json"), &bad).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// Chat and plain-text records mix with Alpaca ones; a chat without an assistant turn, or with a malformed
+// message, is a bad record with its reason.
+TEST(ReadInstructionData, ChatAndTextRecords) {
+  rapidin::testing::TempDir dir;
+  const std::string path = dir.path("mixed.json");
+  std::ofstream(path) << R"([
+    {"instruction": "a", "output": "b"},
+    {"id": "chat-1", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                                  {"role": "assistant", "content": "x"}]},
+    {"text": "plain words"},
+    {"messages": [{"role": "user", "content": "only a question"}]},
+    {"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]},
+    {"messages": []},
+    {"text": ""}
+  ])";
+  std::vector<BadRecord> bad;
+  auto recs = ReadInstructionData(path, &bad);
+  ASSERT_TRUE(recs.ok()) << recs.status();
+  ASSERT_EQ(recs->size(), 3u);
+  EXPECT_EQ((*recs)[0].example.format, model::RecordFormat::kAlpaca);
+  EXPECT_EQ((*recs)[1].id, "chat-1");
+  EXPECT_EQ((*recs)[1].example.format, model::RecordFormat::kChat);
+  ASSERT_EQ((*recs)[1].example.messages.size(), 3u);
+  EXPECT_EQ((*recs)[1].example.messages[2].role, "assistant");
+  EXPECT_EQ((*recs)[2].example.format, model::RecordFormat::kText);
+  EXPECT_EQ((*recs)[2].example.text, "plain words");
+  EXPECT_EQ((*recs)[2].id, "mixed-2");
+  ASSERT_EQ(bad.size(), 4u);
+  EXPECT_NE(bad[0].reason.find("assistant turn"), std::string::npos) << bad[0].reason;
+  EXPECT_NE(bad[1].reason.find("messages[0]"), std::string::npos) << bad[1].reason;
+  EXPECT_NE(bad[2].reason.find("non-empty array"), std::string::npos) << bad[2].reason;
+  EXPECT_EQ(bad[3].reason, "empty text");
+}
+
 // .jsonl.gz and .json.gz read exactly like the plain files (ids too: train.jsonl.gz gives train-N); a truncated
 // gzip file is refused whole, naming it.
 TEST(ReadInstructionData, GzipFilesReadLikePlainOnesAndTruncatedOnesAreRefused) {

@@ -3,6 +3,7 @@
 // gradients and every base weight's gradient. Float32 must agree to 1e-4 (relative to the largest value).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <functional>
@@ -234,6 +235,159 @@ TEST(HuggingFaceArch, UnknownArchitecturesFieldsAndDamagedFilesAreRefusedByName)
   st = LoadDir(dir.path());
   EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss);
   EXPECT_NE(st.message().find("truncated"), std::string::npos) << st;
+}
+
+// The chat demo's model (tests/fixtures/qwen2_chat): a Qwen2 with a byte-level tokenizer.json and a ChatML
+// chat_template. Chats tokenize to transformers' apply_chat_template ids; the loss covers the assistant turns.
+class ChatRecords : public ::testing::Test {
+ protected:
+  static std::string Dir() { return RAPIDIN_SOURCE_DIR "/tests/fixtures/qwen2_chat"; }
+  static nlohmann::json Ref() {
+    std::ifstream in(Dir() + "/reference.json");
+    return nlohmann::json::parse(in);
+  }
+  static EngineOptions Options() {
+    EngineOptions o;
+    o.model_path = Dir();
+    o.tokenizer_path = Dir() + "/tokenizer.json";
+    return o;
+  }
+  static Example Chat(const nlohmann::json& msgs) {
+    Example ex;
+    ex.format = RecordFormat::kChat;
+    for (const auto& m : msgs) ex.messages.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
+    return ex;
+  }
+};
+
+TEST_F(ChatRecords, IdsLogitsAndLossMaskMatchTransformers) {
+  auto e = GradientEngine::Load(Options());
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ((*e)->chat_template(), "chatml");
+  EXPECT_EQ((*e)->tokenizer()->bos(), -1);  // Qwen2: no BOS
+  for (const auto& c : Ref()["chats"]) {
+    const Example ex = Chat(c["messages"]);
+    auto t = (*e)->Tokenize(ex);
+    ASSERT_TRUE(t.ok()) << t.status();
+    EXPECT_EQ(t->ids, c["ids"].get<std::vector<int32_t>>());
+    auto logits = (*e)->LogitsIds(t->ids);
+    ASSERT_TRUE(logits.ok());
+    const auto want = c["logits_last"].get<std::vector<double>>();
+    std::vector<double> last(logits->end() - want.size(), logits->end());
+    EXPECT_LT(RelErr(last, want), 1e-4);
+    // The trained tokens spell the assistant turns, each with its <|im_end|>; every message token's place gives
+    // back its bytes.
+    std::string trained, want_trained;
+    for (size_t i = t->response_begin; i < t->ids.size(); ++i) {
+      const bool on = t->loss_weights.empty() || t->loss_weights[i - t->response_begin] > 0;
+      if (on) trained += (*e)->tokenizer()->Piece(t->ids[i]);
+    }
+    for (const auto& m : ex.messages) {
+      if (m.role == "assistant") want_trained += m.content + "<|im_end|>";
+    }
+    EXPECT_EQ(trained, want_trained);
+    int placed = 0;
+    for (size_t i = 0; i < t->ids.size(); ++i) {
+      const TokenPlace& pl = t->places[i];
+      if (pl.field.rfind("messages[", 0) != 0) continue;
+      const int m = std::stoi(pl.field.substr(9));
+      EXPECT_EQ(ex.messages[m].content.substr(pl.span.begin, pl.span.end - pl.span.begin),
+                (*e)->tokenizer()->Piece(t->ids[i]));
+      ++placed;
+    }
+    EXPECT_GT(placed, 5);
+    // A query explains the last assistant turn only.
+    Example q = ex;
+    q.last_turn_only = true;
+    auto tq = (*e)->Tokenize(q);
+    ASSERT_TRUE(tq.ok());
+    std::string qtrained;
+    for (size_t i = tq->response_begin; i < tq->ids.size(); ++i) {
+      if (tq->loss_weights.empty() || tq->loss_weights[i - tq->response_begin] > 0) {
+        qtrained += (*e)->tokenizer()->Piece(tq->ids[i]);
+      }
+    }
+    EXPECT_EQ(qtrained, ex.messages.back().content + "<|im_end|>");
+    // Gradients: the batched path equals the loop on a record with a loss mask.
+    std::vector<double> g;
+    ASSERT_TRUE((*e)->GradientIds(*t, false, &g).ok());
+    std::vector<std::vector<double>> gb;
+    std::vector<GradInfo> ib;
+    ASSERT_TRUE((*e)->GradientIdsBatch({*t, *tq}, false, &gb, &ib).ok());
+    EXPECT_LT(RelErr(gb[0], g), 1e-4);
+  }
+}
+
+TEST_F(ChatRecords, TextRecordsTrainOnEveryToken) {
+  auto e = GradientEngine::Load(Options());
+  ASSERT_TRUE(e.ok()) << e.status();
+  Example ex;
+  ex.format = RecordFormat::kText;
+  ex.text = "The store is written in batches. Caf\u00e9!";
+  auto t = (*e)->Tokenize(ex);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(t->response_begin, 1);
+  EXPECT_TRUE(t->loss_weights.empty());
+  std::string all;
+  for (size_t i = 0; i < t->ids.size(); ++i) {
+    if (t->places[i].field == "text" && t->places[i].span.end > t->places[i].span.begin) {
+      EXPECT_EQ(ex.text.substr(t->places[i].span.begin, t->places[i].span.end - t->places[i].span.begin),
+                (*e)->tokenizer()->Piece(t->ids[i]));
+      all += (*e)->tokenizer()->Piece(t->ids[i]);
+    }
+  }
+  EXPECT_EQ(all, ex.text);
+  EXPECT_EQ(t->ids.back(), (*e)->tokenizer()->eos());
+  ex.text = "";
+  EXPECT_EQ((*e)->Tokenize(ex).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(ChatRecords, BadChatsAndMissingTemplatesGetClearErrors) {
+  auto e = GradientEngine::Load(Options());
+  ASSERT_TRUE(e.ok()) << e.status();
+  Example ex;
+  ex.format = RecordFormat::kChat;
+  ex.messages = {{"user", "hello"}};
+  auto t = (*e)->Tokenize(ex);
+  EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(t.status().message().find("assistant turn"), std::string::npos) << t.status();
+  ex.messages = {{"user", "hello"}, {"robot", "beep"}, {"assistant", "hi"}};
+  t = (*e)->Tokenize(ex);
+  EXPECT_NE(t.status().message().find("robot"), std::string::npos) << t.status();
+  // A tokenizer_config.json without a chat_template, or with one no family matches.
+  rapidin::testing::TempDir dir;
+  namespace fs = std::filesystem;
+  for (const char* f : {"config.json", "model.safetensors", "tokenizer.json"}) fs::copy_file(Dir() + "/" + f, dir.path(f));
+  std::ofstream(dir.path("tokenizer_config.json")) << R"({"eos_token": "<|im_end|>"})";
+  EngineOptions o = Options();
+  o.model_path = dir.path();
+  o.tokenizer_path = dir.path("tokenizer.json");
+  auto bare = GradientEngine::Load(o);
+  ASSERT_TRUE(bare.ok()) << bare.status();  // Alpaca and text records need no template
+  ex.messages = {{"user", "hello"}, {"assistant", "hi"}};
+  t = (*bare)->Tokenize(ex);
+  EXPECT_EQ(t.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(t.status().message().find("--template"), std::string::npos) << t.status();
+  std::ofstream(dir.path("tokenizer_config.json"))
+      << R"({"eos_token": "<|im_end|>", "chat_template": "{% for m in messages %}<<{{ m.role }}>> {{ m.content }}{% endfor %}"})";
+  auto odd = GradientEngine::Load(o);
+  ASSERT_TRUE(odd.ok()) << odd.status();
+  t = (*odd)->Tokenize(ex);
+  EXPECT_EQ(t.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(t.status().message().find("not recognised"), std::string::npos) << t.status();
+  // --template names a family: the built-in ChatML has no default system message, the recognised Qwen2
+  // template inserts one, so the named template's tokens are the recognised one's after that system turn.
+  o.chat_template = "chatml";
+  auto named = GradientEngine::Load(o);
+  ASSERT_TRUE(named.ok()) << named.status();
+  auto t1 = (*named)->Tokenize(ex);
+  auto t2 = (*e)->Tokenize(ex);
+  ASSERT_TRUE(t1.ok() && t2.ok());
+  ASSERT_LT(t1->ids.size(), t2->ids.size());
+  EXPECT_TRUE(std::equal(t1->ids.begin(), t1->ids.end(), t2->ids.end() - t1->ids.size()));
+  EXPECT_NE((*named)->model_hash(), (*e)->model_hash());  // another template: another projection state
+  o.chat_template = "no-such-family";
+  EXPECT_EQ(GradientEngine::Load(o).status().code(), absl::StatusCode::kNotFound);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <optional>
 #include <regex>
 #include <string>
 #include <utility>
@@ -66,6 +67,9 @@ absl::Status TorchError(const std::exception& e);
 
 // INVALID_ARGUMENT naming the first id outside [0, vocab_size).
 absl::Status CheckIds(const std::vector<int32_t>& ids, int vocab_size);
+// Encodes `text`, splitting first at the BOS/EOS texts the tokenizer does not match itself (SentencePiece's
+// "<s>", "</s>" written by a chat template): those become their ids. Spans are into `text`.
+Encoding EncodeWithSpecials(const Tokenizer& tok, const std::string& text);
 // Checks a tokenized record (ids, a response, loss weights) before it reaches LibTorch.
 absl::Status CheckRecord(const TokenizedExample& t, int vocab_size);
 // Hugging Face module paths inside a layer -> the engine's names (loaders, LoRA, Hugging Face export); fused:
@@ -132,6 +136,8 @@ struct GradientEngine::Impl {
              query_scale == 0 && attn_softcap == 0 && final_softcap == 0 && window == 0;
     }
   } arch;
+  std::optional<ChatTemplate> chat;             // chat records' template
+  absl::Status chat_status = absl::FailedPreconditionError("no chat template");  // why chat is empty
   std::map<std::string, std::string> hf_names;  // our tensor name -> the Hugging Face one (HF directories)
   std::string hf_config;                        // config.json as read (written back by SaveHf)
   // AdamW state of the selected parameters (fine-tuning).
@@ -261,7 +267,21 @@ struct GradientEngine::Impl {
     }
     const std::string sel = options.param_pattern.empty() ? "<matrices>" : options.param_pattern;
     h = Fnv1a(h, sel.data(), sel.size());
-    const std::string tmpl = absl::StrCat("alpaca/v1 max_length=", options.max_length, " arch=", arch.name);
+    // Changes to the function or the records' text change the hash; Llama without a chat template keeps the
+    // hash it always had, so existing stores stay valid.
+    std::string tmpl = absl::StrCat("alpaca/v1 max_length=", options.max_length);
+    if (arch.name != "LlamaForCausalLM") absl::StrAppend(&tmpl, " arch=", arch.name);
+    if (arch.rope_factor > 0 || arch.rope_linear > 0) {
+      absl::StrAppend(&tmpl, " rope=", arch.rope_factor, ",", arch.rope_low, ",", arch.rope_high, ",",
+                      arch.rope_original, ",", arch.rope_linear);
+    }
+    if (chat) {
+      const TemplateSpec& c = chat->spec();
+      absl::StrAppend(&tmpl, " chat=", c.name, "|", c.begin, "|", c.system_prefix, "|", c.system_suffix, "|",
+                      c.user_prefix, "|", c.user_suffix, "|", c.assistant_prefix, "|", c.assistant_suffix, "|",
+                      c.assistant_trained_suffix, "|", c.default_system, "|", c.system_in_first_user,
+                      c.strip_content);
+    }
     h = Fnv1a(h, tmpl.data(), tmpl.size());
     if (!precond.empty()) h = Fnv1a(h, &precond_hash, sizeof precond_hash);
     hash = absl::StrFormat("%016x", h);

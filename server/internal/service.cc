@@ -128,8 +128,18 @@ absl::Status CheckTextQuery(const v1::QueryRequest& req, bool have_model, const 
         "Query by text needs a model: this server was started without --model; use QueryByVector with "
         "precomputed compressed gradients");
   }
-  if (req.generation().empty()) return absl::InvalidArgumentError("generation is empty");
-  if (req.instruction().empty()) return absl::InvalidArgumentError("instruction is empty");
+  if (req.messages_size() > 0) {  // a chat: its last message is the assistant's generation
+    if (!req.instruction().empty() || !req.input().empty() || !req.generation().empty()) {
+      return absl::InvalidArgumentError("give either messages or instruction/input/generation, not both");
+    }
+    const auto& last = req.messages(req.messages_size() - 1);
+    if (last.role() != "assistant" || last.content().empty()) {
+      return absl::InvalidArgumentError("the last message must be the assistant's generation (non-empty)");
+    }
+  } else {
+    if (req.generation().empty()) return absl::InvalidArgumentError("generation is empty");
+    if (req.instruction().empty()) return absl::InvalidArgumentError("instruction is empty");
+  }
   absl::Status st = CheckK(req.top_k(), req.harmful_k(), limits.max_top_k);
   if (!st.ok()) return st;
   if (req.attributions() && req.top_k() + req.harmful_k() > limits.max_attributed_records) {
@@ -146,6 +156,7 @@ absl::StatusOr<std::unique_ptr<model::Featurizer>> LoadFeaturizer(const std::str
   model::EngineOptions mo;
   mo.model_path = model.path;
   mo.tokenizer_path = model.tokenizer_path;
+  mo.chat_template = model.chat_template;
   mo.adapter_path = model.adapter_path;
   mo.param_pattern = model.param_pattern;
   mo.preconditioner_path = model.preconditioner_path;
@@ -168,6 +179,11 @@ absl::StatusOr<model::Example> GenerationGradient(const model::Featurizer& featu
                                                   std::chrono::steady_clock::time_point t0, std::vector<float>* q,
                                                   v1::QueryResponse* resp) {
   model::Example gen{req.instruction(), req.input(), req.generation(), {req.hotwords().begin(), req.hotwords().end()}};
+  if (req.messages_size() > 0) {
+    gen.format = model::RecordFormat::kChat;
+    gen.last_turn_only = true;
+    for (const auto& m : req.messages()) gen.messages.push_back({m.role(), m.content()});
+  }
   auto info = featurizer.Compress(gen, q);
   if (!info.ok()) return info.status();
   resp->set_gradient_ms(MsSince(t0));
