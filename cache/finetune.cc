@@ -1,6 +1,7 @@
 #include "cache/finetune.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <chrono>
 #include <cstdio>
 #include <numeric>
@@ -12,6 +13,28 @@
 #include "model/training.h"
 
 namespace rapidin::cache {
+namespace {
+
+// A fully fine-tuned model in its base's format: a llama2.c checkpoint, or a Hugging Face directory (its
+// config as read) with the tokenizer's files copied in, so that the directory loads on its own.
+absl::Status SaveFullModel(const model::GradientEngine& e, const std::string& path, const std::string& tokenizer) {
+  absl::Status st = model::SaveLlama2c(e, path);
+  if (st.code() != absl::StatusCode::kUnimplemented) return st;
+  st = model::SaveHf(e, path);
+  if (!st.ok() || tokenizer.empty()) return st;
+  namespace fs = std::filesystem;
+  const fs::path from = fs::path(tokenizer).parent_path();
+  for (const char* name : {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"}) {
+    std::error_code ec;
+    if (!fs::exists(from / name)) continue;
+    fs::copy_file(from / name, fs::path(path) / name, fs::copy_options::overwrite_existing, ec);
+    if (ec) return absl::UnavailableError(absl::StrCat("cannot copy ", (from / name).string(), ": ", ec.message()));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 
 absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
   if (o.mode != "lora" && o.mode != "full") {
@@ -80,7 +103,8 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
   };
   // Writes the model and its Adam second moments; returns the optimizer state's path.
   auto save = [&](const std::string& path, int epoch, bool final_model) -> absl::Status {
-    absl::Status st = o.mode == "lora" ? model::SaveAdapter(e, path, o.engine.model_path) : model::SaveLlama2c(e, path);
+    absl::Status st = o.mode == "lora" ? model::SaveAdapter(e, path, o.engine.model_path)
+                                       : SaveFullModel(e, path, o.engine.tokenizer_path);
     if (!st.ok()) return st;
     FinetuneCheckpoint c;
     c.epoch = epoch;
@@ -101,7 +125,7 @@ absl::StatusOr<FinetuneSummary> RunFinetune(const FinetuneOptions& o) {
     c.path = absl::StrCat(o.out_path, ".epoch-0");
     c.optimizer_path = c.path + ".optimizer.safetensors";
     c.lr = epoch_lr(0);
-    absl::Status st = model::SaveLlama2c(e, c.path);
+    absl::Status st = SaveFullModel(e, c.path, o.engine.tokenizer_path);
     if (!st.ok()) return st;
     sum.checkpoints.push_back(std::move(c));
   }

@@ -13,6 +13,7 @@
 #include <set>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "model/internal/engine_impl.h"
 
 namespace rapidin::model {
@@ -271,6 +272,19 @@ namespace {
 using ChunkSink = std::function<absl::Status(int s0, int s1, const std::vector<torch::Tensor>* per,
                                              std::vector<std::vector<double>>* host)>;
 
+// The hand-written backward covers the Llama layer, and Qwen2's q/k/v biases as long as no bias is a selected
+// parameter (a bias only shifts the recorded activations; the weight and input gradients do not change).
+bool SharedBackpropCovers(const EngineAccess::Impl& d) {
+  auto arch = d.arch;
+  if (arch.qkv_bias) {
+    for (const auto& info : d.infos) {
+      if (absl::EndsWith(info.name, ".bias")) return false;
+    }
+    arch.qkv_bias = false;
+  }
+  return arch.Plain();
+}
+
 // Validates, then runs the chunks of [from, ids.size()) over options.threads threads, handing each to `sink`.
 absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl& d, const std::vector<int32_t>& ids,
                                int from, const TokenGradOptions& options, const ChunkSink& sink) {
@@ -279,7 +293,7 @@ absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl
   // The hand-written backward covers the Llama layer only; other architectures take the batched autograd copies.
   const TokenGradMethod method =
       options.method == TokenGradMethod::kShared &&
-              (!d.arch.Plain() || d.cfg.HeadDim() * d.cfg.n_heads != d.cfg.dim)
+              (!SharedBackpropCovers(d) || d.cfg.HeadDim() * d.cfg.n_heads != d.cfg.dim)
           ? TokenGradMethod::kCopies
           : options.method;
   const int threads = options.threads;

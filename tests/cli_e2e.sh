@@ -364,4 +364,84 @@ PY
 else
   echo "cli_e2e: shared data not found at $DATA; skipping the caching-stage checks"
 fi
+# The three record forms (Alpaca, chat, plain text) with the tiny Qwen2 of tests/fixtures/qwen2_chat (a byte-level
+# tokenizer.json and a ChatML template): fine-tuned, cached, served and attributed; token attributions name the
+# message ("messages[i]") or "text" they came from. Needs no shared data.
+QW="$(cd "$(dirname "$0")" && pwd)/fixtures/qwen2_chat"
+python3 - "$work/mixed.jsonl" "$work/chatq.json" "$work/nochat.jsonl" <<'PY'
+import json, sys
+recs = [
+    {"id": "alp-0", "instruction": "Name the capital of France.", "output": "Paris is the capital of France."},
+    {"id": "alp-1", "instruction": "Add two and three.", "output": "Two plus three is five."},
+    {"id": "alp-2", "instruction": "Say hello in Spanish.", "output": "Hola."},
+    {"id": "chat-0", "messages": [{"role": "user", "content": "What does the router do?"},
+                                  {"role": "assistant", "content": "It fans each query out to the shard servers."}]},
+    {"id": "chat-1", "messages": [{"role": "system", "content": "Answer briefly."},
+                                  {"role": "user", "content": "Where are vectors kept?"},
+                                  {"role": "assistant", "content": "In GPU memory, host memory and RocksDB."},
+                                  {"role": "user", "content": "And the cold tier?"},
+                                  {"role": "assistant", "content": "RocksDB on disk."}]},
+    {"id": "chat-2", "messages": [{"role": "user", "content": "Caf\u00e9 ou th\u00e9 ?"},
+                                  {"role": "assistant", "content": "Th\u00e9, merci. \u4eca\u65e5\u306f"}]},
+    {"id": "txt-0", "text": "The store keeps one compressed gradient per training record."},
+    {"id": "txt-1", "text": "A merge stage returns the global top-k with token-level attributions."},
+    {"id": "txt-2", "text": "Howdy! Once upon a time there was a little robot."},
+]
+with open(sys.argv[1], "w") as f:
+    for r in recs: f.write(json.dumps(r, ensure_ascii=False) + "\n")
+json.dump(recs[4]["messages"], open(sys.argv[2], "w"))
+with open(sys.argv[3], "w") as f:
+    f.write(json.dumps({"id": "q-only", "messages": [{"role": "user", "content": "no answer"}]}) + "\n")
+    f.write(json.dumps(recs[0]) + "\n")
+PY
+"$CLI" finetune --model "$QW" --data "$work/mixed.jsonl" --out "$work/qwft" --mode full --epochs 1 --batch 3 \
+  --lr 1e-3 --json >"$work/qwft.json" 2>"$work/qwft.err" || fail "finetune of the Qwen2 on mixed records: $(cat "$work/qwft.err")"
+[ -s "$work/qwft/config.json" ] && [ -s "$work/qwft/model.safetensors" ] && [ -s "$work/qwft/tokenizer.json" ] \
+  && [ -s "$work/qwft/tokenizer_config.json" ] || fail "full fine-tune of a Hugging Face model wrote no loadable directory"
+grep -q '"records":9' "$work/qwft.json" || fail "finetune records: $(cat "$work/qwft.json")"
+"$CLI" eval --model "$work/qwft" --data "$work/mixed.jsonl" --generate 4 --json >"$work/qweval.jsonl" \
+  || fail "eval of the fine-tuned Qwen2"
+python3 - "$work/qweval.jsonl" <<'PY' || fail "eval of mixed records: $(cat "$work/qweval.jsonl")"
+import json, sys
+rows = {r["id"]: r for r in map(json.loads, open(sys.argv[1]))}
+assert len(rows) == 9 and all(r["loss"] > 0 for r in rows.values()), rows
+assert "generation" in rows["chat-0"] and "generation" in rows["alp-0"], rows["chat-0"]
+PY
+"$CLI" cache --model "$work/qwft" --data "$work/mixed.jsonl" --store "$work/mixstore" --k 256 --json \
+  >"$work/mixcache.json" 2>"$work/mixcache.err" || fail "cache of mixed records: $(cat "$work/mixcache.err")"
+grep -q '"cached":9' "$work/mixcache.json" || fail "mixed cache: $(cat "$work/mixcache.json")"
+# A chat without an assistant turn is a bad record, named; the others are cached.
+"$CLI" cache --model "$work/qwft" --data "$work/nochat.jsonl" --store "$work/nochatstore" --k 256 --json \
+  >"$work/nochat.json" 2>"$work/nochat.err" || fail "cache with a bad chat record: $(cat "$work/nochat.err")"
+grep -q '"bad":1' "$work/nochat.json" && grep -q "needs an assistant turn" "$work/nochat.err" \
+  || fail "a chat without an assistant turn: $(cat "$work/nochat.json" "$work/nochat.err")"
+expect_err 1 'unknown chat template "vicuna"' "$CLI" cache --model "$work/qwft" --data "$work/mixed.jsonl" \
+  --store "$work/vstore" --k 256 --template vicuna
+"$SERVER_BIN" --store "$work/mixstore" --model "$work/qwft" --listen 127.0.0.1:$port --metrics-listen "" \
+  >"$work/server.log" 2>&1 &
+spid=$!
+for _ in $(seq 100); do "$CLI" stats --server 127.0.0.1:$port >/dev/null 2>&1 && break; sleep 0.1; done
+# A training chat as the query: it comes first, its generation tokens are the last assistant message's.
+"$CLI" query --server 127.0.0.1:$port --chat "$work/chatq.json" --top-k 9 --tokens --json >"$work/chatq.out" \
+  || fail "chat query"
+python3 - "$work/chatq.out" <<'PY' || fail "chat query answer: $(head -c 600 "$work/chatq.out")"
+import json, sys
+r = json.load(open(sys.argv[1]))["result"]["helpful"]
+assert r[0]["id"] == "chat-1", [h["id"] for h in r]
+g = r[0]["generation_tokens"]
+assert g and {t["field"] for t in g} == {"messages[4]", "template"}, {t["field"] for t in g}
+content = "RocksDB on disk."
+assert all(content[t["begin"]:t["end"]] == t["text"] for t in g if t["field"] == "messages[4]"), g
+by_id = {h["id"]: h for h in r}
+fields = lambda h: {t["field"] for t in h["record_tokens"]}
+assert {"messages[0]", "messages[1]", "messages[2]", "messages[3]", "messages[4]", "template"} <= fields(by_id["chat-1"])
+assert "text" in fields(by_id["txt-0"]) and "output" in fields(by_id["alp-0"]) and "instruction" in fields(by_id["alp-0"])
+PY
+"$CLI" query --server 127.0.0.1:$port --instruction "Add two and three." --generation "Two plus three is five." \
+  --top-k 1 --json | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["result"]["helpful"][0]["id"]=="alp-1", r' \
+  || fail "an Alpaca query against mixed records"
+echo '[{"role": "user", "content": "hi"}]' >"$work/noassist.json"
+expect_err 1 "last message must be the assistant" "$CLI" query --server 127.0.0.1:$port --chat "$work/noassist.json"
+expect_err 2 "exactly one of" "$CLI" query --server 127.0.0.1:$port --chat "$work/chatq.json" --generation x
+kill -TERM $spid; wait $spid
 echo "cli_e2e: all checks passed"
