@@ -97,7 +97,8 @@ if [[ -x $PACK/gpu_backend_test ]]; then
   else
     libs=$PACK/lib:$torch_dir/lib:$libs  # torch/lib finds its NVIDIA libraries through its own RPATH
     echo "== gradient engine on the GPU against the CPU (model_gpu_test)"
-    if LD_LIBRARY_PATH=$libs RAPIDIN_SHARED_DATA=$PACK/data "$PACK/model_gpu_test" >"$LOG/model_gpu.log" 2>&1; then
+    if LD_LIBRARY_PATH=$libs RAPIDIN_SHARED_DATA=$PACK/data RAPIDIN_FIXTURES=$PWD/tests/fixtures \
+       "$PACK/model_gpu_test" >"$LOG/model_gpu.log" 2>&1; then
       model_rc=0
     else
       model_rc=$?

@@ -9,6 +9,7 @@
 // and a visible GPU; skips otherwise.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <random>
 #include <string>
@@ -288,6 +289,61 @@ TEST(ModelGpu, StoriesSketchesMatchAcrossDevices) {
                   1e-5, absl::StrCat("token sketch ", s, " of example ", i));
     }
   }
+}
+
+// The Hugging Face architectures next to Llama (tests/fixtures/arch, each with its PEFT adapter) on the GPU
+// against the CPU: logits and LoRA gradients of every fixture record in float32 (no TF32) to 1e-4, and the chat
+// demo's Qwen2 on a chat record. Fixtures from $RAPIDIN_FIXTURES (gpu-check.sh sets it), else the source tree.
+TEST(ModelGpu, HuggingFaceArchitecturesMatchCpu) {
+  REQUIRE_CUDA_LIBTORCH();
+  const char* env = std::getenv("RAPIDIN_FIXTURES");
+  const std::string root = env ? env : RAPIDIN_SOURCE_DIR "/tests/fixtures";
+  int checked = 0;
+  for (const std::string name : {"qwen2", "qwen2_untied", "mistral", "llama3", "gemma", "gemma2", "phi3"}) {
+    const std::string dir = root + "/arch/" + name;
+    std::ifstream probe(dir + "/config.json");
+    ASSERT_TRUE(probe.good()) << "fixture missing: " << dir;
+    EngineOptions o;
+    o.model_path = dir;
+    o.adapter_path = dir + "/adapter";
+    auto cpu = GradientEngine::Load(o);
+    o.device = "cuda";
+    auto gpu = GradientEngine::Load(o);
+    ASSERT_TRUE(cpu.ok() && gpu.ok()) << name << ": " << cpu.status() << " / " << gpu.status();
+    EXPECT_EQ((*cpu)->model_hash(), (*gpu)->model_hash()) << name;
+    std::mt19937 rng(11);
+    for (int len : {6, 14}) {
+      TokenizedExample t;
+      for (int i = 0; i < len; ++i) t.ids.push_back(3 + static_cast<int32_t>(rng() % 60));
+      t.response_begin = len / 3;
+      auto lc = (*cpu)->LogitsIds(t.ids), lg = (*gpu)->LogitsIds(t.ids);
+      ASSERT_TRUE(lc.ok() && lg.ok()) << name;
+      ExpectClose(std::vector<double>(lc->begin(), lc->end()), std::vector<double>(lg->begin(), lg->end()), 1e-4,
+                  name + " logits");
+      std::vector<double> gc, gg;
+      ASSERT_TRUE((*cpu)->GradientIds(t, false, &gc).ok());
+      ASSERT_TRUE((*gpu)->GradientIds(t, false, &gg).ok()) << name;
+      ExpectClose(gc, gg, 1e-4, name + " LoRA gradients");
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, 14);
+  // The chat demo's model on a chat record.
+  EngineOptions o;
+  o.model_path = root + "/qwen2_chat";
+  o.tokenizer_path = root + "/qwen2_chat/tokenizer.json";
+  auto cpu = GradientEngine::Load(o);
+  o.device = "cuda";
+  auto gpu = GradientEngine::Load(o);
+  ASSERT_TRUE(cpu.ok() && gpu.ok()) << cpu.status() << " / " << gpu.status();
+  Example ex;
+  ex.format = RecordFormat::kChat;
+  ex.messages = {{"user", "What does the router do?"}, {"assistant", "It merges the shard servers' answers."}};
+  std::vector<float> gc, gg;
+  ASSERT_TRUE((*cpu)->Gradient(ex, true, &gc).ok());
+  ASSERT_TRUE((*gpu)->Gradient(ex, true, &gg).ok());
+  ExpectClose(std::vector<double>(gc.begin(), gc.end()), std::vector<double>(gg.begin(), gg.end()), 1e-4,
+              "qwen2_chat chat gradient");
 }
 
 }  // namespace
