@@ -365,9 +365,11 @@ int TokenizeData(const rapidin::model::EngineOptions& eo, const std::string& dat
       std::fprintf(stderr, "rapidin: skipped %s: %s\n", r.where.c_str(), std::string(t.status().message()).c_str());
       continue;
     }
-    std::cout << nlohmann::json{{"id", r.id}, {"ids", t->ids}, {"response_begin", t->response_begin},
-                                {"truncated", t->truncated}}.dump()
-              << "\n";
+    nlohmann::json j = {{"id", r.id}, {"ids", t->ids}, {"response_begin", t->response_begin},
+                        {"truncated", t->truncated}};
+    // Which tokens from response_begin on the loss covers (a chat's template text between turns is not).
+    if (!t->loss_weights.empty()) j["loss_weights"] = t->loss_weights;
+    std::cout << j.dump() << "\n";
   }
   for (const auto& b : bad) std::fprintf(stderr, "rapidin: skipped %s: %s\n", b.where.c_str(), b.reason.c_str());
   return 0;
