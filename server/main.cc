@@ -40,6 +40,8 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   app.add_option("--listen", o.net.listen, "gRPC HOST:PORT")->capture_default_str();
+  app.add_option("--http-listen", o.net.http_listen,
+                 "HTTP/JSON API (/v1/...) and the audit page (/) on HOST:PORT, with the gRPC port's TLS and tokens");
   app.add_option("--metrics-listen", o.net.metrics_listen, "Prometheus /metrics HOST:PORT ('' disables)")
       ->capture_default_str();
   app.add_option("--shards", o.store.shards, "host-tier shards = scan workers (0: one per hardware thread)");

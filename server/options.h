@@ -22,6 +22,7 @@ struct ServerOptions {
   struct Net {
     std::string listen = "127.0.0.1:50051";         // port 0 picks a free port (see Server::port)
     std::string metrics_listen = "127.0.0.1:9464";  // empty disables /metrics
+    std::string http_listen;                         // HTTP/JSON API and the page (server/http.h); empty: none
     int max_message_bytes = 64 << 20;               // larger requests get RESOURCE_EXHAUSTED
     // TLS (PEM files): with a certificate and key the gRPC port speaks TLS only (plaintext is refused); with a
     // client CA too, clients must present a certificate it signed (mutual TLS).

@@ -20,6 +20,7 @@
 #include "server/internal/auth.h"
 #include "server/internal/router.h"
 #include "server/internal/service.h"
+#include "server/http.h"
 #include "server/metrics.h"
 #include "storage/store.h"
 
@@ -439,6 +440,7 @@ struct Server::Impl {
   std::unique_ptr<internal::TokenTable> tokens;     // null without --auth-tokens
   std::unique_ptr<ThreadPool> pool;                 // handlers' blocking work; outlives every call
   std::unique_ptr<grpc::Server> grpc_server;
+  std::unique_ptr<HttpGateway> http;                // null without --http-listen
   int port = 0;
   std::once_flag shutdown_once;
 };
@@ -452,7 +454,7 @@ namespace {
 // Starts /metrics and the gRPC server for `service` (health and reflection included).
 absl::Status Serve(const ServerOptions& options, grpc::Service* service, Metrics* metrics, const std::string& what,
                    const std::shared_ptr<grpc::ServerCredentials>& creds, const internal::TokenTable* tokens,
-                   std::unique_ptr<grpc::Server>* out, int* port) {
+                   std::unique_ptr<grpc::Server>* out, int* port, std::unique_ptr<HttpGateway>* http) {
   if (!options.net.metrics_listen.empty()) {
     absl::Status st = metrics->Serve(options.net.metrics_listen);
     if (!st.ok()) return st;
@@ -474,6 +476,15 @@ absl::Status Serve(const ServerOptions& options, grpc::Service* service, Metrics
   spdlog::info("serving rapidin.v1.InfluenceService on port {} ({}; {}, {}){}", *port, what, transport,
                tokens ? absl::StrCat(tokens->size(), " bearer tokens") : "no tokens",
                options.net.metrics_listen.empty() ? "" : absl::StrCat(", metrics on port ", metrics->port()));
+  if (!options.net.http_listen.empty()) {
+    // The gateway calls the service in-process: the same handlers, limits, tokens and metrics.
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(options.net.max_message_bytes);
+    args.SetMaxSendMessageSize(options.net.max_message_bytes);
+    auto g = HttpGateway::Start(options, (*out)->InProcessChannel(args));
+    if (!g.ok()) return g.status();
+    *http = std::move(*g);
+  }
   return absl::OkStatus();
 }
 
@@ -514,7 +525,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     impl->router = std::move(*router);
     absl::Status st = Serve(options, impl->router.get(), impl->metrics.get(),
                             absl::StrCat("router over ", options.router.shard_servers.size(), " shard servers"),
-                            *creds, impl->tokens.get(), &impl->grpc_server, &impl->port);
+                            *creds, impl->tokens.get(), &impl->grpc_server, &impl->port, &impl->http);
     if (!st.ok()) return st;
     return std::unique_ptr<Server>(new Server(std::move(impl)));
   }
@@ -601,12 +612,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   impl->service->UpdateTierMetrics();
   absl::Status st = Serve(options, impl->service.get(), impl->metrics.get(),
                           absl::StrCat(impl->engine->num_workers(), " workers, ", impl->engine->backend(), " kernels"),
-                          *creds, impl->tokens.get(), &impl->grpc_server, &impl->port);
+                          *creds, impl->tokens.get(), &impl->grpc_server, &impl->port, &impl->http);
   if (!st.ok()) return st;
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }
 
 int Server::port() const { return impl_->port; }
+int Server::http_port() const { return impl_->http ? impl_->http->port() : 0; }
 int Server::metrics_port() const { return impl_->options.net.metrics_listen.empty() ? 0 : impl_->metrics->port(); }
 
 void Server::Wait() { impl_->grpc_server->Wait(); }
@@ -621,6 +633,7 @@ absl::Status Server::ReloadTokens() {
 void Server::Shutdown(absl::Duration grace) {
   std::call_once(impl_->shutdown_once, [&] {
     spdlog::info("shutting down (grace {} ms)", absl::ToInt64Milliseconds(grace));
+    if (impl_->http) impl_->http->Stop();  // no new HTTP calls; the gRPC shutdown below finishes the rest
     impl_->grpc_server->GetHealthCheckService()->SetServingStatus(false);
     impl_->grpc_server->Shutdown(absl::ToChronoTime(absl::Now() + grace));  // returns when every call is finished
     impl_->pool.reset();

@@ -31,6 +31,7 @@ class Server {
 
   int port() const;          // the gRPC port actually bound
   int metrics_port() const;  // 0 when metrics are disabled
+  int http_port() const;     // the HTTP/JSON port (server/http.h); 0 without --http-listen
   void Wait();               // until Shutdown
   // Re-reads ServerOptions::net.auth_tokens (rapidin-server does on SIGHUP); on an error the old tokens stay.
   // FAILED_PRECONDITION when the server has no token file.

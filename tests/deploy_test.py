@@ -117,6 +117,18 @@ check(servers == want, f"--shard-servers {servers} != the StatefulSet's pods {wa
 router_args = router["spec"]["template"]["spec"]["containers"][0]["args"]
 check(arg(router_args, "--model") == arg(job_args, "--model"), "the router's --model differs from the cached one")
 
+# kustomization.yaml: its resources exist, and the Grafana dashboard ConfigMap is generated from the dashboard JSON
+# with the label Grafana's sidecar watches (the metric names themselves: tests/http_test.py, against a server).
+kust = yaml.safe_load(open(os.path.join(src, "deploy", "kustomization.yaml")))
+for r in kust["resources"]:
+    check(os.path.exists(os.path.join(src, "deploy", r)), f"kustomization resource {r} missing")
+gen = {g["name"]: g for g in kust["configMapGenerator"]}
+dash = gen.get("rapidin-grafana-dashboard")
+check(dash is not None and dash["options"]["labels"].get("grafana_dashboard") == "1", "dashboard ConfigMap label")
+for f in (dash or {}).get("files", []):
+    d = json.load(open(os.path.join(src, "deploy", f)))
+    check(d.get("panels"), f"{f} has no panels")
+
 if failures:
     print("\n".join("FAIL: " + f for f in failures))
     sys.exit(1)
