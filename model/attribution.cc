@@ -96,10 +96,15 @@ absl::Status Attribute(const Featurizer& featurizer, const Example& gen, const s
       ts->set_begin(pl.span.begin);
       ts->set_end(pl.span.end);
     };
-    for (size_t s = 1; s < zt->ids.size(); ++s) {
-      auto* ts = sr->add_record_tokens();
-      place(s, ts);
-      ts->set_score(static_cast<float>(Dot(z_tok[s - 1], q, featurizer.final_offset())));
+    // The first token has no loss of its own (nothing predicts it); without a BOS it is text and still has an
+    // influence through the tokens after it.
+    const bool bos_first = eng.tokenizer()->bos() >= 0 && !zt->ids.empty() && zt->ids[0] == eng.tokenizer()->bos();
+    for (size_t s = bos_first ? 1 : 0; s < zt->ids.size(); ++s) {
+      if (s >= 1) {
+        auto* ts = sr->add_record_tokens();
+        place(s, ts);
+        ts->set_score(static_cast<float>(Dot(z_tok[s - 1], q, featurizer.final_offset())));
+      }
       auto* ti = sr->add_record_influence_tokens();
       place(s, ti);
       ti->set_score(static_cast<float>(infl[s]));
