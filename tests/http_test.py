@@ -226,9 +226,30 @@ def main():
         status, rec, _ = call(rbase, "GET", "/v1/records/t0")
         check(status == 200 and rec["record"]["text"] == "plain words about vectors" and rec["source"],
               f"router record {rec}")
+        # The shard server gone: the router's UNAVAILABLE is HTTP 503.
+        stop(shard)
+        error_of(*call(rbase, "POST", "/v1/query-by-vector",
+                       {"queries": [{"values": vec}], "topK": 1}, headers={"grpc-timeout": "5S"})[:2], 503,
+                 "UNAVAILABLE")
     finally:
         stop(router)
         stop(shard)
+
+    # A full handler queue: RESOURCE_EXHAUSTED is HTTP 429 (one handler thread, one waiting request, eight
+    # concurrent text queries with token attributions).
+    p, base = start(["--store", f"{work}/store", "--model", MODEL, "--listen", "127.0.0.1:0",
+                     "--handler-threads", "1", "--max-queued-requests", "1"], free_port())
+    try:
+        import concurrent.futures
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda _: call(base, "POST", "/v1/query", dict(query, topK=5, harmfulK=5)),
+                                  range(8)))
+        statuses = sorted(c[0] for c in codes)
+        check(200 in statuses and 429 in statuses and set(statuses) <= {200, 429}, f"busy server: {statuses}")
+        busy = next(c for c in codes if c[0] == 429)
+        error_of(busy[0], busy[1], 429, "RESOURCE_EXHAUSTED")
+    finally:
+        stop(p)
 
     # TLS and mutual TLS: the HTTP port speaks HTTPS only, with the gRPC port's certificate and client CA.
     certs = f"{work}/certs"

@@ -15,6 +15,7 @@
 #include "client/client.h"
 #include "kernels/half.h"
 #include "kernels/score.h"
+#include "server/http.h"
 #include "server/server.h"
 #include "tests/test_util.h"
 
@@ -132,6 +133,18 @@ class ServerTest : public ::testing::Test {
   std::unique_ptr<client::Client> client_;
   std::vector<std::vector<float>> vectors_;
 };
+
+// The HTTP gateway's status for every gRPC code: google.rpc.Code's mapping (CANCELLED as 499, as Google's APIs).
+TEST(HttpGateway, EveryGrpcCodeHasItsHttpStatus) {
+  using C = grpc::StatusCode;
+  const std::vector<std::pair<C, int>> want = {
+      {C::OK, 200}, {C::CANCELLED, 499}, {C::UNKNOWN, 500}, {C::INVALID_ARGUMENT, 400},
+      {C::DEADLINE_EXCEEDED, 504}, {C::NOT_FOUND, 404}, {C::ALREADY_EXISTS, 409}, {C::PERMISSION_DENIED, 403},
+      {C::RESOURCE_EXHAUSTED, 429}, {C::FAILED_PRECONDITION, 400}, {C::ABORTED, 409}, {C::OUT_OF_RANGE, 400},
+      {C::UNIMPLEMENTED, 501}, {C::INTERNAL, 500}, {C::UNAVAILABLE, 503}, {C::DATA_LOSS, 500},
+      {C::UNAUTHENTICATED, 401}};
+  for (const auto& [code, http] : want) EXPECT_EQ(server::HttpGateway::HttpStatus(code), http) << code;
+}
 
 TEST_F(ServerTest, QueryByVectorMatchesBruteForce) {
   std::vector<std::vector<float>> qs = {SeededVector(1, kK), SeededVector(2, kK), SeededVector(3, kK)};
