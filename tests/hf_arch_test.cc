@@ -270,7 +270,8 @@ TEST_F(ChatRecords, IdsLogitsAndLossMaskMatchTransformers) {
   ASSERT_TRUE(e.ok()) << e.status();
   EXPECT_EQ((*e)->chat_template(), "chatml");
   EXPECT_EQ((*e)->tokenizer()->bos(), -1);  // Qwen2: no BOS
-  for (const auto& c : Ref()["chats"]) {
+  const auto ref = Ref();  // not Ref()["chats"] in the loop header: the temporary would die before the body
+  for (const auto& c : ref["chats"]) {
     const Example ex = Chat(c["messages"]);
     auto t = (*e)->Tokenize(ex);
     ASSERT_TRUE(t.ok()) << t.status();
