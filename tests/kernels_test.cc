@@ -122,7 +122,10 @@ TEST_P(ScoreTest, Avx2EqualsPortableBitwise) {
 INSTANTIATE_TEST_SUITE_P(Shapes, ScoreTest,
                          ::testing::Values(Shape{1, 1, 1}, Shape{7, 3, 1}, Shape{13, 8, 2}, Shape{33, 257, 1},
                                            Shape{17, 1031, 3}, Shape{9, 4096, 8}, Shape{11, 129, 11},
-                                           Shape{5, 4099, 17}, Shape{7, 5000, 9}, Shape{64, 64, 4}, Shape{3, 65536, 1}));
+                                           Shape{5, 4099, 17}, Shape{7, 5000, 9}, Shape{64, 64, 4}, Shape{3, 65536, 1},
+                                           // the wide (AVX-512VL) tiles: full 8-query blocks, a short last block,
+                                           // short last row tiles, and rows long enough for the chunk-outer order
+                                           Shape{10, 1029, 32}, Shape{8, 100, 8}, Shape{4, 40007, 9}));
 
 TEST(Score, RejectsNegativeSizes) {
   float out[1];

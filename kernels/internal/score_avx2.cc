@@ -11,41 +11,13 @@
 #include <vector>
 
 #include "kernels/internal/score_impl.h"
+#include "kernels/internal/score_tile.h"
 
 namespace rapidin::kernels::internal {
 namespace {
 
 constexpr int64_t kChunk = 2048;  // 4 queries x 2048 floats = 32 KiB: fits L1
 
-inline float Reduce8(__m256 v) {
-  // Canonical order: (l0+l4, l1+l5, l2+l6, l3+l7) -> (s0+s2, s1+s3) -> sum.
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-  return _mm_cvtss_f32(s1);
-}
-
-// acc[r * Q + j] += rows[r][c0:c1] * queries[j][c0:c1], lane-wise.
-template <int R, int Q>
-void TileChunk(const uint16_t* rows, int64_t k, const float* queries, int64_t c0, int64_t c1, __m256* acc) {
-  __m256 a[R][Q];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < Q; ++j) a[r][j] = acc[r * Q + j];
-  for (int64_t c = c0; c < c1; c += 8) {
-    __m256 x[R];
-    for (int r = 0; r < R; ++r) {
-      x[r] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + r * k + c)));
-    }
-    for (int j = 0; j < Q; ++j) {
-      const __m256 qv = _mm256_loadu_ps(queries + j * k + c);
-      for (int r = 0; r < R; ++r) a[r][j] = _mm256_fmadd_ps(x[r], qv, a[r][j]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < Q; ++j) acc[r * Q + j] = a[r][j];
-}
-
-using ChunkFn = void (*)(const uint16_t*, int64_t, const float*, int64_t, int64_t, __m256*);
 
 // Tile shapes per query-block size: R*Q accumulators + R row registers + 1 query register <= 16.
 struct Shape {
@@ -61,7 +33,13 @@ constexpr int kMaxQB = 4;
 
 }  // namespace
 
+bool g_score_before = false;  // see score_impl.h
+
 void ScoreF16Avx2(const uint16_t* store, int64_t n, int64_t k, const float* queries, int q, float* out) {
+  if (q > kMaxQB && !g_score_before && Avx512VlAvailable()) {
+    ScoreF16Avx2Wide(store, n, k, queries, q, out);
+    return;
+  }
   const int nblocks = (q + kMaxQB - 1) / kMaxQB;
   std::vector<__m256> acc(static_cast<size_t>(n) * q, _mm256_setzero_ps());
   const int64_t k8 = k & ~int64_t{7};

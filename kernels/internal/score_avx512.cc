@@ -1,0 +1,112 @@
+// ScoreF16Avx2's arithmetic with 3-row x 8-query tiles (24 accumulators + 3 rows + 1 query = 28 of AVX-512VL's 32
+// ymm registers). Every accumulator takes the same FMAs in the same order as in score_avx2.cc, so the results are
+// bitwise those of the AVX2 and portable kernels (kernels_test).
+//
+// Loop order: when the query vectors of one K chunk fit in L2 next to the rows (q * k * 4 bytes <= 1 MiB), rows
+// are outermost: a 3-row tile walks K in chunks and every query block runs over the chunk while the rows' bytes are
+// in L1, so each row is read from memory and converted once per 8 query vectors. Otherwise (very long rows) the
+// chunk is outermost and the query chunk stays in L1 while every row streams past it, the accumulators parked in
+// between.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels/internal/score_impl.h"
+#include "kernels/internal/score_tile.h"
+
+namespace rapidin::kernels::internal {
+namespace {
+
+constexpr int kRows = 3, kQ = 8;
+const ChunkFn kFull[kQ + 1] = {nullptr,          &TileChunk<3, 1>, &TileChunk<3, 2>, &TileChunk<3, 3>, &TileChunk<3, 4>,
+                               &TileChunk<3, 5>, &TileChunk<3, 6>, &TileChunk<3, 7>, &TileChunk<3, 8>};
+const ChunkFn kOne[kQ + 1] = {nullptr,          &TileChunk<1, 1>, &TileChunk<1, 2>, &TileChunk<1, 3>, &TileChunk<1, 4>,
+                              &TileChunk<1, 5>, &TileChunk<1, 6>, &TileChunk<1, 7>, &TileChunk<1, 8>};
+
+// acc[(r - r0) * q + j] -> out[r * q + j], with the K tail.
+void Finish(const uint16_t* store, int64_t r0, int64_t r1, int64_t k, int64_t k8, const float* queries, int q,
+            const __m256* acc, float* out) {
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int j = 0; j < q; ++j) {
+      float s = Reduce8(acc[(r - r0) * q + j]);
+      for (int64_t c = k8; c < k; ++c) {
+        const float xv = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(store[r * k + c])));
+        s = std::fma(xv, queries[static_cast<int64_t>(j) * k + c], s);
+      }
+      out[r * q + j] = s;
+    }
+  }
+}
+
+}  // namespace
+
+bool Avx512VlAvailable() {
+  static const bool available = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  }();
+  return available;
+}
+
+void ScoreF16Avx2Wide(const uint16_t* store, int64_t n, int64_t k, const float* queries, int q, float* out) {
+  const int nblocks = (q + kQ - 1) / kQ;
+  const int64_t k8 = k & ~int64_t{7};
+  auto block = [&](int b, int* j0, int* qb) {
+    *j0 = b * kQ;
+    *qb = q - *j0 < kQ ? q - *j0 : kQ;
+  };
+  if (static_cast<int64_t>(q) * k * 4 <= (int64_t{1} << 20)) {
+    // Rows outermost. tile: block b's kRows x qb accumulators at kRows * j0 (rows x qb for a short last tile).
+    constexpr int64_t kChunk = 2048;
+    std::vector<__m256> tile(static_cast<size_t>(kRows) * q), acc(static_cast<size_t>(kRows) * q);
+    for (int64_t r = 0; r < n; r += kRows) {
+      const int rows = n - r < kRows ? static_cast<int>(n - r) : kRows;
+      std::fill(tile.begin(), tile.end(), _mm256_setzero_ps());
+      for (int64_t c0 = 0; c0 < k8; c0 += kChunk) {
+        const int64_t c1 = std::min(c0 + kChunk, k8);
+        for (int b = 0; b < nblocks; ++b) {
+          int j0, qb;
+          block(b, &j0, &qb);
+          const float* qs = queries + static_cast<int64_t>(j0) * k;
+          if (rows == kRows) {
+            kFull[qb](store + r * k, k, qs, c0, c1, &tile[static_cast<size_t>(kRows) * j0]);
+          } else {
+            for (int i = 0; i < rows; ++i) kOne[qb](store + (r + i) * k, k, qs, c0, c1, &tile[rows * j0 + i * qb]);
+          }
+        }
+      }
+      for (int b = 0; b < nblocks; ++b) {
+        int j0, qb;
+        block(b, &j0, &qb);
+        for (int i = 0; i < rows; ++i)
+          for (int j = 0; j < qb; ++j) acc[static_cast<size_t>(i) * q + j0 + j] = tile[rows * j0 + i * qb + j];
+      }
+      Finish(store, r, r + rows, k, k8, queries, q, acc.data(), out);
+    }
+    return;
+  }
+  // Chunk outermost: 8 query vectors x 1024 floats = 32 KiB of queries stay in L1 while the rows stream past.
+  constexpr int64_t kChunk = 1024;
+  std::vector<__m256> acc(static_cast<size_t>(n) * q, _mm256_setzero_ps());
+  for (int64_t c0 = 0; c0 < k8; c0 += kChunk) {
+    const int64_t c1 = std::min(c0 + kChunk, k8);
+    for (int b = 0; b < nblocks; ++b) {
+      int j0, qb;
+      block(b, &j0, &qb);
+      const float* qs = queries + static_cast<int64_t>(j0) * k;
+      int64_t r = 0;
+      __m256 t[kRows * kQ];
+      for (; r + kRows <= n; r += kRows) {
+        for (int i = 0; i < kRows; ++i)
+          for (int j = 0; j < qb; ++j) t[i * qb + j] = acc[(r + i) * q + j0 + j];
+        kFull[qb](store + r * k, k, qs, c0, c1, t);
+        for (int i = 0; i < kRows; ++i)
+          for (int j = 0; j < qb; ++j) acc[(r + i) * q + j0 + j] = t[i * qb + j];
+      }
+      for (; r < n; ++r) kOne[qb](store + r * k, k, qs, c0, c1, &acc[r * q + j0]);
+    }
+  }
+  Finish(store, 0, n, k, k8, queries, q, acc.data(), out);
+}
+
+}  // namespace rapidin::kernels::internal
