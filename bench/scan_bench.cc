@@ -5,6 +5,7 @@
 // Everything is measured in one run, so the ratios are comparable even on a noisy machine.
 #include <faiss/IndexFlat.h>
 #include <faiss/IndexScalarQuantizer.h>
+#include <faiss/utils/utils.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -13,6 +14,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
 #include <functional>
 #include <memory>
 #include <random>
@@ -20,6 +23,8 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "bench/bench_util.h"
 #include "bench/torch_baseline.h"
@@ -161,15 +166,19 @@ int KernelOnly(int threads, int reps, double bw, bool quick, const std::string& 
 int main(int argc, char** argv) {
   bool quick = false;
   bool kernel_only = false;  // rapidin's scan only (now and before), no peers
+  // A Python with PyPI's faiss-cpu: bench/peers/faiss_scan.py runs on this benchmark's own store and queries.
+  std::string faiss_python;
   int threads = static_cast<int>(std::thread::hardware_concurrency());
   std::string out = "bench/results/scan.md";
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--kernel-only")) kernel_only = true;
+    else if (!std::strcmp(argv[i], "--faiss-python") && i + 1 < argc) faiss_python = argv[++i];
     else if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) threads = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
     else {
-      std::fprintf(stderr, "usage: scan_bench [--quick] [--kernel-only] [--threads T] [--out FILE.md]\n");
+      std::fprintf(stderr,
+                   "usage: scan_bench [--quick] [--kernel-only] [--faiss-python PY] [--threads T] [--out FILE.md]\n");
       return 2;
     }
   }
@@ -204,9 +213,37 @@ int main(int argc, char** argv) {
       }
     });
     const double store_bytes = static_cast<double>(n) * k * 2;
+    std::vector<float> all_q(static_cast<size_t>(8) * k);  // the first nq of these for each query count
+    for (auto& x : all_q) x = g(rng);
+    // PyPI's faiss-cpu on the same store and queries (its own process: a different FAISS build than the one linked).
+    std::map<std::pair<std::string, int>, std::pair<double, int64_t>> pypi;  // (method, nq) -> (ms, top-1)
+    std::string pypi_version;
+    if (!faiss_python.empty()) {
+      const std::string sp = "/tmp/rapidin_scan_store.f16", qp = "/tmp/rapidin_scan_queries.f32";
+      std::ofstream(sp, std::ios::binary).write(reinterpret_cast<const char*>(store), n * k * 2);
+      std::ofstream(qp, std::ios::binary).write(reinterpret_cast<const char*>(all_q.data()), all_q.size() * 4);
+      const std::string cmd = absl::StrFormat("%s bench/peers/faiss_scan.py %s %s %d %d 1,8 %d %d", faiss_python, sp,
+                                              qp, n, k, threads, reps);
+      std::printf("  running %s\n", cmd.c_str());
+      FILE* pipe = popen(cmd.c_str(), "r");
+      char line[8192];
+      while (pipe && std::fgets(line, sizeof line, pipe)) {
+        auto j = nlohmann::json::parse(line, nullptr, false);
+        if (j.is_discarded()) continue;
+        pypi[{j["method"].get<std::string>(), j["nq"].get<int>()}] = {j["ms"].get<double>(), j["top1"].get<int64_t>()};
+        pypi_version = absl::StrFormat("faiss-cpu %s PyPI (%s)", j["version"].get<std::string>(),
+                                       j["simd"].get<std::string>());
+      }
+      if (!pipe || pclose(pipe) != 0) std::fprintf(stderr, "faiss_scan.py failed; PyPI rows left out\n");
+      std::remove(sp.c_str());
+      std::remove(qp.c_str());
+    }
+    // The linked FAISS: Debian's libfaiss, its version and compile options (its SIMD level).
+    const std::string debian_faiss = absl::StrFormat("faiss %d.%d.%d Debian (%s)", FAISS_VERSION_MAJOR,
+                                                     FAISS_VERSION_MINOR, FAISS_VERSION_PATCH,
+                                                     absl::StripAsciiWhitespace(faiss::get_compile_options()));
     for (int nq : {1, 8}) {
-      std::vector<float> q(static_cast<size_t>(nq) * k);
-      for (auto& x : q) x = g(rng);
+      std::vector<float> q(all_q.begin(), all_q.begin() + static_cast<int64_t>(nq) * k);
       const int top_k = 10;
       auto add = [&](const std::string& method, const std::vector<double>& times, const std::string& note) {
         const double t = Median(times);
@@ -256,13 +293,19 @@ int main(int argc, char** argv) {
       {
         faiss::IndexFlatIP flat(k);
         flat.add(n, store32);
-        faiss_run(flat, "faiss IndexFlatIP (fp32, helpful only)");
+        faiss_run(flat, debian_faiss + " IndexFlatIP (fp32, helpful only)");
       }
       {
         faiss::IndexScalarQuantizer sq(k, faiss::ScalarQuantizer::QT_fp16, faiss::METRIC_INNER_PRODUCT);
         sq.train(std::min<int64_t>(n, 1000), store32);
         sq.add(n, store32);
-        faiss_run(sq, "faiss IndexScalarQuantizer fp16");
+        faiss_run(sq, debian_faiss + " IndexScalarQuantizer fp16");
+      }
+      for (const char* m : {"IndexFlatIP (fp32, helpful only)", "IndexScalarQuantizer fp16"}) {
+        auto it = pypi.find({m, nq});
+        if (it == pypi.end()) continue;
+        add(absl::StrFormat("%s %s", pypi_version, m), {it->second.first / 1e3},
+            it->second.second == ours_top1 ? "same top-1" : "TOP-1 DIFFERS");
       }
     }
     std::free(store);
@@ -275,8 +318,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   md << "# Scan benchmark\n\n";
-  md << absl::StrFormat("Generated by `build/bench/scan_bench%s --threads %d`. Median of %d runs. ",
-                        quick ? " --quick" : "", threads, reps);
+  md << absl::StrFormat("Generated by `build/bench/scan_bench%s%s --threads %d`. Median of %d runs. ",
+                        quick ? " --quick" : "", faiss_python.empty() ? "" : " --faiss-python PY", threads, reps);
   md << "GB/s counts the fp16 store's bytes (N x K x 2) for every method, so the columns compare time for the "
         "same question; FAISS IndexFlatIP and LibTorch actually read fp32 (twice the bytes). rapidin and LibTorch "
         "return both ends (helpful and harmful); FAISS returns the helpful end only. top_k = 10.\n\n";
@@ -287,10 +330,16 @@ int main(int argc, char** argv) {
     md << absl::StrFormat("| %s | %s | %d | %.2f | %.2f | %.0f%% | %s |\n", r.shape, r.method, r.nq, r.ms, r.gbs_fp16,
                           100 * r.ratio_bw, r.note);
   }
-  md << "\n| shape | query vectors | rapidin speed-up vs libtorch | vs faiss Flat | vs faiss SQfp16 |\n|---|---|---|---|---|\n";
-  for (size_t i = 0; i + 3 < rows.size(); i += 4) {
-    md << absl::StrFormat("| %s | %d | %.2fx | %.2fx | %.2fx |\n", rows[i].shape, rows[i].nq, rows[i + 1].ms / rows[i].ms,
-                          rows[i + 2].ms / rows[i].ms, rows[i + 3].ms / rows[i].ms);
+  md << "\nSpeed-up of rapidin's scan over each peer (the peer's time / rapidin's, same shape and query "
+        "vectors):\n\n";
+  md << "| shape | query vectors | peer | rapidin speed-up |\n|---|---|---|---|\n";
+  for (const auto& r : rows) {
+    if (absl::StartsWith(r.method, "rapidin")) continue;
+    for (const auto& o : rows) {
+      if (o.shape == r.shape && o.nq == r.nq && absl::StartsWith(o.method, "rapidin")) {
+        md << absl::StrFormat("| %s | %d | %s | %.2fx |\n", r.shape, r.nq, r.method, r.ms / o.ms);
+      }
+    }
   }
   std::printf("wrote %s\n", out.c_str());
   return 0;
