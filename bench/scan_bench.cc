@@ -74,7 +74,7 @@ double KernelPeakGflops(int threads) {
 // --kernel-only: rapidin's scan for 1, 8, 16 and 32 query vectors, now and with the earlier loop order
 // (--before's path, rapidin::kernels::internal::g_score_before) in the same run, against the read bandwidth
 // and the kernel's arithmetic peak.
-int KernelOnly(int threads, int reps, double bw, bool quick, const std::string& out) {
+int KernelOnly(int threads, int reps, double bw, bool quick, const std::string& out, const std::string& json_out) {
   const double peak = KernelPeakGflops(threads);
   std::printf("kernel arithmetic peak (L1-resident, %d threads): %.1f GFLOP/s\n", threads, peak);
   const auto impl = rapidin::kernels::ResolveImpl(rapidin::kernels::ScoreImpl::kAuto);
@@ -158,6 +158,15 @@ int KernelOnly(int threads, int reps, double bw, bool quick, const std::string& 
     (void)dims;
   }
   std::printf("wrote %s\n", out.c_str());
+  if (!json_out.empty()) {
+    nlohmann::json j = {{"read_gbps", bw}, {"kernel_peak_gflops", peak}};
+    for (const auto& r : rows) {
+      if (r.shape != "N=100000 x K=4096") continue;
+      j[absl::StrFormat("scan_ms_%d", r.nq)] = r.now_ms;
+      j[absl::StrFormat("scan_ms_%d_before", r.nq)] = r.before_ms;
+    }
+    std::ofstream(json_out) << j.dump(1) << "\n";
+  }
   return 0;
 }
 
@@ -168,12 +177,14 @@ int main(int argc, char** argv) {
   bool kernel_only = false;  // rapidin's scan only (now and before), no peers
   // A Python with PyPI's faiss-cpu: bench/peers/faiss_scan.py runs on this benchmark's own store and queries.
   std::string faiss_python;
+  std::string json_out;  // key figures for bench/results/perf.json (bench/run-all.sh)
   int threads = static_cast<int>(std::thread::hardware_concurrency());
   std::string out = "bench/results/scan.md";
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--kernel-only")) kernel_only = true;
     else if (!std::strcmp(argv[i], "--faiss-python") && i + 1 < argc) faiss_python = argv[++i];
+    else if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json_out = argv[++i];
     else if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) threads = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
     else {
@@ -188,7 +199,10 @@ int main(int argc, char** argv) {
   const double bw = ReadBandwidth(threads, quick ? (size_t{1} << 30) : (size_t{4} << 30), reps);
   std::printf("memory read bandwidth (%d threads): %.2f GB/s\n", threads, bw);
 
-  if (kernel_only) return KernelOnly(threads, reps, bw, quick, out == "bench/results/scan.md" ? "bench/results/scan-kernel.md" : out);
+  if (kernel_only) {
+    return KernelOnly(threads, reps, bw, quick, out == "bench/results/scan.md" ? "bench/results/scan-kernel.md" : out,
+                      json_out);
+  }
   struct Shape {
     int64_t n, k;
   };
@@ -342,5 +356,21 @@ int main(int argc, char** argv) {
     }
   }
   std::printf("wrote %s\n", out.c_str());
+  if (!json_out.empty()) {  // the N=100k x K=4096 figures of every method
+    nlohmann::json j;
+    for (const auto& r : rows) {
+      if (r.shape != "N=100000 x K=4096") continue;
+      std::string key;
+      if (absl::StartsWith(r.method, "rapidin")) key = "rapidin";
+      else if (absl::StrContains(r.method, "PyPI") && absl::StrContains(r.method, "IndexFlatIP")) key = "faiss_pypi_flat";
+      else if (absl::StrContains(r.method, "PyPI")) key = "faiss_pypi_sqfp16";
+      else if (absl::StrContains(r.method, "Debian") && absl::StrContains(r.method, "IndexFlatIP")) key = "faiss_debian_flat";
+      else if (absl::StrContains(r.method, "Debian")) key = "faiss_debian_sqfp16";
+      else key = "libtorch";
+      j[absl::StrFormat("%s_ms_%d", key, r.nq)] = r.ms;
+    }
+    j["read_gbps"] = bw;
+    std::ofstream(json_out) << j.dump(1) << "\n";
+  }
   return 0;
 }
