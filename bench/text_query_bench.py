@@ -36,38 +36,49 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-port = free_port()
-proc = subprocess.Popen([server_bin, "--store", store, "--model", model, "--listen", "127.0.0.1:0", "--http-listen",
-                         f"127.0.0.1:{port}", "--metrics-listen", ""], stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL)
-base = f"http://127.0.0.1:{port}"
-try:
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(base + "/healthz", timeout=1).read()
-            break
-        except Exception:
-            time.sleep(0.1)
-    body = json.dumps({"instruction": INSTRUCTION, "generation": GENERATION, "topK": 5, "harmfulK": 3}).encode()
+def run(env_extra):
+    """100 queries against a fresh server; returns one dict per query."""
+    port = free_port()
+    env = dict(os.environ, **env_extra)
+    proc = subprocess.Popen([server_bin, "--store", store, "--model", model, "--listen", "127.0.0.1:0",
+                             "--http-listen", f"127.0.0.1:{port}", "--metrics-listen", ""], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    base = f"http://127.0.0.1:{port}"
     rows = []
-    for i in range(n + 3):  # 3 warm-up queries
-        t0 = time.perf_counter()
-        req = urllib.request.Request(base + "/v1/query", data=body, headers={"Content-Type": "application/json"})
-        r = json.loads(urllib.request.urlopen(req, timeout=60).read())
-        wall = (time.perf_counter() - t0) * 1e3
-        if i >= 3:
-            scan = max(t.get("scanMs", 0) for t in r.get("shardTimings", [{}]))
-            rows.append({"total": r["totalMs"], "gradient": r["gradientMs"], "scan": scan, "wall": wall,
-                         "top1": r["result"]["helpful"][0]["id"]})
-finally:
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(base + "/healthz", timeout=1).read()
+                break
+            except Exception:
+                time.sleep(0.1)
+        body = json.dumps({"instruction": INSTRUCTION, "generation": GENERATION, "topK": 5, "harmfulK": 3}).encode()
+        for i in range(n + 3):  # 3 warm-up queries
+            t0 = time.perf_counter()
+            req = urllib.request.Request(base + "/v1/query", data=body, headers={"Content-Type": "application/json"})
+            r = json.loads(urllib.request.urlopen(req, timeout=60).read())
+            wall = (time.perf_counter() - t0) * 1e3
+            if i >= 3:
+                scan = max(t.get("scanMs", 0) for t in r.get("shardTimings", [{}]))
+                rows.append({"total": r["totalMs"], "gradient": r["gradientMs"], "scan": scan, "wall": wall,
+                             "top1": r["result"]["helpful"][0]["id"]})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return rows
+
+
+# Now, and before the large-buffer cache (RAPIDIN_NO_BUFFER_CACHE=1: LibTorch's allocator, every buffer of 1 MiB
+# and more mapped and unmapped per gradient pass), one after the other in this run.
+before = run({"RAPIDIN_NO_BUFFER_CACHE": "1"})
+rows = run({})
 keys = ["total", "gradient", "scan", "wall"]
 summary = {k: {"p50": pct([x[k] for x in rows], 50), "p90": pct([x[k] for x in rows], 90),
                "max": max(x[k] for x in rows)} for k in keys}
 top1 = {x["top1"] for x in rows}
 result = {"text_query_p50_ms": summary["total"]["p50"], "text_query_wall_p50_ms": summary["wall"]["p50"],
-          "text_query_gradient_p50_ms": summary["gradient"]["p50"], "queries": n, "top1": sorted(top1)}
+          "text_query_gradient_p50_ms": summary["gradient"]["p50"],
+          "text_query_p50_ms_before": pct([x["total"] for x in before], 50), "queries": n, "top1": sorted(top1)}
 print(json.dumps(result))
 lines = [f"# Text query latency\n",
          f"`bench/text_query_bench.py` on {os.cpu_count()} cores: the README demo's question, {n} queries in a row "
@@ -77,6 +88,9 @@ names = {"total": "server total (gradient + scan + records)", "gradient": "gradi
          "scan": "scan (slowest shard)", "wall": "client wall (HTTP + JSON included)"}
 for k in keys:
     lines.append(f"| {names[k]} | {summary[k]['p50']:.1f} | {summary[k]['p90']:.1f} | {summary[k]['max']:.1f} |")
+lines.append(f"| server total before the large-buffer cache (RAPIDIN_NO_BUFFER_CACHE=1, same run) | "
+             f"{pct([x['total'] for x in before], 50):.1f} | {pct([x['total'] for x in before], 90):.1f} | "
+             f"{max(x['total'] for x in before):.1f} |")
 lines.append(f"\nTop record every time: {', '.join(sorted(top1))}.")
 text = "\n".join(lines) + "\n"
 print(text)

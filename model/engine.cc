@@ -9,6 +9,9 @@
 #include <cmath>
 #include <cstdint>
 #include <mutex>
+#include <unordered_map>
+#include <map>
+#include <c10/core/CPUAllocator.h>
 #include <thread>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -34,6 +37,85 @@ void SetComputeThreads(int threads) {
 }
 
 thread_local const Leaves* tls_leaves = nullptr;
+
+namespace {
+
+// LibTorch's CPU buffers of 1 MiB and more, kept for reuse in a bounded cache. rapidin-server maps such buffers
+// from the kernel (M_MMAP_THRESHOLD 1 MiB, against heap fragmentation), so without a cache every gradient pass
+// mapped, faulted in and unmapped its attention and gradient buffers (13 ms of the demo's 57 ms text query).
+// Sizes are rounded up to 1/8 of their power of two so that similar lengths share blocks; at most kLimit bytes
+// are kept, the rest is freed at once. Smaller buffers go to LibTorch's default allocator.
+class LargeBufferCache final : public c10::Allocator {
+ public:
+  static constexpr size_t kMin = size_t{1} << 20;
+  static constexpr size_t kLimit = size_t{64} << 20;
+
+  c10::DataPtr allocate(size_t n) const override {
+    if (n < kMin) return base_->allocate(n);
+    const size_t size = Round(n);
+    void* p = nullptr;
+    {
+      MutexLock l(&mu_);
+      auto it = free_.find(size);
+      if (it != free_.end()) {
+        p = it->second;
+        free_.erase(it);
+        cached_ -= size;
+      }
+    }
+    if (p == nullptr && posix_memalign(&p, 64, size) != 0) throw std::bad_alloc();
+    {
+      MutexLock l(&mu_);
+      sizes_[p] = size;
+    }
+    return {p, p, &Release, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &Release; }
+
+  static LargeBufferCache& Get() {
+    static LargeBufferCache* cache = new LargeBufferCache();  // never destroyed: tensors may outlive main
+    return *cache;
+  }
+
+ private:
+  LargeBufferCache() : base_(c10::GetDefaultCPUAllocator()) {}
+
+  static size_t Round(size_t n) {
+    size_t top = size_t{1} << (63 - __builtin_clzll(n));  // highest power of two <= n
+    const size_t step = top / 8;
+    return (n + step - 1) / step * step;
+  }
+  static void Release(void* p) {
+    LargeBufferCache& c = Get();
+    MutexLock l(&c.mu_);
+    auto it = c.sizes_.find(p);
+    const size_t size = it->second;
+    c.sizes_.erase(it);
+    if (c.cached_ + size <= kLimit) {
+      c.free_.emplace(size, p);
+      c.cached_ += size;
+      return;
+    }
+    std::free(p);
+  }
+
+  c10::Allocator* base_;
+  mutable Mutex mu_;
+  mutable std::multimap<size_t, void*> free_ ABSL_GUARDED_BY(mu_);
+  mutable std::unordered_map<void*, size_t> sizes_ ABSL_GUARDED_BY(mu_);
+  mutable size_t cached_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace
+
+void UseLargeBufferCache() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    // RAPIDIN_NO_BUFFER_CACHE=1: LibTorch's own allocator (benchmarks measure the difference side by side).
+    const char* off = std::getenv("RAPIDIN_NO_BUFFER_CACHE");
+    if (off == nullptr || std::string(off) != "1") c10::SetCPUAllocator(&LargeBufferCache::Get(), /*priority=*/1);
+  });
+}
 
 absl::Status TorchError(const std::exception& e) {
   const auto* c10e = dynamic_cast<const c10::Error*>(&e);

@@ -296,6 +296,7 @@ absl::Status GradientEngine::Impl::LoadAdapter(const std::string& path) {
 }
 
 absl::Status GradientEngine::Impl::Init(const EngineOptions& o) {
+  UseLargeBufferCache();
   options = o;
   dtype = o.use_double ? torch::kDouble : torch::kFloat;
   auto dev = ResolveDevice(o.device);

@@ -61,6 +61,10 @@ struct Leaves {
 };
 extern thread_local const Leaves* tls_leaves;
 
+// Routes LibTorch's CPU buffers of 1 MiB and more through a bounded cache (64 MiB kept) instead of mapping and
+// unmapping each one; called once by every loader.
+void UseLargeBufferCache();
+
 // LibTorch reports failures (CUDA out of memory, a device-side error) by throwing; the engine returns them as a
 // Status (RESOURCE_EXHAUSTED for memory, else INTERNAL). Guarded(f) runs f and converts what it throws.
 absl::Status TorchError(const std::exception& e);
