@@ -204,6 +204,21 @@ def main():
         check(browser.wait("document.getElementById('status').className === 'error'"), "no error for a bad request")
         err = browser.js("document.getElementById('status').textContent")
         check("INVALID_ARGUMENT" in err and "generation is empty" in err, f"error words: {err}")
+        # A chat query from the chat field: the training chat comes first, its tokens name the message.
+        browser.js("""(() => { document.getElementById('chat').value = JSON.stringify([
+                        {role: 'user', content: 'Say hello.'}, {role: 'assistant', content: 'Hello there!'}]);
+                      document.getElementById('submit').click(); })()""")
+        check(browser.wait("document.getElementById('status').className === 'ok' && "
+                           "document.querySelector('#helpful tr.r') && "
+                           "document.querySelector('#helpful tr.r').cells[2].textContent === 'chat-1'"),
+              "chat query: chat-1 not first")
+        browser.js("document.querySelector('#helpful tr.r').click()")
+        check(browser.wait("[...document.querySelectorAll('#helpful tr.d span.t')].some(s => s.title.startsWith('messages[1]'))"),
+              "chat query: no token placed in messages[1]")
+        browser.js("""(() => { document.getElementById('chat').value = '[not json';
+                      document.getElementById('submit').click(); })()""")
+        check(browser.wait("document.getElementById('status').textContent.includes('not JSON')"), "bad chat JSON")
+        browser.js("document.getElementById('chat').value = ''")
         # 10,000 records returned: drawn in one pass, rows open on demand; the tab stays responsive.
         ms = browser.js("""(() => {
             const tok = (i) => ({text: 'tok' + i, field: 'generation', score: Math.sin(i)});
