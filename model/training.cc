@@ -11,6 +11,7 @@
 #include <mutex>
 #include <thread>
 #include <filesystem>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <fstream>
@@ -131,6 +132,20 @@ absl::StatusOr<double> TrainStep(GradientEngine* engine, const std::vector<Token
 
 namespace {
 
+// Writes path.tmp through `write`, then renames it over path: a killed writer leaves the old file whole.
+absl::Status WriteFileAtomically(const std::string& path, const std::function<void(std::ostream&)>& write) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    write(out);
+    if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) return absl::UnavailableError(absl::StrCat("cannot rename ", tmp, ": ", ec.message()));
+  return absl::OkStatus();
+}
+
 // safetensors: 8-byte little-endian header length, a JSON header, then the raw tensors.
 absl::Status WriteSafetensors(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& ts,
                               const nlohmann::json& metadata = nlohmann::json()) {
@@ -146,17 +161,10 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<std::pa
   std::string h = header.dump();
   while (h.size() % 8 != 0) h += ' ';
   const uint64_t n = h.size();
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+  return WriteFileAtomically(path, [&](std::ostream& out) {
     out.write(reinterpret_cast<const char*>(&n), 8);
     out << h << data;
-    if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);  // a killed writer leaves the old file whole
-  if (ec) return absl::UnavailableError(absl::StrCat("cannot rename ", tmp, ": ", ec.message()));
-  return absl::OkStatus();
+  });
 }
 
 }  // namespace
@@ -207,24 +215,6 @@ absl::Status SaveOptimizerState(const GradientEngine& engine, const std::string&
   });
 }
 
-namespace {
-
-// Writes path.tmp, then renames it over path.
-absl::Status WriteFileAtomically(const std::string& path, const std::string& content) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << content;
-    if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) return absl::UnavailableError(absl::StrCat("cannot rename ", tmp, ": ", ec.message()));
-  return absl::OkStatus();
-}
-
-}  // namespace
-
 absl::Status SaveHf(const GradientEngine& engine, const std::string& dir) {
   return Guarded([&]() -> absl::Status {
     const EngineAccess::Impl& d = EngineAccess::Of(engine);
@@ -242,7 +232,8 @@ absl::Status SaveHf(const GradientEngine& engine, const std::string& dir) {
       absl::Status st = WriteSafetensors((std::filesystem::path(dir) / "model.safetensors").string(), ts,
                                          nlohmann::json{{"format", "pt"}});
       if (!st.ok()) return st;
-      return WriteFileAtomically((std::filesystem::path(dir) / "config.json").string(), d.hf_config + "\n");
+      return WriteFileAtomically((std::filesystem::path(dir) / "config.json").string(),
+                                 [&](std::ostream& out) { out << d.hf_config << "\n"; });
     }
     const int64_t hd = c.dim / c.n_heads;
     // Interleaved (2i, 2i+1) pairs -> (i, i + hd/2) halves, per head (transformers' convert_llama_weights_to_hf).
@@ -286,7 +277,8 @@ absl::Status SaveHf(const GradientEngine& engine, const std::string& dir) {
                           {"bos_token_id", 1},
                           {"eos_token_id", 2},
                           {"torch_dtype", "float32"}};
-    return WriteFileAtomically((std::filesystem::path(dir) / "config.json").string(), cfg.dump(2) + "\n");
+    return WriteFileAtomically((std::filesystem::path(dir) / "config.json").string(),
+                               [&](std::ostream& out) { out << cfg.dump(2) << "\n"; });
   });
 }
 
@@ -296,30 +288,24 @@ absl::Status SaveLlama2c(const GradientEngine& engine, const std::string& path) 
     if (!d.llama2c) return absl::UnimplementedError("SaveLlama2c: the base model was not a llama2.c checkpoint");
     const ModelConfig& c = d.cfg;
     torch::NoGradGuard no_grad;
-    const std::string tmp = path + ".tmp";
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    const int32_t hdr[7] = {c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads,
-                            c.tied_output ? c.vocab_size : -c.vocab_size, c.seq_len};
-    out.write(reinterpret_cast<const char*>(hdr), sizeof hdr);
-    auto put = [&](const torch::Tensor& t) {
-      auto f = t.to(torch::kCPU, torch::kFloat).contiguous();
-      out.write(reinterpret_cast<const char*>(f.data_ptr<float>()), f.numel() * sizeof(float));
-    };
-    put(d.Merged("tok_embeddings.weight"));
-    for (const char* k : {"attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
-                          "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"}) {
-      for (int l = 0; l < c.n_layers; ++l) put(d.Merged(absl::StrCat("layers.", l, ".", k, ".weight")));
-    }
-    put(d.Merged("norm.weight"));
-    put(d.cos);  // freq_cis_real / imag, as llama2.c writes them
-    put(d.sin);
-    if (!c.tied_output) put(d.Merged("output.weight"));
-    if (!out.flush()) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
-    out.close();
-    std::error_code ec;
-    std::filesystem::rename(tmp, path, ec);
-    if (ec) return absl::UnavailableError(absl::StrCat("cannot rename ", tmp, ": ", ec.message()));
-    return absl::OkStatus();
+    return WriteFileAtomically(path, [&](std::ostream& out) {
+      const int32_t hdr[7] = {c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads,
+                              c.tied_output ? c.vocab_size : -c.vocab_size, c.seq_len};
+      out.write(reinterpret_cast<const char*>(hdr), sizeof hdr);
+      auto put = [&](const torch::Tensor& t) {
+        auto f = t.to(torch::kCPU, torch::kFloat).contiguous();
+        out.write(reinterpret_cast<const char*>(f.data_ptr<float>()), f.numel() * sizeof(float));
+      };
+      put(d.Merged("tok_embeddings.weight"));
+      for (const char* k : {"attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                            "ffn_norm", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"}) {
+        for (int l = 0; l < c.n_layers; ++l) put(d.Merged(absl::StrCat("layers.", l, ".", k, ".weight")));
+      }
+      put(d.Merged("norm.weight"));
+      put(d.cos);  // freq_cis_real / imag, as llama2.c writes them
+      put(d.sin);
+      if (!c.tied_output) put(d.Merged("output.weight"));
+    });
   });
 }
 
