@@ -66,16 +66,7 @@ void ScoreF16Avx2(const uint16_t* store, int64_t n, int64_t k, const float* quer
       for (; r < n; ++r) s.one(store + r * k, k, qs, c0, c1, &acc[r * q + j0]);
     }
   }
-  for (int64_t r = 0; r < n; ++r) {
-    for (int j = 0; j < q; ++j) {
-      float s = Reduce8(acc[r * q + j]);
-      for (int64_t c = k8; c < k; ++c) {
-        const float xv = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(store[r * k + c])));
-        s = std::fma(xv, queries[static_cast<int64_t>(j) * k + c], s);
-      }
-      out[r * q + j] = s;
-    }
-  }
+  Finish(store, 0, n, k, k8, queries, q, acc.data(), out);
 }
 
 }  // namespace rapidin::kernels::internal

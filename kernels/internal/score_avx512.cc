@@ -8,7 +8,6 @@
 // chunk is outermost and the query chunk stays in L1 while every row streams past it, the accumulators parked in
 // between.
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
 #include "kernels/internal/score_impl.h"
@@ -22,21 +21,6 @@ const ChunkFn kFull[kQ + 1] = {nullptr,          &TileChunk<3, 1>, &TileChunk<3,
                                &TileChunk<3, 5>, &TileChunk<3, 6>, &TileChunk<3, 7>, &TileChunk<3, 8>};
 const ChunkFn kOne[kQ + 1] = {nullptr,          &TileChunk<1, 1>, &TileChunk<1, 2>, &TileChunk<1, 3>, &TileChunk<1, 4>,
                               &TileChunk<1, 5>, &TileChunk<1, 6>, &TileChunk<1, 7>, &TileChunk<1, 8>};
-
-// acc[(r - r0) * q + j] -> out[r * q + j], with the K tail.
-void Finish(const uint16_t* store, int64_t r0, int64_t r1, int64_t k, int64_t k8, const float* queries, int q,
-            const __m256* acc, float* out) {
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int j = 0; j < q; ++j) {
-      float s = Reduce8(acc[(r - r0) * q + j]);
-      for (int64_t c = k8; c < k; ++c) {
-        const float xv = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(store[r * k + c])));
-        s = std::fma(xv, queries[static_cast<int64_t>(j) * k + c], s);
-      }
-      out[r * q + j] = s;
-    }
-  }
-}
 
 }  // namespace
 

@@ -6,6 +6,7 @@
 
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace rapidin::kernels::internal {
@@ -37,6 +38,21 @@ void TileChunk(const uint16_t* rows, int64_t k, const float* queries, int64_t c0
   }
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < Q; ++j) acc[r * Q + j] = a[r][j];
+}
+
+// acc[(r - r0) * q + j] -> out[r * q + j], with the K tail.
+void Finish(const uint16_t* store, int64_t r0, int64_t r1, int64_t k, int64_t k8, const float* queries, int q,
+            const __m256* acc, float* out) {
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int j = 0; j < q; ++j) {
+      float s = Reduce8(acc[(r - r0) * q + j]);
+      for (int64_t c = k8; c < k; ++c) {
+        const float xv = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(store[r * k + c])));
+        s = std::fma(xv, queries[static_cast<int64_t>(j) * k + c], s);
+      }
+      out[r * q + j] = s;
+    }
+  }
 }
 
 using ChunkFn = void (*)(const uint16_t*, int64_t, const float*, int64_t, int64_t, __m256*);
