@@ -54,14 +54,7 @@ std::string HfName(std::string s, bool gemma2) {
   return "model." + s;
 }
 
-double RelErr(const std::vector<double>& got, const std::vector<double>& want) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    num = std::max(num, std::fabs(got[i] - want[i]));
-    den = std::max(den, std::fabs(want[i]));
-  }
-  return num / std::max(den, 1e-30);
-}
+using rapidin::testing::RelErr;
 
 class Arch : public ::testing::TestWithParam<std::string> {};
 

@@ -34,7 +34,6 @@ class TempDir {
   std::filesystem::path path_;
 };
 
-// The shared data folder: $RAPIDIN_SHARED_DATA or ../shared/data beside the checkout.
 // Largest |v_i| (0 for an empty vector): the scale of a reference, and a guard against comparing zeros.
 inline double MaxAbs(const std::vector<double>& v) {
   double m = 0;
@@ -42,6 +41,14 @@ inline double MaxAbs(const std::vector<double>& v) {
   return m;
 }
 
+// max_i |got_i - want_i| / max_i |want_i|: the error relative to the reference's largest value.
+inline double RelErr(const std::vector<double>& got, const std::vector<double>& want) {
+  double num = 0;
+  for (size_t i = 0; i < want.size(); ++i) num = std::max(num, std::fabs(got[i] - want[i]));
+  return num / std::max(MaxAbs(want), 1e-30);
+}
+
+// The shared data folder: $RAPIDIN_SHARED_DATA or ../shared/data beside the checkout.
 inline std::string SharedData() {
   const char* env = std::getenv("RAPIDIN_SHARED_DATA");
 #ifdef RAPIDIN_SOURCE_DIR
