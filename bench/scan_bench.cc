@@ -31,7 +31,6 @@
 #include "kernels/half.h"
 #include "kernels/internal/score_impl.h"
 #include "kernels/score.h"
-#include "absl/strings/str_split.h"
 
 namespace {
 
@@ -47,6 +46,23 @@ struct Row {
   double ms, gbs_fp16, ratio_bw;
   std::string note;
 };
+
+// An n x k fp16 store of N(0, 0.01^2) values (and, when store32 is given, the same values as fp32), filled by
+// `threads` threads, each first-touching the contiguous shard it will scan (as the host tier does).
+uint16_t* MakeStore(int64_t n, int64_t k, int threads, float** store32 = nullptr) {
+  uint16_t* store = AlignedAlloc<uint16_t>(static_cast<size_t>(n) * k);
+  float* s32 = store32 ? AlignedAlloc<float>(static_cast<size_t>(n) * k) : nullptr;
+  Parallel(threads, [&](int t) {
+    std::mt19937_64 r(t * 7919 + k);
+    std::normal_distribution<float> gg;
+    for (int64_t i = n * k * t / threads; i < n * k * (t + 1) / threads; ++i) {
+      store[i] = rapidin::kernels::FloatToHalf(gg(r) * 0.01f);
+      if (s32) s32[i] = rapidin::kernels::HalfToFloat(store[i]);
+    }
+  });
+  if (store32) *store32 = s32;
+  return store;
+}
 
 // The kernel's arithmetic ceiling: ScoreF16 on a store that stays in L1 (48 rows x 1024), 32 query vectors,
 // repeated on every thread. GFLOP/s counts a multiply-add as 2.
@@ -90,14 +106,7 @@ int KernelOnly(int threads, int reps, double bw, bool quick, const std::string& 
   std::normal_distribution<float> g;
   for (const auto& [n, k] : shapes) {
     const std::string shape = absl::StrFormat("N=%d x K=%d", n, k);
-    uint16_t* store = AlignedAlloc<uint16_t>(static_cast<size_t>(n) * k);
-    Parallel(threads, [&](int t) {
-      std::mt19937_64 r(t * 7919 + k);
-      std::normal_distribution<float> gg;
-      for (int64_t i = n * k * t / threads; i < n * k * (t + 1) / threads; ++i) {
-        store[i] = rapidin::kernels::FloatToHalf(gg(r) * 0.01f);
-      }
-    });
+    uint16_t* store = MakeStore(n, k, threads);
     for (int nq : {1, 8, 16, 32}) {
       std::vector<float> q(static_cast<size_t>(nq) * k);
       for (auto& x : q) x = g(rng);
@@ -148,14 +157,12 @@ int KernelOnly(int threads, int reps, double bw, bool quick, const std::string& 
   md << "|---|---|---|---|---|---|---|\n";
   for (const auto& r : rows) {
     const KRow& one = *std::find_if(rows.begin(), rows.end(), [&](const KRow& x) { return x.shape == r.shape && x.nq == 1; });
-    const auto dims = absl::StrSplit(r.shape, ' ');
     int64_t n = 0, k = 0;
     std::sscanf(r.shape.c_str(), "N=%ld x K=%ld", &n, &k);
     const double bytes = 2.0 * n * k, flops = 2.0 * n * k * r.nq;
     md << absl::StrFormat("| %s | %d | %.2f | %.2f | %.2fx | %.0f%% | %.0f%% |\n", r.shape, r.nq, r.now_ms, r.before_ms,
                           r.now_ms / one.now_ms, 100 * bytes / (r.now_ms / 1e3) / 1e9 / bw,
                           100 * flops / (r.now_ms / 1e3) / 1e9 / peak);
-    (void)dims;
   }
   std::printf("wrote %s\n", out.c_str());
   if (!json_out.empty()) {
@@ -215,17 +222,8 @@ int main(int argc, char** argv) {
   for (const auto& [n, k] : shapes) {
     const std::string shape = absl::StrFormat("N=%d x K=%d", n, k);
     std::printf("== %s: generating %.2f GB fp16 store\n", shape.c_str(), n * k * 2 / 1e9);
-    // fp16 store, split row-wise into one contiguous shard per thread (as the host tier does).
-    uint16_t* store = AlignedAlloc<uint16_t>(static_cast<size_t>(n) * k);
-    float* store32 = AlignedAlloc<float>(static_cast<size_t>(n) * k);
-    Parallel(threads, [&](int t) {
-      std::mt19937_64 r(t * 7919 + k);
-      std::normal_distribution<float> gg;
-      for (int64_t i = n * k * t / threads; i < n * k * (t + 1) / threads; ++i) {
-        store[i] = rapidin::kernels::FloatToHalf(gg(r) * 0.01f);
-        store32[i] = rapidin::kernels::HalfToFloat(store[i]);
-      }
-    });
+    float* store32 = nullptr;  // the same values in fp32, for the peers that read fp32
+    uint16_t* store = MakeStore(n, k, threads, &store32);
     const double store_bytes = static_cast<double>(n) * k * 2;
     std::vector<float> all_q(static_cast<size_t>(8) * k);  // the first nq of these for each query count
     for (auto& x : all_q) x = g(rng);
