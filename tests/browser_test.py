@@ -13,12 +13,13 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+
+from e2e_util import free_port, wait_healthy
 
 SERVER, CLI = sys.argv[1], sys.argv[2]
 SHOT = sys.argv[3] if len(sys.argv) > 3 else None
@@ -116,14 +117,6 @@ class Browser:
             self.proc.kill()
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def main():
     work = tempfile.mkdtemp()
     recs = [
@@ -149,12 +142,7 @@ def main():
                                "--auth-tokens", f"{work}/tokens"],
                               stdout=open(f"{work}/server.log", "w"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    for _ in range(150):
-        try:
-            urllib.request.urlopen(base + "/healthz", timeout=1).read()
-            break
-        except Exception:
-            time.sleep(0.1)
+    wait_healthy(base, server)
     browser = Browser(f"{work}/profile")
     try:
         browser.navigate(base + "/")

@@ -8,7 +8,6 @@ The store is project-made: ten records (Alpaca, chat, text) cached with tests/fi
 """
 import json
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+
+from e2e_util import free_port, wait_healthy
 
 SERVER, CLI = sys.argv[1], sys.argv[2]
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,14 +28,6 @@ def check(cond, what):
     if not cond:
         failures.append(what)
         print("FAIL:", what)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def call(base, method, path, body=None, headers=None, raw=None, ctx=None):
@@ -61,14 +54,8 @@ def start(args, http_port, scheme="http", ctx=None):
     p = subprocess.Popen([SERVER] + args + ["--http-listen", f"127.0.0.1:{http_port}"],
                          stdout=log, stderr=subprocess.STDOUT)
     base = f"{scheme}://127.0.0.1:{http_port}"
-    for _ in range(150):
-        try:
-            urllib.request.urlopen(base + "/healthz", timeout=1, context=ctx).read()
-            return p, base
-        except Exception:
-            if p.poll() is not None:
-                break
-            time.sleep(0.1)
+    if wait_healthy(base, p, ctx):
+        return p, base
     p.kill()
     print(open(log.name).read())
     raise SystemExit(f"server did not start: {args}")
