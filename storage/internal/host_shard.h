@@ -2,6 +2,7 @@
 #ifndef RAPIDIN_STORAGE_INTERNAL_HOST_SHARD_H_
 #define RAPIDIN_STORAGE_INTERNAL_HOST_SHARD_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -28,8 +29,15 @@ class AlignedRows {
   // Ensures room for `rows` rows; false when memory cannot be had (existing rows untouched).
   bool Reserve(int64_t rows) {
     if (rows <= capacity_) return true;
+    // A row count whose bytes do not fit in size_t (a damaged manifest's record count, say) cannot be had: the
+    // size would wrap to a small allocation that the rows then overrun.
+    const size_t row_bytes = static_cast<size_t>(k_) * sizeof(uint16_t);
+    const int64_t max_rows =
+        row_bytes == 0 ? INT64_MAX / 2
+                       : static_cast<int64_t>(std::min<size_t>(INT64_MAX / 2, (SIZE_MAX - kAlign) / row_bytes));
+    if (rows > max_rows) return false;
     int64_t cap = capacity_ == 0 ? 1024 : capacity_;
-    while (cap < rows) cap *= 2;
+    while (cap < rows) cap = cap > max_rows / 2 ? max_rows : cap * 2;
     size_t bytes = static_cast<size_t>(cap) * k_ * sizeof(uint16_t);
     bytes = (bytes + kAlign - 1) / kAlign * kAlign;
     void* p = allocator_.alloc != nullptr ? allocator_.alloc(bytes == 0 ? kAlign : bytes)
