@@ -2,6 +2,7 @@
 #include "query/backend.h"
 
 #include "absl/strings/str_cat.h"
+#include "query/ivf_index.h"
 
 #if RAPIDIN_HAVE_CUDA
 #include "query/internal/cuda_backend.h"
@@ -47,6 +48,14 @@ class CpuBackend : public ScanBackend {
 
 absl::StatusOr<std::unique_ptr<ScanBackend>> MakeScanBackend(const storage::Store* store,
                                                              const BackendOptions& options) {
+  if (options.ivf != nullptr) {
+    if (options.backend != "cpu") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("the IVF index scores its candidates on the CPU; backend \"", options.backend,
+                       "\" cannot serve it (use the cpu backend, or no index)"));
+    }
+    return MakeIvfBackend(store, options.ivf, options.nprobe, options.impl);
+  }
   if (options.backend == "cpu") {
     return std::unique_ptr<ScanBackend>(new CpuBackend(store, kernels::ResolveImpl(options.impl)));
   }

@@ -19,6 +19,8 @@
 
 namespace rapidin::query {
 
+class IvfIndex;
+
 struct ShardTiming {
   int shard = 0;
   std::string backend;
@@ -60,10 +62,15 @@ struct BackendOptions {
   std::string backend = "cpu";  // "cpu" | "cuda"
   kernels::ScoreImpl impl = kernels::ScoreImpl::kAuto;
   kernels::GpuOptions gpu;     // "cuda" only
+  // With an index (query/ivf_index.h), only its candidate rows are scored (exactly); "cpu" only. Must outlive the
+  // backend. nprobe 0: the index's default.
+  const IvfIndex* ivf = nullptr;
+  int nprobe = 0;
 };
 
 // store must outlive the backend. For "cuda", places the shards on the GPUs and uploads the hot ones.
-// Errors: INVALID_ARGUMENT (unknown backend), UNAVAILABLE (no usable GPU, or a build without CUDA), GPU errors.
+// Errors: INVALID_ARGUMENT (unknown backend, or an index with "cuda"), UNAVAILABLE (no usable GPU, or a build
+// without CUDA), GPU errors.
 absl::StatusOr<std::unique_ptr<ScanBackend>> MakeScanBackend(const storage::Store* store,
                                                              const BackendOptions& options);
 

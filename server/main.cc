@@ -62,6 +62,14 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 1 << 16))
       ->capture_default_str();
   app.add_option("--kernels", impl, "auto|avx2|portable")->capture_default_str();
+  app.add_option("--index", o.scan.index,
+                 "none (scan every row: exact, the reference) | ivf (an IVF index picks candidate rows, scored "
+                 "exactly; CPU; kept in <store>/rapidin-ivf.bin)")
+      ->capture_default_str();
+  app.add_option("--index-nlist", o.scan.index_nlist, "IVF lists (0: about sqrt(records))")->capture_default_str();
+  app.add_option("--index-nprobe", o.scan.index_nprobe, "IVF lists probed at each end (0: nlist / 16)")
+      ->capture_default_str();
+  app.add_flag("--index-rebuild", o.scan.index_rebuild, "train the IVF index anew even if a saved one fits");
   app.add_option("--max-top-k", o.limits.max_top_k, "largest top_k / harmful_k accepted")->capture_default_str();
   app.add_option("--handler-threads", o.limits.handler_threads,
                  "threads for requests' blocking work (0: max(4, hardware threads))")->capture_default_str();

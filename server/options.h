@@ -56,6 +56,14 @@ struct ServerOptions {
     kernels::ScoreImpl impl = kernels::ScoreImpl::kAuto;
     int max_batch_vectors = 64;             // query vectors that may share one scan
     uint64_t cold_chunk_bytes = 32u << 20;  // cold rows are read from disk and scored in chunks this large
+    // "none": every query scans every row (exact; the default and the reference). "ivf": an IVF index
+    // (query/ivf_index.h) picks candidate rows, which are scored exactly; CPU backend only. It is kept in
+    // <store>/rapidin-ivf.bin, built or brought up to date at start-up, updated by ingest and delete, saved at
+    // shutdown.
+    std::string index = "none";
+    int index_nlist = 0;                    // 0: about sqrt(records)
+    int index_nprobe = 0;                   // lists probed at each end; 0: nlist / 16
+    bool index_rebuild = false;             // train new centroids even if a saved index fits
   };
   // Query by text (either role): the model whose gradients the store holds. The sketch parameters come from the
   // store's projection state; a model, parameter selection or max_length that differs is refused at start-up.

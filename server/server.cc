@@ -15,6 +15,7 @@
 #include "base/thread_pool.h"
 #include "model/attribution.h"
 #include "model/featurizer.h"
+#include "query/ivf_index.h"
 #include "query/query_engine.h"
 #include "rapidin/v1/rapidin.grpc.pb.h"
 #include "server/internal/auth.h"
@@ -46,9 +47,9 @@ class InfluenceServiceImpl final : public v1::InfluenceService::CallbackService 
  public:
   InfluenceServiceImpl(storage::Store* store, QueryEngine* engine, Metrics* metrics,
                        const model::Featurizer* featurizer, const ServerOptions& options,
-                       const internal::TokenTable* tokens, ThreadPool* pool)
+                       const internal::TokenTable* tokens, ThreadPool* pool, query::IvfIndex* ivf)
       : store_(store), engine_(engine), metrics_(metrics), featurizer_(featurizer), options_(options),
-        tokens_(tokens), pool_(pool) {}
+        tokens_(tokens), pool_(pool), ivf_(ivf) {}
 
   grpc::ServerUnaryReactor* Query(grpc::CallbackServerContext* ctx, const v1::QueryRequest* req,
                                   v1::QueryResponse* resp) override {
@@ -113,7 +114,12 @@ class InfluenceServiceImpl final : public v1::InfluenceService::CallbackService 
   }
 
   absl::Status DoDeleteRecords(const v1::DeleteRecordsRequest& req, v1::DeleteRecordsResponse* resp) {
-    auto res = store_->Delete({req.ids().begin(), req.ids().end()});
+    absl::StatusOr<storage::DeleteResult> res;
+    {
+      MutexLock l(&index_write_mu_);  // the index follows the store in the store's order of writes
+      res = store_->Delete({req.ids().begin(), req.ids().end()});
+      if (res.ok() && ivf_ != nullptr) ivf_->ApplyDelete(*res);
+    }
     if (!res.ok()) return res.status();
     resp->set_deleted(res->deleted);
     resp->set_not_found(res->not_found);
@@ -231,7 +237,12 @@ class InfluenceServiceImpl final : public v1::InfluenceService::CallbackService 
         items[i].record = std::move(*r->mutable_record());
         items[i].vector.assign(r->vector().begin(), r->vector().end());
       }
-      auto res = s_->store_->Ingest(items);
+      absl::StatusOr<storage::IngestResult> res;
+      {
+        MutexLock l(&s_->index_write_mu_);  // the index follows the store in the store's order of writes
+        res = s_->store_->Ingest(items);
+        if (res.ok() && s_->ivf_ != nullptr) s_->ivf_->ApplyIngest(*res, items);
+      }
       if (!res.ok()) {
         return Done(absl::Status(res.status().code(),
                                  absl::StrCat("batch ", resp_->batches_applied() + 1, " rejected (",
@@ -425,6 +436,8 @@ class InfluenceServiceImpl final : public v1::InfluenceService::CallbackService 
   ServerOptions options_;
   const internal::TokenTable* tokens_;  // null: no tokens required
   ThreadPool* pool_;
+  query::IvfIndex* ivf_;               // null without --index ivf
+  Mutex index_write_mu_;               // a store write and its index update, together
 };
 
 }  // namespace
@@ -432,6 +445,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::CallbackService 
 struct Server::Impl {
   ServerOptions options;
   std::unique_ptr<storage::Store> store;
+  std::unique_ptr<query::IvfIndex> ivf;             // null unless --index ivf; kept in step by ingest and delete
   std::unique_ptr<model::Featurizer> featurizer;
   std::unique_ptr<QueryEngine> engine;
   std::unique_ptr<Metrics> metrics;
@@ -533,8 +547,15 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   if (options.scan.backend != "auto" && options.scan.backend != "cpu" && options.scan.backend != "cuda") {
     return absl::InvalidArgumentError(absl::StrCat("unknown backend \"", options.scan.backend, "\" (auto|cpu|cuda)"));
   }
+  if (options.scan.index != "none" && options.scan.index != "ivf") {
+    return absl::InvalidArgumentError(absl::StrCat("unknown index \"", options.scan.index, "\" (none|ivf)"));
+  }
+  const bool ivf = options.scan.index == "ivf";
+  if (ivf && options.scan.backend == "cuda") {
+    return absl::InvalidArgumentError("--index ivf scores its candidates on the CPU: use --backend cpu (or auto)");
+  }
   // Decide the backend before opening the store: the CUDA backend wants the host tier in pinned memory.
-  std::string backend = options.scan.backend;
+  std::string backend = ivf ? "cpu" : options.scan.backend;
   if (backend != "cpu") {
     std::string devices;
     const absl::Status usable = CudaBackendUsable(&devices);
@@ -584,7 +605,29 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
                  impl->featurizer->sketch().Describe());
   }
 
+  if (ivf) {
+    query::IvfOptions io;
+    io.nlist = options.scan.index_nlist;
+    io.nprobe = options.scan.index_nprobe;
+    io.progress = [last = std::chrono::steady_clock::now()](const char* stage, uint64_t done,
+                                                           uint64_t total) mutable {
+      const auto now = std::chrono::steady_clock::now();
+      if (done != total && now - last < std::chrono::seconds(2)) return;
+      last = now;
+      spdlog::info("ivf index: {} {}/{}", stage, done, total);
+    };
+    const auto ti = std::chrono::steady_clock::now();
+    std::string how;
+    auto index = query::IvfIndex::Open(*impl->store, io, options.scan.index_rebuild, &how);
+    if (!index.ok()) return index.status();
+    impl->ivf = std::move(*index);
+    spdlog::info("ivf index: nlist {}, {} rows, {} in {:.2f} s", impl->ivf->nlist(), impl->ivf->rows(), how,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - ti).count());
+  }
+
   QueryEngine::Options eo;
+  eo.ivf = impl->ivf.get();
+  eo.nprobe = options.scan.index_nprobe;
   eo.max_batch_vectors = options.scan.max_batch_vectors;
   eo.cold_chunk_bytes = options.scan.cold_chunk_bytes;
   eo.impl = options.scan.impl;
@@ -608,7 +651,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   impl->pool = MakePool(options.limits);
   impl->service = std::make_unique<InfluenceServiceImpl>(impl->store.get(), impl->engine.get(), impl->metrics.get(),
                                                          impl->featurizer.get(), options, impl->tokens.get(),
-                                                         impl->pool.get());
+                                                         impl->pool.get(), impl->ivf.get());
   impl->service->UpdateTierMetrics();
   absl::Status st = Serve(options, impl->service.get(), impl->metrics.get(),
                           absl::StrCat(impl->engine->num_workers(), " workers, ", impl->engine->backend(), " kernels"),
@@ -639,6 +682,15 @@ void Server::Shutdown(absl::Duration grace) {
     impl_->pool.reset();
     impl_->metrics->Stop();
     impl_->engine.reset();
+    if (impl_->ivf != nullptr && impl_->store != nullptr && impl_->ivf->sequence() == impl_->store->sequence()) {
+      const std::string path = query::IvfIndex::DefaultPath(impl_->store->path());
+      if (absl::Status st = impl_->ivf->Save(path); st.ok()) {
+        spdlog::info("ivf index saved to {}", path);
+      } else {
+        spdlog::warn("ivf index not saved ({}): the next start reassigns the rows", std::string(st.message()));
+      }
+    }
+    impl_->ivf.reset();
     impl_->store.reset();
     spdlog::info("shutdown complete");
   });

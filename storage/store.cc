@@ -484,6 +484,8 @@ absl::StatusOr<IngestResult> Store::Ingest(const std::vector<IngestItem>& batch)
     d.manifest.set_record_count(next);
     d.manifest.set_deleted_count(m.deleted_count());
   }
+  result.rows = std::move(rows);
+  result.sequence = d.db->GetLatestSequenceNumber();
   return result;
 }
 
@@ -526,7 +528,10 @@ absl::StatusOr<DeleteResult> Store::Delete(const std::vector<std::string>& ids) 
     wb.Put(d.cf_records(), FreeKey(g), rocksdb::Slice());
     ++result.deleted;
   }
-  if (rows.empty()) return result;
+  if (rows.empty()) {
+    result.sequence = d.db->GetLatestSequenceNumber();
+    return result;
+  }
   m.set_deleted_count(m.deleted_count() + rows.size());
   wb.Put(d.cf_manifest(), kManifestKey, m.SerializeAsString());
   rocksdb::WriteOptions wo;
@@ -550,6 +555,8 @@ absl::StatusOr<DeleteResult> Store::Delete(const std::vector<std::string>& ids) 
     MutexLock l(&d.manifest_mu);
     d.manifest.set_deleted_count(m.deleted_count());
   }
+  result.rows = std::move(rows);
+  result.sequence = d.db->GetLatestSequenceNumber();
   return result;
 }
 
@@ -667,6 +674,7 @@ uint64_t Store::size() const { return manifest().record_count(); }
 uint32_t Store::k() const { return impl_->k(); }
 int Store::num_shards() const { return impl_->num_shards(); }
 const std::string& Store::path() const { return impl_->path; }
+uint64_t Store::sequence() const { return impl_->db->GetLatestSequenceNumber(); }
 
 TierUsage Store::Usage() const {
   TierUsage u;

@@ -60,11 +60,15 @@ struct IngestItem {
 struct IngestResult {
   uint64_t inserted = 0;
   uint64_t replaced = 0;
+  std::vector<uint64_t> rows;        // the row each item of the batch was written to, in batch order
+  uint64_t sequence = 0;             // the store's write sequence() right after this batch
 };
 
 struct DeleteResult {
   uint64_t deleted = 0;
   uint64_t not_found = 0;
+  std::vector<uint64_t> rows;        // the rows that became tombstones
+  uint64_t sequence = 0;             // the store's write sequence() right after the deletion
 };
 
 // Read-only view of one shard's rows (fp16, 64-byte aligned), valid while the callback of WithShard runs.
@@ -131,6 +135,9 @@ class Store {
   int num_shards() const;
   const std::string& path() const;
   TierUsage Usage() const;
+  // RocksDB's last write sequence number: it grows with every write (ingest, delete) and persists, so a file
+  // derived from the store (the IVF index) can tell at load whether the store changed since it was written.
+  uint64_t sequence() const;
 
  private:
   struct Impl;
