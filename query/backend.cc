@@ -3,6 +3,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "query/ivf_index.h"
+#include "query/pca_index.h"
 
 #if RAPIDIN_HAVE_CUDA
 #include "query/internal/cuda_backend.h"
@@ -48,13 +49,20 @@ class CpuBackend : public ScanBackend {
 
 absl::StatusOr<std::unique_ptr<ScanBackend>> MakeScanBackend(const storage::Store* store,
                                                              const BackendOptions& options) {
-  if (options.ivf != nullptr) {
+  if (options.ivf != nullptr || options.pca != nullptr) {
     if (options.backend != "cpu") {
       return absl::InvalidArgumentError(
-          absl::StrCat("the IVF index scores its candidates on the CPU; backend \"", options.backend,
-                       "\" cannot serve it (use the cpu backend, or no index)"));
+          absl::StrCat("the indexes score their candidates on the CPU; backend \"", options.backend,
+                       "\" cannot serve them (use the cpu backend, or no index)"));
     }
-    return MakeIvfBackend(store, options.ivf, options.nprobe, options.impl);
+    if (options.ivf != nullptr && options.pca != nullptr) {
+      return absl::InvalidArgumentError("one index at a time: ivf or pca");
+    }
+    if (options.ivf != nullptr) return MakeIvfBackend(store, options.ivf, options.nprobe, options.impl);
+    PcaOptions po;
+    po.candidates_per_k = options.candidates_per_k;
+    po.min_candidates = options.min_candidates;
+    return MakePcaBackend(store, options.pca, po, options.impl);
   }
   if (options.backend == "cpu") {
     return std::unique_ptr<ScanBackend>(new CpuBackend(store, kernels::ResolveImpl(options.impl)));

@@ -20,6 +20,7 @@
 namespace rapidin::query {
 
 class IvfIndex;
+class PcaIndex;
 
 struct ShardTiming {
   int shard = 0;
@@ -66,6 +67,11 @@ struct BackendOptions {
   // backend. nprobe 0: the index's default.
   const IvfIndex* ivf = nullptr;
   int nprobe = 0;
+  // Or with the PCA index (query/pca_index.h): codes scanned, then max(min_candidates, candidates_per_k * k)
+  // rows per end and worker scored exactly; "cpu" only.
+  const PcaIndex* pca = nullptr;
+  int candidates_per_k = 10;
+  int min_candidates = 256;
 };
 
 // store must outlive the backend. For "cuda", places the shards on the GPUs and uploads the hot ones.

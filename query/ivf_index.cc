@@ -1,25 +1,18 @@
 #include "query/ivf_index.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstring>
-#include <fstream>
-#include <numeric>
-#include <random>
-#include <sstream>
 
 #include <faiss/Clustering.h>
 #include <faiss/IndexFlat.h>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/half.h"
-#include "kernels/hash.h"
 #include "kernels/score.h"
 #include "kernels/topk.h"
+#include "query/internal/index_util.h"
 
 namespace rapidin::query {
 namespace {
@@ -28,28 +21,16 @@ constexpr char kMagic[8] = {'R', 'P', 'D', 'N', 'I', 'V', 'F', '1'};
 constexpr uint32_t kVersion = 1;
 constexpr int64_t kAssignBlock = 1024;  // rows per FAISS assignment call (one sgemm against the centroids)
 
-bool RowDeleted(const float* row) { return std::isnan(row[0]); }
-
-template <typename T>
-void Put(std::string* out, const T& v) {
-  out->append(reinterpret_cast<const char*>(&v), sizeof(T));
-}
-
-// Reads sizeof(T) bytes at *pos; false past the end.
-template <typename T>
-bool Get(const std::string& in, size_t* pos, T* v) {
-  if (in.size() - *pos < sizeof(T)) return false;
-  std::memcpy(v, in.data() + *pos, sizeof(T));
-  *pos += sizeof(T);
-  return true;
-}
-
-absl::Status Errno(const std::string& what) { return absl::InternalError(absl::StrCat(what, ": ", strerror(errno))); }
+using internal::Get;
+using internal::Put;
+using internal::RowDeleted;
 
 }  // namespace
 
-IvfIndex::IvfIndex(int64_t k, int nlist, std::vector<float> centroids, std::string projection_id)
-    : k_(k), nlist_(nlist), centroids_(std::move(centroids)), projection_id_(std::move(projection_id)) {
+IvfIndex::IvfIndex(int64_t k, int nlist, std::vector<float> mean, std::vector<float> centroids,
+                   std::string projection_id)
+    : k_(k), nlist_(nlist), mean_(std::move(mean)), centroids_(std::move(centroids)),
+      projection_id_(std::move(projection_id)) {
   nprobe_ = std::max(1, nlist_ / 16);
   centroids_f16_.resize(centroids_.size());
   for (size_t i = 0; i < centroids_.size(); ++i) centroids_f16_[i] = kernels::FloatToHalf(centroids_[i]);
@@ -82,6 +63,11 @@ bool IvfIndex::stale() const {
 std::string IvfIndex::Describe() const { return absl::StrCat("ivf nlist=", nlist_, " nprobe=", nprobe_); }
 
 void IvfIndex::AssignF32(const float* rows, int64_t n, int32_t* out) const {
+  std::vector<float> centred(rows, rows + n * k_);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t c = 0; c < k_; ++c) centred[i * k_ + c] -= mean_[c];
+  }
+  rows = centred.data();
   std::vector<float> d(n);
   std::vector<faiss::Index::idx_t> ids(n);
   quantizer_->search(n, rows, 1, d.data(), ids.data());
@@ -139,21 +125,24 @@ absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Build(const storage::Store& 
                   : std::min<int64_t>(int64_t{64} * nlist, int64_t{1 << 30} / (k * int64_t{sizeof(float)}));
   m = std::clamp<int64_t>(m, nlist, static_cast<int64_t>(live));
 
-  // The sample: distinct rows in a seeded random order, deleted rows skipped, read in row order.
-  std::vector<uint64_t> order(n);
-  std::iota(order.begin(), order.end(), 0);
-  std::mt19937_64 rng(o.seed);
-  std::shuffle(order.begin(), order.end(), rng);
-  std::vector<float> x;
-  x.reserve(static_cast<size_t>(m) * k);
   int64_t taken = 0;
-  for (uint64_t i = 0; i < n && taken < m; ++i) {
-    auto v = store.GetVector(order[i]);
-    if (!v.ok()) return v.status();
-    if (RowDeleted(v->data())) continue;
-    x.insert(x.end(), v->begin(), v->end());
-    ++taken;
-    if (o.progress && (taken % 4096 == 0 || taken == m)) o.progress("sample", taken, m);
+  auto sample = internal::SampleRows(
+      store, m, o.seed, [&](uint64_t d, uint64_t t) { if (o.progress) o.progress("sample", d, t); }, &taken);
+  if (!sample.ok()) return sample.status();
+  std::vector<float>& x = *sample;
+  // Centred: gradients share a large common direction, which would dominate every centroid and leave the
+  // harmful end (the most negative inner products) scattered over all lists. q.x = q.mean + q.(x - mean), and
+  // q.mean is the same for every row, so ranking by q.(x - mean) is ranking by q.x.
+  std::vector<float> mean(k, 0.0f);
+  {
+    std::vector<double> acc(k, 0.0);
+    for (int64_t i = 0; i < taken; ++i) {
+      for (int64_t c = 0; c < k; ++c) acc[c] += x[i * k + c];
+    }
+    for (int64_t c = 0; c < k; ++c) mean[c] = static_cast<float>(acc[c] / std::max<int64_t>(taken, 1));
+    for (int64_t i = 0; i < taken; ++i) {
+      for (int64_t c = 0; c < k; ++c) x[i * k + c] -= mean[c];
+    }
   }
   faiss::ClusteringParameters cp;
   cp.niter = o.train_iterations;
@@ -174,7 +163,8 @@ absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Build(const storage::Store& 
     return absl::InternalError(absl::StrCat("FAISS k-means: ", e.what()));
   }
   x = {};
-  std::unique_ptr<IvfIndex> index(new IvfIndex(k, nlist, std::move(centroids), store.manifest().projection_state_id()));
+  std::unique_ptr<IvfIndex> index(
+      new IvfIndex(k, nlist, std::move(mean), std::move(centroids), store.manifest().projection_state_id()));
   if (o.nprobe > 0) index->nprobe_ = std::min(o.nprobe, nlist);
   absl::Status st = index->Reassign(store, o);
   if (!st.ok()) return st;
@@ -189,36 +179,19 @@ absl::Status IvfIndex::Reassign(const storage::Store& store, const IvfOptions& o
   std::vector<int32_t> assign(n, -1);
   std::vector<int32_t> tmp(kAssignBlock);
   uint64_t done = 0;
-  auto report = [&](int64_t rows) {
-    done += rows;
-    if (o.progress) o.progress("assign", done, n);
-  };
   try {
-    for (int s = 0; s < store.num_shards(); ++s) {
-      absl::Status st = store.WithShard(s, [&](const storage::ShardView& v) {
-        for (int64_t r0 = 0; r0 < v.n; r0 += kAssignBlock) {
-          const int64_t nb = std::min(kAssignBlock, v.n - r0);
-          AssignF16(v.rows + r0 * v.k, nb, tmp.data());
+    absl::Status st = internal::ForEachRowBlock(
+        store, kAssignBlock, [&](const uint16_t* rows, int64_t nb, uint64_t first, int64_t stride) {
+          AssignF16(rows, nb, tmp.data());
           for (int64_t i = 0; i < nb; ++i) {
-            const uint64_t g = static_cast<uint64_t>(v.first_index + (r0 + i) * v.index_stride);
+            const uint64_t g = first + static_cast<uint64_t>(i * stride);
             if (g < n) assign[g] = tmp[i];
           }
-          report(nb);
-        }
-        return absl::OkStatus();
-      });
-      if (!st.ok()) return st;
-    }
-    const auto [cold_begin, cold_end] = store.ColdRange();
-    storage::internal::AlignedRows buf(k_);
-    for (uint64_t b = cold_begin; b < std::min(cold_end, n); b += kAssignBlock) {
-      const int64_t nb = static_cast<int64_t>(std::min<uint64_t>(kAssignBlock, std::min(cold_end, n) - b));
-      absl::Status st = store.ReadRows(b, nb, &buf);
-      if (!st.ok()) return st;
-      AssignF16(buf.data(), nb, tmp.data());
-      for (int64_t i = 0; i < nb; ++i) assign[b + i] = tmp[i];
-      report(nb);
-    }
+          done += nb;
+          if (o.progress) o.progress("assign", done, n);
+          return absl::OkStatus();
+        });
+    if (!st.ok()) return st;
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("FAISS assignment: ", e.what()));
   }
@@ -277,77 +250,30 @@ std::vector<uint64_t> IvfIndex::Candidates(const float* query, int nprobe) const
 
 absl::Status IvfIndex::Save(const std::string& path) const {
   std::string out;
-  out.append(kMagic, sizeof(kMagic));
   Put(&out, kVersion);
   Put(&out, static_cast<uint32_t>(nlist_));
   Put(&out, static_cast<uint32_t>(nprobe_));
   Put(&out, uint32_t{0});
   Put(&out, static_cast<uint64_t>(k_));
-  {
-    ReaderMutexLock l(&mu_);
-    Put(&out, sequence_);
-    Put(&out, static_cast<uint64_t>(assign_.size()));
-    Put(&out, static_cast<uint64_t>(projection_id_.size()));
-    out.append(projection_id_);
-    out.append(reinterpret_cast<const char*>(centroids_.data()), centroids_.size() * sizeof(float));
-    out.append(reinterpret_cast<const char*>(assign_.data()), assign_.size() * sizeof(int32_t));
-  }
-  Put(&out, kernels::Fnv1a(kernels::kFnv1aOffset, out.data(), out.size()));
-
-  const std::string tmp = path + ".tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return Errno(absl::StrCat("writing ", tmp));
-  size_t off = 0;
-  while (off < out.size()) {
-    const ssize_t w = ::write(fd, out.data() + off, out.size() - off);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) {
-      absl::Status st = Errno(absl::StrCat("writing ", tmp));
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      return st;
-    }
-    off += static_cast<size_t>(w);
-  }
-  if (::fsync(fd) != 0) {
-    absl::Status st = Errno(absl::StrCat("fsync ", tmp));
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    return st;
-  }
-  ::close(fd);
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    absl::Status st = Errno(absl::StrCat("renaming ", tmp, " to ", path));
-    ::unlink(tmp.c_str());
-    return st;
-  }
-  const std::string dir = path.substr(0, path.find_last_of('/') == std::string::npos ? 1 : path.find_last_of('/'));
-  if (const int dfd = ::open(dir.empty() ? "/" : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); dfd >= 0) {
-    ::fsync(dfd);  // the rename itself survives a crash
-    ::close(dfd);
-  }
-  return absl::OkStatus();
+  ReaderMutexLock l(&mu_);
+  Put(&out, sequence_);
+  Put(&out, static_cast<uint64_t>(assign_.size()));
+  Put(&out, static_cast<uint64_t>(projection_id_.size()));
+  out.append(projection_id_);
+  out.append(reinterpret_cast<const char*>(mean_.data()), mean_.size() * sizeof(float));
+  out.append(reinterpret_cast<const char*>(centroids_.data()), centroids_.size() * sizeof(float));
+  out.append(reinterpret_cast<const char*>(assign_.data()), assign_.size() * sizeof(int32_t));
+  return internal::WriteIndexFile(path, kMagic, out);
 }
 
 absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Load(const std::string& path, const storage::Store& store) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) return absl::NotFoundError(absl::StrCat("no IVF index at ", path));
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  const std::string in = ss.str();
+  auto file = internal::ReadIndexFile(path, kMagic, "IVF index");
+  if (!file.ok()) return file.status();
+  const std::string& body = *file;
   auto damaged = [&](const std::string& what) {
     return absl::DataLossError(absl::StrCat("IVF index ", path, " is damaged: ", what));
   };
-  if (in.size() < sizeof(kMagic) + sizeof(uint64_t) || std::memcmp(in.data(), kMagic, sizeof(kMagic)) != 0) {
-    return damaged("not an IVF index file (bad magic)");
-  }
-  uint64_t sum = 0;
-  std::memcpy(&sum, in.data() + in.size() - sizeof(sum), sizeof(sum));
-  if (sum != kernels::Fnv1a(kernels::kFnv1aOffset, in.data(), in.size() - sizeof(sum))) {
-    return damaged("checksum mismatch (truncated or overwritten)");
-  }
-  const std::string body = in.substr(0, in.size() - sizeof(sum));
-  size_t pos = sizeof(kMagic);
+  size_t pos = 0;
   uint32_t version = 0, nlist = 0, nprobe = 0, pad = 0;
   uint64_t k = 0, seq = 0, rows = 0, id_len = 0;
   if (!Get(body, &pos, &version) || !Get(body, &pos, &nlist) || !Get(body, &pos, &nprobe) || !Get(body, &pos, &pad) ||
@@ -360,7 +286,7 @@ absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Load(const std::string& path
         absl::StrCat("IVF index ", path, " was built for K=", k, ", the store has K=", store.k()));
   }
   if (nlist == 0 || rows > UINT32_MAX || id_len > 4096) return damaged("implausible header");
-  const uint64_t need = id_len + uint64_t{nlist} * k * sizeof(float) + rows * sizeof(int32_t);
+  const uint64_t need = id_len + (uint64_t{nlist} + 1) * k * sizeof(float) + rows * sizeof(int32_t);
   if (body.size() - pos != need) {
     return damaged(absl::StrCat(body.size() - pos, " bytes after the header, expected ", need));
   }
@@ -371,19 +297,24 @@ absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Load(const std::string& path
                                                       ", the store has ",
                                                       store.manifest().projection_state_id()));
   }
-  std::vector<float> centroids(uint64_t{nlist} * k);
+  std::vector<float> mean(k), centroids(uint64_t{nlist} * k);
+  std::memcpy(mean.data(), body.data() + pos, mean.size() * sizeof(float));
+  pos += mean.size() * sizeof(float);
   std::memcpy(centroids.data(), body.data() + pos, centroids.size() * sizeof(float));
   pos += centroids.size() * sizeof(float);
   for (float c : centroids) {
     if (!std::isfinite(c)) return damaged("a centroid value is not finite");
+  }
+  for (float c : mean) {
+    if (!std::isfinite(c)) return damaged("a mean value is not finite");
   }
   std::vector<int32_t> assign(rows);
   std::memcpy(assign.data(), body.data() + pos, rows * sizeof(int32_t));
   for (int32_t a : assign) {
     if (a < -1 || a >= static_cast<int32_t>(nlist)) return damaged(absl::StrCat("a row's list ", a, " is out of range"));
   }
-  std::unique_ptr<IvfIndex> index(new IvfIndex(static_cast<int64_t>(k), static_cast<int>(nlist), std::move(centroids),
-                                               std::move(pid)));
+  std::unique_ptr<IvfIndex> index(new IvfIndex(static_cast<int64_t>(k), static_cast<int>(nlist), std::move(mean),
+                                               std::move(centroids), std::move(pid)));
   index->nprobe_ = std::clamp<int>(static_cast<int>(nprobe), 1, static_cast<int>(nlist));
   WriterMutexLock l(&index->mu_);
   index->assign_ = std::move(assign);

@@ -95,7 +95,7 @@ class IvfIndex {
   std::string Describe() const;   // "ivf nlist=N nprobe=P"
 
  private:
-  IvfIndex(int64_t k, int nlist, std::vector<float> centroids, std::string projection_id);
+  IvfIndex(int64_t k, int nlist, std::vector<float> mean, std::vector<float> centroids, std::string projection_id);
   // Assigns n fp16 rows (row-major) to lists; -1 for deleted (NaN) rows.
   void AssignF16(const uint16_t* rows, int64_t n, int32_t* out) const;
   void AssignF32(const float* rows, int64_t n, int32_t* out) const;
@@ -104,7 +104,8 @@ class IvfIndex {
   const int64_t k_;
   const int nlist_;
   int nprobe_ = 1;
-  const std::vector<float> centroids_;            // nlist x k, unit norm
+  const std::vector<float> mean_;                 // k: the sample's mean, taken off every row before assignment
+  const std::vector<float> centroids_;            // nlist x k, unit norm, of the centred rows
   std::vector<uint16_t> centroids_f16_;           // the same in fp16, for the probe's scan kernel
   const std::string projection_id_;
   std::unique_ptr<faiss::IndexFlatIP> quantizer_;  // assignment

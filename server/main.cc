@@ -63,8 +63,15 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--kernels", impl, "auto|avx2|portable")->capture_default_str();
   app.add_option("--index", o.scan.index,
-                 "none (scan every row: exact, the reference) | ivf (an IVF index picks candidate rows, scored "
-                 "exactly; CPU; kept in <store>/rapidin-ivf.bin)")
+                 "none (scan every row: exact, the reference) | pca (scan short PCA codes, score the best "
+                 "candidates exactly) | ivf (score the rows of the nearest IVF lists exactly); CPU; kept in the "
+                 "store's directory")
+      ->capture_default_str();
+  app.add_option("--index-dim", o.scan.index_dim, "pca: code length")->capture_default_str();
+  app.add_option("--index-candidates", o.scan.index_candidates_per_k,
+                 "pca: rows scored exactly per end and worker, per requested record (at least --index-min-candidates)")
+      ->capture_default_str();
+  app.add_option("--index-min-candidates", o.scan.index_min_candidates, "pca: see --index-candidates")
       ->capture_default_str();
   app.add_option("--index-nlist", o.scan.index_nlist, "IVF lists (0: about sqrt(records))")->capture_default_str();
   app.add_option("--index-nprobe", o.scan.index_nprobe, "IVF lists probed at each end (0: nlist / 16)")

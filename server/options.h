@@ -56,14 +56,18 @@ struct ServerOptions {
     kernels::ScoreImpl impl = kernels::ScoreImpl::kAuto;
     int max_batch_vectors = 64;             // query vectors that may share one scan
     uint64_t cold_chunk_bytes = 32u << 20;  // cold rows are read from disk and scored in chunks this large
-    // "none": every query scans every row (exact; the default and the reference). "ivf": an IVF index
-    // (query/ivf_index.h) picks candidate rows, which are scored exactly; CPU backend only. It is kept in
-    // <store>/rapidin-ivf.bin, built or brought up to date at start-up, updated by ingest and delete, saved at
-    // shutdown.
+    // "none": every query scans every row (exact; the default and the reference). "pca" (query/pca_index.h): short
+    // codes of every row are scanned and the best candidates at both ends scored exactly. "ivf"
+    // (query/ivf_index.h): the rows of the lists nearest the query are scored exactly. CPU backend only. The index
+    // is kept in the store's directory, built or brought up to date at start-up, updated by ingest and delete,
+    // saved at shutdown.
     std::string index = "none";
-    int index_nlist = 0;                    // 0: about sqrt(records)
-    int index_nprobe = 0;                   // lists probed at each end; 0: nlist / 16
-    bool index_rebuild = false;             // train new centroids even if a saved index fits
+    int index_dim = 256;                    // pca: code length
+    int index_candidates_per_k = 10;        // pca: rows scored exactly per end and worker: max(min, this * k)
+    int index_min_candidates = 256;
+    int index_nlist = 0;                    // ivf: 0: about sqrt(records)
+    int index_nprobe = 0;                   // ivf: lists probed at each end; 0: nlist / 16
+    bool index_rebuild = false;             // train the index anew even if a saved one fits
   };
   // Query by text (either role): the model whose gradients the store holds. The sketch parameters come from the
   // store's projection state; a model, parameter selection or max_length that differs is refused at start-up.

@@ -16,6 +16,7 @@
 #include "model/attribution.h"
 #include "model/featurizer.h"
 #include "query/ivf_index.h"
+#include "query/pca_index.h"
 #include "query/query_engine.h"
 #include "rapidin/v1/rapidin.grpc.pb.h"
 #include "server/internal/auth.h"
@@ -47,9 +48,10 @@ class InfluenceServiceImpl final : public v1::InfluenceService::CallbackService 
  public:
   InfluenceServiceImpl(storage::Store* store, QueryEngine* engine, Metrics* metrics,
                        const model::Featurizer* featurizer, const ServerOptions& options,
-                       const internal::TokenTable* tokens, ThreadPool* pool, query::IvfIndex* ivf)
+                       const internal::TokenTable* tokens, ThreadPool* pool, query::IvfIndex* ivf,
+                       query::PcaIndex* pca)
       : store_(store), engine_(engine), metrics_(metrics), featurizer_(featurizer), options_(options),
-        tokens_(tokens), pool_(pool), ivf_(ivf) {}
+        tokens_(tokens), pool_(pool), ivf_(ivf), pca_(pca) {}
 
   grpc::ServerUnaryReactor* Query(grpc::CallbackServerContext* ctx, const v1::QueryRequest* req,
                                   v1::QueryResponse* resp) override {
@@ -119,6 +121,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::CallbackService 
       MutexLock l(&index_write_mu_);  // the index follows the store in the store's order of writes
       res = store_->Delete({req.ids().begin(), req.ids().end()});
       if (res.ok() && ivf_ != nullptr) ivf_->ApplyDelete(*res);
+      if (res.ok() && pca_ != nullptr) pca_->ApplyDelete(*res);
     }
     if (!res.ok()) return res.status();
     resp->set_deleted(res->deleted);
@@ -242,6 +245,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::CallbackService 
         MutexLock l(&s_->index_write_mu_);  // the index follows the store in the store's order of writes
         res = s_->store_->Ingest(items);
         if (res.ok() && s_->ivf_ != nullptr) s_->ivf_->ApplyIngest(*res, items);
+        if (res.ok() && s_->pca_ != nullptr) s_->pca_->ApplyIngest(*res, items);
       }
       if (!res.ok()) {
         return Done(absl::Status(res.status().code(),
@@ -437,6 +441,7 @@ class InfluenceServiceImpl final : public v1::InfluenceService::CallbackService 
   const internal::TokenTable* tokens_;  // null: no tokens required
   ThreadPool* pool_;
   query::IvfIndex* ivf_;               // null without --index ivf
+  query::PcaIndex* pca_;               // null without --index pca
   Mutex index_write_mu_;               // a store write and its index update, together
 };
 
@@ -446,6 +451,7 @@ struct Server::Impl {
   ServerOptions options;
   std::unique_ptr<storage::Store> store;
   std::unique_ptr<query::IvfIndex> ivf;             // null unless --index ivf; kept in step by ingest and delete
+  std::unique_ptr<query::PcaIndex> pca;             // null unless --index pca; likewise
   std::unique_ptr<model::Featurizer> featurizer;
   std::unique_ptr<QueryEngine> engine;
   std::unique_ptr<Metrics> metrics;
@@ -547,15 +553,16 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   if (options.scan.backend != "auto" && options.scan.backend != "cpu" && options.scan.backend != "cuda") {
     return absl::InvalidArgumentError(absl::StrCat("unknown backend \"", options.scan.backend, "\" (auto|cpu|cuda)"));
   }
-  if (options.scan.index != "none" && options.scan.index != "ivf") {
-    return absl::InvalidArgumentError(absl::StrCat("unknown index \"", options.scan.index, "\" (none|ivf)"));
+  if (options.scan.index != "none" && options.scan.index != "ivf" && options.scan.index != "pca") {
+    return absl::InvalidArgumentError(absl::StrCat("unknown index \"", options.scan.index, "\" (none|pca|ivf)"));
   }
-  const bool ivf = options.scan.index == "ivf";
-  if (ivf && options.scan.backend == "cuda") {
-    return absl::InvalidArgumentError("--index ivf scores its candidates on the CPU: use --backend cpu (or auto)");
+  const bool indexed = options.scan.index != "none";
+  if (indexed && options.scan.backend == "cuda") {
+    return absl::InvalidArgumentError(absl::StrCat("--index ", options.scan.index,
+                                                   " scores its candidates on the CPU: use --backend cpu (or auto)"));
   }
   // Decide the backend before opening the store: the CUDA backend wants the host tier in pinned memory.
-  std::string backend = ivf ? "cpu" : options.scan.backend;
+  std::string backend = indexed ? "cpu" : options.scan.backend;
   if (backend != "cpu") {
     std::string devices;
     const absl::Status usable = CudaBackendUsable(&devices);
@@ -605,29 +612,44 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
                  impl->featurizer->sketch().Describe());
   }
 
-  if (ivf) {
-    query::IvfOptions io;
-    io.nlist = options.scan.index_nlist;
-    io.nprobe = options.scan.index_nprobe;
-    io.progress = [last = std::chrono::steady_clock::now()](const char* stage, uint64_t done,
-                                                           uint64_t total) mutable {
+  if (indexed) {
+    auto progress = [last = std::chrono::steady_clock::now()](const char* stage, uint64_t done,
+                                                             uint64_t total) mutable {
       const auto now = std::chrono::steady_clock::now();
       if (done != total && now - last < std::chrono::seconds(2)) return;
       last = now;
-      spdlog::info("ivf index: {} {}/{}", stage, done, total);
+      spdlog::info("index: {} {}/{}", stage, done, total);
     };
     const auto ti = std::chrono::steady_clock::now();
     std::string how;
-    auto index = query::IvfIndex::Open(*impl->store, io, options.scan.index_rebuild, &how);
-    if (!index.ok()) return index.status();
-    impl->ivf = std::move(*index);
-    spdlog::info("ivf index: nlist {}, {} rows, {} in {:.2f} s", impl->ivf->nlist(), impl->ivf->rows(), how,
+    if (options.scan.index == "ivf") {
+      query::IvfOptions io;
+      io.nlist = options.scan.index_nlist;
+      io.nprobe = options.scan.index_nprobe;
+      io.progress = progress;
+      auto index = query::IvfIndex::Open(*impl->store, io, options.scan.index_rebuild, &how);
+      if (!index.ok()) return index.status();
+      impl->ivf = std::move(*index);
+      how = absl::StrCat(impl->ivf->Describe(), ", ", impl->ivf->rows(), " rows: ", how);
+    } else {
+      query::PcaOptions po;
+      po.dim = options.scan.index_dim;
+      po.progress = progress;
+      auto index = query::PcaIndex::Open(*impl->store, po, options.scan.index_rebuild, &how);
+      if (!index.ok()) return index.status();
+      impl->pca = std::move(*index);
+      how = absl::StrCat(impl->pca->Describe(), ", ", impl->pca->rows(), " rows: ", how);
+    }
+    spdlog::info("index {} in {:.2f} s", how,
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - ti).count());
   }
 
   QueryEngine::Options eo;
   eo.ivf = impl->ivf.get();
   eo.nprobe = options.scan.index_nprobe;
+  eo.pca = impl->pca.get();
+  eo.candidates_per_k = options.scan.index_candidates_per_k;
+  eo.min_candidates = options.scan.index_min_candidates;
   eo.max_batch_vectors = options.scan.max_batch_vectors;
   eo.cold_chunk_bytes = options.scan.cold_chunk_bytes;
   eo.impl = options.scan.impl;
@@ -651,7 +673,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   impl->pool = MakePool(options.limits);
   impl->service = std::make_unique<InfluenceServiceImpl>(impl->store.get(), impl->engine.get(), impl->metrics.get(),
                                                          impl->featurizer.get(), options, impl->tokens.get(),
-                                                         impl->pool.get(), impl->ivf.get());
+                                                         impl->pool.get(), impl->ivf.get(), impl->pca.get());
   impl->service->UpdateTierMetrics();
   absl::Status st = Serve(options, impl->service.get(), impl->metrics.get(),
                           absl::StrCat(impl->engine->num_workers(), " workers, ", impl->engine->backend(), " kernels"),
@@ -682,15 +704,21 @@ void Server::Shutdown(absl::Duration grace) {
     impl_->pool.reset();
     impl_->metrics->Stop();
     impl_->engine.reset();
-    if (impl_->ivf != nullptr && impl_->store != nullptr && impl_->ivf->sequence() == impl_->store->sequence()) {
-      const std::string path = query::IvfIndex::DefaultPath(impl_->store->path());
-      if (absl::Status st = impl_->ivf->Save(path); st.ok()) {
-        spdlog::info("ivf index saved to {}", path);
+    // The index follows every write made through this server; saved now, the next start loads it as current.
+    auto save = [&](const auto& index, const std::string& path) {
+      if (index == nullptr || impl_->store == nullptr || index->sequence() != impl_->store->sequence()) return;
+      if (absl::Status st = index->Save(path); st.ok()) {
+        spdlog::info("index saved to {}", path);
       } else {
-        spdlog::warn("ivf index not saved ({}): the next start reassigns the rows", std::string(st.message()));
+        spdlog::warn("index not saved ({}): the next start brings it up to date", std::string(st.message()));
       }
+    };
+    if (impl_->store != nullptr) {
+      save(impl_->ivf, query::IvfIndex::DefaultPath(impl_->store->path()));
+      save(impl_->pca, query::PcaIndex::DefaultPath(impl_->store->path()));
     }
     impl_->ivf.reset();
+    impl_->pca.reset();
     impl_->store.reset();
     spdlog::info("shutdown complete");
   });

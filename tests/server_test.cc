@@ -16,6 +16,7 @@
 #include "kernels/half.h"
 #include "kernels/score.h"
 #include "query/ivf_index.h"
+#include "query/pca_index.h"
 #include "server/http.h"
 #include "server/server.h"
 #include "tests/test_util.h"
@@ -672,15 +673,19 @@ TEST_F(ServerTest, ColdTierScansFromDiskAndFollowsIngest) {
   EXPECT_EQ(g->vector(3), kernels::HalfToFloat(kernels::FloatToHalf(v[3])));
 }
 
-// --index ivf: with every list probed the answers are the exact scan's; ingest and delete through the server keep
-// the lists in step (a new record is found, a deleted one is gone); shutdown saves an index that the next start
-// loads as current. The GPU backend and unknown index names are refused.
-TEST_F(ServerTest, IvfIndexFollowsIngestAndDeleteAndPersists) {
+// --index ivf and --index pca: with every list probed (every row a candidate) the answers are the exact scan's;
+// ingest and delete through the server keep the index in step (a new record is found, a deleted one is gone);
+// shutdown saves an index that the next start loads as current. The GPU backend and unknown names are refused.
+class ServerIndexTest : public ServerTest, public ::testing::WithParamInterface<std::string> {};
+
+TEST_P(ServerIndexTest, FollowsIngestAndDeleteAndPersists) {
   ServerOptions o = StopForRestart();
   o.store.shards = 3;
-  o.scan.index = "ivf";
+  o.scan.index = GetParam();
   o.scan.index_nlist = 8;
   o.scan.index_nprobe = 8;
+  o.scan.index_dim = 16;
+  o.scan.index_min_candidates = kN;
   {
     ServerOptions bad = o;
     bad.scan.backend = "cuda";
@@ -694,7 +699,8 @@ TEST_F(ServerTest, IvfIndexFollowsIngestAndDeleteAndPersists) {
   auto c = client::Client::Connect("127.0.0.1:" + std::to_string((*s)->port()));
   auto st = c->Stats();
   ASSERT_TRUE(st.ok());
-  EXPECT_NE(st->backend().find("ivf nlist=8 nprobe=8"), std::string::npos) << st->backend();
+  EXPECT_NE(st->backend().find(GetParam() == "ivf" ? "ivf nlist=8 nprobe=8" : "pca dim=16"), std::string::npos)
+      << st->backend();
   std::vector<std::vector<float>> qs = {SeededVector(7, kK), SeededVector(8, kK)};
   auto r = c->QueryByVector(Request(qs, 20, 5));
   ASSERT_TRUE(r.ok()) << r.status();
@@ -726,11 +732,19 @@ TEST_F(ServerTest, IvfIndexFollowsIngestAndDeleteAndPersists) {
   so.num_shards = 1;
   auto store = storage::Store::Open(o.store.path, so);
   ASSERT_TRUE(store.ok()) << store.status();
-  auto loaded = query::IvfIndex::Load(query::IvfIndex::DefaultPath(o.store.path), **store);
-  ASSERT_TRUE(loaded.ok()) << loaded.status();
-  EXPECT_FALSE((*loaded)->stale());
-  EXPECT_EQ((*loaded)->rows(), static_cast<uint64_t>(kN));  // the ingested row came and went
+  auto check = [&](auto loaded) {
+    ASSERT_TRUE(loaded.ok()) << loaded.status();
+    EXPECT_FALSE((*loaded)->stale());
+    EXPECT_EQ((*loaded)->rows(), static_cast<uint64_t>(kN));  // the ingested row came and went
+  };
+  if (GetParam() == "ivf") {
+    check(query::IvfIndex::Load(query::IvfIndex::DefaultPath(o.store.path), **store));
+  } else {
+    check(query::PcaIndex::Load(query::PcaIndex::DefaultPath(o.store.path), **store));
+  }
 }
+
+INSTANTIATE_TEST_SUITE_P(Indexes, ServerIndexTest, ::testing::Values("ivf", "pca"));
 
 }  // namespace
 }  // namespace rapidin::server

@@ -8,6 +8,8 @@
 #include <cstring>
 #include <new>
 
+#include <sys/mman.h>
+
 namespace rapidin::storage::internal {
 
 // Where the rows live: aligned_alloc by default; the CUDA backend passes page-locked memory so that the warm
@@ -20,6 +22,8 @@ struct HostAllocator {
 class AlignedRows {
  public:
   static constexpr size_t kAlign = 64;
+  static constexpr size_t kHuge = size_t{2} << 20;
+  static constexpr size_t kHugeMin = size_t{8} << 20;
 
   explicit AlignedRows(int64_t k, HostAllocator allocator = {}) : k_(k), allocator_(allocator) {}
   ~AlignedRows() { Free(data_); }
@@ -40,8 +44,18 @@ class AlignedRows {
     while (cap < rows) cap = cap > max_rows / 2 ? max_rows : cap * 2;
     size_t bytes = static_cast<size_t>(cap) * k_ * sizeof(uint16_t);
     bytes = (bytes + kAlign - 1) / kAlign * kAlign;
-    void* p = allocator_.alloc != nullptr ? allocator_.alloc(bytes == 0 ? kAlign : bytes)
-                                          : std::aligned_alloc(kAlign, bytes == 0 ? kAlign : bytes);
+    void* p = nullptr;
+    if (allocator_.alloc != nullptr) {
+      p = allocator_.alloc(bytes == 0 ? kAlign : bytes);
+    } else if (bytes >= kHugeMin) {
+      // Large tiers on 2 MiB pages where the kernel allows it (THP "madvise" mode is common): a scan crosses a
+      // 4 KiB page every two K=4096 rows, and an index's scattered row reads pay a page walk each.
+      bytes = (bytes + kHuge - 1) / kHuge * kHuge;
+      p = std::aligned_alloc(kHuge, bytes);
+      if (p != nullptr) ::madvise(p, bytes, MADV_HUGEPAGE);  // advice only: failure leaves 4 KiB pages
+    } else {
+      p = std::aligned_alloc(kAlign, bytes == 0 ? kAlign : bytes);
+    }
     if (p == nullptr) return false;
     if (n_ > 0) std::memcpy(p, data_, static_cast<size_t>(n_) * k_ * sizeof(uint16_t));
     Free(data_);

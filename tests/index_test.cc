@@ -1,15 +1,19 @@
-// The IVF index (query/ivf_index.h): against the exact scan on fresh clustered data (every list probed gives the
-// exact answer; a few lists keep recall high and every returned score exact), persistence (round trip, a store
-// written behind the index's back, damaged and foreign files), and the lists following ingest and delete.
+// The indexes against the exact scan on fresh data. IVF (query/ivf_index.h): every list probed gives the exact
+// answer; a few lists keep recall high with exact scores. PCA (query/pca_index.h): its directions recover a planted
+// subspace, its codes equal A (x - mean) in double, enough candidates give the exact answer, few keep recall high.
+// Both: persistence (round trip, a store written behind the index's back, damaged and foreign files) and
+// following ingest and delete.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 #include <set>
 
 #include "query/ivf_index.h"
+#include "query/pca_index.h"
 #include "query/query_engine.h"
 #include "tests/test_util.h"
 
@@ -84,16 +88,30 @@ std::unique_ptr<storage::Store> Reopen(const std::string& path, uint64_t host_bu
   return std::move(*store);
 }
 
-SearchResult Search(const storage::Store& store, const IvfIndex* ivf, int nprobe, const std::vector<float>& q,
-                    int nq, int k) {
-  QueryEngine::Options o;
-  o.ivf = ivf;
-  o.nprobe = nprobe;
+SearchResult SearchWith(const storage::Store& store, const QueryEngine::Options& o, const std::vector<float>& q,
+                        int nq, int k) {
   auto engine = QueryEngine::Create(&store, o);
   EXPECT_TRUE(engine.ok()) << engine.status();
   auto r = (*engine)->Search(q, nq, k, k);
   EXPECT_TRUE(r.ok()) << r.status();
   return *r;
+}
+
+SearchResult Search(const storage::Store& store, const IvfIndex* ivf, int nprobe, const std::vector<float>& q,
+                    int nq, int k) {
+  QueryEngine::Options o;
+  o.ivf = ivf;
+  o.nprobe = nprobe;
+  return SearchWith(store, o, q, nq, k);
+}
+
+SearchResult SearchPca(const storage::Store& store, const PcaIndex* pca, int min_candidates,
+                       const std::vector<float>& q, int nq, int k) {
+  QueryEngine::Options o;
+  o.pca = pca;
+  o.min_candidates = min_candidates;
+  o.candidates_per_k = 1;
+  return SearchWith(store, o, q, nq, k);
 }
 
 double Recall(const std::vector<kernels::Candidate>& got, const std::vector<kernels::Candidate>& want) {
@@ -286,7 +304,7 @@ TEST(IvfIndex, ListsFollowIngestAndDelete) {
   EXPECT_EQ((*index)->rows(), 1491u);
   EXPECT_EQ((*index)->sequence(), store->sequence());
   for (const auto& [v, row] : {std::pair{a, 0}, std::pair{b, 1}}) {
-    const SearchResult r = Search(*store, index->get(), 1, v, 1, 1);
+    const SearchResult r = Search(*store, index->get(), 4, v, 1, 1);  // 8 of 12 lists
     ASSERT_EQ(r.helpful[0].size(), 1u);
     EXPECT_EQ(r.helpful[0][0].index, row);
   }
@@ -337,6 +355,244 @@ TEST(IvfIndex, RefusesTheGpuBackendAndEmptyStores) {
   auto empty = storage::Store::Open(dir.path("e"), so);
   ASSERT_TRUE(empty.ok());
   EXPECT_EQ(IvfIndex::Build(**empty, IvfOptions{}).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+
+// Rows of a planted rank-8 subspace (random orthonormal directions, strong and distinct variances) plus weak
+// isotropic noise and an offset: an 8-dim code must span exactly that subspace.
+TEST(PcaIndex, DirectionsRecoverAPlantedSubspaceAndCodesAreExact) {
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  TempDir dir;
+  Data d(Seed() + 10);
+  constexpr int kRank = 8;
+  std::vector<std::vector<float>> basis;
+  for (int r = 0; r < kRank; ++r) {
+    auto v = d.Noise(1.0f);
+    for (const auto& u : basis) {  // Gram-Schmidt
+      double dot = 0;
+      for (int i = 0; i < kK; ++i) dot += double(v[i]) * u[i];
+      for (int i = 0; i < kK; ++i) v[i] -= static_cast<float>(dot * u[i]);
+    }
+    basis.push_back(Data::Unit(v));
+  }
+  const std::vector<float> offset = d.Noise(0.3f);
+  storage::StoreOptions so;
+  so.create_if_missing = true;
+  so.k = kK;
+  so.num_shards = 2;
+  so.sync_writes = false;
+  auto store = storage::Store::Open(dir.path("s"), so);
+  ASSERT_TRUE(store.ok());
+  std::normal_distribution<float> g;
+  std::vector<storage::IngestItem> items;
+  for (int i = 0; i < 3000; ++i) {
+    std::vector<float> v = d.Noise(0.01f);
+    for (int r = 0; r < kRank; ++r) {
+      const float c = g(d.rng) * (3.0f - 0.3f * r);
+      for (int j = 0; j < kK; ++j) v[j] += c * basis[r][j];
+    }
+    for (int j = 0; j < kK; ++j) v[j] += offset[j];
+    items.push_back(Item("r" + std::to_string(i), v));
+  }
+  ASSERT_TRUE((*store)->Ingest(items).ok());
+  PcaOptions po;
+  po.dim = kRank;
+  auto index = PcaIndex::Build(**store, po);
+  ASSERT_TRUE(index.ok()) << index.status();
+  // Every planted direction lies in the code's span: |A u| = 1 (A has orthonormal rows).
+  for (int r = 0; r < kRank; ++r) {
+    std::vector<float> p(kRank);
+    (*index)->Project(basis[r].data(), p.data());
+    double n2 = 0;
+    for (float x : p) n2 += double(x) * x;
+    EXPECT_NEAR(n2, 1.0, 1e-3) << "direction " << r;
+  }
+  // The code scores equal (A q).(A (x - mean)) in double for every row, up to the codes' fp16 rounding.
+  const std::vector<float> q = d.Noise(1.0f);
+  std::vector<float> qp(kRank);
+  (*index)->Project(q.data(), qp.data());
+  std::vector<kernels::TopK> hp{kernels::TopK(3000, true)}, hm{kernels::TopK(0, false)};
+  ASSERT_TRUE((*index)->ScanCodes(0, 3000, qp.data(), 1, &hp, &hm).ok());
+  const auto all = hp[0].Sorted();
+  ASSERT_EQ(all.size(), 3000u);
+  std::vector<double> mean(kK, 0.0);
+  for (const auto& it : items) {
+    for (int j = 0; j < kK; ++j) mean[j] += rapidin::testing::Fp16Rounded(it.vector)[j] / 3000.0;
+  }
+  double worst = 0, scale = 0;
+  for (const auto& c : all) {
+    const auto x = rapidin::testing::Fp16Rounded(items[c.index].vector);
+    std::vector<float> centred(kK);
+    for (int j = 0; j < kK; ++j) centred[j] = static_cast<float>(x[j] - mean[j]);
+    std::vector<float> code(kRank);
+    (*index)->Project(centred.data(), code.data());
+    double want = 0;
+    for (int r = 0; r < kRank; ++r) want += double(qp[r]) * code[r];
+    worst = std::max(worst, std::fabs(c.score - want));
+    scale = std::max(scale, std::fabs(want));
+  }
+  EXPECT_GT(scale, 1.0);
+  EXPECT_LT(worst / scale, 2e-3);  // fp16 codes (the sample mean here is every row's, FAISS's the same)
+}
+
+TEST(PcaIndex, EnoughCandidatesIsTheExactScanAndFewKeepRecall) {
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  TempDir dir;
+  Data d(Seed() + 11);
+  auto store = MakeStore(dir.path("s"), d, 5000);
+  PcaOptions po;
+  po.dim = 32;
+  auto index = PcaIndex::Build(*store, po);
+  ASSERT_TRUE(index.ok()) << index.status();
+  EXPECT_EQ((*index)->rows(), 5000u);
+  const int nq = 16;
+  std::vector<float> q;
+  for (int j = 0; j < nq; ++j) {
+    auto v = d.Row();
+    q.insert(q.end(), v.begin(), v.end());
+  }
+  const SearchResult exact = Search(*store, nullptr, 0, q, nq, 10);
+  const SearchResult all = SearchPca(*store, index->get(), 5000, q, nq, 10);
+  for (int j = 0; j < nq; ++j) {
+    for (size_t i = 0; i < 10; ++i) {
+      EXPECT_EQ(all.helpful[j][i].index, exact.helpful[j][i].index);
+      EXPECT_EQ(all.helpful[j][i].score, exact.helpful[j][i].score);
+      EXPECT_EQ(all.harmful[j][i].index, exact.harmful[j][i].index);
+      EXPECT_EQ(all.harmful[j][i].score, exact.harmful[j][i].score);
+    }
+  }
+  const SearchResult few = SearchPca(*store, index->get(), 100, q, nq, 10);  // 100 per end and worker of 5000
+  double rh = 0, rm = 0;
+  for (int j = 0; j < nq; ++j) {
+    rh += Recall(few.helpful[j], exact.helpful[j]) / nq;
+    rm += Recall(few.harmful[j], exact.harmful[j]) / nq;
+    for (size_t i = 0; i < few.helpful[j].size(); ++i) {  // scores are exact: equal to the scan's for that row
+      for (const auto& e : exact.helpful[j]) {
+        if (e.index == few.helpful[j][i].index) EXPECT_EQ(e.score, few.helpful[j][i].score);
+      }
+    }
+  }
+  EXPECT_GE(rh, 0.95);
+  EXPECT_GE(rm, 0.95);
+  int64_t scored = 0;
+  for (const auto& t : few.shard_timings) scored += t.rows;
+  EXPECT_LE(scored, int64_t{nq} * 3 * 2 * 100);  // 3 workers, 2 ends, 100 candidates
+}
+
+TEST(PcaIndex, PersistsFollowsWritesAndRefusesDamage) {
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  TempDir dir;
+  Data d(Seed() + 12);
+  const std::string path = dir.path("s");
+  PcaOptions po;
+  po.dim = 32;  // spans the 24 cluster directions: codes rank rows nearly as the exact scores do
+  const std::vector<float> q = d.Row();
+  std::vector<float> qp(32);
+  auto scores = [&](const PcaIndex& index) {
+    index.Project(q.data(), qp.data());
+    std::vector<kernels::TopK> hp{kernels::TopK(1 << 20, true)}, hm{kernels::TopK(0, false)};
+    EXPECT_TRUE(index.ScanCodes(0, 1 << 20, qp.data(), 1, &hp, &hm).ok());
+    return hp[0].Sorted();
+  };
+  auto same = [](const std::vector<kernels::Candidate>& a, const std::vector<kernels::Candidate>& b) {
+    if (a.size() != b.size()) return false;
+    for (size_t i = 0; i < a.size(); ++i) {
+      if (a[i].index != b[i].index || a[i].score != b[i].score) return false;
+    }
+    return true;
+  };
+  // Equal up to the last bits: sgemm over 2 rows and over 1024 may round differently, and fp16 codes then differ
+  // by one unit in the last place.
+  auto close = [](const std::vector<kernels::Candidate>& a, const std::vector<kernels::Candidate>& b) {
+    if (a.size() != b.size()) return false;
+    std::map<int64_t, float> by_row;
+    for (const auto& c : b) by_row[c.index] = c.score;
+    for (const auto& c : a) {
+      auto it = by_row.find(c.index);
+      if (it == by_row.end() || std::fabs(it->second - c.score) > 2e-3 * std::max(1.0f, std::fabs(c.score))) {
+        return false;
+      }
+    }
+    return true;
+  };
+  std::vector<kernels::Candidate> before;
+  {
+    auto store = MakeStore(path, d, 1500);
+    std::string how;
+    auto index = PcaIndex::Open(*store, po, false, &how);
+    ASSERT_TRUE(index.ok()) << index.status();
+    EXPECT_NE(how.find("built"), std::string::npos) << how;
+    before = scores(**index);
+    // Writes through the index: a deleted row leaves, a new one (reusing the row) and a replaced one get codes
+    // equal to a full reprojection's.
+    auto del = store->Delete({"r3", "r4"});
+    ASSERT_TRUE(del.ok());
+    (*index)->ApplyDelete(*del);
+    EXPECT_EQ((*index)->rows(), 1498u);
+    std::vector<storage::IngestItem> items = {Item("fresh", d.Row()), Item("r9", d.Row())};
+    auto ing = store->Ingest(items);
+    ASSERT_TRUE(ing.ok());
+    (*index)->ApplyIngest(*ing, items);
+    EXPECT_EQ((*index)->rows(), 1499u);
+    EXPECT_EQ((*index)->sequence(), store->sequence());
+    const auto incremental = scores(**index);
+    ASSERT_TRUE((*index)->Reproject(*store, po).ok());
+    const auto reprojected = scores(**index);
+    EXPECT_TRUE(close(reprojected, incremental));
+    EXPECT_FALSE(close(incremental, before));
+    ASSERT_TRUE((*index)->Save(PcaIndex::DefaultPath(path)).ok());
+    before = reprojected;
+  }
+  {
+    auto store = Reopen(path);
+    auto loaded = PcaIndex::Load(PcaIndex::DefaultPath(path), *store);
+    ASSERT_TRUE(loaded.ok()) << loaded.status();
+    EXPECT_FALSE((*loaded)->stale());
+    EXPECT_TRUE(same(scores(**loaded), before));
+    ASSERT_TRUE(store->Ingest({Item("behind", q)}).ok());  // a write the index does not see
+  }
+  auto store = Reopen(path);
+  std::string how;
+  auto index = PcaIndex::Open(*store, po, false, &how);
+  ASSERT_TRUE(index.ok()) << index.status();
+  EXPECT_NE(how.find("reprojected"), std::string::npos) << how;
+  const SearchResult r = SearchPca(*store, index->get(), 20, q, 1, 1);
+  ASSERT_EQ(r.helpful[0].size(), 1u);
+  auto behind = store->GetRecordById("behind");
+  ASSERT_TRUE(behind.ok());
+  EXPECT_EQ(behind->index(), 4u);  // the second deleted row, reused
+  EXPECT_EQ(r.helpful[0][0].index, 4);  // the row written behind its back, found through the index
+
+  // Damage: truncated or flipped bytes are DATA_LOSS and Open rebuilds; a file for another K is refused.
+  const std::string file = PcaIndex::DefaultPath(path);
+  std::string good;
+  {
+    std::ifstream f(file, std::ios::binary);
+    good.assign(std::istreambuf_iterator<char>(f), {});
+  }
+  auto write = [&](const std::string& s) { std::ofstream(file, std::ios::binary | std::ios::trunc) << s; };
+  std::mt19937_64 rng(Seed());
+  for (int t = 0; t < 10; ++t) {
+    std::string bad = t == 0 ? good.substr(0, good.size() - 3) : good;
+    if (t > 0) bad[rng() % bad.size()] ^= static_cast<char>(1 + rng() % 255);
+    write(bad);
+    EXPECT_EQ(PcaIndex::Load(file, *store).status().code(), absl::StatusCode::kDataLoss);
+  }
+  auto rebuilt = PcaIndex::Open(*store, po, false, &how);
+  ASSERT_TRUE(rebuilt.ok()) << rebuilt.status();
+  EXPECT_NE(how.find("damaged"), std::string::npos) << how;
+  TempDir other;
+  storage::StoreOptions so;
+  so.create_if_missing = true;
+  so.k = kK + 2;
+  auto s2 = storage::Store::Open(other.path("s"), so);
+  ASSERT_TRUE(s2.ok());
+  ASSERT_TRUE((*rebuilt)->Save(PcaIndex::DefaultPath(other.path("s"))).ok());
+  EXPECT_EQ(PcaIndex::Load(PcaIndex::DefaultPath(other.path("s")), **s2).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  PcaOptions too_long;
+  too_long.dim = kK + 1;
+  EXPECT_EQ(PcaIndex::Build(*store, too_long).status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
 }  // namespace

@@ -1,0 +1,57 @@
+// What the two indexes (ivf_index.h, pca_index.h) share: their file framing (magic, checksum, atomic replace),
+// the training sample, and a pass over every row of a store.
+#ifndef RAPIDIN_QUERY_INTERNAL_INDEX_UTIL_H_
+#define RAPIDIN_QUERY_INTERNAL_INDEX_UTIL_H_
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "storage/store.h"
+
+namespace rapidin::query::internal {
+
+template <typename T>
+void Put(std::string* out, const T& v) {
+  out->append(reinterpret_cast<const char*>(&v), sizeof(T));
+}
+
+// Reads sizeof(T) bytes at *pos; false past the end.
+template <typename T>
+bool Get(const std::string& in, size_t* pos, T* v) {
+  if (in.size() < *pos || in.size() - *pos < sizeof(T)) return false;
+  std::memcpy(v, in.data() + *pos, sizeof(T));
+  *pos += sizeof(T);
+  return true;
+}
+
+inline bool RowDeleted(const float* row) { return std::isnan(row[0]); }
+
+// Writes magic + body + FNV-1a checksum to path through a temporary file, fsync and rename (then fsyncs the
+// directory), so a crash leaves the old file or the new one. Errors: INTERNAL with the system's reason.
+absl::Status WriteIndexFile(const std::string& path, const char (&magic)[8], const std::string& body);
+
+// Reads a file written by WriteIndexFile and returns its body. Errors: NOT_FOUND (no file), DATA_LOSS (another
+// kind of file, truncated, or a checksum mismatch), naming the file.
+absl::StatusOr<std::string> ReadIndexFile(const std::string& path, const char (&magic)[8], const std::string& what);
+
+// Up to m live rows of the store in a seeded random choice, widened to float (row-major), read in row order.
+// progress(done, total) every 4096 rows.
+absl::StatusOr<std::vector<float>> SampleRows(const storage::Store& store, int64_t m, uint64_t seed,
+                                              const std::function<void(uint64_t, uint64_t)>& progress,
+                                              int64_t* taken);
+
+// Calls fn on blocks of at most `block` rows until every row of the store has been seen once: the resident rows
+// shard by shard (under the shard's reader lock), then the cold tier read from disk. Row i of a block has global
+// index first + i * stride. Stops at fn's first error.
+absl::Status ForEachRowBlock(
+    const storage::Store& store, int64_t block,
+    const std::function<absl::Status(const uint16_t* rows, int64_t n, uint64_t first, int64_t stride)>& fn);
+
+}  // namespace rapidin::query::internal
+
+#endif  // RAPIDIN_QUERY_INTERNAL_INDEX_UTIL_H_
