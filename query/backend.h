@@ -71,7 +71,7 @@ struct BackendOptions {
   // rows per end and worker scored exactly; "cpu" only.
   const PcaIndex* pca = nullptr;
   int candidates_per_k = 10;
-  int min_candidates = 256;
+  int min_candidates = 1024;
 };
 
 // store must outlive the backend. For "cuda", places the shards on the GPUs and uploads the hot ones.

@@ -17,7 +17,7 @@
 namespace rapidin::query {
 namespace {
 
-constexpr char kMagic[8] = {'R', 'P', 'D', 'N', 'P', 'C', 'A', '1'};
+constexpr char kMagic[8] = {'R', 'P', 'D', 'N', 'P', 'C', 'A', '2'};  // 2: int8 codes
 constexpr uint32_t kVersion = 1;
 constexpr int64_t kBlock = 1024;  // rows per projection (one sgemm)
 
@@ -25,55 +25,65 @@ using internal::Get;
 using internal::Put;
 using internal::RowDeleted;
 
+constexpr int8_t kDeletedCode = -128;  // code[0] of a deleted row; live codes are in [-127, 127]
+
+// Approximate score of one int8 code against a scaled projected query (q_d * scale_d).
+float CodeScore(const int8_t* code, int dim, const float* q) {
+  float acc[8] = {};
+  int d = 0;
+  for (; d + 8 <= dim; d += 8) {
+    for (int l = 0; l < 8; ++l) acc[l] += float(code[d + l]) * q[d + l];
+  }
+  float s = 0;
+  for (float a : acc) s += a;
+  for (; d < dim; ++d) s += float(code[d]) * q[d];
+  return s;
+}
+
 #if defined(__x86_64__)
-// The codes' scan, for one projected query: 8 rows at a time with one 8-lane accumulator each, reduced together
-// (two rounds of hadd and a lane swap), so a short row costs no per-row reduction; every row's score goes to both
-// selectors. Codes are approximate by design, so this need not match the exact kernel's summation order.
-__attribute__((target("avx2,fma,f16c"))) void ScanCodesAvx2(const uint16_t* codes, int64_t n, int dim,
-                                                            const float* q, int64_t first, kernels::TopK* hp,
-                                                            kernels::TopK* hm) {
-  const int64_t pitch = dim;
+// The codes' scan for one scaled projected query: 8 rows at a time with one 8-lane accumulator each, reduced
+// together (two rounds of hadd and a lane swap), so a short row costs no reduction of its own; each live row's
+// score goes to both selectors. Codes are approximate by design: the summation order need not match the exact
+// kernel's. Row i's code starts pitch bytes after row i-1's.
+__attribute__((target("avx2,fma"))) void ScanCodesAvx2(const int8_t* codes, int64_t n, int dim, int64_t pitch,
+                                                       const float* q, int64_t first, kernels::TopK* hp,
+                                                       kernels::TopK* hm) {
   const int dim8 = dim & ~7;
-  auto tail = [&](const uint16_t* row) {
-    float t = 0;
-    for (int c = dim8; c < dim; ++c) t += kernels::HalfToFloat(row[c]) * q[c];
-    return t;
-  };
   int64_t r = 0;
   alignas(32) float out[8];
   for (; r + 8 <= n; r += 8) {
-    const uint16_t* base = codes + r * pitch;
-    if (r + 24 <= n) {  // the block after next: 8 rows' codes, a line at a time
+    const int8_t* base = codes + r * pitch;
+    if (r + 24 <= n) {  // the block after next, a line at a time
       const char* ahead = reinterpret_cast<const char*>(base + 16 * pitch);
-      for (int64_t off = 0; off < 8 * pitch * int64_t{sizeof(uint16_t)}; off += 64) {
-        _mm_prefetch(ahead + off, _MM_HINT_T0);
-      }
+      for (int64_t off = 0; off < 8 * pitch; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
     }
     __m256 acc[8];
     for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
     for (int c = 0; c < dim8; c += 8) {
       const __m256 qv = _mm256_loadu_ps(q + c);
       for (int i = 0; i < 8; ++i) {
-        const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + i * pitch + c)));
-        acc[i] = _mm256_fmadd_ps(x, qv, acc[i]);
+        const __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(base + i * pitch + c));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b8)), qv, acc[i]);
       }
     }
     const __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);
     const __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);
     const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
-    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
-                                      _mm256_permute2f128_ps(s0123, s4567, 0x31));
-    _mm256_store_ps(out, sums);
+    _mm256_store_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                       _mm256_permute2f128_ps(s0123, s4567, 0x31)));
     for (int i = 0; i < 8; ++i) {
-      const float sc = dim8 == dim ? out[i] : out[i] + tail(base + i * pitch);
+      const int8_t* row = base + i * pitch;
+      if (row[0] == kDeletedCode) continue;
+      float sc = out[i];
+      for (int c = dim8; c < dim; ++c) sc += float(row[c]) * q[c];
       hp->Push(sc, first + r + i);
       hm->Push(sc, first + r + i);
     }
   }
   for (; r < n; ++r) {
-    const uint16_t* row = codes + r * pitch;
-    float sc = 0;
-    for (int c = 0; c < dim; ++c) sc += kernels::HalfToFloat(row[c]) * q[c];
+    const int8_t* row = codes + r * pitch;
+    if (row[0] == kDeletedCode) continue;
+    const float sc = CodeScore(row, dim, q);
     hp->Push(sc, first + r);
     hm->Push(sc, first + r);
   }
@@ -162,8 +172,10 @@ std::vector<float> TopDirections(float* x, int64_t n, int64_t k, int dim, uint64
 
 }  // namespace
 
-PcaIndex::PcaIndex(int64_t k, int dim, std::vector<float> a, std::vector<float> b, std::string projection_id)
-    : k_(k), dim_(dim), a_(std::move(a)), b_(std::move(b)), projection_id_(std::move(projection_id)), codes_(dim) {}
+PcaIndex::PcaIndex(int64_t k, int dim, std::vector<float> a, std::vector<float> b, std::vector<float> scale,
+                   std::string projection_id)
+    : k_(k), dim_(dim), pitch16_((dim + 1) / 2), a_(std::move(a)), b_(std::move(b)), scale_(std::move(scale)),
+      projection_id_(std::move(projection_id)), codes_(pitch16_) {}
 
 PcaIndex::~PcaIndex() = default;
 
@@ -216,22 +228,32 @@ void PcaIndex::Encode(const float* rows, int64_t n, uint16_t* codes) const {
   t.is_trained = true;
   std::vector<float> out(static_cast<size_t>(n) * dim_);
   t.apply_noalloc(n, rows, out.data());
-  const uint16_t nan = kernels::FloatToHalf(std::numeric_limits<float>::quiet_NaN());
   for (int64_t i = 0; i < n; ++i) {
-    const bool deleted = RowDeleted(rows + i * k_);
-    for (int d = 0; d < dim_; ++d) codes[i * dim_ + d] = deleted ? nan : kernels::FloatToHalf(out[i * dim_ + d]);
+    int8_t* code = reinterpret_cast<int8_t*>(codes + i * pitch16_);
+    std::fill(code, code + 2 * pitch16_, int8_t{0});
+    if (RowDeleted(rows + i * k_)) {
+      code[0] = kDeletedCode;
+      continue;
+    }
+    for (int d = 0; d < dim_; ++d) {
+      const float v = std::nearbyint(out[i * dim_ + d] / scale_[d]);
+      code[d] = static_cast<int8_t>(std::clamp(v, -127.0f, 127.0f));
+    }
   }
 }
 
+bool PcaIndex::Live(int64_t r) const { return CodeRow(r)[0] != kDeletedCode; }
+
 void PcaIndex::SetCode(uint64_t row, const uint16_t* code) {
-  const bool was_live = static_cast<int64_t>(row) < codes_.n() && !std::isnan(kernels::HalfToFloat(codes_.row(row)[0]));
+  const bool was_live = static_cast<int64_t>(row) < codes_.n() && Live(static_cast<int64_t>(row));
   if (static_cast<int64_t>(row) >= codes_.n()) {
     if (!codes_.Reserve(static_cast<int64_t>(row) + 1)) return;  // out of memory: the row stays unindexed
-    std::vector<uint16_t> nan(dim_, kernels::FloatToHalf(std::numeric_limits<float>::quiet_NaN()));
-    while (codes_.n() <= static_cast<int64_t>(row)) codes_.Append(nan.data());
+    std::vector<uint16_t> gap(pitch16_, 0);
+    reinterpret_cast<int8_t*>(gap.data())[0] = kDeletedCode;
+    while (codes_.n() <= static_cast<int64_t>(row)) codes_.Append(gap.data());
   }
   codes_.Overwrite(static_cast<int64_t>(row), code);
-  const bool is_live = !std::isnan(kernels::HalfToFloat(code[0]));
+  const bool is_live = reinterpret_cast<const int8_t*>(code)[0] != kDeletedCode;
   live_ += static_cast<uint64_t>(is_live) - static_cast<uint64_t>(was_live);
 }
 
@@ -260,8 +282,20 @@ absl::StatusOr<std::unique_ptr<PcaIndex>> PcaIndex::Build(const storage::Store& 
   if (a.size() != static_cast<size_t>(o.dim) * k || b.size() != static_cast<size_t>(o.dim)) {
     return absl::InternalError(absl::StrCat("FAISS PCA returned ", a.size(), " + ", b.size(), " values"));
   }
-  std::unique_ptr<PcaIndex> index(
-      new PcaIndex(k, o.dim, std::move(a), std::move(b), store.manifest().projection_state_id()));
+  // int8 codes: per direction, a quarter more than the sample's largest |projection| maps to 127 (rows beyond
+  // it are clamped; their exact scores come from the re-scoring anyway).
+  std::vector<float> scale(o.dim, 1.0f);
+  {
+    std::vector<float> y;
+    Gemm(a, o.dim, x->data(), taken, k, &y);  // x is centred by TopDirections: y = A (x - mean)
+    for (int d = 0; d < o.dim; ++d) {
+      float m = 0;
+      for (int64_t i = 0; i < taken; ++i) m = std::max(m, std::fabs(y[i * o.dim + d]));
+      scale[d] = m > 0 ? 1.25f * m / 127.0f : 1.0f;
+    }
+  }
+  std::unique_ptr<PcaIndex> index(new PcaIndex(k, o.dim, std::move(a), std::move(b), std::move(scale),
+                                               store.manifest().projection_state_id()));
   absl::Status st = index->Reproject(store, o);
   if (!st.ok()) return st;
   return index;
@@ -270,9 +304,9 @@ absl::StatusOr<std::unique_ptr<PcaIndex>> PcaIndex::Build(const storage::Store& 
 absl::Status PcaIndex::Reproject(const storage::Store& store, const PcaOptions& o) {
   const uint64_t seq = store.sequence();  // first: writes during the pass make the result look older, not newer
   const uint64_t n = store.size();
-  std::vector<uint16_t> all(static_cast<size_t>(n) * dim_);
+  std::vector<uint16_t> all(static_cast<size_t>(n) * pitch16_);
   std::vector<float> x(static_cast<size_t>(kBlock) * k_);
-  std::vector<uint16_t> c(static_cast<size_t>(kBlock) * dim_);
+  std::vector<uint16_t> c(static_cast<size_t>(kBlock) * pitch16_);
   uint64_t done = 0, live = 0;
   try {
     absl::Status st = internal::ForEachRowBlock(
@@ -282,7 +316,7 @@ absl::Status PcaIndex::Reproject(const storage::Store& store, const PcaOptions& 
           for (int64_t i = 0; i < nb; ++i) {
             const uint64_t g = first + static_cast<uint64_t>(i * stride);
             if (g >= n) continue;
-            std::copy(c.begin() + i * dim_, c.begin() + (i + 1) * dim_, all.begin() + g * dim_);
+            std::copy(c.begin() + i * pitch16_, c.begin() + (i + 1) * pitch16_, all.begin() + g * pitch16_);
             live += !RowDeleted(x.data() + i * k_);
           }
           done += nb;
@@ -296,7 +330,7 @@ absl::Status PcaIndex::Reproject(const storage::Store& store, const PcaOptions& 
   WriterMutexLock l(&mu_);
   codes_.Clear();
   if (!codes_.Reserve(static_cast<int64_t>(n))) return absl::ResourceExhaustedError("PCA codes: out of memory");
-  for (uint64_t g = 0; g < n; ++g) codes_.Append(all.data() + g * dim_);
+  for (uint64_t g = 0; g < n; ++g) codes_.Append(all.data() + g * pitch16_);
   live_ = live;
   sequence_ = seq;
   stale_ = false;
@@ -309,39 +343,50 @@ void PcaIndex::ApplyIngest(const storage::IngestResult& result, const std::vecto
   for (size_t i = 0; i < n; ++i) {  // rounded to fp16 as the store holds them: codes equal Reproject's
     for (int64_t c = 0; c < k_; ++c) x[i * k_ + c] = kernels::HalfToFloat(kernels::FloatToHalf(items[i].vector[c]));
   }
-  std::vector<uint16_t> codes(n * dim_);
+  std::vector<uint16_t> codes(n * pitch16_);
   if (n > 0) Encode(x.data(), static_cast<int64_t>(n), codes.data());
   WriterMutexLock l(&mu_);
-  for (size_t i = 0; i < n; ++i) SetCode(result.rows[i], codes.data() + i * dim_);  // the last write of a row wins
+  for (size_t i = 0; i < n; ++i) SetCode(result.rows[i], codes.data() + i * pitch16_);  // the last write wins
   sequence_ = result.sequence;
 }
 
 void PcaIndex::ApplyDelete(const storage::DeleteResult& result) {
-  const std::vector<uint16_t> nan(dim_, kernels::FloatToHalf(std::numeric_limits<float>::quiet_NaN()));
+  std::vector<uint16_t> gone(pitch16_, 0);
+  reinterpret_cast<int8_t*>(gone.data())[0] = kDeletedCode;
   WriterMutexLock l(&mu_);
   for (uint64_t g : result.rows) {
-    if (static_cast<int64_t>(g) < codes_.n()) SetCode(g, nan.data());
+    if (static_cast<int64_t>(g) < codes_.n()) SetCode(g, gone.data());
   }
   sequence_ = result.sequence;
 }
 
 absl::Status PcaIndex::ScanCodes(uint64_t begin, uint64_t end, const float* projected, int q,
                                  std::vector<kernels::TopK>* helpful, std::vector<kernels::TopK>* harmful) const {
+  if (static_cast<int>(helpful->size()) != q || static_cast<int>(harmful->size()) != q) {
+    return absl::InvalidArgumentError(absl::StrCat("ScanCodes: need ", q, " selectors per side"));
+  }
+  std::vector<float> scaled(dim_);
   ReaderMutexLock l(&mu_);
   end = std::min<uint64_t>(end, static_cast<uint64_t>(codes_.n()));
-  if (begin >= end) return absl::OkStatus();
+  for (int j = 0; j < q && begin < end; ++j) {
+    for (int d = 0; d < dim_; ++d) scaled[d] = projected[static_cast<int64_t>(j) * dim_ + d] * scale_[d];
+    kernels::TopK& hp = (*helpful)[j];
+    kernels::TopK& hm = (*harmful)[j];
 #if defined(__x86_64__)
-  if (kernels::Avx2Available() && static_cast<int>(helpful->size()) == q && static_cast<int>(harmful->size()) == q) {
-    for (int j = 0; j < q; ++j) {
-      ScanCodesAvx2(codes_.row(static_cast<int64_t>(begin)), static_cast<int64_t>(end - begin), dim_,
-                    projected + static_cast<int64_t>(j) * dim_, static_cast<int64_t>(begin), &(*helpful)[j],
-                    &(*harmful)[j]);
+    if (kernels::Avx2Available()) {
+      ScanCodesAvx2(CodeRow(static_cast<int64_t>(begin)), static_cast<int64_t>(end - begin), dim_, 2 * pitch16_,
+                    scaled.data(), static_cast<int64_t>(begin), &hp, &hm);
+      continue;
     }
-    return absl::OkStatus();
-  }
 #endif
-  return kernels::ScanTopK(codes_.row(static_cast<int64_t>(begin)), static_cast<int64_t>(end - begin), dim_,
-                           projected, q, static_cast<int64_t>(begin), 1, helpful, harmful);
+    for (uint64_t r = begin; r < end; ++r) {
+      if (!Live(static_cast<int64_t>(r))) continue;
+      const float sc = CodeScore(CodeRow(static_cast<int64_t>(r)), dim_, scaled.data());
+      hp.Push(sc, static_cast<int64_t>(r));
+      hm.Push(sc, static_cast<int64_t>(r));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::Status PcaIndex::Save(const std::string& path) const {
@@ -356,7 +401,8 @@ absl::Status PcaIndex::Save(const std::string& path) const {
   out.append(projection_id_);
   out.append(reinterpret_cast<const char*>(a_.data()), a_.size() * sizeof(float));
   out.append(reinterpret_cast<const char*>(b_.data()), b_.size() * sizeof(float));
-  out.append(reinterpret_cast<const char*>(codes_.data()), codes_.bytes());
+  out.append(reinterpret_cast<const char*>(scale_.data()), scale_.size() * sizeof(float));
+  for (int64_t r = 0; r < codes_.n(); ++r) out.append(reinterpret_cast<const char*>(CodeRow(r)), dim_);
   return internal::WriteIndexFile(path, kMagic, out);
 }
 
@@ -380,7 +426,7 @@ absl::StatusOr<std::unique_ptr<PcaIndex>> PcaIndex::Load(const std::string& path
         absl::StrCat("PCA index ", path, " was built for K=", k, ", the store has K=", store.k()));
   }
   if (dim == 0 || dim > k || rows > (uint64_t{1} << 40) || id_len > 4096) return damaged("implausible header");
-  const uint64_t need = id_len + (uint64_t{dim} * k + dim) * sizeof(float) + rows * dim * sizeof(uint16_t);
+  const uint64_t need = id_len + (uint64_t{dim} * k + 2 * uint64_t{dim}) * sizeof(float) + rows * dim;
   if (body.size() - pos != need) {
     return damaged(absl::StrCat(body.size() - pos, " bytes after the header, expected ", need));
   }
@@ -390,24 +436,27 @@ absl::StatusOr<std::unique_ptr<PcaIndex>> PcaIndex::Load(const std::string& path
     return absl::FailedPreconditionError(absl::StrCat("PCA index ", path, " was built for projection state ", pid,
                                                       ", the store has ", store.manifest().projection_state_id()));
   }
-  std::vector<float> a(uint64_t{dim} * k), b(dim);
-  std::memcpy(a.data(), body.data() + pos, a.size() * sizeof(float));
-  pos += a.size() * sizeof(float);
-  std::memcpy(b.data(), body.data() + pos, b.size() * sizeof(float));
-  pos += b.size() * sizeof(float);
-  for (const auto* v : {&a, &b}) {
+  std::vector<float> a(uint64_t{dim} * k), b(dim), scale(dim);
+  for (auto* v : {&a, &b, &scale}) {
+    std::memcpy(v->data(), body.data() + pos, v->size() * sizeof(float));
+    pos += v->size() * sizeof(float);
     for (float x : *v) {
       if (!std::isfinite(x)) return damaged("a projection value is not finite");
     }
   }
+  for (float x : scale) {
+    if (!(x > 0)) return damaged("a code scale is not positive");
+  }
   std::unique_ptr<PcaIndex> index(new PcaIndex(static_cast<int64_t>(k), static_cast<int>(dim), std::move(a),
-                                               std::move(b), std::move(pid)));
+                                               std::move(b), std::move(scale), std::move(pid)));
   WriterMutexLock l(&index->mu_);
   if (!index->codes_.Reserve(static_cast<int64_t>(rows))) return absl::ResourceExhaustedError("PCA codes: out of memory");
-  const auto* codes = reinterpret_cast<const uint16_t*>(body.data() + pos);
+  std::vector<uint16_t> row(index->pitch16_);
   for (uint64_t g = 0; g < rows; ++g) {
-    index->codes_.Append(codes + g * dim);
-    index->live_ += !std::isnan(kernels::HalfToFloat(codes[g * dim]));
+    std::fill(row.begin(), row.end(), 0);
+    std::memcpy(row.data(), body.data() + pos + g * dim, dim);
+    index->codes_.Append(row.data());
+    index->live_ += reinterpret_cast<const int8_t*>(row.data())[0] != kDeletedCode;
   }
   index->sequence_ = seq;
   index->stale_ = seq != store.sequence() || rows != store.size();

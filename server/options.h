@@ -64,7 +64,7 @@ struct ServerOptions {
     std::string index = "none";
     int index_dim = 256;                    // pca: code length
     int index_candidates_per_k = 10;        // pca: rows scored exactly per end and worker: max(min, this * k)
-    int index_min_candidates = 256;
+    int index_min_candidates = 1024;
     int index_nlist = 0;                    // ivf: 0: about sqrt(records)
     int index_nprobe = 0;                   // ivf: lists probed at each end; 0: nlist / 16
     bool index_rebuild = false;             // train the index anew even if a saved one fits

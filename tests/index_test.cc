@@ -419,6 +419,10 @@ TEST(PcaIndex, DirectionsRecoverAPlantedSubspaceAndCodesAreExact) {
   for (const auto& it : items) {
     for (int j = 0; j < kK; ++j) mean[j] += rapidin::testing::Fp16Rounded(it.vector)[j] / 3000.0;
   }
+  // int8 codes: each direction's code is off by at most half a unit, so a score by at most
+  // sum_d |q'_d| scale_d / 2 (plus float rounding).
+  double bound = 0;
+  for (int r = 0; r < kRank; ++r) bound += 0.5 * std::fabs(qp[r]) * (*index)->scale()[r];
   double worst = 0, scale = 0;
   for (const auto& c : all) {
     const auto x = rapidin::testing::Fp16Rounded(items[c.index].vector);
@@ -432,7 +436,8 @@ TEST(PcaIndex, DirectionsRecoverAPlantedSubspaceAndCodesAreExact) {
     scale = std::max(scale, std::fabs(want));
   }
   EXPECT_GT(scale, 1.0);
-  EXPECT_LT(worst / scale, 2e-3);  // fp16 codes (the sample mean here is every row's, FAISS's the same)
+  EXPECT_LE(worst, bound * 1.001 + 1e-4 * scale);  // the sample is every row here: no code is clamped
+  EXPECT_LT(bound, 0.05 * scale);                   // and the bound is tight enough to mean something
 }
 
 TEST(PcaIndex, EnoughCandidatesIsTheExactScanAndFewKeepRecall) {
@@ -501,17 +506,18 @@ TEST(PcaIndex, PersistsFollowsWritesAndRefusesDamage) {
     }
     return true;
   };
-  // Equal up to the last bits: sgemm over 2 rows and over 1024 may round differently, and fp16 codes then differ
-  // by one unit in the last place.
-  auto close = [](const std::vector<kernels::Candidate>& a, const std::vector<kernels::Candidate>& b) {
+  // Equal up to one code unit: sgemm over 2 rows and over 1024 may round differently, and a value on a rounding
+  // boundary then lands one int8 unit away; a score moves by at most sum_d |q'_d| scale_d.
+  auto close = [&](const std::vector<kernels::Candidate>& a, const std::vector<kernels::Candidate>& b,
+                   const PcaIndex& index) {
     if (a.size() != b.size()) return false;
+    double unit = 0;
+    for (int d = 0; d < index.dim(); ++d) unit += std::fabs(qp[d]) * index.scale()[d];
     std::map<int64_t, float> by_row;
     for (const auto& c : b) by_row[c.index] = c.score;
     for (const auto& c : a) {
       auto it = by_row.find(c.index);
-      if (it == by_row.end() || std::fabs(it->second - c.score) > 2e-3 * std::max(1.0f, std::fabs(c.score))) {
-        return false;
-      }
+      if (it == by_row.end() || std::fabs(it->second - c.score) > unit) return false;
     }
     return true;
   };
@@ -538,8 +544,8 @@ TEST(PcaIndex, PersistsFollowsWritesAndRefusesDamage) {
     const auto incremental = scores(**index);
     ASSERT_TRUE((*index)->Reproject(*store, po).ok());
     const auto reprojected = scores(**index);
-    EXPECT_TRUE(close(reprojected, incremental));
-    EXPECT_FALSE(close(incremental, before));
+    EXPECT_TRUE(close(reprojected, incremental, **index));
+    EXPECT_FALSE(same(incremental, before));
     ASSERT_TRUE((*index)->Save(PcaIndex::DefaultPath(path)).ok());
     before = reprojected;
   }
