@@ -252,7 +252,7 @@ int main(int argc, char** argv) {
   nlohmann::json out = nlohmann::json::object();
   out["cases"] = nlohmann::json::array();
   std::string md = absl::StrFormat(
-      "# IVF index against the exact scan\n\n`build/bench/ann_bench --basis %s --queries %d --shards %d` (K=%lld "
+      "# Indexes against the exact scan\n\n`build/bench/ann_bench --basis %s --queries %d --shards %d` (K=%lld "
       "fp16; %d held-out real gradients as queries, one query vector per search, top-100 at both ends). Data: "
       "see bench/ann_bench.cc (real = the basis rows only; anchored = synthetic rows built around real ones; "
       "gaussian = no structure). Recall of the helpful / harmful lists against the exact scan; every returned score "
@@ -337,7 +337,7 @@ int main(int argc, char** argv) {
           "\nPCA index dim %d (codes %.0f MB), built in %.1f s:\n\n| candidates per end and worker (k=10 / k=100) | "
           "rows scored exactly | recall@10 helpful / harmful | recall@100 helpful / harmful | p50 ms (k=10) | "
           "speed-up |\n|---|---|---|---|---|---|\n",
-          dim, double(cs.n) * dim * 2 / 1e6, pca_build_s);
+          dim, double(cs.n) * dim / 1e6, pca_build_s);  // int8 codes: dim bytes a row
       for (int min_candidates : pca_mins) {
         QueryEngine::Options eo;
         eo.pca = pca->get();
@@ -380,6 +380,22 @@ int main(int argc, char** argv) {
       out["ann_n"] = cs.n;
       out["ann_setting"] = best;
     }
+  }
+  // How the cost grows with N: the exact scan, and each index at its fastest setting that meets the target.
+  md += "## Cost against N (anchored data)\n\n| N | exact p50 ms | index at recall@10 >= target | p50 ms | speed-up | "
+        "build s |\n|---|---|---|---|---|---|\n";
+  for (const auto& c : out["cases"]) {
+    if (c["data"] != "anchored") continue;
+    const auto& b = c["first_point_with_recall10_at_target"];
+    md += b.is_null() ? absl::StrFormat("| %lld | %.1f | none | | | |\n", c["n"].get<long long>(),
+                                        c["exact_p50_ms"].get<double>())
+                      : absl::StrFormat("| %lld | %.1f | %s | %.2f | %.1fx | %.1f |\n", c["n"].get<long long>(),
+                                        c["exact_p50_ms"].get<double>(),
+                                        b["index"] == "pca" ? absl::StrCat("pca dim ", b["dim"].get<int>(), ", ",
+                                                                           b["candidates_k10"].get<int>(), " cand.")
+                                                            : absl::StrCat("ivf nprobe ", b["nprobe"].get<int>()),
+                                        b["p50_ms"].get<double>(), b["speedup"].get<double>(),
+                                        b.contains("build_s") ? b["build_s"].get<double>() : c["build_s"].get<double>());
   }
   if (!md_path.empty()) std::ofstream(md_path) << md;
   if (!json_path.empty()) std::ofstream(json_path) << out.dump(1) << "\n";

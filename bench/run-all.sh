@@ -31,7 +31,7 @@ fi
 python3 bench/text_query_bench.py "$BUILD_DIR/server/rapidin-server" "$STORE" "$DATA/models/stories260K.bin" 100 \
   "$OUT/text-query.md" | head -1 > "$tmp/text.json"
 echo "== indexes against the exact scan (100k, 300k, 1M x 4096; basis: the demo store's real gradients)"
-"$BUILD_DIR/bench/ann_bench" --basis "$STORE" --sizes 100000,300000,1000000 --gaussian 100000 \
+"$BUILD_DIR/bench/ann_bench" --basis "$STORE" --sizes 100000,300000,1000000 --gaussian 100000 --nprobe 16,64 \
   --md "$OUT/ann.md" --json "$tmp/ann.json" >/dev/null
 python3 - "$tmp" "$OUT/perf.json" <<'PY'
 import json, os, sys

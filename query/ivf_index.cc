@@ -328,30 +328,16 @@ absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Load(const std::string& path
 
 absl::StatusOr<std::unique_ptr<IvfIndex>> IvfIndex::Open(const storage::Store& store, const IvfOptions& o,
                                                          bool rebuild, std::string* how) {
-  const std::string path = DefaultPath(store.path());
-  std::string why = "rebuild asked for";
-  if (!rebuild) {
-    auto loaded = Load(path, store);
-    if (loaded.ok() && (o.nlist <= 0 || o.nlist == (*loaded)->nlist())) {
-      std::unique_ptr<IvfIndex> index = std::move(*loaded);
-      if (o.nprobe > 0) index->nprobe_ = std::min(o.nprobe, index->nlist_);
-      if (!index->stale()) {
-        *how = absl::StrCat("loaded ", path);
-        return index;
-      }
-      if (absl::Status st = index->Reassign(store, o); !st.ok()) return st;
-      if (absl::Status st = index->Save(path); !st.ok()) return st;
-      *how = absl::StrCat("loaded ", path, "; the store was written since, so every row was reassigned and saved");
-      return index;
-    }
-    why = loaded.ok() ? absl::StrCat("the saved index has nlist=", (*loaded)->nlist(), ", ", o.nlist, " asked for")
-                      : std::string(loaded.status().message());
-  }
-  auto built = Build(store, o);
-  if (!built.ok()) return built.status();
-  if (absl::Status st = (*built)->Save(path); !st.ok()) return st;
-  *how = absl::StrCat("built and saved to ", path, " (", why, ")");
-  return built;
+  auto index = internal::OpenIndexFile<IvfIndex>(
+      store, o, rebuild, DefaultPath(store.path()),
+      [&](const IvfIndex& loaded) {
+        return o.nlist <= 0 || o.nlist == loaded.nlist()
+                   ? std::string()
+                   : absl::StrCat("the saved index has nlist=", loaded.nlist(), ", ", o.nlist, " asked for");
+      },
+      [&](IvfIndex& loaded) { return loaded.Reassign(store, o); }, "reassigned", how);
+  if (index.ok() && o.nprobe > 0) (*index)->nprobe_ = std::min(o.nprobe, (*index)->nlist_);
+  return index;
 }
 
 namespace {

@@ -465,29 +465,13 @@ absl::StatusOr<std::unique_ptr<PcaIndex>> PcaIndex::Load(const std::string& path
 
 absl::StatusOr<std::unique_ptr<PcaIndex>> PcaIndex::Open(const storage::Store& store, const PcaOptions& o,
                                                          bool rebuild, std::string* how) {
-  const std::string path = DefaultPath(store.path());
-  std::string why = "rebuild asked for";
-  if (!rebuild) {
-    auto loaded = Load(path, store);
-    if (loaded.ok() && (*loaded)->dim() == o.dim) {
-      std::unique_ptr<PcaIndex> index = std::move(*loaded);
-      if (!index->stale()) {
-        *how = absl::StrCat("loaded ", path);
-        return index;
-      }
-      if (absl::Status st = index->Reproject(store, o); !st.ok()) return st;
-      if (absl::Status st = index->Save(path); !st.ok()) return st;
-      *how = absl::StrCat("loaded ", path, "; the store was written since, so every row was reprojected and saved");
-      return index;
-    }
-    why = loaded.ok() ? absl::StrCat("the saved index has dim=", (*loaded)->dim(), ", ", o.dim, " asked for")
-                      : std::string(loaded.status().message());
-  }
-  auto built = Build(store, o);
-  if (!built.ok()) return built.status();
-  if (absl::Status st = (*built)->Save(path); !st.ok()) return st;
-  *how = absl::StrCat("built and saved to ", path, " (", why, ")");
-  return built;
+  return internal::OpenIndexFile<PcaIndex>(
+      store, o, rebuild, DefaultPath(store.path()),
+      [&](const PcaIndex& loaded) {
+        return loaded.dim() == o.dim ? std::string()
+                                     : absl::StrCat("the saved index has dim=", loaded.dim(), ", ", o.dim, " asked for");
+      },
+      [&](PcaIndex& loaded) { return loaded.Reproject(store, o); }, "reprojected", how);
 }
 
 namespace {

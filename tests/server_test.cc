@@ -118,6 +118,19 @@ class ServerTest : public ::testing::Test {
     }
   }
 
+  // One record through the streaming Ingest RPC.
+  static absl::StatusOr<v1::IngestResponse> IngestOne(client::Client* c, const std::string& id,
+                                                      const std::vector<float>& v) {
+    bool sent = false;
+    return c->Ingest([&](v1::IngestRequest* b) {
+      if (sent) return false;
+      auto* rec = b->add_records();
+      rec->mutable_record()->set_id(id);
+      rec->mutable_vector()->Add(v.begin(), v.end());
+      return sent = true;
+    });
+  }
+
   // Stops the fixture's server and returns options for another one over the same store.
   ServerOptions StopForRestart() {
     server_->Shutdown(absl::Seconds(1));
@@ -655,14 +668,7 @@ TEST_F(ServerTest, ColdTierScansFromDiskAndFollowsIngest) {
   // Replace cold row 900 with a vector aligned with the query: it becomes the top hit; GetRecord reads it back.
   std::vector<float> v(qs[0]);
   for (auto& x : v) x *= 4;
-  bool sent = false;
-  auto in = c->Ingest([&](v1::IngestRequest* b) {
-    if (sent) return false;
-    auto* rec = b->add_records();
-    rec->mutable_record()->set_id("rec-900");
-    rec->mutable_vector()->Add(v.begin(), v.end());
-    return sent = true;
-  });
+  auto in = IngestOne(c.get(), "rec-900", v);
   ASSERT_TRUE(in.ok()) << in.status();
   r = c->QueryByVector(Request({qs[0]}, 1, 0));
   ASSERT_TRUE(r.ok());
@@ -708,14 +714,7 @@ TEST_P(ServerIndexTest, FollowsIngestAndDeleteAndPersists) {
 
   std::vector<float> v(qs[0]);
   for (auto& x : v) x *= 4;
-  bool sent = false;
-  auto in = c->Ingest([&](v1::IngestRequest* b) {
-    if (sent) return false;
-    auto* rec = b->add_records();
-    rec->mutable_record()->set_id("aligned");
-    rec->mutable_vector()->Add(v.begin(), v.end());
-    return sent = true;
-  });
+  auto in = IngestOne(c.get(), "aligned", v);
   ASSERT_TRUE(in.ok()) << in.status();
   r = c->QueryByVector(Request({qs[0]}, 1, 0));
   ASSERT_TRUE(r.ok());

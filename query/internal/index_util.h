@@ -7,10 +7,12 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "storage/store.h"
 
 namespace rapidin::query::internal {
@@ -51,6 +53,39 @@ absl::StatusOr<std::vector<float>> SampleRows(const storage::Store& store, int64
 absl::Status ForEachRowBlock(
     const storage::Store& store, int64_t block,
     const std::function<absl::Status(const uint16_t* rows, int64_t n, uint64_t first, int64_t stride)>& fn);
+
+// The start-up policy of both indexes: Load path; an index that fits (mismatch returns "") is returned as is, or
+// brought up to date by refresh (then saved) when the store was written since; anything else (no file, damage,
+// another store, a mismatch, or rebuild) is built anew and saved. *how says which, for the log.
+template <typename Index, typename Options>
+absl::StatusOr<std::unique_ptr<Index>> OpenIndexFile(const storage::Store& store, const Options& options,
+                                                     bool rebuild, const std::string& path,
+                                                     const std::function<std::string(const Index&)>& mismatch,
+                                                     const std::function<absl::Status(Index&)>& refresh,
+                                                     const char* refreshed, std::string* how) {
+  std::string why = "rebuild asked for";
+  if (!rebuild) {
+    auto loaded = Index::Load(path, store);
+    why = loaded.ok() ? mismatch(**loaded) : std::string(loaded.status().message());
+    if (loaded.ok() && why.empty()) {
+      std::unique_ptr<Index> index = std::move(*loaded);
+      if (!index->stale()) {
+        *how = absl::StrCat("loaded ", path);
+        return index;
+      }
+      if (absl::Status st = refresh(*index); !st.ok()) return st;
+      if (absl::Status st = index->Save(path); !st.ok()) return st;
+      *how = absl::StrCat("loaded ", path, "; the store was written since, so every row was ", refreshed,
+                          " and saved");
+      return index;
+    }
+  }
+  auto built = Index::Build(store, options);
+  if (!built.ok()) return built.status();
+  if (absl::Status st = (*built)->Save(path); !st.ok()) return st;
+  *how = absl::StrCat("built and saved to ", path, " (", why, ")");
+  return built;
+}
 
 }  // namespace rapidin::query::internal
 
