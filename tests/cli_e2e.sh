@@ -102,7 +102,29 @@ expect_err 1 "NOT_FOUND" "$CLI" get --server 127.0.0.1:$port --id alpaca-7
 expect_err 2 "needs --id or --ids-file" "$CLI" delete --server 127.0.0.1:$port
 "$CLI" stats --server 127.0.0.1:$port --json \
   | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["num_records"]=="298", d' || fail "stats after delete"
+"$CLI" query --server 127.0.0.1:$port --vector-file "$work/q.jsonl" --top-k 3 --harmful-k 2 --json >"$work/q_exact.json" \
+  || fail "exact query after delete"
 kill -TERM $spid; wait $spid
+
+# --index pca: built at the first start (every row a candidate here, so the answers are the exact ones), saved at
+# shutdown, loaded at the next start.
+for round in built loaded; do
+  "$SERVER_BIN" --store "$work/store" --listen 127.0.0.1:$port --metrics-listen "" --index pca --index-dim 8 \
+    --index-min-candidates 400 >"$work/server.log" 2>&1 &
+  spid=$!
+  for _ in $(seq 50); do "$CLI" stats --server 127.0.0.1:$port >/dev/null 2>&1 && break; sleep 0.1; done
+  grep -q "index pca dim=8, 298 rows: $round" "$work/server.log" || fail "index $round: $(grep index "$work/server.log")"
+  "$CLI" query --server 127.0.0.1:$port --vector-file "$work/q.jsonl" --top-k 3 --harmful-k 2 --json \
+    >"$work/q_index.json" || fail "query with --index pca"
+  python3 - "$work/q_exact.json" "$work/q_index.json" <<'PY' || fail "--index pca answers differ from the exact scan"
+import json, sys
+a, b = (json.load(open(f))["results"] for f in sys.argv[1:3])
+key = lambda rs: [[(x["id"], x["score"]) for x in r.get(side, [])] for r in rs for side in ("helpful", "harmful")]
+assert key(a) == key(b), (key(a), key(b))
+PY
+  "$CLI" stats --server 127.0.0.1:$port | grep -q "pca dim=8" || fail "stats does not name the index"
+  kill -TERM $spid; wait $spid
+done
 
 # Router mode: the 300 records split over two shard servers behind a router answer like the single store.
 head -n 150 "$work/rec.jsonl" >"$work/rec_a.jsonl"
