@@ -62,12 +62,10 @@ bool IvfIndex::stale() const {
 
 std::string IvfIndex::Describe() const { return absl::StrCat("ivf nlist=", nlist_, " nprobe=", nprobe_); }
 
-void IvfIndex::AssignF32(const float* rows, int64_t n, int32_t* out) const {
-  std::vector<float> centred(rows, rows + n * k_);
+void IvfIndex::AssignCentred(float* rows, int64_t n, int32_t* out) const {
   for (int64_t i = 0; i < n; ++i) {
-    for (int64_t c = 0; c < k_; ++c) centred[i * k_ + c] -= mean_[c];
+    for (int64_t c = 0; c < k_; ++c) rows[i * k_ + c] -= mean_[c];
   }
-  rows = centred.data();
   std::vector<float> d(n);
   std::vector<faiss::Index::idx_t> ids(n);
   quantizer_->search(n, rows, 1, d.data(), ids.data());
@@ -90,7 +88,7 @@ void IvfIndex::AssignF16(const uint16_t* rows, int64_t n, int32_t* out) const {
     }
   }
   std::vector<int32_t> a(m);
-  if (m > 0) AssignF32(x.data(), m, a.data());
+  if (m > 0) AssignCentred(x.data(), m, a.data());
   for (int64_t j = 0; j < m; ++j) out[live[j]] = a[j];
 }
 
@@ -214,7 +212,7 @@ void IvfIndex::ApplyIngest(const storage::IngestResult& result, const std::vecto
     for (int64_t c = 0; c < k_; ++c) x[i * k_ + c] = kernels::HalfToFloat(kernels::FloatToHalf(items[i].vector[c]));
   }
   std::vector<int32_t> lists(n);
-  if (n > 0) AssignF32(x.data(), static_cast<int64_t>(n), lists.data());
+  if (n > 0) AssignCentred(x.data(), static_cast<int64_t>(n), lists.data());
   WriterMutexLock l(&mu_);
   for (size_t i = 0; i < n; ++i) SetList(result.rows[i], lists[i]);  // in batch order: the last write of a row wins
   sequence_ = result.sequence;

@@ -98,7 +98,8 @@ class IvfIndex {
   IvfIndex(int64_t k, int nlist, std::vector<float> mean, std::vector<float> centroids, std::string projection_id);
   // Assigns n fp16 rows (row-major) to lists; -1 for deleted (NaN) rows.
   void AssignF16(const uint16_t* rows, int64_t n, int32_t* out) const;
-  void AssignF32(const float* rows, int64_t n, int32_t* out) const;
+  // The same for n float rows, which it centres in place (the callers' own buffers: no copy per block).
+  void AssignCentred(float* rows, int64_t n, int32_t* out) const;
   void SetList(uint64_t row, int32_t list) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const int64_t k_;

@@ -175,7 +175,12 @@ std::vector<float> TopDirections(float* x, int64_t n, int64_t k, int dim, uint64
 PcaIndex::PcaIndex(int64_t k, int dim, std::vector<float> a, std::vector<float> b, std::vector<float> scale,
                    std::string projection_id)
     : k_(k), dim_(dim), pitch16_((dim + 1) / 2), a_(std::move(a)), b_(std::move(b)), scale_(std::move(scale)),
-      projection_id_(std::move(projection_id)), codes_(pitch16_) {}
+      projection_id_(std::move(projection_id)), codes_(pitch16_) {
+  transform_ = std::make_unique<faiss::LinearTransform>(static_cast<int>(k_), dim_, /*have_bias=*/true);
+  transform_->A = a_;
+  transform_->b = b_;
+  transform_->is_trained = true;
+}
 
 PcaIndex::~PcaIndex() = default;
 
@@ -222,12 +227,8 @@ void PcaIndex::Project(const float* q, float* out) const {
 }
 
 void PcaIndex::Encode(const float* rows, int64_t n, uint16_t* codes) const {
-  faiss::LinearTransform t(static_cast<int>(k_), dim_, /*have_bias=*/true);
-  t.A = a_;
-  t.b = b_;
-  t.is_trained = true;
   std::vector<float> out(static_cast<size_t>(n) * dim_);
-  t.apply_noalloc(n, rows, out.data());
+  transform_->apply_noalloc(n, rows, out.data());
   for (int64_t i = 0; i < n; ++i) {
     int8_t* code = reinterpret_cast<int8_t*>(codes + i * pitch16_);
     std::fill(code, code + 2 * pitch16_, int8_t{0});

@@ -34,6 +34,10 @@
 #include "storage/internal/host_shard.h"
 #include "storage/store.h"
 
+namespace faiss {
+struct LinearTransform;
+}
+
 namespace rapidin::query {
 
 struct PcaOptions {
@@ -104,6 +108,8 @@ class PcaIndex {
   const std::vector<float> b_;     // dim: -A mean
   const std::vector<float> scale_;  // dim: code = round(A (x - mean) / scale), clamped to [-127, 127]
   const std::string projection_id_;
+  // x -> A x + b as one sgemm, built once (A is dim x K floats: 4 MB at 256 x 4096, too much to copy per block).
+  std::unique_ptr<faiss::LinearTransform> transform_;
   mutable SharedMutex mu_;
   storage::internal::AlignedRows codes_ ABSL_GUARDED_BY(mu_);  // row g's int8 code at position g
   uint64_t live_ ABSL_GUARDED_BY(mu_) = 0;
