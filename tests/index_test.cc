@@ -51,6 +51,15 @@ struct Data {
     return Unit(v);
   }
   std::vector<float> Row() { return Near(static_cast<int>(rng() % kClusters), 0.6f); }
+  // n rows, one after another (a batch of query vectors).
+  std::vector<float> Rows(int n) {
+    std::vector<float> out;
+    for (int i = 0; i < n; ++i) {
+      auto v = Row();
+      out.insert(out.end(), v.begin(), v.end());
+    }
+    return out;
+  }
 
   std::mt19937_64 rng;
   std::vector<std::vector<float>> centers;
@@ -114,6 +123,27 @@ SearchResult SearchPca(const storage::Store& store, const PcaIndex* pca, int min
   return SearchWith(store, o, q, nq, k);
 }
 
+// got equals the exact scan's answer for every query vector at both ends: k rows each, same rows, same scores bit
+// for bit (the same kernel on the same rows).
+void ExpectExactAnswers(const SearchResult& got, const SearchResult& exact, int nq, size_t k) {
+  for (int j = 0; j < nq; ++j) {
+    ASSERT_EQ(got.helpful[j].size(), k);
+    ASSERT_EQ(got.harmful[j].size(), k);
+    for (size_t i = 0; i < k; ++i) {
+      EXPECT_EQ(got.helpful[j][i].index, exact.helpful[j][i].index);
+      EXPECT_EQ(got.helpful[j][i].score, exact.helpful[j][i].score);
+      EXPECT_EQ(got.harmful[j][i].index, exact.harmful[j][i].index);
+      EXPECT_EQ(got.harmful[j][i].score, exact.harmful[j][i].score);
+    }
+  }
+}
+
+int64_t RowsScored(const SearchResult& r) {
+  int64_t n = 0;
+  for (const auto& t : r.shard_timings) n += t.rows;
+  return n;
+}
+
 double Recall(const std::vector<kernels::Candidate>& got, const std::vector<kernels::Candidate>& want) {
   std::set<int64_t> w;
   for (const auto& c : want) w.insert(c.index);
@@ -132,22 +162,9 @@ TEST(IvfIndex, EveryListProbedIsTheExactScan) {
   auto index = IvfIndex::Build(*store, io);
   ASSERT_TRUE(index.ok()) << index.status();
   EXPECT_EQ((*index)->rows(), 3000u);
-  std::vector<float> q;
-  for (int j = 0; j < 4; ++j) {
-    auto v = d.Row();
-    q.insert(q.end(), v.begin(), v.end());
-  }
+  const std::vector<float> q = d.Rows(4);
   const SearchResult exact = Search(*store, nullptr, 0, q, 4, 25);
-  const SearchResult all = Search(*store, index->get(), 20, q, 4, 25);
-  for (int j = 0; j < 4; ++j) {
-    ASSERT_EQ(all.helpful[j].size(), 25u);
-    for (size_t i = 0; i < 25; ++i) {
-      EXPECT_EQ(all.helpful[j][i].index, exact.helpful[j][i].index);
-      EXPECT_EQ(all.helpful[j][i].score, exact.helpful[j][i].score);  // bitwise: the same kernel on the same rows
-      EXPECT_EQ(all.harmful[j][i].index, exact.harmful[j][i].index);
-      EXPECT_EQ(all.harmful[j][i].score, exact.harmful[j][i].score);
-    }
-  }
+  ExpectExactAnswers(Search(*store, index->get(), 20, q, 4, 25), exact, 4, 25);
 }
 
 TEST(IvfIndex, FewListsKeepRecallAndExactScoresAtBothEnds) {
@@ -160,16 +177,10 @@ TEST(IvfIndex, FewListsKeepRecallAndExactScoresAtBothEnds) {
   auto index = IvfIndex::Build(*store, io);
   ASSERT_TRUE(index.ok()) << index.status();
   const int nq = 16;
-  std::vector<float> q;
-  for (int j = 0; j < nq; ++j) {
-    auto v = d.Row();
-    q.insert(q.end(), v.begin(), v.end());
-  }
+  const std::vector<float> q = d.Rows(nq);
   const SearchResult exact = Search(*store, nullptr, 0, q, nq, 10);
   const SearchResult ann = Search(*store, index->get(), 8, q, nq, 10);
   double rh = 0, rm = 0;
-  int64_t scanned = 0;
-  for (const auto& t : ann.shard_timings) scanned += t.rows;
   for (int j = 0; j < nq; ++j) {
     rh += Recall(ann.helpful[j], exact.helpful[j]) / nq;
     rm += Recall(ann.harmful[j], exact.harmful[j]) / nq;
@@ -185,7 +196,7 @@ TEST(IvfIndex, FewListsKeepRecallAndExactScoresAtBothEnds) {
   EXPECT_GE(rh, 0.85);
   EXPECT_GE(rm, 0.85);
   // 16 of 48 lists at most (8 per end): well under the whole store for 16 vectors.
-  EXPECT_LT(scanned, int64_t{nq} * 6000 / 2);
+  EXPECT_LT(RowsScored(ann), int64_t{nq} * 6000 / 2);
 }
 
 TEST(IvfIndex, SavedIndexLoadsAndNoticesWritesBehindItsBack) {
@@ -453,21 +464,9 @@ TEST(PcaIndex, EnoughCandidatesIsTheExactScanAndFewKeepRecall) {
   ASSERT_TRUE(index.ok()) << index.status();
   EXPECT_EQ((*index)->rows(), 5000u);
   const int nq = 16;
-  std::vector<float> q;
-  for (int j = 0; j < nq; ++j) {
-    auto v = d.Row();
-    q.insert(q.end(), v.begin(), v.end());
-  }
+  const std::vector<float> q = d.Rows(nq);
   const SearchResult exact = Search(*store, nullptr, 0, q, nq, 10);
-  const SearchResult all = SearchPca(*store, index->get(), 5000, q, nq, 10);
-  for (int j = 0; j < nq; ++j) {
-    for (size_t i = 0; i < 10; ++i) {
-      EXPECT_EQ(all.helpful[j][i].index, exact.helpful[j][i].index);
-      EXPECT_EQ(all.helpful[j][i].score, exact.helpful[j][i].score);
-      EXPECT_EQ(all.harmful[j][i].index, exact.harmful[j][i].index);
-      EXPECT_EQ(all.harmful[j][i].score, exact.harmful[j][i].score);
-    }
-  }
+  ExpectExactAnswers(SearchPca(*store, index->get(), 5000, q, nq, 10), exact, nq, 10);
   const SearchResult few = SearchPca(*store, index->get(), 100, q, nq, 10);  // 100 per end and worker of 5000
   double rh = 0, rm = 0;
   for (int j = 0; j < nq; ++j) {
@@ -481,9 +480,7 @@ TEST(PcaIndex, EnoughCandidatesIsTheExactScanAndFewKeepRecall) {
   }
   EXPECT_GE(rh, 0.95);
   EXPECT_GE(rm, 0.95);
-  int64_t scored = 0;
-  for (const auto& t : few.shard_timings) scored += t.rows;
-  EXPECT_LE(scored, int64_t{nq} * 3 * 2 * 100);  // 3 workers, 2 ends, 100 candidates
+  EXPECT_LE(RowsScored(few), int64_t{nq} * 3 * 2 * 100);  // 3 workers, 2 ends, 100 candidates
 }
 
 TEST(PcaIndex, PersistsFollowsWritesAndRefusesDamage) {
