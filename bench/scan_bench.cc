@@ -90,6 +90,24 @@ double KernelPeakGflops(int threads) {
 // --kernel-only: rapidin's scan for 1, 8, 16 and 32 query vectors, now and with the earlier loop order
 // (--before's path, rapidin::kernels::internal::g_score_before) in the same run, against the read bandwidth
 // and the kernel's arithmetic peak.
+// One timed pass of rapidin's scan as the server runs it: the store split into `threads` contiguous shards, each
+// scanned by ScanTopK with top_k at both ends on its own thread. Returns the seconds; *helpful gets each shard's
+// helpful selectors (one per query vector).
+double TimedScan(const uint16_t* store, int64_t n, int64_t k, const float* q, int nq, int top_k, int threads,
+                 rapidin::kernels::ScoreImpl impl, std::vector<std::vector<rapidin::kernels::TopK>>* helpful) {
+  std::vector<std::vector<rapidin::kernels::TopK>> help(threads), harm(threads);
+  const double t = Parallel(threads, [&](int w) {
+    const int64_t lo = n * w / threads, hi = n * (w + 1) / threads;
+    for (int j = 0; j < nq; ++j) {
+      help[w].emplace_back(top_k, true);
+      harm[w].emplace_back(top_k, false);
+    }
+    (void)rapidin::kernels::ScanTopK(store + lo * k, hi - lo, k, q, nq, lo, 1, &help[w], &harm[w], impl);
+  });
+  *helpful = std::move(help);
+  return t;
+}
+
 int KernelOnly(int threads, int reps, double bw, bool quick, const std::string& out, const std::string& json_out) {
   const double peak = KernelPeakGflops(threads);
   std::printf("kernel arithmetic peak (L1-resident, %d threads): %.1f GFLOP/s\n", threads, peak);
@@ -116,16 +134,8 @@ int KernelOnly(int threads, int reps, double bw, bool quick, const std::string& 
         rapidin::kernels::internal::g_score_before = before == 1;
         std::vector<double> times;
         for (int r = 0; r < reps; ++r) {
-          std::vector<std::vector<rapidin::kernels::TopK>> help(threads), harm(threads);
-          times.push_back(Parallel(threads, [&](int t) {
-            const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
-            for (int j = 0; j < nq; ++j) {
-              help[t].emplace_back(10, true);
-              harm[t].emplace_back(10, false);
-            }
-            (void)rapidin::kernels::ScanTopK(store + lo * k, hi - lo, k, q.data(), nq, lo, 1, &help[t], &harm[t],
-                                             impl);
-          }));
+          std::vector<std::vector<rapidin::kernels::TopK>> help;
+          times.push_back(TimedScan(store, n, k, q.data(), nq, 10, threads, impl, &help));
           if (r == 0) {
             for (int j = 0; j < nq; ++j) {
               for (const auto& c : help[0][j].Sorted()) answers[before].push_back(c.score);
@@ -268,16 +278,8 @@ int main(int argc, char** argv) {
       {
         std::vector<double> times;
         for (int r = 0; r < reps; ++r) {
-          std::vector<std::vector<rapidin::kernels::TopK>> help(threads), harm(threads);
-          times.push_back(Parallel(threads, [&](int t) {
-            const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
-            for (int j = 0; j < nq; ++j) {
-              help[t].emplace_back(top_k, true);
-              harm[t].emplace_back(top_k, false);
-            }
-            (void)rapidin::kernels::ScanTopK(store + lo * k, hi - lo, k, q.data(), nq, lo, 1, &help[t], &harm[t],
-                                             impl);
-          }));
+          std::vector<std::vector<rapidin::kernels::TopK>> help;
+          times.push_back(TimedScan(store, n, k, q.data(), nq, top_k, threads, impl, &help));
           std::vector<std::vector<rapidin::kernels::Candidate>> parts;
           for (auto& h : help) parts.push_back(h[0].Sorted());
           ours_top1 = rapidin::kernels::MergeTopK(parts, top_k, true)[0].index;

@@ -8,12 +8,14 @@ Usage: text_query_bench.py RAPIDIN_SERVER STORE MODEL [N=100] [OUT.md]
 """
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
 import urllib.request
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from e2e_util import free_port, wait_healthy  # noqa: E402  (the e2e tests' helpers: one copy)
 
 server_bin, store, model = sys.argv[1:4]
 n = int(sys.argv[4]) if len(sys.argv) > 4 else 100
@@ -21,14 +23,6 @@ out = sys.argv[5] if len(sys.argv) > 5 else None
 INSTRUCTION = "Give three tips for staying healthy."
 GENERATION = ("1. Eat a balanced diet and make sure to include plenty of fruits and vegetables. 2. Exercise regularly "
               "to keep your body active and strong. 3. Get enough sleep and maintain a consistent sleep schedule.")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def pct(xs, p):
@@ -46,12 +40,8 @@ def run(env_extra):
     base = f"http://127.0.0.1:{port}"
     rows = []
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(base + "/healthz", timeout=1).read()
-                break
-            except Exception:
-                time.sleep(0.1)
+        if not wait_healthy(base, proc, tries=600):
+            sys.exit(f"{server_bin} did not become healthy on {base}")
         body = json.dumps({"instruction": INSTRUCTION, "generation": GENERATION, "topK": 5, "harmfulK": 3}).encode()
         for i in range(n + 3):  # 3 warm-up queries
             t0 = time.perf_counter()
