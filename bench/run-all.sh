@@ -29,7 +29,7 @@ if [ ! -d "$STORE" ]; then
     --store "$STORE" --k 4096 --threads 2 2>&1 | tail -1
 fi
 python3 bench/text_query_bench.py "$BUILD_DIR/server/rapidin-server" "$STORE" "$DATA/models/stories260K.bin" 100 \
-  "$OUT/text-query.md" | head -1 > "$tmp/text.json"
+  "$OUT/text-query.md" | sed -n 1p > "$tmp/text.json"
 echo "== indexes against the exact scan (100k, 300k, 1M x 4096; basis: the demo store's real gradients)"
 "$BUILD_DIR/bench/ann_bench" --basis "$STORE" --sizes 100000,300000,1000000 --gaussian 100000 --nprobe 16,64 \
   --md "$OUT/ann.md" --json "$tmp/ann.json" >/dev/null
