@@ -2,12 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <random>
 
 #include <faiss/VectorTransform.h>
 #include <faiss/utils/utils.h>
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include "absl/strings/str_cat.h"
 #include "kernels/half.h"
