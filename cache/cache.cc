@@ -224,6 +224,7 @@ absl::StatusOr<CacheSummary> RunCache(const CacheOptions& o) {
   if (!store.ok()) return store.status();
   sum.projection_state_id = (*store)->manifest().projection_state_id();
   sum.device = (*feat)->engine().device();
+  sum.grad_path = (*feat)->engine().grad_path();
 
   // Resume: drop records already in the store.
   std::vector<const DataRecord*> todo;

@@ -59,6 +59,7 @@ struct CacheSummary {
   int64_t range_begin = 0, range_end = 0;  // positions [begin, end) of the file this run covered
   std::string projection_state_id;
   std::string device;  // where the gradients ran
+  std::string grad_path;  // how: "direct" (hand-written pass) or "autograd" (GradientEngine::grad_path)
   std::vector<BadRecord> bad_records;
 };
 

@@ -227,6 +227,7 @@ int Cache(const rapidin::cache::CacheOptions& o, bool json) {
                         {"sketch_seconds", s->sketch_s}, {"write_seconds", s->write_s},
                         {"mean_response_loss", s->mean_loss}, {"store_records", s->store_records},
                         {"projection_state_id", s->projection_state_id}, {"device", s->device},
+                        {"grad_path", s->grad_path},
                         {"shard_index", o.shard_index}, {"shard_count", o.shard_count},
                         {"range_begin", s->range_begin}, {"range_end", s->range_end}};
     nlohmann::json bad = nlohmann::json::array();
@@ -503,6 +504,11 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"layer", "none"}));
   co.featurizer.engine.device = "auto";
   cache->add_option("--model-device", co.featurizer.engine.device, kModelDeviceHelp)->capture_default_str();
+  cache->add_option("--grad-path", co.featurizer.engine.grad_path,
+                    "direct: the hand-written CPU forward/backward where it applies (plain Llama, weight "
+                    "matrices), else autograd; autograd: LibTorch autograd always (the reference)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"direct", "autograd"}));
   cache->add_option("--threads", co.threads, "records in parallel")->capture_default_str()->check(CLI::Range(1, 256));
   cache->add_option("--batch-size", co.batch_size, "records per atomic store batch")->capture_default_str();
   cache->add_option("--grad-batch", co.grad_batch, "records per forward/backward pass (1: one at a time)")

@@ -25,6 +25,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "model/internal/engine_impl.h"
+#include "model/internal/llama_grad.h"
 #include "model/testing.h"
 
 namespace rapidin::model {
@@ -178,6 +179,7 @@ absl::Status CheckRecord(const TokenizedExample& t, int vocab_size) {
 
 const ModelConfig& GradientEngine::config() const { return impl_->cfg; }
 std::string GradientEngine::device() const { return impl_->device.str(); }
+std::string GradientEngine::grad_path() const { return impl_->DirectApplies() ? "direct" : "autograd"; }
 int GradientEngine::cuda_device() const { return impl_->device.is_cuda() ? impl_->device.index() : -1; }
 const std::vector<ParamInfo>& GradientEngine::params() const { return impl_->infos; }
 int64_t GradientEngine::grad_dim() const { return impl_->dim; }
@@ -466,6 +468,7 @@ absl::Status GradientEngine::Impl::PerSample(const std::vector<TokenizedExample>
   per->assign(infos.size(), torch::Tensor());
   losses_out->assign(B, 0.0);
   if (B == 0) return absl::OkStatus();
+  if (DirectApplies()) return DirectPerSample(batch, per, losses_out);
   bool capturable = true;
   for (const auto& p : infos) capturable = capturable && w.at(p.name).dim() == 2;
   if (!capturable || B == 1) {
@@ -541,6 +544,104 @@ absl::Status GradientEngine::Impl::PerSample(const std::vector<TokenizedExample>
   auto host_losses = losses.detach().to(torch::kCPU, torch::kDouble).contiguous();
   losses_out->assign(host_losses.data_ptr<double>(), host_losses.data_ptr<double>() + B);
   return absl::OkStatus();
+}
+
+bool GradientEngine::Impl::DirectApplies() const {
+  if (options.grad_path != "direct" || !device.is_cpu() || !arch.Plain() || !lora.empty()) return false;
+  if (dtype != torch::kFloat && dtype != torch::kDouble) return false;
+  if (cfg.n_kv_heads <= 0 || cfg.n_heads % cfg.n_kv_heads != 0 || cfg.HeadDim() % 2 != 0) return false;
+  static const std::regex matrix(
+      R"(tok_embeddings\.weight|output\.weight|layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight)");
+  for (const auto& p : infos) {
+    if (!std::regex_match(p.name, matrix)) return false;
+  }
+  for (const auto& [n, t] : w) {
+    if (!t.is_contiguous()) return false;
+  }
+  return cos.is_contiguous() && sin.is_contiguous();
+}
+
+namespace {
+
+template <class F>
+absl::Status DirectRecords(const EngineAccess::Impl& m, const std::vector<TokenizedExample>& batch,
+                           std::vector<torch::Tensor>* per, std::vector<double>* losses) {
+  const ModelConfig& c = m.cfg;
+  internal::LlamaShape s;
+  s.dim = c.dim;
+  s.hidden = c.hidden_dim;
+  s.layers = c.n_layers;
+  s.heads = c.n_heads;
+  s.kv_heads = c.n_kv_heads;
+  s.head_dim = c.HeadDim();
+  s.vocab = c.vocab_size;
+  s.norm_eps = c.norm_eps;
+  s.rope_half = m.rope_half;
+  auto ptr = [&](const std::string& n) { return m.w.at(n).template data_ptr<F>(); };
+  internal::LlamaWeights<F> wt;
+  wt.emb = ptr("tok_embeddings.weight");
+  wt.head = c.tied_output ? wt.emb : ptr("output.weight");
+  wt.final_norm = ptr("norm.weight");
+  wt.cos = m.cos.template data_ptr<F>();
+  wt.sin = m.sin.template data_ptr<F>();
+  for (int l = 0; l < c.n_layers; ++l) {
+    const std::string p = absl::StrCat("layers.", l, ".");
+    wt.layers.push_back({ptr(p + "attention.wq.weight"), ptr(p + "attention.wk.weight"),
+                         ptr(p + "attention.wv.weight"), ptr(p + "attention.wo.weight"),
+                         ptr(p + "feed_forward.w1.weight"), ptr(p + "feed_forward.w2.weight"),
+                         ptr(p + "feed_forward.w3.weight"), ptr(p + "attention_norm.weight"),
+                         ptr(p + "ffn_norm.weight")});
+  }
+  const int64_t B = static_cast<int64_t>(batch.size());
+  std::map<std::string, size_t> index;
+  for (size_t i = 0; i < m.infos.size(); ++i) {
+    index[m.infos[i].name] = i;
+    (*per)[i] = torch::empty({B, m.infos[i].numel}, m.Opts());
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    auto grad = [&](const std::string& n) -> F* {
+      auto it = index.find(n);
+      return it == index.end() ? nullptr : (*per)[it->second][b].template data_ptr<F>();
+    };
+    internal::LlamaGrads<F> g;
+    g.emb = grad("tok_embeddings.weight");
+    g.head = c.tied_output ? g.emb : grad("output.weight");
+    for (int l = 0; l < c.n_layers; ++l) {
+      const std::string p = absl::StrCat("layers.", l, ".");
+      typename internal::LlamaGrads<F>::Layer gl;
+      gl.wq = grad(p + "attention.wq.weight");
+      gl.wk = grad(p + "attention.wk.weight");
+      gl.wv = grad(p + "attention.wv.weight");
+      gl.wo = grad(p + "attention.wo.weight");
+      gl.w1 = grad(p + "feed_forward.w1.weight");
+      gl.w2 = grad(p + "feed_forward.w2.weight");
+      gl.w3 = grad(p + "feed_forward.w3.weight");
+      g.layers.push_back(gl);
+    }
+    const TokenizedExample& t = batch[b];
+    (*losses)[b] = internal::LlamaLossGradient<F>(s, wt, t.ids.data(), static_cast<int>(t.ids.size()),
+                                                  t.response_begin, t.loss_weights.empty() ? nullptr
+                                                                                           : t.loss_weights.data(),
+                                                  g);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status GradientEngine::Impl::DirectPerSample(const std::vector<TokenizedExample>& batch,
+                                                   std::vector<torch::Tensor>* per,
+                                                   std::vector<double>* losses) const {
+  for (const auto& t : batch) {
+    if (absl::Status st = CheckRecord(t, cfg.vocab_size); !st.ok()) return st;
+    if (static_cast<int64_t>(t.ids.size()) > cfg.seq_len) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("a record of ", t.ids.size(), " tokens exceeds the model's context of ", cfg.seq_len));
+    }
+  }
+  torch::NoGradGuard no_grad;
+  return dtype == torch::kDouble ? DirectRecords<double>(*this, batch, per, losses)
+                                 : DirectRecords<float>(*this, batch, per, losses);
 }
 
 namespace {

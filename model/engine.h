@@ -66,6 +66,11 @@ struct EngineOptions {
   // to host memory, the *Rows methods leave them on the device. The same inputs give the same gradients on every
   // device up to rounding (no TF32), so a store cached on one device can be queried with gradients from another.
   std::string device = "cpu";
+  // How per-record gradients are computed on the CPU: "direct", a hand-written forward and backward pass
+  // (model/internal/llama_grad.h) where it applies (plain Llama, every selected parameter a weight matrix, no
+  // adapter, CPU), else LibTorch autograd; "autograd": LibTorch autograd always (the reference the direct pass
+  // is tested against, and the benchmarks' before). Both give the same gradients up to rounding.
+  std::string grad_path = "direct";
 };
 
 // What this process's LibTorch offers: its version, and how many CUDA devices it can use (0 for a CPU-only
@@ -167,6 +172,8 @@ class GradientEngine {
 
   const ModelConfig& config() const;
   std::string device() const;  // resolved: "cpu" or "cuda:N"
+  // The path per-record gradients take: "direct" or "autograd" (EngineOptions::grad_path, resolved).
+  std::string grad_path() const;
   int cuda_device() const;     // N for "cuda:N", -1 on the CPU
   const std::vector<ParamInfo>& params() const;  // the selected parameters, in gradient order
   int64_t grad_dim() const;

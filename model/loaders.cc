@@ -298,6 +298,9 @@ absl::Status GradientEngine::Impl::LoadAdapter(const std::string& path) {
 absl::Status GradientEngine::Impl::Init(const EngineOptions& o) {
   UseLargeBufferCache();
   options = o;
+  if (o.grad_path != "direct" && o.grad_path != "autograd") {
+    return absl::InvalidArgumentError(absl::StrCat("grad_path \"", o.grad_path, "\": expected direct or autograd"));
+  }
   dtype = o.use_double ? torch::kDouble : torch::kFloat;
   auto dev = ResolveDevice(o.device);
   if (!dev.ok()) return dev.status();

@@ -201,6 +201,7 @@ TEST(Engine, BatchedGradientsEqualPerRecordLoop) {
   for (bool tied : {true, false}) {
     EngineOptions o;
     o.use_double = true;
+    o.grad_path = "autograd";  // the padded batch against autograd's per-record loop
     auto e = GradientEngine::Random(TinyModel(tied), static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 3), o);
     ASSERT_TRUE(e.ok());
     std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 4));
@@ -230,6 +231,146 @@ TEST(Engine, BatchedGradientsEqualPerRecordLoop) {
       }
     }
   }
+}
+
+// Random records (loss weights on some) for the direct-pass comparisons.
+std::vector<TokenizedExample> RandomRecords(std::mt19937* rng, const ModelConfig& c, const std::vector<int>& lens) {
+  std::vector<TokenizedExample> out;
+  for (int len : lens) {
+    TokenizedExample t;
+    for (int i = 0; i < len; ++i) t.ids.push_back(static_cast<int32_t>((*rng)() % c.vocab_size));
+    t.response_begin = 1 + static_cast<int32_t>((*rng)() % (len - 1));
+    if ((*rng)() % 2) {
+      for (int i = t.response_begin; i < len; ++i) t.loss_weights.push_back(((*rng)() % 5) * 0.5 + 0.25);
+    }
+    out.push_back(t);
+  }
+  return out;
+}
+
+// max |a - b| / max |b| over a parameter block.
+double BlockError(const std::vector<double>& a, const std::vector<double>& b, const ParamInfo& p) {
+  double err = 0, mag = 0;
+  for (int64_t i = p.offset; i < p.offset + p.numel; ++i) {
+    err = std::max(err, std::fabs(a[i] - b[i]));
+    mag = std::max(mag, std::fabs(b[i]));
+  }
+  return mag > 0 ? err / mag : err;
+}
+
+// The hand-written CPU pass (grad_path "direct", model/internal/llama_grad.h) against LibTorch autograd in
+// float64, on fresh random weights and records: tied and untied output, grouped KV heads, head dimensions 2
+// (the generic attention) and 8 (the chunked one), records longer than a 16-key chunk, loss weights, raw and
+// layer-wise normalised. In float64 the two agree to rounding; the float32 direct pass to float rounding.
+TEST(Engine, DirectPassEqualsAutograd) {
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  ModelConfig big;  // 4 query heads per KV head, head dimension 8, up to 150 tokens
+  big.dim = 32;
+  big.hidden_dim = 24;
+  big.n_layers = 3;
+  big.n_heads = 4;
+  big.n_kv_heads = 1;
+  big.vocab_size = 37;
+  big.seq_len = 160;
+  std::vector<std::pair<ModelConfig, std::vector<int>>> cases = {
+      {TinyModel(true), {6, 13, 2, 16}}, {TinyModel(false), {9, 16}}, {big, {150, 70, 17, 3}}};
+  for (size_t ci = 0; ci < cases.size(); ++ci) {
+    const auto& [cfg, lens] = cases[ci];
+    const uint32_t seed = static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 11 + ci);
+    EngineOptions o;
+    o.use_double = true;
+    o.grad_path = "autograd";
+    auto ref = GradientEngine::Random(cfg, seed, o);
+    o.grad_path = "direct";
+    auto direct = GradientEngine::Random(cfg, seed, o);
+    o.use_double = false;
+    auto direct32 = GradientEngine::Random(cfg, seed, o);
+    ASSERT_TRUE(direct.ok() && ref.ok() && direct32.ok());
+    EXPECT_EQ((*direct)->grad_path(), "direct");
+    EXPECT_EQ((*direct32)->grad_path(), "direct");
+    EXPECT_EQ((*ref)->grad_path(), "autograd");
+    std::mt19937 rng(seed);
+    for (const TokenizedExample& t : RandomRecords(&rng, cfg, lens)) {
+      for (bool normalize : {false, true}) {
+        std::vector<double> got, got32, want;
+        auto gi = (*direct)->GradientIds(t, normalize, &got);
+        auto gi32 = (*direct32)->GradientIds(t, normalize, &got32);
+        auto wi = (*ref)->GradientIds(t, normalize, &want);
+        ASSERT_TRUE(gi.ok() && wi.ok() && gi32.ok()) << gi.status() << wi.status() << gi32.status();
+        EXPECT_NEAR(gi->loss, wi->loss, 1e-12 * std::max(1.0, wi->loss));
+        EXPECT_NEAR(gi32->loss, wi->loss, 1e-5 * std::max(1.0, wi->loss));
+        ASSERT_EQ(got.size(), want.size());
+        double mag = 0;
+        for (double x : want) mag = std::max(mag, std::fabs(x));
+        ASSERT_GT(mag, 0);
+        for (const ParamInfo& p : (*ref)->params()) {
+          EXPECT_LT(BlockError(got, want, p), 1e-10)
+              << p.name << " case " << ci << " len " << t.ids.size() << " normalize " << normalize;
+          EXPECT_LT(BlockError(got32, want, p), 1e-4)
+              << "float32 " << p.name << " case " << ci << " len " << t.ids.size() << " normalize " << normalize;
+        }
+      }
+    }
+  }
+}
+
+// The same in float32 on the real model and records: within float rounding of autograd in float64.
+TEST(Engine, DirectPassFloat32MatchesFloat64OnStories) {
+  REQUIRE_SHARED_DATA();
+  auto fast = Stories(false);
+  EngineOptions o;
+  o.model_path = ModelPath();
+  o.tokenizer_path = TokPath();
+  o.use_double = true;
+  o.grad_path = "autograd";
+  auto ref = GradientEngine::Load(o);
+  ASSERT_TRUE(ref.ok() && fast != nullptr);
+  EXPECT_EQ(fast->grad_path(), "direct");
+  const std::vector<Example> exs = {
+      {"Write a story about a cat.", "", "Once upon a time, there was a cat named Tom. He liked to play in the sun."},
+      {"Say hello.", "", "Hello there!"},
+      {"Continue.", "Lily went to the park", std::string(400, 'a') + " and she was happy."}};
+  for (const Example& ex : exs) {
+    auto t = fast->Tokenize(ex);
+    ASSERT_TRUE(t.ok());
+    std::vector<double> got, want;
+    auto gi = fast->GradientIds(*t, true, &got);
+    auto wi = (*ref)->GradientIds(*t, true, &want);
+    ASSERT_TRUE(gi.ok() && wi.ok());
+    EXPECT_NEAR(gi->loss, wi->loss, 1e-5 * wi->loss);
+    for (const ParamInfo& p : (*ref)->params()) {
+      double dd = 0, ww = 0;  // relative L2 error of the unit-norm block
+      for (int64_t i = p.offset; i < p.offset + p.numel; ++i) {
+        dd += (got[i] - want[i]) * (got[i] - want[i]);
+        ww += want[i] * want[i];
+      }
+      EXPECT_LT(std::sqrt(dd / ww), 1e-4) << p.name << " tokens " << t->ids.size();
+    }
+  }
+}
+
+// Where the direct pass does not apply, the engine says so and takes autograd; bad options and records are refused.
+TEST(Engine, DirectPassFallbackAndRefusals) {
+  EngineOptions o;
+  o.use_double = true;
+  o.param_pattern = "norm";  // RMSNorm weights are vectors: not the direct pass's
+  auto e = GradientEngine::Random(TinyModel(true), 5, o);
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ((*e)->grad_path(), "autograd");
+  o.param_pattern = "";
+  o.grad_path = "fast";
+  EXPECT_EQ(GradientEngine::Random(TinyModel(true), 5, o).status().code(), absl::StatusCode::kInvalidArgument);
+  o.grad_path = "direct";
+  auto d = GradientEngine::Random(TinyModel(true), 5, o);
+  ASSERT_TRUE(d.ok());
+  TokenizedExample t;
+  t.ids.assign(TinyModel(true).seq_len + 1, 3);  // longer than the context
+  t.response_begin = 2;
+  std::vector<double> g;
+  EXPECT_EQ((*d)->GradientIds(t, true, &g).status().code(), absl::StatusCode::kInvalidArgument);
+  t.ids.resize(4);
+  t.ids[2] = 11;  // out of the vocabulary
+  EXPECT_EQ((*d)->GradientIds(t, true, &g).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(Engine, AlpacaTemplateShiftAndTruncation) {

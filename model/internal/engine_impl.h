@@ -467,6 +467,12 @@ struct GradientEngine::Impl {
   // autograd pass per record when the batch has one record or a selected parameter is not a weight matrix.
   absl::Status PerSample(const std::vector<TokenizedExample>& batch, std::vector<torch::Tensor>* per,
                          std::vector<double>* losses) const;
+  // Whether PerSample takes the hand-written CPU pass (model/internal/llama_grad.h): grad_path "direct", a plain
+  // Llama on the CPU without an adapter, every selected parameter one of its weight matrices.
+  bool DirectApplies() const;
+  // PerSample through that pass, one record at a time.
+  absl::Status DirectPerSample(const std::vector<TokenizedExample>& batch, std::vector<torch::Tensor>* per,
+                               std::vector<double>* losses) const;
 
   torch::Tensor Ids(const std::vector<int32_t>& ids) const {
     std::vector<int64_t> v(ids.begin(), ids.end());

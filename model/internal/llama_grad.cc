@@ -1,0 +1,624 @@
+#include "model/internal/llama_grad.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+// Fortran BLAS (OpenBLAS here, as LibTorch and FAISS use it). The engine sets its thread count to 1: parallelism
+// comes from records, one per thread.
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
+
+namespace rapidin::model::internal {
+namespace {
+
+void Blas(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+          const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+          const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+void Blas(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+          const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+          const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// Row-major C[M x N] = alpha op(A) op(B) + beta C with op(A): M x K, op(B): K x N (ta / tb: the stored matrix is
+// the transpose). A row-major matrix is its transpose in column-major order, so this is BLAS's C^T = op(B)^T
+// op(A)^T.
+template <class F>
+void Gemm(bool ta, bool tb, int M, int N, int K, const F* A, int lda, const F* B, int ldb, F beta, F* C, int ldc,
+          F alpha = 1) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {  // BLAS would only scale C; do the same without asking it (leading dimensions may be 0)
+    for (int i = 0; i < M; ++i) {
+      for (int j = 0; j < N; ++j) C[int64_t{i} * ldc + j] = beta == 0 ? F(0) : beta * C[int64_t{i} * ldc + j];
+    }
+    return;
+  }
+  const char a = tb ? 'T' : 'N', b = ta ? 'T' : 'N';
+  Blas(&a, &b, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+// e^x for x <= 88 (Cephes' expf: range reduction by ln 2, a degree-6 polynomial, the exponent set by integer
+// arithmetic; within 2 ulp). Branch-free, so the loops below vectorise; std::exp does not.
+inline float ExpF(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  const float z = x * x;
+  float p = 1.9875691500e-4f;
+  p = p * x + 1.3981999507e-3f;
+  p = p * x + 8.3334519073e-3f;
+  p = p * x + 4.1665795894e-2f;
+  p = p * x + 1.6666665459e-1f;
+  p = p * x + 5.0000001201e-1f;
+  p = p * z + x + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// The element-wise loops, cloned for AVX-512 and AVX2 (chosen at load time) with a baseline fallback.
+#define RAPIDIN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// p[j] = e^(x[j] - shift); returns the sum (in double).
+RAPIDIN_CLONES double ExpShiftSum(const float* x, float shift, float* p, int n) {
+  float acc[16] = {};
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {
+    for (int u = 0; u < 16; ++u) {
+      p[j + u] = ExpF(x[j + u] - shift);
+      acc[u] += p[j + u];
+    }
+  }
+  double s = 0;
+  for (; j < n; ++j) {
+    p[j] = ExpF(x[j] - shift);
+    s += p[j];
+  }
+  for (float a : acc) s += a;
+  return s;
+}
+double ExpShiftSum(const double* x, double shift, double* p, int n) {
+  double s = 0;
+  for (int j = 0; j < n; ++j) s += p[j] = std::exp(x[j] - shift);
+  return s;
+}
+
+// m = silu(a1) * a3.
+RAPIDIN_CLONES void SiluMul(const float* a1, const float* a3, float* m, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) m[i] = a1[i] / (1.0f + ExpF(-a1[i])) * a3[i];
+}
+void SiluMul(const double* a1, const double* a3, double* m, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) m[i] = a1[i] / (1.0 + std::exp(-a1[i])) * a3[i];
+}
+
+// From dm = dL/d(silu(a1) a3): da1 (in place of dm) and da3.
+RAPIDIN_CLONES void SiluMulBack(const float* a1, const float* a3, float* dm, float* da3, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float sg = 1.0f / (1.0f + ExpF(-a1[i]));
+    const float s1 = a1[i] * sg;
+    da3[i] = dm[i] * s1;
+    dm[i] = dm[i] * a3[i] * sg * (1.0f + a1[i] * (1.0f - sg));
+  }
+}
+void SiluMulBack(const double* a1, const double* a3, double* dm, double* da3, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double sg = 1.0 / (1.0 + std::exp(-a1[i]));
+    da3[i] = dm[i] * a1[i] * sg;
+    dm[i] = dm[i] * a3[i] * sg * (1.0 + a1[i] * (1.0 - sg));
+  }
+}
+
+// Causal attention of one head, written for small head dimensions (hd = 8 in stories260K, where BLAS on
+// T x T x hd products ran at ~5 GFLOP/s): K and V are held transposed (hd x T, the head's KV group), so every
+// inner loop runs over keys j, contiguous and vectorised. Bodies are inlined into the cloned wrappers below.
+#define RAPIDIN_INLINE inline __attribute__((always_inline))
+
+template <class F>
+RAPIDIN_INLINE F Dot(const F* a, const F* b, int n) {
+  F acc[16] = {};
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {
+    for (int u = 0; u < 16; ++u) acc[u] += a[j + u] * b[j + u];
+  }
+  F s = 0;
+  for (; j < n; ++j) s += a[j] * b[j];
+  for (F x : acc) s += x;
+  return s;
+}
+
+// Rows i of q (stride ldq), keys [0, i]: P row i = softmax(scale q_i K^T), o_i = P_i V (stride ldo).
+template <class F>
+RAPIDIN_INLINE void AttnForwardBody(const F* q, int ldq, const F* kt, const F* vt, int T, int ld, int hd, F scale,
+                                    F* P, F* o, int ldo) {
+  for (int i = 0; i < T; ++i) {
+    F* p = P + int64_t{i} * ld;
+    const F* qi = q + int64_t{i} * ldq;
+    const int n = i + 1;
+    for (int j = 0; j < n; ++j) p[j] = 0;
+    for (int d = 0; d < hd; ++d) {
+      const F c = qi[d] * scale;
+      const F* kd = kt + int64_t{d} * ld;
+      for (int j = 0; j < n; ++j) p[j] += c * kd[j];
+    }
+    F mx = p[0];
+    for (int j = 1; j < n; ++j) mx = p[j] > mx ? p[j] : mx;
+    const double sum = ExpShiftSum(p, mx, p, n);
+    const F inv = static_cast<F>(1.0 / sum);
+    for (int j = 0; j < n; ++j) p[j] *= inv;
+    F* oi = o + int64_t{i} * ldo;
+    for (int d = 0; d < hd; ++d) oi[d] = Dot(p, vt + int64_t{d} * ld, n);
+  }
+}
+
+// From do (stride ldo): dq rows (stride ldq, overwritten), and dkt, dvt (hd x T, accumulated: a KV group's
+// heads share them). dp is T values of scratch.
+template <class F>
+RAPIDIN_INLINE void AttnBackwardBody(const F* q, int ldq, const F* kt, const F* vt, const F* P, const F* dout,
+                                     int ldo, int T, int ld, int hd, F scale, F* dq, F* dkt, F* dvt, F* dp) {
+  for (int i = 0; i < T; ++i) {
+    const F* p = P + int64_t{i} * ld;
+    const F* qi = q + int64_t{i} * ldq;
+    const F* doi = dout + int64_t{i} * ldo;
+    const int n = i + 1;
+    for (int j = 0; j < n; ++j) dp[j] = 0;
+    for (int d = 0; d < hd; ++d) {
+      const F c = doi[d];
+      const F* vd = vt + int64_t{d} * ld;
+      F* dvd = dvt + int64_t{d} * ld;
+      for (int j = 0; j < n; ++j) {
+        dp[j] += c * vd[j];
+        dvd[j] += c * p[j];
+      }
+    }
+    const F dot = Dot(p, dp, n);
+    for (int j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - dot) * scale;  // dS
+    F* dqi = dq + int64_t{i} * ldq;
+    for (int d = 0; d < hd; ++d) {
+      const F* kd = kt + int64_t{d} * ld;
+      F* dkd = dkt + int64_t{d} * ld;
+      const F c = qi[d];
+      dqi[d] = Dot(dp, kd, n);
+      for (int j = 0; j < n; ++j) dkd[j] += c * dp[j];
+    }
+  }
+}
+
+#if defined(__x86_64__)
+// The float path on AVX-512, for head dimensions that are a multiple of 8: keys in chunks of 16 (one vector), 8
+// head dimensions at a time in registers, rows padded to whole chunks (kt, vt, P, dkt, dvt have `ld` columns, a
+// multiple of 16, zero past T), so no loop has a scalar tail. Keys past the causal limit are masked in the softmax
+// (p = 0 there), so they add nothing anywhere after it.
+#define RAPIDIN_AVX512 __attribute__((target("avx512f")))
+
+RAPIDIN_AVX512 inline __m512 Exp512(__m512 x) {  // ExpF, 16 lanes
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, z, x), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Lanes of chunk j0 at or before key i.
+RAPIDIN_AVX512 inline __mmask16 Causal(int i, int j0) {
+  const int live = i - j0 + 1;
+  return live >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << live) - 1);
+}
+
+RAPIDIN_AVX512 void AttnForward512(const float* q, int ldq, const float* kt, const float* vt, int T, int ld, int hd,
+                                   float scale, float* P, float* o, int ldo) {
+  for (int i = 0; i < T; ++i) {
+    float* p = P + int64_t{i} * ld;
+    const float* qi = q + int64_t{i} * ldq;
+    const int n = (i + 16) / 16 * 16;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int j0 = 0; j0 < n; j0 += 16) {
+      __m512 sc = _mm512_setzero_ps();
+      for (int d = 0; d < hd; ++d) {
+        sc = _mm512_fmadd_ps(_mm512_set1_ps(qi[d] * scale), _mm512_load_ps(kt + int64_t{d} * ld + j0), sc);
+      }
+      _mm512_store_ps(p + j0, sc);
+      mx = _mm512_mask_max_ps(mx, Causal(i, j0), mx, sc);
+    }
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sums = _mm512_setzero_ps();
+    for (int j0 = 0; j0 < n; j0 += 16) {
+      const __m512 e = _mm512_maskz_mov_ps(Causal(i, j0), Exp512(_mm512_sub_ps(_mm512_load_ps(p + j0), m)));
+      _mm512_store_ps(p + j0, e);
+      sums = _mm512_add_ps(sums, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sums));
+    for (int j0 = 0; j0 < n; j0 += 16) _mm512_store_ps(p + j0, _mm512_mul_ps(_mm512_load_ps(p + j0), inv));
+    for (int d0 = 0; d0 < hd; d0 += 8) {
+      __m512 acc[8];
+      for (auto& a : acc) a = _mm512_setzero_ps();
+      for (int j0 = 0; j0 < n; j0 += 16) {
+        const __m512 pv = _mm512_load_ps(p + j0);
+        for (int dd = 0; dd < 8; ++dd) {
+          acc[dd] = _mm512_fmadd_ps(pv, _mm512_load_ps(vt + int64_t{d0 + dd} * ld + j0), acc[dd]);
+        }
+      }
+      for (int dd = 0; dd < 8; ++dd) o[int64_t{i} * ldo + d0 + dd] = _mm512_reduce_add_ps(acc[dd]);
+    }
+  }
+}
+
+RAPIDIN_AVX512 void AttnBackward512(const float* q, int ldq, const float* kt, const float* vt, const float* P,
+                                    const float* dout, int ldo, int T, int ld, int hd, float scale, float* dq,
+                                    float* dkt, float* dvt, float* dp) {
+  for (int i = 0; i < T; ++i) {
+    const float* p = P + int64_t{i} * ld;
+    const float* qi = q + int64_t{i} * ldq;
+    const float* doi = dout + int64_t{i} * ldo;
+    const int n = (i + 16) / 16 * 16;
+    __m512 dots = _mm512_setzero_ps();
+    for (int j0 = 0; j0 < n; j0 += 16) {  // dp = do V^T; dV += p^T do; sum p dp
+      const __m512 pv = _mm512_load_ps(p + j0);
+      __m512 a = _mm512_setzero_ps();
+      for (int d = 0; d < hd; ++d) {
+        const __m512 c = _mm512_set1_ps(doi[d]);
+        a = _mm512_fmadd_ps(c, _mm512_load_ps(vt + int64_t{d} * ld + j0), a);
+        float* dvd = dvt + int64_t{d} * ld + j0;
+        _mm512_store_ps(dvd, _mm512_fmadd_ps(c, pv, _mm512_load_ps(dvd)));
+      }
+      _mm512_store_ps(dp + j0, a);
+      dots = _mm512_fmadd_ps(pv, a, dots);
+    }
+    const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(dots)), sc = _mm512_set1_ps(scale);
+    for (int j0 = 0; j0 < n; j0 += 16) {  // dS = p (dp - dot) scale
+      const __m512 pv = _mm512_load_ps(p + j0);
+      _mm512_store_ps(dp + j0, _mm512_mul_ps(_mm512_mul_ps(pv, _mm512_sub_ps(_mm512_load_ps(dp + j0), dot)), sc));
+    }
+    for (int d0 = 0; d0 < hd; d0 += 8) {  // dq = dS K; dK += dS^T q
+      __m512 acc[8], qd[8];
+      for (int dd = 0; dd < 8; ++dd) {
+        acc[dd] = _mm512_setzero_ps();
+        qd[dd] = _mm512_set1_ps(qi[d0 + dd]);
+      }
+      for (int j0 = 0; j0 < n; j0 += 16) {
+        const __m512 ds = _mm512_load_ps(dp + j0);
+        for (int dd = 0; dd < 8; ++dd) {
+          acc[dd] = _mm512_fmadd_ps(ds, _mm512_load_ps(kt + int64_t{d0 + dd} * ld + j0), acc[dd]);
+          float* dkd = dkt + int64_t{d0 + dd} * ld + j0;
+          _mm512_store_ps(dkd, _mm512_fmadd_ps(qd[dd], ds, _mm512_load_ps(dkd)));
+        }
+      }
+      for (int dd = 0; dd < 8; ++dd) dq[int64_t{i} * ldq + d0 + dd] = _mm512_reduce_add_ps(acc[dd]);
+    }
+  }
+}
+
+bool UseAttn512(int hd) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  return avx512 && hd % 8 == 0;
+}
+#else
+bool UseAttn512(int) { return false; }
+#endif
+
+RAPIDIN_CLONES void AttnForwardAny(const float* q, int ldq, const float* kt, const float* vt, int T, int ld, int hd,
+                                   float scale, float* P, float* o, int ldo) {
+  AttnForwardBody(q, ldq, kt, vt, T, ld, hd, scale, P, o, ldo);
+}
+RAPIDIN_CLONES void AttnBackwardAny(const float* q, int ldq, const float* kt, const float* vt, const float* P,
+                                    const float* dout, int ldo, int T, int ld, int hd, float scale, float* dq,
+                                    float* dkt, float* dvt, float* dp) {
+  AttnBackwardBody(q, ldq, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, dkt, dvt, dp);
+}
+
+// One head's attention, forward and backward (kt, vt, P, dkt, dvt with `ld` columns; ld a multiple of 16).
+void AttnForward(const float* q, int ldq, const float* kt, const float* vt, int T, int ld, int hd, float scale,
+                 float* P, float* o, int ldo) {
+#if defined(__x86_64__)
+  if (UseAttn512(hd)) return AttnForward512(q, ldq, kt, vt, T, ld, hd, scale, P, o, ldo);
+#endif
+  AttnForwardAny(q, ldq, kt, vt, T, ld, hd, scale, P, o, ldo);
+}
+void AttnForward(const double* q, int ldq, const double* kt, const double* vt, int T, int ld, int hd, double scale,
+                 double* P, double* o, int ldo) {
+  AttnForwardBody(q, ldq, kt, vt, T, ld, hd, scale, P, o, ldo);
+}
+void AttnBackward(const float* q, int ldq, const float* kt, const float* vt, const float* P, const float* dout,
+                  int ldo, int T, int ld, int hd, float scale, float* dq, float* dkt, float* dvt, float* dp) {
+#if defined(__x86_64__)
+  if (UseAttn512(hd)) return AttnBackward512(q, ldq, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, dkt, dvt, dp);
+#endif
+  AttnBackwardAny(q, ldq, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, dkt, dvt, dp);
+}
+void AttnBackward(const double* q, int ldq, const double* kt, const double* vt, const double* P,
+                  const double* dout, int ldo, int T, int ld, int hd, double scale, double* dq, double* dkt,
+                  double* dvt, double* dp) {
+  AttnBackwardBody(q, ldq, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, dkt, dvt, dp);
+}
+
+// dst[g][d][t] = src[t][g * hd + d] (rows of nh heads to one hd x ld block per head), zero for t in [T, ld).
+template <class F>
+void ToHeadMajor(const F* src, int T, int nh, int hd, int ld, F* dst) {
+  for (int64_t r = 0; r < int64_t{nh} * hd; ++r) std::fill(dst + r * ld + T, dst + (r + 1) * ld, F(0));
+  for (int t = 0; t < T; ++t) {
+    const F* row = src + int64_t{t} * nh * hd;
+    for (int c = 0; c < nh * hd; ++c) dst[int64_t{c} * ld + t] = row[c];
+  }
+}
+template <class F>
+void FromHeadMajor(const F* src, int T, int nh, int hd, int ld, F* dst) {
+  for (int t = 0; t < T; ++t) {
+    F* row = dst + int64_t{t} * nh * hd;
+    for (int c = 0; c < nh * hd; ++c) row[c] = src[int64_t{c} * ld + t];
+  }
+}
+
+// Flushes denormal results and inputs to zero while alive (x86 MXCSR FTZ + DAZ), restoring the caller's mode.
+// Softmax tails multiply tiny probabilities into denormals, which cost ~100 cycles each: the attention backward
+// ran 10x slower with them. Values below 1.2e-38 do not matter to a gradient.
+class FlushDenormals {
+ public:
+#if defined(__x86_64__)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
+};
+
+// One thread's activations and temporaries; vectors keep their capacity from record to record.
+template <class F>
+struct Scratch {
+  std::vector<F> x, x_in, h1, r1, q, k, v, kt, vt, att, oc, x_mid, h2, r2, a1, a3;  // forward (per layer where stored)
+  std::vector<F> hf, rf, logits, dhf, dx, dh, dm, da3, doc, dq, dk, dv, dkt, dvt, ds;
+};
+
+template <class F>
+Scratch<F>& ThreadScratch() {
+  thread_local Scratch<F> s;
+  return s;
+}
+
+// n values of v, 64-byte aligned (whole AVX-512 vectors per padded row).
+template <class F>
+F* Sized(std::vector<F>* v, int64_t n) {
+  constexpr int64_t kPad = 64 / sizeof(F);
+  if (static_cast<int64_t>(v->size()) < n + kPad) v->resize(n + kPad);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(v->data());
+  return reinterpret_cast<F*>((a + 63) & ~uintptr_t{63});
+}
+
+// y = x * r * g with r = 1 / sqrt(mean(x^2) + eps), rows of D.
+template <class F>
+void RmsNorm(const F* x, const F* g, int rows, int D, double eps, F* r, F* y) {
+  for (int t = 0; t < rows; ++t) {
+    const F* xt = x + int64_t{t} * D;
+    double ss = 0;
+    for (int d = 0; d < D; ++d) ss += static_cast<double>(xt[d]) * xt[d];
+    const F rt = static_cast<F>(1.0 / std::sqrt(ss / D + eps));
+    r[t] = rt;
+    F* yt = y + int64_t{t} * D;
+    for (int d = 0; d < D; ++d) yt[d] = xt[d] * rt * g[d];
+  }
+}
+
+// dx += d(x r g)/dx^T dy: with u = g dy, dx += r u - x r^3 (u . x) / D.
+template <class F>
+void RmsNormBack(const F* x, const F* r, const F* g, const F* dy, int rows, int D, F* dx) {
+  for (int t = 0; t < rows; ++t) {
+    const F* xt = x + int64_t{t} * D;
+    const F* dyt = dy + int64_t{t} * D;
+    F* dxt = dx + int64_t{t} * D;
+    double ux = 0;
+    for (int d = 0; d < D; ++d) ux += static_cast<double>(g[d]) * dyt[d] * xt[d];
+    const F rt = r[t];
+    const F c = static_cast<F>(ux * rt * rt * rt / D);
+    for (int d = 0; d < D; ++d) dxt[d] += rt * g[d] * dyt[d] - xt[d] * c;
+  }
+}
+
+// Rotary embedding in place on rows of nh heads of hd values; inverse rotates back (the backward pass).
+template <class F>
+void Rope(F* x, int rows, int nh, int hd, const F* cos, const F* sin, bool half, bool inverse) {
+  const int h2 = hd / 2;
+  for (int t = 0; t < rows; ++t) {
+    const F* c = cos + int64_t{t} * h2;
+    const F* s = sin + int64_t{t} * h2;
+    for (int h = 0; h < nh; ++h) {
+      F* v = x + (int64_t{t} * nh + h) * hd;
+      for (int i = 0; i < h2; ++i) {
+        F* a = half ? v + i : v + 2 * i;
+        F* b = half ? v + i + h2 : v + 2 * i + 1;
+        const F si = inverse ? -s[i] : s[i];
+        const F x0 = *a, x1 = *b;
+        *a = x0 * c[i] - x1 * si;
+        *b = x0 * si + x1 * c[i];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+template <class F>
+double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const int32_t* ids, int n,
+                         int response_begin, const double* loss_weights, const LlamaGrads<F>& grads) {
+  FlushDenormals ftz;
+  Scratch<F>& S = ThreadScratch<F>();
+  const int D = s.dim, Fh = s.hidden, L = s.layers, H = s.heads, KV = s.kv_heads, hd = s.head_dim, V = s.vocab;
+  const int HD = H * hd, KD = KV * hd, group = H / KV;
+  const int T = n - 1;                 // positions that predict a token; the last one predicts nothing
+  const int p0 = response_begin - 1;   // first position in the loss
+  const int R = T - p0;                // positions in the loss
+  const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(hd)));
+  const int64_t TD = int64_t{T} * D, TF = int64_t{T} * Fh, THD = int64_t{T} * HD, TKD = int64_t{T} * KD;
+  const int ld = (T + 15) / 16 * 16;  // head-major rows and attention rows, padded to whole 16-value chunks
+  const int64_t TT = int64_t{T} * ld, KDL = int64_t{KD} * ld;
+
+  F* x = Sized(&S.x, TD);
+  F* x_in = Sized(&S.x_in, L * TD);
+  F* h1 = Sized(&S.h1, L * TD);
+  F* r1 = Sized(&S.r1, int64_t{L} * T);
+  F* q = Sized(&S.q, L * THD);
+  F* k = Sized(&S.k, L * TKD);
+  F* v = Sized(&S.v, L * TKD);
+  F* kt = Sized(&S.kt, L * KDL);  // k and v head-major: [KV][hd][ld]
+  F* vt = Sized(&S.vt, L * KDL);
+  F* att = Sized(&S.att, L * H * TT);
+  F* oc = Sized(&S.oc, L * THD);
+  F* x_mid = Sized(&S.x_mid, L * TD);
+  F* h2 = Sized(&S.h2, L * TD);
+  F* r2 = Sized(&S.r2, int64_t{L} * T);
+  F* a1 = Sized(&S.a1, L * TF);
+  F* a3 = Sized(&S.a3, L * TF);
+  F* m = Sized(&S.dm, TF);  // silu(a1) a3; the backward's dm reuses it
+  F* hf = Sized(&S.hf, int64_t{R} * D);
+  F* rf = Sized(&S.rf, R);
+  F* logits = Sized(&S.logits, int64_t{R} * V);
+
+  // ---- forward ----
+  for (int t = 0; t < T; ++t) std::memcpy(x + int64_t{t} * D, w.emb + int64_t{ids[t]} * D, D * sizeof(F));
+  for (int l = 0; l < L; ++l) {
+    const auto& lw = w.layers[l];
+    F *xi = x_in + l * TD, *hl = h1 + l * TD, *ql = q + l * THD, *kl = k + l * TKD, *vl = v + l * TKD;
+    F *al = att + l * H * TT, *ol = oc + l * THD;
+    std::memcpy(xi, x, TD * sizeof(F));
+    RmsNorm(x, lw.attn_norm, T, D, s.norm_eps, r1 + int64_t{l} * T, hl);
+    Gemm<F>(false, true, T, HD, D, hl, D, lw.wq, D, 0, ql, HD);
+    Gemm<F>(false, true, T, KD, D, hl, D, lw.wk, D, 0, kl, KD);
+    Gemm<F>(false, true, T, KD, D, hl, D, lw.wv, D, 0, vl, KD);
+    Rope(ql, T, H, hd, w.cos, w.sin, s.rope_half, false);
+    Rope(kl, T, KV, hd, w.cos, w.sin, s.rope_half, false);
+    F *ktl = kt + l * KDL, *vtl = vt + l * KDL;
+    ToHeadMajor(kl, T, KV, hd, ld, ktl);
+    ToHeadMajor(vl, T, KV, hd, ld, vtl);
+    for (int h = 0; h < H; ++h) {
+      const int64_t go = int64_t{h / group} * hd * ld;
+      AttnForward(ql + h * hd, HD, ktl + go, vtl + go, T, ld, hd, scale, al + h * TT, ol + h * hd, HD);
+    }
+    Gemm<F>(false, true, T, D, HD, ol, HD, lw.wo, HD, 1, x, D);
+    F *xm = x_mid + l * TD, *h2l = h2 + l * TD, *a1l = a1 + l * TF, *a3l = a3 + l * TF;
+    std::memcpy(xm, x, TD * sizeof(F));
+    RmsNorm(x, lw.ffn_norm, T, D, s.norm_eps, r2 + int64_t{l} * T, h2l);
+    Gemm<F>(false, true, T, Fh, D, h2l, D, lw.w1, D, 0, a1l, Fh);
+    Gemm<F>(false, true, T, Fh, D, h2l, D, lw.w3, D, 0, a3l, Fh);
+    SiluMul(a1l, a3l, m, TF);
+    Gemm<F>(false, true, T, D, Fh, m, Fh, lw.w2, Fh, 1, x, D);
+  }
+  const F* xf = x + int64_t{p0} * D;
+  RmsNorm(xf, w.final_norm, R, D, s.norm_eps, rf, hf);
+  Gemm<F>(false, true, R, V, D, hf, D, w.head, D, 0, logits, V);
+
+  // ---- loss; logits become dL/dlogits ----
+  double wsum = 0;
+  for (int i = 0; i < R; ++i) wsum += loss_weights ? loss_weights[i] : 1.0;
+  double loss = 0;
+  for (int i = 0; i < R; ++i) {
+    F* row = logits + int64_t{i} * V;
+    const int target = ids[response_begin + i];
+    const double wi = (loss_weights ? loss_weights[i] : 1.0) / wsum;
+    F mx = row[0];
+    for (int j = 1; j < V; ++j) mx = std::max(mx, row[j]);
+    const F picked = row[target];
+    const double sum = ExpShiftSum(row, mx, row, V);
+    loss += wi * (static_cast<double>(mx) + std::log(sum) - picked);
+    const F c = static_cast<F>(wi / sum);
+    for (int j = 0; j < V; ++j) row[j] *= c;
+    row[target] -= static_cast<F>(wi);
+  }
+
+  // ---- backward ----
+  F* dhf = Sized(&S.dhf, int64_t{R} * D);
+  F* dx = Sized(&S.dx, TD);
+  F* dh = Sized(&S.dh, TD);
+  F* dm = m;
+  F* da3 = Sized(&S.da3, TF);
+  F* doc = Sized(&S.doc, THD);
+  F* dq = Sized(&S.dq, THD);
+  F* dk = Sized(&S.dk, TKD);
+  F* dv = Sized(&S.dv, TKD);
+  F* dkt = Sized(&S.dkt, KDL);
+  F* dvt = Sized(&S.dvt, KDL);
+  F* ds = Sized(&S.ds, ld);
+  Gemm<F>(false, false, R, D, V, logits, V, w.head, D, 0, dhf, D);
+  if (grads.head) Gemm<F>(true, false, V, D, R, logits, V, hf, D, 0, grads.head, D);
+  std::fill(dx, dx + TD, F(0));
+  RmsNormBack(xf, rf, w.final_norm, dhf, R, D, dx + int64_t{p0} * D);
+  for (int l = L - 1; l >= 0; --l) {
+    const auto& lw = w.layers[l];
+    const auto* gl = l < static_cast<int>(grads.layers.size()) ? &grads.layers[l] : nullptr;
+    F *xi = x_in + l * TD, *hl = h1 + l * TD, *ql = q + l * THD, *kl = k + l * TKD, *vl = v + l * TKD;
+    F *al = att + l * H * TT, *ol = oc + l * THD;
+    F *xm = x_mid + l * TD, *h2l = h2 + l * TD, *a1l = a1 + l * TF, *a3l = a3 + l * TF;
+    // feed-forward: x += (silu(a1) a3) W2^T
+    if (gl && gl->w2) {
+      SiluMul(a1l, a3l, m, TF);
+      Gemm<F>(true, false, D, Fh, T, dx, D, m, Fh, 0, gl->w2, Fh);
+    }
+    Gemm<F>(false, false, T, Fh, D, dx, D, lw.w2, Fh, 0, dm, Fh);
+    SiluMulBack(a1l, a3l, dm, da3, TF);  // dm becomes da1
+    if (gl && gl->w1) Gemm<F>(true, false, Fh, D, T, dm, Fh, h2l, D, 0, gl->w1, D);
+    if (gl && gl->w3) Gemm<F>(true, false, Fh, D, T, da3, Fh, h2l, D, 0, gl->w3, D);
+    Gemm<F>(false, false, T, D, Fh, dm, Fh, lw.w1, D, 0, dh, D);
+    Gemm<F>(false, false, T, D, Fh, da3, Fh, lw.w3, D, 1, dh, D);
+    RmsNormBack(xm, r2 + int64_t{l} * T, lw.ffn_norm, dh, T, D, dx);
+    // attention: x += oc Wo^T
+    if (gl && gl->wo) Gemm<F>(true, false, D, HD, T, dx, D, ol, HD, 0, gl->wo, HD);
+    Gemm<F>(false, false, T, HD, D, dx, D, lw.wo, HD, 0, doc, HD);
+    F *ktl = kt + l * KDL, *vtl = vt + l * KDL;
+    std::fill(dkt, dkt + KDL, F(0));
+    std::fill(dvt, dvt + KDL, F(0));
+    for (int h = 0; h < H; ++h) {
+      const int64_t go = int64_t{h / group} * hd * ld;
+      AttnBackward(ql + h * hd, HD, ktl + go, vtl + go, al + h * TT, doc + h * hd, HD, T, ld, hd, scale, dq + h * hd,
+                   dkt + go, dvt + go, ds);
+    }
+    FromHeadMajor(dkt, T, KV, hd, ld, dk);
+    FromHeadMajor(dvt, T, KV, hd, ld, dv);
+    Rope(dq, T, H, hd, w.cos, w.sin, s.rope_half, true);
+    Rope(dk, T, KV, hd, w.cos, w.sin, s.rope_half, true);
+    if (gl && gl->wq) Gemm<F>(true, false, HD, D, T, dq, HD, hl, D, 0, gl->wq, D);
+    if (gl && gl->wk) Gemm<F>(true, false, KD, D, T, dk, KD, hl, D, 0, gl->wk, D);
+    if (gl && gl->wv) Gemm<F>(true, false, KD, D, T, dv, KD, hl, D, 0, gl->wv, D);
+    Gemm<F>(false, false, T, D, HD, dq, HD, lw.wq, D, 0, dh, D);
+    Gemm<F>(false, false, T, D, KD, dk, KD, lw.wk, D, 1, dh, D);
+    Gemm<F>(false, false, T, D, KD, dv, KD, lw.wv, D, 1, dh, D);
+    RmsNormBack(xi, r1 + int64_t{l} * T, lw.attn_norm, dh, T, D, dx);
+  }
+  if (grads.emb) {
+    if (grads.emb != grads.head) std::fill(grads.emb, grads.emb + int64_t{V} * D, F(0));
+    for (int t = 0; t < T; ++t) {
+      F* e = grads.emb + int64_t{ids[t]} * D;
+      const F* d = dx + int64_t{t} * D;
+      for (int j = 0; j < D; ++j) e[j] += d[j];
+    }
+  }
+  return loss;
+}
+
+template double LlamaLossGradient<float>(const LlamaShape&, const LlamaWeights<float>&, const int32_t*, int, int,
+                                         const double*, const LlamaGrads<float>&);
+template double LlamaLossGradient<double>(const LlamaShape&, const LlamaWeights<double>&, const int32_t*, int, int,
+                                          const double*, const LlamaGrads<double>&);
+
+}  // namespace rapidin::model::internal

@@ -1,0 +1,56 @@
+// Private to model/: a hand-written forward and backward pass of a plain Llama decoder on the CPU, for the
+// response-loss gradient of one record (the caching stage's hot path). No LibTorch here: raw row-major buffers
+// and BLAS (the OpenBLAS that LibTorch and FAISS already link), preallocated per thread, the attention and the
+// element-wise steps fused into loops. The autograd path in engine.cc stays the reference it is tested against
+// (tests/model_test.cc, float64 and float32) and is what EngineOptions::grad_path = "autograd" selects.
+#ifndef RAPIDIN_MODEL_INTERNAL_LLAMA_GRAD_H_
+#define RAPIDIN_MODEL_INTERNAL_LLAMA_GRAD_H_
+
+#include <cstdint>
+#include <vector>
+
+namespace rapidin::model::internal {
+
+struct LlamaShape {
+  int dim = 0, hidden = 0, layers = 0, heads = 0, kv_heads = 0, head_dim = 0, vocab = 0;
+  double norm_eps = 1e-5;
+  bool rope_half = false;  // rotate (i, i + hd/2) pairs (Hugging Face) instead of (2i, 2i+1) (llama2.c)
+};
+
+// Row-major weights as the engine holds them (W: [out, in]); cos/sin: [seq_len, head_dim / 2].
+template <class F>
+struct LlamaWeights {
+  const F* emb = nullptr;         // [vocab, dim]
+  const F* head = nullptr;        // [vocab, dim]: emb when the output is tied
+  const F* final_norm = nullptr;  // [dim]
+  struct Layer {
+    const F *wq, *wk, *wv, *wo, *w1, *w2, *w3, *attn_norm, *ffn_norm;
+  };
+  std::vector<Layer> layers;
+  const F* cos = nullptr;
+  const F* sin = nullptr;
+};
+
+// Where the weight gradients go (same shapes as the weights); nullptr: not wanted. Every wanted buffer is
+// overwritten. head == emb (tied output) accumulates both uses into one buffer.
+template <class F>
+struct LlamaGrads {
+  F* emb = nullptr;
+  F* head = nullptr;
+  struct Layer {
+    F *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr, *w1 = nullptr, *w2 = nullptr, *w3 = nullptr;
+  };
+  std::vector<Layer> layers;
+};
+
+// The loss sum_i w_i * -log p(ids[i] | ids[<i]) over i in [response_begin, n), w the loss weights scaled to
+// sum 1 (loss_weights: n - response_begin values, or nullptr for uniform), and its gradient with respect to
+// every weight matrix wanted in *grads. Returns the loss. Requires 1 <= response_begin < n <= seq_len and ids in
+// [0, vocab) (the engine's CheckRecord). Thread-safe: each thread uses its own scratch memory.
+template <class F>
+double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const int32_t* ids, int n,
+                         int response_begin, const double* loss_weights, const LlamaGrads<F>& grads);
+
+}  // namespace rapidin::model::internal
+
+#endif  // RAPIDIN_MODEL_INTERNAL_LLAMA_GRAD_H_
