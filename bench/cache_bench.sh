@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
-# Caching throughput for stories260K on Alpaca records: records/s with the breakdown (forward+backward,
-# normalisation, sketch, store write), batch-of-one versus batched per-record gradients, and the sketch's
-# throughput against the memory bandwidth. Writes bench/results/cache.md.
-# Usage: bench/cache_bench.sh [N records, default 400]
+# Caching throughput for stories260K on Alpaca records, the hand-written gradient pass (--grad-path direct, the
+# default) against LibTorch autograd (--grad-path autograd, the path before it) in one run on the same records:
+# records/s with the breakdown (forward+backward, normalisation, sketch, store write), batch-of-one and padded
+# batches, and the two paths' stored vectors compared record by record (bench/store_diff). Then the sketch's
+# throughput against the memory bandwidth. Writes bench/results/cache.md, and with a second argument a JSON file
+# with cache_records_per_s (direct, 2 threads) and cache_records_per_s_before (autograd, 2 threads).
+# Usage: bench/cache_bench.sh [N records, default 400] [JSON output]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-400}"
+JSON_OUT="${2:-}"
 BUILD_DIR="${BUILD_DIR:-build}"
 DATA="${RAPIDIN_SHARED_DATA:-$(cd .. && pwd)/shared/data}"
 OUT=bench/results/cache.md
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-row() {  # threads grad_batch
+cmake --build "$BUILD_DIR" -j 2 --target rapidin store_diff sketch_bench >/dev/null
+row() {  # threads grad_path grad_batch
   "$BUILD_DIR/client/rapidin" cache --model "$DATA/models/stories260K.bin" --data "$DATA/instructions/alpaca_5000.json" \
-    --store "$work/s-$1-$2" --limit "$N" --threads "$1" --grad-batch "$2" --json 2>/dev/null |
-    python3 -c '
+    --store "$work/s-$1-$2-$3" --limit "$N" --threads "$1" --grad-path "$2" --grad-batch "$3" --json 2>/dev/null |
+    tee "$work/s-$1-$2-$3.json" | python3 -c '
 import json, sys
 s = json.load(sys.stdin)
-print("| %s | %s | %d | %.1f | %.1f | %.2f | %.2f | %.2f | %.2f | %d |" % (sys.argv[1], sys.argv[2], s["cached"],
-      s["seconds"], s["records_per_second"], s["grad_seconds"], s["normalize_seconds"], s["sketch_seconds"],
-      s["write_seconds"], s["truncated"]))' "$1" "$2"
+print("| %s | %s | %s | %d | %.1f | %.1f | %.2f | %.2f | %.2f | %.2f | %d |" % (sys.argv[1], s["grad_path"], sys.argv[2],
+      s["cached"], s["seconds"], s["records_per_second"], s["grad_seconds"], s["normalize_seconds"],
+      s["sketch_seconds"], s["write_seconds"], s["truncated"]))' "$1" "$3"
 }
+rate() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["records_per_second"])' "$work/s-$1.json"; }
 {
   echo "# Caching benchmark"
   echo
@@ -28,15 +34,25 @@ print("| %s | %s | %d | %.1f | %.1f | %.2f | %.2f | %.2f | %.2f | %d |" % (sys.a
   echo "stories260K (259,328 gradient values: every weight matrix), K = 4096, lambda = 4, the first $N records of"
   echo "alpaca_5000.json. Seconds in the breakdown are wall-clock shares (per-thread time / threads)."
   echo
-  echo "| threads | records per pass | cached | total s | records/s | fwd+bwd s | normalise s | sketch s | store write s | truncated |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"
-  row 1 1
-  row 2 1
-  row 2 4
-  row 2 8
+  echo "| threads | gradient path | records per pass | cached | total s | records/s | fwd+bwd s | normalise s | sketch s | store write s | truncated |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|"
+  row 1 autograd 1
+  row 2 autograd 1
+  row 2 autograd 4
+  row 1 direct 1
+  row 2 direct 1
+  before=$(rate 2-autograd-1)
+  after=$(rate 2-direct-1)
   echo
-  echo "Records per pass > 1 uses one padded forward/backward per pass (records sorted by length) and forms each"
-  echo "record's weight gradients from the per-sample products dy_b^T x_b; it is tested equal to the per-record loop."
+  python3 -c 'import sys; b, a = map(float, sys.argv[1:]); print("2 threads: direct %.1f records/s against autograd %.1f: **%.2fx** (same records, same run)." % (a, b, a / b))' "$before" "$after"
+  echo
+  echo "The two paths' stored vectors (fp16), record by record (\`bench/store_diff\`, autograd as the reference):"
+  echo
+  echo "    $("$BUILD_DIR/bench/store_diff" "$work/s-2-autograd-1" "$work/s-2-direct-1")"
+  echo
+  echo "autograd: LibTorch's autograd, one record per pass, or several per padded pass (each record's weight gradients"
+  echo "from the per-sample products dy_b^T x_b). direct: model/internal/llama_grad.cc, one record per pass (records"
+  echo "per pass does not apply), tested equal to autograd in float64 and within float rounding in float32."
   echo
   echo "## Sketch throughput"
   echo
@@ -44,3 +60,7 @@ print("| %s | %s | %d | %.1f | %.1f | %.2f | %.2f | %.2f | %.2f | %d |" % (sys.a
 } >"$OUT.tmp"
 mv "$OUT.tmp" "$OUT"
 cat "$OUT"
+if [ -n "$JSON_OUT" ]; then
+  python3 -c 'import json, sys; print(json.dumps({"cache_records_per_s": float(sys.argv[2]), "cache_records_per_s_before": float(sys.argv[1])}))' \
+    "$before" "$after" >"$JSON_OUT"
+fi
