@@ -2,7 +2,7 @@
 """Latency of the demo's text query, end to end: rapidin-server --model on a store, asked the README demo's question
 N times in a row over HTTP/JSON (server/http.h). Reports p50/p90/max of the server's own total, its gradient part
 (tokenise + forward/backward + normalise + sketch), the scan, and the client's wall time (HTTP, JSON and records
-included), as a table and as JSON (the keys text_query_p50_ms etc., for bench/results/perf.json).
+included), now and with --grad-path autograd (the path before the hand-written gradient pass), as a table and as JSON (the keys text_query_p50_ms etc., for bench/results/perf.json).
 
 Usage: text_query_bench.py RAPIDIN_SERVER STORE MODEL [N=100] [OUT.md]
 """
@@ -30,12 +30,12 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def run(env_extra):
+def run(env_extra, args=()):
     """100 queries against a fresh server; returns one dict per query."""
     port = free_port()
     env = dict(os.environ, **env_extra)
     proc = subprocess.Popen([server_bin, "--store", store, "--model", model, "--listen", "127.0.0.1:0",
-                             "--http-listen", f"127.0.0.1:{port}", "--metrics-listen", ""], stdout=subprocess.DEVNULL,
+                             "--http-listen", f"127.0.0.1:{port}", "--metrics-listen", "", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
     base = f"http://127.0.0.1:{port}"
     rows = []
@@ -58,9 +58,9 @@ def run(env_extra):
     return rows
 
 
-# Now, and before the large-buffer cache (RAPIDIN_NO_BUFFER_CACHE=1: LibTorch's allocator, every buffer of 1 MiB
-# and more mapped and unmapped per gradient pass), one after the other in this run.
-before = run({"RAPIDIN_NO_BUFFER_CACHE": "1"})
+# Now, and before the hand-written gradient pass (--grad-path autograd: LibTorch autograd for the query's
+# gradient), one after the other in this run.
+before = run({}, ["--grad-path", "autograd"])
 rows = run({})
 keys = ["total", "gradient", "scan", "wall"]
 summary = {k: {"p50": pct([x[k] for x in rows], 50), "p90": pct([x[k] for x in rows], 90),
@@ -78,7 +78,7 @@ names = {"total": "server total (gradient + scan + records)", "gradient": "gradi
          "scan": "scan (slowest shard)", "wall": "client wall (HTTP + JSON included)"}
 for k in keys:
     lines.append(f"| {names[k]} | {summary[k]['p50']:.1f} | {summary[k]['p90']:.1f} | {summary[k]['max']:.1f} |")
-lines.append(f"| server total before the large-buffer cache (RAPIDIN_NO_BUFFER_CACHE=1, same run) | "
+lines.append(f"| server total before: --grad-path autograd (LibTorch autograd, same run) | "
              f"{pct([x['total'] for x in before], 50):.1f} | {pct([x['total'] for x in before], 90):.1f} | "
              f"{max(x['total'] for x in before):.1f} |")
 lines.append(f"\nTop record every time: {', '.join(sorted(top1))}.")

@@ -105,6 +105,10 @@ int main(int argc, char** argv) {
   app.add_option("--model-device", o.model.device,
                  "where gradients run: cpu | cuda | cuda:N | auto (CUDA when this LibTorch has it and sees a GPU)")
       ->capture_default_str();
+  app.add_option("--grad-path", o.model.grad_path,
+                 "query gradients: direct (hand-written CPU pass where it applies, else autograd) | autograd")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"direct", "autograd"}));
   const std::map<std::string, rapidin::model::TokenGradMethod> token_methods = {
       {"shared", rapidin::model::TokenGradMethod::kShared},
       {"copies", rapidin::model::TokenGradMethod::kCopies},

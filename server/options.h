@@ -80,6 +80,7 @@ struct ServerOptions {
     std::string preconditioner_path;  // Adam second moments the store was cached with (`cache --preconditioner`)
     std::string checkpoints_path;     // TracIn-CP: the fine-tuning summary the store was cached with
     std::string device = "auto";      // model::EngineOptions::device
+    std::string grad_path = "direct";  // model::EngineOptions::grad_path
     model::TokenGradMethod token_method = model::TokenGradMethod::kShared;  // token attributions' gradients
   };
   // Router: the shard servers' HOST:PORT. Their stores must share one projection state; start-up waits up to

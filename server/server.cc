@@ -607,8 +607,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
                                       absl::StrCat("store ", options.store.path));
     if (!f.ok()) return f.status();
     impl->featurizer = std::move(*f);
-    spdlog::info("model {} on {}: gradient dimension {}, {}", options.model.path,
-                 impl->featurizer->engine().device(), impl->featurizer->engine().grad_dim(),
+    spdlog::info("model {} on {} ({} gradients): gradient dimension {}, {}", options.model.path,
+                 impl->featurizer->engine().device(), impl->featurizer->engine().grad_path(), impl->featurizer->engine().grad_dim(),
                  impl->featurizer->sketch().Describe());
   }
 

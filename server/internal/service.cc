@@ -161,6 +161,7 @@ absl::StatusOr<std::unique_ptr<model::Featurizer>> LoadFeaturizer(const std::str
   mo.param_pattern = model.param_pattern;
   mo.preconditioner_path = model.preconditioner_path;
   mo.device = model.device;
+  mo.grad_path = model.grad_path;
   auto fo = model::OptionsFromState(state, mo, model.checkpoints_path);
   if (!fo.ok()) return fo.status();
   fo->token_method = model.token_method;
