@@ -125,7 +125,10 @@ INSTANTIATE_TEST_SUITE_P(Shapes, ScoreTest,
                                            Shape{5, 4099, 17}, Shape{7, 5000, 9}, Shape{64, 64, 4}, Shape{3, 65536, 1},
                                            // the wide (AVX-512VL) tiles: full 8-query blocks, a short last block,
                                            // short last row tiles, and rows long enough for the chunk-outer order
-                                           Shape{10, 1029, 32}, Shape{8, 100, 8}, Shape{4, 40007, 9}));
+                                           Shape{10, 1029, 32}, Shape{8, 100, 8}, Shape{4, 40007, 9},
+                                           // the pair kernel (even q): 6-row tiles with a short one, 3 pairs, and
+                                           // the chunk-outer order with a short last block and a K tail
+                                           Shape{7, 2051, 6}, Shape{13, 40007, 10}));
 
 TEST(Score, RejectsNegativeSizes) {
   float out[1];
@@ -233,10 +236,14 @@ TEST(TopK, MergePartsWithSourcesEqualsFullSort) {
   }
 }
 
-// ScanTopK on interleaved shards, merged, equals the top-k of all scores (N not a multiple of the shards, k > N).
-TEST(ScanTopK, ShardedScanEqualsBruteForce) {
-  const int64_t n = 1001, k = 37;
-  const int q = 3, shards = 4;
+// ScanTopK on interleaved shards, merged, equals the top-k of all scores (N not a multiple of the shards, k > N),
+// bitwise: 3 query vectors, 10 (the pair kernel with queries packed once per scan, a short last block), and 10 with
+// rows long enough for the chunk-outer order.
+class ScanTopKTest : public ::testing::TestWithParam<Shape> {};
+
+TEST_P(ScanTopKTest, ShardedScanEqualsBruteForce) {
+  const auto [n, k, q] = GetParam();
+  const int shards = 4;
   const auto store = RandomHalves(n * k);
   const auto queries = RandomFloats(q * k);
   std::vector<float> all(n * q);
@@ -272,6 +279,9 @@ TEST(ScanTopK, ShardedScanEqualsBruteForce) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Shapes, ScanTopKTest,
+                         ::testing::Values(Shape{1001, 37, 3}, Shape{1001, 37, 10}, Shape{31, 40007, 10}));
 
 }  // namespace
 }  // namespace rapidin::kernels

@@ -16,6 +16,11 @@ void ScoreF16Avx2(const uint16_t* store, int64_t n, int64_t k, const float* quer
 // -mavx512f -mavx512vl (and the AVX2 flags).
 void ScoreF16Avx2Wide(const uint16_t* store, int64_t n, int64_t k, const float* queries, int q, float* out);
 bool Avx512VlAvailable();
+// The wide kernel's pair form, for an even q (> 4): two query vectors per 16-lane accumulator, bitwise equal again.
+// packed: PackPairs(queries) (q * (k / 8) * 8 floats, 64-byte aligned); queries are still read for the K % 8 tail.
+void PackPairs(const float* queries, int q, int64_t k, float* packed);
+void ScoreF16Pairs(const uint16_t* store, int64_t n, int64_t k, const float* queries, const float* packed, int q,
+                   float* out);
 // Benchmarks only (bench/scan_bench --kernel-only): true selects the AVX2 kernel as it was before the wide tiles,
 // for a side-by-side run. Results are equal either way.
 extern bool g_score_before;
