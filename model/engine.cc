@@ -25,7 +25,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "model/internal/engine_impl.h"
-#include "model/internal/llama_grad.h"
 #include "model/testing.h"
 
 namespace rapidin::model {
@@ -566,63 +565,16 @@ namespace {
 template <class F>
 absl::Status DirectRecords(const EngineAccess::Impl& m, const std::vector<TokenizedExample>& batch,
                            std::vector<torch::Tensor>* per, std::vector<double>* losses) {
-  const ModelConfig& c = m.cfg;
-  internal::LlamaShape s;
-  s.dim = c.dim;
-  s.hidden = c.hidden_dim;
-  s.layers = c.n_layers;
-  s.heads = c.n_heads;
-  s.kv_heads = c.n_kv_heads;
-  s.head_dim = c.HeadDim();
-  s.vocab = c.vocab_size;
-  s.norm_eps = c.norm_eps;
-  s.rope_half = m.rope_half;
-  auto ptr = [&](const std::string& n) { return m.w.at(n).template data_ptr<F>(); };
-  internal::LlamaWeights<F> wt;
-  wt.emb = ptr("tok_embeddings.weight");
-  wt.head = c.tied_output ? wt.emb : ptr("output.weight");
-  wt.final_norm = ptr("norm.weight");
-  wt.cos = m.cos.template data_ptr<F>();
-  wt.sin = m.sin.template data_ptr<F>();
-  for (int l = 0; l < c.n_layers; ++l) {
-    const std::string p = absl::StrCat("layers.", l, ".");
-    wt.layers.push_back({ptr(p + "attention.wq.weight"), ptr(p + "attention.wk.weight"),
-                         ptr(p + "attention.wv.weight"), ptr(p + "attention.wo.weight"),
-                         ptr(p + "feed_forward.w1.weight"), ptr(p + "feed_forward.w2.weight"),
-                         ptr(p + "feed_forward.w3.weight"), ptr(p + "attention_norm.weight"),
-                         ptr(p + "ffn_norm.weight")});
-  }
+  const internal::LlamaShape s = m.DirectShape();
+  const internal::LlamaWeights<F> wt = m.template DirectWeights<F>();
   const int64_t B = static_cast<int64_t>(batch.size());
-  std::map<std::string, size_t> index;
-  for (size_t i = 0; i < m.infos.size(); ++i) {
-    index[m.infos[i].name] = i;
-    (*per)[i] = torch::empty({B, m.infos[i].numel}, m.Opts());
-  }
+  for (size_t i = 0; i < m.infos.size(); ++i) (*per)[i] = torch::empty({B, m.infos[i].numel}, m.Opts());
   for (int64_t b = 0; b < B; ++b) {
-    auto grad = [&](const std::string& n) -> F* {
-      auto it = index.find(n);
-      return it == index.end() ? nullptr : (*per)[it->second][b].template data_ptr<F>();
-    };
-    internal::LlamaGrads<F> g;
-    g.emb = grad("tok_embeddings.weight");
-    g.head = c.tied_output ? g.emb : grad("output.weight");
-    for (int l = 0; l < c.n_layers; ++l) {
-      const std::string p = absl::StrCat("layers.", l, ".");
-      typename internal::LlamaGrads<F>::Layer gl;
-      gl.wq = grad(p + "attention.wq.weight");
-      gl.wk = grad(p + "attention.wk.weight");
-      gl.wv = grad(p + "attention.wv.weight");
-      gl.wo = grad(p + "attention.wo.weight");
-      gl.w1 = grad(p + "feed_forward.w1.weight");
-      gl.w2 = grad(p + "feed_forward.w2.weight");
-      gl.w3 = grad(p + "feed_forward.w3.weight");
-      g.layers.push_back(gl);
-    }
     const TokenizedExample& t = batch[b];
     (*losses)[b] = internal::LlamaLossGradient<F>(s, wt, t.ids.data(), static_cast<int>(t.ids.size()),
-                                                  t.response_begin, t.loss_weights.empty() ? nullptr
-                                                                                           : t.loss_weights.data(),
-                                                  g);
+                                                  t.response_begin,
+                                                  t.loss_weights.empty() ? nullptr : t.loss_weights.data(),
+                                                  m.template DirectGrads<F>(per, b));
   }
   return absl::OkStatus();
 }

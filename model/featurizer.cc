@@ -246,7 +246,6 @@ absl::Status Featurizer::CompressWith(const GradientEngine& e, const std::vector
 
 absl::Status Featurizer::TokenSketches(const std::vector<int32_t>& ids, int from,
                                       std::vector<std::vector<float>>* out) const {
-  std::vector<std::vector<double>> g;
   TokenGradOptions o;
   o.method = token_method_;
   o.normalize = layer_norm_;
@@ -265,16 +264,17 @@ absl::Status Featurizer::TokenSketches(const std::vector<int32_t>& ids, int from
       return s;
     });
   }
-  absl::Status st = engine_->TokenGradientsIds(ids, from, o, &g);
-  if (!st.ok()) return st;
-  out->assign(g.size(), std::vector<float>(sketch_->params().k));
-  std::vector<float> gf;
-  for (size_t i = 0; i < g.size(); ++i) {
-    gf.assign(g[i].begin(), g[i].end());
-    sketch_->Apply(gf.data(), (*out)[i].data());
-    if (absl::Status fin = CheckFinite((*out)[i], "a token's compressed gradient"); !fin.ok()) return fin;
-  }
-  return absl::OkStatus();
+  // On the CPU: float32 rows chunk by chunk, sketched as they come (never every token's full gradient at once).
+  if (n > 0) out->assign(n, std::vector<float>(sketch_->params().k));
+  const int64_t dim = engine_->grad_dim();
+  return engine_->TokenGradientRows(ids, from, o, [&](const float* rows, int first, int count) {
+    for (int i = 0; i < count; ++i) {
+      std::vector<float>& o = (*out)[first + i];
+      sketch_->Apply(rows + i * dim, o.data());
+      if (absl::Status fin = CheckFinite(o, "a token's compressed gradient"); !fin.ok()) return fin;
+    }
+    return absl::OkStatus();
+  });
 }
 
 absl::StatusOr<double> Featurizer::RecordTokenInfluence(const TokenizedExample& t, const std::vector<float>& q,

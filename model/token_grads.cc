@@ -305,8 +305,37 @@ absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl
     return absl::InvalidArgumentError(absl::StrCat(T, " tokens exceed the model's context of ", d.cfg.seq_len));
   }
   if (absl::Status st = CheckIds(ids, d.cfg.vocab_size); !st.ok()) return st;
+  // The hand-written CPU pass (grad_path "direct") where it applies: one forward pass, then each chunk's token
+  // losses through one batched backward (model/internal/llama_grad.h).
+  std::function<void(int, int, std::vector<torch::Tensor>*)> direct;
+  if (options.method == TokenGradMethod::kShared && d.DirectApplies()) {
+    auto make = [&](auto tag) {
+      using F = decltype(tag);
+      auto pass = std::make_shared<internal::LlamaTokenPass<F>>(d.DirectShape(), d.template DirectWeights<F>(),
+                                                                ids.data(), T);
+      direct = [&d, pass](int s0, int s1, std::vector<torch::Tensor>* per) {
+        // Each thread reuses its blocks from chunk to chunk (the sink is done with them when it returns): fresh
+        // multi-megabyte buffers cost a page fault per 4 KiB every chunk.
+        thread_local std::vector<torch::Tensor> blocks;
+        blocks.resize(d.infos.size());
+        for (size_t i = 0; i < d.infos.size(); ++i) {
+          if (!blocks[i].defined() || blocks[i].size(0) < s1 - s0 || blocks[i].size(1) != d.infos[i].numel ||
+              blocks[i].scalar_type() != d.dtype) {
+            blocks[i] = torch::empty({std::max(s1 - s0, 8), d.infos[i].numel}, d.Opts());
+          }
+          (*per)[i] = blocks[i].narrow(0, 0, s1 - s0);
+        }
+        pass->Backward(s0, s1, d.template DirectGrads<F>(per, 0));
+      };
+    };
+    if (d.dtype == torch::kDouble) {
+      make(double{});
+    } else {
+      make(float{});
+    }
+  }
   std::unique_ptr<SharedTokenBackprop> shared;
-  if (method == TokenGradMethod::kShared) shared = std::make_unique<SharedTokenBackprop>(d, ids);
+  if (method == TokenGradMethod::kShared && !direct) shared = std::make_unique<SharedTokenBackprop>(d, ids);
   // Work items are chunks of consecutive tokens; threads take them in turn (autograd::grad is thread-safe, and the
   // shared forward pass is only read).
   std::atomic<int> next{from};
@@ -316,6 +345,11 @@ absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl
       const int s1 = std::min(T, s0 + chunk);
       // A throw on a worker thread would end the process: convert it here.
       absl::Status st = Guarded([&]() -> absl::Status {
+        if (direct) {
+          std::vector<torch::Tensor> per(d.infos.size());
+          direct(s0, s1, &per);
+          return sink(s0, s1, &per, nullptr);
+        }
         if (shared) {
           const std::vector<torch::Tensor> per = shared->Backward(s0, s1);
           return sink(s0, s1, &per, nullptr);
@@ -388,6 +422,38 @@ absl::Status GradientEngine::TokenGradientRows(const std::vector<int32_t>& ids, 
                                  std::vector<std::vector<double>>* host) {
                                const int n = s1 - s0;
                                torch::Tensor rows;
+                               if (per && d.device.is_cpu() && d.dtype == torch::kFloat && d.precond.empty()) {
+                                 // Host float32 blocks (the direct pass's): normalised straight into rows, without
+                                 // LibTorch's double round trip.
+                                 thread_local std::vector<float> buf;
+                                 buf.resize(static_cast<size_t>(n) * d.dim);
+                                 for (size_t p = 0; p < d.infos.size(); ++p) {
+                                   if (!(*per)[p].defined()) {  // no gradient: zero
+                                     for (int i = 0; i < n; ++i) {
+                                       std::fill_n(buf.data() + static_cast<int64_t>(i) * d.dim + d.infos[p].offset,
+                                                   d.infos[p].numel, 0.0f);
+                                     }
+                                     continue;
+                                   }
+                                   const int64_t numel = d.infos[p].numel;
+                                   const float* src = (*per)[p].data_ptr<float>();
+                                   for (int i = 0; i < n; ++i) {
+                                     const float* blk = src + i * numel;
+                                     double acc[8] = {};  // independent chains: the sum is not latency-bound
+                                     int64_t j = 0;
+                                     for (; j + 8 <= numel; j += 8) {
+                                       for (int u = 0; u < 8; ++u) acc[u] += static_cast<double>(blk[j + u]) * blk[j + u];
+                                     }
+                                     for (; j < numel; ++j) acc[0] += static_cast<double>(blk[j]) * blk[j];
+                                     const double ss = ((acc[0] + acc[1]) + (acc[2] + acc[3])) +
+                                                       ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+                                     const double inv = options.normalize && ss > 0 ? 1.0 / std::sqrt(ss) : 1.0;
+                                     float* dst = buf.data() + static_cast<int64_t>(i) * d.dim + d.infos[p].offset;
+                                     for (int64_t e = 0; e < numel; ++e) dst[e] = static_cast<float>(blk[e] * inv);
+                                   }
+                                 }
+                                 return consume(buf.data(), s0 - from, n);
+                               }
                                if (per) {
                                  rows = d.Rows(*per, n, options.normalize);
                                } else {  // the reference methods: their host vectors, to the device

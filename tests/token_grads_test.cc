@@ -45,14 +45,19 @@ std::vector<std::vector<double>> TokenGrads(const GradientEngine& e, const std::
   return g;
 }
 
+// Under grad_path "direct" (the default) the loop is the hand-written record pass and kShared the batched token
+// pass (model/internal/llama_grad.h) for the matrices; under "autograd" LibTorch's. The same weights and records
+// for both (the record pass itself is tested against autograd in model_test).
 TEST(TokenGradients, EveryMethodEqualsPerTokenLoopAndSumsToTotal) {
   SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  for (const std::string path : {"autograd", "direct"}) {
   std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed()));
   for (bool tied : {true, false}) {
     for (const std::string sel : {"matrices", "all", "lora"}) {
-      SCOPED_TRACE(absl::StrCat("tied=", tied, " selection=", sel));
+      SCOPED_TRACE(absl::StrCat("grad_path=", path, " tied=", tied, " selection=", sel));
       EngineOptions o;
       o.use_double = true;
+      o.grad_path = path;
       if (sel == "all") o.param_pattern = ".*";
       auto e = GradientEngine::Random(TinyModel(tied), rng(), o);
       ASSERT_TRUE(e.ok());
@@ -145,17 +150,21 @@ TEST(TokenGradients, EveryMethodEqualsPerTokenLoopAndSumsToTotal) {
       }
     }
   }
+  }
 }
 
 // A sequence longer than the shared method's 64-row attention blocks (so that the causal block skipping runs):
 // still equal to the reference in float64, normalised or not.
 TEST(TokenGradients, SharedEqualsLoopOnLongSequences) {
   SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  for (const std::string path : {"autograd", "direct"}) {
+  SCOPED_TRACE(path);
   std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 5));
   ModelConfig c = TinyModel(false);
   c.seq_len = 160;
   EngineOptions o;
   o.use_double = true;
+  o.grad_path = path;
   auto e = GradientEngine::Random(c, rng(), o);
   ASSERT_TRUE(e.ok());
   std::vector<int32_t> ids;
@@ -170,6 +179,7 @@ TEST(TokenGradients, SharedEqualsLoopOnLongSequences) {
         ASSERT_NEAR(got[t][i], ref[t][i], 1e-11) << "normalize " << normalize << " token " << t << " element " << i;
       }
     }
+  }
   }
 }
 

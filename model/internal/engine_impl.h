@@ -22,6 +22,7 @@
 #include "base/mutex.h"
 #include "kernels/hash.h"
 #include "model/engine.h"
+#include "model/internal/llama_grad.h"
 
 namespace rapidin::model {
 
@@ -470,6 +471,65 @@ struct GradientEngine::Impl {
   // Whether PerSample takes the hand-written CPU pass (model/internal/llama_grad.h): grad_path "direct", a plain
   // Llama on the CPU without an adapter, every selected parameter one of its weight matrices.
   bool DirectApplies() const;
+  // The direct pass's view of this model (DirectApplies() must hold; F is the engine's dtype).
+  internal::LlamaShape DirectShape() const {
+    internal::LlamaShape s;
+    s.dim = cfg.dim;
+    s.hidden = cfg.hidden_dim;
+    s.layers = cfg.n_layers;
+    s.heads = cfg.n_heads;
+    s.kv_heads = cfg.n_kv_heads;
+    s.head_dim = cfg.HeadDim();
+    s.vocab = cfg.vocab_size;
+    s.norm_eps = cfg.norm_eps;
+    s.rope_half = rope_half;
+    return s;
+  }
+  template <class F>
+  internal::LlamaWeights<F> DirectWeights() const {
+    auto ptr = [&](const std::string& n) { return w.at(n).template data_ptr<F>(); };
+    internal::LlamaWeights<F> wt;
+    wt.emb = ptr("tok_embeddings.weight");
+    wt.head = cfg.tied_output ? wt.emb : ptr("output.weight");
+    wt.final_norm = ptr("norm.weight");
+    wt.cos = cos.template data_ptr<F>();
+    wt.sin = sin.template data_ptr<F>();
+    for (int l = 0; l < cfg.n_layers; ++l) {
+      const std::string p = absl::StrCat("layers.", l, ".");
+      wt.layers.push_back({ptr(p + "attention.wq.weight"), ptr(p + "attention.wk.weight"),
+                           ptr(p + "attention.wv.weight"), ptr(p + "attention.wo.weight"),
+                           ptr(p + "feed_forward.w1.weight"), ptr(p + "feed_forward.w2.weight"),
+                           ptr(p + "feed_forward.w3.weight"), ptr(p + "attention_norm.weight"),
+                           ptr(p + "ffn_norm.weight")});
+    }
+    return wt;
+  }
+  // Where the direct pass writes: block b of per[p] ([B, numel] tensors, one per selected parameter).
+  template <class F>
+  internal::LlamaGrads<F> DirectGrads(std::vector<torch::Tensor>* per, int64_t b) const {
+    auto grad = [&](const std::string& n) -> F* {
+      for (size_t i = 0; i < infos.size(); ++i) {
+        if (infos[i].name == n) return (*per)[i][b].template data_ptr<F>();
+      }
+      return nullptr;
+    };
+    internal::LlamaGrads<F> g;
+    g.emb = grad("tok_embeddings.weight");
+    g.head = cfg.tied_output ? g.emb : grad("output.weight");
+    for (int l = 0; l < cfg.n_layers; ++l) {
+      const std::string p = absl::StrCat("layers.", l, ".");
+      typename internal::LlamaGrads<F>::Layer gl;
+      gl.wq = grad(p + "attention.wq.weight");
+      gl.wk = grad(p + "attention.wk.weight");
+      gl.wv = grad(p + "attention.wv.weight");
+      gl.wo = grad(p + "attention.wo.weight");
+      gl.w1 = grad(p + "feed_forward.w1.weight");
+      gl.w2 = grad(p + "feed_forward.w2.weight");
+      gl.w3 = grad(p + "feed_forward.w3.weight");
+      g.layers.push_back(gl);
+    }
+    return g;
+  }
   // PerSample through that pass, one record at a time.
   absl::Status DirectPerSample(const std::vector<TokenizedExample>& batch, std::vector<torch::Tensor>* per,
                                std::vector<double>* losses) const;

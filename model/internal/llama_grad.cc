@@ -170,8 +170,8 @@ RAPIDIN_INLINE void AttnForwardBody(const F* q, int ldq, const F* kt, const F* v
 // heads share them). dp is T values of scratch.
 template <class F>
 RAPIDIN_INLINE void AttnBackwardBody(const F* q, int ldq, const F* kt, const F* vt, const F* P, const F* dout,
-                                     int ldo, int T, int ld, int hd, F scale, F* dq, F* dkt, F* dvt, F* dp) {
-  for (int i = 0; i < T; ++i) {
+                                     int ldo, int i0, int T, int ld, int hd, F scale, F* dq, int lddq, F* dkt, F* dvt, F* dp) {
+  for (int i = i0; i < T; ++i) {
     const F* p = P + int64_t{i} * ld;
     const F* qi = q + int64_t{i} * ldq;
     const F* doi = dout + int64_t{i} * ldo;
@@ -188,7 +188,7 @@ RAPIDIN_INLINE void AttnBackwardBody(const F* q, int ldq, const F* kt, const F* 
     }
     const F dot = Dot(p, dp, n);
     for (int j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - dot) * scale;  // dS
-    F* dqi = dq + int64_t{i} * ldq;
+    F* dqi = dq + int64_t{i} * lddq;
     for (int d = 0; d < hd; ++d) {
       const F* kd = kt + int64_t{d} * ld;
       F* dkd = dkt + int64_t{d} * ld;
@@ -268,9 +268,9 @@ RAPIDIN_AVX512 void AttnForward512(const float* q, int ldq, const float* kt, con
 }
 
 RAPIDIN_AVX512 void AttnBackward512(const float* q, int ldq, const float* kt, const float* vt, const float* P,
-                                    const float* dout, int ldo, int T, int ld, int hd, float scale, float* dq,
-                                    float* dkt, float* dvt, float* dp) {
-  for (int i = 0; i < T; ++i) {
+                                    const float* dout, int ldo, int i0, int T, int ld, int hd, float scale,
+                                    float* dq, int lddq, float* dkt, float* dvt, float* dp) {
+  for (int i = i0; i < T; ++i) {
     const float* p = P + int64_t{i} * ld;
     const float* qi = q + int64_t{i} * ldq;
     const float* doi = dout + int64_t{i} * ldo;
@@ -307,7 +307,7 @@ RAPIDIN_AVX512 void AttnBackward512(const float* q, int ldq, const float* kt, co
           _mm512_store_ps(dkd, _mm512_fmadd_ps(qd[dd], ds, _mm512_load_ps(dkd)));
         }
       }
-      for (int dd = 0; dd < 8; ++dd) dq[int64_t{i} * ldq + d0 + dd] = _mm512_reduce_add_ps(acc[dd]);
+      for (int dd = 0; dd < 8; ++dd) dq[int64_t{i} * lddq + d0 + dd] = _mm512_reduce_add_ps(acc[dd]);
     }
   }
 }
@@ -325,9 +325,9 @@ RAPIDIN_CLONES void AttnForwardAny(const float* q, int ldq, const float* kt, con
   AttnForwardBody(q, ldq, kt, vt, T, ld, hd, scale, P, o, ldo);
 }
 RAPIDIN_CLONES void AttnBackwardAny(const float* q, int ldq, const float* kt, const float* vt, const float* P,
-                                    const float* dout, int ldo, int T, int ld, int hd, float scale, float* dq,
-                                    float* dkt, float* dvt, float* dp) {
-  AttnBackwardBody(q, ldq, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, dkt, dvt, dp);
+                                    const float* dout, int ldo, int i0, int T, int ld, int hd, float scale, float* dq,
+                                    int lddq, float* dkt, float* dvt, float* dp) {
+  AttnBackwardBody(q, ldq, kt, vt, P, dout, ldo, i0, T, ld, hd, scale, dq, lddq, dkt, dvt, dp);
 }
 
 // One head's attention, forward and backward (kt, vt, P, dkt, dvt with `ld` columns; ld a multiple of 16).
@@ -342,17 +342,22 @@ void AttnForward(const double* q, int ldq, const double* kt, const double* vt, i
                  double* P, double* o, int ldo) {
   AttnForwardBody(q, ldq, kt, vt, T, ld, hd, scale, P, o, ldo);
 }
+// Query rows [i0, T) (rows before i0 have a zero output gradient); dq rows have stride lddq (a batch of token
+// losses interleaves its rows).
 void AttnBackward(const float* q, int ldq, const float* kt, const float* vt, const float* P, const float* dout,
-                  int ldo, int T, int ld, int hd, float scale, float* dq, float* dkt, float* dvt, float* dp) {
+                  int ldo, int i0, int T, int ld, int hd, float scale, float* dq, int lddq, float* dkt, float* dvt,
+                  float* dp) {
 #if defined(__x86_64__)
-  if (UseAttn512(hd)) return AttnBackward512(q, ldq, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, dkt, dvt, dp);
+  if (UseAttn512(hd)) {
+    return AttnBackward512(q, ldq, kt, vt, P, dout, ldo, i0, T, ld, hd, scale, dq, lddq, dkt, dvt, dp);
+  }
 #endif
-  AttnBackwardAny(q, ldq, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, dkt, dvt, dp);
+  AttnBackwardAny(q, ldq, kt, vt, P, dout, ldo, i0, T, ld, hd, scale, dq, lddq, dkt, dvt, dp);
 }
 void AttnBackward(const double* q, int ldq, const double* kt, const double* vt, const double* P,
-                  const double* dout, int ldo, int T, int ld, int hd, double scale, double* dq, double* dkt,
-                  double* dvt, double* dp) {
-  AttnBackwardBody(q, ldq, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, dkt, dvt, dp);
+                  const double* dout, int ldo, int i0, int T, int ld, int hd, double scale, double* dq, int lddq,
+                  double* dkt, double* dvt, double* dp) {
+  AttnBackwardBody(q, ldq, kt, vt, P, dout, ldo, i0, T, ld, hd, scale, dq, lddq, dkt, dvt, dp);
 }
 
 // dst[g][d][t] = src[t][g * hd + d] (rows of nh heads to one hd x ld block per head), zero for t in [T, ld).
@@ -385,6 +390,22 @@ class FlushDenormals {
   unsigned saved_;
 #endif
 };
+
+// SiluMulBack for `rows` rows of n values at one position (a1, a3 shared): a batch of token losses.
+RAPIDIN_CLONES void SiluMulBackRows(const float* a1, const float* a3, float* dm, float* da3, int rows, int n) {
+  for (int r = 0; r < rows; ++r) {
+    float* d = dm + int64_t{r} * n;
+    float* e = da3 + int64_t{r} * n;
+    for (int i = 0; i < n; ++i) {
+      const float sg = 1.0f / (1.0f + ExpF(-a1[i]));
+      e[i] = d[i] * a1[i] * sg;
+      d[i] = d[i] * a3[i] * sg * (1.0f + a1[i] * (1.0f - sg));
+    }
+  }
+}
+void SiluMulBackRows(const double* a1, const double* a3, double* dm, double* da3, int rows, int n) {
+  for (int r = 0; r < rows; ++r) SiluMulBack(a1, a3, dm + int64_t{r} * n, da3 + int64_t{r} * n, n);
+}
 
 // One thread's activations and temporaries; vectors keep their capacity from record to record.
 template <class F>
@@ -437,13 +458,14 @@ void RmsNormBack(const F* x, const F* r, const F* g, const F* dy, int rows, int 
   }
 }
 
-// Rotary embedding in place on rows of nh heads of hd values; inverse rotates back (the backward pass).
+// Rotary embedding in place on rows of nh heads of hd values; inverse rotates back (the backward pass). Row t is
+// at position t / per (per > 1: a batch of token losses, `per` rows per position).
 template <class F>
-void Rope(F* x, int rows, int nh, int hd, const F* cos, const F* sin, bool half, bool inverse) {
+void Rope(F* x, int rows, int nh, int hd, const F* cos, const F* sin, bool half, bool inverse, int per = 1) {
   const int h2 = hd / 2;
   for (int t = 0; t < rows; ++t) {
-    const F* c = cos + int64_t{t} * h2;
-    const F* s = sin + int64_t{t} * h2;
+    const F* c = cos + int64_t{t / per} * h2;
+    const F* s = sin + int64_t{t / per} * h2;
     for (int h = 0; h < nh; ++h) {
       F* v = x + (int64_t{t} * nh + h) * hd;
       for (int i = 0; i < h2; ++i) {
@@ -456,6 +478,75 @@ void Rope(F* x, int rows, int nh, int hd, const F* cos, const F* sin, bool half,
       }
     }
   }
+}
+
+
+// Forward activations of one sequence of T positions (pointers into a Scratch's storage), per layer where stored.
+template <class F>
+struct Fwd {
+  int T = 0, ld = 0;
+  int64_t TD = 0, TF = 0, THD = 0, TKD = 0, TT = 0, KDL = 0;
+  F *x, *x_in, *h1, *r1, *q, *k, *v, *kt, *vt, *att, *oc, *x_mid, *h2, *r2, *a1, *a3;
+};
+
+// The forward pass over positions [0, T): every layer's activations, and in A.x the final residual stream.
+template <class F>
+Fwd<F> Forward(const LlamaShape& s, const LlamaWeights<F>& w, const int32_t* ids, int T, Scratch<F>* S) {
+  const int D = s.dim, Fh = s.hidden, L = s.layers, H = s.heads, KV = s.kv_heads, hd = s.head_dim;
+  const int HD = H * hd, KD = KV * hd, group = H / KV;
+  const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(hd)));
+  Fwd<F> A;
+  A.T = T;
+  A.ld = (T + 15) / 16 * 16;  // head-major rows and attention rows, padded to whole 16-value chunks
+  const int ld = A.ld;
+  const int64_t TD = A.TD = int64_t{T} * D, TF = A.TF = int64_t{T} * Fh, THD = A.THD = int64_t{T} * HD;
+  const int64_t TKD = A.TKD = int64_t{T} * KD, TT = A.TT = int64_t{T} * ld, KDL = A.KDL = int64_t{KD} * ld;
+  F* x = A.x = Sized(&S->x, TD);
+  A.x_in = Sized(&S->x_in, L * TD);
+  A.h1 = Sized(&S->h1, L * TD);
+  A.r1 = Sized(&S->r1, int64_t{L} * T);
+  A.q = Sized(&S->q, L * THD);
+  A.k = Sized(&S->k, L * TKD);
+  A.v = Sized(&S->v, L * TKD);
+  A.kt = Sized(&S->kt, L * KDL);  // k and v head-major: [KV][hd][ld]
+  A.vt = Sized(&S->vt, L * KDL);
+  A.att = Sized(&S->att, L * H * TT);
+  A.oc = Sized(&S->oc, L * THD);
+  A.x_mid = Sized(&S->x_mid, L * TD);
+  A.h2 = Sized(&S->h2, L * TD);
+  A.r2 = Sized(&S->r2, int64_t{L} * T);
+  A.a1 = Sized(&S->a1, L * TF);
+  A.a3 = Sized(&S->a3, L * TF);
+  F* m = Sized(&S->dm, TF);
+  for (int t = 0; t < T; ++t) std::memcpy(x + int64_t{t} * D, w.emb + int64_t{ids[t]} * D, D * sizeof(F));
+  for (int l = 0; l < L; ++l) {
+    const auto& lw = w.layers[l];
+    F *xi = A.x_in + l * TD, *hl = A.h1 + l * TD, *ql = A.q + l * THD, *kl = A.k + l * TKD, *vl = A.v + l * TKD;
+    F *al = A.att + l * H * TT, *ol = A.oc + l * THD;
+    std::memcpy(xi, x, TD * sizeof(F));
+    RmsNorm(x, lw.attn_norm, T, D, s.norm_eps, A.r1 + int64_t{l} * T, hl);
+    Gemm<F>(false, true, T, HD, D, hl, D, lw.wq, D, 0, ql, HD);
+    Gemm<F>(false, true, T, KD, D, hl, D, lw.wk, D, 0, kl, KD);
+    Gemm<F>(false, true, T, KD, D, hl, D, lw.wv, D, 0, vl, KD);
+    Rope(ql, T, H, hd, w.cos, w.sin, s.rope_half, false);
+    Rope(kl, T, KV, hd, w.cos, w.sin, s.rope_half, false);
+    F *ktl = A.kt + l * KDL, *vtl = A.vt + l * KDL;
+    ToHeadMajor(kl, T, KV, hd, ld, ktl);
+    ToHeadMajor(vl, T, KV, hd, ld, vtl);
+    for (int h = 0; h < H; ++h) {
+      const int64_t go = int64_t{h / group} * hd * ld;
+      AttnForward(ql + h * hd, HD, ktl + go, vtl + go, T, ld, hd, scale, al + h * TT, ol + h * hd, HD);
+    }
+    Gemm<F>(false, true, T, D, HD, ol, HD, lw.wo, HD, 1, x, D);
+    F *xm = A.x_mid + l * TD, *h2l = A.h2 + l * TD, *a1l = A.a1 + l * TF, *a3l = A.a3 + l * TF;
+    std::memcpy(xm, x, TD * sizeof(F));
+    RmsNorm(x, lw.ffn_norm, T, D, s.norm_eps, A.r2 + int64_t{l} * T, h2l);
+    Gemm<F>(false, true, T, Fh, D, h2l, D, lw.w1, D, 0, a1l, Fh);
+    Gemm<F>(false, true, T, Fh, D, h2l, D, lw.w3, D, 0, a3l, Fh);
+    SiluMul(a1l, a3l, m, TF);
+    Gemm<F>(false, true, T, D, Fh, m, Fh, lw.w2, Fh, 1, x, D);
+  }
+  return A;
 }
 
 }  // namespace
@@ -471,60 +562,16 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
   const int p0 = response_begin - 1;   // first position in the loss
   const int R = T - p0;                // positions in the loss
   const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(hd)));
-  const int64_t TD = int64_t{T} * D, TF = int64_t{T} * Fh, THD = int64_t{T} * HD, TKD = int64_t{T} * KD;
-  const int ld = (T + 15) / 16 * 16;  // head-major rows and attention rows, padded to whole 16-value chunks
-  const int64_t TT = int64_t{T} * ld, KDL = int64_t{KD} * ld;
-
-  F* x = Sized(&S.x, TD);
-  F* x_in = Sized(&S.x_in, L * TD);
-  F* h1 = Sized(&S.h1, L * TD);
-  F* r1 = Sized(&S.r1, int64_t{L} * T);
-  F* q = Sized(&S.q, L * THD);
-  F* k = Sized(&S.k, L * TKD);
-  F* v = Sized(&S.v, L * TKD);
-  F* kt = Sized(&S.kt, L * KDL);  // k and v head-major: [KV][hd][ld]
-  F* vt = Sized(&S.vt, L * KDL);
-  F* att = Sized(&S.att, L * H * TT);
-  F* oc = Sized(&S.oc, L * THD);
-  F* x_mid = Sized(&S.x_mid, L * TD);
-  F* h2 = Sized(&S.h2, L * TD);
-  F* r2 = Sized(&S.r2, int64_t{L} * T);
-  F* a1 = Sized(&S.a1, L * TF);
-  F* a3 = Sized(&S.a3, L * TF);
+  const Fwd<F> A = Forward(s, w, ids, T, &S);
+  const int ld = A.ld;
+  const int64_t TD = A.TD, TF = A.TF, THD = A.THD, TKD = A.TKD, TT = A.TT, KDL = A.KDL;
+  F *x = A.x, *x_in = A.x_in, *h1 = A.h1, *r1 = A.r1, *q = A.q, *k = A.k, *v = A.v, *kt = A.kt, *vt = A.vt;
+  F *att = A.att, *oc = A.oc, *x_mid = A.x_mid, *h2 = A.h2, *r2 = A.r2, *a1 = A.a1, *a3 = A.a3;
   F* m = Sized(&S.dm, TF);  // silu(a1) a3; the backward's dm reuses it
   F* hf = Sized(&S.hf, int64_t{R} * D);
   F* rf = Sized(&S.rf, R);
   F* logits = Sized(&S.logits, int64_t{R} * V);
 
-  // ---- forward ----
-  for (int t = 0; t < T; ++t) std::memcpy(x + int64_t{t} * D, w.emb + int64_t{ids[t]} * D, D * sizeof(F));
-  for (int l = 0; l < L; ++l) {
-    const auto& lw = w.layers[l];
-    F *xi = x_in + l * TD, *hl = h1 + l * TD, *ql = q + l * THD, *kl = k + l * TKD, *vl = v + l * TKD;
-    F *al = att + l * H * TT, *ol = oc + l * THD;
-    std::memcpy(xi, x, TD * sizeof(F));
-    RmsNorm(x, lw.attn_norm, T, D, s.norm_eps, r1 + int64_t{l} * T, hl);
-    Gemm<F>(false, true, T, HD, D, hl, D, lw.wq, D, 0, ql, HD);
-    Gemm<F>(false, true, T, KD, D, hl, D, lw.wk, D, 0, kl, KD);
-    Gemm<F>(false, true, T, KD, D, hl, D, lw.wv, D, 0, vl, KD);
-    Rope(ql, T, H, hd, w.cos, w.sin, s.rope_half, false);
-    Rope(kl, T, KV, hd, w.cos, w.sin, s.rope_half, false);
-    F *ktl = kt + l * KDL, *vtl = vt + l * KDL;
-    ToHeadMajor(kl, T, KV, hd, ld, ktl);
-    ToHeadMajor(vl, T, KV, hd, ld, vtl);
-    for (int h = 0; h < H; ++h) {
-      const int64_t go = int64_t{h / group} * hd * ld;
-      AttnForward(ql + h * hd, HD, ktl + go, vtl + go, T, ld, hd, scale, al + h * TT, ol + h * hd, HD);
-    }
-    Gemm<F>(false, true, T, D, HD, ol, HD, lw.wo, HD, 1, x, D);
-    F *xm = x_mid + l * TD, *h2l = h2 + l * TD, *a1l = a1 + l * TF, *a3l = a3 + l * TF;
-    std::memcpy(xm, x, TD * sizeof(F));
-    RmsNorm(x, lw.ffn_norm, T, D, s.norm_eps, r2 + int64_t{l} * T, h2l);
-    Gemm<F>(false, true, T, Fh, D, h2l, D, lw.w1, D, 0, a1l, Fh);
-    Gemm<F>(false, true, T, Fh, D, h2l, D, lw.w3, D, 0, a3l, Fh);
-    SiluMul(a1l, a3l, m, TF);
-    Gemm<F>(false, true, T, D, Fh, m, Fh, lw.w2, Fh, 1, x, D);
-  }
   const F* xf = x + int64_t{p0} * D;
   RmsNorm(xf, w.final_norm, R, D, s.norm_eps, rf, hf);
   Gemm<F>(false, true, R, V, D, hf, D, w.head, D, 0, logits, V);
@@ -590,8 +637,8 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
     std::fill(dvt, dvt + KDL, F(0));
     for (int h = 0; h < H; ++h) {
       const int64_t go = int64_t{h / group} * hd * ld;
-      AttnBackward(ql + h * hd, HD, ktl + go, vtl + go, al + h * TT, doc + h * hd, HD, T, ld, hd, scale, dq + h * hd,
-                   dkt + go, dvt + go, ds);
+      AttnBackward(ql + h * hd, HD, ktl + go, vtl + go, al + h * TT, doc + h * hd, HD, 0, T, ld, hd, scale,
+                   dq + h * hd, HD, dkt + go, dvt + go, ds);
     }
     FromHeadMajor(dkt, T, KV, hd, ld, dk);
     FromHeadMajor(dvt, T, KV, hd, ld, dv);
@@ -615,6 +662,170 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
   }
   return loss;
 }
+
+template <class F>
+struct LlamaTokenPass<F>::State {
+  LlamaShape s;
+  LlamaWeights<F> w;
+  std::vector<int32_t> ids;
+  Scratch<F> storage;  // the forward activations
+  Fwd<F> A;
+  std::vector<F> rf, hf;  // the final norm's rsqrt and output at every position
+};
+
+template <class F>
+LlamaTokenPass<F>::LlamaTokenPass(const LlamaShape& s, const LlamaWeights<F>& w, const int32_t* ids, int n)
+    : st_(std::make_unique<State>()) {
+  FlushDenormals ftz;
+  State& st = *st_;
+  st.s = s;
+  st.w = w;
+  st.ids.assign(ids, ids + n);
+  st.A = Forward(s, w, st.ids.data(), n - 1, &st.storage);
+  st.rf.resize(n - 1);
+  st.hf.resize(static_cast<size_t>(n - 1) * s.dim);
+  RmsNorm(st.A.x, w.final_norm, n - 1, s.dim, s.norm_eps, st.rf.data(), st.hf.data());
+}
+
+template <class F>
+LlamaTokenPass<F>::~LlamaTokenPass() = default;
+
+template <class F>
+void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g) const {
+  FlushDenormals ftz;
+  const State& st = *st_;
+  const LlamaShape& s = st.s;
+  const LlamaWeights<F>& w = st.w;
+  const Fwd<F>& A = st.A;
+  const int32_t* ids = st.ids.data();
+  const int D = s.dim, Fh = s.hidden, L = s.layers, H = s.heads, KV = s.kv_heads, hd = s.head_dim, V = s.vocab;
+  const int HD = H * hd, KD = KV * hd, group = H / KV;
+  const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(hd)));
+  // Token s0 + b's loss sits at position p0 + b; rows [0, P) cover every position any of them sees. Row t * c + b
+  // holds loss b's gradient at position t (zero past p0 + b, where causality keeps it).
+  const int c = s1 - s0, p0 = s0 - 1, P = s1 - 1;
+  const int ld = A.ld;
+  const int64_t PC = int64_t{P} * c, TD = A.TD, TF = A.TF, THD = A.THD, TKD = A.TKD, TT = A.TT, KDL = A.KDL;
+  Scratch<F>& S = ThreadScratch<F>();  // temporaries only
+  F* logits = Sized(&S.logits, int64_t{c} * V);
+  F* dhf = Sized(&S.dhf, int64_t{c} * D);
+  F* dx = Sized(&S.dx, PC * D);
+  F* dh = Sized(&S.dh, PC * D);
+  F* m = Sized(&S.hf, int64_t{P} * Fh);
+  F* dm = Sized(&S.dm, PC * Fh);
+  F* da3 = Sized(&S.da3, PC * Fh);
+  F* doc = Sized(&S.doc, PC * HD);
+  F* dq = Sized(&S.dq, PC * HD);
+  F* dk = Sized(&S.dk, PC * KD);
+  F* dv = Sized(&S.dv, PC * KD);
+  F* dkt = Sized(&S.dkt, c * KDL);
+  F* dvt = Sized(&S.dvt, c * KDL);
+  F* ds = Sized(&S.ds, ld);
+  const F* hf = st.hf.data() + int64_t{p0} * D;
+  // head: one loss per token, weight 1
+  Gemm<F>(false, true, c, V, D, hf, D, w.head, D, 0, logits, V);
+  for (int b = 0; b < c; ++b) {
+    F* row = logits + int64_t{b} * V;
+    F mx = row[0];
+    for (int j = 1; j < V; ++j) mx = std::max(mx, row[j]);
+    const F inv = static_cast<F>(1.0 / ExpShiftSum(row, mx, row, V));
+    for (int j = 0; j < V; ++j) row[j] *= inv;
+    row[ids[s0 + b]] -= 1;
+  }
+  Gemm<F>(false, false, c, D, V, logits, V, w.head, D, 0, dhf, D);
+  if (g.head) {
+    for (int b = 0; b < c; ++b) {  // rank one: dlogits_b^T hf_b
+      Gemm<F>(true, false, V, D, 1, logits + int64_t{b} * V, V, hf + int64_t{b} * D, D, 0,
+              g.head + int64_t{b} * V * D, D);
+    }
+  }
+  std::fill(dx, dx + PC * D, F(0));
+  for (int b = 0; b < c; ++b) {
+    const int p = p0 + b;
+    RmsNormBack(A.x + int64_t{p} * D, st.rf.data() + p, w.final_norm, dhf + int64_t{b} * D, 1, D,
+                dx + (int64_t{p} * c + b) * D);
+  }
+  // Per row (t, b): dx += d norm(x_t)/dx^T dy_(t, b).
+  auto norm_back = [&](const F* x, const F* r, const F* gain, const F* dy) {
+    for (int t = 0; t < P; ++t) {
+      for (int b = 0; b < c; ++b) {
+        const int64_t row = int64_t{t} * c + b;
+        RmsNormBack(x + int64_t{t} * D, r + t, gain, dy + row * D, 1, D, dx + row * D);
+      }
+    }
+  };
+  for (int l = L - 1; l >= 0; --l) {
+    const auto& lw = w.layers[l];
+    const auto* gl = l < static_cast<int>(g.layers.size()) ? &g.layers[l] : nullptr;
+    const F *xi = A.x_in + l * TD, *hl = A.h1 + l * TD, *ql = A.q + l * THD;
+    const F *ktl = A.kt + l * KDL, *vtl = A.vt + l * KDL, *al = A.att + l * H * TT, *ol = A.oc + l * THD;
+    const F *xm = A.x_mid + l * TD, *h2l = A.h2 + l * TD, *a1l = A.a1 + l * TF, *a3l = A.a3 + l * TF;
+    // feed-forward; a token's weight gradient: dy_b^T x over positions, all tokens in one product
+    if (gl && gl->w2) {
+      SiluMul(a1l, a3l, m, int64_t{P} * Fh);
+      Gemm<F>(true, false, c * D, Fh, P, dx, c * D, m, Fh, 0, gl->w2, Fh);
+    }
+    Gemm<F>(false, false, static_cast<int>(PC), Fh, D, dx, D, lw.w2, Fh, 0, dm, Fh);
+    for (int t = 0; t < P; ++t) {
+      const int64_t row = int64_t{t} * c * Fh;
+      SiluMulBackRows(a1l + int64_t{t} * Fh, a3l + int64_t{t} * Fh, dm + row, da3 + row, c, Fh);
+    }
+    if (gl && gl->w1) Gemm<F>(true, false, c * Fh, D, P, dm, c * Fh, h2l, D, 0, gl->w1, D);
+    if (gl && gl->w3) Gemm<F>(true, false, c * Fh, D, P, da3, c * Fh, h2l, D, 0, gl->w3, D);
+    Gemm<F>(false, false, static_cast<int>(PC), D, Fh, dm, Fh, lw.w1, D, 0, dh, D);
+    Gemm<F>(false, false, static_cast<int>(PC), D, Fh, da3, Fh, lw.w3, D, 1, dh, D);
+    norm_back(xm, A.r2 + int64_t{l} * A.T, lw.ffn_norm, dh);
+    // attention
+    if (gl && gl->wo) Gemm<F>(true, false, c * D, HD, P, dx, c * D, ol, HD, 0, gl->wo, HD);
+    Gemm<F>(false, false, static_cast<int>(PC), HD, D, dx, D, lw.wo, HD, 0, doc, HD);
+    std::fill(dq, dq + PC * HD, F(0));
+    std::fill(dkt, dkt + c * KDL, F(0));
+    std::fill(dvt, dvt + c * KDL, F(0));
+    for (int b = 0; b < c; ++b) {
+      for (int h = 0; h < H; ++h) {
+        const int64_t go = int64_t{h / group} * hd * ld;
+        // Above the last attention a loss reaches its own position only: in the top layer only that query row
+        // has an output gradient.
+        AttnBackward(ql + h * hd, HD, ktl + go, vtl + go, al + h * TT, doc + int64_t{b} * HD + h * hd, c * HD,
+                     l == L - 1 ? p0 + b : 0, p0 + b + 1, ld, hd, scale, dq + int64_t{b} * HD + h * hd, c * HD,
+                     dkt + b * KDL + go, dvt + b * KDL + go, ds);
+      }
+    }
+    for (int t = 0; t < P; ++t) {
+      for (int b = 0; b < c; ++b) {
+        F* rk = dk + (int64_t{t} * c + b) * KD;
+        F* rv = dv + (int64_t{t} * c + b) * KD;
+        for (int col = 0; col < KD; ++col) {
+          rk[col] = dkt[b * KDL + int64_t{col} * ld + t];
+          rv[col] = dvt[b * KDL + int64_t{col} * ld + t];
+        }
+      }
+    }
+    Rope(dq, static_cast<int>(PC), H, hd, w.cos, w.sin, s.rope_half, true, c);
+    Rope(dk, static_cast<int>(PC), KV, hd, w.cos, w.sin, s.rope_half, true, c);
+    if (gl && gl->wq) Gemm<F>(true, false, c * HD, D, P, dq, c * HD, hl, D, 0, gl->wq, D);
+    if (gl && gl->wk) Gemm<F>(true, false, c * KD, D, P, dk, c * KD, hl, D, 0, gl->wk, D);
+    if (gl && gl->wv) Gemm<F>(true, false, c * KD, D, P, dv, c * KD, hl, D, 0, gl->wv, D);
+    Gemm<F>(false, false, static_cast<int>(PC), D, HD, dq, HD, lw.wq, D, 0, dh, D);
+    Gemm<F>(false, false, static_cast<int>(PC), D, KD, dk, KD, lw.wk, D, 1, dh, D);
+    Gemm<F>(false, false, static_cast<int>(PC), D, KD, dv, KD, lw.wv, D, 1, dh, D);
+    norm_back(xi, A.r1 + int64_t{l} * A.T, lw.attn_norm, dh);
+  }
+  if (g.emb) {
+    const int64_t VD = int64_t{V} * D;
+    if (g.emb != g.head) std::fill(g.emb, g.emb + c * VD, F(0));
+    for (int b = 0; b < c; ++b) {
+      for (int t = 0; t <= p0 + b; ++t) {
+        F* e = g.emb + b * VD + int64_t{ids[t]} * D;
+        const F* d = dx + (int64_t{t} * c + b) * D;
+        for (int j = 0; j < D; ++j) e[j] += d[j];
+      }
+    }
+  }
+}
+
+template class LlamaTokenPass<float>;
+template class LlamaTokenPass<double>;
 
 template double LlamaLossGradient<float>(const LlamaShape&, const LlamaWeights<float>&, const int32_t*, int, int,
                                          const double*, const LlamaGrads<float>&);

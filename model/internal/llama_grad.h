@@ -7,6 +7,7 @@
 #define RAPIDIN_MODEL_INTERNAL_LLAMA_GRAD_H_
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace rapidin::model::internal {
@@ -50,6 +51,26 @@ struct LlamaGrads {
 template <class F>
 double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const int32_t* ids, int n,
                          int response_begin, const double* loss_weights, const LlamaGrads<F>& grads);
+
+// Per-token gradients (token-wise attribution): one forward pass over the sequence, then for any range of tokens
+// the gradient of each single-token loss l_s = -log p(ids[s] | ids[<s]) with respect to the wanted matrices. A
+// range's losses share one backward pass with their rows interleaved (position-major), so each linear layer's input
+// gradient is one matrix product for all of them and their per-token weight gradients another.
+template <class F>
+class LlamaTokenPass {
+ public:
+  // Runs the forward pass over ids[0, n). Requires 2 <= n <= seq_len and ids in [0, vocab).
+  LlamaTokenPass(const LlamaShape& s, const LlamaWeights<F>& w, const int32_t* ids, int n);
+  ~LlamaTokenPass();
+  // Gradients of l_s for s in [s0, s1), 1 <= s0 < s1 <= n: each wanted matrix's buffer receives s1 - s0 blocks of
+  // its size, token by token (overwritten; head == emb for a tied output sums both uses in one block). Thread-safe:
+  // concurrent calls share the forward pass read-only.
+  void Backward(int s0, int s1, const LlamaGrads<F>& grads) const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> st_;
+};
 
 }  // namespace rapidin::model::internal
 
