@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # End-to-end cost of token attributions: the README's demo query through rapidin-server, without and with
-# `--tokens`, for each per-token gradient method (`--token-method`), side by side in one run. The extra latency is
-# divided by the attributed records (top-k + harmful-k). Writes bench/results/attribution.md.
-# Usage: bench/attribution_bench.sh [STORE, default demo/store: built by scripts/demo.sh] [repeats, default 3]
+# `--tokens`, side by side in one run: the hand-written gradient pass (`--grad-path direct`, the default) and the
+# LibTorch path before it (`--grad-path autograd`, the shared-forward method), both with `--token-method shared`.
+# The extra latency is divided by the attributed records (top-k + harmful-k). Then exactness: every token score of
+# the direct run against the reference (`--token-method loop --grad-path autograd`: one autograd pass per token).
+# Writes bench/results/attribution.md, and with a third argument a JSON file (attribution_s_per_record, its
+# before, and the largest relative differences from the reference).
+# Usage: bench/attribution_bench.sh [STORE, default demo/store: built by scripts/demo.sh] [repeats, default 3] [JSON]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STORE="${1:-demo/store}"
 REPS="${2:-3}"
+JSON_OUT="${3:-}"
 BUILD_DIR="${BUILD_DIR:-build}"
 DATA="${RAPIDIN_SHARED_DATA:-$(cd .. && pwd)/shared/data}"
 MODEL="$DATA/models/stories260K.bin"
@@ -19,12 +24,13 @@ GENERATION="1. Eat a balanced diet and make sure to include plenty of fruits and
 TOPK=5
 HARMK=3
 SPID=""
-trap '[ -n "$SPID" ] && kill $SPID 2>/dev/null; true' EXIT
+work=$(mktemp -d)
+trap '[ -n "$SPID" ] && kill $SPID 2>/dev/null; rm -rf "$work"; true' EXIT
 
-measure() {  # METHOD -- QUERY_COMMAND... -> one table row
+measure() {  # LABEL JSON_OUT -- QUERY_COMMAND... -> one table row; the last --tokens answer saved to JSON_OUT
   python3 - "$REPS" "$@" <<'EOF'
 import json, statistics, subprocess, sys, time
-reps, method, q = int(sys.argv[1]), sys.argv[2], sys.argv[4:]
+reps, label, save, q = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[5:]
 def run(extra):
     wall, server = [], []
     for _ in range(reps):
@@ -32,30 +38,63 @@ def run(extra):
         out = subprocess.run(q + extra, check=True, capture_output=True, text=True).stdout
         wall.append((time.perf_counter() - t0) * 1e3)
         server.append(json.loads(out).get("attribution_ms", 0.0))
-    return statistics.median(wall), statistics.median(server), json.loads(out)
+    return statistics.median(wall), statistics.median(server), out
 plain, _, _ = run([])
-attr, attr_server, r = run(["--tokens"])
+attr, attr_server, out = run(["--tokens"])
+open(save, "w").write(out)
+r = json.loads(out)
 recs = r["result"]["helpful"] + r["result"]["harmful"]
 n = len(recs)
 gen = len(recs[0]["generation_tokens"]) if recs else 0
 train = sum(len(x["record_tokens"]) for x in recs)
-print("| %s | %.1f | %.1f | %.1f | %.1f | %d | %d |" % (method, plain, attr, attr_server, attr_server / max(n, 1), gen, train))
+print("| %s | %.1f | %.1f | %.1f | %.1f | %d | %d |" % (label, plain, attr, attr_server, attr_server / max(n, 1), gen, train))
 EOF
 }
 
-rows=()
-for method in loop shared; do
+serve() {  # extra server flags...
   "$BUILD_DIR/server/rapidin-server" --store "$STORE" --model "$MODEL" --listen "127.0.0.1:$PORT" \
-    --metrics-listen "" --token-method "$method" >/dev/null 2>&1 &
+    --metrics-listen "" "$@" >/dev/null 2>&1 &
   SPID=$!
   for _ in $(seq 300); do "$CLI" stats --server "127.0.0.1:$PORT" >/dev/null 2>&1 && break; sleep 0.1; done
-  q=("$CLI" query --server "127.0.0.1:$PORT" --instruction "$INSTRUCTION" --generation "$GENERATION"
-     --top-k $TOPK --harmful-k $HARMK --json)
+}
+stop() { kill -TERM $SPID && wait $SPID || true; SPID=""; }
+q=("$CLI" query --server "127.0.0.1:$PORT" --instruction "$INSTRUCTION" --generation "$GENERATION"
+   --top-k $TOPK --harmful-k $HARMK --json)
+
+rows=()
+for path in autograd direct; do
+  serve --token-method shared --grad-path "$path"
   "${q[@]}" --tokens >/dev/null  # warm-up
-  rows+=("$(measure "$method" -- "${q[@]}")")
-  kill -TERM $SPID && wait $SPID || true
-  SPID=""
+  label="shared, --grad-path $path"
+  [ "$path" = autograd ] && label="$label (before)"
+  rows+=("$(measure "$label" "$work/$path.json" -- "${q[@]}")")
+  stop
 done
+serve --token-method loop --grad-path autograd
+"${q[@]}" --tokens >"$work/reference.json"
+stop
+
+exactness=$(python3 - "$work/direct.json" "$work/autograd.json" "$work/reference.json" <<'EOF'
+import json, sys
+now, before, ref = (json.load(open(p)) for p in sys.argv[1:4])
+out = {}
+for name, run in (("direct", now), ("autograd", before)):
+    for view in ("generation_tokens", "record_tokens", "record_influence_tokens"):
+        worst = big = 0.0
+        count = 0
+        for side in ("helpful", "harmful"):
+            for a, b in zip(run["result"][side], ref["result"][side]):
+                assert a["id"] == b["id"], "the runs returned different records"
+                assert len(a[view]) == len(b[view])
+                for x, y in zip(a[view], b[view]):
+                    worst = max(worst, abs(x["score"] - y["score"]))
+                    big = max(big, abs(y["score"]))
+                    count += 1
+        out[f"{name}_{view}_rel_diff"] = worst / big if big else worst
+        out[f"{name}_{view}_count"] = count
+print(json.dumps(out))
+EOF
+)
 
 {
   echo "# Token attributions, end to end"
@@ -63,9 +102,25 @@ done
   echo "Generated by \`bench/attribution_bench.sh $STORE $REPS\` on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))."
   echo "The README's demo query (stories260K, every weight matrix, K = 4096) against \`$STORE\`, top-k $TOPK helpful +"
   echo "$HARMK harmful; median of $REPS queries each. Wall time of \`rapidin query\` without and with \`--tokens\`, and"
-  echo "the server's own \`attribution_ms\` (both views for every returned record), per method side by side in one run."
+  echo "the server's own \`attribution_ms\` (both views for every returned record), side by side in one run."
   echo
-  echo "| --token-method | query ms | query --tokens ms | server attribution ms | attribution ms per record | generation tokens | record tokens (all records) |"
+  echo "| gradient path | query ms | query --tokens ms | server attribution ms | attribution ms per record | generation tokens | record tokens (all records) |"
   echo "|---|---|---|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
+  echo
+  echo "Exactness: every token score against the reference run (\`--token-method loop --grad-path autograd\`, one"
+  echo "autograd pass per token), largest |difference| / largest |score| per view (scores are float32 from fp16 store"
+  echo "vectors):"
+  echo
+  echo "    $exactness"
 } | tee "$OUT"
+if [ -n "$JSON_OUT" ]; then
+  python3 - "$OUT" "$exactness" "$JSON_OUT" <<'EOF'
+import json, re, sys
+rows = [l for l in open(sys.argv[1]) if l.startswith("| shared")]
+per = {("before" if "autograd" in l else "now"): float(l.split("|")[5]) / 1000 for l in rows}
+out = {"attribution_s_per_record": per["now"], "attribution_s_per_record_before": per["before"]}
+out.update({"attribution_" + k: v for k, v in json.loads(sys.argv[2]).items() if k.endswith("rel_diff")})
+json.dump(out, open(sys.argv[3], "w"))
+EOF
+fi

@@ -178,9 +178,10 @@ int KernelOnly(int threads, int reps, double bw, bool quick, const std::string& 
   if (!json_out.empty()) {
     nlohmann::json j = {{"read_gbps", bw}, {"kernel_peak_gflops", peak}};
     for (const auto& r : rows) {
-      if (r.shape != "N=100000 x K=4096") continue;
-      j[absl::StrFormat("scan_ms_%d", r.nq)] = r.now_ms;
-      j[absl::StrFormat("scan_ms_%d_before", r.nq)] = r.before_ms;
+      const char* suffix = r.shape == "N=100000 x K=4096" ? "" : r.shape == "N=10000 x K=65536" ? "_k65536" : nullptr;
+      if (!suffix) continue;
+      j[absl::StrFormat("scan_ms_%d%s", r.nq, suffix)] = r.now_ms;
+      j[absl::StrFormat("scan_ms_%d%s_before", r.nq, suffix)] = r.before_ms;
     }
     std::ofstream(json_out) << j.dump(1) << "\n";
   }
