@@ -1,6 +1,7 @@
 // Token-wise gradients on stories260K: the reference (one forward and one autograd backward pass per token),
-// batched copies of the prefixes, and the shared-forward hand-written backward, for the response tokens of a real
-// Alpaca-style record. Every run is checked against the reference (largest absolute difference printed).
+// batched copies of the prefixes, the shared-forward hand-written backward in LibTorch (these three with
+// grad_path "autograd"), and the direct pass (grad_path "direct": model/internal/llama_grad.h), for the response
+// tokens of a real Alpaca-style record. Every run is checked against the reference (largest absolute difference).
 // Usage: token_bench MODEL_DIR_OR_BIN [--quick] [--params REGEX] [--lora RANK] [--only ROW]
 #include <malloc.h>
 
@@ -40,10 +41,18 @@ int main(int argc, char** argv) {
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
   mallopt(M_TOP_PAD, 1 << 30);
   o.tokenizer_path = o.model_path.substr(0, o.model_path.find_last_of('/') + 1) + "tok512.bin";
+  o.grad_path = "autograd";
   auto e = rapidin::model::GradientEngine::Load(o);
-  if (!e.ok()) {
-    std::fprintf(stderr, "%s\n", e.status().ToString().c_str());
+  o.grad_path = "direct";
+  auto ed = rapidin::model::GradientEngine::Load(o);
+  if (!e.ok() || !ed.ok()) {
+    std::fprintf(stderr, "%s %s\n", e.status().ToString().c_str(), ed.status().ToString().c_str());
     return 1;
+  }
+  if (lora > 0) {  // the direct pass does not apply to adapters: its rows fall back to autograd (and say so)
+    rapidin::model::LoraConfig lc;
+    lc.rank = lora;
+    if (!rapidin::model::AddLora(ed->get(), lc).ok()) return 1;
   }
   if (lora > 0) {
     rapidin::model::LoraConfig lc;
@@ -56,6 +65,7 @@ int main(int argc, char** argv) {
       for (int64_t i = 0; i < (*e)->params()[p].numel; ++i) {
         const double d = 0.01 * (std::rand() / double(RAND_MAX) - 0.5);
         (void)rapidin::model::testing::Perturb(e->get(), static_cast<int>(p), i, d);
+        (void)rapidin::model::testing::Perturb(ed->get(), static_cast<int>(p), i, d);
       }
     }
   }
@@ -68,28 +78,36 @@ int main(int argc, char** argv) {
   std::printf("parameters: %s, %lld values per token gradient\n\n",
               lora ? "LoRA matrices" : (o.param_pattern.empty() ? "every weight matrix" : o.param_pattern.c_str()),
               static_cast<long long>((*e)->grad_dim()));
-  std::printf("| method | tokens per pass | threads | record tokens | response tokens | ms total | ms per token | "
-              "speed-up | max abs diff vs reference |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("| method | gradient path | tokens per pass | threads | record tokens | response tokens | ms total | "
+              "ms per token | speed-up | max abs diff vs reference |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
   const char* names[] = {"loop (reference)", "batched copies", "shared forward"};
   double base = 0;
   std::vector<std::vector<double>> ref;
-  const std::vector<std::tuple<TokenGradMethod, int, int>> configs = {
-      {TokenGradMethod::kLoop, 1, 1},    {TokenGradMethod::kCopies, 16, 1}, {TokenGradMethod::kShared, 4, 1},
-      {TokenGradMethod::kShared, 8, 1},  {TokenGradMethod::kShared, 16, 1}, {TokenGradMethod::kShared, 32, 1},
-      {TokenGradMethod::kLoop, 1, 2},    {TokenGradMethod::kShared, 8, 2}};
+  struct Config {
+    bool direct;
+    TokenGradMethod method;
+    int chunk, threads;
+  };
+  const std::vector<Config> configs = {
+      {false, TokenGradMethod::kLoop, 1, 1},   {false, TokenGradMethod::kCopies, 16, 1},
+      {false, TokenGradMethod::kShared, 8, 1}, {false, TokenGradMethod::kShared, 16, 1},
+      {true, TokenGradMethod::kShared, 4, 1},  {true, TokenGradMethod::kShared, 8, 1},
+      {true, TokenGradMethod::kShared, 16, 1}, {false, TokenGradMethod::kLoop, 1, 2},
+      {false, TokenGradMethod::kShared, 8, 2}, {true, TokenGradMethod::kShared, 8, 2}};
   for (size_t row = 0; row < configs.size(); ++row) {
     if (only >= 0 && static_cast<int>(row) != only) continue;
-    const auto& [method, chunk, threads] = configs[row];
+    const Config& cf = configs[row];
+    const rapidin::model::GradientEngine& eng = cf.direct ? **ed : **e;
     std::vector<double> times;
     std::vector<std::vector<double>> g;
     for (int r = 0; r < (quick ? 1 : 3); ++r) {
       rapidin::model::TokenGradOptions to;
-      to.method = method;
-      to.chunk = chunk;
-      to.threads = threads;
+      to.method = cf.method;
+      to.chunk = cf.chunk;
+      to.threads = cf.threads;
       const auto t0 = std::chrono::steady_clock::now();
-      const auto st = (*e)->TokenGradientsIds(t->ids, t->response_begin, to, &g);
+      const auto st = eng.TokenGradientsIds(t->ids, t->response_begin, to, &g);
       times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       if (!st.ok()) {
         std::fprintf(stderr, "%s\n", st.ToString().c_str());
@@ -103,8 +121,9 @@ int main(int argc, char** argv) {
     }
     const double s = rapidin::bench::Median(times);
     if (base == 0) base = s;
-    std::printf("| %s | %d | %d | %zu | %d | %.1f | %.2f | %.2fx | %.1e |\n", names[static_cast<int>(method)], chunk,
-                threads, t->ids.size(), n, s * 1e3, s * 1e3 / n, base / s, diff);
+    std::printf("| %s | %s | %d | %d | %zu | %d | %.1f | %.2f | %.2fx | %.1e |\n",
+                cf.direct ? "direct pass" : names[static_cast<int>(cf.method)], eng.grad_path().c_str(), cf.chunk,
+                cf.threads, t->ids.size(), n, s * 1e3, s * 1e3 / n, base / s, diff);
   }
   return 0;
 }

@@ -10,7 +10,7 @@
 // Records longer than max_length are truncated at the end (counted in GradInfo::truncated).
 //
 // Thread-safety: Gradient, Loss, Tokenize, MeanNll and TokenGradientsIds may run concurrently (autograd::grad,
-// no shared .grad; the hand-written per-token backward only reads the weights).
+// no shared .grad; the hand-written passes only read the weights and keep their scratch per thread).
 #ifndef RAPIDIN_MODEL_ENGINE_H_
 #define RAPIDIN_MODEL_ENGINE_H_
 
@@ -89,7 +89,7 @@ enum class TokenGradMethod {
 };
 
 struct TokenGradOptions {
-  TokenGradMethod method = TokenGradMethod::kShared;
+  TokenGradMethod method = TokenGradMethod::kShared;  // under grad_path "direct": the direct pass's token form
   int chunk = 16;         // tokens per backward pass (kCopies, kShared)
   int threads = 1;        // chunks are spread over this many threads
   bool normalize = true;  // layer-wise unit L2 norm, per token

@@ -73,7 +73,11 @@ inline float ExpF(float x) {
 }
 
 // The element-wise loops, cloned for AVX-512 and AVX2 (chosen at load time) with a baseline fallback.
+#if defined(__x86_64__)
 #define RAPIDIN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RAPIDIN_CLONES
+#endif
 
 // p[j] = e^(x[j] - shift); returns the sum (in double).
 RAPIDIN_CLONES double ExpShiftSum(const float* x, float shift, float* p, int n) {
@@ -420,6 +424,21 @@ Scratch<F>& ThreadScratch() {
   return s;
 }
 
+// A thread keeps its scratch between calls only while it is small: a server has many handler threads, and a large
+// model's attention probabilities alone are layers x heads x T^2 values.
+template <class F>
+void TrimScratch(Scratch<F>* S) {
+  constexpr size_t kKeepBytes = size_t{256} << 20;
+  std::vector<F>* all[] = {&S->x,  &S->x_in,   &S->h1,  &S->r1, &S->q,  &S->k,      &S->v,   &S->kt, &S->vt,
+                           &S->att, &S->oc,    &S->x_mid, &S->h2, &S->r2, &S->a1,   &S->a3,  &S->hf, &S->rf,
+                           &S->logits, &S->dhf, &S->dx, &S->dh, &S->dm, &S->da3,   &S->doc, &S->dq, &S->dk,
+                           &S->dv, &S->dkt,    &S->dvt, &S->ds};
+  size_t bytes = 0;
+  for (auto* v : all) bytes += v->capacity() * sizeof(F);
+  if (bytes <= kKeepBytes) return;
+  for (auto* v : all) std::vector<F>().swap(*v);
+}
+
 // n values of v, 64-byte aligned (whole AVX-512 vectors per padded row).
 template <class F>
 F* Sized(std::vector<F>* v, int64_t n) {
@@ -660,6 +679,7 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
       for (int j = 0; j < D; ++j) e[j] += d[j];
     }
   }
+  TrimScratch(&S);
   return loss;
 }
 
@@ -822,6 +842,7 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g) const {
       }
     }
   }
+  TrimScratch(&S);
 }
 
 template class LlamaTokenPass<float>;
