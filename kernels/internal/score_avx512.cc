@@ -55,6 +55,69 @@ constexpr int kPairRows = 6;
 const PairFn kPairFull[kQ / 2 + 1] = {nullptr, &PairChunk<6, 1>, &PairChunk<6, 2>, &PairChunk<6, 3>, &PairChunk<6, 4>};
 const PairFn kPairOne[kQ / 2 + 1] = {nullptr, &PairChunk<1, 1>, &PairChunk<1, 2>, &PairChunk<1, 3>, &PairChunk<1, 4>};
 
+// The two loop orders, for tiles of kTileRows rows x up to kQ query vectors. tile(full, qb, j0, rows, c0, c1, acc)
+// adds columns [c0, c1) of a full tile (or of one row) against query vectors [j0, j0 + qb) into acc, laid out
+// [row][query] with qb queries per row.
+template <int kTileRows, class Tile>
+void WideScore(const uint16_t* store, int64_t n, int64_t k, const float* queries, int q, float* out, const Tile& tile) {
+  const int nblocks = (q + kQ - 1) / kQ;
+  const int64_t k8 = k & ~int64_t{7};
+  auto block = [&](int b, int* j0, int* qb) {
+    *j0 = b * kQ;
+    *qb = q - *j0 < kQ ? q - *j0 : kQ;
+  };
+  if (static_cast<int64_t>(q) * k * 4 <= (int64_t{1} << 20)) {
+    // Rows outermost. buf: block b's kTileRows x qb accumulators at kTileRows * j0 (rows x qb for a short tile).
+    constexpr int64_t kChunk = 2048;
+    std::vector<__m256> buf(static_cast<size_t>(kTileRows) * q), acc(static_cast<size_t>(kTileRows) * q);
+    for (int64_t r = 0; r < n; r += kTileRows) {
+      const int rows = n - r < kTileRows ? static_cast<int>(n - r) : kTileRows;
+      std::fill(buf.begin(), buf.end(), _mm256_setzero_ps());
+      for (int64_t c0 = 0; c0 < k8; c0 += kChunk) {
+        const int64_t c1 = std::min(c0 + kChunk, k8);
+        for (int b = 0; b < nblocks; ++b) {
+          int j0, qb;
+          block(b, &j0, &qb);
+          if (rows == kTileRows) {
+            tile(true, qb, j0, store + r * k, c0, c1, &buf[static_cast<size_t>(kTileRows) * j0]);
+          } else {
+            for (int i = 0; i < rows; ++i) tile(false, qb, j0, store + (r + i) * k, c0, c1, &buf[rows * j0 + i * qb]);
+          }
+        }
+      }
+      for (int b = 0; b < nblocks; ++b) {
+        int j0, qb;
+        block(b, &j0, &qb);
+        for (int i = 0; i < rows; ++i)
+          for (int j = 0; j < qb; ++j) acc[static_cast<size_t>(i) * q + j0 + j] = buf[rows * j0 + i * qb + j];
+      }
+      Finish(store, r, r + rows, k, k8, queries, q, acc.data(), out);
+    }
+    return;
+  }
+  // Chunk outermost: 8 query vectors x 1024 floats = 32 KiB of queries stay in L1 while the rows stream past.
+  constexpr int64_t kChunk = 1024;
+  std::vector<__m256> acc(static_cast<size_t>(n) * q, _mm256_setzero_ps());
+  for (int64_t c0 = 0; c0 < k8; c0 += kChunk) {
+    const int64_t c1 = std::min(c0 + kChunk, k8);
+    for (int b = 0; b < nblocks; ++b) {
+      int j0, qb;
+      block(b, &j0, &qb);
+      int64_t r = 0;
+      __m256 t[kTileRows * kQ];
+      for (; r + kTileRows <= n; r += kTileRows) {
+        for (int i = 0; i < kTileRows; ++i)
+          for (int j = 0; j < qb; ++j) t[i * qb + j] = acc[(r + i) * q + j0 + j];
+        tile(true, qb, j0, store + r * k, c0, c1, t);
+        for (int i = 0; i < kTileRows; ++i)
+          for (int j = 0; j < qb; ++j) acc[(r + i) * q + j0 + j] = t[i * qb + j];
+      }
+      for (; r < n; ++r) tile(false, qb, j0, store + r * k, c0, c1, &acc[r * q + j0]);
+    }
+  }
+  Finish(store, 0, n, k, k8, queries, q, acc.data(), out);
+}
+
 }  // namespace
 
 void PackPairs(const float* queries, int q, int64_t k, float* packed) {
@@ -68,70 +131,6 @@ void PackPairs(const float* queries, int q, int64_t k, float* packed) {
   }
 }
 
-void ScoreF16Pairs(const uint16_t* store, int64_t n, int64_t k, const float* queries, const float* packed, int q,
-                   float* out) {
-  const int nblocks = (q + kQ - 1) / kQ;
-  const int64_t k8 = k & ~int64_t{7}, G = k / 8;
-  auto block = [&](int b, int* j0, int* qb) {
-    *j0 = b * kQ;
-    *qb = q - *j0 < kQ ? q - *j0 : kQ;
-  };
-  if (static_cast<int64_t>(q) * k * 4 <= (int64_t{1} << 20)) {
-    // Rows outermost, as ScoreF16Avx2Wide.
-    constexpr int64_t kChunk = 2048;
-    std::vector<__m256> tile(static_cast<size_t>(kPairRows) * q), acc(static_cast<size_t>(kPairRows) * q);
-    for (int64_t r = 0; r < n; r += kPairRows) {
-      const int rows = n - r < kPairRows ? static_cast<int>(n - r) : kPairRows;
-      std::fill(tile.begin(), tile.end(), _mm256_setzero_ps());
-      for (int64_t c0 = 0; c0 < k8; c0 += kChunk) {
-        const int64_t c1 = std::min(c0 + kChunk, k8);
-        for (int b = 0; b < nblocks; ++b) {
-          int j0, qb;
-          block(b, &j0, &qb);
-          const float* qp = packed + (j0 / 2) * G * 16;
-          if (rows == kPairRows) {
-            kPairFull[qb / 2](store + r * k, k, qp, G, c0, c1, &tile[static_cast<size_t>(kPairRows) * j0]);
-          } else {
-            for (int i = 0; i < rows; ++i) {
-              kPairOne[qb / 2](store + (r + i) * k, k, qp, G, c0, c1, &tile[rows * j0 + i * qb]);
-            }
-          }
-        }
-      }
-      for (int b = 0; b < nblocks; ++b) {
-        int j0, qb;
-        block(b, &j0, &qb);
-        for (int i = 0; i < rows; ++i)
-          for (int j = 0; j < qb; ++j) acc[static_cast<size_t>(i) * q + j0 + j] = tile[rows * j0 + i * qb + j];
-      }
-      Finish(store, r, r + rows, k, k8, queries, q, acc.data(), out);
-    }
-    return;
-  }
-  // Chunk outermost: 8 query vectors x 1024 floats = 32 KiB of queries stay in L1 while the rows stream past.
-  constexpr int64_t kChunk = 1024;
-  std::vector<__m256> acc(static_cast<size_t>(n) * q, _mm256_setzero_ps());
-  for (int64_t c0 = 0; c0 < k8; c0 += kChunk) {
-    const int64_t c1 = std::min(c0 + kChunk, k8);
-    for (int b = 0; b < nblocks; ++b) {
-      int j0, qb;
-      block(b, &j0, &qb);
-      const float* qp = packed + (j0 / 2) * G * 16;
-      int64_t r = 0;
-      __m256 t[kPairRows * kQ];
-      for (; r + kPairRows <= n; r += kPairRows) {
-        for (int i = 0; i < kPairRows; ++i)
-          for (int j = 0; j < qb; ++j) t[i * qb + j] = acc[(r + i) * q + j0 + j];
-        kPairFull[qb / 2](store + r * k, k, qp, G, c0, c1, t);
-        for (int i = 0; i < kPairRows; ++i)
-          for (int j = 0; j < qb; ++j) acc[(r + i) * q + j0 + j] = t[i * qb + j];
-      }
-      for (; r < n; ++r) kPairOne[qb / 2](store + r * k, k, qp, G, c0, c1, &acc[r * q + j0]);
-    }
-  }
-  Finish(store, 0, n, k, k8, queries, q, acc.data(), out);
-}
-
 bool Avx512VlAvailable() {
   static const bool available = [] {
     __builtin_cpu_init();
@@ -141,64 +140,19 @@ bool Avx512VlAvailable() {
 }
 
 void ScoreF16Avx2Wide(const uint16_t* store, int64_t n, int64_t k, const float* queries, int q, float* out) {
-  const int nblocks = (q + kQ - 1) / kQ;
-  const int64_t k8 = k & ~int64_t{7};
-  auto block = [&](int b, int* j0, int* qb) {
-    *j0 = b * kQ;
-    *qb = q - *j0 < kQ ? q - *j0 : kQ;
-  };
-  if (static_cast<int64_t>(q) * k * 4 <= (int64_t{1} << 20)) {
-    // Rows outermost. tile: block b's kRows x qb accumulators at kRows * j0 (rows x qb for a short last tile).
-    constexpr int64_t kChunk = 2048;
-    std::vector<__m256> tile(static_cast<size_t>(kRows) * q), acc(static_cast<size_t>(kRows) * q);
-    for (int64_t r = 0; r < n; r += kRows) {
-      const int rows = n - r < kRows ? static_cast<int>(n - r) : kRows;
-      std::fill(tile.begin(), tile.end(), _mm256_setzero_ps());
-      for (int64_t c0 = 0; c0 < k8; c0 += kChunk) {
-        const int64_t c1 = std::min(c0 + kChunk, k8);
-        for (int b = 0; b < nblocks; ++b) {
-          int j0, qb;
-          block(b, &j0, &qb);
-          const float* qs = queries + static_cast<int64_t>(j0) * k;
-          if (rows == kRows) {
-            kFull[qb](store + r * k, k, qs, c0, c1, &tile[static_cast<size_t>(kRows) * j0]);
-          } else {
-            for (int i = 0; i < rows; ++i) kOne[qb](store + (r + i) * k, k, qs, c0, c1, &tile[rows * j0 + i * qb]);
-          }
-        }
-      }
-      for (int b = 0; b < nblocks; ++b) {
-        int j0, qb;
-        block(b, &j0, &qb);
-        for (int i = 0; i < rows; ++i)
-          for (int j = 0; j < qb; ++j) acc[static_cast<size_t>(i) * q + j0 + j] = tile[rows * j0 + i * qb + j];
-      }
-      Finish(store, r, r + rows, k, k8, queries, q, acc.data(), out);
-    }
-    return;
-  }
-  // Chunk outermost: 8 query vectors x 1024 floats = 32 KiB of queries stay in L1 while the rows stream past.
-  constexpr int64_t kChunk = 1024;
-  std::vector<__m256> acc(static_cast<size_t>(n) * q, _mm256_setzero_ps());
-  for (int64_t c0 = 0; c0 < k8; c0 += kChunk) {
-    const int64_t c1 = std::min(c0 + kChunk, k8);
-    for (int b = 0; b < nblocks; ++b) {
-      int j0, qb;
-      block(b, &j0, &qb);
-      const float* qs = queries + static_cast<int64_t>(j0) * k;
-      int64_t r = 0;
-      __m256 t[kRows * kQ];
-      for (; r + kRows <= n; r += kRows) {
-        for (int i = 0; i < kRows; ++i)
-          for (int j = 0; j < qb; ++j) t[i * qb + j] = acc[(r + i) * q + j0 + j];
-        kFull[qb](store + r * k, k, qs, c0, c1, t);
-        for (int i = 0; i < kRows; ++i)
-          for (int j = 0; j < qb; ++j) acc[(r + i) * q + j0 + j] = t[i * qb + j];
-      }
-      for (; r < n; ++r) kOne[qb](store + r * k, k, qs, c0, c1, &acc[r * q + j0]);
-    }
-  }
-  Finish(store, 0, n, k, k8, queries, q, acc.data(), out);
+  WideScore<kRows>(store, n, k, queries, q, out,
+                   [&](bool full, int qb, int j0, const uint16_t* rows, int64_t c0, int64_t c1, __m256* acc) {
+                     (full ? kFull : kOne)[qb](rows, k, queries + static_cast<int64_t>(j0) * k, c0, c1, acc);
+                   });
+}
+
+void ScoreF16Pairs(const uint16_t* store, int64_t n, int64_t k, const float* queries, const float* packed, int q,
+                   float* out) {
+  const int64_t G = k / 8;
+  WideScore<kPairRows>(store, n, k, queries, q, out,
+                       [&](bool full, int qb, int j0, const uint16_t* rows, int64_t c0, int64_t c1, __m256* acc) {
+                         (full ? kPairFull : kPairOne)[qb / 2](rows, k, packed + (j0 / 2) * G * 16, G, c0, c1, acc);
+                       });
 }
 
 }  // namespace rapidin::kernels::internal
