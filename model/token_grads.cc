@@ -316,7 +316,10 @@ absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl
       direct = [&d, pass](int s0, int s1, std::vector<torch::Tensor>* per) {
         // Each thread reuses its blocks from chunk to chunk (the sink is done with them when it returns): fresh
         // multi-megabyte buffers cost a page fault per 4 KiB every chunk.
+        // Kept only while small (a server has many threads; a large model's blocks are large).
+        constexpr int64_t kKeepBytes = int64_t{64} << 20;
         thread_local std::vector<torch::Tensor> blocks;
+        if (int64_t{8} * d.dim * static_cast<int64_t>(sizeof(F)) > kKeepBytes) blocks.clear();
         blocks.resize(d.infos.size());
         for (size_t i = 0; i < d.infos.size(); ++i) {
           if (!blocks[i].defined() || blocks[i].size(0) < s1 - s0 || blocks[i].size(1) != d.infos[i].numel ||
@@ -326,6 +329,7 @@ absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl
           (*per)[i] = blocks[i].narrow(0, 0, s1 - s0);
         }
         pass->Backward(s0, s1, d.template DirectGrads<F>(per, 0));
+        if (int64_t{8} * d.dim * static_cast<int64_t>(sizeof(F)) > kKeepBytes) blocks.clear();  // *per keeps them
       };
     };
     if (d.dtype == torch::kDouble) {
@@ -452,7 +456,9 @@ absl::Status GradientEngine::TokenGradientRows(const std::vector<int32_t>& ids, 
                                      for (int64_t e = 0; e < numel; ++e) dst[e] = static_cast<float>(blk[e] * inv);
                                    }
                                  }
-                                 return consume(buf.data(), s0 - from, n);
+                                 const absl::Status st = consume(buf.data(), s0 - from, n);
+                                 if (buf.capacity() * sizeof(float) > (size_t{64} << 20)) std::vector<float>().swap(buf);
+                                 return st;
                                }
                                if (per) {
                                  rows = d.Rows(*per, n, options.normalize);
