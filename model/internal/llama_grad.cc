@@ -780,24 +780,60 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g) const {
     const F *xi = A.x_in + l * TD, *hl = A.h1 + l * TD, *ql = A.q + l * THD;
     const F *ktl = A.kt + l * KDL, *vtl = A.vt + l * KDL, *al = A.att + l * H * TT, *ol = A.oc + l * THD;
     const F *xm = A.x_mid + l * TD, *h2l = A.h2 + l * TD, *a1l = A.a1 + l * TF, *a3l = A.a3 + l * TF;
-    // feed-forward; a token's weight gradient: dy_b^T x over positions, all tokens in one product
-    if (gl && gl->w2) {
-      SiluMul(a1l, a3l, m, int64_t{P} * Fh);
-      Gemm<F>(true, false, c * D, Fh, P, dx, c * D, m, Fh, 0, gl->w2, Fh);
+    if (l == L - 1) {
+      // Above the last attention a loss reaches its own position only: the feed-forward and wo backward run on
+      // the c rows (p0 + b, b), and each token's weight gradients there are outer products.
+      F *dxc = dhf, *dmc = dm, *da3c = da3, *dhc = dh;  // c rows each (dhf is free after the final norm)
+      for (int b = 0; b < c; ++b) {
+        std::copy_n(dx + (int64_t{p0 + b} * c + b) * D, D, dxc + int64_t{b} * D);
+        SiluMul(a1l + int64_t{p0 + b} * Fh, a3l + int64_t{p0 + b} * Fh, m + int64_t{b} * Fh, Fh);
+      }
+      auto outer = [&](F* out, const F* u, int nu, const F* v, int nv) {
+        Gemm<F>(true, false, nu, nv, 1, u, nu, v, nv, 0, out, nv);
+      };
+      for (int b = 0; b < c; ++b) {
+        if (gl && gl->w2) outer(gl->w2 + int64_t{b} * D * Fh, dxc + int64_t{b} * D, D, m + int64_t{b} * Fh, Fh);
+      }
+      Gemm<F>(false, false, c, Fh, D, dxc, D, lw.w2, Fh, 0, dmc, Fh);
+      for (int b = 0; b < c; ++b) {
+        const int64_t at = int64_t{p0 + b} * Fh;
+        SiluMulBackRows(a1l + at, a3l + at, dmc + int64_t{b} * Fh, da3c + int64_t{b} * Fh, 1, Fh);
+        const F* h2p = h2l + int64_t{p0 + b} * D;
+        if (gl && gl->w1) outer(gl->w1 + int64_t{b} * Fh * D, dmc + int64_t{b} * Fh, Fh, h2p, D);
+        if (gl && gl->w3) outer(gl->w3 + int64_t{b} * Fh * D, da3c + int64_t{b} * Fh, Fh, h2p, D);
+      }
+      Gemm<F>(false, false, c, D, Fh, dmc, Fh, lw.w1, D, 0, dhc, D);
+      Gemm<F>(false, false, c, D, Fh, da3c, Fh, lw.w3, D, 1, dhc, D);
+      std::fill(doc, doc + PC * HD, F(0));
+      for (int b = 0; b < c; ++b) {
+        const int p = p0 + b;
+        RmsNormBack(xm + int64_t{p} * D, A.r2 + int64_t{l} * A.T + p, lw.ffn_norm, dhc + int64_t{b} * D, 1, D,
+                    dxc + int64_t{b} * D);
+        std::copy_n(dxc + int64_t{b} * D, D, dx + (int64_t{p} * c + b) * D);
+        if (gl && gl->wo) outer(gl->wo + int64_t{b} * D * HD, dxc + int64_t{b} * D, D, ol + int64_t{p} * HD, HD);
+        // doc row (p, b) = dxc_b Wo
+        Gemm<F>(false, false, 1, HD, D, dxc + int64_t{b} * D, D, lw.wo, HD, 0, doc + (int64_t{p} * c + b) * HD, HD);
+      }
+    } else {
+      // feed-forward; a token's weight gradient: dy_b^T x over positions, all tokens in one product
+      if (gl && gl->w2) {
+        SiluMul(a1l, a3l, m, int64_t{P} * Fh);
+        Gemm<F>(true, false, c * D, Fh, P, dx, c * D, m, Fh, 0, gl->w2, Fh);
+      }
+      Gemm<F>(false, false, static_cast<int>(PC), Fh, D, dx, D, lw.w2, Fh, 0, dm, Fh);
+      for (int t = 0; t < P; ++t) {
+        const int64_t row = int64_t{t} * c * Fh;
+        SiluMulBackRows(a1l + int64_t{t} * Fh, a3l + int64_t{t} * Fh, dm + row, da3 + row, c, Fh);
+      }
+      if (gl && gl->w1) Gemm<F>(true, false, c * Fh, D, P, dm, c * Fh, h2l, D, 0, gl->w1, D);
+      if (gl && gl->w3) Gemm<F>(true, false, c * Fh, D, P, da3, c * Fh, h2l, D, 0, gl->w3, D);
+      Gemm<F>(false, false, static_cast<int>(PC), D, Fh, dm, Fh, lw.w1, D, 0, dh, D);
+      Gemm<F>(false, false, static_cast<int>(PC), D, Fh, da3, Fh, lw.w3, D, 1, dh, D);
+      norm_back(xm, A.r2 + int64_t{l} * A.T, lw.ffn_norm, dh);
+      // attention
+      if (gl && gl->wo) Gemm<F>(true, false, c * D, HD, P, dx, c * D, ol, HD, 0, gl->wo, HD);
+      Gemm<F>(false, false, static_cast<int>(PC), HD, D, dx, D, lw.wo, HD, 0, doc, HD);
     }
-    Gemm<F>(false, false, static_cast<int>(PC), Fh, D, dx, D, lw.w2, Fh, 0, dm, Fh);
-    for (int t = 0; t < P; ++t) {
-      const int64_t row = int64_t{t} * c * Fh;
-      SiluMulBackRows(a1l + int64_t{t} * Fh, a3l + int64_t{t} * Fh, dm + row, da3 + row, c, Fh);
-    }
-    if (gl && gl->w1) Gemm<F>(true, false, c * Fh, D, P, dm, c * Fh, h2l, D, 0, gl->w1, D);
-    if (gl && gl->w3) Gemm<F>(true, false, c * Fh, D, P, da3, c * Fh, h2l, D, 0, gl->w3, D);
-    Gemm<F>(false, false, static_cast<int>(PC), D, Fh, dm, Fh, lw.w1, D, 0, dh, D);
-    Gemm<F>(false, false, static_cast<int>(PC), D, Fh, da3, Fh, lw.w3, D, 1, dh, D);
-    norm_back(xm, A.r2 + int64_t{l} * A.T, lw.ffn_norm, dh);
-    // attention
-    if (gl && gl->wo) Gemm<F>(true, false, c * D, HD, P, dx, c * D, ol, HD, 0, gl->wo, HD);
-    Gemm<F>(false, false, static_cast<int>(PC), HD, D, dx, D, lw.wo, HD, 0, doc, HD);
     std::fill(dq, dq + PC * HD, F(0));
     std::fill(dkt, dkt + c * KDL, F(0));
     std::fill(dvt, dvt + c * KDL, F(0));
