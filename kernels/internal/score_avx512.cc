@@ -142,7 +142,8 @@ bool Avx512VlAvailable() {
 void ScoreF16Avx2Wide(const uint16_t* store, int64_t n, int64_t k, const float* queries, int q, float* out) {
   WideScore<kRows>(store, n, k, queries, q, out,
                    [&](bool full, int qb, int j0, const uint16_t* rows, int64_t c0, int64_t c1, __m256* acc) {
-                     (full ? kFull : kOne)[qb](rows, k, queries + static_cast<int64_t>(j0) * k, c0, c1, acc);
+                     const ChunkFn* table = full ? kFull : kOne;
+                     table[qb](rows, k, queries + static_cast<int64_t>(j0) * k, c0, c1, acc);
                    });
 }
 
@@ -151,7 +152,8 @@ void ScoreF16Pairs(const uint16_t* store, int64_t n, int64_t k, const float* que
   const int64_t G = k / 8;
   WideScore<kPairRows>(store, n, k, queries, q, out,
                        [&](bool full, int qb, int j0, const uint16_t* rows, int64_t c0, int64_t c1, __m256* acc) {
-                         (full ? kPairFull : kPairOne)[qb / 2](rows, k, packed + (j0 / 2) * G * 16, G, c0, c1, acc);
+                         const PairFn* table = full ? kPairFull : kPairOne;
+                         table[qb / 2](rows, k, packed + (j0 / 2) * G * 16, G, c0, c1, acc);
                        });
 }
 
