@@ -2,7 +2,6 @@
 
 #include <cmath>
 #include <cstdlib>
-#include <memory>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -90,13 +89,8 @@ absl::Status ScanTopK(const uint16_t* store, int64_t n, int64_t k, const float* 
   std::vector<float> scores(static_cast<size_t>(block_rows) * q);
 #if defined(__x86_64__)
   // The pair kernel's packed queries, made once per scan rather than once per block.
-  std::unique_ptr<float, decltype(&std::free)> packed(nullptr, &std::free);
-  if (ResolveImpl(impl) == ScoreImpl::kAvx2 && q > 4 && q % 2 == 0 && k >= 8 && !internal::g_score_before &&
-      internal::Avx512VlAvailable()) {
-    const size_t floats = static_cast<size_t>(q) * (k / 8) * 8;
-    packed.reset(static_cast<float*>(std::aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64)));
-    internal::PackPairs(queries, q, k, packed.get());
-  }
+  internal::PackedQueries packed(nullptr, &std::free);
+  if (ResolveImpl(impl) == ScoreImpl::kAvx2 && internal::PairsApply(q, k)) packed = internal::PackPairs(queries, q, k);
 #endif
   for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
     const int64_t rows = n - r0 < block_rows ? n - r0 : block_rows;

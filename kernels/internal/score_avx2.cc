@@ -8,7 +8,6 @@
 #include <immintrin.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <vector>
 
 #include "kernels/internal/score_impl.h"
@@ -38,12 +37,8 @@ bool g_score_before = false;  // see score_impl.h
 
 void ScoreF16Avx2(const uint16_t* store, int64_t n, int64_t k, const float* queries, int q, float* out) {
   if (q > kMaxQB && !g_score_before && Avx512VlAvailable()) {
-    if (q % 2 == 0 && k >= 8) {
-      const size_t floats = static_cast<size_t>(q) * (k / 8) * 8;
-      float* packed = static_cast<float*>(std::aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64));
-      PackPairs(queries, q, k, packed);
-      ScoreF16Pairs(store, n, k, queries, packed, q, out);
-      std::free(packed);
+    if (PairsApply(q, k)) {
+      ScoreF16Pairs(store, n, k, queries, PackPairs(queries, q, k).get(), q, out);
     } else {
       ScoreF16Avx2Wide(store, n, k, queries, q, out);
     }

@@ -13,6 +13,7 @@
 // chunk is outermost and the query chunk stays in L1 while every row streams past it, the accumulators parked in
 // between.
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "kernels/internal/score_impl.h"
@@ -120,8 +121,13 @@ void WideScore(const uint16_t* store, int64_t n, int64_t k, const float* queries
 
 }  // namespace
 
-void PackPairs(const float* queries, int q, int64_t k, float* packed) {
+bool PairsApply(int q, int64_t k) { return q > kQ / 2 && q % 2 == 0 && k >= 8 && !g_score_before && Avx512VlAvailable(); }
+
+PackedQueries PackPairs(const float* queries, int q, int64_t k) {
   const int64_t G = k / 8;
+  const size_t bytes = static_cast<size_t>(q) * G * 8 * sizeof(float);
+  PackedQueries out(static_cast<float*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)), &std::free);
+  float* packed = out.get();
   for (int p = 0; p < q / 2; ++p) {
     for (int64_t g = 0; g < G; ++g) {
       float* o = packed + (p * G + g) * 16;
@@ -129,6 +135,7 @@ void PackPairs(const float* queries, int q, int64_t k, float* packed) {
       std::copy_n(queries + (2 * p + 1) * k + g * 8, 8, o + 8);
     }
   }
+  return out;
 }
 
 bool Avx512VlAvailable() {

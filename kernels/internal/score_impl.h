@@ -4,6 +4,7 @@
 #define RAPIDIN_KERNELS_INTERNAL_SCORE_IMPL_H_
 
 #include <cstdint>
+#include <memory>
 
 namespace rapidin::kernels::internal {
 
@@ -17,8 +18,11 @@ void ScoreF16Avx2(const uint16_t* store, int64_t n, int64_t k, const float* quer
 void ScoreF16Avx2Wide(const uint16_t* store, int64_t n, int64_t k, const float* queries, int q, float* out);
 bool Avx512VlAvailable();
 // The wide kernel's pair form, for an even q (> 4): two query vectors per 16-lane accumulator, bitwise equal again.
-// packed: PackPairs(queries) (q * (k / 8) * 8 floats, 64-byte aligned); queries are still read for the K % 8 tail.
-void PackPairs(const float* queries, int q, int64_t k, float* packed);
+// PairsApply: whether ScoreF16Avx2 takes it (the CPU has AVX-512VL, g_score_before is off). packed: PackPairs's
+// buffer; queries are still read for the K % 8 tail.
+bool PairsApply(int q, int64_t k);
+using PackedQueries = std::unique_ptr<float, void (*)(void*)>;
+PackedQueries PackPairs(const float* queries, int q, int64_t k);  // q * (k / 8) * 8 floats, 64-byte aligned
 void ScoreF16Pairs(const uint16_t* store, int64_t n, int64_t k, const float* queries, const float* packed, int q,
                    float* out);
 // Benchmarks only (bench/scan_bench --kernel-only): true selects the AVX2 kernel as it was before the wide tiles,
