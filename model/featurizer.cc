@@ -253,25 +253,22 @@ absl::Status Featurizer::TokenSketches(const std::vector<int32_t>& ids, int from
   // Enough chunks for every thread, none longer than 8 tokens (the fastest size in bench/results/tokens.md).
   const int n = static_cast<int>(ids.size()) - from;
   o.chunk = std::max(1, std::min(8, (n + o.threads - 1) / o.threads));
-  if (device_sketch_) {  // sketched on the device, chunk by chunk
-    const int64_t k = sketch_->params().k;
-    if (n > 0) out->assign(n, std::vector<float>(k));
-    return engine_->TokenGradientRows(ids, from, o, [&](const float* rows, int first, int count) {
+  // Chunk by chunk as float32 rows, sketched as they come (never every token's full gradient at once): on the
+  // engine's device by the device sketch, else on the CPU row by row.
+  const int64_t k = sketch_->params().k, dim = engine_->grad_dim();
+  if (n > 0) out->assign(n, std::vector<float>(k));
+  return engine_->TokenGradientRows(ids, from, o, [&](const float* rows, int first, int count) {
+    if (device_sketch_) {
       std::vector<float> sk(static_cast<size_t>(count) * k);
       absl::Status s = device_sketch_->Apply(rows, count, sk.data());
       if (s.ok()) s = CheckFinite(sk, "a token's compressed gradient");
       for (int i = 0; s.ok() && i < count; ++i) (*out)[first + i].assign(sk.begin() + i * k, sk.begin() + (i + 1) * k);
       return s;
-    });
-  }
-  // On the CPU: float32 rows chunk by chunk, sketched as they come (never every token's full gradient at once).
-  if (n > 0) out->assign(n, std::vector<float>(sketch_->params().k));
-  const int64_t dim = engine_->grad_dim();
-  return engine_->TokenGradientRows(ids, from, o, [&](const float* rows, int first, int count) {
+    }
     for (int i = 0; i < count; ++i) {
-      std::vector<float>& o = (*out)[first + i];
-      sketch_->Apply(rows + i * dim, o.data());
-      if (absl::Status fin = CheckFinite(o, "a token's compressed gradient"); !fin.ok()) return fin;
+      std::vector<float>& sk = (*out)[first + i];
+      sketch_->Apply(rows + i * dim, sk.data());
+      if (absl::Status fin = CheckFinite(sk, "a token's compressed gradient"); !fin.ok()) return fin;
     }
     return absl::OkStatus();
   });
