@@ -545,7 +545,7 @@ absl::Status GradientEngine::Impl::PerSample(const std::vector<TokenizedExample>
   return absl::OkStatus();
 }
 
-bool GradientEngine::Impl::DirectApplies() const {
+bool GradientEngine::Impl::ComputeDirectApplies() const {
   if (options.grad_path != "direct" || !device.is_cpu() || !arch.Plain() || !lora.empty()) return false;
   if (dtype != torch::kFloat && dtype != torch::kDouble) return false;
   if (cfg.n_kv_heads <= 0 || cfg.n_heads % cfg.n_kv_heads != 0 || cfg.HeadDim() % 2 != 0) return false;

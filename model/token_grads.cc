@@ -314,12 +314,13 @@ absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl
       auto pass = std::make_shared<internal::LlamaTokenPass<F>>(d.DirectShape(), d.template DirectWeights<F>(),
                                                                 ids.data(), T);
       direct = [&d, pass](int s0, int s1, std::vector<torch::Tensor>* per) {
-        // Each thread reuses its blocks from chunk to chunk (the sink is done with them when it returns): fresh
-        // multi-megabyte buffers cost a page fault per 4 KiB every chunk.
-        // Kept only while small (a server has many threads; a large model's blocks are large).
-        constexpr int64_t kKeepBytes = int64_t{64} << 20;
-        thread_local std::vector<torch::Tensor> blocks;
-        if (int64_t{8} * d.dim * static_cast<int64_t>(sizeof(F)) > kKeepBytes) blocks.clear();
+        // A thread reuses its blocks from chunk to chunk (the sink is done with them when it returns) while they
+        // are small: fresh multi-megabyte buffers cost a page fault per 4 KiB every chunk, and a server has many
+        // threads while a large model's blocks are large.
+        const bool keep = int64_t{8} * d.dim * static_cast<int64_t>(sizeof(F)) <= (int64_t{64} << 20);
+        thread_local std::vector<torch::Tensor> kept;
+        std::vector<torch::Tensor> fresh;
+        std::vector<torch::Tensor>& blocks = keep ? kept : fresh;
         blocks.resize(d.infos.size());
         for (size_t i = 0; i < d.infos.size(); ++i) {
           if (!blocks[i].defined() || blocks[i].size(0) < s1 - s0 || blocks[i].size(1) != d.infos[i].numel ||
@@ -329,7 +330,6 @@ absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl
           (*per)[i] = blocks[i].narrow(0, 0, s1 - s0);
         }
         pass->Backward(s0, s1, d.template DirectGrads<F>(per, 0));
-        if (int64_t{8} * d.dim * static_cast<int64_t>(sizeof(F)) > kKeepBytes) blocks.clear();  // *per keeps them
       };
     };
     if (d.dtype == torch::kDouble) {
@@ -426,36 +426,10 @@ absl::Status GradientEngine::TokenGradientRows(const std::vector<int32_t>& ids, 
                                  std::vector<std::vector<double>>* host) {
                                const int n = s1 - s0;
                                torch::Tensor rows;
-                               if (per && d.device.is_cpu() && d.dtype == torch::kFloat && d.precond.empty()) {
-                                 // Host float32 blocks (the direct pass's): normalised straight into rows, without
-                                 // LibTorch's double round trip.
-                                 thread_local std::vector<float> buf;
+                               if (per && d.device.is_cpu() && d.dtype == torch::kFloat) {
+                                 thread_local std::vector<float> buf;  // a thread's rows, chunk after chunk
                                  buf.resize(static_cast<size_t>(n) * d.dim);
-                                 for (size_t p = 0; p < d.infos.size(); ++p) {
-                                   if (!(*per)[p].defined()) {  // no gradient: zero
-                                     for (int i = 0; i < n; ++i) {
-                                       std::fill_n(buf.data() + static_cast<int64_t>(i) * d.dim + d.infos[p].offset,
-                                                   d.infos[p].numel, 0.0f);
-                                     }
-                                     continue;
-                                   }
-                                   const int64_t numel = d.infos[p].numel;
-                                   const float* src = (*per)[p].data_ptr<float>();
-                                   for (int i = 0; i < n; ++i) {
-                                     const float* blk = src + i * numel;
-                                     double acc[8] = {};  // independent chains: the sum is not latency-bound
-                                     int64_t j = 0;
-                                     for (; j + 8 <= numel; j += 8) {
-                                       for (int u = 0; u < 8; ++u) acc[u] += static_cast<double>(blk[j + u]) * blk[j + u];
-                                     }
-                                     for (; j < numel; ++j) acc[0] += static_cast<double>(blk[j]) * blk[j];
-                                     const double ss = ((acc[0] + acc[1]) + (acc[2] + acc[3])) +
-                                                       ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-                                     const double inv = options.normalize && ss > 0 ? 1.0 / std::sqrt(ss) : 1.0;
-                                     float* dst = buf.data() + static_cast<int64_t>(i) * d.dim + d.infos[p].offset;
-                                     for (int64_t e = 0; e < numel; ++e) dst[e] = static_cast<float>(blk[e] * inv);
-                                   }
-                                 }
+                                 d.RowsHostF32(*per, n, options.normalize, buf.data());
                                  const absl::Status st = consume(buf.data(), s0 - from, n);
                                  if (buf.capacity() * sizeof(float) > (size_t{64} << 20)) std::vector<float>().swap(buf);
                                  return st;

@@ -756,6 +756,49 @@ TEST(TokenGradients, RowsAreThePerTokenGradientsInFloat32) {
   }
 }
 
+// The same with a preconditioner (Adam second moments): the direct pass's float32 rows apply it as the double
+// path does.
+TEST(TokenGradients, PreconditionedRowsAreThePerTokenGradients) {
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  const uint32_t seed = static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 13);
+  std::mt19937 rng(seed);
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 15; ++i) ids.push_back(static_cast<int32_t>(rng() % 11));
+  if (ids[1] == ids[0]) ids[1] = (ids[0] + 1) % 11;
+  rapidin::testing::TempDir dir;
+  EngineOptions o;
+  auto trainer = GradientEngine::Random(TinyModel(true), seed, o);
+  ASSERT_TRUE(trainer.ok());
+  TokenizedExample t;
+  t.ids = ids;
+  t.response_begin = 5;
+  AdamWOptions adam;
+  adam.eps = 1e-6;
+  ASSERT_TRUE(TrainStep(trainer->get(), {t}, adam).ok());
+  ASSERT_TRUE(SaveOptimizerState(**trainer, dir.path("v.safetensors"), adam).ok());
+  o.preconditioner_path = dir.path("v.safetensors");
+  auto e = GradientEngine::Random(TinyModel(true), seed, o);
+  ASSERT_TRUE(e.ok()) << e.status();
+  ASSERT_EQ((*e)->grad_path(), "direct");
+  const int from = 3, dim = static_cast<int>((*e)->grad_dim());
+  TokenGradOptions to;
+  to.chunk = 4;
+  std::vector<std::vector<double>> ref;
+  ASSERT_TRUE((*e)->TokenGradientsIds(ids, from, to, &ref).ok());
+  std::vector<std::vector<float>> got(ref.size());
+  ASSERT_TRUE((*e)->TokenGradientRows(ids, from, to, [&](const float* rows, int first, int n) {
+                      for (int i = 0; i < n; ++i) {
+                        got[first + i].assign(rows + static_cast<int64_t>(i) * dim,
+                                              rows + static_cast<int64_t>(i + 1) * dim);
+                      }
+                      return absl::OkStatus();
+                    }).ok());
+  for (size_t k = 0; k < ref.size(); ++k) {
+    ASSERT_GT(MaxAbs(ref[k]), 1e-3);
+    for (int i = 0; i < dim; ++i) ASSERT_EQ(got[k][i], static_cast<float>(ref[k][i])) << "token " << k << " i " << i;
+  }
+}
+
 // Records are checked before they reach LibTorch, which would throw on them or read past a vector's end.
 TEST(Engine, MalformedTokenizedRecordsAreRefused) {
   EngineOptions o;

@@ -256,6 +256,7 @@ struct GradientEngine::Impl {
       return absl::InvalidArgumentError(absl::StrCat("parameter pattern \"", options.param_pattern,
                                                      "\" selects no parameter"));
     }
+    direct = ComputeDirectApplies();
     return absl::OkStatus();
   }
 
@@ -463,14 +464,44 @@ struct GradientEngine::Impl {
     return rows;
   }
 
+  // Rows() for float32 blocks in host memory (the direct pass's), written into out (B x dim floats) without
+  // LibTorch's double round trip: the same preconditioning and per-block unit norm, the norm summed in double.
+  void RowsHostF32(const std::vector<torch::Tensor>& per, int64_t B, bool normalize, float* out) const {
+    for (size_t p = 0; p < infos.size(); ++p) {
+      const int64_t numel = infos[p].numel;
+      const double* pre = precond.empty() ? nullptr : precond[p].data_ptr<double>();
+      for (int64_t b = 0; b < B; ++b) {
+        float* dst = out + b * dim + infos[p].offset;
+        if (!per[p].defined()) {  // no gradient: zero
+          std::fill_n(dst, numel, 0.0f);
+          continue;
+        }
+        const float* blk = per[p].data_ptr<float>() + b * numel;
+        auto value = [&](int64_t j) { return pre ? blk[j] * pre[j] : static_cast<double>(blk[j]); };
+        double acc[8] = {};  // independent chains: the sum is not latency-bound
+        int64_t j = 0;
+        for (; j + 8 <= numel; j += 8) {
+          for (int u = 0; u < 8; ++u) acc[u] += value(j + u) * value(j + u);
+        }
+        for (; j < numel; ++j) acc[0] += value(j) * value(j);
+        const double ss = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        const double inv = normalize && ss > 0 ? 1.0 / std::sqrt(ss) : 1.0;
+        for (int64_t e = 0; e < numel; ++e) dst[e] = static_cast<float>(value(e) * inv);
+      }
+    }
+  }
+
   // Per-sample gradients of a batch (per[p] as above) and each record's loss: one padded forward and backward
   // pass (each linear layer's per-sample weight gradient from its recorded input and output gradient), or one
   // autograd pass per record when the batch has one record or a selected parameter is not a weight matrix.
   absl::Status PerSample(const std::vector<TokenizedExample>& batch, std::vector<torch::Tensor>* per,
                          std::vector<double>* losses) const;
   // Whether PerSample takes the hand-written CPU pass (model/internal/llama_grad.h): grad_path "direct", a plain
-  // Llama on the CPU without an adapter, every selected parameter one of its weight matrices.
-  bool DirectApplies() const;
+  // Llama on the CPU without an adapter, every selected parameter one of its weight matrices. Decided by Select()
+  // (every loader and AddLora end there), not per gradient.
+  bool DirectApplies() const { return direct; }
+  bool direct = false;
+  bool ComputeDirectApplies() const;
   // The direct pass's view of this model (DirectApplies() must hold; F is the engine's dtype).
   internal::LlamaShape DirectShape() const {
     internal::LlamaShape s;
