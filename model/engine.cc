@@ -650,6 +650,80 @@ absl::StatusOr<GradInfo> GradientEngine::Gradient(const Example& ex, bool normal
   return info;
 }
 
+namespace {
+
+// InfluenceTokens by the hand-written pass (DirectApplies()): the record's gradient g (LlamaLossGradient), the
+// direction dI/dg of I = sum over blocks of <P g_b, u_b> / |P g_b| (P the preconditioner), then one
+// forward-over-reverse pass for the input gradient's derivative along it (LlamaInputGradTangent). With
+// x_s = m + alpha_s (e_s - m) (m the mean row, held fixed as in ResponseLoss), dI/dalpha_s = d/de of
+// <dL/dx_s, e_s - m> along the direction: <(dL/dx_s)', e_s - m> + <dL/dx_s, e_s'>.
+template <class F>
+double DirectInfluence(const EngineAccess::Impl& m, const TokenizedExample& t, const std::vector<double>& u,
+                       bool normalize, std::vector<double>* scores) {
+  const internal::LlamaShape s = m.DirectShape();
+  const internal::LlamaWeights<F> wt = m.template DirectWeights<F>();
+  const int n = static_cast<int>(t.ids.size()), D = s.dim;
+  const double* lw = t.loss_weights.empty() ? nullptr : t.loss_weights.data();
+  std::vector<torch::Tensor> per(m.infos.size()), dir(m.infos.size());
+  for (size_t p = 0; p < m.infos.size(); ++p) {
+    per[p] = torch::empty({1, m.infos[p].numel}, m.Opts());
+    dir[p] = torch::empty({1, m.infos[p].numel}, m.Opts());
+  }
+  internal::LlamaLossGradient<F>(s, wt, t.ids.data(), n, t.response_begin, lw, m.template DirectGrads<F>(&per, 0));
+  double influence = 0;
+  for (size_t p = 0; p < m.infos.size(); ++p) {
+    const int64_t numel = m.infos[p].numel;
+    const F* g = per[p].template data_ptr<F>();
+    F* d = dir[p].template data_ptr<F>();
+    const double* pre = m.precond.empty() ? nullptr : m.precond[p].template data_ptr<double>();
+    const double* up = u.data() + m.infos[p].offset;
+    auto pg = [&](int64_t j) { return pre ? g[j] * pre[j] : static_cast<double>(g[j]); };
+    double dot = 0, ss = 0;
+    for (int64_t j = 0; j < numel; ++j) {
+      dot += pg(j) * up[j];
+      ss += pg(j) * pg(j);
+    }
+    if (!normalize) {
+      influence += dot;
+      for (int64_t j = 0; j < numel; ++j) d[j] = static_cast<F>(pre ? pre[j] * up[j] : up[j]);
+      continue;
+    }
+    if (!(ss > 0)) {  // a zero block stays zero (as in Block)
+      std::fill_n(d, numel, F(0));
+      continue;
+    }
+    const double nrm = std::sqrt(ss), c = dot / (ss * nrm);
+    influence += dot / nrm;
+    for (int64_t j = 0; j < numel; ++j) d[j] = static_cast<F>((pre ? pre[j] : 1.0) * (up[j] / nrm - c * pg(j)));
+  }
+  const internal::LlamaGrads<F> dg = m.template DirectGrads<F>(&dir, 0);
+  internal::LlamaWeights<F> dw;
+  dw.emb = dg.emb;
+  dw.head = dg.head;
+  for (const auto& l : dg.layers) dw.layers.push_back({l.wq, l.wk, l.wv, l.wo, l.w1, l.w2, l.w3, nullptr, nullptr});
+  std::vector<F> gx(static_cast<size_t>(n) * D), gxt(static_cast<size_t>(n) * D);
+  internal::LlamaInputGradTangent<F>(s, wt, dw, t.ids.data(), n, t.response_begin, lw, gx.data(), gxt.data());
+  std::vector<double> mean(D, 0.0);
+  for (int r = 0; r < s.vocab; ++r) {
+    for (int j = 0; j < D; ++j) mean[j] += wt.emb[int64_t{r} * D + j];
+  }
+  for (double& x : mean) x /= s.vocab;
+  scores->assign(n, 0.0);
+  for (int i = 0; i < n; ++i) {
+    const F* e = wt.emb + int64_t{t.ids[i]} * D;
+    const F* de = dw.emb ? dw.emb + int64_t{t.ids[i]} * D : nullptr;
+    double acc = 0;
+    for (int j = 0; j < D; ++j) {
+      acc += static_cast<double>(gxt[int64_t{i} * D + j]) * (e[j] - mean[j]);
+      if (de) acc += static_cast<double>(gx[int64_t{i} * D + j]) * de[j];
+    }
+    (*scores)[i] = acc;
+  }
+  return influence;
+}
+
+}  // namespace
+
 absl::StatusOr<double> GradientEngine::InfluenceTokens(const TokenizedExample& t, const std::vector<double>& u,
                                                        std::vector<double>* scores,
                                                        const std::vector<double>* token_scale,
@@ -664,6 +738,11 @@ absl::StatusOr<double> GradientEngine::InfluenceTokens(const TokenizedExample& t
     const int64_t T = static_cast<int64_t>(t.ids.size());
     if (token_scale && static_cast<int64_t>(token_scale->size()) != T) {
       return absl::InvalidArgumentError("InfluenceTokens: token_scale needs one value per token");
+    }
+    if (d.DirectApplies() && !token_scale && T <= d.cfg.seq_len) {
+      torch::NoGradGuard no_grad;
+      return d.dtype == torch::kDouble ? DirectInfluence<double>(d, t, u, normalize, scores)
+                                       : DirectInfluence<float>(d, t, u, normalize, scores);
     }
     auto ut = torch::tensor(u, torch::kDouble).to(d.device);
     // I at embedding interpolation alpha (with its derivative in alpha when wanted).

@@ -881,6 +881,356 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g) const {
   TrimScratch(&S);
 }
 
+namespace {
+
+// A value and its tangent (the derivative along a direction in weight space), buffers of one shape.
+template <class F>
+struct Dual {
+  std::vector<F> v, t;
+  void Zero(int64_t n) {
+    v.assign(n, F(0));
+    t.assign(n, F(0));
+  }
+};
+
+// Y = X W^T and its tangent Y' = X' W^T + X W'^T (W' null: zero); rows x in -> rows x out; beta 1 accumulates.
+template <class F>
+void LinDual(const F* X, const F* Xt, int rows, int in, const F* W, const F* Wt, int out, F beta, F* Y, F* Yt) {
+  Gemm<F>(false, true, rows, out, in, X, in, W, in, beta, Y, out);
+  Gemm<F>(false, true, rows, out, in, Xt, in, W, in, beta, Yt, out);
+  if (Wt) Gemm<F>(false, true, rows, out, in, X, in, Wt, in, 1, Yt, out);
+}
+
+// Its backward: dX = dY W and dX' = dY' W + dY W' (beta 1 accumulates).
+template <class F>
+void LinBackDual(const F* dY, const F* dYt, int rows, int out, const F* W, const F* Wt, int in, F beta, F* dX,
+                 F* dXt) {
+  Gemm<F>(false, false, rows, in, out, dY, out, W, in, beta, dX, in);
+  Gemm<F>(false, false, rows, in, out, dYt, out, W, in, beta, dXt, in);
+  if (Wt) Gemm<F>(false, false, rows, in, out, dY, out, Wt, in, 1, dXt, in);
+}
+
+// RmsNorm with tangents (the gain has none): r' = -r^3 (x . x') / D, y' = (x' r + x r') g.
+template <class F>
+void RmsNormDual(const F* x, const F* xt, const F* g, int rows, int D, double eps, F* r, F* rt, F* y, F* yt) {
+  for (int t = 0; t < rows; ++t) {
+    const int64_t o = int64_t{t} * D;
+    double ss = 0, sx = 0;
+    for (int d = 0; d < D; ++d) {
+      ss += static_cast<double>(x[o + d]) * x[o + d];
+      sx += static_cast<double>(x[o + d]) * xt[o + d];
+    }
+    const double rr = 1.0 / std::sqrt(ss / D + eps), rd = -rr * rr * rr * sx / D;
+    r[t] = static_cast<F>(rr);
+    rt[t] = static_cast<F>(rd);
+    for (int d = 0; d < D; ++d) {
+      y[o + d] = x[o + d] * r[t] * g[d];
+      yt[o + d] = (xt[o + d] * r[t] + x[o + d] * rt[t]) * g[d];
+    }
+  }
+}
+
+// RmsNormBack with tangents: dx += r u - x r^3 c, u = g dy, c = (u . x) / D, and its derivative.
+template <class F>
+void RmsNormBackDual(const F* x, const F* xt, const F* r, const F* rt, const F* g, const F* dy, const F* dyt,
+                     int rows, int D, F* dx, F* dxt) {
+  for (int t = 0; t < rows; ++t) {
+    const int64_t o = int64_t{t} * D;
+    double c = 0, ct = 0;
+    for (int d = 0; d < D; ++d) {
+      c += static_cast<double>(g[d]) * dy[o + d] * x[o + d];
+      ct += static_cast<double>(g[d]) * (dy[o + d] * xt[o + d] + dyt[o + d] * x[o + d]);
+    }
+    c /= D;
+    ct /= D;
+    const double rr = r[t], rd = rt[t], r3 = rr * rr * rr, r3t = 3 * rr * rr * rd;
+    const F a = static_cast<F>(r3 * c), b = static_cast<F>(r3t * c + r3 * ct);
+    for (int d = 0; d < D; ++d) {
+      dx[o + d] += r[t] * g[d] * dy[o + d] - x[o + d] * a;
+      dxt[o + d] += rt[t] * g[d] * dy[o + d] + r[t] * g[d] * dyt[o + d] - xt[o + d] * a - x[o + d] * b;
+    }
+  }
+}
+
+// Row i of one head's causal attention and its tangent: p = softmax(scale q_i K^T) over keys [0, i], and
+// p' = p (S' - p . S') with S' = scale (q_i' K^T + q_i K'^T). K, K' head-major (hd x ld).
+template <class F>
+RAPIDIN_INLINE void AttnRowDual(const F* qi, const F* qti, const F* kt, const F* ktt, int i, int ld, int hd, F scale, F* p,
+                 F* pt) {
+  const int n = i + 1;
+  std::fill(p, p + n, F(0));
+  std::fill(pt, pt + n, F(0));
+  for (int d = 0; d < hd; ++d) {
+    const F a = qi[d] * scale, b = qti[d] * scale;
+    const F *kd = kt + int64_t{d} * ld, *ktd = ktt + int64_t{d} * ld;
+    for (int j = 0; j < n; ++j) {
+      p[j] += a * kd[j];
+      pt[j] += b * kd[j] + a * ktd[j];
+    }
+  }
+  F mx = p[0];
+  for (int j = 1; j < n; ++j) mx = std::max(mx, p[j]);
+  const F inv = static_cast<F>(1.0 / ExpShiftSum(p, mx, p, n));
+  for (int j = 0; j < n; ++j) p[j] *= inv;
+  const F ps = Dot(p, pt, n);
+  for (int j = 0; j < n; ++j) pt[j] = p[j] * (pt[j] - ps);
+}
+
+// One head's attention forward with tangents: o_i = p_i V, o_i' = p_i' V + p_i V'. p, pt: ld values of scratch.
+template <class F>
+RAPIDIN_INLINE void AttnForwardDualBody(const F* q, const F* qt, int ldq, const F* kt, const F* ktt, const F* vt, const F* vtt, int T,
+                     int ld, int hd, F scale, F* o, F* ot, int ldo, F* p, F* pt) {
+  for (int i = 0; i < T; ++i) {
+    AttnRowDual(q + int64_t{i} * ldq, qt + int64_t{i} * ldq, kt, ktt, i, ld, hd, scale, p, pt);
+    for (int d = 0; d < hd; ++d) {
+      const F *vd = vt + int64_t{d} * ld, *vtd = vtt + int64_t{d} * ld;
+      o[int64_t{i} * ldo + d] = Dot(p, vd, i + 1);
+      ot[int64_t{i} * ldo + d] = Dot(pt, vd, i + 1) + Dot(p, vtd, i + 1);
+    }
+  }
+}
+
+// Its backward with tangents, the probabilities recomputed row by row (no T x T storage): from do, do' (stride
+// ldo) to dq, dq' (stride ldo, overwritten) and dK, dV with tangents (head-major, accumulated). s: 4 ld scratch.
+template <class F>
+RAPIDIN_INLINE void AttnBackwardDualBody(const F* q, const F* qt, const F* kt, const F* ktt, const F* vt, const F* vtt, const F* dout,
+                      const F* doutt, int ldo, int T, int ld, int hd, F scale, F* dq, F* dqt, F* dkt, F* dktt,
+                      F* dvt, F* dvtt, F* s) {
+  F *p = s, *pt = s + ld, *dp = s + 2 * ld, *dpt = s + 3 * ld;
+  for (int i = 0; i < T; ++i) {
+    const int n = i + 1;
+    const int64_t ri = int64_t{i} * ldo;
+    AttnRowDual(q + ri, qt + ri, kt, ktt, i, ld, hd, scale, p, pt);
+    std::fill(dp, dp + n, F(0));
+    std::fill(dpt, dpt + n, F(0));
+    for (int d = 0; d < hd; ++d) {  // dp = do V^T; dV += p^T do (and tangents)
+      const F c = dout[ri + d], ct = doutt[ri + d];
+      const F *vd = vt + int64_t{d} * ld, *vtd = vtt + int64_t{d} * ld;
+      F *dvd = dvt + int64_t{d} * ld, *dvtd = dvtt + int64_t{d} * ld;
+      for (int j = 0; j < n; ++j) {
+        dp[j] += c * vd[j];
+        dpt[j] += ct * vd[j] + c * vtd[j];
+        dvd[j] += c * p[j];
+        dvtd[j] += c * pt[j] + ct * p[j];
+      }
+    }
+    const F delta = Dot(p, dp, n), deltat = Dot(pt, dp, n) + Dot(p, dpt, n);
+    for (int j = 0; j < n; ++j) {  // dS = p (dp - delta) scale, and its tangent
+      const F ds = p[j] * (dp[j] - delta), dst = pt[j] * (dp[j] - delta) + p[j] * (dpt[j] - deltat);
+      dp[j] = ds * scale;
+      dpt[j] = dst * scale;
+    }
+    for (int d = 0; d < hd; ++d) {  // dq = dS K; dK += dS^T q (and tangents)
+      const F *kd = kt + int64_t{d} * ld, *ktd = ktt + int64_t{d} * ld;
+      F *dkd = dkt + int64_t{d} * ld, *dktd = dktt + int64_t{d} * ld;
+      const F c = q[ri + d], ct = qt[ri + d];
+      dq[ri + d] = Dot(dp, kd, n);
+      dqt[ri + d] = Dot(dpt, kd, n) + Dot(dp, ktd, n);
+      for (int j = 0; j < n; ++j) {
+        dkd[j] += c * dp[j];
+        dktd[j] += c * dpt[j] + ct * dp[j];
+      }
+    }
+  }
+}
+
+// Cloned for AVX-512 and AVX2 in float (the loops run over keys, contiguous); plain in double (the tests).
+RAPIDIN_CLONES void AttnForwardDual(const float* q, const float* qt, int ldq, const float* kt, const float* ktt,
+                                    const float* vt, const float* vtt, int T, int ld, int hd, float scale, float* o,
+                                    float* ot, int ldo, float* p, float* pt) {
+  AttnForwardDualBody(q, qt, ldq, kt, ktt, vt, vtt, T, ld, hd, scale, o, ot, ldo, p, pt);
+}
+void AttnForwardDual(const double* q, const double* qt, int ldq, const double* kt, const double* ktt,
+                     const double* vt, const double* vtt, int T, int ld, int hd, double scale, double* o, double* ot,
+                     int ldo, double* p, double* pt) {
+  AttnForwardDualBody(q, qt, ldq, kt, ktt, vt, vtt, T, ld, hd, scale, o, ot, ldo, p, pt);
+}
+RAPIDIN_CLONES void AttnBackwardDual(const float* q, const float* qt, const float* kt, const float* ktt,
+                                     const float* vt, const float* vtt, const float* dout, const float* doutt, int ldo,
+                                     int T, int ld, int hd, float scale, float* dq, float* dqt, float* dkt,
+                                     float* dktt, float* dvt, float* dvtt, float* s) {
+  AttnBackwardDualBody(q, qt, kt, ktt, vt, vtt, dout, doutt, ldo, T, ld, hd, scale, dq, dqt, dkt, dktt, dvt, dvtt, s);
+}
+void AttnBackwardDual(const double* q, const double* qt, const double* kt, const double* ktt, const double* vt,
+                      const double* vtt, const double* dout, const double* doutt, int ldo, int T, int ld, int hd,
+                      double scale, double* dq, double* dqt, double* dkt, double* dktt, double* dvt, double* dvtt,
+                      double* s) {
+  AttnBackwardDualBody(q, qt, kt, ktt, vt, vtt, dout, doutt, ldo, T, ld, hd, scale, dq, dqt, dkt, dktt, dvt, dvtt, s);
+}
+
+// silu(a1) a3 forward and backward with tangents (da1 may alias dm). silu' = s (1 + a (1 - s)), silu'' = s (1 - s) (2 + a (1 - 2 s)).
+template <class F>
+void SiluMulDual(const F* a1, const F* a1t, const F* a3, const F* a3t, int64_t n, F* m, F* mt) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double a = a1[i], sg = 1.0 / (1.0 + std::exp(-a)), s1 = a * sg, d1 = sg * (1.0 + a * (1.0 - sg));
+    m[i] = static_cast<F>(s1 * a3[i]);
+    mt[i] = static_cast<F>(d1 * a1t[i] * a3[i] + s1 * a3t[i]);
+  }
+}
+template <class F>
+void SiluMulBackDual(const F* a1, const F* a1t, const F* a3, const F* a3t, const F* dm, const F* dmt, int64_t n,
+                     F* da1, F* da1t, F* da3, F* da3t) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double a = a1[i], sg = 1.0 / (1.0 + std::exp(-a)), s1 = a * sg, d1 = sg * (1.0 + a * (1.0 - sg));
+    const double d2 = sg * (1.0 - sg) * (2.0 + a * (1.0 - 2.0 * sg));
+    const double g = dm[i], gt = dmt[i];  // read before writing: da1 may be dm
+    da3[i] = static_cast<F>(g * s1);
+    da3t[i] = static_cast<F>(gt * s1 + g * d1 * a1t[i]);
+    da1[i] = static_cast<F>(g * a3[i] * d1);
+    da1t[i] = static_cast<F>((gt * a3[i] + g * a3t[i]) * d1 + g * a3[i] * d2 * a1t[i]);
+  }
+}
+
+}  // namespace
+
+template <class F>
+double LlamaInputGradTangent(const LlamaShape& s, const LlamaWeights<F>& w, const LlamaWeights<F>& dw,
+                             const int32_t* ids, int n, int response_begin, const double* loss_weights, F* gx,
+                             F* gxt) {
+  FlushDenormals ftz;
+  const int D = s.dim, Fh = s.hidden, L = s.layers, H = s.heads, KV = s.kv_heads, hd = s.head_dim, V = s.vocab;
+  const int HD = H * hd, KD = KV * hd, group = H / KV;
+  const int T = n - 1, p0 = response_begin - 1, R = T - p0;
+  const int ld = (T + 15) / 16 * 16;
+  const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(hd)));
+  const int64_t TD = int64_t{T} * D, TF = int64_t{T} * Fh, THD = int64_t{T} * HD, TKD = int64_t{T} * KD;
+  const int64_t KDL = int64_t{KD} * ld;
+  // Forward activations (value and tangent) of every layer, as the backward needs them.
+  Dual<F> x, xin, r1, h1, q, kt, vt, o, xm, r2, h2, a1, a3, k, v, m;
+  x.Zero(TD);
+  for (Dual<F>* d : {&xin, &h1, &xm, &h2}) d->Zero(L * TD);
+  for (Dual<F>* d : {&r1, &r2}) d->Zero(int64_t{L} * T);
+  for (Dual<F>* d : {&q, &o}) d->Zero(L * THD);
+  for (Dual<F>* d : {&kt, &vt}) d->Zero(L * KDL);
+  for (Dual<F>* d : {&a1, &a3}) d->Zero(L * TF);
+  k.Zero(TKD);
+  v.Zero(TKD);
+  m.Zero(TF);
+  std::vector<F> scratch(4 * static_cast<size_t>(ld));
+  for (int t = 0; t < T; ++t) {
+    std::memcpy(&x.v[int64_t{t} * D], w.emb + int64_t{ids[t]} * D, D * sizeof(F));
+    if (dw.emb) std::memcpy(&x.t[int64_t{t} * D], dw.emb + int64_t{ids[t]} * D, D * sizeof(F));
+  }
+  for (int l = 0; l < L; ++l) {
+    const auto& lw = w.layers[l];
+    const auto& lt = dw.layers[l];
+    const int64_t oD = l * TD, oH = l * THD, oK = l * KDL, oF = l * TF, oT = int64_t{l} * T;
+    std::copy(x.v.begin(), x.v.end(), xin.v.begin() + oD);
+    std::copy(x.t.begin(), x.t.end(), xin.t.begin() + oD);
+    RmsNormDual(x.v.data(), x.t.data(), lw.attn_norm, T, D, s.norm_eps, &r1.v[oT], &r1.t[oT], &h1.v[oD], &h1.t[oD]);
+    LinDual(&h1.v[oD], &h1.t[oD], T, D, lw.wq, lt.wq, HD, F(0), &q.v[oH], &q.t[oH]);
+    LinDual(&h1.v[oD], &h1.t[oD], T, D, lw.wk, lt.wk, KD, F(0), k.v.data(), k.t.data());
+    LinDual(&h1.v[oD], &h1.t[oD], T, D, lw.wv, lt.wv, KD, F(0), v.v.data(), v.t.data());
+    for (F* a : {&q.v[oH], &q.t[oH]}) Rope(a, T, H, hd, w.cos, w.sin, s.rope_half, false);
+    for (F* a : {k.v.data(), k.t.data()}) Rope(a, T, KV, hd, w.cos, w.sin, s.rope_half, false);
+    ToHeadMajor(k.v.data(), T, KV, hd, ld, &kt.v[oK]);
+    ToHeadMajor(k.t.data(), T, KV, hd, ld, &kt.t[oK]);
+    ToHeadMajor(v.v.data(), T, KV, hd, ld, &vt.v[oK]);
+    ToHeadMajor(v.t.data(), T, KV, hd, ld, &vt.t[oK]);
+    for (int h = 0; h < H; ++h) {
+      const int64_t go = oK + int64_t{h / group} * hd * ld;
+      AttnForwardDual(&q.v[oH + h * hd], &q.t[oH + h * hd], HD, &kt.v[go], &kt.t[go], &vt.v[go], &vt.t[go], T, ld,
+                      hd, scale, &o.v[oH + h * hd], &o.t[oH + h * hd], HD, scratch.data(), scratch.data() + ld);
+    }
+    LinDual(&o.v[oH], &o.t[oH], T, HD, lw.wo, lt.wo, D, F(1), x.v.data(), x.t.data());
+    std::copy(x.v.begin(), x.v.end(), xm.v.begin() + oD);
+    std::copy(x.t.begin(), x.t.end(), xm.t.begin() + oD);
+    RmsNormDual(x.v.data(), x.t.data(), lw.ffn_norm, T, D, s.norm_eps, &r2.v[oT], &r2.t[oT], &h2.v[oD], &h2.t[oD]);
+    LinDual(&h2.v[oD], &h2.t[oD], T, D, lw.w1, lt.w1, Fh, F(0), &a1.v[oF], &a1.t[oF]);
+    LinDual(&h2.v[oD], &h2.t[oD], T, D, lw.w3, lt.w3, Fh, F(0), &a3.v[oF], &a3.t[oF]);
+    SiluMulDual(&a1.v[oF], &a1.t[oF], &a3.v[oF], &a3.t[oF], TF, m.v.data(), m.t.data());
+    LinDual(m.v.data(), m.t.data(), T, Fh, lw.w2, lt.w2, D, F(1), x.v.data(), x.t.data());
+  }
+  // Final norm and head on the loss positions; the loss and dL/dlogits with tangents.
+  Dual<F> rf, hf, z;
+  rf.Zero(R);
+  hf.Zero(int64_t{R} * D);
+  z.Zero(int64_t{R} * V);
+  const int64_t xo = int64_t{p0} * D;
+  RmsNormDual(&x.v[xo], &x.t[xo], w.final_norm, R, D, s.norm_eps, rf.v.data(), rf.t.data(), hf.v.data(),
+              hf.t.data());
+  LinDual(hf.v.data(), hf.t.data(), R, D, w.head, dw.head, V, F(0), z.v.data(), z.t.data());
+  double wsum = 0, loss = 0;
+  for (int i = 0; i < R; ++i) wsum += loss_weights ? loss_weights[i] : 1.0;
+  for (int i = 0; i < R; ++i) {
+    F* row = &z.v[int64_t{i} * V];
+    F* rowt = &z.t[int64_t{i} * V];
+    const int target = ids[response_begin + i];
+    const double wi = (loss_weights ? loss_weights[i] : 1.0) / wsum;
+    F mx = row[0];
+    for (int j = 1; j < V; ++j) mx = std::max(mx, row[j]);
+    const F picked = row[target];
+    const double sum = ExpShiftSum(row, mx, row, V);
+    loss += wi * (static_cast<double>(mx) + std::log(sum) - picked);
+    const F inv = static_cast<F>(1.0 / sum);
+    for (int j = 0; j < V; ++j) row[j] *= inv;  // p
+    const F pz = Dot(row, rowt, V);
+    for (int j = 0; j < V; ++j) {
+      rowt[j] = static_cast<F>(wi) * row[j] * (rowt[j] - pz);
+      row[j] *= static_cast<F>(wi);
+    }
+    row[target] -= static_cast<F>(wi);
+  }
+  // Backward: input gradients only, with tangents.
+  Dual<F> dhf, dx, dh, dm, da3, doc, dq, dk, dv, dkt, dvt;
+  dhf.Zero(int64_t{R} * D);
+  dx.Zero(TD);
+  dh.Zero(TD);
+  for (Dual<F>* d : {&dm, &da3}) d->Zero(TF);
+  for (Dual<F>* d : {&doc, &dq}) d->Zero(THD);
+  for (Dual<F>* d : {&dk, &dv}) d->Zero(TKD);
+  for (Dual<F>* d : {&dkt, &dvt}) d->Zero(KDL);
+  LinBackDual(z.v.data(), z.t.data(), R, V, w.head, dw.head, D, F(0), dhf.v.data(), dhf.t.data());
+  RmsNormBackDual(&x.v[xo], &x.t[xo], rf.v.data(), rf.t.data(), w.final_norm, dhf.v.data(), dhf.t.data(), R, D,
+                  &dx.v[xo], &dx.t[xo]);
+  for (int l = L - 1; l >= 0; --l) {
+    const auto& lw = w.layers[l];
+    const auto& lt = dw.layers[l];
+    const int64_t oD = l * TD, oH = l * THD, oK = l * KDL, oF = l * TF, oT = int64_t{l} * T;
+    LinBackDual(dx.v.data(), dx.t.data(), T, D, lw.w2, lt.w2, Fh, F(0), dm.v.data(), dm.t.data());
+    SiluMulBackDual(&a1.v[oF], &a1.t[oF], &a3.v[oF], &a3.t[oF], dm.v.data(), dm.t.data(), TF, dm.v.data(),
+                    dm.t.data(), da3.v.data(), da3.t.data());
+    LinBackDual(dm.v.data(), dm.t.data(), T, Fh, lw.w1, lt.w1, D, F(0), dh.v.data(), dh.t.data());
+    LinBackDual(da3.v.data(), da3.t.data(), T, Fh, lw.w3, lt.w3, D, F(1), dh.v.data(), dh.t.data());
+    RmsNormBackDual(&xm.v[oD], &xm.t[oD], &r2.v[oT], &r2.t[oT], lw.ffn_norm, dh.v.data(), dh.t.data(), T, D,
+                    dx.v.data(), dx.t.data());
+    LinBackDual(dx.v.data(), dx.t.data(), T, D, lw.wo, lt.wo, HD, F(0), doc.v.data(), doc.t.data());
+    std::fill(dkt.v.begin(), dkt.v.end(), F(0));
+    std::fill(dkt.t.begin(), dkt.t.end(), F(0));
+    std::fill(dvt.v.begin(), dvt.v.end(), F(0));
+    std::fill(dvt.t.begin(), dvt.t.end(), F(0));
+    for (int h = 0; h < H; ++h) {
+      const int64_t go = oK + int64_t{h / group} * hd * ld, gl = int64_t{h / group} * hd * ld;
+      AttnBackwardDual(&q.v[oH + h * hd], &q.t[oH + h * hd], &kt.v[go], &kt.t[go], &vt.v[go], &vt.t[go],
+                       &doc.v[h * hd], &doc.t[h * hd], HD, T, ld, hd, scale, &dq.v[h * hd], &dq.t[h * hd],
+                       &dkt.v[gl], &dkt.t[gl], &dvt.v[gl], &dvt.t[gl], scratch.data());
+    }
+    FromHeadMajor(dkt.v.data(), T, KV, hd, ld, dk.v.data());
+    FromHeadMajor(dkt.t.data(), T, KV, hd, ld, dk.t.data());
+    FromHeadMajor(dvt.v.data(), T, KV, hd, ld, dv.v.data());
+    FromHeadMajor(dvt.t.data(), T, KV, hd, ld, dv.t.data());
+    for (F* a : {dq.v.data(), dq.t.data()}) Rope(a, T, H, hd, w.cos, w.sin, s.rope_half, true);
+    for (F* a : {dk.v.data(), dk.t.data()}) Rope(a, T, KV, hd, w.cos, w.sin, s.rope_half, true);
+    LinBackDual(dq.v.data(), dq.t.data(), T, HD, lw.wq, lt.wq, D, F(0), dh.v.data(), dh.t.data());
+    LinBackDual(dk.v.data(), dk.t.data(), T, KD, lw.wk, lt.wk, D, F(1), dh.v.data(), dh.t.data());
+    LinBackDual(dv.v.data(), dv.t.data(), T, KD, lw.wv, lt.wv, D, F(1), dh.v.data(), dh.t.data());
+    RmsNormBackDual(&xin.v[oD], &xin.t[oD], &r1.v[oT], &r1.t[oT], lw.attn_norm, dh.v.data(), dh.t.data(), T, D,
+                    dx.v.data(), dx.t.data());
+  }
+  std::copy(dx.v.begin(), dx.v.end(), gx);
+  std::copy(dx.t.begin(), dx.t.end(), gxt);
+  std::fill(gx + TD, gx + TD + D, F(0));  // the last token predicts nothing: no gradient
+  std::fill(gxt + TD, gxt + TD + D, F(0));
+  return loss;
+}
+
+template double LlamaInputGradTangent<float>(const LlamaShape&, const LlamaWeights<float>&,
+                                             const LlamaWeights<float>&, const int32_t*, int, int, const double*,
+                                             float*, float*);
+template double LlamaInputGradTangent<double>(const LlamaShape&, const LlamaWeights<double>&,
+                                              const LlamaWeights<double>&, const int32_t*, int, int, const double*,
+                                              double*, double*);
+
 template class LlamaTokenPass<float>;
 template class LlamaTokenPass<double>;
 

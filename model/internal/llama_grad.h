@@ -52,6 +52,16 @@ template <class F>
 double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const int32_t* ids, int n,
                          int response_begin, const double* loss_weights, const LlamaGrads<F>& grads);
 
+// The influence view's pass (forward-over-reverse): gx (n x D) receives the loss's gradient (the loss of
+// LlamaLossGradient) with respect to the input embeddings (row t: the embedding of ids[t]; the last row zero), and
+// gxt its derivative when the weights move along dw: every matrix of w along the same field of dw (null: fixed;
+// norms, cos and sin unused), each input embedding along dw.emb's row of its id, a tied head with dw.emb (dw.head
+// == dw.emb). Returns the loss. Requirements as LlamaLossGradient; memory O(layers x n x dim), no n x n storage.
+template <class F>
+double LlamaInputGradTangent(const LlamaShape& s, const LlamaWeights<F>& w, const LlamaWeights<F>& dw,
+                             const int32_t* ids, int n, int response_begin, const double* loss_weights, F* gx,
+                             F* gxt);
+
 // Per-token gradients (token-wise attribution): one forward pass over the sequence, then for any range of tokens
 // the gradient of each single-token loss l_s = -log p(ids[s] | ids[<s]) with respect to the wanted matrices. A
 // range's losses share one backward pass with their rows interleaved (position-major), so each linear layer's input
