@@ -83,8 +83,8 @@ absl::Status Attribute(const Featurizer& featurizer, const Example& gen, const s
     const Example z = ExampleFromRecord(rec);
     auto zt = eng.Tokenize(z);
     if (!zt.ok()) return zt.status();
-    std::vector<std::vector<float>> z_tok;
-    absl::Status s2 = featurizer.TokenSketches(zt->ids, 1, &z_tok);
+    std::vector<double> z_tok;  // <C(N(grad l_s)), q> for s >= 1
+    absl::Status s2 = featurizer.TokenScores(zt->ids, 1, q, &z_tok);
     if (!s2.ok()) return s2;
     std::vector<double> infl;
     auto total = featurizer.RecordTokenInfluence(*zt, q, &infl);
@@ -103,7 +103,7 @@ absl::Status Attribute(const Featurizer& featurizer, const Example& gen, const s
       if (s >= 1) {
         auto* ts = sr->add_record_tokens();
         place(s, ts);
-        ts->set_score(static_cast<float>(Dot(z_tok[s - 1], q, featurizer.final_offset())));
+        ts->set_score(static_cast<float>(z_tok[s - 1]));
       }
       auto* ti = sr->add_record_influence_tokens();
       place(s, ti);

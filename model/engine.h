@@ -225,6 +225,13 @@ class GradientEngine {
   using TokenRowsConsumer = std::function<absl::Status(const float* rows, int first, int n)>;
   absl::Status TokenGradientRows(const std::vector<int32_t>& ids, int from, const TokenGradOptions& options,
                                  const TokenRowsConsumer& consume) const;
+  // The token view's scores without the per-token vectors: (*scores)[s - from] = <N(grad l_s), u> for s in
+  // [from, ids.size()), N the layer-wise normalisation (options.normalize) after any preconditioning, u grad_dim()
+  // values (a pulled-back compressed query C^T q, so that the score is <C(N(grad l_s)), q>). Each token's block is
+  // reduced as it comes (a dot product and a norm per block), so no row of grad_dim() values is written or
+  // sketched. Same methods, threads and errors as TokenGradientsIds; INVALID_ARGUMENT for a u of the wrong size.
+  absl::Status TokenScores(const std::vector<int32_t>& ids, int from, const TokenGradOptions& options,
+                           const std::vector<double>& u, std::vector<double>* scores) const;
   absl::StatusOr<double> LossIds(const TokenizedExample& t) const;
   // Training-side token attribution. For a record t and a direction u in gradient space (grad_dim() values; the
   // pulled-back compressed query C^T q, say), the influence I = <N(grad L(t)), u>, N the layer-wise

@@ -22,8 +22,9 @@ namespace {
 
 // Finite weights can still overflow in the forward pass; a NaN or Inf compressed gradient would be refused by the
 // store, or score as NaN, so it is an error here, named for what it is.
-absl::Status CheckFinite(const std::vector<float>& v, const char* what) {
-  for (float x : v) {
+template <class T>
+absl::Status CheckFinite(const std::vector<T>& v, const char* what) {
+  for (T x : v) {
     if (!std::isfinite(x)) {
       return absl::FailedPreconditionError(
           absl::StrCat(what, " is not finite: the model's activations overflow on this example"));
@@ -244,15 +245,31 @@ absl::Status Featurizer::CompressWith(const GradientEngine& e, const std::vector
   return absl::OkStatus();
 }
 
-absl::Status Featurizer::TokenSketches(const std::vector<int32_t>& ids, int from,
-                                      std::vector<std::vector<float>>* out) const {
+TokenGradOptions Featurizer::TokenOptions(int n) const {
   TokenGradOptions o;
   o.method = token_method_;
   o.normalize = layer_norm_;
   o.threads = static_cast<int>(std::max(1u, std::min(4u, std::thread::hardware_concurrency())));
   // Enough chunks for every thread, none longer than 8 tokens (the fastest size in bench/results/tokens.md).
-  const int n = static_cast<int>(ids.size()) - from;
   o.chunk = std::max(1, std::min(8, (n + o.threads - 1) / o.threads));
+  return o;
+}
+
+absl::Status Featurizer::TokenScores(const std::vector<int32_t>& ids, int from, const std::vector<float>& q,
+                                     std::vector<double>* out) const {
+  if (static_cast<int64_t>(q.size()) != dim()) {
+    return absl::InvalidArgumentError(absl::StrCat("query vector has ", q.size(), " values, the featurizer ", dim()));
+  }
+  std::vector<double> u(engine_->grad_dim());
+  sketch_->ApplyTranspose(q.data() + final_offset(), u.data());
+  absl::Status st = engine_->TokenScores(ids, from, TokenOptions(static_cast<int>(ids.size()) - from), u, out);
+  return st.ok() ? CheckFinite(*out, "a token's score") : st;
+}
+
+absl::Status Featurizer::TokenSketches(const std::vector<int32_t>& ids, int from,
+                                      std::vector<std::vector<float>>* out) const {
+  const int n = static_cast<int>(ids.size()) - from;
+  const TokenGradOptions o = TokenOptions(n);
   // Chunk by chunk as float32 rows, sketched as they come (never every token's full gradient at once): on the
   // engine's device by the device sketch, else on the CPU row by row.
   const int64_t k = sketch_->params().k, dim = engine_->grad_dim();

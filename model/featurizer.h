@@ -86,6 +86,12 @@ class Featurizer {
   // C(N(grad l_s)) for every token s in [from, ids.size()) (token-wise attribution), one K-vector each.
   absl::Status TokenSketches(const std::vector<int32_t>& ids, int from, std::vector<std::vector<float>>* out) const;
 
+  // The same tokens' scores against a compressed query q (dim() values; its final checkpoint's part):
+  // (*out)[s - from] = <C(N(grad l_s)), q>, computed as <N(grad l_s), C^T q> (GradientEngine::TokenScores), so no
+  // token's gradient is sketched or kept. Errors: INVALID_ARGUMENT for a q of the wrong size; as TokenSketches.
+  absl::Status TokenScores(const std::vector<int32_t>& ids, int from, const std::vector<float>& q,
+                           std::vector<double>* out) const;
+
   // The training-side token view of record t for a compressed query q (dim() values of this featurizer):
   // I = <N(grad L(t)), C^T q> = <C(N(grad L(t))), q>, the store's score of t (before unit normalisation, which
   // only rescales it), and per token of t.ids its gradient-times-input (GradientEngine::InfluenceTokens). Under
@@ -109,6 +115,8 @@ class Featurizer {
 
  private:
   Featurizer() = default;
+  // Per-token options for n tokens: the method, normalisation, threads and chunk size.
+  TokenGradOptions TokenOptions(int n) const;
   // The compressed gradients of one engine (no unit normalisation), for the records of `batch`.
   absl::Status CompressWith(const GradientEngine& e, const std::vector<TokenizedExample>& batch,
                             std::vector<std::vector<float>>* out, std::vector<GradInfo>* gi, Timing* timing) const;

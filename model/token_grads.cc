@@ -8,6 +8,7 @@
 // a loss's cotangent lives at one position only, so that part runs on one position per token; attention runs in
 // causal row blocks. Measured against the loop in bench/results/tokens.md.
 #include <atomic>
+#include <mutex>
 #include <functional>
 #include <cmath>
 #include <set>
@@ -445,6 +446,47 @@ absl::Status GradientEngine::TokenGradientRows(const std::vector<int32_t>& ids, 
                                }
                                d.SyncDevice();
                                return consume(rows.data_ptr<float>(), s0 - from, n);
+                             });
+  });
+}
+
+absl::Status GradientEngine::TokenScores(const std::vector<int32_t>& ids, int from, const TokenGradOptions& options,
+                                        const std::vector<double>& u, std::vector<double>* scores) const {
+  return Guarded([&]() -> absl::Status {
+    const Impl& d = *impl_;
+    if (static_cast<int64_t>(u.size()) != d.dim) {
+      return absl::InvalidArgumentError(absl::StrCat("TokenScores: u has ", u.size(), " values, the gradient ", d.dim));
+    }
+    if (from >= 1 && from < static_cast<int>(ids.size())) scores->assign(ids.size() - from, 0.0);
+    torch::Tensor ut;  // u on the engine's device, for blocks that are not float32 host memory
+    std::once_flag ut_once;
+    return ForEachTokenChunk(*this, d, ids, from, options,
+                             [&](int s0, int s1, const std::vector<torch::Tensor>* per,
+                                 std::vector<std::vector<double>>* host) {
+                               const int n = s1 - s0;
+                               double* out = scores->data() + (s0 - from);
+                               if (!per) {  // the reference methods: normalised host vectors
+                                 for (int i = 0; i < n; ++i) {
+                                   double acc = 0;
+                                   for (int64_t j = 0; j < d.dim; ++j) acc += (*host)[i][j] * u[j];
+                                   out[i] = acc;
+                                 }
+                                 return absl::OkStatus();
+                               }
+                               if (d.device.is_cpu() && d.dtype == torch::kFloat) {
+                                 d.BlockScoresHostF32(*per, n, options.normalize, u.data(), out);
+                                 return absl::OkStatus();
+                               }
+                               std::call_once(ut_once, [&] { ut = torch::tensor(u, torch::kDouble).to(d.device); });
+                               auto acc = torch::zeros({n}, torch::TensorOptions().dtype(torch::kDouble).device(d.device));
+                               for (size_t p = 0; p < d.infos.size(); ++p) {
+                                 if (!(*per)[p].defined()) continue;
+                                 acc += d.Block((*per)[p], n, options.normalize, p)
+                                            .matmul(ut.narrow(0, d.infos[p].offset, d.infos[p].numel));
+                               }
+                               acc = acc.to(torch::kCPU).contiguous();
+                               std::copy(acc.data_ptr<double>(), acc.data_ptr<double>() + n, out);
+                               return absl::OkStatus();
                              });
   });
 }

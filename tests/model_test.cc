@@ -418,6 +418,41 @@ TEST(Engine, AlpacaTemplateShiftAndTruncation) {
   EXPECT_NE((*tiny)->model_hash(), e->model_hash());
 }
 
+// The record-token view's scores equal each token's sketch against q (the definition) on the real model, with
+// and without the layer-wise norm, for a fresh random q; a q of the wrong size is refused.
+TEST(Featurizer, TokenScoresAreTokenSketchesAgainstQ) {
+  REQUIRE_SHARED_DATA();
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 19));
+  for (bool layer_norm : {true, false}) {
+    FeaturizerOptions o;
+    o.engine.model_path = ModelPath();
+    o.engine.tokenizer_path = TokPath();
+    o.k = 512;
+    o.seed = 5;
+    o.layer_norm = layer_norm;
+    auto f = Featurizer::Create(o);
+    ASSERT_TRUE(f.ok()) << f.status();
+    auto t = (*f)->engine().Tokenize({"Tell a story.", "", "Once upon a time there was a cat who liked fish.", {}});
+    ASSERT_TRUE(t.ok());
+    std::normal_distribution<float> g;
+    std::vector<float> q((*f)->dim());
+    for (auto& v : q) v = g(rng);
+    std::vector<std::vector<float>> sk;
+    std::vector<double> got;
+    ASSERT_TRUE((*f)->TokenSketches(t->ids, 1, &sk).ok());
+    ASSERT_TRUE((*f)->TokenScores(t->ids, 1, q, &got).ok());
+    ASSERT_EQ(got.size(), sk.size());
+    for (size_t s = 0; s < sk.size(); ++s) {
+      double want = 0, scale = 0;
+      for (size_t i = 0; i < q.size(); ++i) want += static_cast<double>(sk[s][i]) * q[i], scale += std::fabs(sk[s][i] * q[i]);
+      ASSERT_GT(scale, 0);
+      EXPECT_NEAR(got[s], want, 1e-5 * scale) << "token " << s;  // the sketch sums in float32
+    }
+    EXPECT_EQ((*f)->TokenScores(t->ids, 1, std::vector<float>(3), &got).code(), absl::StatusCode::kInvalidArgument);
+  }
+}
+
 TEST(Featurizer, CompressIsSketchOfNormalisedGradient) {
   REQUIRE_SHARED_DATA();
   FeaturizerOptions o;
@@ -514,6 +549,10 @@ TEST(Featurizer, NonFiniteWeightsAndOverflowsAreErrors) {
   std::vector<std::vector<float>> tokens;
   const absl::Status ts = (*f)->TokenSketches(t->ids, t->ids.size() - 3, &tokens);
   EXPECT_EQ(ts.code(), absl::StatusCode::kFailedPrecondition) << ts;
+  std::vector<double> scores;
+  const absl::Status tsc = (*f)->TokenScores(t->ids, t->ids.size() - 3, std::vector<float>((*f)->dim(), 1.0f), &scores);
+  EXPECT_EQ(tsc.code(), absl::StatusCode::kFailedPrecondition) << tsc;
+  EXPECT_NE(tsc.message().find("not finite"), std::string::npos) << tsc;
 }
 
 }  // namespace
@@ -753,6 +792,73 @@ TEST(TokenGradients, RowsAreThePerTokenGradientsInFloat32) {
               absl::StatusCode::kDataLoss);
     EXPECT_EQ((*e)->TokenGradientRows(ids, 0, to, [](const float*, int, int) { return absl::OkStatus(); }).code(),
               absl::StatusCode::kInvalidArgument);
+  }
+}
+
+// TokenScores: each token's <N(grad l_s), u> without its vector, against the per-token gradients (float64, the
+// same blocks) times u: every method, float32 and float64 engines, raw and normalised, with and without a
+// preconditioner, on fresh random weights, tokens and u; a u of the wrong size is refused.
+TEST(TokenGradients, ScoresAreTheGradientsAgainstU) {
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  const uint32_t seed = static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 17);
+  std::mt19937 rng(seed);
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 15; ++i) ids.push_back(static_cast<int32_t>(rng() % 11));  // TinyModel: 16 positions
+  if (ids[1] == ids[0]) ids[1] = (ids[0] + 1) % 11;
+  rapidin::testing::TempDir dir;
+  {
+    EngineOptions o;
+    auto trainer = GradientEngine::Random(TinyModel(true), seed, o);
+    ASSERT_TRUE(trainer.ok());
+    TokenizedExample t;
+    t.ids = ids;
+    t.response_begin = 5;
+    AdamWOptions adam;
+    adam.eps = 1e-6;
+    const auto st = TrainStep(trainer->get(), {t}, adam);
+    ASSERT_TRUE(st.ok()) << st.status();
+    ASSERT_TRUE(SaveOptimizerState(**trainer, dir.path("v.safetensors"), adam).ok());
+  }
+  for (bool dbl : {false, true}) {
+    for (bool pre : {false, true}) {
+      EngineOptions o;
+      o.use_double = dbl;
+      if (pre) o.preconditioner_path = dir.path("v.safetensors");
+      auto e = GradientEngine::Random(TinyModel(true), seed, o);
+      ASSERT_TRUE(e.ok()) << e.status();
+      std::normal_distribution<double> g;
+      std::vector<double> u((*e)->grad_dim());
+      for (auto& v : u) v = g(rng);
+      for (const auto& [method, chunk, threads] : std::vector<std::tuple<TokenGradMethod, int, int>>{
+               {TokenGradMethod::kShared, 4, 2}, {TokenGradMethod::kCopies, 3, 1}, {TokenGradMethod::kLoop, 1, 2}}) {
+        for (bool normalize : {true, false}) {
+          SCOPED_TRACE(::testing::Message() << "double " << dbl << " precondition " << pre << " method "
+                                            << static_cast<int>(method) << " normalize " << normalize);
+          TokenGradOptions to;
+          to.method = method;
+          to.chunk = chunk;
+          to.threads = threads;
+          to.normalize = normalize;
+          const int from = 2;
+          std::vector<std::vector<double>> ref;
+          ASSERT_TRUE((*e)->TokenGradientsIds(ids, from, to, &ref).ok());
+          std::vector<double> got;
+          const absl::Status st = (*e)->TokenScores(ids, from, to, u, &got);
+          ASSERT_TRUE(st.ok()) << st;
+          ASSERT_EQ(got.size(), ref.size());
+          for (size_t t = 0; t < ref.size(); ++t) {
+            double want = 0, scale = 0;
+            for (size_t i = 0; i < u.size(); ++i) want += ref[t][i] * u[i], scale += std::fabs(ref[t][i] * u[i]);
+            ASSERT_GT(scale, 1e-3);
+            EXPECT_NEAR(got[t], want, 1e-12 * scale) << "token " << t;
+          }
+        }
+      }
+      std::vector<double> got;
+      EXPECT_EQ((*e)->TokenScores(ids, 2, TokenGradOptions(), std::vector<double>(5), &got).code(),
+                absl::StatusCode::kInvalidArgument);
+      EXPECT_EQ((*e)->TokenScores(ids, 0, TokenGradOptions(), u, &got).code(), absl::StatusCode::kInvalidArgument);
+    }
   }
 }
 

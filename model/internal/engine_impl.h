@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -487,6 +488,53 @@ struct GradientEngine::Impl {
         const double ss = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
         const double inv = normalize && ss > 0 ? 1.0 / std::sqrt(ss) : 1.0;
         for (int64_t e = 0; e < numel; ++e) dst[e] = static_cast<float>(value(e) * inv);
+      }
+    }
+  }
+
+  // For float32 blocks in host memory: out[b] = sum over blocks of <P g_b, u_p> / |P g_b| (without normalize,
+  // <P g_b, u_p>; a zero block adds nothing, a non-finite one makes out[b] NaN), P the preconditioner:
+  // RowsHostF32's rows against u, without writing them.
+  void BlockScoresHostF32(const std::vector<torch::Tensor>& per, int64_t B, bool normalize, const double* u,
+                          double* out) const {
+    for (int64_t b = 0; b < B; ++b) out[b] = 0;
+    for (size_t p = 0; p < infos.size(); ++p) {
+      if (!per[p].defined()) continue;
+      const int64_t numel = infos[p].numel;
+      const double* pre = precond.empty() ? nullptr : precond[p].data_ptr<double>();
+      const double* up = u + infos[p].offset;
+      for (int64_t b = 0; b < B; ++b) {
+        const float* blk = per[p].data_ptr<float>() + b * numel;
+        double ss[8] = {}, dot[8] = {};  // independent chains: not latency-bound
+        int64_t j = 0;
+        if (pre) {
+          for (; j + 8 <= numel; j += 8) {
+            for (int k = 0; k < 8; ++k) {
+              const double v = blk[j + k] * pre[j + k];
+              ss[k] += v * v;
+              dot[k] += v * up[j + k];
+            }
+          }
+          for (; j < numel; ++j) ss[0] += blk[j] * pre[j] * blk[j] * pre[j], dot[0] += blk[j] * pre[j] * up[j];
+        } else {
+          for (; j + 8 <= numel; j += 8) {
+            for (int k = 0; k < 8; ++k) {
+              const double v = blk[j + k];
+              ss[k] += v * v;
+              dot[k] += v * up[j + k];
+            }
+          }
+          for (; j < numel; ++j) ss[0] += static_cast<double>(blk[j]) * blk[j], dot[0] += blk[j] * up[j];
+        }
+        double s2 = 0, d2 = 0;
+        for (int k = 0; k < 8; ++k) s2 += ss[k], d2 += dot[k];
+        if (!std::isfinite(s2) || !std::isfinite(d2)) {  // an overflow: the score says so (not a zero block)
+          out[b] = std::numeric_limits<double>::quiet_NaN();
+        } else if (!normalize) {
+          out[b] += d2;
+        } else if (s2 > 0) {
+          out[b] += d2 / std::sqrt(s2);
+        }
       }
     }
   }
