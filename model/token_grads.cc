@@ -18,6 +18,31 @@
 #include "model/internal/engine_impl.h"
 
 namespace rapidin::model {
+namespace internal {
+
+#if defined(__x86_64__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void BlockDotNormF32(const float* g, const double* pre, const double* u, int64_t n, double* dot, double* ss) {
+  double s[8] = {}, d[8] = {};  // independent chains: not latency-bound
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int k = 0; k < 8; ++k) {
+      const double v = pre ? g[j + k] * pre[j + k] : static_cast<double>(g[j + k]);
+      s[k] += v * v;
+      d[k] += v * u[j + k];
+    }
+  }
+  for (; j < n; ++j) {
+    const double v = pre ? g[j] * pre[j] : static_cast<double>(g[j]);
+    s[0] += v * v;
+    d[0] += v * u[j];
+  }
+  *ss = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  *dot = ((d[0] + d[1]) + (d[2] + d[3])) + ((d[4] + d[5]) + (d[6] + d[7]));
+}
+
+}  // namespace internal
 namespace {
 
 // A linear layer's input (and, under LoRA, u = x A^T), recorded by the forward pass.
@@ -287,8 +312,13 @@ bool SharedBackpropCovers(const EngineAccess::Impl& d) {
 }
 
 // Validates, then runs the chunks of [from, ids.size()) over options.threads threads, handing each to `sink`.
+// With `visit`, the direct pass hands each parameter's blocks over as soon as they are final (visit(s0, s1, p,
+// per[p]), in cache), before the sink sees the whole chunk.
+using BlockVisitor = std::function<void(int s0, int s1, size_t p, const torch::Tensor& blocks)>;
+
 absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl& d, const std::vector<int32_t>& ids,
-                               int from, const TokenGradOptions& options, const ChunkSink& sink) {
+                               int from, const TokenGradOptions& options, const ChunkSink& sink,
+                               const BlockVisitor& visit = nullptr) {
   const int T = static_cast<int>(ids.size());
   const int chunk = options.method == TokenGradMethod::kLoop ? 1 : options.chunk;
   // The hand-written backward covers the Llama layer only; other architectures take the batched autograd copies.
@@ -314,7 +344,7 @@ absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl
       using F = decltype(tag);
       auto pass = std::make_shared<internal::LlamaTokenPass<F>>(d.DirectShape(), d.template DirectWeights<F>(),
                                                                 ids.data(), T);
-      direct = [&d, pass](int s0, int s1, std::vector<torch::Tensor>* per) {
+      direct = [&d, pass, &visit](int s0, int s1, std::vector<torch::Tensor>* per) {
         // A thread reuses its blocks from chunk to chunk (the sink is done with them when it returns) while they
         // are small: fresh multi-megabyte buffers cost a page fault per 4 KiB every chunk, and a server has many
         // threads while a large model's blocks are large.
@@ -330,7 +360,15 @@ absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl
           }
           (*per)[i] = blocks[i].narrow(0, 0, s1 - s0);
         }
-        pass->Backward(s0, s1, d.template DirectGrads<F>(per, 0));
+        typename internal::LlamaTokenPass<F>::BlockDone done;
+        if (visit) {
+          done = [&](const F* buffer) {
+            for (size_t i = 0; i < per->size(); ++i) {
+              if ((*per)[i].template data_ptr<F>() == buffer) return visit(s0, s1, i, (*per)[i]);
+            }
+          };
+        }
+        pass->Backward(s0, s1, d.template DirectGrads<F>(per, 0), done);
       };
     };
     if (d.dtype == torch::kDouble) {
@@ -460,6 +498,14 @@ absl::Status GradientEngine::TokenScores(const std::vector<int32_t>& ids, int fr
     if (from >= 1 && from < static_cast<int>(ids.size())) scores->assign(ids.size() - from, 0.0);
     torch::Tensor ut;  // u on the engine's device, for blocks that are not float32 host memory
     std::once_flag ut_once;
+    // float32 blocks in host memory: each parameter's blocks reduced as the direct pass finishes them (in cache);
+    // a chunk's tokens belong to one thread, so their scores are added without a lock.
+    const bool host_f32 = d.device.is_cpu() && d.dtype == torch::kFloat;
+    std::vector<char> visited(ids.size(), 0);  // by chunk start; set and read by the chunk's own thread
+    auto visit = [&](int s0, int s1, size_t p, const torch::Tensor& blocks) {
+      visited[s0] = 1;
+      d.BlockScoresHostF32(p, blocks, s1 - s0, options.normalize, u.data(), scores->data() + (s0 - from));
+    };
     return ForEachTokenChunk(*this, d, ids, from, options,
                              [&](int s0, int s1, const std::vector<torch::Tensor>* per,
                                  std::vector<std::vector<double>>* host) {
@@ -473,8 +519,13 @@ absl::Status GradientEngine::TokenScores(const std::vector<int32_t>& ids, int fr
                                  }
                                  return absl::OkStatus();
                                }
-                               if (d.device.is_cpu() && d.dtype == torch::kFloat) {
-                                 d.BlockScoresHostF32(*per, n, options.normalize, u.data(), out);
+                               if (host_f32) {
+                                 if (visited[s0]) return absl::OkStatus();  // reduced block by block
+                                 for (size_t p = 0; p < d.infos.size(); ++p) {
+                                   if ((*per)[p].defined()) {
+                                     d.BlockScoresHostF32(p, (*per)[p], n, options.normalize, u.data(), out);
+                                   }
+                                 }
                                  return absl::OkStatus();
                                }
                                std::call_once(ut_once, [&] { ut = torch::tensor(u, torch::kDouble).to(d.device); });
@@ -487,7 +538,8 @@ absl::Status GradientEngine::TokenScores(const std::vector<int32_t>& ids, int fr
                                acc = acc.to(torch::kCPU).contiguous();
                                std::copy(acc.data_ptr<double>(), acc.data_ptr<double>() + n, out);
                                return absl::OkStatus();
-                             });
+                             },
+                             host_f32 ? BlockVisitor(visit) : BlockVisitor());
   });
 }
 

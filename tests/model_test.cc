@@ -819,12 +819,13 @@ TEST(TokenGradients, ScoresAreTheGradientsAgainstU) {
     ASSERT_TRUE(st.ok()) << st.status();
     ASSERT_TRUE(SaveOptimizerState(**trainer, dir.path("v.safetensors"), adam).ok());
   }
-  for (bool dbl : {false, true}) {
-    for (bool pre : {false, true}) {
+  for (int variant = 0; variant < 5; ++variant) {  // float32 / float64 x preconditioner, and an untied head
+    {
+      const bool dbl = variant % 2 == 1, pre = variant >= 2 && variant < 4, tied = variant < 4;
       EngineOptions o;
       o.use_double = dbl;
       if (pre) o.preconditioner_path = dir.path("v.safetensors");
-      auto e = GradientEngine::Random(TinyModel(true), seed, o);
+      auto e = GradientEngine::Random(TinyModel(tied), seed, o);
       ASSERT_TRUE(e.ok()) << e.status();
       std::normal_distribution<double> g;
       std::vector<double> u((*e)->grad_dim());
@@ -832,7 +833,7 @@ TEST(TokenGradients, ScoresAreTheGradientsAgainstU) {
       for (const auto& [method, chunk, threads] : std::vector<std::tuple<TokenGradMethod, int, int>>{
                {TokenGradMethod::kShared, 4, 2}, {TokenGradMethod::kCopies, 3, 1}, {TokenGradMethod::kLoop, 1, 2}}) {
         for (bool normalize : {true, false}) {
-          SCOPED_TRACE(::testing::Message() << "double " << dbl << " precondition " << pre << " method "
+          SCOPED_TRACE(::testing::Message() << "double " << dbl << " precondition " << pre << " tied " << tied << " method "
                                             << static_cast<int>(method) << " normalize " << normalize);
           TokenGradOptions to;
           to.method = method;

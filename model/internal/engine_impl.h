@@ -26,6 +26,11 @@
 #include "model/internal/llama_grad.h"
 
 namespace rapidin::model {
+namespace internal {
+// *dot = sum_j P_j g_j u_j and *ss = sum_j (P_j g_j)^2 over n values (P: the preconditioner, or null for 1), in
+// double (model/token_grads.cc; vectorised).
+void BlockDotNormF32(const float* g, const double* pre, const double* u, int64_t n, double* dot, double* ss);
+}  // namespace internal
 
 using kernels::Fnv1a;
 
@@ -492,49 +497,22 @@ struct GradientEngine::Impl {
     }
   }
 
-  // For float32 blocks in host memory: out[b] = sum over blocks of <P g_b, u_p> / |P g_b| (without normalize,
-  // <P g_b, u_p>; a zero block adds nothing, a non-finite one makes out[b] NaN), P the preconditioner:
+  // For parameter p's float32 blocks in host memory ([B, numel]): out[b] += <P g_b, u_p> / |P g_b| (without
+  // normalize, <P g_b, u_p>; a zero block adds nothing, a non-finite one makes out[b] NaN), P the preconditioner:
   // RowsHostF32's rows against u, without writing them.
-  void BlockScoresHostF32(const std::vector<torch::Tensor>& per, int64_t B, bool normalize, const double* u,
+  void BlockScoresHostF32(size_t p, const torch::Tensor& blocks, int64_t B, bool normalize, const double* u,
                           double* out) const {
-    for (int64_t b = 0; b < B; ++b) out[b] = 0;
-    for (size_t p = 0; p < infos.size(); ++p) {
-      if (!per[p].defined()) continue;
-      const int64_t numel = infos[p].numel;
-      const double* pre = precond.empty() ? nullptr : precond[p].data_ptr<double>();
-      const double* up = u + infos[p].offset;
-      for (int64_t b = 0; b < B; ++b) {
-        const float* blk = per[p].data_ptr<float>() + b * numel;
-        double ss[8] = {}, dot[8] = {};  // independent chains: not latency-bound
-        int64_t j = 0;
-        if (pre) {
-          for (; j + 8 <= numel; j += 8) {
-            for (int k = 0; k < 8; ++k) {
-              const double v = blk[j + k] * pre[j + k];
-              ss[k] += v * v;
-              dot[k] += v * up[j + k];
-            }
-          }
-          for (; j < numel; ++j) ss[0] += blk[j] * pre[j] * blk[j] * pre[j], dot[0] += blk[j] * pre[j] * up[j];
-        } else {
-          for (; j + 8 <= numel; j += 8) {
-            for (int k = 0; k < 8; ++k) {
-              const double v = blk[j + k];
-              ss[k] += v * v;
-              dot[k] += v * up[j + k];
-            }
-          }
-          for (; j < numel; ++j) ss[0] += static_cast<double>(blk[j]) * blk[j], dot[0] += blk[j] * up[j];
-        }
-        double s2 = 0, d2 = 0;
-        for (int k = 0; k < 8; ++k) s2 += ss[k], d2 += dot[k];
-        if (!std::isfinite(s2) || !std::isfinite(d2)) {  // an overflow: the score says so (not a zero block)
-          out[b] = std::numeric_limits<double>::quiet_NaN();
-        } else if (!normalize) {
-          out[b] += d2;
-        } else if (s2 > 0) {
-          out[b] += d2 / std::sqrt(s2);
-        }
+    const int64_t numel = infos[p].numel;
+    const double* pre = precond.empty() ? nullptr : precond[p].data_ptr<double>();
+    for (int64_t b = 0; b < B; ++b) {
+      double s2 = 0, d2 = 0;
+      internal::BlockDotNormF32(blocks.data_ptr<float>() + b * numel, pre, u + infos[p].offset, numel, &d2, &s2);
+      if (!std::isfinite(s2) || !std::isfinite(d2)) {  // an overflow: the score says so (not a zero block)
+        out[b] = std::numeric_limits<double>::quiet_NaN();
+      } else if (!normalize) {
+        out[b] += d2;
+      } else if (s2 > 0) {
+        out[b] += d2 / std::sqrt(s2);
       }
     }
   }

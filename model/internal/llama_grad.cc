@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -316,6 +317,139 @@ RAPIDIN_AVX512 void AttnBackward512(const float* q, int ldq, const float* kt, co
   }
 }
 
+// In-register transpose of a 16 x 16 tile (row r of the input becomes column r).
+RAPIDIN_AVX512 inline void Transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int h = 0; h < 2; ++h) {
+    for (int i = 0; i < 4; ++i) {
+      t[8 * h + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + 4 + i], 0x88);
+      t[8 * h + 4 + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + 4 + i], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+  }
+}
+
+// AttnBackward512 in 16 x 16 tiles (rows i x keys j), for many rows and for c losses at once that share the
+// forward pass (a chunk of token losses: loss b's do rows at dout + b * bo, its dq at dq + b * bo, its dK, dV at
+// dkt / dvt + b * bkv). Per tile, the P chunk is read once for all c losses; per loss, dS in one pass (delta_i =
+// do_i . o_i, o the forward output, instead of a sum over the row), dV and dK summed over the tile's rows in
+// registers and added once, and dq through the transposed tile, accumulated as dq^T (lanes = rows). The
+// row-at-a-time kernel read and wrote dK and dV for every row and read P once per loss. Rows [0, T) for every
+// loss (a loss's rows past its own position have do = 0 and contribute nothing). s: AttnScratch(hd, ld, c).
+// kHd: the head dimension when known at compile time (8: stories260K's; loops unrolled), or 0 (hd).
+template <int kHd>
+RAPIDIN_AVX512 void AttnBackwardTiles512(const float* q, int ldq, const float* o, const float* kt, const float* vt,
+                                         const float* P, const float* dout, int ldo, int T, int ld, int hd_any,
+                                         float scale, float* dq, int lddq, float* dkt, float* dvt, int c,
+                                         int64_t bo, int64_t bkv, float* s) {
+  const int hd = kHd > 0 ? kHd : hd_any;
+  float* dsb = s;                           // 16 x 16: a tile's dS rows
+  float* delta = s + 256;                   // c x ld
+  float* dqt = delta + int64_t{c} * ld;     // c x hd x ld: dq transposed
+  std::fill(dqt, dqt + int64_t{c} * hd * ld, 0.0f);
+  for (int b = 0; b < c; ++b) {
+    for (int i = 0; i < T; ++i) {
+      const float* doi = dout + b * bo + int64_t{i} * ldo;
+      float a = 0;
+      for (int d = 0; d < hd; ++d) a += doi[d] * o[int64_t{i} * ldq + d];
+      delta[int64_t{b} * ld + i] = a;
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int ib = 0; ib < T; ib += 16) {
+    const int nr = std::min(16, T - ib);
+    const __mmask16 rows = nr >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nr) - 1);
+    for (int j0 = 0; j0 < ib + nr; j0 += 16) {
+      const int r0 = std::max(0, j0 - ib);  // rows before j0 see none of these keys (their P chunk is unwritten)
+      if (j0 + 32 < ib + nr) {  // the rows' P two chunks ahead (16 strided streams defeat the prefetchers)
+        for (int r = std::max(0, j0 + 32 - ib); r < nr; ++r) {
+          _mm_prefetch(reinterpret_cast<const char*>(P + int64_t{ib + r} * ld + j0 + 32), _MM_HINT_T0);
+        }
+      }
+      for (int b = 0; b < c; ++b) {
+        const float* dob = dout + b * bo;
+        const float* db = delta + int64_t{b} * ld;
+        // dS rows (zero outside [r0, nr), so the transpose adds nothing for them)
+        for (int r = 0; r < 16; ++r) {
+          if (r < r0 || r >= nr) {
+            _mm512_store_ps(dsb + 16 * r, _mm512_setzero_ps());
+            continue;
+          }
+          const int i = ib + r;
+          const float* doi = dob + int64_t{i} * ldo;
+          __m512 dp = _mm512_setzero_ps();
+          for (int d = 0; d < hd; ++d) {
+            dp = _mm512_fmadd_ps(_mm512_set1_ps(doi[d]), _mm512_load_ps(vt + int64_t{d} * ld + j0), dp);
+          }
+          const __m512 pv = _mm512_load_ps(P + int64_t{i} * ld + j0);
+          _mm512_store_ps(dsb + 16 * r, _mm512_mul_ps(_mm512_mul_ps(pv, _mm512_sub_ps(dp, _mm512_set1_ps(db[i]))), sc));
+        }
+        // dV += P^T do, dK += dS^T q over the tile's rows
+        float *dvb = dvt + b * bkv, *dkb = dkt + b * bkv;
+        for (int d0 = 0; d0 < hd; d0 += 8) {
+          __m512 dva[8], dka[8];
+          for (int dd = 0; dd < 8; ++dd) dva[dd] = dka[dd] = _mm512_setzero_ps();
+          for (int r = r0; r < nr; ++r) {
+            const int i = ib + r;
+            const __m512 pv = _mm512_load_ps(P + int64_t{i} * ld + j0), ds = _mm512_load_ps(dsb + 16 * r);
+            const float *doi = dob + int64_t{i} * ldo + d0, *qi = q + int64_t{i} * ldq + d0;
+            for (int dd = 0; dd < 8; ++dd) {
+              dva[dd] = _mm512_fmadd_ps(_mm512_set1_ps(doi[dd]), pv, dva[dd]);
+              dka[dd] = _mm512_fmadd_ps(_mm512_set1_ps(qi[dd]), ds, dka[dd]);
+            }
+          }
+          for (int dd = 0; dd < 8; ++dd) {
+            float* dv = dvb + int64_t{d0 + dd} * ld + j0;
+            float* dk = dkb + int64_t{d0 + dd} * ld + j0;
+            _mm512_store_ps(dv, _mm512_add_ps(_mm512_load_ps(dv), dva[dd]));
+            _mm512_store_ps(dk, _mm512_add_ps(_mm512_load_ps(dk), dka[dd]));
+          }
+        }
+        // dq^T[d][rows] += sum over the tile's keys of K^T[d][j] dS^T[j][rows]
+        __m512 dst[16];
+        for (int r = 0; r < 16; ++r) dst[r] = _mm512_load_ps(dsb + 16 * r);
+        Transpose16(dst);
+        float* dqb = dqt + int64_t{b} * hd * ld;
+        for (int d = 0; d < hd; ++d) {
+          const float* kd = kt + int64_t{d} * ld + j0;
+          float* acc_at = dqb + int64_t{d} * ld + ib;
+          __m512 acc = _mm512_maskz_loadu_ps(rows, acc_at);
+          for (int jj = 0; jj < 16; ++jj) acc = _mm512_fmadd_ps(_mm512_set1_ps(kd[jj]), dst[jj], acc);
+          _mm512_mask_storeu_ps(acc_at, rows, acc);
+        }
+      }
+    }
+  }
+  for (int b = 0; b < c; ++b) {
+    const float* dqb = dqt + int64_t{b} * hd * ld;
+    for (int i = 0; i < T; ++i) {
+      for (int d = 0; d < hd; ++d) dq[b * bo + int64_t{i} * lddq + d] = dqb[int64_t{d} * ld + i];
+    }
+  }
+}
+
+void AttnBackwardTiles(const float* q, int ldq, const float* o, const float* kt, const float* vt, const float* P,
+                       const float* dout, int ldo, int T, int ld, int hd, float scale, float* dq, int lddq, float* dkt,
+                       float* dvt, int c, int64_t bo, int64_t bkv, float* s) {
+  if (hd == 8) {
+    return AttnBackwardTiles512<8>(q, ldq, o, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo, bkv, s);
+  }
+  AttnBackwardTiles512<0>(q, ldq, o, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo, bkv, s);
+}
+
 bool UseAttn512(int hd) {
   static const bool avx512 = __builtin_cpu_supports("avx512f");
   return avx512 && hd % 8 == 0;
@@ -334,6 +468,9 @@ RAPIDIN_CLONES void AttnBackwardAny(const float* q, int ldq, const float* kt, co
   AttnBackwardBody(q, ldq, kt, vt, P, dout, ldo, i0, T, ld, hd, scale, dq, lddq, dkt, dvt, dp);
 }
 
+// Scratch values the attention backward needs for c losses (the tiled kernel's tile, delta and dq^T).
+int64_t AttnScratch(int hd, int ld, int c = 1) { return 256 + int64_t{c} * (hd + 1) * ld; }
+
 // One head's attention, forward and backward (kt, vt, P, dkt, dvt with `ld` columns; ld a multiple of 16).
 void AttnForward(const float* q, int ldq, const float* kt, const float* vt, int T, int ld, int hd, float scale,
                  float* P, float* o, int ldo) {
@@ -348,20 +485,43 @@ void AttnForward(const double* q, int ldq, const double* kt, const double* vt, i
 }
 // Query rows [i0, T) (rows before i0 have a zero output gradient); dq rows have stride lddq (a batch of token
 // losses interleaves its rows).
-void AttnBackward(const float* q, int ldq, const float* kt, const float* vt, const float* P, const float* dout,
-                  int ldo, int i0, int T, int ld, int hd, float scale, float* dq, int lddq, float* dkt, float* dvt,
-                  float* dp) {
+// o: the forward output rows (stride ldq). dp: AttnScratch(hd, ld) values.
+void AttnBackward(const float* q, int ldq, const float* o, const float* kt, const float* vt, const float* P,
+                  const float* dout, int ldo, int i0, int T, int ld, int hd, float scale, float* dq, int lddq,
+                  float* dkt, float* dvt, float* dp) {
 #if defined(__x86_64__)
   if (UseAttn512(hd)) {
+    if (i0 == 0 && T >= 16) {
+      return AttnBackwardTiles(q, ldq, o, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, lddq, dkt, dvt, 1, 0, 0, dp);
+    }
     return AttnBackward512(q, ldq, kt, vt, P, dout, ldo, i0, T, ld, hd, scale, dq, lddq, dkt, dvt, dp);
   }
 #endif
   AttnBackwardAny(q, ldq, kt, vt, P, dout, ldo, i0, T, ld, hd, scale, dq, lddq, dkt, dvt, dp);
 }
-void AttnBackward(const double* q, int ldq, const double* kt, const double* vt, const double* P,
+void AttnBackward(const double* q, int ldq, const double*, const double* kt, const double* vt, const double* P,
                   const double* dout, int ldo, int i0, int T, int ld, int hd, double scale, double* dq, int lddq,
                   double* dkt, double* dvt, double* dp) {
   AttnBackwardBody(q, ldq, kt, vt, P, dout, ldo, i0, T, ld, hd, scale, dq, lddq, dkt, dvt, dp);
+}
+
+// AttnBackward for c losses over rows [0, T) of one head (loss b: do rows at dout + b * bo, dq at dq + b * bo,
+// dK, dV at dkt / dvt + b * bkv; rows past a loss's position have do = 0). dp: AttnScratch(hd, ld, c) values.
+template <class F>
+void AttnBackwardLosses(const F* q, int ldq, const F* o, const F* kt, const F* vt, const F* P, const F* dout,
+                        int ldo, int T, int ld, int hd, F scale, F* dq, int lddq, F* dkt, F* dvt, int c, int64_t bo,
+                        int64_t bkv, F* dp) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<F, float>) {
+    if (UseAttn512(hd) && T >= 16) {
+      return AttnBackwardTiles(q, ldq, o, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo, bkv, dp);
+    }
+  }
+#endif
+  for (int b = 0; b < c; ++b) {
+    AttnBackward(q, ldq, o, kt, vt, P, dout + b * bo, ldo, 0, T, ld, hd, scale, dq + b * bo, lddq, dkt + b * bkv,
+                 dvt + b * bkv, dp);
+  }
 }
 
 // dst[g][d][t] = src[t][g * hd + d] (rows of nh heads to one hd x ld block per head), zero for t in [T, ld).
@@ -409,6 +569,45 @@ RAPIDIN_CLONES void SiluMulBackRows(const float* a1, const float* a3, float* dm,
 }
 void SiluMulBackRows(const double* a1, const double* a3, double* dm, double* da3, int rows, int n) {
   for (int r = 0; r < rows; ++r) SiluMulBack(a1, a3, dm + int64_t{r} * n, da3 + int64_t{r} * n, n);
+}
+
+// m = silu(a1) a3, s1 = silu(a1), g1 = a3 silu'(a1) (for the SwiGLU backward of many token losses).
+RAPIDIN_CLONES void SiluFactors(const float* a1, const float* a3, int64_t n, float* m, float* s1, float* g1) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float sg = 1.0f / (1.0f + ExpF(-a1[i]));
+    s1[i] = a1[i] * sg;
+    m[i] = s1[i] * a3[i];
+    g1[i] = a3[i] * sg * (1.0f + a1[i] * (1.0f - sg));
+  }
+}
+void SiluFactors(const double* a1, const double* a3, int64_t n, double* m, double* s1, double* g1) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double sg = 1.0 / (1.0 + std::exp(-a1[i]));
+    s1[i] = a1[i] * sg;
+    m[i] = s1[i] * a3[i];
+    g1[i] = a3[i] * sg * (1.0 + a1[i] * (1.0 - sg));
+  }
+}
+// Row t * c + b of dm (n values): da3 = dm s1_t, dm becomes da1 = dm g1_t.
+template <class F>
+RAPIDIN_INLINE void SiluBackRowsBody(const F* s1, const F* g1, F* dm, F* da3, int P, int c, int n) {
+  for (int t = 0; t < P; ++t) {
+    const F *st = s1 + int64_t{t} * n, *gt = g1 + int64_t{t} * n;
+    for (int b = 0; b < c; ++b) {
+      F* d = dm + (int64_t{t} * c + b) * n;
+      F* e = da3 + (int64_t{t} * c + b) * n;
+      for (int i = 0; i < n; ++i) {
+        e[i] = d[i] * st[i];
+        d[i] = d[i] * gt[i];
+      }
+    }
+  }
+}
+RAPIDIN_CLONES void SiluBackRows(const float* s1, const float* g1, float* dm, float* da3, int P, int c, int n) {
+  SiluBackRowsBody(s1, g1, dm, da3, P, c, n);
+}
+void SiluBackRows(const double* s1, const double* g1, double* dm, double* da3, int P, int c, int n) {
+  SiluBackRowsBody(s1, g1, dm, da3, P, c, n);
 }
 
 // One thread's activations and temporaries; vectors keep their capacity from record to record.
@@ -474,6 +673,39 @@ void RmsNormBack(const F* x, const F* r, const F* g, const F* dy, int rows, int 
     const F rt = r[t];
     const F c = static_cast<F>(ux * rt * rt * rt / D);
     for (int d = 0; d < D; ++d) dxt[d] += rt * g[d] * dyt[d] - xt[d] * c;
+  }
+}
+
+// RmsNormBack for a batch of token losses: row t * c + b (position t's x and r) for t < P, b < c; the float path
+// cloned for AVX-512 / AVX2 (its sums in 8 double partial sums), as it runs on every row of every chunk.
+RAPIDIN_CLONES void RmsNormBackRows(const float* x, const float* r, const float* g, const float* dy, int P, int c,
+                                    int D, float* dx) {
+  for (int t = 0; t < P; ++t) {
+    const float* xt = x + int64_t{t} * D;
+    const float rt = r[t];
+    for (int b = 0; b < c; ++b) {
+      const int64_t row = (int64_t{t} * c + b) * D;
+      const float* dyt = dy + row;
+      float* dxt = dx + row;
+      double acc[8] = {};
+      int d = 0;
+      for (; d + 8 <= D; d += 8) {
+        for (int k = 0; k < 8; ++k) acc[k] += static_cast<double>(g[d + k]) * dyt[d + k] * xt[d + k];
+      }
+      for (; d < D; ++d) acc[0] += static_cast<double>(g[d]) * dyt[d] * xt[d];
+      const double ux = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      const float cc = static_cast<float>(ux * rt * rt * rt / D);
+      for (d = 0; d < D; ++d) dxt[d] += rt * g[d] * dyt[d] - xt[d] * cc;
+    }
+  }
+}
+void RmsNormBackRows(const double* x, const double* r, const double* g, const double* dy, int P, int c, int D,
+                     double* dx) {
+  for (int t = 0; t < P; ++t) {
+    for (int b = 0; b < c; ++b) {
+      const int64_t row = (int64_t{t} * c + b) * D;
+      RmsNormBack(x + int64_t{t} * D, r + t, g, dy + row, 1, D, dx + row);
+    }
   }
 }
 
@@ -625,7 +857,7 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
   F* dv = Sized(&S.dv, TKD);
   F* dkt = Sized(&S.dkt, KDL);
   F* dvt = Sized(&S.dvt, KDL);
-  F* ds = Sized(&S.ds, ld);
+  F* ds = Sized(&S.ds, AttnScratch(hd, ld));
   Gemm<F>(false, false, R, D, V, logits, V, w.head, D, 0, dhf, D);
   if (grads.head) Gemm<F>(true, false, V, D, R, logits, V, hf, D, 0, grads.head, D);
   std::fill(dx, dx + TD, F(0));
@@ -656,7 +888,7 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
     std::fill(dvt, dvt + KDL, F(0));
     for (int h = 0; h < H; ++h) {
       const int64_t go = int64_t{h / group} * hd * ld;
-      AttnBackward(ql + h * hd, HD, ktl + go, vtl + go, al + h * TT, doc + h * hd, HD, 0, T, ld, hd, scale,
+      AttnBackward(ql + h * hd, HD, ol + h * hd, ktl + go, vtl + go, al + h * TT, doc + h * hd, HD, 0, T, ld, hd, scale,
                    dq + h * hd, HD, dkt + go, dvt + go, ds);
     }
     FromHeadMajor(dkt, T, KV, hd, ld, dk);
@@ -691,6 +923,9 @@ struct LlamaTokenPass<F>::State {
   Scratch<F> storage;  // the forward activations
   Fwd<F> A;
   std::vector<F> rf, hf;  // the final norm's rsqrt and output at every position
+  // Per layer and position, silu(a1) a3 (the w2 input) and the SwiGLU backward's factors: da3 = dm silu(a1),
+  // da1 = dm a3 silu'(a1). Computed once, not in every chunk's backward.
+  std::vector<F> m, s1, g1;
 };
 
 template <class F>
@@ -705,13 +940,21 @@ LlamaTokenPass<F>::LlamaTokenPass(const LlamaShape& s, const LlamaWeights<F>& w,
   st.rf.resize(n - 1);
   st.hf.resize(static_cast<size_t>(n - 1) * s.dim);
   RmsNorm(st.A.x, w.final_norm, n - 1, s.dim, s.norm_eps, st.rf.data(), st.hf.data());
+  const int64_t all = int64_t{s.layers} * st.A.TF;
+  st.m.resize(all);
+  st.s1.resize(all);
+  st.g1.resize(all);
+  SiluFactors(st.A.a1, st.A.a3, all, st.m.data(), st.s1.data(), st.g1.data());
 }
 
 template <class F>
 LlamaTokenPass<F>::~LlamaTokenPass() = default;
 
 template <class F>
-void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g) const {
+void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g, const BlockDone& done) const {
+  auto finished = [&](const F* buffer) {
+    if (done && buffer) done(buffer);
+  };
   FlushDenormals ftz;
   const State& st = *st_;
   const LlamaShape& s = st.s;
@@ -740,7 +983,7 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g) const {
   F* dv = Sized(&S.dv, PC * KD);
   F* dkt = Sized(&S.dkt, c * KDL);
   F* dvt = Sized(&S.dvt, c * KDL);
-  F* ds = Sized(&S.ds, ld);
+  F* ds = Sized(&S.ds, AttnScratch(hd, ld, c));
   const F* hf = st.hf.data() + int64_t{p0} * D;
   // head: one loss per token, weight 1
   Gemm<F>(false, true, c, V, D, hf, D, w.head, D, 0, logits, V);
@@ -758,6 +1001,7 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g) const {
       Gemm<F>(true, false, V, D, 1, logits + int64_t{b} * V, V, hf + int64_t{b} * D, D, 0,
               g.head + int64_t{b} * V * D, D);
     }
+    if (g.head != g.emb) finished(g.head);  // a tied head is final with the embedding's rows, at the end
   }
   std::fill(dx, dx + PC * D, F(0));
   for (int b = 0; b < c; ++b) {
@@ -767,12 +1011,7 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g) const {
   }
   // Per row (t, b): dx += d norm(x_t)/dx^T dy_(t, b).
   auto norm_back = [&](const F* x, const F* r, const F* gain, const F* dy) {
-    for (int t = 0; t < P; ++t) {
-      for (int b = 0; b < c; ++b) {
-        const int64_t row = int64_t{t} * c + b;
-        RmsNormBack(x + int64_t{t} * D, r + t, gain, dy + row * D, 1, D, dx + row * D);
-      }
-    }
+    RmsNormBackRows(x, r, gain, dy, P, c, D, dx);
   };
   for (int l = L - 1; l >= 0; --l) {
     const auto& lw = w.layers[l];
@@ -794,6 +1033,7 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g) const {
       for (int b = 0; b < c; ++b) {
         if (gl && gl->w2) outer(gl->w2 + int64_t{b} * D * Fh, dxc + int64_t{b} * D, D, m + int64_t{b} * Fh, Fh);
       }
+      if (gl) finished(gl->w2);
       Gemm<F>(false, false, c, Fh, D, dxc, D, lw.w2, Fh, 0, dmc, Fh);
       for (int b = 0; b < c; ++b) {
         const int64_t at = int64_t{p0 + b} * Fh;
@@ -802,6 +1042,7 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g) const {
         if (gl && gl->w1) outer(gl->w1 + int64_t{b} * Fh * D, dmc + int64_t{b} * Fh, Fh, h2p, D);
         if (gl && gl->w3) outer(gl->w3 + int64_t{b} * Fh * D, da3c + int64_t{b} * Fh, Fh, h2p, D);
       }
+      if (gl) finished(gl->w1), finished(gl->w3);
       Gemm<F>(false, false, c, D, Fh, dmc, Fh, lw.w1, D, 0, dhc, D);
       Gemm<F>(false, false, c, D, Fh, da3c, Fh, lw.w3, D, 1, dhc, D);
       std::fill(doc, doc + PC * HD, F(0));
@@ -814,37 +1055,53 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g) const {
         // doc row (p, b) = dxc_b Wo
         Gemm<F>(false, false, 1, HD, D, dxc + int64_t{b} * D, D, lw.wo, HD, 0, doc + (int64_t{p} * c + b) * HD, HD);
       }
+      if (gl) finished(gl->wo);
     } else {
       // feed-forward; a token's weight gradient: dy_b^T x over positions, all tokens in one product
+      const int64_t at = l * TF;
       if (gl && gl->w2) {
-        SiluMul(a1l, a3l, m, int64_t{P} * Fh);
-        Gemm<F>(true, false, c * D, Fh, P, dx, c * D, m, Fh, 0, gl->w2, Fh);
+        Gemm<F>(true, false, c * D, Fh, P, dx, c * D, st.m.data() + at, Fh, 0, gl->w2, Fh);
+        finished(gl->w2);
       }
       Gemm<F>(false, false, static_cast<int>(PC), Fh, D, dx, D, lw.w2, Fh, 0, dm, Fh);
-      for (int t = 0; t < P; ++t) {
-        const int64_t row = int64_t{t} * c * Fh;
-        SiluMulBackRows(a1l + int64_t{t} * Fh, a3l + int64_t{t} * Fh, dm + row, da3 + row, c, Fh);
+      SiluBackRows(st.s1.data() + at, st.g1.data() + at, dm, da3, P, c, Fh);
+      if (gl && gl->w1) {
+        Gemm<F>(true, false, c * Fh, D, P, dm, c * Fh, h2l, D, 0, gl->w1, D);
+        finished(gl->w1);
       }
-      if (gl && gl->w1) Gemm<F>(true, false, c * Fh, D, P, dm, c * Fh, h2l, D, 0, gl->w1, D);
-      if (gl && gl->w3) Gemm<F>(true, false, c * Fh, D, P, da3, c * Fh, h2l, D, 0, gl->w3, D);
+      if (gl && gl->w3) {
+        Gemm<F>(true, false, c * Fh, D, P, da3, c * Fh, h2l, D, 0, gl->w3, D);
+        finished(gl->w3);
+      }
       Gemm<F>(false, false, static_cast<int>(PC), D, Fh, dm, Fh, lw.w1, D, 0, dh, D);
       Gemm<F>(false, false, static_cast<int>(PC), D, Fh, da3, Fh, lw.w3, D, 1, dh, D);
       norm_back(xm, A.r2 + int64_t{l} * A.T, lw.ffn_norm, dh);
       // attention
-      if (gl && gl->wo) Gemm<F>(true, false, c * D, HD, P, dx, c * D, ol, HD, 0, gl->wo, HD);
+      if (gl && gl->wo) {
+        Gemm<F>(true, false, c * D, HD, P, dx, c * D, ol, HD, 0, gl->wo, HD);
+        finished(gl->wo);
+      }
       Gemm<F>(false, false, static_cast<int>(PC), HD, D, dx, D, lw.wo, HD, 0, doc, HD);
     }
     std::fill(dq, dq + PC * HD, F(0));
     std::fill(dkt, dkt + c * KDL, F(0));
     std::fill(dvt, dvt + c * KDL, F(0));
-    for (int b = 0; b < c; ++b) {
-      for (int h = 0; h < H; ++h) {
+    if (l == L - 1) {
+      for (int b = 0; b < c; ++b) {
+        for (int h = 0; h < H; ++h) {
+          const int64_t go = int64_t{h / group} * hd * ld;
+          // Above the last attention a loss reaches its own position only: in the top layer only that query row
+          // has an output gradient.
+          AttnBackward(ql + h * hd, HD, ol + h * hd, ktl + go, vtl + go, al + h * TT, doc + int64_t{b} * HD + h * hd,
+                       c * HD, p0 + b, p0 + b + 1, ld, hd, scale, dq + int64_t{b} * HD + h * hd, c * HD,
+                       dkt + b * KDL + go, dvt + b * KDL + go, ds);
+        }
+      }
+    } else {
+      for (int h = 0; h < H; ++h) {  // every loss of the chunk at once: the probabilities are read once
         const int64_t go = int64_t{h / group} * hd * ld;
-        // Above the last attention a loss reaches its own position only: in the top layer only that query row
-        // has an output gradient.
-        AttnBackward(ql + h * hd, HD, ktl + go, vtl + go, al + h * TT, doc + int64_t{b} * HD + h * hd, c * HD,
-                     l == L - 1 ? p0 + b : 0, p0 + b + 1, ld, hd, scale, dq + int64_t{b} * HD + h * hd, c * HD,
-                     dkt + b * KDL + go, dvt + b * KDL + go, ds);
+        AttnBackwardLosses(ql + h * hd, HD, ol + h * hd, ktl + go, vtl + go, al + h * TT, doc + h * hd, c * HD, P,
+                           ld, hd, scale, dq + h * hd, c * HD, dkt + go, dvt + go, c, int64_t{HD}, KDL, ds);
       }
     }
     for (int t = 0; t < P; ++t) {
@@ -862,6 +1119,7 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g) const {
     if (gl && gl->wq) Gemm<F>(true, false, c * HD, D, P, dq, c * HD, hl, D, 0, gl->wq, D);
     if (gl && gl->wk) Gemm<F>(true, false, c * KD, D, P, dk, c * KD, hl, D, 0, gl->wk, D);
     if (gl && gl->wv) Gemm<F>(true, false, c * KD, D, P, dv, c * KD, hl, D, 0, gl->wv, D);
+    if (gl) finished(gl->wq), finished(gl->wk), finished(gl->wv);
     Gemm<F>(false, false, static_cast<int>(PC), D, HD, dq, HD, lw.wq, D, 0, dh, D);
     Gemm<F>(false, false, static_cast<int>(PC), D, KD, dk, KD, lw.wk, D, 1, dh, D);
     Gemm<F>(false, false, static_cast<int>(PC), D, KD, dv, KD, lw.wv, D, 1, dh, D);
@@ -877,6 +1135,7 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g) const {
         for (int j = 0; j < D; ++j) e[j] += d[j];
       }
     }
+    finished(g.emb);
   }
   TrimScratch(&S);
 }

@@ -7,6 +7,7 @@
 #define RAPIDIN_MODEL_INTERNAL_LLAMA_GRAD_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -73,9 +74,11 @@ class LlamaTokenPass {
   LlamaTokenPass(const LlamaShape& s, const LlamaWeights<F>& w, const int32_t* ids, int n);
   ~LlamaTokenPass();
   // Gradients of l_s for s in [s0, s1), 1 <= s0 < s1 <= n: each wanted matrix's buffer receives s1 - s0 blocks of
-  // its size, token by token (overwritten; head == emb for a tied output sums both uses in one block). Thread-safe:
-  // concurrent calls share the forward pass read-only.
-  void Backward(int s0, int s1, const LlamaGrads<F>& grads) const;
+  // its size, token by token (overwritten; head == emb for a tied output sums both uses in one block). `done`,
+  // when set, is called with each wanted buffer as soon as its blocks are final (once per buffer, while they are
+  // still in cache). Thread-safe: concurrent calls share the forward pass read-only.
+  using BlockDone = std::function<void(const F* buffer)>;
+  void Backward(int s0, int s1, const LlamaGrads<F>& grads, const BlockDone& done = nullptr) const;
 
  private:
   struct State;
