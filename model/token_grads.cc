@@ -381,10 +381,14 @@ absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl
   if (method == TokenGradMethod::kShared && !direct) shared = std::make_unique<SharedTokenBackprop>(d, ids);
   // Work items are chunks of consecutive tokens; threads take them in turn (autograd::grad is thread-safe, and the
   // shared forward pass is only read).
-  std::atomic<int> next{from};
+  // The last chunks cost the most (each token's backward covers its prefix): they go first, so that the threads
+  // finish together.
+  const int chunks = (T - from + chunk - 1) / chunk;
+  std::atomic<int> next{0};
   std::vector<absl::Status> status(threads);
   auto work = [&](int w) {
-    for (int s0; (s0 = next.fetch_add(chunk)) < T;) {
+    for (int k; (k = next.fetch_add(1)) < chunks;) {
+      const int s0 = from + (chunks - 1 - k) * chunk;
       const int s1 = std::min(T, s0 + chunk);
       // A throw on a worker thread would end the process: convert it here.
       absl::Status st = Guarded([&]() -> absl::Status {

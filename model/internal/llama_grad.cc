@@ -382,20 +382,26 @@ RAPIDIN_AVX512 void AttnBackwardTiles512(const float* q, int ldq, const float* o
       for (int b = 0; b < c; ++b) {
         const float* dob = dout + b * bo;
         const float* db = delta + int64_t{b} * ld;
-        // dS rows (zero outside [r0, nr), so the transpose adds nothing for them)
-        for (int r = 0; r < 16; ++r) {
-          if (r < r0 || r >= nr) {
-            _mm512_store_ps(dsb + 16 * r, _mm512_setzero_ps());
-            continue;
-          }
-          const int i = ib + r;
-          const float* doi = dob + int64_t{i} * ldo;
-          __m512 dp = _mm512_setzero_ps();
+        // dS rows (zero outside [r0, nr), so the transpose adds nothing for them), four rows at a time so that
+        // their dot products over d are independent chains
+        for (int r = 0; r < r0; ++r) _mm512_store_ps(dsb + 16 * r, _mm512_setzero_ps());
+        for (int r = nr; r < 16; ++r) _mm512_store_ps(dsb + 16 * r, _mm512_setzero_ps());
+        for (int r = r0; r < nr; r += 4) {
+          const int rn = std::min(4, nr - r);
+          __m512 dp[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+          const float* doi = dob + int64_t{ib + r} * ldo;
           for (int d = 0; d < hd; ++d) {
-            dp = _mm512_fmadd_ps(_mm512_set1_ps(doi[d]), _mm512_load_ps(vt + int64_t{d} * ld + j0), dp);
+            const __m512 v = _mm512_load_ps(vt + int64_t{d} * ld + j0);
+            for (int u = 0; u < 4; ++u) {
+              if (u < rn) dp[u] = _mm512_fmadd_ps(_mm512_set1_ps(doi[u * int64_t{ldo} + d]), v, dp[u]);
+            }
           }
-          const __m512 pv = _mm512_load_ps(P + int64_t{i} * ld + j0);
-          _mm512_store_ps(dsb + 16 * r, _mm512_mul_ps(_mm512_mul_ps(pv, _mm512_sub_ps(dp, _mm512_set1_ps(db[i]))), sc));
+          for (int u = 0; u < rn; ++u) {
+            const int i = ib + r + u;
+            const __m512 pv = _mm512_load_ps(P + int64_t{i} * ld + j0);
+            _mm512_store_ps(dsb + 16 * (r + u),
+                            _mm512_mul_ps(_mm512_mul_ps(pv, _mm512_sub_ps(dp[u], _mm512_set1_ps(db[i]))), sc));
+          }
         }
         // dV += P^T do, dK += dS^T q over the tile's rows
         float *dvb = dvt + b * bkv, *dkb = dkt + b * bkv;
@@ -1083,7 +1089,7 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g, const B
       }
       Gemm<F>(false, false, static_cast<int>(PC), HD, D, dx, D, lw.wo, HD, 0, doc, HD);
     }
-    std::fill(dq, dq + PC * HD, F(0));
+    if (l == L - 1) std::fill(dq, dq + PC * HD, F(0));  // below, every loss's rows [0, P) are written
     std::fill(dkt, dkt + c * KDL, F(0));
     std::fill(dvt, dvt + c * KDL, F(0));
     if (l == L - 1) {
