@@ -4,6 +4,7 @@
 # LibTorch path before it (`--grad-path autograd`, the shared-forward method), both with `--token-method shared`.
 # The extra latency is divided by the attributed records (top-k + harmful-k). Then exactness: every token score of
 # the direct run against the reference (`--token-method loop --grad-path autograd`: one autograd pass per token).
+# Then the per-record cost of each record view (bench/attribution_views.cc).
 # Writes bench/results/attribution.md, and with a third argument a JSON file (attribution_s_per_record, its
 # before, and the largest relative differences from the reference).
 # Usage: bench/attribution_bench.sh [STORE, default demo/store: built by scripts/demo.sh] [repeats, default 3] [JSON]
@@ -59,7 +60,7 @@ serve() {  # extra server flags...
 }
 stop() { kill -TERM $SPID && wait $SPID || true; SPID=""; }
 q=("$CLI" query --server "127.0.0.1:$PORT" --instruction "$INSTRUCTION" --generation "$GENERATION"
-   --top-k $TOPK --harmful-k $HARMK --json)
+   --top-k $TOPK --harmful-k $HARMK --json --timeout 0)  # the loop reference takes about a minute
 
 rows=()
 for path in autograd direct; do
@@ -113,6 +114,14 @@ EOF
   echo "vectors):"
   echo
   echo "    $exactness"
+  echo
+  echo "Per record and view, on the server's featurizer and thread counts, one view at a time (\`build/bench/attribution_views\`;"
+  echo "the server runs the influence view beside the token-loss view). The token-loss view as computed now"
+  echo "(\`TokenScores\`: each token's blocks reduced against C^T q as they are formed) and through per-token sketches"
+  echo "(every token's gradient written, normalised, sketched, then dotted with q: the earlier consumer, same pass);"
+  echo "max rel diff: the two, relative to the largest score."
+  echo
+  "$BUILD_DIR/bench/attribution_views" "$MODEL" "$work/direct.json"
 } | tee "$OUT"
 if [ -n "$JSON_OUT" ]; then
   python3 - "$OUT" "$exactness" "$JSON_OUT" <<'EOF'

@@ -19,7 +19,8 @@ DATA="${RAPIDIN_SHARED_DATA:-$(cd .. && pwd)/shared/data}"
 OUT=bench/results
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-cmake --build "$BUILD_DIR" -j 2 --target scan_bench ann_bench rapidin rapidin-server store_diff sketch_bench >/dev/null
+cmake --build "$BUILD_DIR" -j 2 --target scan_bench ann_bench rapidin rapidin-server store_diff sketch_bench \
+  attribution_views >/dev/null
 FAISS_PY=$(bench_venv "${RAPIDIN_BENCH_VENV:-$HOME/.cache/rapidin/faiss-venv}" faiss-cpu numpy)
 echo "== scan kernel (1/8/16/32 query vectors, now and before)"
 "$BUILD_DIR/bench/scan_bench" --kernel-only --threads 2 --json "$tmp/kernel.json" | tail -9
