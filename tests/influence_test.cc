@@ -116,14 +116,7 @@ TEST(Influence, TokenScoresMatchFiniteDifferences) {
 // heads, loss weights, raw and normalised. The direct scores also match finite differences of LibTorch's I.
 TEST(Influence, DirectPassEqualsDoubleBackward) {
   SCOPED_TRACE(rapidin::testing::FuzzReplay());
-  ModelConfig big;  // 4 query heads per KV head, head dimension 8
-  big.dim = 32;
-  big.hidden_dim = 24;
-  big.n_layers = 3;
-  big.n_heads = 4;
-  big.n_kv_heads = 1;
-  big.vocab_size = 37;
-  big.seq_len = 100;
+  const ModelConfig big = rapidin::testing::GqaModel(100);  // 4 query heads per KV head, head dimension 8
   const std::vector<std::pair<ModelConfig, std::vector<int>>> cases = {
       {TinyModel(true), {12, 5, 2}}, {TinyModel(false), {16, 9}}, {big, {90, 33}}};
   for (size_t ci = 0; ci < cases.size(); ++ci) {

@@ -267,14 +267,7 @@ double BlockError(const std::vector<double>& a, const std::vector<double>& b, co
 // layer-wise normalised. In float64 the two agree to rounding; the float32 direct pass to float rounding.
 TEST(Engine, DirectPassEqualsAutograd) {
   SCOPED_TRACE(rapidin::testing::FuzzReplay());
-  ModelConfig big;  // 4 query heads per KV head, head dimension 8, up to 150 tokens
-  big.dim = 32;
-  big.hidden_dim = 24;
-  big.n_layers = 3;
-  big.n_heads = 4;
-  big.n_kv_heads = 1;
-  big.vocab_size = 37;
-  big.seq_len = 160;
+  const ModelConfig big = rapidin::testing::GqaModel(160);  // 4 query heads per KV head, head dimension 8
   std::vector<std::pair<ModelConfig, std::vector<int>>> cases = {
       {TinyModel(true), {6, 13, 2, 16}}, {TinyModel(false), {9, 16}}, {big, {150, 70, 17, 3}}};
   for (size_t ci = 0; ci < cases.size(); ++ci) {
@@ -798,6 +791,22 @@ TEST(TokenGradients, RowsAreThePerTokenGradientsInFloat32) {
   }
 }
 
+// The Adam second moments of one step of a TinyModel(true) engine (seed) on ids, the loss from token 5, saved to
+// path: a preconditioner for that model's engines.
+void SaveTinyPreconditioner(uint32_t seed, const std::vector<int32_t>& ids, const std::string& path) {
+  EngineOptions o;
+  auto trainer = GradientEngine::Random(TinyModel(true), seed, o);
+  ASSERT_TRUE(trainer.ok());
+  TokenizedExample t;
+  t.ids = ids;
+  t.response_begin = 5;
+  AdamWOptions adam;
+  adam.eps = 1e-6;
+  const auto st = TrainStep(trainer->get(), {t}, adam);
+  ASSERT_TRUE(st.ok()) << st.status();
+  ASSERT_TRUE(SaveOptimizerState(**trainer, path, adam).ok());
+}
+
 // TokenScores: each token's <N(grad l_s), u> without its vector, against the per-token gradients (float64, the
 // same blocks) times u: every method, float32 and float64 engines, raw and normalised, with and without a
 // preconditioner, on fresh random weights, tokens and u; a u of the wrong size is refused.
@@ -809,19 +818,7 @@ TEST(TokenGradients, ScoresAreTheGradientsAgainstU) {
   for (int i = 0; i < 15; ++i) ids.push_back(static_cast<int32_t>(rng() % 11));  // TinyModel: 16 positions
   if (ids[1] == ids[0]) ids[1] = (ids[0] + 1) % 11;
   rapidin::testing::TempDir dir;
-  {
-    EngineOptions o;
-    auto trainer = GradientEngine::Random(TinyModel(true), seed, o);
-    ASSERT_TRUE(trainer.ok());
-    TokenizedExample t;
-    t.ids = ids;
-    t.response_begin = 5;
-    AdamWOptions adam;
-    adam.eps = 1e-6;
-    const auto st = TrainStep(trainer->get(), {t}, adam);
-    ASSERT_TRUE(st.ok()) << st.status();
-    ASSERT_TRUE(SaveOptimizerState(**trainer, dir.path("v.safetensors"), adam).ok());
-  }
+  ASSERT_NO_FATAL_FAILURE(SaveTinyPreconditioner(seed, ids, dir.path("v.safetensors")));
   for (int variant = 0; variant < 5; ++variant) {  // float32 / float64 x preconditioner, and an untied head
     {
       const bool dbl = variant % 2 == 1, pre = variant >= 2 && variant < 4, tied = variant < 4;
@@ -876,16 +873,8 @@ TEST(TokenGradients, PreconditionedRowsAreThePerTokenGradients) {
   for (int i = 0; i < 15; ++i) ids.push_back(static_cast<int32_t>(rng() % 11));
   if (ids[1] == ids[0]) ids[1] = (ids[0] + 1) % 11;
   rapidin::testing::TempDir dir;
+  ASSERT_NO_FATAL_FAILURE(SaveTinyPreconditioner(seed, ids, dir.path("v.safetensors")));
   EngineOptions o;
-  auto trainer = GradientEngine::Random(TinyModel(true), seed, o);
-  ASSERT_TRUE(trainer.ok());
-  TokenizedExample t;
-  t.ids = ids;
-  t.response_begin = 5;
-  AdamWOptions adam;
-  adam.eps = 1e-6;
-  ASSERT_TRUE(TrainStep(trainer->get(), {t}, adam).ok());
-  ASSERT_TRUE(SaveOptimizerState(**trainer, dir.path("v.safetensors"), adam).ok());
   o.preconditioner_path = dir.path("v.safetensors");
   auto e = GradientEngine::Random(TinyModel(true), seed, o);
   ASSERT_TRUE(e.ok()) << e.status();

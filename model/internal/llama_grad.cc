@@ -618,6 +618,18 @@ void SiluBackRows(const double* s1, const double* g1, double* dm, double* da3, i
   SiluBackRowsBody(s1, g1, dm, da3, P, c, n);
 }
 
+// A row of logits becomes its softmax p; returns -log p[target] (in double, from the shifted sum).
+template <class F>
+double SoftmaxRow(F* row, int V, int target) {
+  F mx = row[0];
+  for (int j = 1; j < V; ++j) mx = std::max(mx, row[j]);
+  const F picked = row[target];
+  const double sum = ExpShiftSum(row, mx, row, V);
+  const F inv = static_cast<F>(1.0 / sum);
+  for (int j = 0; j < V; ++j) row[j] *= inv;
+  return static_cast<double>(mx) + std::log(sum) - picked;
+}
+
 // One thread's activations and temporaries; vectors keep their capacity from record to record.
 template <class F>
 struct Scratch {
@@ -843,13 +855,8 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
     F* row = logits + int64_t{i} * V;
     const int target = ids[response_begin + i];
     const double wi = (loss_weights ? loss_weights[i] : 1.0) / wsum;
-    F mx = row[0];
-    for (int j = 1; j < V; ++j) mx = std::max(mx, row[j]);
-    const F picked = row[target];
-    const double sum = ExpShiftSum(row, mx, row, V);
-    loss += wi * (static_cast<double>(mx) + std::log(sum) - picked);
-    const F c = static_cast<F>(wi / sum);
-    for (int j = 0; j < V; ++j) row[j] *= c;
+    loss += wi * SoftmaxRow(row, V, target);
+    for (int j = 0; j < V; ++j) row[j] *= static_cast<F>(wi);
     row[target] -= static_cast<F>(wi);
   }
 
@@ -1424,13 +1431,7 @@ double LlamaInputGradTangent(const LlamaShape& s, const LlamaWeights<F>& w, cons
     F* rowt = &z.t[int64_t{i} * V];
     const int target = ids[response_begin + i];
     const double wi = (loss_weights ? loss_weights[i] : 1.0) / wsum;
-    F mx = row[0];
-    for (int j = 1; j < V; ++j) mx = std::max(mx, row[j]);
-    const F picked = row[target];
-    const double sum = ExpShiftSum(row, mx, row, V);
-    loss += wi * (static_cast<double>(mx) + std::log(sum) - picked);
-    const F inv = static_cast<F>(1.0 / sum);
-    for (int j = 0; j < V; ++j) row[j] *= inv;  // p
+    loss += wi * SoftmaxRow(row, V, target);  // row becomes p
     const F pz = Dot(row, rowt, V);
     for (int j = 0; j < V; ++j) {
       rowt[j] = static_cast<F>(wi) * row[j] * (rowt[j] - pz);
