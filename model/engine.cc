@@ -678,11 +678,8 @@ double DirectInfluence(const EngineAccess::Impl& m, const TokenizedExample& t, c
     const double* pre = m.precond.empty() ? nullptr : m.precond[p].template data_ptr<double>();
     const double* up = u.data() + m.infos[p].offset;
     auto pg = [&](int64_t j) { return pre ? g[j] * pre[j] : static_cast<double>(g[j]); };
-    double dot = 0, ss = 0;
-    for (int64_t j = 0; j < numel; ++j) {
-      dot += pg(j) * up[j];
-      ss += pg(j) * pg(j);
-    }
+    double dot, ss;
+    internal::BlockDotNorm(g, pre, up, numel, &dot, &ss);
     if (!normalize) {
       influence += dot;
       for (int64_t j = 0; j < numel; ++j) d[j] = static_cast<F>(pre ? pre[j] * up[j] : up[j]);

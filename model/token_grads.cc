@@ -20,26 +20,37 @@
 namespace rapidin::model {
 namespace internal {
 
-#if defined(__x86_64__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-void BlockDotNormF32(const float* g, const double* pre, const double* u, int64_t n, double* dot, double* ss) {
+namespace {
+template <class F>
+inline __attribute__((always_inline)) void BlockDotNormBody(const F* g, const double* pre, const double* u,
+                                                            int64_t n, double* dot, double* ss) {
   double s[8] = {}, d[8] = {};  // independent chains: not latency-bound
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     for (int k = 0; k < 8; ++k) {
       const double v = pre ? g[j + k] * pre[j + k] : static_cast<double>(g[j + k]);
       s[k] += v * v;
-      d[k] += v * u[j + k];
+      d[k] += u ? v * u[j + k] : 0.0;
     }
   }
   for (; j < n; ++j) {
     const double v = pre ? g[j] * pre[j] : static_cast<double>(g[j]);
     s[0] += v * v;
-    d[0] += v * u[j];
+    d[0] += u ? v * u[j] : 0.0;
   }
   *ss = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
   *dot = ((d[0] + d[1]) + (d[2] + d[3])) + ((d[4] + d[5]) + (d[6] + d[7]));
+}
+}  // namespace
+
+#if defined(__x86_64__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void BlockDotNorm(const float* g, const double* pre, const double* u, int64_t n, double* dot, double* ss) {
+  BlockDotNormBody(g, pre, u, n, dot, ss);
+}
+void BlockDotNorm(const double* g, const double* pre, const double* u, int64_t n, double* dot, double* ss) {
+  BlockDotNormBody(g, pre, u, n, dot, ss);
 }
 
 }  // namespace internal
@@ -313,7 +324,7 @@ bool SharedBackpropCovers(const EngineAccess::Impl& d) {
 
 // Validates, then runs the chunks of [from, ids.size()) over options.threads threads, handing each to `sink`.
 // With `visit`, the direct pass hands each parameter's blocks over as soon as they are final (visit(s0, s1, p,
-// per[p]), in cache), before the sink sees the whole chunk.
+// per[p]), in cache) instead of the whole chunk to the sink; the other methods still use the sink.
 using BlockVisitor = std::function<void(int s0, int s1, size_t p, const torch::Tensor& blocks)>;
 
 absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl& d, const std::vector<int32_t>& ids,
@@ -395,7 +406,7 @@ absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl
         if (direct) {
           std::vector<torch::Tensor> per(d.infos.size());
           direct(s0, s1, &per);
-          return sink(s0, s1, &per, nullptr);
+          return visit ? absl::OkStatus() : sink(s0, s1, &per, nullptr);
         }
         if (shared) {
           const std::vector<torch::Tensor> per = shared->Backward(s0, s1);
@@ -505,9 +516,7 @@ absl::Status GradientEngine::TokenScores(const std::vector<int32_t>& ids, int fr
     // float32 blocks in host memory: each parameter's blocks reduced as the direct pass finishes them (in cache);
     // a chunk's tokens belong to one thread, so their scores are added without a lock.
     const bool host_f32 = d.device.is_cpu() && d.dtype == torch::kFloat;
-    std::vector<char> visited(ids.size(), 0);  // by chunk start; set and read by the chunk's own thread
     auto visit = [&](int s0, int s1, size_t p, const torch::Tensor& blocks) {
-      visited[s0] = 1;
       d.BlockScoresHostF32(p, blocks, s1 - s0, options.normalize, u.data(), scores->data() + (s0 - from));
     };
     return ForEachTokenChunk(*this, d, ids, from, options,
@@ -523,8 +532,7 @@ absl::Status GradientEngine::TokenScores(const std::vector<int32_t>& ids, int fr
                                  }
                                  return absl::OkStatus();
                                }
-                               if (host_f32) {
-                                 if (visited[s0]) return absl::OkStatus();  // reduced block by block
+                               if (host_f32) {  // LibTorch's shared method (an adapter, say)
                                  for (size_t p = 0; p < d.infos.size(); ++p) {
                                    if ((*per)[p].defined()) {
                                      d.BlockScoresHostF32(p, (*per)[p], n, options.normalize, u.data(), out);

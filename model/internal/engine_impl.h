@@ -8,7 +8,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -27,9 +26,10 @@
 
 namespace rapidin::model {
 namespace internal {
-// *dot = sum_j P_j g_j u_j and *ss = sum_j (P_j g_j)^2 over n values (P: the preconditioner, or null for 1), in
-// double (model/token_grads.cc; vectorised).
-void BlockDotNormF32(const float* g, const double* pre, const double* u, int64_t n, double* dot, double* ss);
+// *dot = sum_j P_j g_j u_j and *ss = sum_j (P_j g_j)^2 over n values (P: the preconditioner, or null for 1; u
+// null: *dot = 0), in double in 8 partial sums (model/token_grads.cc; the float one vectorised).
+void BlockDotNorm(const float* g, const double* pre, const double* u, int64_t n, double* dot, double* ss);
+void BlockDotNorm(const double* g, const double* pre, const double* u, int64_t n, double* dot, double* ss);
 }  // namespace internal
 
 using kernels::Fnv1a;
@@ -484,13 +484,8 @@ struct GradientEngine::Impl {
         }
         const float* blk = per[p].data_ptr<float>() + b * numel;
         auto value = [&](int64_t j) { return pre ? blk[j] * pre[j] : static_cast<double>(blk[j]); };
-        double acc[8] = {};  // independent chains: the sum is not latency-bound
-        int64_t j = 0;
-        for (; j + 8 <= numel; j += 8) {
-          for (int u = 0; u < 8; ++u) acc[u] += value(j + u) * value(j + u);
-        }
-        for (; j < numel; ++j) acc[0] += value(j) * value(j);
-        const double ss = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        double dot, ss;
+        internal::BlockDotNorm(blk, pre, nullptr, numel, &dot, &ss);
         const double inv = normalize && ss > 0 ? 1.0 / std::sqrt(ss) : 1.0;
         for (int64_t e = 0; e < numel; ++e) dst[e] = static_cast<float>(value(e) * inv);
       }
@@ -506,7 +501,7 @@ struct GradientEngine::Impl {
     const double* pre = precond.empty() ? nullptr : precond[p].data_ptr<double>();
     for (int64_t b = 0; b < B; ++b) {
       double s2 = 0, d2 = 0;
-      internal::BlockDotNormF32(blocks.data_ptr<float>() + b * numel, pre, u + infos[p].offset, numel, &d2, &s2);
+      internal::BlockDotNorm(blocks.data_ptr<float>() + b * numel, pre, u + infos[p].offset, numel, &d2, &s2);
       if (!std::isfinite(s2) || !std::isfinite(d2)) {  // an overflow: the score says so (not a zero block)
         out[b] = std::numeric_limits<double>::quiet_NaN();
       } else if (!normalize) {

@@ -563,22 +563,6 @@ class FlushDenormals {
 #endif
 };
 
-// SiluMulBack for `rows` rows of n values at one position (a1, a3 shared): a batch of token losses.
-RAPIDIN_CLONES void SiluMulBackRows(const float* a1, const float* a3, float* dm, float* da3, int rows, int n) {
-  for (int r = 0; r < rows; ++r) {
-    float* d = dm + int64_t{r} * n;
-    float* e = da3 + int64_t{r} * n;
-    for (int i = 0; i < n; ++i) {
-      const float sg = 1.0f / (1.0f + ExpF(-a1[i]));
-      e[i] = d[i] * a1[i] * sg;
-      d[i] = d[i] * a3[i] * sg * (1.0f + a1[i] * (1.0f - sg));
-    }
-  }
-}
-void SiluMulBackRows(const double* a1, const double* a3, double* dm, double* da3, int rows, int n) {
-  for (int r = 0; r < rows; ++r) SiluMulBack(a1, a3, dm + int64_t{r} * n, da3 + int64_t{r} * n, n);
-}
-
 // m = silu(a1) a3, s1 = silu(a1), g1 = a3 silu'(a1) (for the SwiGLU backward of many token losses).
 RAPIDIN_CLONES void SiluFactors(const float* a1, const float* a3, int64_t n, float* m, float* s1, float* g1) {
   for (int64_t i = 0; i < n; ++i) {
@@ -683,50 +667,42 @@ void RmsNorm(const F* x, const F* g, int rows, int D, double eps, F* r, F* y) {
 
 // dx += d(x r g)/dx^T dy: with u = g dy, dx += r u - x r^3 (u . x) / D.
 template <class F>
-void RmsNormBack(const F* x, const F* r, const F* g, const F* dy, int rows, int D, F* dx) {
+RAPIDIN_INLINE void RmsNormBack(const F* x, const F* r, const F* g, const F* dy, int rows, int D, F* dx) {
   for (int t = 0; t < rows; ++t) {
     const F* xt = x + int64_t{t} * D;
     const F* dyt = dy + int64_t{t} * D;
     F* dxt = dx + int64_t{t} * D;
-    double ux = 0;
-    for (int d = 0; d < D; ++d) ux += static_cast<double>(g[d]) * dyt[d] * xt[d];
+    double acc[8] = {};  // independent chains, so the cloned loops below vectorise
+    int d = 0;
+    for (; d + 8 <= D; d += 8) {
+      for (int k = 0; k < 8; ++k) acc[k] += static_cast<double>(g[d + k]) * dyt[d + k] * xt[d + k];
+    }
+    for (; d < D; ++d) acc[0] += static_cast<double>(g[d]) * dyt[d] * xt[d];
+    const double ux = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     const F rt = r[t];
     const F c = static_cast<F>(ux * rt * rt * rt / D);
-    for (int d = 0; d < D; ++d) dxt[d] += rt * g[d] * dyt[d] - xt[d] * c;
+    for (d = 0; d < D; ++d) dxt[d] += rt * g[d] * dyt[d] - xt[d] * c;
   }
 }
 
-// RmsNormBack for a batch of token losses: row t * c + b (position t's x and r) for t < P, b < c; the float path
-// cloned for AVX-512 / AVX2 (its sums in 8 double partial sums), as it runs on every row of every chunk.
-RAPIDIN_CLONES void RmsNormBackRows(const float* x, const float* r, const float* g, const float* dy, int P, int c,
-                                    int D, float* dx) {
-  for (int t = 0; t < P; ++t) {
-    const float* xt = x + int64_t{t} * D;
-    const float rt = r[t];
-    for (int b = 0; b < c; ++b) {
-      const int64_t row = (int64_t{t} * c + b) * D;
-      const float* dyt = dy + row;
-      float* dxt = dx + row;
-      double acc[8] = {};
-      int d = 0;
-      for (; d + 8 <= D; d += 8) {
-        for (int k = 0; k < 8; ++k) acc[k] += static_cast<double>(g[d + k]) * dyt[d + k] * xt[d + k];
-      }
-      for (; d < D; ++d) acc[0] += static_cast<double>(g[d]) * dyt[d] * xt[d];
-      const double ux = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-      const float cc = static_cast<float>(ux * rt * rt * rt / D);
-      for (d = 0; d < D; ++d) dxt[d] += rt * g[d] * dyt[d] - xt[d] * cc;
-    }
-  }
-}
-void RmsNormBackRows(const double* x, const double* r, const double* g, const double* dy, int P, int c, int D,
-                     double* dx) {
+// RmsNormBack for a batch of token losses: row t * c + b (position t's x and r) for t < P, b < c; cloned for
+// AVX-512 / AVX2 in float, as it runs on every row of every chunk.
+template <class F>
+RAPIDIN_INLINE void RmsNormBackRowsBody(const F* x, const F* r, const F* g, const F* dy, int P, int c, int D, F* dx) {
   for (int t = 0; t < P; ++t) {
     for (int b = 0; b < c; ++b) {
       const int64_t row = (int64_t{t} * c + b) * D;
       RmsNormBack(x + int64_t{t} * D, r + t, g, dy + row, 1, D, dx + row);
     }
   }
+}
+RAPIDIN_CLONES void RmsNormBackRows(const float* x, const float* r, const float* g, const float* dy, int P, int c,
+                                    int D, float* dx) {
+  RmsNormBackRowsBody(x, r, g, dy, P, c, D, dx);
+}
+void RmsNormBackRows(const double* x, const double* r, const double* g, const double* dy, int P, int c, int D,
+                     double* dx) {
+  RmsNormBackRowsBody(x, r, g, dy, P, c, D, dx);
 }
 
 // Rotary embedding in place on rows of nh heads of hd values; inverse rotates back (the backward pass). Row t is
@@ -989,7 +965,6 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g, const B
   F* dhf = Sized(&S.dhf, int64_t{c} * D);
   F* dx = Sized(&S.dx, PC * D);
   F* dh = Sized(&S.dh, PC * D);
-  F* m = Sized(&S.hf, int64_t{P} * Fh);
   F* dm = Sized(&S.dm, PC * Fh);
   F* da3 = Sized(&S.da3, PC * Fh);
   F* doc = Sized(&S.doc, PC * HD);
@@ -1033,26 +1008,26 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g, const B
     const auto* gl = l < static_cast<int>(g.layers.size()) ? &g.layers[l] : nullptr;
     const F *xi = A.x_in + l * TD, *hl = A.h1 + l * TD, *ql = A.q + l * THD;
     const F *ktl = A.kt + l * KDL, *vtl = A.vt + l * KDL, *al = A.att + l * H * TT, *ol = A.oc + l * THD;
-    const F *xm = A.x_mid + l * TD, *h2l = A.h2 + l * TD, *a1l = A.a1 + l * TF, *a3l = A.a3 + l * TF;
+    const F *xm = A.x_mid + l * TD, *h2l = A.h2 + l * TD;
+    const F *ml = st.m.data() + l * TF, *s1l = st.s1.data() + l * TF, *g1l = st.g1.data() + l * TF;
     if (l == L - 1) {
       // Above the last attention a loss reaches its own position only: the feed-forward and wo backward run on
       // the c rows (p0 + b, b), and each token's weight gradients there are outer products.
       F *dxc = dhf, *dmc = dm, *da3c = da3, *dhc = dh;  // c rows each (dhf is free after the final norm)
-      for (int b = 0; b < c; ++b) {
-        std::copy_n(dx + (int64_t{p0 + b} * c + b) * D, D, dxc + int64_t{b} * D);
-        SiluMul(a1l + int64_t{p0 + b} * Fh, a3l + int64_t{p0 + b} * Fh, m + int64_t{b} * Fh, Fh);
-      }
+      for (int b = 0; b < c; ++b) std::copy_n(dx + (int64_t{p0 + b} * c + b) * D, D, dxc + int64_t{b} * D);
       auto outer = [&](F* out, const F* u, int nu, const F* v, int nv) {
         Gemm<F>(true, false, nu, nv, 1, u, nu, v, nv, 0, out, nv);
       };
       for (int b = 0; b < c; ++b) {
-        if (gl && gl->w2) outer(gl->w2 + int64_t{b} * D * Fh, dxc + int64_t{b} * D, D, m + int64_t{b} * Fh, Fh);
+        if (gl && gl->w2) {
+          outer(gl->w2 + int64_t{b} * D * Fh, dxc + int64_t{b} * D, D, ml + int64_t{p0 + b} * Fh, Fh);
+        }
       }
       if (gl) finished(gl->w2);
       Gemm<F>(false, false, c, Fh, D, dxc, D, lw.w2, Fh, 0, dmc, Fh);
       for (int b = 0; b < c; ++b) {
         const int64_t at = int64_t{p0 + b} * Fh;
-        SiluMulBackRows(a1l + at, a3l + at, dmc + int64_t{b} * Fh, da3c + int64_t{b} * Fh, 1, Fh);
+        SiluBackRows(s1l + at, g1l + at, dmc + int64_t{b} * Fh, da3c + int64_t{b} * Fh, 1, 1, Fh);
         const F* h2p = h2l + int64_t{p0 + b} * D;
         if (gl && gl->w1) outer(gl->w1 + int64_t{b} * Fh * D, dmc + int64_t{b} * Fh, Fh, h2p, D);
         if (gl && gl->w3) outer(gl->w3 + int64_t{b} * Fh * D, da3c + int64_t{b} * Fh, Fh, h2p, D);
@@ -1073,13 +1048,12 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g, const B
       if (gl) finished(gl->wo);
     } else {
       // feed-forward; a token's weight gradient: dy_b^T x over positions, all tokens in one product
-      const int64_t at = l * TF;
       if (gl && gl->w2) {
-        Gemm<F>(true, false, c * D, Fh, P, dx, c * D, st.m.data() + at, Fh, 0, gl->w2, Fh);
+        Gemm<F>(true, false, c * D, Fh, P, dx, c * D, ml, Fh, 0, gl->w2, Fh);
         finished(gl->w2);
       }
       Gemm<F>(false, false, static_cast<int>(PC), Fh, D, dx, D, lw.w2, Fh, 0, dm, Fh);
-      SiluBackRows(st.s1.data() + at, st.g1.data() + at, dm, da3, P, c, Fh);
+      SiluBackRows(s1l, g1l, dm, da3, P, c, Fh);
       if (gl && gl->w1) {
         Gemm<F>(true, false, c * Fh, D, P, dm, c * Fh, h2l, D, 0, gl->w1, D);
         finished(gl->w1);
