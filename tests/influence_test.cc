@@ -35,6 +35,17 @@ double Dot(const std::vector<double>& a, const std::vector<double>& b) {
   return s;
 }
 
+// dI/dalpha_s by a central difference of I (InfluenceTokens' values at scaled embeddings, step 1e-5).
+double CentralDifference(const GradientEngine& e, const TokenizedExample& t, const std::vector<double>& u, size_t s,
+                         bool normalize) {
+  const double h = 1e-5;
+  std::vector<double> up(t.ids.size(), 1.0), down(t.ids.size(), 1.0);
+  up[s] += h;
+  down[s] -= h;
+  return (*e.InfluenceTokens(t, u, nullptr, &up, normalize) - *e.InfluenceTokens(t, u, nullptr, &down, normalize)) /
+         (2 * h);
+}
+
 // <C(x), y> = <x, C^T y> for fresh random x, y (the pull-back the token view differentiates).
 TEST(RapidGrad, TransposeIsTheAdjoint) {
   SCOPED_TRACE(rapidin::testing::FuzzReplay());
@@ -90,12 +101,7 @@ TEST(Influence, TokenScoresMatchFiniteDifferences) {
       ASSERT_EQ(scores.size(), t.ids.size());
       EXPECT_GT(rapidin::testing::MaxAbs(scores), 1e-4);  // not a comparison of zeros
       for (size_t s = 0; s < t.ids.size(); ++s) {
-        const double h = 1e-5;
-        std::vector<double> up(t.ids.size(), 1.0), down(t.ids.size(), 1.0);
-        up[s] += h;
-        down[s] -= h;
-        const double fd = (*(*e)->InfluenceTokens(t, u, nullptr, &up, normalize) -
-                           *(*e)->InfluenceTokens(t, u, nullptr, &down, normalize)) / (2 * h);
+        const double fd = CentralDifference(**e, t, u, s, normalize);
         EXPECT_NEAR(scores[s], fd, 1e-6 + 1e-5 * std::fabs(fd))
             << "token " << s << (tied ? " tied" : " untied") << (normalize ? "" : " raw");
       }
@@ -122,16 +128,11 @@ TEST(Influence, DirectPassEqualsDoubleBackward) {
   for (size_t ci = 0; ci < cases.size(); ++ci) {
     const auto& [cfg, lens] = cases[ci];
     const uint32_t seed = static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 41 + ci);
-    EngineOptions o;
-    o.use_double = true;
-    o.grad_path = "autograd";
-    auto ref = GradientEngine::Random(cfg, seed, o);
-    o.grad_path = "direct";
-    auto direct = GradientEngine::Random(cfg, seed, o);
-    o.use_double = false;
-    auto direct32 = GradientEngine::Random(cfg, seed, o);
-    ASSERT_TRUE(ref.ok() && direct.ok() && direct32.ok());
-    ASSERT_EQ((*direct)->grad_path(), "direct");
+    auto engines = rapidin::testing::RandomDirectEngines(cfg, seed);
+    ASSERT_TRUE(engines.ok()) << engines.status();
+    const GradientEngine *ref = engines->ref.get(), *direct = engines->direct.get();
+    const GradientEngine* direct32 = engines->direct32.get();
+    ASSERT_EQ(direct->grad_path(), "direct");
     std::mt19937 rng(seed + 3);
     std::normal_distribution<double> g;
     for (int len : lens) {
@@ -141,14 +142,14 @@ TEST(Influence, DirectPassEqualsDoubleBackward) {
       if (rng() % 2) {
         for (int i = t.response_begin; i < len; ++i) t.loss_weights.push_back((rng() % 5) * 0.5 + 0.25);
       }
-      std::vector<double> u((*ref)->grad_dim());
+      std::vector<double> u(ref->grad_dim());
       for (auto& v : u) v = g(rng);
       for (bool normalize : {true, false}) {
         SCOPED_TRACE(::testing::Message() << "case " << ci << " len " << len << " normalize " << normalize);
         std::vector<double> want, got, got32;
-        auto wi = (*ref)->InfluenceTokens(t, u, &want, nullptr, normalize);
-        auto gi = (*direct)->InfluenceTokens(t, u, &got, nullptr, normalize);
-        auto gi32 = (*direct32)->InfluenceTokens(t, u, &got32, nullptr, normalize);
+        auto wi = ref->InfluenceTokens(t, u, &want, nullptr, normalize);
+        auto gi = direct->InfluenceTokens(t, u, &got, nullptr, normalize);
+        auto gi32 = direct32->InfluenceTokens(t, u, &got32, nullptr, normalize);
         ASSERT_TRUE(wi.ok() && gi.ok() && gi32.ok()) << wi.status() << gi.status() << gi32.status();
         ASSERT_EQ(got.size(), want.size());
         ASSERT_EQ(got32.size(), want.size());
@@ -165,12 +166,7 @@ TEST(Influence, DirectPassEqualsDoubleBackward) {
         EXPECT_LT(err32 / mag, 1e-3);
         if (ci == 0 && len == 12) {  // and against finite differences of I (LibTorch's value at scaled embeddings)
           for (size_t s = 0; s < t.ids.size(); ++s) {
-            const double h = 1e-5;
-            std::vector<double> up(t.ids.size(), 1.0), down(t.ids.size(), 1.0);
-            up[s] += h;
-            down[s] -= h;
-            const double fd = (*(*direct)->InfluenceTokens(t, u, nullptr, &up, normalize) -
-                               *(*direct)->InfluenceTokens(t, u, nullptr, &down, normalize)) / (2 * h);
+            const double fd = CentralDifference(*direct, t, u, s, normalize);
             EXPECT_NEAR(got[s], fd, 1e-6 + 1e-5 * std::fabs(fd)) << "token " << s;
           }
         }

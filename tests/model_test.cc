@@ -273,25 +273,20 @@ TEST(Engine, DirectPassEqualsAutograd) {
   for (size_t ci = 0; ci < cases.size(); ++ci) {
     const auto& [cfg, lens] = cases[ci];
     const uint32_t seed = static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 11 + ci);
-    EngineOptions o;
-    o.use_double = true;
-    o.grad_path = "autograd";
-    auto ref = GradientEngine::Random(cfg, seed, o);
-    o.grad_path = "direct";
-    auto direct = GradientEngine::Random(cfg, seed, o);
-    o.use_double = false;
-    auto direct32 = GradientEngine::Random(cfg, seed, o);
-    ASSERT_TRUE(direct.ok() && ref.ok() && direct32.ok());
-    EXPECT_EQ((*direct)->grad_path(), "direct");
-    EXPECT_EQ((*direct32)->grad_path(), "direct");
-    EXPECT_EQ((*ref)->grad_path(), "autograd");
+    auto engines = rapidin::testing::RandomDirectEngines(cfg, seed);
+    ASSERT_TRUE(engines.ok()) << engines.status();
+    const GradientEngine *ref = engines->ref.get(), *direct = engines->direct.get();
+    const GradientEngine* direct32 = engines->direct32.get();
+    EXPECT_EQ(direct->grad_path(), "direct");
+    EXPECT_EQ(direct32->grad_path(), "direct");
+    EXPECT_EQ(ref->grad_path(), "autograd");
     std::mt19937 rng(seed);
     for (const TokenizedExample& t : RandomRecords(&rng, cfg, lens)) {
       for (bool normalize : {false, true}) {
         std::vector<double> got, got32, want;
-        auto gi = (*direct)->GradientIds(t, normalize, &got);
-        auto gi32 = (*direct32)->GradientIds(t, normalize, &got32);
-        auto wi = (*ref)->GradientIds(t, normalize, &want);
+        auto gi = direct->GradientIds(t, normalize, &got);
+        auto gi32 = direct32->GradientIds(t, normalize, &got32);
+        auto wi = ref->GradientIds(t, normalize, &want);
         ASSERT_TRUE(gi.ok() && wi.ok() && gi32.ok()) << gi.status() << wi.status() << gi32.status();
         EXPECT_NEAR(gi->loss, wi->loss, 1e-12 * std::max(1.0, wi->loss));
         EXPECT_NEAR(gi32->loss, wi->loss, 1e-5 * std::max(1.0, wi->loss));
@@ -299,7 +294,7 @@ TEST(Engine, DirectPassEqualsAutograd) {
         double mag = 0;
         for (double x : want) mag = std::max(mag, std::fabs(x));
         ASSERT_GT(mag, 0);
-        for (const ParamInfo& p : (*ref)->params()) {
+        for (const ParamInfo& p : ref->params()) {
           EXPECT_LT(BlockError(got, want, p), 1e-10)
               << p.name << " case " << ci << " len " << t.ids.size() << " normalize " << normalize;
           EXPECT_LT(BlockError(got32, want, p), 1e-4)
@@ -819,47 +814,50 @@ TEST(TokenGradients, ScoresAreTheGradientsAgainstU) {
   if (ids[1] == ids[0]) ids[1] = (ids[0] + 1) % 11;
   rapidin::testing::TempDir dir;
   ASSERT_NO_FATAL_FAILURE(SaveTinyPreconditioner(seed, ids, dir.path("v.safetensors")));
-  for (int variant = 0; variant < 5; ++variant) {  // float32 / float64 x preconditioner, and an untied head
-    {
-      const bool dbl = variant % 2 == 1, pre = variant >= 2 && variant < 4, tied = variant < 4;
-      EngineOptions o;
-      o.use_double = dbl;
-      if (pre) o.preconditioner_path = dir.path("v.safetensors");
-      auto e = GradientEngine::Random(TinyModel(tied), seed, o);
-      ASSERT_TRUE(e.ok()) << e.status();
-      std::normal_distribution<double> g;
-      std::vector<double> u((*e)->grad_dim());
-      for (auto& v : u) v = g(rng);
-      for (const auto& [method, chunk, threads] : std::vector<std::tuple<TokenGradMethod, int, int>>{
-               {TokenGradMethod::kShared, 4, 2}, {TokenGradMethod::kCopies, 3, 1}, {TokenGradMethod::kLoop, 1, 2}}) {
-        for (bool normalize : {true, false}) {
-          SCOPED_TRACE(::testing::Message() << "double " << dbl << " precondition " << pre << " tied " << tied << " method "
-                                            << static_cast<int>(method) << " normalize " << normalize);
-          TokenGradOptions to;
-          to.method = method;
-          to.chunk = chunk;
-          to.threads = threads;
-          to.normalize = normalize;
-          const int from = 2;
-          std::vector<std::vector<double>> ref;
-          ASSERT_TRUE((*e)->TokenGradientsIds(ids, from, to, &ref).ok());
-          std::vector<double> got;
-          const absl::Status st = (*e)->TokenScores(ids, from, to, u, &got);
-          ASSERT_TRUE(st.ok()) << st;
-          ASSERT_EQ(got.size(), ref.size());
-          for (size_t t = 0; t < ref.size(); ++t) {
-            double want = 0, scale = 0;
-            for (size_t i = 0; i < u.size(); ++i) want += ref[t][i] * u[i], scale += std::fabs(ref[t][i] * u[i]);
-            ASSERT_GT(scale, 1e-3);
-            EXPECT_NEAR(got[t], want, 1e-12 * scale) << "token " << t;
-          }
+  // float32 / float64 x preconditioner, an untied head, and LibTorch's shared method in float32 (grad_path
+  // "autograd": its blocks reduced whole, after the chunk)
+  for (int variant = 0; variant < 6; ++variant) {
+    const bool dbl = variant < 4 && variant % 2 == 1, pre = variant == 2 || variant == 3 || variant == 5;
+    const bool tied = variant != 4, autograd = variant == 5;
+    EngineOptions o;
+    o.use_double = dbl;
+    if (pre) o.preconditioner_path = dir.path("v.safetensors");
+    if (autograd) o.grad_path = "autograd";
+    auto e = GradientEngine::Random(TinyModel(tied), seed, o);
+    ASSERT_TRUE(e.ok()) << e.status();
+    std::normal_distribution<double> g;
+    std::vector<double> u((*e)->grad_dim());
+    for (auto& v : u) v = g(rng);
+    for (const auto& [method, chunk, threads] : std::vector<std::tuple<TokenGradMethod, int, int>>{
+             {TokenGradMethod::kShared, 4, 2}, {TokenGradMethod::kCopies, 3, 1}, {TokenGradMethod::kLoop, 1, 2}}) {
+      for (bool normalize : {true, false}) {
+        SCOPED_TRACE(::testing::Message() << "double " << dbl << " precondition " << pre << " tied " << tied
+                                          << " autograd " << autograd << " method "
+                                          << static_cast<int>(method) << " normalize " << normalize);
+        TokenGradOptions to;
+        to.method = method;
+        to.chunk = chunk;
+        to.threads = threads;
+        to.normalize = normalize;
+        const int from = 2;
+        std::vector<std::vector<double>> ref;
+        ASSERT_TRUE((*e)->TokenGradientsIds(ids, from, to, &ref).ok());
+        std::vector<double> got;
+        const absl::Status st = (*e)->TokenScores(ids, from, to, u, &got);
+        ASSERT_TRUE(st.ok()) << st;
+        ASSERT_EQ(got.size(), ref.size());
+        for (size_t t = 0; t < ref.size(); ++t) {
+          double want = 0, scale = 0;
+          for (size_t i = 0; i < u.size(); ++i) want += ref[t][i] * u[i], scale += std::fabs(ref[t][i] * u[i]);
+          ASSERT_GT(scale, 1e-3);
+          EXPECT_NEAR(got[t], want, 1e-12 * scale) << "token " << t;
         }
       }
-      std::vector<double> got;
-      EXPECT_EQ((*e)->TokenScores(ids, 2, TokenGradOptions(), std::vector<double>(5), &got).code(),
-                absl::StatusCode::kInvalidArgument);
-      EXPECT_EQ((*e)->TokenScores(ids, 0, TokenGradOptions(), u, &got).code(), absl::StatusCode::kInvalidArgument);
     }
+    std::vector<double> got;
+    EXPECT_EQ((*e)->TokenScores(ids, 2, TokenGradOptions(), std::vector<double>(5), &got).code(),
+              absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ((*e)->TokenScores(ids, 0, TokenGradOptions(), u, &got).code(), absl::StatusCode::kInvalidArgument);
   }
 }
 

@@ -3,6 +3,9 @@
 #ifndef RAPIDIN_TESTS_TINY_MODEL_H_
 #define RAPIDIN_TESTS_TINY_MODEL_H_
 
+#include <cstdint>
+#include <memory>
+
 #include "model/engine.h"
 
 namespace rapidin::testing {
@@ -32,6 +35,26 @@ inline model::ModelConfig GqaModel(int seq_len) {
   c.vocab_size = 37;
   c.seq_len = seq_len;
   return c;
+}
+
+// The same random weights three ways, for the direct pass's tests: LibTorch autograd in float64 (the reference)
+// and the hand-written pass (grad_path "direct") in float64 and in float32.
+struct DirectEngines {
+  std::unique_ptr<model::GradientEngine> ref, direct, direct32;
+};
+inline absl::StatusOr<DirectEngines> RandomDirectEngines(const model::ModelConfig& cfg, uint32_t seed) {
+  model::EngineOptions o;
+  o.use_double = true;
+  o.grad_path = "autograd";
+  auto ref = model::GradientEngine::Random(cfg, seed, o);
+  if (!ref.ok()) return ref.status();
+  o.grad_path = "direct";
+  auto direct = model::GradientEngine::Random(cfg, seed, o);
+  if (!direct.ok()) return direct.status();
+  o.use_double = false;
+  auto direct32 = model::GradientEngine::Random(cfg, seed, o);
+  if (!direct32.ok()) return direct32.status();
+  return DirectEngines{std::move(*ref), std::move(*direct), std::move(*direct32)};
 }
 
 }  // namespace rapidin::testing
