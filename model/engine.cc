@@ -50,7 +50,22 @@ class LargeBufferCache final : public c10::Allocator {
   static constexpr size_t kMin = size_t{1} << 20;
   static constexpr size_t kLimit = size_t{64} << 20;
 
-  c10::DataPtr allocate(size_t n) const override {
+  // LibTorch 2 made allocate() non-const and added copy_data(); Debian's 1.13 has the const one.
+#if TORCH_VERSION_MAJOR >= 2
+  c10::DataPtr allocate(size_t n) override { return Allocate(n); }
+  void copy_data(void* dest, const void* src, size_t count) const override { default_copy_data(dest, src, count); }
+#else
+  c10::DataPtr allocate(size_t n) const override { return Allocate(n); }
+#endif
+  c10::DeleterFnPtr raw_deleter() const override { return &Release; }
+
+  static LargeBufferCache& Get() {
+    static LargeBufferCache* cache = new LargeBufferCache();  // never destroyed: tensors may outlive main
+    return *cache;
+  }
+
+ private:
+  c10::DataPtr Allocate(size_t n) const {
     if (n < kMin) return base_->allocate(n);
     const size_t size = Round(n);
     void* p = nullptr;

@@ -74,6 +74,7 @@ fi
 PACK=$PWD/.gpu-deps/pack
 backend_rc=skipped
 model_rc=skipped
+host_rc=skipped
 gradbench_rc=skipped
 e2e_rc=skipped
 if [[ -x $PACK/gpu_backend_test ]]; then
@@ -104,6 +105,11 @@ if [[ -x $PACK/gpu_backend_test ]]; then
       model_rc=$?
     fi
     grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[       OK \]" "$LOG/model_gpu.log" | tail -8
+    # The hand-written CPU passes on this host's CPU (its own SIMD level) with this LibTorch and its BLAS.
+    echo "== CPU token gradients on this host ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
+      "$(grep -o -m1 -w avx512f /proc/cpuinfo || echo 'no avx512f'))"
+    if LD_LIBRARY_PATH=$libs "$PACK/token_grads_test" >"$LOG/token_grads.log" 2>&1; then host_rc=0; else host_rc=$?; fi
+    grep -E "^\[  (PASSED|FAILED|SKIPPED) |Failure" "$LOG/token_grads.log" | tail -6
     echo "== gradients on each device (grad_bench)"
     gradbench_rc=0
     sizes=(--records 16 --token-positions 32)
@@ -133,9 +139,10 @@ echo "| GPU tests (ctest -L gpu) | $( [[ $test_rc == 0 ]] && echo pass || echo "
 echo "| memcheck | $san_rc |"
 echo "| CUDA backend vs CPU backend (gpu_backend_test) | $backend_rc |"
 echo "| gradient engine, GPU vs CPU (model_gpu_test) | $model_rc |"
+echo "| CPU token gradients on the host (token_grads_test) | $host_rc |"
 echo "| gradients per device (grad_bench) | $gradbench_rc |"
 echo "| service on the GPU vs on the CPU (gpu-server-e2e) | $e2e_rc |"
 echo "| benchmark | $( [[ $bench_rc == 0 ]] && echo done || echo "FAIL ($bench_rc)") |"
 [[ $test_rc == 0 && $bench_rc == 0 && ( $san_rc == 0 || $san_rc == skipped ) && \
    ( $backend_rc == 0 || $backend_rc == skipped ) && ( $model_rc == 0 || $model_rc == skipped* ) && \
-   ( $gradbench_rc == 0 || $gradbench_rc == skipped ) && ( $e2e_rc == 0 || $e2e_rc == skipped ) ]]
+   ( $host_rc == 0 || $host_rc == skipped ) && ( $gradbench_rc == 0 || $gradbench_rc == skipped ) && ( $e2e_rc == 0 || $e2e_rc == skipped ) ]]
