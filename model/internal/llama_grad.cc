@@ -1,5 +1,7 @@
 #include "model/internal/llama_grad.h"
 
+#include <atomic>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -405,6 +407,9 @@ RAPIDIN_AVX512 void AttnBackwardTiles512(const float* q, int ldq, const float* o
                             _mm512_mul_ps(_mm512_mul_ps(pv, _mm512_sub_ps(dp[u], _mm512_set1_ps(db[i]))), sc));
           }
         }
+        // Row 0 sees key 0 alone (p = 1), so its dS is exactly zero; delta = do.o rounds differently from do.v0,
+        // and the noise would become a unit-norm q/k block once a token's gradient is normalised layer-wise.
+        if (j0 == 0 && ib == 0) _mm512_store_ps(dsb, _mm512_setzero_ps());
         // dV += P^T do, dK += dS^T q over the tile's rows
         float *dvb = dvt + b * bkv, *dkb = dkt + b * bkv;
         for (int d0 = 0; d0 < hd; d0 += 8) {
@@ -458,9 +463,11 @@ void AttnBackwardTiles(const float* q, int ldq, const float* o, const float* kt,
   AttnBackwardTiles512<0>(q, ldq, o, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo, bkv, s);
 }
 
+std::atomic<bool> g_avx512_allowed{true};
+
 bool UseAttn512(int hd) {
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  return avx512 && hd % 8 == 0;
+  return avx512 && hd % 8 == 0 && g_avx512_allowed.load(std::memory_order_relaxed);
 }
 #else
 bool UseAttn512(int) { return false; }
@@ -1480,5 +1487,13 @@ template double LlamaLossGradient<float>(const LlamaShape&, const LlamaWeights<f
                                          const double*, const LlamaGrads<float>&);
 template double LlamaLossGradient<double>(const LlamaShape&, const LlamaWeights<double>&, const int32_t*, int, int,
                                           const double*, const LlamaGrads<double>&);
+
+void SetAvx512ForTesting(bool enabled) {
+#if defined(__x86_64__)
+  g_avx512_allowed.store(enabled);
+#else
+  (void)enabled;
+#endif
+}
 
 }  // namespace rapidin::model::internal
