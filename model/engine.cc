@@ -85,14 +85,7 @@ class LargeBufferCache final : public c10::Allocator {
     }
     return {p, p, &Release, c10::Device(c10::DeviceType::CPU)};
   }
-  c10::DeleterFnPtr raw_deleter() const override { return &Release; }
 
-  static LargeBufferCache& Get() {
-    static LargeBufferCache* cache = new LargeBufferCache();  // never destroyed: tensors may outlive main
-    return *cache;
-  }
-
- private:
   LargeBufferCache() : base_(c10::GetDefaultCPUAllocator()) {}
 
   static size_t Round(size_t n) {
@@ -819,6 +812,16 @@ std::vector<double> SelectedValues(const GradientEngine& engine) {
   out.reserve(d.dim);
   for (const auto& t : d.selected) {
     auto c = t.detach().to(torch::kCPU, torch::kDouble).contiguous();
+    out.insert(out.end(), c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+  }
+  return out;
+}
+
+std::vector<double> AllValues(const GradientEngine& engine) {
+  const EngineAccess::Impl& d = EngineAccess::Of(engine);
+  std::vector<double> out;
+  for (const auto& n : d.names) {
+    auto c = d.w.at(n).detach().to(torch::kCPU, torch::kDouble).contiguous();
     out.insert(out.end(), c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
   }
   return out;

@@ -14,6 +14,9 @@ namespace rapidin::model::testing {
 // The selected parameters' current values, concatenated in gradient order.
 std::vector<double> SelectedValues(const GradientEngine& engine);
 
+// Every weight's current values (selected or not, in the model's name order), concatenated.
+std::vector<double> AllValues(const GradientEngine& engine);
+
 // Adds delta to element i of selected parameter p. OUT_OF_RANGE for no such element.
 absl::Status Perturb(GradientEngine* engine, int p, int64_t i, double delta);
 

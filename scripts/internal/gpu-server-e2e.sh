@@ -91,7 +91,7 @@ for side in ("helpful", "harmful"):
 tiers = lambda st: ", ".join(f"{t['tier']} {int(t['bytes']) / 1e6:.1f} MB" for t in st.get("tiers", []))
 import re
 log = open(f"{out}/server_gpu.log").read()
-m = re.search(r"model \S+ on (\S+):", log)
+m = re.search(r"model \S+ on (\S+) \(", log)  # "model PATH on cuda:0 (autograd gradients): ..."
 server_device = m.group(1) if m else "?"
 if server_device != cache["gpu"]["device"]:
     problems.append(f"the GPU server's model runs on {server_device}")

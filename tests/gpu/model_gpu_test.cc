@@ -81,7 +81,7 @@ void ExpectClose(const std::vector<double>& a, const std::vector<double>& b, dou
     const double d = std::fabs(a[i] - b[i]);
     if (d > worst) worst = d, at = i;
   }
-  EXPECT_LE(worst, rel * big) << what << ": element " << at << " cpu " << a[at] << " gpu " << b[at];
+  EXPECT_LE(worst, rel * big) << what << ": element " << at << ": " << a[at] << " against " << b[at];
 }
 
 std::vector<TokenizedExample> RandomRecords(std::mt19937& rng, int vocab) {
@@ -173,11 +173,28 @@ TEST(ModelGpu, GradientsEqualCpuInFloat64) {
   }
 }
 
+// Each float32 side against the CPU's float64 autograd reference first, so that a failure names the wrong side
+// (the CPU's float32 pass is the hand-written one, which the GPU machine's host CPU runs with its own kernels).
 TEST(ModelGpu, Float32AgreesWithCpuWithoutTf32) {
   REQUIRE_CUDA_LIBTORCH();
   std::mt19937 rng(std::random_device{}());
-  auto [cpu, gpu] = Pair(Small(false), rng(), false, "");
+  const uint32_t seed = rng();
+  auto [cpu, gpu] = Pair(Small(false), seed, false, "");
   ASSERT_TRUE(cpu && gpu);
+  EngineOptions o;
+  o.use_double = true;
+  o.grad_path = "autograd";
+  auto ref = GradientEngine::Random(Small(false), seed, o);
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  {
+    SCOPED_TRACE("CPU float32 against CPU float64");
+    CompareEverything(**ref, *cpu, rng, 1e-4);
+  }
+  {
+    SCOPED_TRACE("GPU float32 against CPU float64");
+    CompareEverything(**ref, *gpu, rng, 1e-4);
+  }
+  SCOPED_TRACE("GPU float32 against CPU float32");
   CompareEverything(*cpu, *gpu, rng, 1e-4);
 }
 
@@ -202,7 +219,10 @@ TEST(ModelGpu, AdamWStepsMatchCpu) {
   }
   ExpectClose(model::testing::SelectedValues(*cpu), model::testing::SelectedValues(*gpu), 1e-9,
               "LoRA weights after 3 steps");
-  EXPECT_EQ(cpu->model_hash(), gpu->model_hash());
+  // Every weight, not only the trained ones. Not the model hashes: they hash the weights rounded to float32, and
+  // AdamW's first steps move each weight by about lr * sign(g), so a gradient that is zero up to rounding moves a
+  // weight by a device-dependent 1e-12 and can flip a float32 rounding (the H200 run found different hashes).
+  ExpectClose(model::testing::AllValues(*cpu), model::testing::AllValues(*gpu), 1e-9, "every weight after 3 steps");
 }
 
 TEST(ModelGpu, OutOfMemoryIsAStatusAndTheEngineRecovers) {
