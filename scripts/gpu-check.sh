@@ -2,7 +2,7 @@
 # The one GPU entry point.
 #   scripts/gpu-check.sh pack       on the build machine: builds what needs the Debian libraries against a CUDA
 #                                   LibTorch and packs it in .gpu-deps/ (scripts/internal/gpu-pack.sh)
-#   scripts/gpu-check.sh [--quick]  on the GPU machine (carry .gpu-deps): every check below
+#   scripts/gpu-check.sh [--quick]  on the GPU machine (carry .gpu-carry): every check below
 #   scripts/gpu-check.sh e2e BIN DATA OUT
 #                                   only the service on the GPU against the CPU (scripts/internal/gpu-server-e2e.sh;
 #                                   GPU_DEVICE=cpu GPU_BACKEND=cpu runs it without a GPU, as a check of the script)
@@ -26,6 +26,8 @@ case "${1:-}" in
   *) echo "usage: scripts/gpu-check.sh [--quick] | pack | e2e BIN_DIR DATA_DIR OUT_DIR" >&2; exit 2 ;;
 esac
 cd "$here/.."
+# The pack travels compressed (scripts/internal/gpu-pack.sh): unpack it once.
+if [[ -f .gpu-carry/gpudeps.tar.xz && ! -d .gpu-deps/pack ]]; then tar -xJf .gpu-carry/gpudeps.tar.xz; fi
 QUICK=""
 [[ "${1:-}" == "--quick" ]] && QUICK="--quick"
 BUILD=${BUILD:-build-gpu-check}

@@ -9,7 +9,7 @@
 #
 # TORCH_PREFIX: a torch/ folder (include/, lib/, share/cmake/) to build against. Without it, the torch wheel of
 # TORCH_VERSION (default 2.11.0, CUDA 13.0 on PyPI: the GPU machine's) is fetched with pip and unpacked under
-# build-torchcuda/. Then carry .gpu-deps to the GPU machine.
+# build-torchcuda/. Then carry .gpu-carry (the pack as .gpu-carry/gpudeps.tar.xz) to the GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD_DIR=${BUILD_DIR:-build-torchcuda}
@@ -67,5 +67,8 @@ fi
 if [[ ! -f .gpu-deps/googletest/CMakeLists.txt && -f /usr/src/googletest/CMakeLists.txt ]]; then
   cp -r /usr/src/googletest .gpu-deps/googletest
 fi
+# The device tool carries at most 64 MiB: the pack travels as one xz archive, which gpu-check.sh unpacks.
+mkdir -p .gpu-carry
+tar -cf - .gpu-deps | xz -T2 -6 >.gpu-carry/gpudeps.tar.xz
 echo "pack: $(ls "$OUT/lib" | wc -l) libraries, $(du -sh "$OUT" | cut -f1) in $OUT (LibTorch ${built_version:-?});" \
-  "carry .gpu-deps ($(du -sh .gpu-deps | cut -f1)) and run: bash scripts/gpu-check.sh"
+  "carry .gpu-carry ($(du -sh .gpu-carry | cut -f1)) and run: bash scripts/gpu-check.sh"
