@@ -119,7 +119,10 @@ EOF
   echo "the server runs the influence view beside the token-loss view). The token-loss view as computed now"
   echo "(\`TokenScores\`: each token's blocks reduced against C^T q as they are formed) and through per-token sketches"
   echo "(every token's gradient written, normalised, sketched, then dotted with q: the earlier consumer, same pass);"
-  echo "max rel diff: the two, relative to the largest score."
+  echo "max rel diff: the two, relative to the largest score. GFLOP: the token-loss view's arithmetic counted from the"
+  echo "model's shape (token s's backward covers s positions: every matrix's weight and input gradients, the causal"
+  echo "attention backward), so the work grows with the square of the record's length (and its attention part with the"
+  echo "cube); GFLOP/s: that count over the measured time, against one large sgemm per thread (the roofline line)."
   echo
   "$BUILD_DIR/bench/attribution_views" "$MODEL" "$work/direct.json"
 } | tee "$OUT"

@@ -3,7 +3,10 @@
 // view as TokenScores (each token's <N(grad l_s), C^T q>, blocks reduced as they are formed) against the earlier
 // TokenSketches + dot (every token's gradient written, normalised and sketched), and the influence view
 // (RecordTokenInfluence). Each view alone, one record after another, on the server's thread counts; the largest
-// difference between the two token-loss scores, relative to the largest score, is printed too.
+// difference between the two token-loss scores, relative to the largest score, is printed too. Against a roofline:
+// the token-loss view's arithmetic, counted from the model's shape (each token s's backward covers its s positions:
+// weight and input gradients of every matrix, the attention backward over the causal square), and the rate of one
+// large sgemm per thread on the same number of threads (what the CPUs attain on dense float32 products).
 // Usage: attribution_views MODEL ANSWER_JSON
 #include <algorithm>
 #include <chrono>
@@ -11,13 +14,56 @@
 #include <cstdio>
 #include <fstream>
 #include <random>
+#include <thread>
+#include <vector>
 
 #include "model/featurizer.h"
 #include "nlohmann/json.hpp"
 
+extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+
 namespace {
 using Clock = std::chrono::steady_clock;
 double Ms(Clock::time_point a) { return std::chrono::duration<double, std::milli>(Clock::now() - a).count(); }
+
+// Floating-point operations of TokenScores over tokens [1, T) (multiply-adds count 2): token s's loss reaches the
+// top layer at its own position only, and every position [0, s) below it.
+double TokenLossFlops(const rapidin::model::ModelConfig& c, int64_t T) {
+  const double D = c.dim, Fh = c.hidden_dim, V = c.vocab_size, hd = c.dim / c.n_heads;
+  const double HD = c.n_heads * hd, KD = c.n_kv_heads * hd, L = c.n_layers;
+  double total = 0;
+  for (int64_t s = 1; s < T; ++s) {
+    const double P = static_cast<double>(s);
+    const double head = 6 * V * D;                    // logits, their input gradient, the head's rank-one block
+    const double qkv = 4 * P * D * (HD + 2 * KD);     // weight and input gradients of wq, wk, wv
+    const double top = 12 * D * Fh + 4 * D * HD + 4 * P * HD + qkv;  // one position above the last attention
+    const double lower = 12 * P * D * Fh + 4 * P * D * HD + 4 * P * P * HD + qkv;  // P^2 / 2 keys, 4 products
+    total += head + top + (L - 1) * lower;
+  }
+  return total;
+}
+
+// GFLOP/s of one 1024^3 sgemm per thread, `threads` at once (BLAS itself on one thread each).
+double SgemmRate(int threads) {
+  const int n = 1024;
+  std::vector<std::vector<float>> a(threads, std::vector<float>(size_t{n} * n, 0.5f));
+  std::vector<std::vector<float>> c(threads, std::vector<float>(size_t{n} * n));
+  auto run = [&](int t) {
+    const float one = 1, zero = 0;
+    sgemm_("N", "N", &n, &n, &n, &one, a[t].data(), &n, a[t].data(), &n, &zero, c[t].data(), &n);
+  };
+  for (int t = 0; t < threads; ++t) run(t);  // warm-up
+  const auto t0 = Clock::now();
+  const int reps = 3;
+  for (int r = 0; r < reps; ++r) {
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) pool.emplace_back(run, t);
+    for (auto& th : pool) th.join();
+  }
+  return 2.0 * n * n * n * threads * reps / (Ms(t0) * 1e6);
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -42,9 +88,9 @@ int main(int argc, char** argv) {
   std::normal_distribution<float> g;
   std::vector<float> q((*f)->dim());  // the views' cost does not depend on q's values
   for (auto& v : q) v = g(rng);
-  std::printf("| record | tokens | token-loss view: scores ms | sketches + dot ms (before) | influence view ms | max rel diff |\n");
-  std::printf("|---|---|---|---|---|---|\n");
-  double sum_scores = 0, sum_sketch = 0, sum_infl = 0, worst = 0;
+  std::printf("| record | tokens | token-loss view: scores ms | GFLOP | GFLOP/s | sketches + dot ms (before) | influence view ms | max rel diff |\n");
+  std::printf("|---|---|---|---|---|---|---|---|\n");
+  double sum_scores = 0, sum_sketch = 0, sum_infl = 0, worst = 0, sum_flops = 0;
   int n = 0;
   for (const char* side : {"helpful", "harmful"}) {
     for (const auto& r : answer["result"][side]) {
@@ -73,11 +119,18 @@ int main(int argc, char** argv) {
       if (!(*f)->RecordTokenInfluence(*t, q, &infl).ok()) return 1;
       const double c = Ms(t0);
       worst = std::max(worst, diff / big);
-      std::printf("| %s | %zu | %.1f | %.1f | %.1f | %.1e |\n", r["id"].get<std::string>().c_str(), t->ids.size(), a,
-                  b, c, diff / big);
-      sum_scores += a, sum_sketch += b, sum_infl += c, ++n;
+      const double flops = TokenLossFlops((*f)->engine().config(), static_cast<int64_t>(t->ids.size()));
+      std::printf("| %s | %zu | %.1f | %.1f | %.1f | %.1f | %.1f | %.1e |\n", r["id"].get<std::string>().c_str(),
+                  t->ids.size(), a, flops / 1e9, flops / (a * 1e6), b, c, diff / big);
+      sum_scores += a, sum_sketch += b, sum_infl += c, sum_flops += flops, ++n;
     }
   }
-  std::printf("| mean of %d | | %.1f | %.1f | %.1f | %.1e |\n", n, sum_scores / n, sum_sketch / n, sum_infl / n, worst);
+  std::printf("| mean of %d | | %.1f | %.1f | %.1f | %.1f | %.1f | %.1e |\n", n, sum_scores / n, sum_flops / n / 1e9,
+              sum_flops / (sum_scores * 1e6), sum_sketch / n, sum_infl / n, worst);
+  const int threads = static_cast<int>(std::max(1u, std::min(4u, std::thread::hardware_concurrency())));  // as TokenScores
+  const double peak = SgemmRate(threads);
+  std::printf("\nRoofline: one 1024^3 sgemm per thread on %d threads runs at %.1f GFLOP/s; the token-loss view's "
+              "arithmetic alone would take %.1f ms per record at that rate (%.0f%% of it attained).\n",
+              threads, peak, sum_flops / n / (peak * 1e6), 100.0 * (sum_flops / (sum_scores * 1e6)) / peak);
   return 0;
 }
