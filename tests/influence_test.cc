@@ -155,15 +155,23 @@ TEST(Influence, DirectPassEqualsDoubleBackward) {
         ASSERT_EQ(got32.size(), want.size());
         const double mag = rapidin::testing::MaxAbs(want);
         ASSERT_GT(mag, 1e-6);  // not a comparison of zeros
+        // The scale of I = <g, u> that float32 rounds at: |g| |u| (I itself can be a small remainder of it).
+        std::vector<double> gref;
+        ASSERT_TRUE(ref->GradientIds(t, normalize, &gref).ok());
+        double g2 = 0, u2 = 0;
+        for (size_t i = 0; i < u.size(); ++i) g2 += gref[i] * gref[i], u2 += u[i] * u[i];
+        const double scale = std::sqrt(g2 * u2);
         EXPECT_NEAR(*gi, *wi, 1e-10 * (1 + std::fabs(*wi)));
-        EXPECT_NEAR(*gi32, *wi, 1e-4 * (1 + std::fabs(*wi)));
+        EXPECT_NEAR(*gi32, *wi, 1e-4 * (1 + std::fabs(*wi)) + 1e-5 * scale) << "|g| |u| " << scale;
         double err = 0, err32 = 0;
         for (size_t s = 0; s < want.size(); ++s) {
           err = std::max(err, std::fabs(got[s] - want[s]));
           err32 = std::max(err32, std::fabs(got32[s] - want[s]));
         }
         EXPECT_LT(err / mag, 1e-9);
-        EXPECT_LT(err32 / mag, 1e-3);
+        // float32: within 1e-3 of the largest score, or float rounding at the scale of I itself: a token's score can
+        // be a 1e-4 sliver of I (seed 12628380578518016708: -2.3e-4 against I = -1.14, off by 2.6e-7).
+        EXPECT_LT(err32, 1e-3 * mag + 1e-5 * std::fabs(*wi)) << "largest score " << mag << ", I " << *wi;
         if (ci == 0 && len == 12) {  // and against finite differences of I (LibTorch's value at scaled embeddings)
           for (size_t s = 0; s < t.ids.size(); ++s) {
             const double fd = CentralDifference(*direct, t, u, s, normalize);
