@@ -806,24 +806,25 @@ absl::Status Perturb(GradientEngine* engine, int p, int64_t i, double delta) {
   });
 }
 
+namespace {
+void AppendAsDouble(const torch::Tensor& t, std::vector<double>* out) {
+  auto c = t.detach().to(torch::kCPU, torch::kDouble).contiguous();
+  out->insert(out->end(), c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+}
+}  // namespace
+
 std::vector<double> SelectedValues(const GradientEngine& engine) {
   const EngineAccess::Impl& d = EngineAccess::Of(engine);
   std::vector<double> out;
   out.reserve(d.dim);
-  for (const auto& t : d.selected) {
-    auto c = t.detach().to(torch::kCPU, torch::kDouble).contiguous();
-    out.insert(out.end(), c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
-  }
+  for (const auto& t : d.selected) AppendAsDouble(t, &out);
   return out;
 }
 
 std::vector<double> AllValues(const GradientEngine& engine) {
   const EngineAccess::Impl& d = EngineAccess::Of(engine);
   std::vector<double> out;
-  for (const auto& n : d.names) {
-    auto c = d.w.at(n).detach().to(torch::kCPU, torch::kDouble).contiguous();
-    out.insert(out.end(), c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
-  }
+  for (const auto& n : d.names) AppendAsDouble(d.w.at(n), &out);
   return out;
 }
 

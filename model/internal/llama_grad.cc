@@ -1,8 +1,7 @@
 #include "model/internal/llama_grad.h"
 
-#include <atomic>
-
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

@@ -85,8 +85,8 @@ class LlamaTokenPass {
   std::unique_ptr<State> st_;
 };
 
-// Tests only: false makes the float passes take the portable kernels (what a CPU without AVX-512 runs, such as
-// the GPU machine's host) on any CPU; true restores the choice by CPU. Not for use while passes run.
+// Tests only: false makes the float attention take its portable kernels (what a CPU without AVX-512 runs) on any
+// CPU; true restores the choice by CPU. Not for use while passes run.
 void SetAvx512ForTesting(bool enabled);
 
 }  // namespace rapidin::model::internal
