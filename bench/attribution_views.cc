@@ -1,6 +1,6 @@
 // Per-record cost of the two record views of token attributions, for the records of a `rapidin query --json
 // --tokens` answer, on the featurizer the server builds (stories260K, every weight matrix, K = 4096): the token-loss
-// view as TokenScores (each token's <N(grad l_s), C^T q>, blocks reduced as they are formed) against the earlier
+// view as TokenScores over the tokens the loss is on (each token's <N(grad l_s), C^T q>, blocks reduced as they are formed) against the earlier
 // TokenSketches + dot (every token's gradient written, normalised and sketched), and the influence view
 // (RecordTokenInfluence). Each view alone, one record after another, on the server's thread counts; the largest
 // difference between the two token-loss scores, relative to the largest score, is printed too. Against a roofline:
@@ -28,13 +28,13 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double Ms(Clock::time_point a) { return std::chrono::duration<double, std::milli>(Clock::now() - a).count(); }
 
-// Floating-point operations of TokenScores over tokens [1, T) (multiply-adds count 2): token s's loss reaches the
-// top layer at its own position only, and every position [0, s) below it.
-double TokenLossFlops(const rapidin::model::ModelConfig& c, int64_t T) {
+// Floating-point operations of TokenScores over tokens [from, T) (multiply-adds count 2): token s's loss reaches
+// the top layer at its own position only, and every position [0, s) below it.
+double TokenLossFlops(const rapidin::model::ModelConfig& c, int64_t from, int64_t T) {
   const double D = c.dim, Fh = c.hidden_dim, V = c.vocab_size, hd = c.dim / c.n_heads;
   const double HD = c.n_heads * hd, KD = c.n_kv_heads * hd, L = c.n_layers;
   double total = 0;
-  for (int64_t s = 1; s < T; ++s) {
+  for (int64_t s = from; s < T; ++s) {
     const double P = static_cast<double>(s);
     const double head = 6 * V * D;                    // logits, their input gradient, the head's rank-one block
     const double qkv = 4 * P * D * (HD + 2 * KD);     // weight and input gradients of wq, wk, wv
@@ -88,7 +88,7 @@ int main(int argc, char** argv) {
   std::normal_distribution<float> g;
   std::vector<float> q((*f)->dim());  // the views' cost does not depend on q's values
   for (auto& v : q) v = g(rng);
-  std::printf("| record | tokens | token-loss view: scores ms | GFLOP | GFLOP/s | sketches + dot ms (before) | influence view ms | max rel diff |\n");
+  std::printf("| record | tokens (response) | token-loss view: scores ms | GFLOP | GFLOP/s | sketches + dot ms (before) | influence view ms | max rel diff |\n");
   std::printf("|---|---|---|---|---|---|---|---|\n");
   double sum_scores = 0, sum_sketch = 0, sum_infl = 0, worst = 0, sum_flops = 0;
   int n = 0;
@@ -103,10 +103,12 @@ int main(int argc, char** argv) {
       std::vector<double> scores, infl;
       std::vector<std::vector<float>> sk;
       auto t0 = Clock::now();
-      if (!(*f)->TokenScores(t->ids, 1, q, &scores).ok()) return 1;
+      // As the server: the tokens the record's loss is on (an Alpaca record's output).
+      const int from = std::max(1, t->response_begin);
+      if (!(*f)->TokenScores(t->ids, from, q, &scores).ok()) return 1;
       const double a = Ms(t0);
       t0 = Clock::now();
-      if (!(*f)->TokenSketches(t->ids, 1, &sk).ok()) return 1;
+      if (!(*f)->TokenSketches(t->ids, from, &sk).ok()) return 1;
       double big = 0, diff = 0;
       for (size_t s = 0; s < sk.size(); ++s) {
         double dot = 0;
@@ -119,9 +121,9 @@ int main(int argc, char** argv) {
       if (!(*f)->RecordTokenInfluence(*t, q, &infl).ok()) return 1;
       const double c = Ms(t0);
       worst = std::max(worst, diff / big);
-      const double flops = TokenLossFlops((*f)->engine().config(), static_cast<int64_t>(t->ids.size()));
-      std::printf("| %s | %zu | %.1f | %.1f | %.1f | %.1f | %.1f | %.1e |\n", r["id"].get<std::string>().c_str(),
-                  t->ids.size(), a, flops / 1e9, flops / (a * 1e6), b, c, diff / big);
+      const double flops = TokenLossFlops((*f)->engine().config(), from, static_cast<int64_t>(t->ids.size()));
+      std::printf("| %s | %zu (%zu) | %.1f | %.1f | %.1f | %.1f | %.1f | %.1e |\n", r["id"].get<std::string>().c_str(),
+                  t->ids.size(), t->ids.size() - from, a, flops / 1e9, flops / (a * 1e6), b, c, diff / big);
       sum_scores += a, sum_sketch += b, sum_infl += c, sum_flops += flops, ++n;
     }
   }

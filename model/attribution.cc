@@ -1,5 +1,6 @@
 #include "model/attribution.h"
 
+#include <algorithm>
 #include <thread>
 
 #include "model/engine.h"
@@ -90,12 +91,19 @@ absl::Status Attribute(const Featurizer& featurizer, const Example& gen, const s
     std::vector<double> infl;
     absl::StatusOr<double> total = absl::UnknownError("not run");
     std::thread influence([&] { total = featurizer.RecordTokenInfluence(*zt, q, &infl); });
-    std::vector<double> z_tok;  // <C(N(grad l_s)), q> for s >= 1
-    absl::Status s2 = featurizer.TokenScores(zt->ids, 1, q, &z_tok);
+    // The token-loss view covers the tokens the record's loss is on: a prompt token's own loss was never trained
+    // on, so its score would answer a question nobody asked (and a prompt's tokens are a third of the work).
+    const int T = static_cast<int>(zt->ids.size());
+    const int from = std::max(1, zt->response_begin);
+    auto trained = [&](int s) {
+      return s >= from && (zt->loss_weights.empty() || zt->loss_weights[s - zt->response_begin] != 0);
+    };
+    std::vector<double> z_tok;  // <C(N(grad l_s)), q> for s >= from
+    absl::Status s2 = from < T ? featurizer.TokenScores(zt->ids, from, q, &z_tok) : absl::OkStatus();
     influence.join();
     if (!s2.ok()) return s2;
     if (!total.ok()) return total.status();
-    auto place = [&](size_t s, v1::TokenScore* ts) {
+    auto place = [&](int s, v1::TokenScore* ts) {
       ts->set_text(ValidUtf8(eng.tokenizer()->Piece(zt->ids[s])));
       const TokenPlace& pl = zt->places[s];
       ts->set_field(pl.field);
@@ -105,11 +113,11 @@ absl::Status Attribute(const Featurizer& featurizer, const Example& gen, const s
     // The first token has no loss of its own (nothing predicts it); without a BOS it is text and still has an
     // influence through the tokens after it.
     const bool bos_first = eng.tokenizer()->bos() >= 0 && !zt->ids.empty() && zt->ids[0] == eng.tokenizer()->bos();
-    for (size_t s = bos_first ? 1 : 0; s < zt->ids.size(); ++s) {
-      if (s >= 1) {
+    for (int s = bos_first ? 1 : 0; s < T; ++s) {
+      if (trained(s)) {
         auto* ts = sr->add_record_tokens();
         place(s, ts);
-        ts->set_score(static_cast<float>(z_tok[s - 1]));
+        ts->set_score(static_cast<float>(z_tok[s - from]));
       }
       auto* ti = sr->add_record_influence_tokens();
       place(s, ti);

@@ -18,9 +18,9 @@ namespace rapidin::model {
 using RecordFetcher = std::function<absl::Status(const v1::ScoredRecord&, v1::Record*, std::vector<float>*)>;
 
 // Token-level views for every record of *result: generation side (per generated token, its sketch against the
-// record's stored vector), the record's per-token loss view (record_tokens: each token's own sketch against q),
-// and the training-side influence view (record_influence_tokens: gradient x input of I(z, q) per token, prompt
-// tokens included). Every token is placed in its field (TokenPlace); a generation's own tokens are "generation"
+// record's stored vector), the record's per-token loss view (record_tokens: each token the record's loss is on,
+// its own loss's sketch against q; prompt tokens and a chat's untrained turns have none), and the training-side
+// influence view (record_influence_tokens: gradient x input of I(z, q) per token, prompt tokens included). Every token is placed in its field (TokenPlace); a generation's own tokens are "generation"
 // for an Alpaca query and "messages[i]" for a chat.
 absl::Status Attribute(const Featurizer& featurizer, const Example& gen, const std::vector<float>& q,
                        const RecordFetcher& fetch, v1::QueryResult* result);

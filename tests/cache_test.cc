@@ -297,7 +297,7 @@ TEST_F(CacheTest, TokenAttributionsMapBackToTextAndAreDeterministic) {
     for (int i = 0; i < list.size(); ++i) {
       const auto& sr = list[i];
       ASSERT_EQ(static_cast<uint32_t>(sr.generation_tokens_size()), r->generation_tokens());
-      ASSERT_GT(sr.record_tokens_size(), 10);
+      ASSERT_GT(sr.record_influence_tokens_size(), 10);
       for (int t = 0; t < sr.generation_tokens_size(); ++t) {
         const auto& ts = sr.generation_tokens(t);
         EXPECT_EQ(ts.field(), "generation");
@@ -310,37 +310,45 @@ TEST_F(CacheTest, TokenAttributionsMapBackToTextAndAreDeterministic) {
       const auto& rec = sr.record();
       const std::string prompt = model::AlpacaPrompt(rec.instruction(), rec.input());
       int seen_instruction = 0, seen_output = 0;
-      // The influence view scores the same tokens, with the same placement, deterministically.
-      ASSERT_EQ(sr.record_influence_tokens_size(), sr.record_tokens_size());
+      // The influence view covers every token of the record (prompt included), each mapped back to its text.
       double max_infl = 0;
       for (int t = 0; t < sr.record_influence_tokens_size(); ++t) {
         const auto& ti = sr.record_influence_tokens(t);
-        EXPECT_EQ(ti.field(), sr.record_tokens(t).field());
-        EXPECT_EQ(ti.begin(), sr.record_tokens(t).begin());
-        EXPECT_EQ(ti.text(), sr.record_tokens(t).text());
         EXPECT_EQ(ti.score(), list2[i].record_influence_tokens(t).score());
         max_infl = std::max(max_infl, std::fabs(static_cast<double>(ti.score())));
+        const std::string* field = ti.field() == "instruction" ? &rec.instruction()
+                                   : ti.field() == "input"     ? &rec.input()
+                                   : ti.field() == "output"    ? &rec.output()
+                                                               : &prompt;
+        ASSERT_LE(ti.end(), field->size()) << ti.field();
+        const std::string span = field->substr(ti.begin(), ti.end() - ti.begin());
+        if (t == 0) {
+          EXPECT_EQ(" " + span, ti.text());  // the dummy-prefix space merged into the first token
+        } else if (ti.end() > ti.begin()) {
+          EXPECT_EQ(span, ti.text()) << ti.field() << " token " << t;
+        }
+        seen_instruction += ti.field() == "instruction";
+        seen_output += ti.field() == "output";
       }
       EXPECT_GT(max_infl, 0);
-      for (int t = 0; t < sr.record_tokens_size(); ++t) {
-        const auto& ts = sr.record_tokens(t);
-        EXPECT_EQ(ts.score(), list2[i].record_tokens(t).score());
-        const std::string* field = ts.field() == "instruction" ? &rec.instruction()
-                                   : ts.field() == "input"     ? &rec.input()
-                                   : ts.field() == "output"    ? &rec.output()
-                                                               : &prompt;
-        ASSERT_LE(ts.end(), field->size()) << ts.field();
-        const std::string span = field->substr(ts.begin(), ts.end() - ts.begin());
-        if (t == 0) {
-          EXPECT_EQ(" " + span, ts.text());  // the dummy-prefix space merged into the first token
-        } else if (ts.end() > ts.begin()) {
-          EXPECT_EQ(span, ts.text()) << ts.field() << " token " << t;
-        }
-        seen_instruction += ts.field() == "instruction";
-        seen_output += ts.field() == "output";
-      }
       EXPECT_GT(seen_instruction, 0);
       EXPECT_GT(seen_output, 0);
+      // The token-loss view covers exactly the tokens the loss is on, the output (and EOS) at the end of the
+      // record, with the influence view's placement; prompt tokens were never trained on.
+      ASSERT_EQ(sr.record_tokens_size(), seen_output);
+      const int first = sr.record_influence_tokens_size() - seen_output;
+      double max_loss = 0;
+      for (int t = 0; t < sr.record_tokens_size(); ++t) {
+        const auto& ts = sr.record_tokens(t);
+        const auto& ti = sr.record_influence_tokens(first + t);
+        EXPECT_EQ(ts.field(), "output");
+        EXPECT_EQ(ti.field(), "output");
+        EXPECT_EQ(ts.begin(), ti.begin());
+        EXPECT_EQ(ts.text(), ti.text());
+        EXPECT_EQ(ts.score(), list2[i].record_tokens(t).score());  // deterministic
+        max_loss = std::max(max_loss, std::fabs(static_cast<double>(ts.score())));
+      }
+      EXPECT_GT(max_loss, 0);
     }
   }
   EXPECT_GT(partial, 0);

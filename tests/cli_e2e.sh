@@ -455,9 +455,14 @@ assert g and {t["field"] for t in g} == {"messages[4]", "template"}, {t["field"]
 content = "RocksDB on disk."
 assert all(content[t["begin"]:t["end"]] == t["text"] for t in g if t["field"] == "messages[4]"), g
 by_id = {h["id"]: h for h in r}
-fields = lambda h: {t["field"] for t in h["record_tokens"]}
+fields = lambda h, view="record_influence_tokens": {t["field"] for t in h[view]}
+# The influence view covers every token; the token-loss view only those the loss is on (assistant turns and their
+# end-of-turn markers, an Alpaca output, a text's tokens).
 assert {"messages[0]", "messages[1]", "messages[2]", "messages[3]", "messages[4]", "template"} <= fields(by_id["chat-1"])
-assert "text" in fields(by_id["txt-0"]) and "output" in fields(by_id["alp-0"]) and "instruction" in fields(by_id["alp-0"])
+loss = fields(by_id["chat-1"], "record_tokens")
+assert {"messages[2]", "messages[4]"} <= loss <= {"messages[2]", "messages[4]", "template"}, loss
+assert fields(by_id["txt-0"]) == fields(by_id["txt-0"], "record_tokens") == {"text"}
+assert fields(by_id["alp-0"], "record_tokens") == {"output"} and "instruction" in fields(by_id["alp-0"])
 PY
 "$CLI" query --server 127.0.0.1:$port --instruction "Add two and three." --generation "Two plus three is five." \
   --top-k 1 --json | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["result"]["helpful"][0]["id"]=="alp-1", r' \
