@@ -7,6 +7,7 @@
 // recorded input and the batched output gradient (dl_s/dW = sum_p dy_{s,p}^T x_p). Above the last attention layer
 // a loss's cotangent lives at one position only, so that part runs on one position per token; attention runs in
 // causal row blocks. Measured against the loop in bench/results/tokens.md.
+#include <algorithm>
 #include <atomic>
 #include <mutex>
 #include <functional>
@@ -15,6 +16,8 @@
 #include <thread>
 
 #include "absl/strings/match.h"
+#include "base/mutex.h"
+#include "base/thread_pool.h"
 #include "model/internal/engine_impl.h"
 
 namespace rapidin::model {
@@ -327,6 +330,16 @@ bool SharedBackpropCovers(const EngineAccess::Impl& d) {
 // per[p]), in cache) instead of the whole chunk to the sink; the other methods still use the sink.
 using BlockVisitor = std::function<void(int s0, int s1, size_t p, const torch::Tensor& blocks)>;
 
+// The chunks' workers beyond the caller. They live as long as the process, so each keeps its scratch and gradient
+// blocks (thread_local) from call to call: fresh threads per call faulted in every page of those again for each
+// record (4-6% of a query's attribution time). A task never waits on another task, so tasks queued behind busy
+// workers (concurrent queries) only start later while the caller works through the chunks.
+ThreadPool& ChunkPool() {
+  static ThreadPool* const pool =
+      new ThreadPool(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())), 1 << 30);
+  return *pool;
+}
+
 absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl& d, const std::vector<int32_t>& ids,
                                int from, const TokenGradOptions& options, const ChunkSink& sink,
                                const BlockVisitor& visit = nullptr) {
@@ -438,10 +451,16 @@ absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl
   };
   if (threads == 1) {
     work(0);
-  } else {
-    std::vector<std::thread> pool;
-    for (int w = 0; w < threads; ++w) pool.emplace_back(work, w);
-    for (auto& th : pool) th.join();
+  } else {  // the caller is worker 0
+    BlockingCounter left(threads - 1);
+    for (int w = 1; w < threads; ++w) {
+      ChunkPool().Schedule([&, w] {
+        work(w);
+        left.DecrementCount();
+      });
+    }
+    work(0);
+    left.Wait();
   }
   for (const auto& st : status) {
     if (!st.ok()) return st;
