@@ -4,6 +4,7 @@
 #include <fstream>
 
 #include <limits>
+#include <queue>
 #include <unordered_map>
 
 #include "sentencepiece/model_min.pb.h"
@@ -25,9 +26,16 @@ class Llama2cTokenizer : public Tokenizer {
   int32_t vocab_size() const override { return static_cast<int32_t>(pieces_.size()); }
 
  private:
+  static uint64_t PairKey(int32_t a, int32_t b) {
+    return (uint64_t{static_cast<uint32_t>(a)} << 32) | static_cast<uint32_t>(b);
+  }
+
   std::vector<std::string> pieces_;
   std::vector<float> scores_;
   std::unordered_map<std::string, int32_t> lookup_;
+  // (left id, right id) -> the id lookup_ gives their concatenated pieces, for every pair whose concatenation is
+  // a piece: the merge loop then hashes two integers instead of building and hashing a string per pair.
+  std::unordered_map<uint64_t, int32_t> pairs_;
 };
 
 
@@ -240,6 +248,20 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Llama2cTokenizer::Load(const std::str
   }
   in.peek();
   if (!in.eof()) return absl::DataLossError(absl::StrCat(path, ": has more tokens than vocab_size ", vocab_size));
+  // pieces_[a] + pieces_[b] == s splits s after pieces_[a].size() bytes: enumerate every split of every piece.
+  std::unordered_map<std::string, std::vector<int32_t>> ids_of;  // duplicated pieces have several ids
+  for (int32_t i = 0; i < vocab_size; ++i) ids_of[t->pieces_[i]].push_back(i);
+  for (const auto& [s, merged] : t->lookup_) {
+    for (size_t k = 0; k <= s.size(); ++k) {
+      const auto left = ids_of.find(s.substr(0, k));
+      if (left == ids_of.end()) continue;
+      const auto right = ids_of.find(s.substr(k));
+      if (right == ids_of.end()) continue;
+      for (int32_t a : left->second) {
+        for (int32_t b : right->second) t->pairs_[PairKey(a, b)] = merged;
+      }
+    }
+  }
   return std::unique_ptr<Tokenizer>(std::move(t));
 }
 
@@ -276,29 +298,49 @@ Encoding Llama2cTokenizer::Encode(const std::string& text, bool dummy_prefix) co
     i += n;
   }
   // Merge the best-scoring adjacent pair until none merges (llama2.c's run.c, including its tie rule: the
-  // leftmost pair among equal scores).
-  for (;;) {
-    float best = -1e10f;
-    int32_t best_id = -1;
-    size_t best_i = 0;
-    for (size_t i = 0; i + 1 < e.ids.size(); ++i) {
-      auto it = lookup_.find(pieces_[e.ids[i]] + pieces_[e.ids[i + 1]]);
-      if (it != lookup_.end() && scores_[it->second] > best) {
-        best = scores_[it->second];
-        best_id = it->second;
-        best_i = i;
-      }
-    }
-    if (best_id < 0) break;
-    e.ids[best_i] = best_id;
-    e.spans[best_i].end = e.spans[best_i + 1].end;
-    if (e.spans[best_i].begin == e.spans[best_i].end && e.spans[best_i + 1].begin < e.spans[best_i].begin) {
-      e.spans[best_i].begin = e.spans[best_i + 1].begin;
-    }
-    e.ids.erase(e.ids.begin() + best_i + 1);
-    e.spans.erase(e.spans.begin() + best_i + 1);
+  // leftmost pair among equal scores; a pair scoring <= -1e10 never merges). run.c rescans every pair after each
+  // merge (quadratic in the text's length); here candidate pairs wait in a heap ordered by score, then by the
+  // left symbol's first index (symbols keep it when they absorb their right neighbour, so it orders them as the
+  // text does), and a popped pair that no longer stands next to each other with those ids is skipped.
+  const int n = static_cast<int>(e.ids.size());
+  struct Cand {
+    float score;
+    int left;
+    int32_t a, b, merged;
+  };
+  auto worse = [](const Cand& x, const Cand& y) { return x.score < y.score || (x.score == y.score && x.left > y.left); };
+  std::priority_queue<Cand, std::vector<Cand>, decltype(worse)> heap(worse);
+  std::vector<int> prev(n), next(n);
+  for (int i = 0; i < n; ++i) prev[i] = i - 1, next[i] = i + 1;
+  std::vector<char> alive(n, 1);
+  auto consider = [&](int l) {  // the pair starting at symbol l, if it merges
+    const int r = next[l];
+    if (r >= n) return;
+    const auto it = pairs_.find(PairKey(e.ids[l], e.ids[r]));
+    if (it == pairs_.end() || !(scores_[it->second] > -1e10f)) return;
+    heap.push({scores_[it->second], l, e.ids[l], e.ids[r], it->second});
+  };
+  for (int i = 0; i + 1 < n; ++i) consider(i);
+  while (!heap.empty()) {
+    const Cand c = heap.top();
+    heap.pop();
+    const int l = c.left, r = next[l];
+    if (!alive[l] || r >= n || e.ids[l] != c.a || e.ids[r] != c.b) continue;  // stale
+    e.ids[l] = c.merged;
+    e.spans[l].end = e.spans[r].end;
+    if (e.spans[l].begin == e.spans[l].end && e.spans[r].begin < e.spans[l].begin) e.spans[l].begin = e.spans[r].begin;
+    alive[r] = 0;
+    next[l] = next[r];
+    if (next[r] < n) prev[next[r]] = l;
+    if (prev[l] >= 0) consider(prev[l]);
+    consider(l);
   }
-  return e;
+  Encoding out;
+  for (int i = 0; i < n; i = next[i]) {
+    out.ids.push_back(e.ids[i]);
+    out.spans.push_back(e.spans[i]);
+  }
+  return out;
 }
 
 std::string Llama2cTokenizer::Piece(int32_t id) const {

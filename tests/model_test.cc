@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <random>
 #include <sstream>
@@ -67,6 +68,173 @@ TEST(Tokenizer, SpansMapBackToText) {
     }
     EXPECT_EQ(joined, " " + text);
     EXPECT_EQ(prev_end, static_cast<int32_t>(text.size()));
+  }
+}
+
+// llama2.c's tokenizer file: max piece length, then per piece its score, length and bytes.
+struct Llama2cVocab {
+  std::vector<std::string> pieces;
+  std::vector<float> scores;
+};
+
+Llama2cVocab ReadLlama2cVocab(const std::string& path, int n) {
+  Llama2cVocab v;
+  std::ifstream in(path, std::ios::binary);
+  int32_t max_len = 0;
+  in.read(reinterpret_cast<char*>(&max_len), 4);
+  for (int i = 0; i < n; ++i) {
+    float score = 0;
+    int32_t len = 0;
+    in.read(reinterpret_cast<char*>(&score), 4);
+    in.read(reinterpret_cast<char*>(&len), 4);
+    std::string piece(len, '\0');
+    in.read(piece.data(), len);
+    v.pieces.push_back(piece);
+    v.scores.push_back(score);
+  }
+  return v;
+}
+
+void WriteLlama2cVocab(const std::string& path, const Llama2cVocab& v) {
+  std::ofstream out(path, std::ios::binary);
+  int32_t max_len = 1;
+  for (const auto& p : v.pieces) max_len = std::max<int32_t>(max_len, static_cast<int32_t>(p.size()));
+  out.write(reinterpret_cast<const char*>(&max_len), 4);
+  for (size_t i = 0; i < v.pieces.size(); ++i) {
+    const int32_t len = static_cast<int32_t>(v.pieces[i].size());
+    out.write(reinterpret_cast<const char*>(&v.scores[i]), 4);
+    out.write(reinterpret_cast<const char*>(&len), 4);
+    out.write(v.pieces[i].data(), len);
+  }
+}
+
+// llama2.c's run.c encoder as written there, slow and obvious (every pair rescanned after each merge), with the
+// byte spans the tokenizer reports: the reference for Llama2cTokenizer::Encode.
+Encoding ReferenceLlama2cEncode(const Llama2cVocab& v, const std::string& text, bool dummy_prefix) {
+  std::map<std::string, int32_t> lookup;
+  for (size_t i = 0; i < v.pieces.size(); ++i) lookup.emplace(v.pieces[i], static_cast<int32_t>(i));
+  Encoding e;
+  if (dummy_prefix && !text.empty() && lookup.count(" ")) {
+    e.ids.push_back(lookup.at(" "));
+    e.spans.push_back({0, 0});
+  }
+  for (size_t i = 0; i < text.size();) {
+    size_t n = 1;
+    const unsigned char c = text[i];
+    if (c >= 0xF0) n = 4;
+    else if (c >= 0xE0) n = 3;
+    else if (c >= 0xC0) n = 2;
+    if (i + n > text.size()) n = 1;
+    for (size_t j = 1; j < n; ++j) {
+      if ((static_cast<unsigned char>(text[i + j]) & 0xC0) != 0x80) n = 1;
+    }
+    auto it = lookup.find(text.substr(i, n));
+    if (it != lookup.end()) {
+      e.ids.push_back(it->second);
+      e.spans.push_back({static_cast<int32_t>(i), static_cast<int32_t>(i + n)});
+    } else {
+      for (size_t j = 0; j < n; ++j) {
+        e.ids.push_back(static_cast<unsigned char>(text[i + j]) + 3);
+        e.spans.push_back({static_cast<int32_t>(i + j), static_cast<int32_t>(i + j + 1)});
+      }
+    }
+    i += n;
+  }
+  for (;;) {
+    float best = -1e10f;
+    int best_id = -1;
+    size_t best_i = 0;
+    for (size_t i = 0; i + 1 < e.ids.size(); ++i) {
+      auto it = lookup.find(v.pieces[e.ids[i]] + v.pieces[e.ids[i + 1]]);
+      if (it != lookup.end() && v.scores[it->second] > best) {
+        best = v.scores[it->second];
+        best_id = it->second;
+        best_i = i;
+      }
+    }
+    if (best_id < 0) break;
+    e.ids[best_i] = best_id;
+    e.spans[best_i].end = e.spans[best_i + 1].end;
+    if (e.spans[best_i].begin == e.spans[best_i].end && e.spans[best_i + 1].begin < e.spans[best_i].begin) {
+      e.spans[best_i].begin = e.spans[best_i + 1].begin;
+    }
+    e.ids.erase(e.ids.begin() + best_i + 1);
+    e.spans.erase(e.spans.begin() + best_i + 1);
+  }
+  return e;
+}
+
+void ExpectSameEncoding(const Encoding& got, const Encoding& want, const std::string& text) {
+  ASSERT_EQ(got.ids, want.ids) << "text: " << text;
+  ASSERT_EQ(got.spans.size(), want.spans.size());
+  for (size_t i = 0; i < got.spans.size(); ++i) {
+    EXPECT_EQ(got.spans[i].begin, want.spans[i].begin) << i << " of " << text;
+    EXPECT_EQ(got.spans[i].end, want.spans[i].end) << i << " of " << text;
+  }
+}
+
+// The heap-ordered merges choose what run.c's rescans choose: on a made vocabulary with many equal scores (the
+// leftmost-pair rule decides), a duplicated piece, an empty piece, a pair scored below -1e10 (never merged),
+// multi-byte characters, bytes outside the vocabulary, and fresh random texts.
+TEST(Tokenizer, Llama2cMergesEqualTheQuadraticReference) {
+  Llama2cVocab v;
+  v.pieces = {"<unk>", "<s>", "</s>"};
+  for (int b = 0; b < 256; ++b) {
+    char hex[8];
+    std::snprintf(hex, sizeof(hex), "<0x%02X>", b);
+    v.pieces.push_back(hex);
+  }
+  v.scores.assign(v.pieces.size(), 0.0f);
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937 rng(seed);
+  const std::vector<std::string> alphabet = {"a", "b", "c", " ", "\xc3\xa9", "\n"};
+  std::vector<std::string> words = alphabet;
+  for (int i = 0; i < 60; ++i) {  // merged pieces: concatenations of earlier ones
+    words.push_back(words[rng() % words.size()] + words[rng() % words.size()]);
+  }
+  words.push_back("ab");  // a duplicate: lookups give its first id
+  words.push_back("");    // an empty piece
+  for (const auto& w : words) {
+    v.pieces.push_back(w);
+    v.scores.push_back(-static_cast<float>(rng() % 4));  // few distinct scores: many ties
+  }
+  v.pieces.push_back("ba");
+  v.scores.push_back(-2e10f);  // never merges
+  rapidin::testing::TempDir dir;
+  WriteLlama2cVocab(dir.path("tok.bin"), v);
+  auto tok = Tokenizer::Load(dir.path("tok.bin"), static_cast<int32_t>(v.pieces.size()));
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  const std::vector<std::string> extra = {"z", "\xe2\x9c\x93", "\xff"};  // not in the vocabulary: bytes
+  for (int trial = 0; trial < 3000; ++trial) {
+    std::string text;
+    const int len = static_cast<int>(rng() % 120);
+    for (int i = 0; i < len; ++i) {
+      text += rng() % 10 == 0 ? extra[rng() % extra.size()] : alphabet[rng() % alphabet.size()];
+    }
+    const bool prefix = rng() % 2 == 0;
+    ExpectSameEncoding((*tok)->Encode(text, prefix), ReferenceLlama2cEncode(v, text, prefix), text);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
+// The same on the shared tokenizer and real records.
+TEST(Tokenizer, Llama2cMergesEqualTheQuadraticReferenceOnAlpaca) {
+  REQUIRE_SHARED_DATA();
+  auto tok = Tokenizer::Load(TokPath(), 512);
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  const Llama2cVocab v = ReadLlama2cVocab(TokPath(), 512);
+  std::ifstream in(SharedData() + "/instructions/alpaca_5000.json");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string all = ss.str();
+  ASSERT_GT(all.size(), 100000u);
+  std::mt19937 rng(static_cast<uint32_t>(std::random_device{}()));
+  for (int trial = 0; trial < 300; ++trial) {  // windows of the file: its text, quotes and escapes included
+    const size_t at = rng() % (all.size() - 2000);
+    const std::string text = all.substr(at, 1 + rng() % 1500);
+    ExpectSameEncoding((*tok)->Encode(text, true), ReferenceLlama2cEncode(v, text, true), text);
+    if (::testing::Test::HasFatalFailure()) return;
   }
 }
 
