@@ -250,7 +250,27 @@ RAPIDIN_AVX512 void AttnForward512(const float* q, int ldq, const float* kt, con
     const float* qi = q + int64_t{i} * ldq;
     const int n = (i + 16) / 16 * 16;
     __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int j0 = 0; j0 < n; j0 += 16) {
+    int j0 = 0;
+    // Four chunks at once: one chunk's sum over d is a chain of dependent FMAs, latency-bound for a small head
+    // dimension. Each lane's FMAs are the same, in the same order, as one chunk at a time.
+    for (; j0 + 64 <= n; j0 += 64) {
+      __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+      for (int d = 0; d < hd; ++d) {
+        const __m512 c = _mm512_set1_ps(qi[d] * scale);
+        const float* kd = kt + int64_t{d} * ld + j0;
+        s0 = _mm512_fmadd_ps(c, _mm512_load_ps(kd), s0);
+        s1 = _mm512_fmadd_ps(c, _mm512_load_ps(kd + 16), s1);
+        s2 = _mm512_fmadd_ps(c, _mm512_load_ps(kd + 32), s2);
+        s3 = _mm512_fmadd_ps(c, _mm512_load_ps(kd + 48), s3);
+      }
+      _mm512_store_ps(r + j0, s0);
+      _mm512_store_ps(r + j0 + 16, s1);
+      _mm512_store_ps(r + j0 + 32, s2);
+      _mm512_store_ps(r + j0 + 48, s3);
+      mx = _mm512_max_ps(mx, _mm512_max_ps(_mm512_max_ps(s0, s1), s2));  // whole chunks: all keys <= i
+      mx = _mm512_mask_max_ps(mx, Causal(i, j0 + 48), mx, s3);
+    }
+    for (; j0 < n; j0 += 16) {
       __m512 sc = _mm512_setzero_ps();
       for (int d = 0; d < hd; ++d) {
         sc = _mm512_fmadd_ps(_mm512_set1_ps(qi[d] * scale), _mm512_load_ps(kt + int64_t{d} * ld + j0), sc);
