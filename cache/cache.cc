@@ -15,6 +15,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "base/mutex.h"
 #include "storage/store.h"
 
 namespace rapidin::cache {
@@ -252,74 +253,125 @@ absl::StatusOr<CacheSummary> RunCache(const CacheOptions& o) {
   }
   const int threads = std::max(1, o.threads);
   const size_t bs = static_cast<size_t>(std::max(1, o.batch_size));
+  const size_t gb = static_cast<size_t>(std::max(1, o.grad_batch));  // records per forward/backward pass
+  const size_t batches = (todo.size() + bs - 1) / bs;
+  // The workers live for the whole run and go on into the next batch while the writer stores the last one (at
+  // most kAhead batches ahead of it, which bounds memory): no batch ends with a thread idle behind the slowest
+  // record, and each thread's scratch buffers stay faulted in. Batches are still written in order, one at a time.
+  constexpr size_t kAhead = 2;
+  struct Batch {
+    std::vector<storage::IngestItem> items;
+    std::vector<absl::Status> status;
+    std::vector<model::GradInfo> infos;
+    size_t left = 0;  // records of the batch not yet computed
+  };
+  std::vector<Batch> work(batches);
+  auto prepare = [&](size_t b) {
+    const size_t n = std::min(bs, todo.size() - b * bs);
+    work[b].items.resize(n);
+    work[b].status.resize(n);
+    work[b].infos.resize(n);
+    work[b].left = n;
+  };
+  Mutex mu;
+  CondVar cv{&mu};
+  size_t next = 0;     // under mu: the next record a worker takes
+  size_t written = 0;  // under mu: batches the writer is done with
+  bool stop = false;   // under mu
+  for (size_t b = 0; b < std::min(kAhead, batches); ++b) prepare(b);
+  std::vector<model::Featurizer::Timing> timing(threads);
+  auto worker = [&](int t) {
+    for (;;) {
+      size_t s0, s1, b;
+      {
+        MutexLock l(&mu);
+        while (!stop && next < todo.size() && next / bs >= written + kAhead) cv.Wait();
+        if (stop || next >= todo.size()) return;
+        s0 = next;
+        b = s0 / bs;
+        s1 = std::min({todo.size(), s0 + gb, (b + 1) * bs});
+        next = s1;
+      }
+      std::vector<model::Example> exs;
+      for (size_t i = s0; i < s1; ++i) exs.push_back(todo[i]->example);
+      std::vector<std::vector<float>> vecs;
+      std::vector<absl::StatusOr<model::GradInfo>> res;
+      (*feat)->CompressBatch(exs, &vecs, &res, &timing[t]);
+      Batch& w = work[b];  // these records' slots are this thread's alone until `left` says they are done
+      for (size_t i = s0; i < s1; ++i) {
+        const DataRecord& r = *todo[i];
+        const size_t j = i - b * bs;
+        if (!res[i - s0].ok()) {
+          w.status[j] = res[i - s0].status();
+          continue;
+        }
+        w.infos[j] = *res[i - s0];
+        w.items[j].vector = std::move(vecs[i - s0]);
+        auto& rec = w.items[j].record;
+        rec.set_id(r.id);
+        rec.set_instruction(r.example.instruction);
+        rec.set_input(r.example.input);
+        rec.set_output(r.example.output);
+        rec.set_text(r.example.text);
+        for (const auto& m : r.example.messages) {
+          auto* pm = rec.add_messages();
+          pm->set_role(m.role);
+          pm->set_content(m.content);
+        }
+      }
+      MutexLock l(&mu);
+      work[b].left -= s1 - s0;
+      if (work[b].left == 0) cv.SignalAll();
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) pool.emplace_back(worker, t);
+  auto finish = [&] {  // stops the workers (after their current records) and joins them
+    {
+      MutexLock l(&mu);
+      stop = true;
+      cv.SignalAll();
+    }
+    for (auto& th : pool) th.join();
+    pool.clear();
+  };
   double loss_sum = 0;
   auto last_print = Clock::now();
   const auto t_compute = Clock::now();
-  for (size_t b0 = 0; b0 < todo.size(); b0 += bs) {
-    const size_t b1 = std::min(todo.size(), b0 + bs);
-    std::vector<storage::IngestItem> items(b1 - b0);
-    std::vector<absl::Status> status(b1 - b0);
-    std::vector<model::GradInfo> infos(b1 - b0);
-    std::vector<model::Featurizer::Timing> timing(threads);
-    // Threads take sub-batches of grad_batch records; each sub-batch is one forward/backward pass.
-    const size_t gb = static_cast<size_t>(std::max(1, o.grad_batch));
-    std::atomic<size_t> next{b0};
-    std::vector<std::thread> pool;
-    for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        for (size_t s0; (s0 = next.fetch_add(gb)) < b1;) {
-          const size_t s1 = std::min(b1, s0 + gb);
-          std::vector<model::Example> exs;
-          for (size_t i = s0; i < s1; ++i) exs.push_back(todo[i]->example);
-          std::vector<std::vector<float>> vecs;
-          std::vector<absl::StatusOr<model::GradInfo>> res;
-          (*feat)->CompressBatch(exs, &vecs, &res, &timing[t]);
-          for (size_t i = s0; i < s1; ++i) {
-            const DataRecord& r = *todo[i];
-            if (!res[i - s0].ok()) {
-              status[i - b0] = res[i - s0].status();
-              continue;
-            }
-            infos[i - b0] = *res[i - s0];
-            items[i - b0].vector = std::move(vecs[i - s0]);
-            auto& rec = items[i - b0].record;
-            rec.set_id(r.id);
-            rec.set_instruction(r.example.instruction);
-            rec.set_input(r.example.input);
-            rec.set_output(r.example.output);
-            rec.set_text(r.example.text);
-            for (const auto& m : r.example.messages) {
-              auto* pm = rec.add_messages();
-              pm->set_role(m.role);
-              pm->set_content(m.content);
-            }
-          }
-        }
-      });
+  for (size_t b = 0; b < batches; ++b) {
+    {
+      MutexLock l(&mu);
+      while (work[b].left > 0) cv.Wait();
     }
-    for (auto& th : pool) th.join();
-    for (const auto& tm : timing) {
-      sum.grad_s += tm.grad / threads;  // wall-clock share
-      sum.normalize_s += tm.normalize / threads;
-      sum.sketch_s += tm.sketch / threads;
-    }
+    const size_t b0 = b * bs, b1 = b0 + work[b].items.size();
     std::vector<storage::IngestItem> good;
-    for (size_t i = 0; i < items.size(); ++i) {
-      if (!status[i].ok()) {
+    for (size_t i = 0; i < work[b].items.size(); ++i) {
+      const absl::Status& st = work[b].status[i];
+      if (!st.ok()) {
         ++sum.failed;
-        std::fprintf(stderr, "skipping %s: %s\n", todo[b0 + i]->where.c_str(), std::string(status[i].message()).c_str());
-        sum.bad_records.push_back({todo[b0 + i]->where, std::string(status[i].message()), todo[b0 + i]->position});
+        std::fprintf(stderr, "skipping %s: %s\n", todo[b0 + i]->where.c_str(), std::string(st.message()).c_str());
+        sum.bad_records.push_back({todo[b0 + i]->where, std::string(st.message()), todo[b0 + i]->position});
         continue;
       }
-      loss_sum += infos[i].loss;
-      sum.truncated += infos[i].truncated ? 1 : 0;
-      good.push_back(std::move(items[i]));
+      loss_sum += work[b].infos[i].loss;
+      sum.truncated += work[b].infos[i].truncated ? 1 : 0;
+      good.push_back(std::move(work[b].items[i]));
     }
     const auto tw = Clock::now();
     auto res = (*store)->Ingest(good);
     sum.write_s += std::chrono::duration<double>(Clock::now() - tw).count();
-    if (!res.ok()) return res.status();
+    if (!res.ok()) {
+      finish();
+      return res.status();
+    }
     sum.cached += static_cast<int64_t>(good.size());
+    work[b] = Batch();
+    {
+      MutexLock l(&mu);
+      if (b + kAhead < batches) prepare(b + kAhead);
+      ++written;
+      cv.SignalAll();
+    }
     const auto now = Clock::now();
     if (o.progress && (now - last_print > std::chrono::seconds(1) || b1 == todo.size())) {
       const double el = std::chrono::duration<double>(now - t_compute).count();
@@ -328,6 +380,12 @@ absl::StatusOr<CacheSummary> RunCache(const CacheOptions& o) {
                    Eta((todo.size() - b1) / std::max(rate, 1e-9)).c_str());
       last_print = now;
     }
+  }
+  finish();
+  for (const auto& tm : timing) {
+    sum.grad_s += tm.grad / threads;  // wall-clock share
+    sum.normalize_s += tm.normalize / threads;
+    sum.sketch_s += tm.sketch / threads;
   }
   sum.mean_loss = sum.cached > 0 ? loss_sum / sum.cached : 0;
   sum.bad = static_cast<int64_t>(sum.bad_records.size());

@@ -17,6 +17,7 @@
 #include "model/featurizer.h"
 #include "model/training.h"
 #include "server/server.h"
+#include "storage/store.h"
 #include "tests/test_util.h"
 
 namespace rapidin::cache {
@@ -222,6 +223,37 @@ TEST_F(CacheTest, CachesResumesAndRefusesOtherState) {
   auto other = RunCache(o_);
   EXPECT_EQ(other.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(other.status().message().find("seed: store 0, model 99"), std::string::npos) << other.status();
+}
+
+// The workers run ahead into the next batches while the writer stores one: two threads over batches of two
+// records store, record by record, exactly what one thread stores in one batch.
+TEST_F(CacheTest, PipelinedBatchesStoreWhatOneThreadStores) {
+  REQUIRE_SHARED_DATA();
+  auto piped = RunCache(o_);  // 2 threads, batches of 2
+  ASSERT_TRUE(piped.ok()) << piped.status();
+  CacheOptions one = o_;
+  one.threads = 1;
+  one.batch_size = 64;
+  one.store_path = dir_.path("store-one");
+  auto single = RunCache(one);
+  ASSERT_TRUE(single.ok()) << single.status();
+  EXPECT_EQ(piped->cached, 5);
+  EXPECT_EQ(single->cached, piped->cached);
+  EXPECT_EQ(single->bad, piped->bad);
+  auto a = storage::Store::Open(o_.store_path, storage::StoreOptions());
+  auto b = storage::Store::Open(one.store_path, storage::StoreOptions());
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_EQ((*a)->size(), (*b)->size());
+  for (uint64_t i = 0; i < (*a)->size(); ++i) {  // ingest order is the file's order in both
+    auto ra = (*a)->GetRecordByIndex(i);
+    auto rb = (*b)->GetRecordByIndex(i);
+    ASSERT_TRUE(ra.ok() && rb.ok());
+    EXPECT_EQ(ra->record().id(), rb->record().id());
+    auto va = (*a)->GetVector(i);
+    auto vb = (*b)->GetVector(i);
+    ASSERT_TRUE(va.ok() && vb.ok());
+    EXPECT_EQ(*va, *vb) << ra->record().id();
+  }
 }
 
 TEST_F(CacheTest, QueryByTextFindsTheRecordItself) {
