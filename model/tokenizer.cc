@@ -139,25 +139,48 @@ class SentencePieceBpe : public Tokenizer {
       syms.push_back({ch, static_cast<int32_t>(i), static_cast<int32_t>(i + len), unknown});
       i += len;
     }
-    // 2. Greedy merges.
-    for (;;) {
-      float best = -std::numeric_limits<float>::infinity();
-      int best_i = -1;
-      for (size_t j = 0; j + 1 < syms.size(); ++j) {
-        if (syms[j].unknown || syms[j + 1].unknown) continue;
-        auto it = lookup_.find(syms[j].s + syms[j + 1].s);
-        if (it == lookup_.end()) continue;
-        const float sc = m_.pieces(it->second).score();
-        if (sc > best) {
-          best = sc;
-          best_i = static_cast<int>(j);
-        }
-      }
-      if (best_i < 0) break;
-      syms[best_i].s += syms[best_i + 1].s;
-      syms[best_i].end = syms[best_i + 1].end;
-      syms.erase(syms.begin() + best_i + 1);
+    // 2. Greedy merges: the best-scoring adjacent pair of known symbols, leftmost among equal scores, until none
+    // merges. Candidate pairs wait in a heap ordered by score, then by the left symbol's first index (list order);
+    // a popped pair whose symbols changed or no longer stand next to each other is skipped (a version per symbol).
+    const int ns_count = static_cast<int>(syms.size());
+    struct Cand {
+      float score;
+      int left, right;
+      uint32_t left_ver, right_ver;
+    };
+    auto worse = [](const Cand& x, const Cand& y) { return x.score < y.score || (x.score == y.score && x.left > y.left); };
+    std::priority_queue<Cand, std::vector<Cand>, decltype(worse)> heap(worse);
+    std::vector<int> prev(ns_count), next(ns_count);
+    std::vector<uint32_t> ver(ns_count, 0);
+    std::vector<char> alive(ns_count, 1);
+    for (int j = 0; j < ns_count; ++j) prev[j] = j - 1, next[j] = j + 1;
+    auto consider = [&](int l) {
+      const int r = next[l];
+      if (r >= ns_count || syms[l].unknown || syms[r].unknown) return;
+      const auto it = lookup_.find(syms[l].s + syms[r].s);
+      if (it == lookup_.end()) return;
+      const float sc = m_.pieces(it->second).score();
+      if (!(sc > -std::numeric_limits<float>::infinity())) return;  // as the scan's strict `sc > best` from -inf
+      heap.push({sc, l, r, ver[l], ver[r]});
+    };
+    for (int j = 0; j + 1 < ns_count; ++j) consider(j);
+    while (!heap.empty()) {
+      const Cand c = heap.top();
+      heap.pop();
+      if (!alive[c.left] || next[c.left] != c.right || ver[c.left] != c.left_ver || ver[c.right] != c.right_ver) continue;
+      Sym& a = syms[c.left];
+      a.s += syms[c.right].s;
+      a.end = syms[c.right].end;
+      ++ver[c.left];
+      alive[c.right] = 0;
+      next[c.left] = next[c.right];
+      if (next[c.right] < ns_count) prev[next[c.right]] = c.left;
+      if (prev[c.left] >= 0) consider(prev[c.left]);
+      consider(c.left);
     }
+    std::vector<Sym> merged;
+    for (int j = 0; j < ns_count; j = next[j]) merged.push_back(std::move(syms[j]));
+    syms = std::move(merged);
     // 3. Ids, with byte fallback for unknown characters.
     Encoding e;
     for (const auto& sym : syms) {
