@@ -232,24 +232,7 @@ TEST(HuggingFace, SentencePieceMatchesReference) {
   ASSERT_TRUE(tok.ok()) << tok.status();
   EXPECT_EQ((*tok)->bos(), 1);
   EXPECT_EQ((*tok)->eos(), 2);
-  const nlohmann::json ref = Reference();  // a range-for over Reference()["tokenizer"] would dangle
-  for (const auto& r : ref["tokenizer"]) {
-    const std::string text = r["text"].get<std::string>();
-    const Encoding e = (*tok)->Encode(text, true);
-    EXPECT_EQ(e.ids, r["ids"].get<std::vector<int32_t>>()) << text;
-    const auto b = r["begin"].get<std::vector<int32_t>>(), en = r["end"].get<std::vector<int32_t>>();
-    ASSERT_EQ(e.spans.size(), b.size()) << text;
-    for (size_t i = 0; i < b.size(); ++i) {
-      EXPECT_EQ(e.spans[i].begin, b[i]) << text << " piece " << i;
-      EXPECT_EQ(e.spans[i].end, en[i]) << text << " piece " << i;
-    }
-  }
-  // Varied texts (scripts/make_sentencepiece_reference.py): repeated and leading spaces, characters outside the
-  // vocabulary, long texts with hundreds of merges (no tabs or newlines: their nmt_nfkc mapping is not implemented).
-  std::ifstream in(kDir + "/sentencepiece_texts.json");
-  const nlohmann::json many = nlohmann::json::parse(in);
-  ASSERT_GE(many.size(), 100u);
-  for (const auto& r : many) {
+  auto same = [&](const nlohmann::json& r) {  // r: text, ids, begin, end as the package gave them
     const std::string text = r["text"].get<std::string>();
     const Encoding e = (*tok)->Encode(text, true);
     ASSERT_EQ(e.ids, r["ids"].get<std::vector<int32_t>>()) << text;
@@ -259,7 +242,15 @@ TEST(HuggingFace, SentencePieceMatchesReference) {
       EXPECT_EQ(e.spans[i].begin, b[i]) << text << " piece " << i;
       EXPECT_EQ(e.spans[i].end, en[i]) << text << " piece " << i;
     }
-  }
+  };
+  const nlohmann::json ref = Reference();  // a range-for over Reference()["tokenizer"] would dangle
+  for (const auto& r : ref["tokenizer"]) same(r);
+  // Varied texts (scripts/make_sentencepiece_reference.py): repeated and leading spaces, characters outside the
+  // vocabulary, long texts with hundreds of merges (no tabs or newlines: their nmt_nfkc mapping is not implemented).
+  std::ifstream in(kDir + "/sentencepiece_texts.json");
+  const nlohmann::json many = nlohmann::json::parse(in);
+  ASSERT_GE(many.size(), 100u);
+  for (const auto& r : many) same(r);
   EXPECT_EQ(Tokenizer::Load(kDir + "/tokenizer.model", 321).status().code(), absl::StatusCode::kInvalidArgument);
   // The whole HF directory with its tokenizer. Its 64-position context cannot hold the Alpaca prompt: a clear error.
   EngineOptions o;
