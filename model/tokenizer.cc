@@ -4,6 +4,7 @@
 #include <fstream>
 
 #include <limits>
+#include <optional>
 #include <queue>
 #include <unordered_map>
 
@@ -17,6 +18,50 @@ namespace rapidin::model {
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadHfTokenizer(const std::string& path, int32_t vocab_size);
 
 namespace {
+
+// Greedy BPE merges over n symbols in a row, as SentencePiece and llama2.c's run.c do them: the adjacent pair with
+// the highest score merges, the leftmost among equal scores, until no pair merges. score(l, r) gives the pair's
+// score, or nullopt when it never merges; merge(l, r) makes symbol l absorb its right neighbour r. Returns the
+// surviving symbols' indices in order. Rescanning every pair after each merge is quadratic in the text's length;
+// here candidate pairs wait in a heap ordered by score, then by the left symbol's first index (a symbol keeps it
+// when it absorbs its neighbour, so it orders symbols as the text does), and a popped pair whose symbols changed
+// since (a version per symbol) or no longer stand side by side is skipped: its successor is in the heap too.
+template <class ScoreFn, class MergeFn>
+std::vector<int> GreedyMerges(int n, const ScoreFn& score, const MergeFn& merge) {
+  struct Cand {
+    float score;
+    int left, right;
+    uint32_t left_ver, right_ver;
+  };
+  auto worse = [](const Cand& x, const Cand& y) { return x.score < y.score || (x.score == y.score && x.left > y.left); };
+  std::priority_queue<Cand, std::vector<Cand>, decltype(worse)> heap(worse);
+  std::vector<int> prev(n), next(n);
+  for (int i = 0; i < n; ++i) prev[i] = i - 1, next[i] = i + 1;
+  std::vector<uint32_t> ver(n, 0);
+  std::vector<char> alive(n, 1);
+  auto consider = [&](int l) {  // the pair starting at symbol l, if it merges
+    const int r = next[l];
+    if (r >= n) return;
+    if (const std::optional<float> sc = score(l, r)) heap.push({*sc, l, r, ver[l], ver[r]});
+  };
+  for (int i = 0; i + 1 < n; ++i) consider(i);
+  while (!heap.empty()) {
+    const Cand c = heap.top();
+    heap.pop();
+    const int l = c.left, r = c.right;
+    if (!alive[l] || next[l] != r || ver[l] != c.left_ver || ver[r] != c.right_ver) continue;  // stale
+    merge(l, r);
+    ++ver[l];
+    alive[r] = 0;
+    next[l] = next[r];
+    if (next[r] < n) prev[next[r]] = l;
+    if (prev[l] >= 0) consider(prev[l]);
+    consider(l);
+  }
+  std::vector<int> kept;
+  for (int i = 0; i < n; i = next[i]) kept.push_back(i);
+  return kept;
+}
 
 class Llama2cTokenizer : public Tokenizer {
  public:
@@ -139,47 +184,23 @@ class SentencePieceBpe : public Tokenizer {
       syms.push_back({ch, static_cast<int32_t>(i), static_cast<int32_t>(i + len), unknown});
       i += len;
     }
-    // 2. Greedy merges: the best-scoring adjacent pair of known symbols, leftmost among equal scores, until none
-    // merges. Candidate pairs wait in a heap ordered by score, then by the left symbol's first index (list order);
-    // a popped pair whose symbols changed or no longer stand next to each other is skipped (a version per symbol).
-    const int ns_count = static_cast<int>(syms.size());
-    struct Cand {
-      float score;
-      int left, right;
-      uint32_t left_ver, right_ver;
-    };
-    auto worse = [](const Cand& x, const Cand& y) { return x.score < y.score || (x.score == y.score && x.left > y.left); };
-    std::priority_queue<Cand, std::vector<Cand>, decltype(worse)> heap(worse);
-    std::vector<int> prev(ns_count), next(ns_count);
-    std::vector<uint32_t> ver(ns_count, 0);
-    std::vector<char> alive(ns_count, 1);
-    for (int j = 0; j < ns_count; ++j) prev[j] = j - 1, next[j] = j + 1;
-    auto consider = [&](int l) {
-      const int r = next[l];
-      if (r >= ns_count || syms[l].unknown || syms[r].unknown) return;
-      const auto it = lookup_.find(syms[l].s + syms[r].s);
-      if (it == lookup_.end()) return;
-      const float sc = m_.pieces(it->second).score();
-      if (!(sc > -std::numeric_limits<float>::infinity())) return;  // as the scan's strict `sc > best` from -inf
-      heap.push({sc, l, r, ver[l], ver[r]});
-    };
-    for (int j = 0; j + 1 < ns_count; ++j) consider(j);
-    while (!heap.empty()) {
-      const Cand c = heap.top();
-      heap.pop();
-      if (!alive[c.left] || next[c.left] != c.right || ver[c.left] != c.left_ver || ver[c.right] != c.right_ver) continue;
-      Sym& a = syms[c.left];
-      a.s += syms[c.right].s;
-      a.end = syms[c.right].end;
-      ++ver[c.left];
-      alive[c.right] = 0;
-      next[c.left] = next[c.right];
-      if (next[c.right] < ns_count) prev[next[c.right]] = c.left;
-      if (prev[c.left] >= 0) consider(prev[c.left]);
-      consider(c.left);
-    }
+    // 2. Greedy merges of known symbols.
     std::vector<Sym> merged;
-    for (int j = 0; j < ns_count; j = next[j]) merged.push_back(std::move(syms[j]));
+    const std::vector<int> kept = GreedyMerges(
+        static_cast<int>(syms.size()),
+        [&](int l, int r) -> std::optional<float> {
+          if (syms[l].unknown || syms[r].unknown) return std::nullopt;
+          const auto it = lookup_.find(syms[l].s + syms[r].s);
+          if (it == lookup_.end()) return std::nullopt;
+          const float sc = m_.pieces(it->second).score();
+          if (!(sc > -std::numeric_limits<float>::infinity())) return std::nullopt;  // never beats the scan's -inf
+          return sc;
+        },
+        [&](int l, int r) {
+          syms[l].s += syms[r].s;
+          syms[l].end = syms[r].end;
+        });
+    for (int j : kept) merged.push_back(std::move(syms[j]));
     syms = std::move(merged);
     // 3. Ids, with byte fallback for unknown characters.
     Encoding e;
@@ -321,45 +342,21 @@ Encoding Llama2cTokenizer::Encode(const std::string& text, bool dummy_prefix) co
     i += n;
   }
   // Merge the best-scoring adjacent pair until none merges (llama2.c's run.c, including its tie rule: the
-  // leftmost pair among equal scores; a pair scoring <= -1e10 never merges). run.c rescans every pair after each
-  // merge (quadratic in the text's length); here candidate pairs wait in a heap ordered by score, then by the
-  // left symbol's first index (symbols keep it when they absorb their right neighbour, so it orders them as the
-  // text does), and a popped pair that no longer stands next to each other with those ids is skipped.
-  const int n = static_cast<int>(e.ids.size());
-  struct Cand {
-    float score;
-    int left;
-    int32_t a, b, merged;
-  };
-  auto worse = [](const Cand& x, const Cand& y) { return x.score < y.score || (x.score == y.score && x.left > y.left); };
-  std::priority_queue<Cand, std::vector<Cand>, decltype(worse)> heap(worse);
-  std::vector<int> prev(n), next(n);
-  for (int i = 0; i < n; ++i) prev[i] = i - 1, next[i] = i + 1;
-  std::vector<char> alive(n, 1);
-  auto consider = [&](int l) {  // the pair starting at symbol l, if it merges
-    const int r = next[l];
-    if (r >= n) return;
-    const auto it = pairs_.find(PairKey(e.ids[l], e.ids[r]));
-    if (it == pairs_.end() || !(scores_[it->second] > -1e10f)) return;
-    heap.push({scores_[it->second], l, e.ids[l], e.ids[r], it->second});
-  };
-  for (int i = 0; i + 1 < n; ++i) consider(i);
-  while (!heap.empty()) {
-    const Cand c = heap.top();
-    heap.pop();
-    const int l = c.left, r = next[l];
-    if (!alive[l] || r >= n || e.ids[l] != c.a || e.ids[r] != c.b) continue;  // stale
-    e.ids[l] = c.merged;
-    e.spans[l].end = e.spans[r].end;
-    if (e.spans[l].begin == e.spans[l].end && e.spans[r].begin < e.spans[l].begin) e.spans[l].begin = e.spans[r].begin;
-    alive[r] = 0;
-    next[l] = next[r];
-    if (next[r] < n) prev[next[r]] = l;
-    if (prev[l] >= 0) consider(prev[l]);
-    consider(l);
-  }
+  // leftmost pair among equal scores; a pair scoring <= -1e10 never merges).
+  const std::vector<int> kept = GreedyMerges(
+      static_cast<int>(e.ids.size()),
+      [&](int l, int r) -> std::optional<float> {
+        const auto it = pairs_.find(PairKey(e.ids[l], e.ids[r]));
+        if (it == pairs_.end() || !(scores_[it->second] > -1e10f)) return std::nullopt;
+        return scores_[it->second];
+      },
+      [&](int l, int r) {
+        e.ids[l] = pairs_.at(PairKey(e.ids[l], e.ids[r]));
+        e.spans[l].end = e.spans[r].end;
+        if (e.spans[l].begin == e.spans[l].end && e.spans[r].begin < e.spans[l].begin) e.spans[l].begin = e.spans[r].begin;
+      });
   Encoding out;
-  for (int i = 0; i < n; i = next[i]) {
+  for (int i : kept) {
     out.ids.push_back(e.ids[i]);
     out.spans.push_back(e.spans[i]);
   }
