@@ -1,12 +1,12 @@
-// Per-record cost of the two record views of token attributions, for the records of a `rapidin query --json
-// --tokens` answer, on the featurizer the server builds (stories260K, every weight matrix, K = 4096): the token-loss
-// view as TokenScores over the tokens the loss is on (each token's <N(grad l_s), C^T q>, blocks reduced as they are
-// formed) against the earlier TokenSketches + dot (every token's gradient written, normalised and sketched), and the
-// influence view (RecordTokenInfluence). Each view alone, one record after another, on the server's thread counts; the largest
-// difference between the two token-loss scores, relative to the largest score, is printed too. Against a roofline:
-// the token-loss view's arithmetic, counted from the model's shape (each token s's backward covers its s positions:
-// weight and input gradients of every matrix, the attention backward over the causal square), and the rate of one
-// large sgemm per thread on the same number of threads (what the CPUs attain on dense float32 products).
+// Per-record cost of the two record views of token attributions, for the records of a `rapidin query --json --tokens`
+// answer, on the featurizer the server builds (stories260K, every weight matrix, K = 4096): the token-loss view as
+// TokenScores over the tokens the loss is on (each token's <N(grad l_s), C^T q>, blocks reduced as they are formed)
+// against the earlier TokenSketches + dot (every token's gradient written, normalised and sketched), and the
+// influence view (RecordTokenInfluence). Each view alone, one record after another, on the server's thread counts;
+// the largest difference between the two token-loss scores, relative to the largest score, is printed too. Against a
+// roofline: the token-loss view's arithmetic, counted from the model's shape (each token s's backward covers its s
+// positions: weight and input gradients of every matrix, the attention backward over the causal square), and the rate
+// of one large sgemm per thread on the same number of threads (what the CPUs attain on dense float32 products).
 // Usage: attribution_views MODEL ANSWER_JSON
 #include <algorithm>
 #include <chrono>
