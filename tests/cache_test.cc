@@ -19,6 +19,7 @@
 #include "server/server.h"
 #include "storage/store.h"
 #include "tests/test_util.h"
+#include "tests/tmpfs.h"
 
 namespace rapidin::cache {
 namespace {
@@ -254,6 +255,37 @@ TEST_F(CacheTest, PipelinedBatchesStoreWhatOneThreadStores) {
     ASSERT_TRUE(va.ok() && vb.ok());
     EXPECT_EQ(*va, *vb) << ra->record().id();
   }
+}
+
+// The disk fills under the store while the workers run ahead: the run stops them and returns the store's
+// RESOURCE_EXHAUSTED (no hang, no crash), the batches written before stay, and with space again a rerun resumes
+// and caches the rest.
+TEST_F(CacheTest, FullDiskStopsTheRunAndARerunResumes) {
+  REQUIRE_SHARED_DATA();
+  std::filesystem::create_directories(dir_.path("full"));
+  rapidin::testing::Tmpfs fs(dir_.path("full"), "2m");
+  if (!fs.mounted()) GTEST_SKIP() << "cannot mount a tmpfs here (needs root): the full-disk test does not run";
+  // 60 records with 60 KB outputs (truncated for the gradient, stored whole): more text than the 2 MB disk holds.
+  const std::string data = dir_.path("long.jsonl");
+  {
+    std::ofstream out(data);
+    std::string words;
+    for (int i = 0; i < 12000; ++i) words += "word ";
+    for (int i = 0; i < 60; ++i) {
+      out << R"({"id": "long-)" << i << R"(", "instruction": "Say it again.", "output": ")" << words << "\"}\n";
+    }
+  }
+  o_.data_path = data;
+  o_.store_path = dir_.path("full/store");
+  auto full = RunCache(o_);
+  ASSERT_FALSE(full.ok());
+  EXPECT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted) << full.status();
+  ASSERT_TRUE(fs.Resize("64m"));
+  auto again = RunCache(o_);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_GT(again->skipped_existing, 0);  // what the first run wrote is still there
+  EXPECT_EQ(again->skipped_existing + again->cached, 60);
+  EXPECT_EQ(again->store_records, 60);
 }
 
 TEST_F(CacheTest, QueryByTextFindsTheRecordItself) {

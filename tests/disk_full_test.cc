@@ -2,8 +2,6 @@
 // that does not fit is refused with RESOURCE_EXHAUSTED and leaves nothing behind, reads go on, the store takes
 // writes again once there is space (RocksDB's own recovery: it waits for free space to cover its write buffers and
 // polls every few seconds), and every acknowledged batch survives a reopen.
-#include <sys/mount.h>
-
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -11,12 +9,14 @@
 
 #include "storage/store.h"
 #include "tests/test_util.h"
+#include "tests/tmpfs.h"
 
 namespace rapidin::storage {
 namespace {
 
 using rapidin::testing::SeededVector;
 using rapidin::testing::TempDir;
+using rapidin::testing::Tmpfs;
 
 constexpr int kK = 1024;  // 2 KiB a row
 
@@ -30,27 +30,10 @@ std::vector<IngestItem> Batch(int b) {
   return items;
 }
 
-class Tmpfs {
- public:
-  explicit Tmpfs(const std::string& path) : path_(path) {
-    mounted_ = mount("tmpfs", path.c_str(), "tmpfs", 0, "size=8m") == 0;
-  }
-  ~Tmpfs() {
-    if (mounted_) umount2(path_.c_str(), MNT_DETACH);
-  }
-  bool mounted() const { return mounted_; }
-  bool Resize(const char* size) {
-    return mount("tmpfs", path_.c_str(), "tmpfs", MS_REMOUNT, (std::string("size=") + size).c_str()) == 0;
-  }
-
- private:
-  std::string path_;
-  bool mounted_ = false;
-};
 
 TEST(DiskFull, RefusedWholeThenWritesAgainWithSpaceAndNothingAcknowledgedIsLost) {
   TempDir dir;
-  Tmpfs fs(dir.path(""));
+  Tmpfs fs(dir.path(""), "8m");
   if (!fs.mounted()) GTEST_SKIP() << "cannot mount a tmpfs here (needs root): the full-disk test does not run";
   StoreOptions o;
   o.create_if_missing = true;
