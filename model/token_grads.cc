@@ -21,42 +21,6 @@
 #include "model/internal/engine_impl.h"
 
 namespace rapidin::model {
-namespace internal {
-
-namespace {
-template <class F>
-inline __attribute__((always_inline)) void BlockDotNormBody(const F* g, const double* pre, const double* u,
-                                                            int64_t n, double* dot, double* ss) {
-  double s[8] = {}, d[8] = {};  // independent chains: not latency-bound
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    for (int k = 0; k < 8; ++k) {
-      const double v = pre ? g[j + k] * pre[j + k] : static_cast<double>(g[j + k]);
-      s[k] += v * v;
-      d[k] += u ? v * u[j + k] : 0.0;
-    }
-  }
-  for (; j < n; ++j) {
-    const double v = pre ? g[j] * pre[j] : static_cast<double>(g[j]);
-    s[0] += v * v;
-    d[0] += u ? v * u[j] : 0.0;
-  }
-  *ss = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  *dot = ((d[0] + d[1]) + (d[2] + d[3])) + ((d[4] + d[5]) + (d[6] + d[7]));
-}
-}  // namespace
-
-#if defined(__x86_64__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-void BlockDotNorm(const float* g, const double* pre, const double* u, int64_t n, double* dot, double* ss) {
-  BlockDotNormBody(g, pre, u, n, dot, ss);
-}
-void BlockDotNorm(const double* g, const double* pre, const double* u, int64_t n, double* dot, double* ss) {
-  BlockDotNormBody(g, pre, u, n, dot, ss);
-}
-
-}  // namespace internal
 namespace {
 
 // A linear layer's input (and, under LoRA, u = x A^T), recorded by the forward pass.
@@ -340,9 +304,18 @@ ThreadPool& ChunkPool() {
   return *pool;
 }
 
+// Scores against u through the direct pass: each token's blocks reduced inside the pass, never written (out[s -
+// from] += the token's score).
+struct DirectScores {
+  const double* u = nullptr;
+  bool normalize = true;
+  double* out = nullptr;
+  int from = 0;
+};
+
 absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl& d, const std::vector<int32_t>& ids,
                                int from, const TokenGradOptions& options, const ChunkSink& sink,
-                               const BlockVisitor& visit = nullptr) {
+                               const BlockVisitor& visit = nullptr, const DirectScores* scores = nullptr) {
   const int T = static_cast<int>(ids.size());
   const int chunk = options.method == TokenGradMethod::kLoop ? 1 : options.chunk;
   // The hand-written backward covers the Llama layer only; other architectures take the batched autograd copies.
@@ -368,6 +341,21 @@ absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl
       using F = decltype(tag);
       auto pass = std::make_shared<internal::LlamaTokenPass<F>>(d.DirectShape(), d.template DirectWeights<F>(),
                                                                 ids.data(), T);
+      if (scores) {
+        direct = [&d, pass, scores](int s0, int s1, std::vector<torch::Tensor>*) {
+          const int c = s1 - s0;
+          const size_t np = d.infos.size();
+          thread_local std::vector<double> red;  // per parameter: c dots, then c squared norms
+          red.assign(2 * static_cast<size_t>(c) * np, 0.0);
+          pass->Backward(s0, s1, d.DirectTargets(scores->u, c, red.data()));
+          double* out = scores->out + (s0 - scores->from);
+          for (size_t p = 0; p < np; ++p) {
+            const double* r = red.data() + 2 * static_cast<size_t>(c) * p;
+            for (int b = 0; b < c; ++b) EngineAccess::Impl::AddScore(r[b], r[c + b], scores->normalize, out + b);
+          }
+        };
+        return;
+      }
       direct = [&d, pass, &visit](int s0, int s1, std::vector<torch::Tensor>* per) {
         // A thread reuses its blocks from chunk to chunk (the sink is done with them when it returns) while they
         // are small: fresh multi-megabyte buffers cost a page fault per 4 KiB every chunk, and a server has many
@@ -419,7 +407,7 @@ absl::Status ForEachTokenChunk(const GradientEngine& e, const EngineAccess::Impl
         if (direct) {
           std::vector<torch::Tensor> per(d.infos.size());
           direct(s0, s1, &per);
-          return visit ? absl::OkStatus() : sink(s0, s1, &per, nullptr);
+          return visit || scores ? absl::OkStatus() : sink(s0, s1, &per, nullptr);
         }
         if (shared) {
           const std::vector<torch::Tensor> per = shared->Backward(s0, s1);
@@ -535,6 +523,13 @@ absl::Status GradientEngine::TokenScores(const std::vector<int32_t>& ids, int fr
     // float32 blocks in host memory: each parameter's blocks reduced as the direct pass finishes them (in cache);
     // a chunk's tokens belong to one thread, so their scores are added without a lock.
     const bool host_f32 = d.device.is_cpu() && d.dtype == torch::kFloat;
+    // The direct pass reduces each token's blocks itself (in registers where it can); the visitor and the sink
+    // serve the other methods.
+    DirectScores direct_scores;
+    direct_scores.u = u.data();
+    direct_scores.normalize = options.normalize;
+    direct_scores.out = scores->data();
+    direct_scores.from = from;
     auto visit = [&](int s0, int s1, size_t p, const torch::Tensor& blocks) {
       d.BlockScoresHostF32(p, blocks, s1 - s0, options.normalize, u.data(), scores->data() + (s0 - from));
     };
@@ -570,7 +565,7 @@ absl::Status GradientEngine::TokenScores(const std::vector<int32_t>& ids, int fr
                                std::copy(acc.data_ptr<double>(), acc.data_ptr<double>() + n, out);
                                return absl::OkStatus();
                              },
-                             host_f32 ? BlockVisitor(visit) : BlockVisitor());
+                             host_f32 ? BlockVisitor(visit) : BlockVisitor(), &direct_scores);
   });
 }
 

@@ -25,13 +25,6 @@
 #include "model/internal/llama_grad.h"
 
 namespace rapidin::model {
-namespace internal {
-// *dot = sum_j P_j g_j u_j and *ss = sum_j (P_j g_j)^2 over n values (P: the preconditioner, or null for 1; u
-// null: *dot = 0), in double in 8 partial sums (model/token_grads.cc; the float one vectorised).
-void BlockDotNorm(const float* g, const double* pre, const double* u, int64_t n, double* dot, double* ss);
-void BlockDotNorm(const double* g, const double* pre, const double* u, int64_t n, double* dot, double* ss);
-}  // namespace internal
-
 using kernels::Fnv1a;
 
 // Activations recorded during a forward pass so that per-sample weight gradients can be formed from one
@@ -498,17 +491,21 @@ struct GradientEngine::Impl {
   void BlockScoresHostF32(size_t p, const torch::Tensor& blocks, int64_t B, bool normalize, const double* u,
                           double* out) const {
     const int64_t numel = infos[p].numel;
-    const double* pre = precond.empty() ? nullptr : precond[p].data_ptr<double>();
     for (int64_t b = 0; b < B; ++b) {
       double s2 = 0, d2 = 0;
-      internal::BlockDotNorm(blocks.data_ptr<float>() + b * numel, pre, u + infos[p].offset, numel, &d2, &s2);
-      if (!std::isfinite(s2) || !std::isfinite(d2)) {  // an overflow: the score says so (not a zero block)
-        out[b] = std::numeric_limits<double>::quiet_NaN();
-      } else if (!normalize) {
-        out[b] += d2;
-      } else if (s2 > 0) {
-        out[b] += d2 / std::sqrt(s2);
-      }
+      internal::BlockDotNorm(blocks.data_ptr<float>() + b * numel, Precond(p), u + infos[p].offset, numel, &d2, &s2);
+      AddScore(d2, s2, normalize, out + b);
+    }
+  }
+  const double* Precond(size_t p) const { return precond.empty() ? nullptr : precond[p].data_ptr<double>(); }
+  // One parameter's part of a token score from its block's dot and squared norm (BlockDotNorm).
+  static void AddScore(double d2, double s2, bool normalize, double* out) {
+    if (!std::isfinite(s2) || !std::isfinite(d2)) {  // an overflow: the score says so (not a zero block)
+      *out = std::numeric_limits<double>::quiet_NaN();
+    } else if (!normalize) {
+      *out += d2;
+    } else if (s2 > 0) {
+      *out += d2 / std::sqrt(s2);
     }
   }
 
@@ -581,6 +578,33 @@ struct GradientEngine::Impl {
       g.layers.push_back(gl);
     }
     return g;
+  }
+  // The direct token pass's targets for scores against u (grad_dim values): parameter p's dot and ss for c tokens
+  // at out + 2 c p and out + 2 c p + c.
+  internal::LlamaTargets DirectTargets(const double* u, int c, double* out) const {
+    auto target = [&](const std::string& n) {
+      internal::LlamaTarget t;
+      for (size_t i = 0; i < infos.size(); ++i) {
+        if (infos[i].name == n) {
+          t.u = u + infos[i].offset;
+          t.pre = Precond(i);
+          t.dot = out + 2 * int64_t{c} * static_cast<int64_t>(i);
+          t.ss = t.dot + c;
+        }
+      }
+      return t;
+    };
+    internal::LlamaTargets t;
+    t.emb = target("tok_embeddings.weight");
+    t.head = cfg.tied_output ? t.emb : target("output.weight");
+    for (int l = 0; l < cfg.n_layers; ++l) {
+      const std::string p = absl::StrCat("layers.", l, ".");
+      t.layers.push_back({target(p + "attention.wq.weight"), target(p + "attention.wk.weight"),
+                          target(p + "attention.wv.weight"), target(p + "attention.wo.weight"),
+                          target(p + "feed_forward.w1.weight"), target(p + "feed_forward.w2.weight"),
+                          target(p + "feed_forward.w3.weight")});
+    }
+    return t;
   }
   // PerSample through that pass, one record at a time.
   absl::Status DirectPerSample(const std::vector<TokenizedExample>& batch, std::vector<torch::Tensor>* per,

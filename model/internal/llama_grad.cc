@@ -656,6 +656,7 @@ template <class F>
 struct Scratch {
   std::vector<F> x, x_in, h1, r1, q, k, v, kt, vt, att, oc, x_mid, h2, r2, a1, a3;  // forward (per layer where stored)
   std::vector<F> hf, rf, logits, dhf, dx, dh, dm, da3, doc, dq, dk, dv, dkt, dvt, ds;
+  std::vector<F> red;  // a token's weight-gradient block where it is reduced without AVX-512
 };
 
 template <class F>
@@ -672,7 +673,7 @@ void TrimScratch(Scratch<F>* S) {
   std::vector<F>* all[] = {&S->x,  &S->x_in,   &S->h1,  &S->r1, &S->q,  &S->k,      &S->v,   &S->kt, &S->vt,
                            &S->att, &S->oc,    &S->x_mid, &S->h2, &S->r2, &S->a1,   &S->a3,  &S->hf, &S->rf,
                            &S->logits, &S->dhf, &S->dx, &S->dh, &S->dm, &S->da3,   &S->doc, &S->dq, &S->dk,
-                           &S->dv, &S->dkt,    &S->dvt, &S->ds};
+                           &S->dv, &S->dkt,    &S->dvt, &S->ds, &S->red};
   size_t bytes = 0;
   for (auto* v : all) bytes += v->capacity() * sizeof(F);
   if (bytes <= kKeepBytes) return;
@@ -943,6 +944,148 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
   return loss;
 }
 
+namespace {
+template <class F>
+RAPIDIN_INLINE void BlockDotNormBody(const F* g, const double* pre, const double* u, int64_t n, double* dot,
+                                     double* ss) {
+  double s[8] = {}, d[8] = {};  // independent chains: not latency-bound
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int k = 0; k < 8; ++k) {
+      const double v = pre ? g[j + k] * pre[j + k] : static_cast<double>(g[j + k]);
+      s[k] += v * v;
+      d[k] += u ? v * u[j + k] : 0.0;
+    }
+  }
+  for (; j < n; ++j) {
+    const double v = pre ? g[j] * pre[j] : static_cast<double>(g[j]);
+    s[0] += v * v;
+    d[0] += u ? v * u[j] : 0.0;
+  }
+  *ss = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  *dot = ((d[0] + d[1]) + (d[2] + d[3])) + ((d[4] + d[5]) + (d[6] + d[7]));
+}
+}  // namespace
+
+RAPIDIN_CLONES void BlockDotNorm(const float* g, const double* pre, const double* u, int64_t n, double* dot,
+                                 double* ss) {
+  BlockDotNormBody(g, pre, u, n, dot, ss);
+}
+void BlockDotNorm(const double* g, const double* pre, const double* u, int64_t n, double* dot, double* ss) {
+  BlockDotNormBody(g, pre, u, n, dot, ss);
+}
+
+namespace {
+
+#if defined(__x86_64__)
+// The weight gradient of one token, G = sum_t a_t^T b_t (a_t: M values at a + t lda, b_t: N at b + t ldb, t < kb),
+// one tile of MB rows x NZ vectors of 16 columns (from m0, n0; `last` masks the final vector) held in registers
+// over t, then reduced into the double accumulators: ss += (P G)^2, dot += P G u. Never written: the written
+// blocks cost a zeroing pass, a store and a reload of c x M x N values per chunk (BLAS's beta = 0 sweep included).
+template <int NZ, int MB, bool kPre>
+RAPIDIN_AVX512 RAPIDIN_INLINE void ReduceTile(const float* a, int64_t lda, const float* b, int64_t ldb, int kb,
+                                              int m0, int n0, int N, __mmask16 last, const double* u,
+                                              const double* pre, __m512d* ss, __m512d* dot) {
+  __m512 acc[MB][NZ];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) {
+#pragma GCC unroll 4
+    for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_setzero_ps();
+  }
+  a += m0;
+  b += n0;
+  for (int t = 0; t < kb; ++t, a += lda, b += ldb) {
+    __m512 bv[NZ];
+#pragma GCC unroll 4
+    for (int z = 0; z < NZ; ++z) {
+      bv[z] = z == NZ - 1 ? _mm512_maskz_loadu_ps(last, b + 16 * z) : _mm512_loadu_ps(b + 16 * z);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i]);
+#pragma GCC unroll 4
+      for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_fmadd_ps(av, bv[z], acc[i][z]);
+    }
+  }
+  // Every loop over the accumulators is unrolled: one indexed at run time would keep them in memory.
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) {
+    const int64_t row = int64_t{m0 + i} * N + n0;
+#pragma GCC unroll 4
+    for (int z = 0; z < NZ; ++z) {
+      const __mmask8 lo = z == NZ - 1 ? static_cast<__mmask8>(last & 0xff) : 0xff;
+      const __mmask8 hi = z == NZ - 1 ? static_cast<__mmask8>(last >> 8) : 0xff;
+      __m512d v0 = _mm512_cvtps_pd(_mm512_castps512_ps256(acc[i][z]));
+      __m512d v1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i][z]), 1)));
+      if (kPre) {  // masked lanes load 0: v stays 0 there
+        v0 = _mm512_mul_pd(v0, _mm512_maskz_loadu_pd(lo, pre + row + 16 * z));
+        v1 = _mm512_mul_pd(v1, _mm512_maskz_loadu_pd(hi, pre + row + 16 * z + 8));
+      }
+      ss[0] = _mm512_fmadd_pd(v0, v0, ss[0]);
+      ss[1] = _mm512_fmadd_pd(v1, v1, ss[1]);
+      dot[0] = _mm512_fmadd_pd(v0, _mm512_maskz_loadu_pd(lo, u + row + 16 * z), dot[0]);
+      dot[1] = _mm512_fmadd_pd(v1, _mm512_maskz_loadu_pd(hi, u + row + 16 * z + 8), dot[1]);
+    }
+  }
+}
+
+// One panel of up to 64 columns, every row of G: tiles of 6 rows (24 accumulators), the remainder in one tile.
+template <int NZ, bool kPre>
+RAPIDIN_AVX512 void ReducePanel(const float* a, int64_t lda, const float* b, int64_t ldb, int kb, int M, int n0,
+                                int N, __mmask16 last, const double* u, const double* pre, __m512d* ss,
+                                __m512d* dot) {
+  int m0 = 0;
+  for (; m0 + 6 <= M; m0 += 6) ReduceTile<NZ, 6, kPre>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot);
+  switch (M - m0) {
+    case 5: return ReduceTile<NZ, 5, kPre>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot);
+    case 4: return ReduceTile<NZ, 4, kPre>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot);
+    case 3: return ReduceTile<NZ, 3, kPre>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot);
+    case 2: return ReduceTile<NZ, 2, kPre>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot);
+    case 1: return ReduceTile<NZ, 1, kPre>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot);
+    default: return;
+  }
+}
+
+template <bool kPre>
+RAPIDIN_AVX512 void ReduceBlock512(const float* a, int64_t lda, const float* b, int64_t ldb, int kb, int M, int N,
+                                   const double* u, const double* pre, double* dot, double* ss) {
+  __m512d s2[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()}, d2[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
+  for (int n0 = 0; n0 < N; n0 += 64) {
+    const int w = std::min(64, N - n0), nz = (w + 15) / 16, rem = w - (nz - 1) * 16;
+    const __mmask16 last = rem == 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << rem) - 1);
+    switch (nz) {
+      case 4: ReducePanel<4, kPre>(a, lda, b, ldb, kb, M, n0, N, last, u, pre, s2, d2); break;
+      case 3: ReducePanel<3, kPre>(a, lda, b, ldb, kb, M, n0, N, last, u, pre, s2, d2); break;
+      case 2: ReducePanel<2, kPre>(a, lda, b, ldb, kb, M, n0, N, last, u, pre, s2, d2); break;
+      default: ReducePanel<1, kPre>(a, lda, b, ldb, kb, M, n0, N, last, u, pre, s2, d2); break;
+    }
+  }
+  *ss = _mm512_reduce_add_pd(_mm512_add_pd(s2[0], s2[1]));
+  *dot = _mm512_reduce_add_pd(_mm512_add_pd(d2[0], d2[1]));
+}
+#endif
+
+// A token's weight gradient reduced against a target: G = sum_{t < kb} a_t^T b_t (rows of a: M values, stride
+// lda; of b: N values, stride ldb), (dot, ss) as BlockDotNorm gives them on G. `block`: M x N scratch values for
+// the portable form (G written, then reduced).
+template <class F>
+void ReduceWeightGrad(const F* a, int64_t lda, const F* b, int64_t ldb, int kb, int M, int N, const LlamaTarget& t,
+                      int slot, std::vector<F>* block) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<F, float>) {
+    if (UseAttn512(8)) {
+      return t.pre ? ReduceBlock512<true>(a, lda, b, ldb, kb, M, N, t.u, t.pre, t.dot + slot, t.ss + slot)
+                   : ReduceBlock512<false>(a, lda, b, ldb, kb, M, N, t.u, t.pre, t.dot + slot, t.ss + slot);
+    }
+  }
+#endif
+  F* g = Sized(block, int64_t{M} * N);
+  Gemm<F>(true, false, M, N, kb, a, static_cast<int>(lda), b, static_cast<int>(ldb), 0, g, N);
+  BlockDotNorm(g, t.pre, t.u, int64_t{M} * N, t.dot + slot, t.ss + slot);
+}
+
+}  // namespace
+
 template <class F>
 struct LlamaTokenPass<F>::State {
   LlamaShape s;
@@ -980,6 +1123,21 @@ LlamaTokenPass<F>::~LlamaTokenPass() = default;
 
 template <class F>
 void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g, const BlockDone& done) const {
+  Run(s0, s1, &g, nullptr, done);
+}
+
+template <class F>
+void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaTargets& targets) const {
+  Run(s0, s1, nullptr, &targets, nullptr);
+}
+
+// One backward pass of the chunk's losses; each weight gradient either written to grads' blocks or reduced
+// against targets' (exactly one of the two is set).
+template <class F>
+void LlamaTokenPass<F>::Run(int s0, int s1, const LlamaGrads<F>* gp, const LlamaTargets* tp,
+                            const BlockDone& done) const {
+  static const LlamaGrads<F> kNone;
+  const LlamaGrads<F>& g = gp ? *gp : kNone;
   auto finished = [&](const F* buffer) {
     if (done && buffer) done(buffer);
   };
@@ -1030,6 +1188,28 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g, const B
     }
     if (g.head != g.emb) finished(g.head);  // a tied head is final with the embedding's rows, at the end
   }
+  if (tp && tp->head.u && tp->head.u != tp->emb.u) {
+    for (int b = 0; b < c; ++b) {
+      ReduceWeightGrad(logits + int64_t{b} * V, V, hf + int64_t{b} * D, D, 1, V, D, tp->head, b, &S.red);
+    }
+  }
+  // Token b's weight gradient of a matrix from its output gradients A (rows (t, b) of M values) and the matrix's
+  // inputs X (rows t of N values) over the positions its loss reaches: written (a block per token) or reduced.
+  auto weight_grad = [&](F* blocks, const LlamaTarget* tg, const F* A, int M, const F* X, int N) {
+    if (tg && tg->u) {
+      for (int b = 0; b < c; ++b) {
+        ReduceWeightGrad(A + int64_t{b} * M, int64_t{c} * M, X, N, std::min(P, p0 + b + 1), M, N, *tg, b, &S.red);
+      }
+    } else if (blocks) {
+      Gemm<F>(true, false, c * M, N, P, A, c * M, X, N, 0, blocks, N);
+      finished(blocks);
+    }
+  };
+  // Above the last attention: token b's block is the rank-one u v^T.
+  auto rank_one = [&](F* blocks, const LlamaTarget* tg, int b, const F* u, int nu, const F* v, int nv) {
+    if (tg && tg->u) ReduceWeightGrad(u, nu, v, nv, 1, nu, nv, *tg, b, &S.red);
+    if (blocks) Gemm<F>(true, false, nu, nv, 1, u, nu, v, nv, 0, blocks + int64_t{b} * nu * nv, nv);
+  };
   std::fill(dx, dx + PC * D, F(0));
   for (int b = 0; b < c; ++b) {
     const int p = p0 + b;
@@ -1043,6 +1223,7 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g, const B
   for (int l = L - 1; l >= 0; --l) {
     const auto& lw = w.layers[l];
     const auto* gl = l < static_cast<int>(g.layers.size()) ? &g.layers[l] : nullptr;
+    const LlamaTargets::Layer* tl = tp && l < static_cast<int>(tp->layers.size()) ? &tp->layers[l] : nullptr;
     const F *xi = A.x_in + l * TD, *hl = A.h1 + l * TD, *ql = A.q + l * THD;
     const F *ktl = A.kt + l * KDL, *vtl = A.vt + l * KDL, *al = A.att + l * H * TT, *ol = A.oc + l * THD;
     const F *xm = A.x_mid + l * TD, *h2l = A.h2 + l * TD;
@@ -1052,13 +1233,9 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g, const B
       // the c rows (p0 + b, b), and each token's weight gradients there are outer products.
       F *dxc = dhf, *dmc = dm, *da3c = da3, *dhc = dh;  // c rows each (dhf is free after the final norm)
       for (int b = 0; b < c; ++b) std::copy_n(dx + (int64_t{p0 + b} * c + b) * D, D, dxc + int64_t{b} * D);
-      auto outer = [&](F* out, const F* u, int nu, const F* v, int nv) {
-        Gemm<F>(true, false, nu, nv, 1, u, nu, v, nv, 0, out, nv);
-      };
       for (int b = 0; b < c; ++b) {
-        if (gl && gl->w2) {
-          outer(gl->w2 + int64_t{b} * D * Fh, dxc + int64_t{b} * D, D, ml + int64_t{p0 + b} * Fh, Fh);
-        }
+        rank_one(gl ? gl->w2 : nullptr, tl ? &tl->w2 : nullptr, b, dxc + int64_t{b} * D, D,
+                 ml + int64_t{p0 + b} * Fh, Fh);
       }
       if (gl) finished(gl->w2);
       Gemm<F>(false, false, c, Fh, D, dxc, D, lw.w2, Fh, 0, dmc, Fh);
@@ -1066,8 +1243,8 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g, const B
         const int64_t at = int64_t{p0 + b} * Fh;
         SiluBackRows(s1l + at, g1l + at, dmc + int64_t{b} * Fh, da3c + int64_t{b} * Fh, 1, 1, Fh);
         const F* h2p = h2l + int64_t{p0 + b} * D;
-        if (gl && gl->w1) outer(gl->w1 + int64_t{b} * Fh * D, dmc + int64_t{b} * Fh, Fh, h2p, D);
-        if (gl && gl->w3) outer(gl->w3 + int64_t{b} * Fh * D, da3c + int64_t{b} * Fh, Fh, h2p, D);
+        rank_one(gl ? gl->w1 : nullptr, tl ? &tl->w1 : nullptr, b, dmc + int64_t{b} * Fh, Fh, h2p, D);
+        rank_one(gl ? gl->w3 : nullptr, tl ? &tl->w3 : nullptr, b, da3c + int64_t{b} * Fh, Fh, h2p, D);
       }
       if (gl) finished(gl->w1), finished(gl->w3);
       Gemm<F>(false, false, c, D, Fh, dmc, Fh, lw.w1, D, 0, dhc, D);
@@ -1078,35 +1255,23 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g, const B
         RmsNormBack(xm + int64_t{p} * D, A.r2 + int64_t{l} * A.T + p, lw.ffn_norm, dhc + int64_t{b} * D, 1, D,
                     dxc + int64_t{b} * D);
         std::copy_n(dxc + int64_t{b} * D, D, dx + (int64_t{p} * c + b) * D);
-        if (gl && gl->wo) outer(gl->wo + int64_t{b} * D * HD, dxc + int64_t{b} * D, D, ol + int64_t{p} * HD, HD);
+        rank_one(gl ? gl->wo : nullptr, tl ? &tl->wo : nullptr, b, dxc + int64_t{b} * D, D, ol + int64_t{p} * HD, HD);
         // doc row (p, b) = dxc_b Wo
         Gemm<F>(false, false, 1, HD, D, dxc + int64_t{b} * D, D, lw.wo, HD, 0, doc + (int64_t{p} * c + b) * HD, HD);
       }
       if (gl) finished(gl->wo);
     } else {
       // feed-forward; a token's weight gradient: dy_b^T x over positions, all tokens in one product
-      if (gl && gl->w2) {
-        Gemm<F>(true, false, c * D, Fh, P, dx, c * D, ml, Fh, 0, gl->w2, Fh);
-        finished(gl->w2);
-      }
+      weight_grad(gl ? gl->w2 : nullptr, tl ? &tl->w2 : nullptr, dx, D, ml, Fh);
       Gemm<F>(false, false, static_cast<int>(PC), Fh, D, dx, D, lw.w2, Fh, 0, dm, Fh);
       SiluBackRows(s1l, g1l, dm, da3, P, c, Fh);
-      if (gl && gl->w1) {
-        Gemm<F>(true, false, c * Fh, D, P, dm, c * Fh, h2l, D, 0, gl->w1, D);
-        finished(gl->w1);
-      }
-      if (gl && gl->w3) {
-        Gemm<F>(true, false, c * Fh, D, P, da3, c * Fh, h2l, D, 0, gl->w3, D);
-        finished(gl->w3);
-      }
+      weight_grad(gl ? gl->w1 : nullptr, tl ? &tl->w1 : nullptr, dm, Fh, h2l, D);
+      weight_grad(gl ? gl->w3 : nullptr, tl ? &tl->w3 : nullptr, da3, Fh, h2l, D);
       Gemm<F>(false, false, static_cast<int>(PC), D, Fh, dm, Fh, lw.w1, D, 0, dh, D);
       Gemm<F>(false, false, static_cast<int>(PC), D, Fh, da3, Fh, lw.w3, D, 1, dh, D);
       norm_back(xm, A.r2 + int64_t{l} * A.T, lw.ffn_norm, dh);
       // attention
-      if (gl && gl->wo) {
-        Gemm<F>(true, false, c * D, HD, P, dx, c * D, ol, HD, 0, gl->wo, HD);
-        finished(gl->wo);
-      }
+      weight_grad(gl ? gl->wo : nullptr, tl ? &tl->wo : nullptr, dx, D, ol, HD);
       Gemm<F>(false, false, static_cast<int>(PC), HD, D, dx, D, lw.wo, HD, 0, doc, HD);
     }
     if (l == L - 1) std::fill(dq, dq + PC * HD, F(0));  // below, every loss's rows [0, P) are written
@@ -1142,10 +1307,9 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g, const B
     }
     Rope(dq, static_cast<int>(PC), H, hd, w.cos, w.sin, s.rope_half, true, c);
     Rope(dk, static_cast<int>(PC), KV, hd, w.cos, w.sin, s.rope_half, true, c);
-    if (gl && gl->wq) Gemm<F>(true, false, c * HD, D, P, dq, c * HD, hl, D, 0, gl->wq, D);
-    if (gl && gl->wk) Gemm<F>(true, false, c * KD, D, P, dk, c * KD, hl, D, 0, gl->wk, D);
-    if (gl && gl->wv) Gemm<F>(true, false, c * KD, D, P, dv, c * KD, hl, D, 0, gl->wv, D);
-    if (gl) finished(gl->wq), finished(gl->wk), finished(gl->wv);
+    weight_grad(gl ? gl->wq : nullptr, tl ? &tl->wq : nullptr, dq, HD, hl, D);
+    weight_grad(gl ? gl->wk : nullptr, tl ? &tl->wk : nullptr, dk, KD, hl, D);
+    weight_grad(gl ? gl->wv : nullptr, tl ? &tl->wv : nullptr, dv, KD, hl, D);
     Gemm<F>(false, false, static_cast<int>(PC), D, HD, dq, HD, lw.wq, D, 0, dh, D);
     Gemm<F>(false, false, static_cast<int>(PC), D, KD, dk, KD, lw.wk, D, 1, dh, D);
     Gemm<F>(false, false, static_cast<int>(PC), D, KD, dv, KD, lw.wv, D, 1, dh, D);
@@ -1162,6 +1326,23 @@ void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g, const B
       }
     }
     finished(g.emb);
+  }
+  if (tp && tp->emb.u) {  // token b's block: its rows of dx (and a tied head's rank one), one block at a time
+    const bool tied = tp->head.u == tp->emb.u;
+    F* e = Sized(&S.red, int64_t{V} * D);
+    for (int b = 0; b < c; ++b) {
+      if (tied) {
+        Gemm<F>(true, false, V, D, 1, logits + int64_t{b} * V, V, hf + int64_t{b} * D, D, 0, e, D);
+      } else {
+        std::fill(e, e + int64_t{V} * D, F(0));
+      }
+      for (int t = 0; t <= p0 + b; ++t) {
+        F* row = e + int64_t{ids[t]} * D;
+        const F* d = dx + (int64_t{t} * c + b) * D;
+        for (int j = 0; j < D; ++j) row[j] += d[j];
+      }
+      BlockDotNorm(e, tp->emb.pre, tp->emb.u, int64_t{V} * D, tp->emb.dot + b, tp->emb.ss + b);
+    }
   }
   TrimScratch(&S);
 }

@@ -63,6 +63,28 @@ double LlamaInputGradTangent(const LlamaShape& s, const LlamaWeights<F>& w, cons
                              const int32_t* ids, int n, int response_begin, const double* loss_weights, F* gx,
                              F* gxt);
 
+// *dot = sum_j P_j g_j u_j and *ss = sum_j (P_j g_j)^2 over n values (P: the preconditioner, or null for 1; u
+// null: *dot = 0), in double in 8 partial sums (the float one vectorised).
+void BlockDotNorm(const float* g, const double* pre, const double* u, int64_t n, double* dot, double* ss);
+void BlockDotNorm(const double* g, const double* pre, const double* u, int64_t n, double* dot, double* ss);
+
+// What LlamaTokenPass::Backward reduces a token's gradient block of one matrix to, instead of writing it: dot and
+// ss as BlockDotNorm gives them on the block, for the chunk's c tokens (c values each, overwritten). u and pre have
+// the matrix's shape; u null: the matrix is not wanted.
+struct LlamaTarget {
+  const double* u = nullptr;
+  const double* pre = nullptr;
+  double* dot = nullptr;
+  double* ss = nullptr;
+};
+struct LlamaTargets {
+  LlamaTarget emb, head;  // a tied output: head.u == emb.u, both uses reduced as one block into emb's outputs
+  struct Layer {
+    LlamaTarget wq, wk, wv, wo, w1, w2, w3;
+  };
+  std::vector<Layer> layers;
+};
+
 // Per-token gradients (token-wise attribution): one forward pass over the sequence, then for any range of tokens
 // the gradient of each single-token loss l_s = -log p(ids[s] | ids[<s]) with respect to the wanted matrices. A
 // range's losses share one backward pass with their rows interleaved (position-major), so each linear layer's input
@@ -79,9 +101,14 @@ class LlamaTokenPass {
   // still in cache). Thread-safe: concurrent calls share the forward pass read-only.
   using BlockDone = std::function<void(const F* buffer)>;
   void Backward(int s0, int s1, const LlamaGrads<F>& grads, const BlockDone& done = nullptr) const;
+  // The same gradients reduced against targets (LlamaTarget) without being written: each token's weight gradient is
+  // formed tile by tile in registers and reduced there (AVX-512, float), or through a per-token block otherwise.
+  // A token's block covers only the positions its loss reaches. Thread-safe as Backward.
+  void Backward(int s0, int s1, const LlamaTargets& targets) const;
 
  private:
   struct State;
+  void Run(int s0, int s1, const LlamaGrads<F>* grads, const LlamaTargets* targets, const BlockDone& done) const;
   std::unique_ptr<State> st_;
 };
 
