@@ -212,7 +212,7 @@ RAPIDIN_INLINE void AttnBackwardBody(const F* q, int ldq, const F* kt, const F* 
 // head dimensions at a time in registers, rows padded to whole chunks (kt, vt, P, dkt, dvt have `ld` columns, a
 // multiple of 16, zero past T), so no loop has a scalar tail. Keys past the causal limit are masked in the softmax
 // (p = 0 there), so they add nothing anywhere after it.
-#define RAPIDIN_AVX512 __attribute__((target("avx512f")))
+#define RAPIDIN_AVX512 __attribute__((target("avx512f,avx2,fma")))  // every AVX-512 CPU has AVX2 and FMA
 
 RAPIDIN_AVX512 inline __m512 Exp512(__m512 x) {  // ExpF, 16 lanes
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
@@ -384,16 +384,19 @@ RAPIDIN_AVX512 inline void Transpose16(__m512 r[16]) {
 // row-at-a-time kernel read and wrote dK and dV for every row and read P once per loss. Rows [0, T) for every
 // loss (a loss's rows past its own position have do = 0 and contribute nothing). s: AttnScratch(hd, ld, c).
 // kHd: the head dimension when known at compile time (8: stories260K's; loops unrolled), or 0 (hd).
+// mkv (kHd 8 only; null: dq through the tiles): per row i, AttnRowMoments' 80 values, so that dq_i = scale (M_i do_i
+// - delta_i kbar_i) costs hd^2 per row and loss instead of hd per key.
 template <int kHd>
 RAPIDIN_AVX512 void AttnBackwardTiles512(const float* q, int ldq, const float* o, const float* kt, const float* vt,
                                          const float* P, const float* dout, int ldo, int T, int ld, int hd_any,
                                          float scale, float* dq, int lddq, float* dkt, float* dvt, int c,
-                                         int64_t bo, int64_t bkv, float* s) {
+                                         int64_t bo, int64_t bkv, float* s, const float* mkv = nullptr) {
   const int hd = kHd > 0 ? kHd : hd_any;
+  if (kHd != 8) mkv = nullptr;
   float* dsb = s;                           // 16 x 16: a tile's dS rows
   float* delta = s + 256;                   // c x ld
   float* dqt = delta + int64_t{c} * ld;     // c x hd x ld: dq transposed
-  std::fill(dqt, dqt + int64_t{c} * hd * ld, 0.0f);
+  if (!mkv) std::fill(dqt, dqt + int64_t{c} * hd * ld, 0.0f);
   for (int b = 0; b < c; ++b) {
     for (int i = 0; i < T; ++i) {
       const float* doi = dout + b * bo + int64_t{i} * ldo;
@@ -461,6 +464,7 @@ RAPIDIN_AVX512 void AttnBackwardTiles512(const float* q, int ldq, const float* o
             _mm512_store_ps(dk, _mm512_add_ps(_mm512_load_ps(dk), dka[dd]));
           }
         }
+        if (mkv) continue;  // dq from the row moments, below
         // dq^T[d][rows] += sum over the tile's keys of K^T[d][j] dS^T[j][rows]
         __m512 dst[16];
         for (int r = 0; r < 16; ++r) dst[r] = _mm512_load_ps(dsb + 16 * r);
@@ -476,6 +480,22 @@ RAPIDIN_AVX512 void AttnBackwardTiles512(const float* q, int ldq, const float* o
       }
     }
   }
+  if (mkv) {
+    const __m256 sc8 = _mm256_set1_ps(scale);
+    for (int b = 0; b < c; ++b) {
+      const float* db = delta + int64_t{b} * ld;
+      for (int i = 0; i < T; ++i) {
+        const float* m = mkv + int64_t{i} * 80;
+        const float* doi = dout + b * bo + int64_t{i} * ldo;
+        // M^T is stored [d][a]: dq[a] = sum_d do[d] M^T[d][a]
+        __m256 acc = _mm256_mul_ps(_mm256_set1_ps(-db[i]), _mm256_load_ps(m + 64));
+        for (int d = 0; d < 8; ++d) acc = _mm256_fmadd_ps(_mm256_set1_ps(doi[d]), _mm256_load_ps(m + 8 * d), acc);
+        // Row 0 sees key 0 alone: its dq is exactly zero (the difference above would leave rounding noise)
+        _mm256_storeu_ps(dq + b * bo + int64_t{i} * lddq, i == 0 ? _mm256_setzero_ps() : _mm256_mul_ps(acc, sc8));
+      }
+    }
+    return;
+  }
   for (int b = 0; b < c; ++b) {
     const float* dqb = dqt + int64_t{b} * hd * ld;
     for (int i = 0; i < T; ++i) {
@@ -484,11 +504,38 @@ RAPIDIN_AVX512 void AttnBackwardTiles512(const float* q, int ldq, const float* o
   }
 }
 
+// For head dimension 8, the loss-independent part of dq for every row i of one head: M_i^T = sum_{j <= i} P_ij v_j
+// k_j^T (64 values, [d][a]) and kbar_i = sum_j P_ij k_j (8), in 80 floats per row (out: T x 80, 64-byte aligned).
+// With them a chunk's losses need no per-key work for dq: dq_i = scale (M_i do_i - (do_i . o_i) kbar_i).
+RAPIDIN_AVX512 void AttnRowMoments8(const float* kt, const float* vt, const float* P, int T, int ld, float* kv,
+                                    float* out) {
+  for (int j = 0; j < T; ++j) {  // kv_j = [v_j k_j^T, k_j, 0]
+    float* r = kv + int64_t{j} * 80;
+    for (int d = 0; d < 8; ++d) {
+      for (int a = 0; a < 8; ++a) r[8 * d + a] = vt[int64_t{d} * ld + j] * kt[int64_t{a} * ld + j];
+    }
+    for (int a = 0; a < 8; ++a) r[64 + a] = kt[int64_t{a} * ld + j];
+    for (int a = 72; a < 80; ++a) r[a] = 0;
+  }
+  for (int i = 0; i < T; ++i) {
+    __m512 acc[5] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+    const float* p = P + int64_t{i} * ld;
+    for (int j = 0; j <= i; ++j) {
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      const float* r = kv + int64_t{j} * 80;
+      for (int z = 0; z < 5; ++z) acc[z] = _mm512_fmadd_ps(pj, _mm512_load_ps(r + 16 * z), acc[z]);
+    }
+    for (int z = 0; z < 5; ++z) _mm512_store_ps(out + int64_t{i} * 80 + 16 * z, acc[z]);
+  }
+}
+
 void AttnBackwardTiles(const float* q, int ldq, const float* o, const float* kt, const float* vt, const float* P,
                        const float* dout, int ldo, int T, int ld, int hd, float scale, float* dq, int lddq, float* dkt,
-                       float* dvt, int c, int64_t bo, int64_t bkv, float* s) {
+                       float* dvt, int c, int64_t bo, int64_t bkv, float* s, const float* mkv = nullptr) {
   if (hd == 8) {
-    return AttnBackwardTiles512<8>(q, ldq, o, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo, bkv, s);
+    return AttnBackwardTiles512<8>(q, ldq, o, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo, bkv, s,
+                                   mkv);
   }
   AttnBackwardTiles512<0>(q, ldq, o, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo, bkv, s);
 }
@@ -552,17 +599,20 @@ void AttnBackward(const double* q, int ldq, const double*, const double* kt, con
 
 // AttnBackward for c losses over rows [0, T) of one head (loss b: do rows at dout + b * bo, dq at dq + b * bo,
 // dK, dV at dkt / dvt + b * bkv; rows past a loss's position have do = 0). dp: AttnScratch(hd, ld, c) values.
+// mkv: the head's AttnRowMoments8 (float, head dimension 8, AVX-512), or null.
 template <class F>
 void AttnBackwardLosses(const F* q, int ldq, const F* o, const F* kt, const F* vt, const F* P, const F* dout,
                         int ldo, int T, int ld, int hd, F scale, F* dq, int lddq, F* dkt, F* dvt, int c, int64_t bo,
-                        int64_t bkv, F* dp) {
+                        int64_t bkv, F* dp, const F* mkv = nullptr) {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<F, float>) {
     if (UseAttn512(hd) && T >= 16) {
-      return AttnBackwardTiles(q, ldq, o, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo, bkv, dp);
+      return AttnBackwardTiles(q, ldq, o, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo, bkv, dp,
+                               mkv);
     }
   }
 #endif
+  (void)mkv;
   for (int b = 0; b < c; ++b) {
     AttnBackward(q, ldq, o, kt, vt, P, dout + b * bo, ldo, 0, T, ld, hd, scale, dq + b * bo, lddq, dkt + b * bkv,
                  dvt + b * bkv, dp);
@@ -1097,6 +1147,9 @@ struct LlamaTokenPass<F>::State {
   // Per layer and position, silu(a1) a3 (the w2 input) and the SwiGLU backward's factors: da3 = dm silu(a1),
   // da1 = dm a3 silu'(a1). Computed once, not in every chunk's backward.
   std::vector<F> m, s1, g1;
+  // Below the top layer, per layer and head: AttnRowMoments8 of every row (float, head dimension 8, AVX-512), so
+  // that the chunks' dq needs no per-key work; empty otherwise.
+  std::vector<float> mkv;
 };
 
 template <class F>
@@ -1116,6 +1169,26 @@ LlamaTokenPass<F>::LlamaTokenPass(const LlamaShape& s, const LlamaWeights<F>& w,
   st.s1.resize(all);
   st.g1.resize(all);
   SiluFactors(st.A.a1, st.A.a3, all, st.m.data(), st.s1.data(), st.g1.data());
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<F, float>) {
+    const Fwd<F>& A = st.A;
+    if (s.head_dim == 8 && UseAttn512(8) && A.T >= 16 && s.layers > 1) {
+      const int H = s.heads, group = s.heads / s.kv_heads;
+      const int64_t per = int64_t{A.T} * 80;
+      std::vector<float> kv(static_cast<size_t>(per) + 16);
+      float* kva = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(kv.data()) + 63) & ~uintptr_t{63});
+      st.mkv.resize(static_cast<size_t>((s.layers - 1) * H * per) + 16);
+      float* out = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(st.mkv.data()) + 63) & ~uintptr_t{63});
+      for (int l = 0; l + 1 < s.layers; ++l) {
+        for (int h = 0; h < H; ++h) {
+          const int64_t go = l * A.KDL + int64_t{h / group} * 8 * A.ld;
+          AttnRowMoments8(A.kt + go, A.vt + go, A.att + (int64_t{l} * H + h) * A.TT, A.T, A.ld, kva,
+                          out + (int64_t{l} * H + h) * per);
+        }
+      }
+    }
+  }
+#endif
 }
 
 template <class F>
@@ -1291,8 +1364,16 @@ void LlamaTokenPass<F>::Run(int s0, int s1, const LlamaGrads<F>* gp, const Llama
     } else {
       for (int h = 0; h < H; ++h) {  // every loss of the chunk at once: the probabilities are read once
         const int64_t go = int64_t{h / group} * hd * ld;
+        const F* mkv = nullptr;
+        if constexpr (std::is_same_v<F, float>) {
+          if (!st.mkv.empty()) {
+            const float* base =
+                reinterpret_cast<const float*>((reinterpret_cast<uintptr_t>(st.mkv.data()) + 63) & ~uintptr_t{63});
+            mkv = base + (int64_t{l} * H + h) * A.T * 80;
+          }
+        }
         AttnBackwardLosses(ql + h * hd, HD, ol + h * hd, ktl + go, vtl + go, al + h * TT, doc + h * hd, c * HD, P,
-                           ld, hd, scale, dq + h * hd, c * HD, dkt + go, dvt + go, c, int64_t{HD}, KDL, ds);
+                           ld, hd, scale, dq + h * hd, c * HD, dkt + go, dvt + go, c, int64_t{HD}, KDL, ds, mkv);
       }
     }
     for (int t = 0; t < P; ++t) {
