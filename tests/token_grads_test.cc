@@ -269,26 +269,32 @@ TEST(TokenGradients, Float32DirectEqualsFloat64Reference) {
 // TokenScores in float32 through the direct pass, which reduces each token's weight gradients inside the pass
 // (AVX-512 register tiles: hidden 160 leaves a part-filled last panel, 160 and 16-row matrices a part-filled last
 // tile; or per-token blocks through BLAS), against the float64 autograd scores, to 1e-4 of the largest score: with
-// and without the layer-wise norm, tied and untied output, two chunk sizes, on fresh random weights and u.
+// and without the layer-wise norm, tied and untied output, two chunk sizes (13: a feed-forward tile of 5 rows), on
+// fresh random weights and u. Dimension 40 leaves part-filled column panels in every kernel (the feed-forward
+// input gradient's 32 columns included); head dimension 8 takes the attention's row moments.
 TEST(TokenGradients, Float32ScoresReducedInThePassEqualFloat64Reference) {
   SCOPED_TRACE(rapidin::testing::FuzzReplay());
   struct RestoreAvx512 {
     ~RestoreAvx512() { internal::SetAvx512ForTesting(true); }
   } restore;
   std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 23));
+  struct Shape {
+    int dim, hidden, heads, kv_heads;
+    bool tied;
+  };
   for (bool avx512 : {true, false}) {
     internal::SetAvx512ForTesting(avx512);
-    for (int heads : {4, 8}) {
+    for (const Shape& sh : {Shape{64, 160, 4, 2, false}, Shape{64, 160, 8, 2, true}, Shape{40, 72, 5, 1, false}}) {
       ModelConfig c;
-      c.dim = 64;
-      c.hidden_dim = 160;
+      c.dim = sh.dim;
+      c.hidden_dim = sh.hidden;
       c.n_layers = 3;
-      c.n_heads = heads;
-      c.n_kv_heads = 2;
+      c.n_heads = sh.heads;
+      c.n_kv_heads = sh.kv_heads;
       c.vocab_size = 97;
       c.seq_len = 200;
-      c.tied_output = heads == 8;
-      SCOPED_TRACE(absl::StrCat("avx512 ", avx512, " heads ", heads));
+      c.tied_output = sh.tied;
+      SCOPED_TRACE(absl::StrCat("avx512 ", avx512, " dim ", sh.dim, " heads ", sh.heads));
       const uint32_t seed = rng();
       EngineOptions o;
       o.use_double = true;

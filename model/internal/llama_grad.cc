@@ -549,6 +549,8 @@ bool UseAttn512(int hd) {
 #else
 bool UseAttn512(int) { return false; }
 #endif
+// The float kernels' AVX-512 forms (the CPU has it, and no test has turned them off).
+bool UseAvx512() { return UseAttn512(8); }
 
 RAPIDIN_CLONES void AttnForwardAny(const float* q, int ldq, const float* kt, const float* vt, int T, int ld, int hd,
                                    float scale, float* P, float* o, int ldo) {
@@ -667,27 +669,96 @@ void SiluFactors(const double* a1, const double* a3, int64_t n, double* m, doubl
     g1[i] = a3[i] * sg * (1.0 + a1[i] * (1.0 - sg));
   }
 }
-// Row t * c + b of dm (n values): da3 = dm s1_t, dm becomes da1 = dm g1_t.
+// Row t * c + b of dm (n values): da3 = dm s1_t, da1 = dm g1_t (da1 may be dm).
 template <class F>
-RAPIDIN_INLINE void SiluBackRowsBody(const F* s1, const F* g1, F* dm, F* da3, int P, int c, int n) {
+RAPIDIN_INLINE void SiluBackRowsBody(const F* s1, const F* g1, const F* dm, F* da1, F* da3, int P, int c, int n) {
   for (int t = 0; t < P; ++t) {
     const F *st = s1 + int64_t{t} * n, *gt = g1 + int64_t{t} * n;
     for (int b = 0; b < c; ++b) {
-      F* d = dm + (int64_t{t} * c + b) * n;
+      const F* d = dm + (int64_t{t} * c + b) * n;
+      F* a = da1 + (int64_t{t} * c + b) * n;
       F* e = da3 + (int64_t{t} * c + b) * n;
       for (int i = 0; i < n; ++i) {
-        e[i] = d[i] * st[i];
-        d[i] = d[i] * gt[i];
+        const F v = d[i];
+        e[i] = v * st[i];
+        a[i] = v * gt[i];
       }
     }
   }
 }
-RAPIDIN_CLONES void SiluBackRows(const float* s1, const float* g1, float* dm, float* da3, int P, int c, int n) {
-  SiluBackRowsBody(s1, g1, dm, da3, P, c, n);
+RAPIDIN_CLONES void SiluBackRows(const float* s1, const float* g1, const float* dm, float* da1, float* da3, int P,
+                                 int c, int n) {
+  SiluBackRowsBody(s1, g1, dm, da1, da3, P, c, n);
 }
-void SiluBackRows(const double* s1, const double* g1, double* dm, double* da3, int P, int c, int n) {
-  SiluBackRowsBody(s1, g1, dm, da3, P, c, n);
+void SiluBackRows(const double* s1, const double* g1, const double* dm, double* da1, double* da3, int P, int c,
+                  int n) {
+  SiluBackRowsBody(s1, g1, dm, da1, da3, P, c, n);
 }
+
+#if defined(__x86_64__)
+// The feed-forward's input gradient for c losses from dm = dx W2 (before the SwiGLU factors), one position at a
+// time: dh_(t, b) = sum_k dm_(t, b)[k] B_t[k], B_t[k] = g1_t[k] W1[k] + s1_t[k] W3[k] (rows of W1, W3: D values).
+// B_t's rows are built in registers and shared by the position's c rows: half the multiply-adds of dm g1 W1 + dm
+// s1 W3 as two products. Rows (t, b) with t > p0 + b (past loss b) are zero and written as zero. Tiles of up to 8
+// rows x 32 columns.
+template <int MB>
+RAPIDIN_AVX512 RAPIDIN_INLINE void FfnTile(const float* dm, const float* g1, const float* s1, const float* w1,
+                                           const float* w3, int Fh, int D, int n0, __mmask16 m0, __mmask16 m1,
+                                           float* dh) {
+  __m512 acc[MB][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int k = 0; k < Fh; ++k) {
+    const float* r1 = w1 + int64_t{k} * D + n0;
+    const float* r3 = w3 + int64_t{k} * D + n0;
+    const __m512 g = _mm512_set1_ps(g1[k]), sg = _mm512_set1_ps(s1[k]);
+    const __m512 b0 = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(m0, r1), _mm512_mul_ps(sg, _mm512_maskz_loadu_ps(m0, r3)));
+    const __m512 b1 =
+        _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(m1, r1 + 16), _mm512_mul_ps(sg, _mm512_maskz_loadu_ps(m1, r3 + 16)));
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const __m512 a = _mm512_set1_ps(dm[int64_t{i} * Fh + k]);
+      acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) {
+    _mm512_mask_storeu_ps(dh + int64_t{i} * D + n0, m0, acc[i][0]);
+    _mm512_mask_storeu_ps(dh + int64_t{i} * D + n0 + 16, m1, acc[i][1]);
+  }
+}
+
+RAPIDIN_AVX512 void FfnInputGrad512(const float* dm, const float* g1, const float* s1, const float* w1,
+                                    const float* w3, int P, int c, int p0, int Fh, int D, float* dh) {
+  for (int t = 0; t < P; ++t) {
+    const int b0 = std::max(0, t - p0);  // losses before b0 end before position t
+    std::fill(dh + int64_t{t} * c * D, dh + (int64_t{t} * c + b0) * D, 0.0f);
+    const float *gt = g1 + int64_t{t} * Fh, *st = s1 + int64_t{t} * Fh;
+    for (int n0 = 0; n0 < D; n0 += 32) {
+      const int w = std::min(32, D - n0);
+      const __mmask16 m0 = w >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << w) - 1);
+      const __mmask16 m1 = w >= 32 ? static_cast<__mmask16>(0xffff)
+                                   : w > 16 ? static_cast<__mmask16>((1u << (w - 16)) - 1) : static_cast<__mmask16>(0);
+      for (int b = b0; b < c; b += 8) {
+        const int64_t row = int64_t{t} * c + b;
+        const float* a = dm + row * Fh;
+        float* out = dh + row * D;
+        switch (std::min(8, c - b)) {
+          case 8: FfnTile<8>(a, gt, st, w1, w3, Fh, D, n0, m0, m1, out); break;
+          case 7: FfnTile<7>(a, gt, st, w1, w3, Fh, D, n0, m0, m1, out); break;
+          case 6: FfnTile<6>(a, gt, st, w1, w3, Fh, D, n0, m0, m1, out); break;
+          case 5: FfnTile<5>(a, gt, st, w1, w3, Fh, D, n0, m0, m1, out); break;
+          case 4: FfnTile<4>(a, gt, st, w1, w3, Fh, D, n0, m0, m1, out); break;
+          case 3: FfnTile<3>(a, gt, st, w1, w3, Fh, D, n0, m0, m1, out); break;
+          case 2: FfnTile<2>(a, gt, st, w1, w3, Fh, D, n0, m0, m1, out); break;
+          default: FfnTile<1>(a, gt, st, w1, w3, Fh, D, n0, m0, m1, out); break;
+        }
+      }
+    }
+  }
+}
+#endif
 
 // A row of logits becomes its softmax p; returns -log p[target] (in double, from the shifted sum).
 template <class F>
@@ -705,7 +776,7 @@ double SoftmaxRow(F* row, int V, int target) {
 template <class F>
 struct Scratch {
   std::vector<F> x, x_in, h1, r1, q, k, v, kt, vt, att, oc, x_mid, h2, r2, a1, a3;  // forward (per layer where stored)
-  std::vector<F> hf, rf, logits, dhf, dx, dh, dm, da3, doc, dq, dk, dv, dkt, dvt, ds;
+  std::vector<F> hf, rf, logits, dhf, dx, dh, dm, da1, da3, doc, dq, dk, dv, dkt, dvt, ds;
   std::vector<F> red;  // a token's weight-gradient block where it is reduced without AVX-512
 };
 
@@ -722,7 +793,7 @@ void TrimScratch(Scratch<F>* S) {
   constexpr size_t kKeepBytes = size_t{256} << 20;
   std::vector<F>* all[] = {&S->x,  &S->x_in,   &S->h1,  &S->r1, &S->q,  &S->k,      &S->v,   &S->kt, &S->vt,
                            &S->att, &S->oc,    &S->x_mid, &S->h2, &S->r2, &S->a1,   &S->a3,  &S->hf, &S->rf,
-                           &S->logits, &S->dhf, &S->dx, &S->dh, &S->dm, &S->da3,   &S->doc, &S->dq, &S->dk,
+                           &S->logits, &S->dhf, &S->dx, &S->dh, &S->dm, &S->da1, &S->da3,   &S->doc, &S->dq, &S->dk,
                            &S->dv, &S->dkt,    &S->dvt, &S->ds, &S->red};
   size_t bytes = 0;
   for (auto* v : all) bytes += v->capacity() * sizeof(F);
@@ -1123,7 +1194,7 @@ void ReduceWeightGrad(const F* a, int64_t lda, const F* b, int64_t ldb, int kb, 
                       int slot, std::vector<F>* block) {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<F, float>) {
-    if (UseAttn512(8)) {
+    if (UseAvx512()) {
       return t.pre ? ReduceBlock512<true>(a, lda, b, ldb, kb, M, N, t.u, t.pre, t.dot + slot, t.ss + slot)
                    : ReduceBlock512<false>(a, lda, b, ldb, kb, M, N, t.u, t.pre, t.dot + slot, t.ss + slot);
     }
@@ -1172,7 +1243,7 @@ LlamaTokenPass<F>::LlamaTokenPass(const LlamaShape& s, const LlamaWeights<F>& w,
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<F, float>) {
     const Fwd<F>& A = st.A;
-    if (s.head_dim == 8 && UseAttn512(8) && A.T >= 16 && s.layers > 1) {
+    if (s.head_dim == 8 && UseAvx512() && A.T >= 16 && s.layers > 1) {
       const int H = s.heads, group = s.heads / s.kv_heads;
       const int64_t per = int64_t{A.T} * 80;
       std::vector<float> kv(static_cast<size_t>(per) + 16);
@@ -1289,6 +1360,7 @@ void LlamaTokenPass<F>::Run(int s0, int s1, const LlamaGrads<F>* gp, const Llama
     RmsNormBack(A.x + int64_t{p} * D, st.rf.data() + p, w.final_norm, dhf + int64_t{b} * D, 1, D,
                 dx + (int64_t{p} * c + b) * D);
   }
+  const bool ffn512 = std::is_same_v<F, float> && UseAvx512();
   // Per row (t, b): dx += d norm(x_t)/dx^T dy_(t, b).
   auto norm_back = [&](const F* x, const F* r, const F* gain, const F* dy) {
     RmsNormBackRows(x, r, gain, dy, P, c, D, dx);
@@ -1314,7 +1386,8 @@ void LlamaTokenPass<F>::Run(int s0, int s1, const LlamaGrads<F>* gp, const Llama
       Gemm<F>(false, false, c, Fh, D, dxc, D, lw.w2, Fh, 0, dmc, Fh);
       for (int b = 0; b < c; ++b) {
         const int64_t at = int64_t{p0 + b} * Fh;
-        SiluBackRows(s1l + at, g1l + at, dmc + int64_t{b} * Fh, da3c + int64_t{b} * Fh, 1, 1, Fh);
+        SiluBackRows(s1l + at, g1l + at, dmc + int64_t{b} * Fh, dmc + int64_t{b} * Fh, da3c + int64_t{b} * Fh, 1, 1,
+                     Fh);
         const F* h2p = h2l + int64_t{p0 + b} * D;
         rank_one(gl ? gl->w1 : nullptr, tl ? &tl->w1 : nullptr, b, dmc + int64_t{b} * Fh, Fh, h2p, D);
         rank_one(gl ? gl->w3 : nullptr, tl ? &tl->w3 : nullptr, b, da3c + int64_t{b} * Fh, Fh, h2p, D);
@@ -1337,11 +1410,20 @@ void LlamaTokenPass<F>::Run(int s0, int s1, const LlamaGrads<F>* gp, const Llama
       // feed-forward; a token's weight gradient: dy_b^T x over positions, all tokens in one product
       weight_grad(gl ? gl->w2 : nullptr, tl ? &tl->w2 : nullptr, dx, D, ml, Fh);
       Gemm<F>(false, false, static_cast<int>(PC), Fh, D, dx, D, lw.w2, Fh, 0, dm, Fh);
-      SiluBackRows(s1l, g1l, dm, da3, P, c, Fh);
-      weight_grad(gl ? gl->w1 : nullptr, tl ? &tl->w1 : nullptr, dm, Fh, h2l, D);
+      // dm stays for FfnInputGrad512, which needs the gradient before the SwiGLU factors
+      F* da1 = ffn512 ? Sized(&S.da1, PC * Fh) : dm;
+      SiluBackRows(s1l, g1l, dm, da1, da3, P, c, Fh);
+      weight_grad(gl ? gl->w1 : nullptr, tl ? &tl->w1 : nullptr, da1, Fh, h2l, D);
       weight_grad(gl ? gl->w3 : nullptr, tl ? &tl->w3 : nullptr, da3, Fh, h2l, D);
-      Gemm<F>(false, false, static_cast<int>(PC), D, Fh, dm, Fh, lw.w1, D, 0, dh, D);
-      Gemm<F>(false, false, static_cast<int>(PC), D, Fh, da3, Fh, lw.w3, D, 1, dh, D);
+#if defined(__x86_64__)
+      if constexpr (std::is_same_v<F, float>) {
+        if (ffn512) FfnInputGrad512(dm, g1l, s1l, lw.w1, lw.w3, P, c, p0, Fh, D, dh);
+      }
+#endif
+      if (!ffn512) {
+        Gemm<F>(false, false, static_cast<int>(PC), D, Fh, da1, Fh, lw.w1, D, 0, dh, D);
+        Gemm<F>(false, false, static_cast<int>(PC), D, Fh, da3, Fh, lw.w3, D, 1, dh, D);
+      }
       norm_back(xm, A.r2 + int64_t{l} * A.T, lw.ffn_norm, dh);
       // attention
       weight_grad(gl ? gl->wo : nullptr, tl ? &tl->wo : nullptr, dx, D, ol, HD);
