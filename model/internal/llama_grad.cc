@@ -384,19 +384,16 @@ RAPIDIN_AVX512 inline void Transpose16(__m512 r[16]) {
 // row-at-a-time kernel read and wrote dK and dV for every row and read P once per loss. Rows [0, T) for every
 // loss (a loss's rows past its own position have do = 0 and contribute nothing). s: AttnScratch(hd, ld, c).
 // kHd: the head dimension when known at compile time (8: stories260K's; loops unrolled), or 0 (hd).
-// mkv (kHd 8 only; null: dq through the tiles): per row i, AttnRowMoments' 80 values, so that dq_i = scale (M_i do_i
-// - delta_i kbar_i) costs hd^2 per row and loss instead of hd per key.
 template <int kHd>
 RAPIDIN_AVX512 void AttnBackwardTiles512(const float* q, int ldq, const float* o, const float* kt, const float* vt,
                                          const float* P, const float* dout, int ldo, int T, int ld, int hd_any,
                                          float scale, float* dq, int lddq, float* dkt, float* dvt, int c,
-                                         int64_t bo, int64_t bkv, float* s, const float* mkv = nullptr) {
+                                         int64_t bo, int64_t bkv, float* s) {
   const int hd = kHd > 0 ? kHd : hd_any;
-  if (kHd != 8) mkv = nullptr;
   float* dsb = s;                           // 16 x 16: a tile's dS rows
   float* delta = s + 256;                   // c x ld
   float* dqt = delta + int64_t{c} * ld;     // c x hd x ld: dq transposed
-  if (!mkv) std::fill(dqt, dqt + int64_t{c} * hd * ld, 0.0f);
+  std::fill(dqt, dqt + int64_t{c} * hd * ld, 0.0f);
   for (int b = 0; b < c; ++b) {
     for (int i = 0; i < T; ++i) {
       const float* doi = dout + b * bo + int64_t{i} * ldo;
@@ -464,7 +461,6 @@ RAPIDIN_AVX512 void AttnBackwardTiles512(const float* q, int ldq, const float* o
             _mm512_store_ps(dk, _mm512_add_ps(_mm512_load_ps(dk), dka[dd]));
           }
         }
-        if (mkv) continue;  // dq from the row moments, below
         // dq^T[d][rows] += sum over the tile's keys of K^T[d][j] dS^T[j][rows]
         __m512 dst[16];
         for (int r = 0; r < 16; ++r) dst[r] = _mm512_load_ps(dsb + 16 * r);
@@ -479,22 +475,6 @@ RAPIDIN_AVX512 void AttnBackwardTiles512(const float* q, int ldq, const float* o
         }
       }
     }
-  }
-  if (mkv) {
-    const __m256 sc8 = _mm256_set1_ps(scale);
-    for (int b = 0; b < c; ++b) {
-      const float* db = delta + int64_t{b} * ld;
-      for (int i = 0; i < T; ++i) {
-        const float* m = mkv + int64_t{i} * 80;
-        const float* doi = dout + b * bo + int64_t{i} * ldo;
-        // M^T is stored [d][a]: dq[a] = sum_d do[d] M^T[d][a]
-        __m256 acc = _mm256_mul_ps(_mm256_set1_ps(-db[i]), _mm256_load_ps(m + 64));
-        for (int d = 0; d < 8; ++d) acc = _mm256_fmadd_ps(_mm256_set1_ps(doi[d]), _mm256_load_ps(m + 8 * d), acc);
-        // Row 0 sees key 0 alone: its dq is exactly zero (the difference above would leave rounding noise)
-        _mm256_storeu_ps(dq + b * bo + int64_t{i} * lddq, i == 0 ? _mm256_setzero_ps() : _mm256_mul_ps(acc, sc8));
-      }
-    }
-    return;
   }
   for (int b = 0; b < c; ++b) {
     const float* dqb = dqt + int64_t{b} * hd * ld;
@@ -530,12 +510,123 @@ RAPIDIN_AVX512 void AttnRowMoments8(const float* kt, const float* vt, const floa
   }
 }
 
+// The token pass's attention backward for head dimension 8 and c losses at positions T - c .. T - 1 (loss b's rows
+// past T - c + b are zero and skipped), with dq from the row moments mkv (AttnRowMoments8): dq_i = scale (M_i do_i -
+// delta_i kbar_i), hd^2 per row and loss. What is left per key is dp = do V^T, dV += P^T do and dK += dS^T q, done in
+// tiles of 16 rows x 32 keys: a row's 8 broadcasts of do serve dp and dV for both key chunks, its 8 of q serve dK
+// for both (the 16-key tiles broadcast 24 times per 16 keys). dS goes through a 16 x 32 scratch between the two
+// passes. Arguments as AttnBackwardTiles512; s: AttnScratch(8, ld, c).
+RAPIDIN_AVX512 void AttnBackwardMoments8(const float* q, int ldq, const float* o, const float* kt, const float* vt,
+                                         const float* P, const float* dout, int ldo, int T, int ld, float scale,
+                                         float* dq, int lddq, float* dkt, float* dvt, int c, int64_t bo, int64_t bkv,
+                                         float* s, const float* mkv) {
+  float* dsb = s;                  // 16 rows x 32 keys: a tile's dS (the 256 + c (hd + 1) ld scratch has room)
+  float* delta = s + 512;          // c x ld
+  for (int b = 0; b < c; ++b) {
+    for (int i = 0; i < T; ++i) {
+      const float* doi = dout + b * bo + int64_t{i} * ldo;
+      float a = 0;
+      for (int d = 0; d < 8; ++d) a += doi[d] * o[int64_t{i} * ldq + d];
+      delta[int64_t{b} * ld + i] = a;
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int ib = 0; ib < T; ib += 16) {
+    const int nr = std::min(16, T - ib);
+    for (int j0 = 0; j0 < ib + nr; j0 += 32) {
+      const int r0 = std::max(0, j0 - ib);  // rows before j0 see none of these keys
+      const bool two = j0 + 16 < ib + nr;   // some row sees the second chunk (then j0 + 16 < T <= ld)
+      // Without a second chunk its lanes run on the first chunk's keys times p1 = 0 (no branch in the loops) and
+      // are not stored.
+      const int j1 = two ? 16 : 0;
+      if (j0 + 64 < ib + nr) {  // the rows' P two steps ahead (16 strided streams defeat the prefetchers)
+        for (int r = std::max(0, j0 + 64 - ib); r < nr; ++r) {
+          _mm_prefetch(reinterpret_cast<const char*>(P + int64_t{ib + r} * ld + j0 + 64), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(P + int64_t{ib + r} * ld + j0 + 80), _MM_HINT_T0);
+        }
+      }
+      for (int b = 0; b < c; ++b) {
+        const int re = std::min(nr, T - c + b + 1 - ib);  // loss b's rows end at its position
+        if (re <= r0) continue;
+        const float* dob = dout + b * bo;
+        const float* db = delta + int64_t{b} * ld;
+        __m512 dv0[8], dv1[8];
+#pragma GCC unroll 8
+        for (int d = 0; d < 8; ++d) dv0[d] = dv1[d] = _mm512_setzero_ps();
+        for (int r = r0; r < re; ++r) {
+          const int i = ib + r;
+          const float* pr = P + int64_t{i} * ld + j0;
+          const __m512 p0 = _mm512_load_ps(pr);
+          const __m512 p1 = two && j0 + 16 <= i ? _mm512_load_ps(pr + 16) : _mm512_setzero_ps();  // else unwritten
+          const float* doi = dob + int64_t{i} * ldo;
+          __m512 dp0 = _mm512_setzero_ps(), dp1 = _mm512_setzero_ps();
+#pragma GCC unroll 8
+          for (int d = 0; d < 8; ++d) {
+            const __m512 bd = _mm512_set1_ps(doi[d]);
+            dp0 = _mm512_fmadd_ps(bd, _mm512_load_ps(vt + int64_t{d} * ld + j0), dp0);
+            dv0[d] = _mm512_fmadd_ps(bd, p0, dv0[d]);
+            if (two) {
+              dp1 = _mm512_fmadd_ps(bd, _mm512_load_ps(vt + int64_t{d} * ld + j0 + 16), dp1);
+              dv1[d] = _mm512_fmadd_ps(bd, p1, dv1[d]);
+            }
+          }
+          const __m512 di = _mm512_set1_ps(db[i]);
+          // Row 0 sees key 0 alone: its dS is exactly zero (delta rounds differently from do . v_0)
+          const __m512 ds0 = i == 0 ? _mm512_setzero_ps() : _mm512_mul_ps(_mm512_mul_ps(p0, _mm512_sub_ps(dp0, di)), sc);
+          _mm512_store_ps(dsb + 32 * r, ds0);
+          _mm512_store_ps(dsb + 32 * r + 16, _mm512_mul_ps(_mm512_mul_ps(p1, _mm512_sub_ps(dp1, di)), sc));
+        }
+        float *dvb = dvt + b * bkv, *dkb = dkt + b * bkv;
+        __m512 dk0[8], dk1[8];
+#pragma GCC unroll 8
+        for (int d = 0; d < 8; ++d) dk0[d] = dk1[d] = _mm512_setzero_ps();
+        for (int r = r0; r < re; ++r) {
+          const float* qi = q + int64_t{ib + r} * ldq;
+          const __m512 s0 = _mm512_load_ps(dsb + 32 * r), s1 = _mm512_load_ps(dsb + 32 * r + 16);
+#pragma GCC unroll 8
+          for (int d = 0; d < 8; ++d) {
+            const __m512 bq = _mm512_set1_ps(qi[d]);
+            dk0[d] = _mm512_fmadd_ps(bq, s0, dk0[d]);
+            dk1[d] = _mm512_fmadd_ps(bq, s1, dk1[d]);
+          }
+        }
+#pragma GCC unroll 8
+        for (int d = 0; d < 8; ++d) {
+          float* v = dvb + int64_t{d} * ld + j0;
+          float* k = dkb + int64_t{d} * ld + j0;
+          _mm512_store_ps(v, _mm512_add_ps(_mm512_load_ps(v), dv0[d]));
+          _mm512_store_ps(k, _mm512_add_ps(_mm512_load_ps(k), dk0[d]));
+          if (two) {
+            _mm512_store_ps(v + 16, _mm512_add_ps(_mm512_load_ps(v + 16), dv1[d]));
+            _mm512_store_ps(k + 16, _mm512_add_ps(_mm512_load_ps(k + 16), dk1[d]));
+          }
+        }
+      }
+    }
+  }
+  const __m256 sc8 = _mm256_set1_ps(scale);
+  for (int b = 0; b < c; ++b) {
+    const float* db = delta + int64_t{b} * ld;
+    for (int i = 0; i < T; ++i) {
+      const float* m = mkv + int64_t{i} * 80;
+      const float* doi = dout + b * bo + int64_t{i} * ldo;
+      // M^T is stored [d][a]: dq[a] = sum_d do[d] M^T[d][a]
+      __m256 acc = _mm256_mul_ps(_mm256_set1_ps(-db[i]), _mm256_load_ps(m + 64));
+      for (int d = 0; d < 8; ++d) acc = _mm256_fmadd_ps(_mm256_set1_ps(doi[d]), _mm256_load_ps(m + 8 * d), acc);
+      // Row 0 sees key 0 alone: its dq is exactly zero (the difference above would leave rounding noise)
+      _mm256_storeu_ps(dq + b * bo + int64_t{i} * lddq, i == 0 ? _mm256_setzero_ps() : _mm256_mul_ps(acc, sc8));
+    }
+  }
+}
+
 void AttnBackwardTiles(const float* q, int ldq, const float* o, const float* kt, const float* vt, const float* P,
                        const float* dout, int ldo, int T, int ld, int hd, float scale, float* dq, int lddq, float* dkt,
                        float* dvt, int c, int64_t bo, int64_t bkv, float* s, const float* mkv = nullptr) {
+  if (hd == 8 && mkv) {
+    return AttnBackwardMoments8(q, ldq, o, kt, vt, P, dout, ldo, T, ld, scale, dq, lddq, dkt, dvt, c, bo, bkv, s, mkv);
+  }
   if (hd == 8) {
-    return AttnBackwardTiles512<8>(q, ldq, o, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo, bkv, s,
-                                   mkv);
+    return AttnBackwardTiles512<8>(q, ldq, o, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo, bkv, s);
   }
   AttnBackwardTiles512<0>(q, ldq, o, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo, bkv, s);
 }
@@ -562,8 +653,8 @@ RAPIDIN_CLONES void AttnBackwardAny(const float* q, int ldq, const float* kt, co
   AttnBackwardBody(q, ldq, kt, vt, P, dout, ldo, i0, T, ld, hd, scale, dq, lddq, dkt, dvt, dp);
 }
 
-// Scratch values the attention backward needs for c losses (the tiled kernel's tile, delta and dq^T).
-int64_t AttnScratch(int hd, int ld, int c = 1) { return 256 + int64_t{c} * (hd + 1) * ld; }
+// Scratch values the attention backward needs for c losses (the tiled kernels' tile, delta and dq^T).
+int64_t AttnScratch(int hd, int ld, int c = 1) { return 512 + int64_t{c} * (hd + 1) * ld; }
 
 // One head's attention, forward and backward (kt, vt, P, dkt, dvt with `ld` columns; ld a multiple of 16).
 void AttnForward(const float* q, int ldq, const float* kt, const float* vt, int T, int ld, int hd, float scale,
