@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <thread>
 
+#include "base/mutex.h"
+#include "base/thread_pool.h"
+
 #include "model/engine.h"
 #include "model/prompt.h"
 
@@ -39,6 +42,15 @@ double Dot(const std::vector<float>& a, const std::vector<float>& b, int64_t off
   double s = 0;
   for (size_t i = 0; i < a.size() && offset + i < b.size(); ++i) s += static_cast<double>(a[i]) * b[offset + i];
   return s;
+}
+
+// The influence views' threads. They live as long as the process, so each keeps its buffers (the forward and
+// tangent activations, tens of MB for a long record) from record to record: a thread per record faulted them in
+// again every time (most of a demo query's ~100k page faults). Queries wait for their own view only.
+ThreadPool& InfluencePool() {
+  static ThreadPool* const pool =
+      new ThreadPool(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())), 1 << 30);
+  return *pool;
 }
 
 }  // namespace
@@ -86,11 +98,15 @@ absl::Status Attribute(const Featurizer& featurizer, const Example& gen, const s
     const Example z = ExampleFromRecord(rec);
     auto zt = eng.Tokenize(z);
     if (!zt.ok()) return zt.status();
-    // The two record views at once: the influence view is one pass on one thread, the token view spreads its
-    // chunks over the others, so the cores do not wait for the single-threaded part.
+    // The two record views at once: the influence view is one pass on one of InfluencePool's threads, the token
+    // view spreads its chunks over the others, so the cores do not wait for the single-threaded part.
     std::vector<double> infl;
     absl::StatusOr<double> total = absl::UnknownError("not run");
-    std::thread influence([&] { total = featurizer.RecordTokenInfluence(*zt, q, &infl); });
+    BlockingCounter influence(1);
+    InfluencePool().Schedule([&] {
+      total = featurizer.RecordTokenInfluence(*zt, q, &infl);
+      influence.DecrementCount();
+    });
     // The token-loss view covers the tokens the record's loss is on: a prompt token's own loss was never trained
     // on, so its score would answer a question nobody asked (and a prompt's tokens are a third of the work).
     const int T = static_cast<int>(zt->ids.size());
@@ -100,7 +116,7 @@ absl::Status Attribute(const Featurizer& featurizer, const Example& gen, const s
     };
     std::vector<double> z_tok;  // <C(N(grad l_s)), q> for s >= from
     absl::Status s2 = from < T ? featurizer.TokenScores(zt->ids, from, q, &z_tok) : absl::OkStatus();
-    influence.join();
+    influence.Wait();
     if (!s2.ok()) return s2;
     if (!total.ok()) return total.status();
     auto place = [&](int s, v1::TokenScore* ts) {

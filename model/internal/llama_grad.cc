@@ -5,7 +5,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
+#include <vector>
+
+#include "base/mutex.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -1408,11 +1412,43 @@ struct LlamaTokenPass<F>::State {
   std::vector<float> mkv;
 };
 
+// Token passes come and go with the records; each one's forward activations (tens of MB for a long record) go to
+// the next pass instead of being unmapped and faulted in again (a demo query took ~100k page faults).
 template <class F>
-LlamaTokenPass<F>::LlamaTokenPass(const LlamaShape& s, const LlamaWeights<F>& w, const int32_t* ids, int n)
-    : st_(std::make_unique<State>()) {
+struct LlamaTokenPass<F>::Kept {
+  Mutex mu;
+  std::vector<std::unique_ptr<State>> states;
+  static Kept& Get() {
+    static Kept* const k = new Kept;
+    return *k;
+  }
+};
+
+template <class F>
+size_t LlamaTokenPass<F>::StateBytes(const State& st) {
+  const Scratch<F>& S = st.storage;
+  size_t n = 0;
+  for (const std::vector<F>* v : {&S.x, &S.x_in, &S.h1, &S.r1, &S.q, &S.k, &S.v, &S.kt, &S.vt, &S.att, &S.oc,
+                                  &S.x_mid, &S.h2, &S.r2, &S.a1, &S.a3, &st.rf, &st.hf, &st.m, &st.s1, &st.g1}) {
+    n += v->capacity() * sizeof(F);
+  }
+  return n + st.mkv.capacity() * sizeof(float);
+}
+
+template <class F>
+LlamaTokenPass<F>::LlamaTokenPass(const LlamaShape& s, const LlamaWeights<F>& w, const int32_t* ids, int n) {
+  {
+    Kept& k = Kept::Get();
+    MutexLock lock(&k.mu);
+    if (!k.states.empty()) {
+      st_ = std::move(k.states.back());
+      k.states.pop_back();
+    }
+  }
+  if (!st_) st_ = std::make_unique<State>();
   FlushDenormals ftz;
   State& st = *st_;
+  st.mkv.clear();  // a kept state's moments belong to its previous record
   st.s = s;
   st.w = w;
   st.ids.assign(ids, ids + n);
@@ -1448,7 +1484,13 @@ LlamaTokenPass<F>::LlamaTokenPass(const LlamaShape& s, const LlamaWeights<F>& w,
 }
 
 template <class F>
-LlamaTokenPass<F>::~LlamaTokenPass() = default;
+LlamaTokenPass<F>::~LlamaTokenPass() {
+  constexpr size_t kStates = 4, kBytes = size_t{512} << 20;  // enough for the concurrent passes of two queries
+  if (!st_ || StateBytes(*st_) > kBytes) return;
+  Kept& k = Kept::Get();
+  MutexLock lock(&k.mu);
+  if (k.states.size() < kStates) k.states.push_back(std::move(st_));
+}
 
 template <class F>
 void LlamaTokenPass<F>::Backward(int s0, int s1, const LlamaGrads<F>& g, const BlockDone& done) const {
@@ -1913,7 +1955,30 @@ double LlamaInputGradTangent(const LlamaShape& s, const LlamaWeights<F>& w, cons
   const int64_t TD = int64_t{T} * D, TF = int64_t{T} * Fh, THD = int64_t{T} * HD, TKD = int64_t{T} * KD;
   const int64_t KDL = int64_t{KD} * ld;
   // Forward activations (value and tangent) of every layer, as the backward needs them.
-  Dual<F> x, xin, r1, h1, q, kt, vt, o, xm, r2, h2, a1, a3, k, v, m;
+  // A thread's buffers are kept from record to record (up to kKeepBytes): fresh ones cost a page fault per 4 KiB.
+  struct Buffers {
+    Dual<F> x, xin, r1, h1, q, kt, vt, o, xm, r2, h2, a1, a3, k, v, m, rf, hf, z;
+    Dual<F> dhf, dx, dh, dm, da3, doc, dq, dk, dv, dkt, dvt;
+    std::vector<F> scratch;
+    size_t Bytes() const {
+      size_t n = scratch.capacity();
+      for (const Dual<F>* d : {&x,  &xin, &r1, &h1, &q,   &kt,  &vt, &o,  &xm,  &r2, &h2,  &a1,  &a3,  &k,  &v,
+                               &m,  &rf,  &hf, &z,  &dhf, &dx,  &dh, &dm, &da3, &doc, &dq, &dk, &dv, &dkt, &dvt}) {
+        n += d->v.capacity() + d->t.capacity();
+      }
+      return n * sizeof(F);
+    }
+  };
+  constexpr size_t kKeepBytes = size_t{256} << 20;
+  thread_local Buffers B;
+  struct Trim {
+    Buffers& b;
+    ~Trim() {
+      if (b.Bytes() > kKeepBytes) b = Buffers();
+    }
+  } trim{B};
+  auto &x = B.x, &xin = B.xin, &r1 = B.r1, &h1 = B.h1, &q = B.q, &kt = B.kt, &vt = B.vt, &o = B.o, &xm = B.xm;
+  auto &r2 = B.r2, &h2 = B.h2, &a1 = B.a1, &a3 = B.a3, &k = B.k, &v = B.v, &m = B.m;
   x.Zero(TD);
   for (Dual<F>* d : {&xin, &h1, &xm, &h2}) d->Zero(L * TD);
   for (Dual<F>* d : {&r1, &r2}) d->Zero(int64_t{L} * T);
@@ -1923,7 +1988,8 @@ double LlamaInputGradTangent(const LlamaShape& s, const LlamaWeights<F>& w, cons
   k.Zero(TKD);
   v.Zero(TKD);
   m.Zero(TF);
-  std::vector<F> scratch(4 * static_cast<size_t>(ld));
+  std::vector<F>& scratch = B.scratch;
+  scratch.assign(4 * static_cast<size_t>(ld), F(0));
   for (int t = 0; t < T; ++t) {
     std::memcpy(&x.v[int64_t{t} * D], w.emb + int64_t{ids[t]} * D, D * sizeof(F));
     if (dw.emb) std::memcpy(&x.t[int64_t{t} * D], dw.emb + int64_t{ids[t]} * D, D * sizeof(F));
@@ -1959,7 +2025,7 @@ double LlamaInputGradTangent(const LlamaShape& s, const LlamaWeights<F>& w, cons
     LinDual(m.v.data(), m.t.data(), T, Fh, lw.w2, lt.w2, D, F(1), x.v.data(), x.t.data());
   }
   // Final norm and head on the loss positions; the loss and dL/dlogits with tangents.
-  Dual<F> rf, hf, z;
+  auto &rf = B.rf, &hf = B.hf, &z = B.z;
   rf.Zero(R);
   hf.Zero(int64_t{R} * D);
   z.Zero(int64_t{R} * V);
@@ -1983,7 +2049,8 @@ double LlamaInputGradTangent(const LlamaShape& s, const LlamaWeights<F>& w, cons
     row[target] -= static_cast<F>(wi);
   }
   // Backward: input gradients only, with tangents.
-  Dual<F> dhf, dx, dh, dm, da3, doc, dq, dk, dv, dkt, dvt;
+  auto &dhf = B.dhf, &dx = B.dx, &dh = B.dh, &dm = B.dm, &da3 = B.da3, &doc = B.doc, &dq = B.dq, &dk = B.dk;
+  auto &dv = B.dv, &dkt = B.dkt, &dvt = B.dvt;
   dhf.Zero(int64_t{R} * D);
   dx.Zero(TD);
   dh.Zero(TD);

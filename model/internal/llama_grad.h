@@ -6,6 +6,7 @@
 #ifndef RAPIDIN_MODEL_INTERNAL_LLAMA_GRAD_H_
 #define RAPIDIN_MODEL_INTERNAL_LLAMA_GRAD_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -108,6 +109,8 @@ class LlamaTokenPass {
 
  private:
   struct State;
+  struct Kept;  // states kept for the next passes (their buffers' capacity)
+  static size_t StateBytes(const State& st);
   void Run(int s0, int s1, const LlamaGrads<F>* grads, const LlamaTargets* targets, const BlockDone& done) const;
   std::unique_ptr<State> st_;
 };
