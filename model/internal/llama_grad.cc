@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -1904,11 +1905,129 @@ void AttnForwardDual(const double* q, const double* qt, int ldq, const double* k
                      int ldo, double* p, double* pt) {
   AttnForwardDualBody(q, qt, ldq, kt, ktt, vt, vtt, T, ld, hd, scale, o, ot, ldo, p, pt);
 }
-RAPIDIN_CLONES void AttnBackwardDual(const float* q, const float* qt, const float* kt, const float* ktt,
-                                     const float* vt, const float* vtt, const float* dout, const float* doutt, int ldo,
-                                     int T, int ld, int hd, float scale, float* dq, float* dqt, float* dkt,
-                                     float* dktt, float* dvt, float* dvtt, float* s) {
+#if defined(__x86_64__)
+// AttnBackwardDualBody for head dimension 8 on AVX-512, row by row as it: per 16-key chunk the 8 dimensions stay in
+// registers, so a row's p, p', dp and dp' are each written once (the portable loops read and wrote them once per
+// dimension), dq and dq' accumulate in registers over the chunks (one transpose per row sums them), and dK, dV and
+// their tangents are touched once per chunk. Keys past the row get p = p' = 0, so they add nothing anywhere after
+// the softmax. s: 4 ld values, ld a multiple of 16 (no alignment needed: the buffers are std::vectors).
+RAPIDIN_AVX512 void AttnBackwardDual8(const float* q, const float* qt, const float* kt, const float* ktt,
+                                      const float* vt, const float* vtt, const float* dout, const float* doutt,
+                                      int ldo, int T, int ld, float scale, float* dq, float* dqt, float* dkt,
+                                      float* dktt, float* dvt, float* dvtt, float* s) {
+  float *p = s, *pt = s + ld, *dp = s + 2 * ld, *dpt = s + 3 * ld;
+  for (int i = 0; i < T; ++i) {
+    const int64_t ri = int64_t{i} * ldo;
+    const int nc = (i + 16) / 16 * 16;  // keys [0, i] in whole chunks
+    // scores and their tangents: S = scale q K^T, S' = scale (q' K^T + q K'^T)
+    __m512 a[8], b[8];
+    for (int d = 0; d < 8; ++d) {
+      a[d] = _mm512_set1_ps(q[ri + d] * scale);
+      b[d] = _mm512_set1_ps(qt[ri + d] * scale);
+    }
+    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int j0 = 0; j0 < nc; j0 += 16) {
+      __m512 sv = _mm512_setzero_ps(), st = _mm512_setzero_ps();
+      for (int d = 0; d < 8; ++d) {
+        const __m512 kd = _mm512_loadu_ps(kt + int64_t{d} * ld + j0);
+        sv = _mm512_fmadd_ps(a[d], kd, sv);
+        st = _mm512_fmadd_ps(b[d], kd, _mm512_fmadd_ps(a[d], _mm512_loadu_ps(ktt + int64_t{d} * ld + j0), st));
+      }
+      mx = _mm512_mask_max_ps(mx, Causal(i, j0), mx, sv);
+      _mm512_storeu_ps(p + j0, sv);
+      _mm512_storeu_ps(pt + j0, st);
+    }
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512d sum = _mm512_setzero_pd();
+    for (int j0 = 0; j0 < nc; j0 += 16) {
+      const __m512 e = _mm512_maskz_mov_ps(Causal(i, j0), Exp512(_mm512_sub_ps(_mm512_loadu_ps(p + j0), m)));
+      _mm512_storeu_ps(p + j0, e);
+      sum = _mm512_add_pd(sum, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e)),
+                                             _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)))));
+    }
+    const __m512 inv = _mm512_set1_ps(static_cast<float>(1.0 / _mm512_reduce_add_pd(sum)));
+    __m512 psv = _mm512_setzero_ps();
+    for (int j0 = 0; j0 < nc; j0 += 16) {
+      const __m512 pv = _mm512_mul_ps(_mm512_loadu_ps(p + j0), inv);
+      _mm512_storeu_ps(p + j0, pv);
+      psv = _mm512_fmadd_ps(pv, _mm512_loadu_ps(pt + j0), psv);
+    }
+    const __m512 ps = _mm512_set1_ps(_mm512_reduce_add_ps(psv));
+    // dp = do V^T and its tangent; dV += p^T do, dV' += p'^T do + p^T do'
+    __m512 c[8], ct[8];
+    for (int d = 0; d < 8; ++d) {
+      c[d] = _mm512_set1_ps(dout[ri + d]);
+      ct[d] = _mm512_set1_ps(doutt[ri + d]);
+    }
+    __m512 del = _mm512_setzero_ps(), delt = _mm512_setzero_ps();
+    for (int j0 = 0; j0 < nc; j0 += 16) {
+      const __m512 pv = _mm512_loadu_ps(p + j0);
+      const __m512 ptv = _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(pt + j0), ps));  // p' = p (S' - p . S')
+      _mm512_storeu_ps(pt + j0, ptv);
+      __m512 dpv = _mm512_setzero_ps(), dptv = _mm512_setzero_ps();
+      for (int d = 0; d < 8; ++d) {
+        const __m512 vd = _mm512_loadu_ps(vt + int64_t{d} * ld + j0);
+        dpv = _mm512_fmadd_ps(c[d], vd, dpv);
+        dptv = _mm512_fmadd_ps(ct[d], vd, _mm512_fmadd_ps(c[d], _mm512_loadu_ps(vtt + int64_t{d} * ld + j0), dptv));
+        float* dvd = dvt + int64_t{d} * ld + j0;
+        float* dvtd = dvtt + int64_t{d} * ld + j0;
+        _mm512_storeu_ps(dvd, _mm512_fmadd_ps(c[d], pv, _mm512_loadu_ps(dvd)));
+        _mm512_storeu_ps(dvtd, _mm512_fmadd_ps(ct[d], pv, _mm512_fmadd_ps(c[d], ptv, _mm512_loadu_ps(dvtd))));
+      }
+      _mm512_storeu_ps(dp + j0, dpv);
+      _mm512_storeu_ps(dpt + j0, dptv);
+      del = _mm512_fmadd_ps(pv, dpv, del);
+      delt = _mm512_fmadd_ps(ptv, dpv, _mm512_fmadd_ps(pv, dptv, delt));
+    }
+    const __m512 delta = _mm512_set1_ps(_mm512_reduce_add_ps(del)), deltat = _mm512_set1_ps(_mm512_reduce_add_ps(delt));
+    // dS = p (dp - delta) scale and its tangent; dq = dS K (in registers), dK += dS^T q (and tangents)
+    const __m512 sc = _mm512_set1_ps(scale);
+    __m512 acc[16];  // dq[d] in acc[d], dq'[d] in acc[8 + d], summed over lanes at the end
+    for (int d = 0; d < 16; ++d) acc[d] = _mm512_setzero_ps();
+    for (int d = 0; d < 8; ++d) {  // q and q' of the row, for dK
+      a[d] = _mm512_set1_ps(q[ri + d]);
+      b[d] = _mm512_set1_ps(qt[ri + d]);
+    }
+    for (int j0 = 0; j0 < nc; j0 += 16) {
+      const __m512 pv = _mm512_loadu_ps(p + j0), ptv = _mm512_loadu_ps(pt + j0);
+      const __m512 r = _mm512_sub_ps(_mm512_loadu_ps(dp + j0), delta);
+      const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(pv, r), sc);
+      const __m512 dst = _mm512_mul_ps(
+          _mm512_fmadd_ps(ptv, r, _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dpt + j0), deltat))), sc);
+      for (int d = 0; d < 8; ++d) {
+        const __m512 kd = _mm512_loadu_ps(kt + int64_t{d} * ld + j0);
+        acc[d] = _mm512_fmadd_ps(ds, kd, acc[d]);
+        acc[8 + d] = _mm512_fmadd_ps(dst, kd, _mm512_fmadd_ps(ds, _mm512_loadu_ps(ktt + int64_t{d} * ld + j0), acc[8 + d]));
+        float* dkd = dkt + int64_t{d} * ld + j0;
+        float* dktd = dktt + int64_t{d} * ld + j0;
+        _mm512_storeu_ps(dkd, _mm512_fmadd_ps(a[d], ds, _mm512_loadu_ps(dkd)));
+        _mm512_storeu_ps(dktd, _mm512_fmadd_ps(a[d], dst, _mm512_fmadd_ps(b[d], ds, _mm512_loadu_ps(dktd))));
+      }
+    }
+    Transpose16(acc);  // lane k of the sum over rows: the sum of acc[k]'s lanes
+    __m512 tot = acc[0];
+    for (int r = 1; r < 16; ++r) tot = _mm512_add_ps(tot, acc[r]);
+    _mm256_storeu_ps(dq + ri, _mm512_castps512_ps256(tot));
+    _mm256_storeu_ps(dqt + ri, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(tot), 1)));
+  }
+}
+#endif
+
+RAPIDIN_CLONES void AttnBackwardDualAny(const float* q, const float* qt, const float* kt, const float* ktt,
+                                        const float* vt, const float* vtt, const float* dout, const float* doutt,
+                                        int ldo, int T, int ld, int hd, float scale, float* dq, float* dqt, float* dkt,
+                                        float* dktt, float* dvt, float* dvtt, float* s) {
   AttnBackwardDualBody(q, qt, kt, ktt, vt, vtt, dout, doutt, ldo, T, ld, hd, scale, dq, dqt, dkt, dktt, dvt, dvtt, s);
+}
+void AttnBackwardDual(const float* q, const float* qt, const float* kt, const float* ktt, const float* vt,
+                      const float* vtt, const float* dout, const float* doutt, int ldo, int T, int ld, int hd,
+                      float scale, float* dq, float* dqt, float* dkt, float* dktt, float* dvt, float* dvtt, float* s) {
+#if defined(__x86_64__)
+  if (hd == 8 && UseAvx512()) {
+    return AttnBackwardDual8(q, qt, kt, ktt, vt, vtt, dout, doutt, ldo, T, ld, scale, dq, dqt, dkt, dktt, dvt, dvtt, s);
+  }
+#endif
+  AttnBackwardDualAny(q, qt, kt, ktt, vt, vtt, dout, doutt, ldo, T, ld, hd, scale, dq, dqt, dkt, dktt, dvt, dvtt, s);
 }
 void AttnBackwardDual(const double* q, const double* qt, const double* kt, const double* ktt, const double* vt,
                       const double* vtt, const double* dout, const double* doutt, int ldo, int T, int ld, int hd,
