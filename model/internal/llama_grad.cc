@@ -1895,10 +1895,90 @@ RAPIDIN_INLINE void AttnBackwardDualBody(const F* q, const F* qt, const F* kt, c
 }
 
 // Cloned for AVX-512 and AVX2 in float (the loops run over keys, contiguous); plain in double (the tests).
-RAPIDIN_CLONES void AttnForwardDual(const float* q, const float* qt, int ldq, const float* kt, const float* ktt,
-                                    const float* vt, const float* vtt, int T, int ld, int hd, float scale, float* o,
-                                    float* ot, int ldo, float* p, float* pt) {
+RAPIDIN_CLONES void AttnForwardDualAny(const float* q, const float* qt, int ldq, const float* kt, const float* ktt,
+                                       const float* vt, const float* vtt, int T, int ld, int hd, float scale, float* o,
+                                       float* ot, int ldo, float* p, float* pt) {
   AttnForwardDualBody(q, qt, ldq, kt, ktt, vt, vtt, T, ld, hd, scale, o, ot, ldo, p, pt);
+}
+
+#if defined(__x86_64__)
+// A row's probabilities and their tangents for head dimension 8 (AttnRowDual on AVX-512): the 8 dimensions in
+// registers per 16-key chunk, p and p' written once each; zero past key i. q, qt: the row; p, pt: whole chunks.
+RAPIDIN_AVX512 void AttnRowDual8(const float* q, const float* qt, const float* kt, const float* ktt, int i, int ld,
+                                 float scale, float* p, float* pt) {
+  const int nc = (i + 16) / 16 * 16;
+  __m512 a[8], b[8];
+  for (int d = 0; d < 8; ++d) {
+    a[d] = _mm512_set1_ps(q[d] * scale);
+    b[d] = _mm512_set1_ps(qt[d] * scale);
+  }
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int j0 = 0; j0 < nc; j0 += 16) {
+    __m512 sv = _mm512_setzero_ps(), st = _mm512_setzero_ps();
+    for (int d = 0; d < 8; ++d) {
+      const __m512 kd = _mm512_loadu_ps(kt + int64_t{d} * ld + j0);
+      sv = _mm512_fmadd_ps(a[d], kd, sv);
+      st = _mm512_fmadd_ps(b[d], kd, _mm512_fmadd_ps(a[d], _mm512_loadu_ps(ktt + int64_t{d} * ld + j0), st));
+    }
+    mx = _mm512_mask_max_ps(mx, Causal(i, j0), mx, sv);
+    _mm512_storeu_ps(p + j0, sv);
+    _mm512_storeu_ps(pt + j0, st);
+  }
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512d sum = _mm512_setzero_pd();
+  for (int j0 = 0; j0 < nc; j0 += 16) {
+    const __m512 e = _mm512_maskz_mov_ps(Causal(i, j0), Exp512(_mm512_sub_ps(_mm512_loadu_ps(p + j0), m)));
+    _mm512_storeu_ps(p + j0, e);
+    sum = _mm512_add_pd(sum, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e)),
+                                           _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)))));
+  }
+  const __m512 inv = _mm512_set1_ps(static_cast<float>(1.0 / _mm512_reduce_add_pd(sum)));
+  __m512 psv = _mm512_setzero_ps();
+  for (int j0 = 0; j0 < nc; j0 += 16) {
+    const __m512 pv = _mm512_mul_ps(_mm512_loadu_ps(p + j0), inv);
+    _mm512_storeu_ps(p + j0, pv);
+    psv = _mm512_fmadd_ps(pv, _mm512_loadu_ps(pt + j0), psv);
+  }
+  const __m512 ps = _mm512_set1_ps(_mm512_reduce_add_ps(psv));
+  for (int j0 = 0; j0 < nc; j0 += 16) {  // p' = p (S' - p . S')
+    const __m512 pv = _mm512_loadu_ps(p + j0);
+    _mm512_storeu_ps(pt + j0, _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(pt + j0), ps)));
+  }
+}
+
+// AttnForwardDualBody for head dimension 8 on AVX-512: o_i = p_i V and o_i' = p_i' V + p_i V', the 16 sums in
+// registers over the row's chunks, one transpose per row to finish them.
+RAPIDIN_AVX512 void AttnForwardDual8(const float* q, const float* qt, int ldq, const float* kt, const float* ktt,
+                                     const float* vt, const float* vtt, int T, int ld, float scale, float* o,
+                                     float* ot, int ldo, float* p, float* pt) {
+  for (int i = 0; i < T; ++i) {
+    AttnRowDual8(q + int64_t{i} * ldq, qt + int64_t{i} * ldq, kt, ktt, i, ld, scale, p, pt);
+    __m512 acc[16];
+    for (int d = 0; d < 16; ++d) acc[d] = _mm512_setzero_ps();
+    for (int j0 = 0; j0 <= i; j0 += 16) {
+      const __m512 pv = _mm512_loadu_ps(p + j0), ptv = _mm512_loadu_ps(pt + j0);
+      for (int d = 0; d < 8; ++d) {
+        const __m512 vd = _mm512_loadu_ps(vt + int64_t{d} * ld + j0);
+        acc[d] = _mm512_fmadd_ps(pv, vd, acc[d]);
+        acc[8 + d] = _mm512_fmadd_ps(ptv, vd, _mm512_fmadd_ps(pv, _mm512_loadu_ps(vtt + int64_t{d} * ld + j0), acc[8 + d]));
+      }
+    }
+    Transpose16(acc);
+    __m512 tot = acc[0];
+    for (int r = 1; r < 16; ++r) tot = _mm512_add_ps(tot, acc[r]);
+    _mm256_storeu_ps(o + int64_t{i} * ldo, _mm512_castps512_ps256(tot));
+    _mm256_storeu_ps(ot + int64_t{i} * ldo, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(tot), 1)));
+  }
+}
+#endif
+
+void AttnForwardDual(const float* q, const float* qt, int ldq, const float* kt, const float* ktt, const float* vt,
+                     const float* vtt, int T, int ld, int hd, float scale, float* o, float* ot, int ldo, float* p,
+                     float* pt) {
+#if defined(__x86_64__)
+  if (hd == 8 && UseAvx512()) return AttnForwardDual8(q, qt, ldq, kt, ktt, vt, vtt, T, ld, scale, o, ot, ldo, p, pt);
+#endif
+  AttnForwardDualAny(q, qt, ldq, kt, ktt, vt, vtt, T, ld, hd, scale, o, ot, ldo, p, pt);
 }
 void AttnForwardDual(const double* q, const double* qt, int ldq, const double* kt, const double* ktt,
                      const double* vt, const double* vtt, int T, int ld, int hd, double scale, double* o, double* ot,
@@ -1919,40 +1999,8 @@ RAPIDIN_AVX512 void AttnBackwardDual8(const float* q, const float* qt, const flo
   for (int i = 0; i < T; ++i) {
     const int64_t ri = int64_t{i} * ldo;
     const int nc = (i + 16) / 16 * 16;  // keys [0, i] in whole chunks
-    // scores and their tangents: S = scale q K^T, S' = scale (q' K^T + q K'^T)
+    AttnRowDual8(q + ri, qt + ri, kt, ktt, i, ld, scale, p, pt);
     __m512 a[8], b[8];
-    for (int d = 0; d < 8; ++d) {
-      a[d] = _mm512_set1_ps(q[ri + d] * scale);
-      b[d] = _mm512_set1_ps(qt[ri + d] * scale);
-    }
-    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int j0 = 0; j0 < nc; j0 += 16) {
-      __m512 sv = _mm512_setzero_ps(), st = _mm512_setzero_ps();
-      for (int d = 0; d < 8; ++d) {
-        const __m512 kd = _mm512_loadu_ps(kt + int64_t{d} * ld + j0);
-        sv = _mm512_fmadd_ps(a[d], kd, sv);
-        st = _mm512_fmadd_ps(b[d], kd, _mm512_fmadd_ps(a[d], _mm512_loadu_ps(ktt + int64_t{d} * ld + j0), st));
-      }
-      mx = _mm512_mask_max_ps(mx, Causal(i, j0), mx, sv);
-      _mm512_storeu_ps(p + j0, sv);
-      _mm512_storeu_ps(pt + j0, st);
-    }
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    __m512d sum = _mm512_setzero_pd();
-    for (int j0 = 0; j0 < nc; j0 += 16) {
-      const __m512 e = _mm512_maskz_mov_ps(Causal(i, j0), Exp512(_mm512_sub_ps(_mm512_loadu_ps(p + j0), m)));
-      _mm512_storeu_ps(p + j0, e);
-      sum = _mm512_add_pd(sum, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e)),
-                                             _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)))));
-    }
-    const __m512 inv = _mm512_set1_ps(static_cast<float>(1.0 / _mm512_reduce_add_pd(sum)));
-    __m512 psv = _mm512_setzero_ps();
-    for (int j0 = 0; j0 < nc; j0 += 16) {
-      const __m512 pv = _mm512_mul_ps(_mm512_loadu_ps(p + j0), inv);
-      _mm512_storeu_ps(p + j0, pv);
-      psv = _mm512_fmadd_ps(pv, _mm512_loadu_ps(pt + j0), psv);
-    }
-    const __m512 ps = _mm512_set1_ps(_mm512_reduce_add_ps(psv));
     // dp = do V^T and its tangent; dV += p^T do, dV' += p'^T do + p^T do'
     __m512 c[8], ct[8];
     for (int d = 0; d < 8; ++d) {
@@ -1961,9 +2009,7 @@ RAPIDIN_AVX512 void AttnBackwardDual8(const float* q, const float* qt, const flo
     }
     __m512 del = _mm512_setzero_ps(), delt = _mm512_setzero_ps();
     for (int j0 = 0; j0 < nc; j0 += 16) {
-      const __m512 pv = _mm512_loadu_ps(p + j0);
-      const __m512 ptv = _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(pt + j0), ps));  // p' = p (S' - p . S')
-      _mm512_storeu_ps(pt + j0, ptv);
+      const __m512 pv = _mm512_loadu_ps(p + j0), ptv = _mm512_loadu_ps(pt + j0);
       __m512 dpv = _mm512_setzero_ps(), dptv = _mm512_setzero_ps();
       for (int d = 0; d < 8; ++d) {
         const __m512 vd = _mm512_loadu_ps(vt + int64_t{d} * ld + j0);
