@@ -9,10 +9,12 @@
 #include <functional>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "model/engine.h"
+#include "model/internal/llama_grad.h"
 #include "model/training.h"
 #include "tests/test_util.h"
 
@@ -170,6 +172,46 @@ TEST_P(Arch, SaveHfRoundTrips) {
   auto a = (*e)->LogitsIds(ids), b = (*back)->LogitsIds(ids);
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_LT(RelErr(std::vector<double>(b->begin(), b->end()), std::vector<double>(a->begin(), a->end())), 1e-5);
+}
+
+// Hugging Face rotary pairs (i, i + hd/2) through the direct float32 pass (llama3: head dimension 8, the AVX-512
+// rotation for the 4 query heads, the portable one for the single KV head), per-token scores against the float64
+// autograd engine's, to 1e-4 of the largest, on fresh random ids and u; with the AVX-512 kernels off too.
+TEST(HuggingFaceArch, Float32DirectTokenScoresMatchFloat64) {
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  struct RestoreAvx512 {
+    ~RestoreAvx512() { internal::SetAvx512ForTesting(true); }
+  } restore;
+  std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 61));
+  EngineOptions o;
+  o.model_path = kRoot + "llama3";
+  o.use_double = true;
+  o.grad_path = "autograd";
+  auto ref = GradientEngine::Load(o);
+  o.use_double = false;
+  o.grad_path = "direct";
+  auto f32 = GradientEngine::Load(o);
+  ASSERT_TRUE(ref.ok() && f32.ok()) << ref.status() << f32.status();
+  ASSERT_EQ((*f32)->grad_path(), "direct");
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 40; ++i) ids.push_back(static_cast<int32_t>(rng() % (*ref)->config().vocab_size));
+  std::normal_distribution<double> g;
+  std::vector<double> u((*ref)->grad_dim());
+  for (auto& v : u) v = g(rng);
+  TokenGradOptions to;
+  to.chunk = 8;
+  std::vector<double> want;
+  ASSERT_TRUE((*ref)->TokenScores(ids, 2, to, u, &want).ok());
+  double big = 0;
+  for (double w : want) big = std::max(big, std::fabs(w));
+  ASSERT_GT(big, 1e-6);
+  for (bool avx512 : {true, false}) {
+    internal::SetAvx512ForTesting(avx512);
+    std::vector<double> got;
+    ASSERT_TRUE((*f32)->TokenScores(ids, 2, to, u, &got).ok());
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t t = 0; t < want.size(); ++t) EXPECT_NEAR(got[t], want[t], 1e-4 * big) << "avx512 " << avx512 << " token " << t + 2;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(HuggingFace, Arch,

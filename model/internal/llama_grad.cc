@@ -960,10 +960,44 @@ void RmsNormBackRows(const double* x, const double* r, const double* g, const do
   RmsNormBackRowsBody(x, r, g, dy, P, c, D, dx);
 }
 
+#if defined(__x86_64__)
+// Rope for head dimension 8 on AVX-512, rows of a multiple of 16 values: out[e] = x[e] c + x[partner(e)] (-+ s) per
+// 8-value head, the partner e ^ 1 (pairs 2i, 2i + 1) or e ^ 4 (pairs i, i + 4), both in-register permutes; a
+// position's coefficients are built once for its `per` rows.
+RAPIDIN_AVX512 void Rope8(float* x, int rows, int width, const float* cos, const float* sin, bool half, bool inverse,
+                          int per) {
+  alignas(64) float cv[16], sv[16];
+  for (int t0 = 0; t0 < rows; t0 += per) {
+    const float* c = cos + int64_t{t0 / per} * 4;
+    const float* sn = sin + int64_t{t0 / per} * 4;
+    for (int l = 0; l < 16; ++l) {
+      const int e = l % 8, i = half ? e % 4 : e / 2;
+      const bool first = half ? e < 4 : e % 2 == 0;  // a of the pair (a, b): a' = a c - b s, b' = a s + b c
+      cv[l] = c[i];
+      sv[l] = (first != inverse) ? -sn[i] : sn[i];
+    }
+    const __m512 C = _mm512_load_ps(cv), S = _mm512_load_ps(sv);
+    for (int t = t0; t < std::min(rows, t0 + per); ++t) {
+      float* r = x + int64_t{t} * width;
+      for (int w = 0; w < width; w += 16) {
+        const __m512 v = _mm512_loadu_ps(r + w);
+        const __m512 p = half ? _mm512_shuffle_f32x4(v, v, 0xB1) : _mm512_permute_ps(v, 0xB1);
+        _mm512_storeu_ps(r + w, _mm512_fmadd_ps(p, S, _mm512_mul_ps(v, C)));
+      }
+    }
+  }
+}
+#endif
+
 // Rotary embedding in place on rows of nh heads of hd values; inverse rotates back (the backward pass). Row t is
 // at position t / per (per > 1: a batch of token losses, `per` rows per position).
 template <class F>
 void Rope(F* x, int rows, int nh, int hd, const F* cos, const F* sin, bool half, bool inverse, int per = 1) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<F, float>) {
+    if (hd == 8 && nh % 2 == 0 && UseAvx512()) return Rope8(x, rows, nh * hd, cos, sin, half, inverse, per);
+  }
+#endif
   const int h2 = hd / 2;
   for (int t = 0; t < rows; ++t) {
     const F* c = cos + int64_t{t / per} * h2;
