@@ -117,11 +117,12 @@ EOF
   echo
   echo "Per record and view, on the server's featurizer and thread counts, one view at a time (\`build/bench/attribution_views\`;"
   echo "the server runs the influence view beside the token-loss view). The token-loss view as computed now"
-  echo "(\`TokenScores\`: each token's blocks reduced against C^T q as they are formed) and through per-token sketches"
+  echo "(\`TokenScores\`: each token's weight gradients reduced against C^T q in registers, never written) and through per-token sketches"
   echo "(every token's gradient written, normalised, sketched, then dotted with q: the earlier consumer, same pass);"
   echo "max rel diff: the two, relative to the largest score. GFLOP: the token-loss view's arithmetic counted from the"
-  echo "model's shape (token s's backward covers s positions: every matrix's weight and input gradients, the causal"
-  echo "attention backward), so the work grows with the square of the record's length (and its attention part with the"
+  echo "model's shape as the pass computes it (token s's backward covers s positions: every matrix's weight and input"
+  echo "gradients, the feed-forward's W1 and W3 through one per-position matrix, the causal attention backward with 3 products"
+  echo "per key pair and dq from per-row moments), so the work grows with the square of the record's length (and its attention part with the"
   echo "cube); GFLOP/s: that count over the measured time, against one large sgemm per thread (the roofline line)."
   echo
   "$BUILD_DIR/bench/attribution_views" "$MODEL" "$work/direct.json"

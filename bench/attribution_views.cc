@@ -5,8 +5,9 @@
 // influence view (RecordTokenInfluence). Each view alone, one record after another, on the server's thread counts;
 // the largest difference between the two token-loss scores, relative to the largest score, is printed too. Against a
 // roofline: the token-loss view's arithmetic, counted from the model's shape (each token s's backward covers its s
-// positions: weight and input gradients of every matrix, the attention backward over the causal square), and the rate
-// of one large sgemm per thread on the same number of threads (what the CPUs attain on dense float32 products).
+// positions: weight and input gradients of every matrix as the pass forms them, the attention backward over the causal
+// square), and the rate of one large sgemm per thread on the same number of threads (what the CPUs attain on dense
+// float32 products).
 // Usage: attribution_views MODEL ANSWER_JSON
 #include <algorithm>
 #include <chrono>
@@ -39,7 +40,10 @@ double TokenLossFlops(const rapidin::model::ModelConfig& c, int64_t from, int64_
     const double head = 6 * V * D;                    // logits, their input gradient, the head's rank-one block
     const double qkv = 4 * P * D * (HD + 2 * KD);     // weight and input gradients of wq, wk, wv
     const double top = 12 * D * Fh + 4 * D * HD + 4 * P * HD + qkv;  // one position above the last attention
-    const double lower = 12 * P * D * Fh + 4 * P * D * HD + 4 * P * P * HD + qkv;  // P^2 / 2 keys, 4 products
+    // Below it, as the pass computes them: the feed-forward's weight gradients (3 matrices) and its input gradient
+    // through x W2 and one per-position matrix for W1 and W3 (5 products of P x D x Fh); wo both ways; attention over
+    // P^2 / 2 key pairs with 3 products of hd each (dp, dV, dK) and dq from per-row moments (hd^2 per row and head).
+    const double lower = 10 * P * D * Fh + 4 * P * D * HD + 3 * P * P * HD + 2 * P * HD * hd + qkv;
     total += head + top + (L - 1) * lower;
   }
   return total;
