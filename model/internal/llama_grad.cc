@@ -1085,6 +1085,100 @@ Fwd<F> Forward(const LlamaShape& s, const LlamaWeights<F>& w, const int32_t* ids
   return A;
 }
 
+#if defined(__x86_64__)
+// C = sum_p A_p B_p for up to three products (A_p: rows of K_p values, stride lda; B_p: K_p rows of N values,
+// stride ldb), C written (rows of N, stride ldc): the token pass's input gradients (M = positions x losses, N and K
+// the model's widths), where BLAS spent a zeroing sweep, packing and a second pass over C for each extra product.
+// Tiles of 6 rows x 64 columns held in registers over every product's k.
+struct RowProduct {
+  const float* a;
+  int64_t lda;
+  const float* b;
+  int64_t ldb;
+  int k;
+};
+
+template <int NZ, int MB>
+RAPIDIN_AVX512 RAPIDIN_INLINE void RowTile(const RowProduct* pr, int np, int64_t r0, int n0, __mmask16 last, float* C,
+                                           int64_t ldc) {
+  __m512 acc[MB][NZ];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) {
+#pragma GCC unroll 4
+    for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_setzero_ps();
+  }
+  for (int p = 0; p < np; ++p) {
+    const float* a = pr[p].a + r0 * pr[p].lda;
+    const float* b = pr[p].b + n0;
+    const int64_t lda = pr[p].lda, ldb = pr[p].ldb;
+    for (int k = 0; k < pr[p].k; ++k, b += ldb) {
+      __m512 bv[NZ];
+#pragma GCC unroll 4
+      for (int z = 0; z < NZ; ++z) {
+        bv[z] = z == NZ - 1 ? _mm512_maskz_loadu_ps(last, b + 16 * z) : _mm512_loadu_ps(b + 16 * z);
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) {
+        const __m512 av = _mm512_set1_ps(a[i * lda + k]);
+#pragma GCC unroll 4
+        for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_fmadd_ps(av, bv[z], acc[i][z]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) {
+#pragma GCC unroll 4
+    for (int z = 0; z < NZ; ++z) {
+      float* c = C + (r0 + i) * ldc + n0 + 16 * z;
+      if (z == NZ - 1) {
+        _mm512_mask_storeu_ps(c, last, acc[i][z]);
+      } else {
+        _mm512_storeu_ps(c, acc[i][z]);
+      }
+    }
+  }
+}
+
+template <int NZ>
+RAPIDIN_AVX512 void RowPanel(const RowProduct* pr, int np, int64_t M, int n0, __mmask16 last, float* C,
+                             int64_t ldc) {
+  int64_t r = 0;
+  for (; r + 6 <= M; r += 6) RowTile<NZ, 6>(pr, np, r, n0, last, C, ldc);
+  for (; r < M; ++r) RowTile<NZ, 1>(pr, np, r, n0, last, C, ldc);
+}
+
+RAPIDIN_AVX512 void RowProducts512(const RowProduct* pr, int np, int64_t M, int N, float* C, int64_t ldc) {
+  for (int n0 = 0; n0 < N; n0 += 64) {
+    const int w = std::min(64, N - n0), nz = (w + 15) / 16, rem = w - (nz - 1) * 16;
+    const __mmask16 last = rem == 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << rem) - 1);
+    switch (nz) {
+      case 4: RowPanel<4>(pr, np, M, n0, last, C, ldc); break;
+      case 3: RowPanel<3>(pr, np, M, n0, last, C, ldc); break;
+      case 2: RowPanel<2>(pr, np, M, n0, last, C, ldc); break;
+      default: RowPanel<1>(pr, np, M, n0, last, C, ldc); break;
+    }
+  }
+}
+#endif
+
+// C (M x N, contiguous) = A_0 B_0 + ... for np <= 3 products (A_p: M x K_p, contiguous; B_p: K_p x N, contiguous):
+// RowProducts512 on float with AVX-512, else one BLAS product each.
+template <class F>
+void RowProducts(int np, const F* const* a, const F* const* b, const int* k, int64_t M, int N, F* C) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<F, float>) {
+    if (UseAvx512()) {
+      RowProduct pr[3];
+      for (int p = 0; p < np; ++p) pr[p] = {a[p], k[p], b[p], N, k[p]};
+      return RowProducts512(pr, np, M, N, C, N);
+    }
+  }
+#endif
+  for (int p = 0; p < np; ++p) {
+    Gemm<F>(false, false, static_cast<int>(M), N, k[p], a[p], k[p], b[p], N, p ? F(1) : F(0), C, N);
+  }
+}
+
 }  // namespace
 
 template <class F>
@@ -1153,16 +1247,20 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
       SiluMul(a1l, a3l, m, TF);
       Gemm<F>(true, false, D, Fh, T, dx, D, m, Fh, 0, gl->w2, Fh);
     }
-    Gemm<F>(false, false, T, Fh, D, dx, D, lw.w2, Fh, 0, dm, Fh);
+    RowProducts<F>(1, &dx, &lw.w2, &D, T, Fh, dm);
     SiluMulBack(a1l, a3l, dm, da3, TF);  // dm becomes da1
     if (gl && gl->w1) Gemm<F>(true, false, Fh, D, T, dm, Fh, h2l, D, 0, gl->w1, D);
     if (gl && gl->w3) Gemm<F>(true, false, Fh, D, T, da3, Fh, h2l, D, 0, gl->w3, D);
-    Gemm<F>(false, false, T, D, Fh, dm, Fh, lw.w1, D, 0, dh, D);
-    Gemm<F>(false, false, T, D, Fh, da3, Fh, lw.w3, D, 1, dh, D);
+    {
+      const F* as[2] = {dm, da3};
+      const F* bs[2] = {lw.w1, lw.w3};
+      const int ks[2] = {Fh, Fh};
+      RowProducts<F>(2, as, bs, ks, T, D, dh);
+    }
     RmsNormBack(xm, r2 + int64_t{l} * T, lw.ffn_norm, dh, T, D, dx);
     // attention: x += oc Wo^T
     if (gl && gl->wo) Gemm<F>(true, false, D, HD, T, dx, D, ol, HD, 0, gl->wo, HD);
-    Gemm<F>(false, false, T, HD, D, dx, D, lw.wo, HD, 0, doc, HD);
+    RowProducts<F>(1, &dx, &lw.wo, &D, T, HD, doc);
     F *ktl = kt + l * KDL, *vtl = vt + l * KDL;
     std::fill(dkt, dkt + KDL, F(0));
     std::fill(dvt, dvt + KDL, F(0));
@@ -1178,9 +1276,12 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
     if (gl && gl->wq) Gemm<F>(true, false, HD, D, T, dq, HD, hl, D, 0, gl->wq, D);
     if (gl && gl->wk) Gemm<F>(true, false, KD, D, T, dk, KD, hl, D, 0, gl->wk, D);
     if (gl && gl->wv) Gemm<F>(true, false, KD, D, T, dv, KD, hl, D, 0, gl->wv, D);
-    Gemm<F>(false, false, T, D, HD, dq, HD, lw.wq, D, 0, dh, D);
-    Gemm<F>(false, false, T, D, KD, dk, KD, lw.wk, D, 1, dh, D);
-    Gemm<F>(false, false, T, D, KD, dv, KD, lw.wv, D, 1, dh, D);
+    {
+      const F* as[3] = {dq, dk, dv};
+      const F* bs[3] = {lw.wq, lw.wk, lw.wv};
+      const int ks[3] = {HD, KD, KD};
+      RowProducts<F>(3, as, bs, ks, T, D, dh);
+    }
     RmsNormBack(xi, r1 + int64_t{l} * T, lw.attn_norm, dh, T, D, dx);
   }
   if (grads.emb) {
@@ -1315,100 +1416,6 @@ RAPIDIN_AVX512 void ReduceBlock512(const float* a, int64_t lda, const float* b, 
   *dot = _mm512_reduce_add_pd(_mm512_add_pd(d2[0], d2[1]));
 }
 #endif
-
-#if defined(__x86_64__)
-// C = sum_p A_p B_p for up to three products (A_p: rows of K_p values, stride lda; B_p: K_p rows of N values,
-// stride ldb), C written (rows of N, stride ldc): the token pass's input gradients (M = positions x losses, N and K
-// the model's widths), where BLAS spent a zeroing sweep, packing and a second pass over C for each extra product.
-// Tiles of 6 rows x 64 columns held in registers over every product's k.
-struct RowProduct {
-  const float* a;
-  int64_t lda;
-  const float* b;
-  int64_t ldb;
-  int k;
-};
-
-template <int NZ, int MB>
-RAPIDIN_AVX512 RAPIDIN_INLINE void RowTile(const RowProduct* pr, int np, int64_t r0, int n0, __mmask16 last, float* C,
-                                           int64_t ldc) {
-  __m512 acc[MB][NZ];
-#pragma GCC unroll 8
-  for (int i = 0; i < MB; ++i) {
-#pragma GCC unroll 4
-    for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_setzero_ps();
-  }
-  for (int p = 0; p < np; ++p) {
-    const float* a = pr[p].a + r0 * pr[p].lda;
-    const float* b = pr[p].b + n0;
-    const int64_t lda = pr[p].lda, ldb = pr[p].ldb;
-    for (int k = 0; k < pr[p].k; ++k, b += ldb) {
-      __m512 bv[NZ];
-#pragma GCC unroll 4
-      for (int z = 0; z < NZ; ++z) {
-        bv[z] = z == NZ - 1 ? _mm512_maskz_loadu_ps(last, b + 16 * z) : _mm512_loadu_ps(b + 16 * z);
-      }
-#pragma GCC unroll 8
-      for (int i = 0; i < MB; ++i) {
-        const __m512 av = _mm512_set1_ps(a[i * lda + k]);
-#pragma GCC unroll 4
-        for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_fmadd_ps(av, bv[z], acc[i][z]);
-      }
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < MB; ++i) {
-#pragma GCC unroll 4
-    for (int z = 0; z < NZ; ++z) {
-      float* c = C + (r0 + i) * ldc + n0 + 16 * z;
-      if (z == NZ - 1) {
-        _mm512_mask_storeu_ps(c, last, acc[i][z]);
-      } else {
-        _mm512_storeu_ps(c, acc[i][z]);
-      }
-    }
-  }
-}
-
-template <int NZ>
-RAPIDIN_AVX512 void RowPanel(const RowProduct* pr, int np, int64_t M, int n0, __mmask16 last, float* C,
-                             int64_t ldc) {
-  int64_t r = 0;
-  for (; r + 6 <= M; r += 6) RowTile<NZ, 6>(pr, np, r, n0, last, C, ldc);
-  for (; r < M; ++r) RowTile<NZ, 1>(pr, np, r, n0, last, C, ldc);
-}
-
-RAPIDIN_AVX512 void RowProducts512(const RowProduct* pr, int np, int64_t M, int N, float* C, int64_t ldc) {
-  for (int n0 = 0; n0 < N; n0 += 64) {
-    const int w = std::min(64, N - n0), nz = (w + 15) / 16, rem = w - (nz - 1) * 16;
-    const __mmask16 last = rem == 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << rem) - 1);
-    switch (nz) {
-      case 4: RowPanel<4>(pr, np, M, n0, last, C, ldc); break;
-      case 3: RowPanel<3>(pr, np, M, n0, last, C, ldc); break;
-      case 2: RowPanel<2>(pr, np, M, n0, last, C, ldc); break;
-      default: RowPanel<1>(pr, np, M, n0, last, C, ldc); break;
-    }
-  }
-}
-#endif
-
-// C (M x N, contiguous) = A_0 B_0 + ... for np <= 3 products (A_p: M x K_p, contiguous; B_p: K_p x N, contiguous):
-// RowProducts512 on float with AVX-512, else one BLAS product each.
-template <class F>
-void RowProducts(int np, const F* const* a, const F* const* b, const int* k, int64_t M, int N, F* C) {
-#if defined(__x86_64__)
-  if constexpr (std::is_same_v<F, float>) {
-    if (UseAvx512()) {
-      RowProduct pr[3];
-      for (int p = 0; p < np; ++p) pr[p] = {a[p], k[p], b[p], N, k[p]};
-      return RowProducts512(pr, np, M, N, C, N);
-    }
-  }
-#endif
-  for (int p = 0; p < np; ++p) {
-    Gemm<F>(false, false, static_cast<int>(M), N, k[p], a[p], k[p], b[p], N, p ? F(1) : F(0), C, N);
-  }
-}
 
 // A token's weight gradient reduced against a target: G = sum_{t < kb} a_t^T b_t (rows of a: M values, stride
 // lda; of b: N values, stride ldb), (dot, ss) as BlockDotNorm gives them on G. `block`: M x N scratch values for
