@@ -1438,6 +1438,44 @@ void ReduceWeightGrad(const F* a, int64_t lda, const F* b, int64_t ldb, int kb, 
 
 }  // namespace
 
+namespace {
+
+#if defined(__x86_64__)
+// HeadMajorToRows for float on AVX-512 with KD a multiple of 16: 16 x 16 blocks through an in-register transpose.
+RAPIDIN_AVX512 void HeadMajorToRows512(const float* src, int P, int c, int KD, int ld, int64_t bsrc, float* dst) {
+  for (int b = 0; b < c; ++b) {
+    for (int t0 = 0; t0 < P; t0 += 16) {
+      const int nt = std::min(16, P - t0);
+      for (int c0 = 0; c0 < KD; c0 += 16) {
+        __m512 r[16];
+        for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(src + b * bsrc + int64_t{c0 + j} * ld + t0);
+        Transpose16(r);  // r[i]: position t0 + i, columns c0 ..
+        for (int i = 0; i < nt; ++i) _mm512_storeu_ps(dst + (int64_t{t0 + i} * c + b) * KD + c0, r[i]);
+      }
+    }
+  }
+}
+#endif
+
+// Loss b's head-major block (src + b * bsrc: KD rows of ld, columns = positions) to rows (t, b) of KD values
+// (dst row t * c + b), positions [0, P). The blocks' columns up to P rounded to 16 are read (ld covers them).
+template <class F>
+void HeadMajorToRows(const F* src, int P, int c, int KD, int ld, int64_t bsrc, F* dst) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<F, float>) {
+    if (KD % 16 == 0 && UseAvx512()) return HeadMajorToRows512(src, P, c, KD, ld, bsrc, dst);
+  }
+#endif
+  for (int t = 0; t < P; ++t) {
+    for (int b = 0; b < c; ++b) {
+      F* r = dst + (int64_t{t} * c + b) * KD;
+      for (int col = 0; col < KD; ++col) r[col] = src[b * bsrc + int64_t{col} * ld + t];
+    }
+  }
+}
+
+}  // namespace
+
 template <class F>
 struct LlamaTokenPass<F>::State {
   LlamaShape s;
@@ -1699,8 +1737,12 @@ void LlamaTokenPass<F>::Run(int s0, int s1, const LlamaGrads<F>* gp, const Llama
       RowProducts<F>(1, &dx, &lw.wo, &D, PC, HD, doc);
     }
     if (l == L - 1) std::fill(dq, dq + PC * HD, F(0));  // below, every loss's rows [0, P) are written
-    std::fill(dkt, dkt + c * KDL, F(0));
-    std::fill(dvt, dvt + c * KDL, F(0));
+    // Keys [0, P) are all the chunk's losses reach: only their columns are zeroed (and later read)
+    const int Pr = std::min(ld, (P + 15) / 16 * 16);
+    for (int64_t r = 0; r < int64_t{c} * KD; ++r) {
+      std::fill(dkt + r * ld, dkt + r * ld + Pr, F(0));
+      std::fill(dvt + r * ld, dvt + r * ld + Pr, F(0));
+    }
     if (l == L - 1) {
       for (int b = 0; b < c; ++b) {
         for (int h = 0; h < H; ++h) {
@@ -1727,16 +1769,8 @@ void LlamaTokenPass<F>::Run(int s0, int s1, const LlamaGrads<F>* gp, const Llama
                            ld, hd, scale, dq + h * hd, c * HD, dkt + go, dvt + go, c, int64_t{HD}, KDL, ds, mkv);
       }
     }
-    for (int t = 0; t < P; ++t) {
-      for (int b = 0; b < c; ++b) {
-        F* rk = dk + (int64_t{t} * c + b) * KD;
-        F* rv = dv + (int64_t{t} * c + b) * KD;
-        for (int col = 0; col < KD; ++col) {
-          rk[col] = dkt[b * KDL + int64_t{col} * ld + t];
-          rv[col] = dvt[b * KDL + int64_t{col} * ld + t];
-        }
-      }
-    }
+    HeadMajorToRows(dkt, P, c, KD, ld, KDL, dk);
+    HeadMajorToRows(dvt, P, c, KD, ld, KDL, dv);
     Rope(dq, static_cast<int>(PC), H, hd, w.cos, w.sin, s.rope_half, true, c);
     Rope(dk, static_cast<int>(PC), KV, hd, w.cos, w.sin, s.rope_half, true, c);
     weight_grad(gl ? gl->wq : nullptr, tl ? &tl->wq : nullptr, dq, HD, hl, D);
