@@ -1181,6 +1181,180 @@ void RowProducts(int np, const F* const* a, const F* const* b, const int* k, int
 
 }  // namespace
 
+namespace {
+template <class F>
+RAPIDIN_INLINE void BlockDotNormBody(const F* g, const double* pre, const double* u, int64_t n, double* dot,
+                                     double* ss) {
+  double s[8] = {}, d[8] = {};  // independent chains: not latency-bound
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int k = 0; k < 8; ++k) {
+      const double v = pre ? g[j + k] * pre[j + k] : static_cast<double>(g[j + k]);
+      s[k] += v * v;
+      d[k] += u ? v * u[j + k] : 0.0;
+    }
+  }
+  for (; j < n; ++j) {
+    const double v = pre ? g[j] * pre[j] : static_cast<double>(g[j]);
+    s[0] += v * v;
+    d[0] += u ? v * u[j] : 0.0;
+  }
+  *ss = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  *dot = ((d[0] + d[1]) + (d[2] + d[3])) + ((d[4] + d[5]) + (d[6] + d[7]));
+}
+}  // namespace
+
+RAPIDIN_CLONES void BlockDotNorm(const float* g, const double* pre, const double* u, int64_t n, double* dot,
+                                 double* ss) {
+  BlockDotNormBody(g, pre, u, n, dot, ss);
+}
+void BlockDotNorm(const double* g, const double* pre, const double* u, int64_t n, double* dot, double* ss) {
+  BlockDotNormBody(g, pre, u, n, dot, ss);
+}
+
+namespace {
+
+#if defined(__x86_64__)
+// The weight gradient of one token, G = sum_t a_t^T b_t (a_t: M values at a + t lda, b_t: N at b + t ldb, t < kb),
+// one tile of MB rows x NZ vectors of 16 columns (from m0, n0; `last` masks the final vector) held in registers
+// over t, then reduced into the double accumulators: ss += (P G)^2, dot += P G u. Never written: the written
+// blocks cost a zeroing pass, a store and a reload of c x M x N values per chunk (BLAS's beta = 0 sweep included).
+// kWrite: G's tile stored to out (rows of N) instead (the caching pass and the written token blocks).
+template <int NZ, int MB, bool kPre, bool kWrite = false>
+RAPIDIN_AVX512 RAPIDIN_INLINE void ReduceTile(const float* a, int64_t lda, const float* b, int64_t ldb, int kb,
+                                              int m0, int n0, int N, __mmask16 last, const double* u,
+                                              const double* pre, __m512d* ss, __m512d* dot, float* out = nullptr) {
+  __m512 acc[MB][NZ];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) {
+#pragma GCC unroll 4
+    for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_setzero_ps();
+  }
+  a += m0;
+  b += n0;
+  for (int t = 0; t < kb; ++t, a += lda, b += ldb) {
+    __m512 bv[NZ];
+#pragma GCC unroll 4
+    for (int z = 0; z < NZ; ++z) {
+      bv[z] = z == NZ - 1 ? _mm512_maskz_loadu_ps(last, b + 16 * z) : _mm512_loadu_ps(b + 16 * z);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i]);
+#pragma GCC unroll 4
+      for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_fmadd_ps(av, bv[z], acc[i][z]);
+    }
+  }
+  // Every loop over the accumulators is unrolled: one indexed at run time would keep them in memory.
+  if (kWrite) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      float* r = out + int64_t{m0 + i} * N + n0;
+#pragma GCC unroll 4
+      for (int z = 0; z < NZ; ++z) {
+        if (z == NZ - 1) {
+          _mm512_mask_storeu_ps(r + 16 * z, last, acc[i][z]);
+        } else {
+          _mm512_storeu_ps(r + 16 * z, acc[i][z]);
+        }
+      }
+    }
+    return;
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) {
+    const int64_t row = int64_t{m0 + i} * N + n0;
+#pragma GCC unroll 4
+    for (int z = 0; z < NZ; ++z) {
+      const __mmask8 lo = z == NZ - 1 ? static_cast<__mmask8>(last & 0xff) : 0xff;
+      const __mmask8 hi = z == NZ - 1 ? static_cast<__mmask8>(last >> 8) : 0xff;
+      __m512d v0 = _mm512_cvtps_pd(_mm512_castps512_ps256(acc[i][z]));
+      __m512d v1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i][z]), 1)));
+      if (kPre) {  // masked lanes load 0: v stays 0 there
+        v0 = _mm512_mul_pd(v0, _mm512_maskz_loadu_pd(lo, pre + row + 16 * z));
+        v1 = _mm512_mul_pd(v1, _mm512_maskz_loadu_pd(hi, pre + row + 16 * z + 8));
+      }
+      ss[0] = _mm512_fmadd_pd(v0, v0, ss[0]);
+      ss[1] = _mm512_fmadd_pd(v1, v1, ss[1]);
+      dot[0] = _mm512_fmadd_pd(v0, _mm512_maskz_loadu_pd(lo, u + row + 16 * z), dot[0]);
+      dot[1] = _mm512_fmadd_pd(v1, _mm512_maskz_loadu_pd(hi, u + row + 16 * z + 8), dot[1]);
+    }
+  }
+}
+
+// One panel of up to 64 columns, every row of G: tiles of 6 rows (24 accumulators), the remainder in one tile.
+template <int NZ, bool kPre, bool kWrite>
+RAPIDIN_AVX512 void ReducePanel(const float* a, int64_t lda, const float* b, int64_t ldb, int kb, int M, int n0,
+                                int N, __mmask16 last, const double* u, const double* pre, __m512d* ss,
+                                __m512d* dot, float* out) {
+  int m0 = 0;
+  for (; m0 + 6 <= M; m0 += 6) {
+    ReduceTile<NZ, 6, kPre, kWrite>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot, out);
+  }
+  switch (M - m0) {
+    case 5: return ReduceTile<NZ, 5, kPre, kWrite>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot, out);
+    case 4: return ReduceTile<NZ, 4, kPre, kWrite>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot, out);
+    case 3: return ReduceTile<NZ, 3, kPre, kWrite>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot, out);
+    case 2: return ReduceTile<NZ, 2, kPre, kWrite>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot, out);
+    case 1: return ReduceTile<NZ, 1, kPre, kWrite>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot, out);
+    default: return;
+  }
+}
+
+template <bool kPre, bool kWrite = false>
+RAPIDIN_AVX512 void ReduceBlock512(const float* a, int64_t lda, const float* b, int64_t ldb, int kb, int M, int N,
+                                   const double* u, const double* pre, double* dot, double* ss,
+                                   float* out = nullptr) {
+  __m512d s2[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()}, d2[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
+  for (int n0 = 0; n0 < N; n0 += 64) {
+    const int w = std::min(64, N - n0), nz = (w + 15) / 16, rem = w - (nz - 1) * 16;
+    const __mmask16 last = rem == 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << rem) - 1);
+    switch (nz) {
+      case 4: ReducePanel<4, kPre, kWrite>(a, lda, b, ldb, kb, M, n0, N, last, u, pre, s2, d2, out); break;
+      case 3: ReducePanel<3, kPre, kWrite>(a, lda, b, ldb, kb, M, n0, N, last, u, pre, s2, d2, out); break;
+      case 2: ReducePanel<2, kPre, kWrite>(a, lda, b, ldb, kb, M, n0, N, last, u, pre, s2, d2, out); break;
+      default: ReducePanel<1, kPre, kWrite>(a, lda, b, ldb, kb, M, n0, N, last, u, pre, s2, d2, out); break;
+    }
+  }
+  if (kWrite) return;
+  *ss = _mm512_reduce_add_pd(_mm512_add_pd(s2[0], s2[1]));
+  *dot = _mm512_reduce_add_pd(_mm512_add_pd(d2[0], d2[1]));
+}
+#endif
+
+// A weight gradient written: G = sum_{t < kb} a_t^T b_t (M x N, rows of N at out), the register tiles above on
+// float with AVX-512 (no zeroing sweep, no packing), else BLAS.
+template <class F>
+void WeightGrad(const F* a, int64_t lda, const F* b, int64_t ldb, int kb, int M, int N, F* out) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<F, float>) {
+    if (UseAvx512()) return ReduceBlock512<false, true>(a, lda, b, ldb, kb, M, N, nullptr, nullptr, nullptr, nullptr, out);
+  }
+#endif
+  Gemm<F>(true, false, M, N, kb, a, static_cast<int>(lda), b, static_cast<int>(ldb), 0, out, N);
+}
+
+// A token's weight gradient reduced against a target: G = sum_{t < kb} a_t^T b_t (rows of a: M values, stride
+// lda; of b: N values, stride ldb), (dot, ss) as BlockDotNorm gives them on G. `block`: M x N scratch values for
+// the portable form (G written, then reduced).
+template <class F>
+void ReduceWeightGrad(const F* a, int64_t lda, const F* b, int64_t ldb, int kb, int M, int N, const LlamaTarget& t,
+                      int slot, std::vector<F>* block) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<F, float>) {
+    if (UseAvx512()) {
+      return t.pre ? ReduceBlock512<true>(a, lda, b, ldb, kb, M, N, t.u, t.pre, t.dot + slot, t.ss + slot)
+                   : ReduceBlock512<false>(a, lda, b, ldb, kb, M, N, t.u, t.pre, t.dot + slot, t.ss + slot);
+    }
+  }
+#endif
+  F* g = Sized(block, int64_t{M} * N);
+  Gemm<F>(true, false, M, N, kb, a, static_cast<int>(lda), b, static_cast<int>(ldb), 0, g, N);
+  BlockDotNorm(g, t.pre, t.u, int64_t{M} * N, t.dot + slot, t.ss + slot);
+}
+
+}  // namespace
+
 template <class F>
 double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const int32_t* ids, int n,
                          int response_begin, const double* loss_weights, const LlamaGrads<F>& grads) {
@@ -1245,12 +1419,12 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
     // feed-forward: x += (silu(a1) a3) W2^T
     if (gl && gl->w2) {
       SiluMul(a1l, a3l, m, TF);
-      Gemm<F>(true, false, D, Fh, T, dx, D, m, Fh, 0, gl->w2, Fh);
+      WeightGrad<F>(dx, D, m, Fh, T, D, Fh, gl->w2);
     }
     RowProducts<F>(1, &dx, &lw.w2, &D, T, Fh, dm);
     SiluMulBack(a1l, a3l, dm, da3, TF);  // dm becomes da1
-    if (gl && gl->w1) Gemm<F>(true, false, Fh, D, T, dm, Fh, h2l, D, 0, gl->w1, D);
-    if (gl && gl->w3) Gemm<F>(true, false, Fh, D, T, da3, Fh, h2l, D, 0, gl->w3, D);
+    if (gl && gl->w1) WeightGrad<F>(dm, Fh, h2l, D, T, Fh, D, gl->w1);
+    if (gl && gl->w3) WeightGrad<F>(da3, Fh, h2l, D, T, Fh, D, gl->w3);
     {
       const F* as[2] = {dm, da3};
       const F* bs[2] = {lw.w1, lw.w3};
@@ -1259,7 +1433,7 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
     }
     RmsNormBack(xm, r2 + int64_t{l} * T, lw.ffn_norm, dh, T, D, dx);
     // attention: x += oc Wo^T
-    if (gl && gl->wo) Gemm<F>(true, false, D, HD, T, dx, D, ol, HD, 0, gl->wo, HD);
+    if (gl && gl->wo) WeightGrad<F>(dx, D, ol, HD, T, D, HD, gl->wo);
     RowProducts<F>(1, &dx, &lw.wo, &D, T, HD, doc);
     F *ktl = kt + l * KDL, *vtl = vt + l * KDL;
     std::fill(dkt, dkt + KDL, F(0));
@@ -1273,9 +1447,9 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
     FromHeadMajor(dvt, T, KV, hd, ld, dv);
     Rope(dq, T, H, hd, w.cos, w.sin, s.rope_half, true);
     Rope(dk, T, KV, hd, w.cos, w.sin, s.rope_half, true);
-    if (gl && gl->wq) Gemm<F>(true, false, HD, D, T, dq, HD, hl, D, 0, gl->wq, D);
-    if (gl && gl->wk) Gemm<F>(true, false, KD, D, T, dk, KD, hl, D, 0, gl->wk, D);
-    if (gl && gl->wv) Gemm<F>(true, false, KD, D, T, dv, KD, hl, D, 0, gl->wv, D);
+    if (gl && gl->wq) WeightGrad<F>(dq, HD, hl, D, T, HD, D, gl->wq);
+    if (gl && gl->wk) WeightGrad<F>(dk, KD, hl, D, T, KD, D, gl->wk);
+    if (gl && gl->wv) WeightGrad<F>(dv, KD, hl, D, T, KD, D, gl->wv);
     {
       const F* as[3] = {dq, dk, dv};
       const F* bs[3] = {lw.wq, lw.wk, lw.wv};
@@ -1296,147 +1470,6 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
   return loss;
 }
 
-namespace {
-template <class F>
-RAPIDIN_INLINE void BlockDotNormBody(const F* g, const double* pre, const double* u, int64_t n, double* dot,
-                                     double* ss) {
-  double s[8] = {}, d[8] = {};  // independent chains: not latency-bound
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    for (int k = 0; k < 8; ++k) {
-      const double v = pre ? g[j + k] * pre[j + k] : static_cast<double>(g[j + k]);
-      s[k] += v * v;
-      d[k] += u ? v * u[j + k] : 0.0;
-    }
-  }
-  for (; j < n; ++j) {
-    const double v = pre ? g[j] * pre[j] : static_cast<double>(g[j]);
-    s[0] += v * v;
-    d[0] += u ? v * u[j] : 0.0;
-  }
-  *ss = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  *dot = ((d[0] + d[1]) + (d[2] + d[3])) + ((d[4] + d[5]) + (d[6] + d[7]));
-}
-}  // namespace
-
-RAPIDIN_CLONES void BlockDotNorm(const float* g, const double* pre, const double* u, int64_t n, double* dot,
-                                 double* ss) {
-  BlockDotNormBody(g, pre, u, n, dot, ss);
-}
-void BlockDotNorm(const double* g, const double* pre, const double* u, int64_t n, double* dot, double* ss) {
-  BlockDotNormBody(g, pre, u, n, dot, ss);
-}
-
-namespace {
-
-#if defined(__x86_64__)
-// The weight gradient of one token, G = sum_t a_t^T b_t (a_t: M values at a + t lda, b_t: N at b + t ldb, t < kb),
-// one tile of MB rows x NZ vectors of 16 columns (from m0, n0; `last` masks the final vector) held in registers
-// over t, then reduced into the double accumulators: ss += (P G)^2, dot += P G u. Never written: the written
-// blocks cost a zeroing pass, a store and a reload of c x M x N values per chunk (BLAS's beta = 0 sweep included).
-template <int NZ, int MB, bool kPre>
-RAPIDIN_AVX512 RAPIDIN_INLINE void ReduceTile(const float* a, int64_t lda, const float* b, int64_t ldb, int kb,
-                                              int m0, int n0, int N, __mmask16 last, const double* u,
-                                              const double* pre, __m512d* ss, __m512d* dot) {
-  __m512 acc[MB][NZ];
-#pragma GCC unroll 8
-  for (int i = 0; i < MB; ++i) {
-#pragma GCC unroll 4
-    for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_setzero_ps();
-  }
-  a += m0;
-  b += n0;
-  for (int t = 0; t < kb; ++t, a += lda, b += ldb) {
-    __m512 bv[NZ];
-#pragma GCC unroll 4
-    for (int z = 0; z < NZ; ++z) {
-      bv[z] = z == NZ - 1 ? _mm512_maskz_loadu_ps(last, b + 16 * z) : _mm512_loadu_ps(b + 16 * z);
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i) {
-      const __m512 av = _mm512_set1_ps(a[i]);
-#pragma GCC unroll 4
-      for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_fmadd_ps(av, bv[z], acc[i][z]);
-    }
-  }
-  // Every loop over the accumulators is unrolled: one indexed at run time would keep them in memory.
-#pragma GCC unroll 8
-  for (int i = 0; i < MB; ++i) {
-    const int64_t row = int64_t{m0 + i} * N + n0;
-#pragma GCC unroll 4
-    for (int z = 0; z < NZ; ++z) {
-      const __mmask8 lo = z == NZ - 1 ? static_cast<__mmask8>(last & 0xff) : 0xff;
-      const __mmask8 hi = z == NZ - 1 ? static_cast<__mmask8>(last >> 8) : 0xff;
-      __m512d v0 = _mm512_cvtps_pd(_mm512_castps512_ps256(acc[i][z]));
-      __m512d v1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i][z]), 1)));
-      if (kPre) {  // masked lanes load 0: v stays 0 there
-        v0 = _mm512_mul_pd(v0, _mm512_maskz_loadu_pd(lo, pre + row + 16 * z));
-        v1 = _mm512_mul_pd(v1, _mm512_maskz_loadu_pd(hi, pre + row + 16 * z + 8));
-      }
-      ss[0] = _mm512_fmadd_pd(v0, v0, ss[0]);
-      ss[1] = _mm512_fmadd_pd(v1, v1, ss[1]);
-      dot[0] = _mm512_fmadd_pd(v0, _mm512_maskz_loadu_pd(lo, u + row + 16 * z), dot[0]);
-      dot[1] = _mm512_fmadd_pd(v1, _mm512_maskz_loadu_pd(hi, u + row + 16 * z + 8), dot[1]);
-    }
-  }
-}
-
-// One panel of up to 64 columns, every row of G: tiles of 6 rows (24 accumulators), the remainder in one tile.
-template <int NZ, bool kPre>
-RAPIDIN_AVX512 void ReducePanel(const float* a, int64_t lda, const float* b, int64_t ldb, int kb, int M, int n0,
-                                int N, __mmask16 last, const double* u, const double* pre, __m512d* ss,
-                                __m512d* dot) {
-  int m0 = 0;
-  for (; m0 + 6 <= M; m0 += 6) ReduceTile<NZ, 6, kPre>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot);
-  switch (M - m0) {
-    case 5: return ReduceTile<NZ, 5, kPre>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot);
-    case 4: return ReduceTile<NZ, 4, kPre>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot);
-    case 3: return ReduceTile<NZ, 3, kPre>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot);
-    case 2: return ReduceTile<NZ, 2, kPre>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot);
-    case 1: return ReduceTile<NZ, 1, kPre>(a, lda, b, ldb, kb, m0, n0, N, last, u, pre, ss, dot);
-    default: return;
-  }
-}
-
-template <bool kPre>
-RAPIDIN_AVX512 void ReduceBlock512(const float* a, int64_t lda, const float* b, int64_t ldb, int kb, int M, int N,
-                                   const double* u, const double* pre, double* dot, double* ss) {
-  __m512d s2[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()}, d2[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
-  for (int n0 = 0; n0 < N; n0 += 64) {
-    const int w = std::min(64, N - n0), nz = (w + 15) / 16, rem = w - (nz - 1) * 16;
-    const __mmask16 last = rem == 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << rem) - 1);
-    switch (nz) {
-      case 4: ReducePanel<4, kPre>(a, lda, b, ldb, kb, M, n0, N, last, u, pre, s2, d2); break;
-      case 3: ReducePanel<3, kPre>(a, lda, b, ldb, kb, M, n0, N, last, u, pre, s2, d2); break;
-      case 2: ReducePanel<2, kPre>(a, lda, b, ldb, kb, M, n0, N, last, u, pre, s2, d2); break;
-      default: ReducePanel<1, kPre>(a, lda, b, ldb, kb, M, n0, N, last, u, pre, s2, d2); break;
-    }
-  }
-  *ss = _mm512_reduce_add_pd(_mm512_add_pd(s2[0], s2[1]));
-  *dot = _mm512_reduce_add_pd(_mm512_add_pd(d2[0], d2[1]));
-}
-#endif
-
-// A token's weight gradient reduced against a target: G = sum_{t < kb} a_t^T b_t (rows of a: M values, stride
-// lda; of b: N values, stride ldb), (dot, ss) as BlockDotNorm gives them on G. `block`: M x N scratch values for
-// the portable form (G written, then reduced).
-template <class F>
-void ReduceWeightGrad(const F* a, int64_t lda, const F* b, int64_t ldb, int kb, int M, int N, const LlamaTarget& t,
-                      int slot, std::vector<F>* block) {
-#if defined(__x86_64__)
-  if constexpr (std::is_same_v<F, float>) {
-    if (UseAvx512()) {
-      return t.pre ? ReduceBlock512<true>(a, lda, b, ldb, kb, M, N, t.u, t.pre, t.dot + slot, t.ss + slot)
-                   : ReduceBlock512<false>(a, lda, b, ldb, kb, M, N, t.u, t.pre, t.dot + slot, t.ss + slot);
-    }
-  }
-#endif
-  F* g = Sized(block, int64_t{M} * N);
-  Gemm<F>(true, false, M, N, kb, a, static_cast<int>(lda), b, static_cast<int>(ldb), 0, g, N);
-  BlockDotNorm(g, t.pre, t.u, int64_t{M} * N, t.dot + slot, t.ss + slot);
-}
-
-}  // namespace
 
 namespace {
 
@@ -1652,7 +1685,10 @@ void LlamaTokenPass<F>::Run(int s0, int s1, const LlamaGrads<F>* gp, const Llama
         ReduceWeightGrad(A + int64_t{b} * M, int64_t{c} * M, X, N, std::min(P, p0 + b + 1), M, N, *tg, b, &S.red);
       }
     } else if (blocks) {
-      Gemm<F>(true, false, c * M, N, P, A, c * M, X, N, 0, blocks, N);
+      for (int b = 0; b < c; ++b) {
+        WeightGrad<F>(A + int64_t{b} * M, int64_t{c} * M, X, N, std::min(P, p0 + b + 1), M, N,
+                      blocks + int64_t{b} * M * N);
+      }
       finished(blocks);
     }
   };
