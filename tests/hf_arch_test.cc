@@ -14,9 +14,9 @@
 #include <vector>
 
 #include "model/engine.h"
-#include "model/internal/llama_grad.h"
 #include "model/training.h"
 #include "tests/test_util.h"
+#include "tests/tiny_model.h"
 
 namespace rapidin::model {
 namespace {
@@ -179,9 +179,7 @@ TEST_P(Arch, SaveHfRoundTrips) {
 // autograd engine's, to 1e-4 of the largest, on fresh random ids and u; with the AVX-512 kernels off too.
 TEST(HuggingFaceArch, Float32DirectTokenScoresMatchFloat64) {
   SCOPED_TRACE(rapidin::testing::FuzzReplay());
-  struct RestoreAvx512 {
-    ~RestoreAvx512() { internal::SetAvx512ForTesting(true); }
-  } restore;
+  rapidin::testing::Avx512Switch avx;
   std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 61));
   EngineOptions o;
   o.model_path = kRoot + "llama3";
@@ -206,7 +204,7 @@ TEST(HuggingFaceArch, Float32DirectTokenScoresMatchFloat64) {
   for (double w : want) big = std::max(big, std::fabs(w));
   ASSERT_GT(big, 1e-6);
   for (bool avx512 : {true, false}) {
-    internal::SetAvx512ForTesting(avx512);
+    avx.Set(avx512);
     std::vector<double> got;
     ASSERT_TRUE((*f32)->TokenScores(ids, 2, to, u, &got).ok());
     ASSERT_EQ(got.size(), want.size());

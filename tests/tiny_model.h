@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "model/engine.h"
+#include "model/internal/llama_grad.h"
 
 namespace rapidin::testing {
 
@@ -42,6 +43,17 @@ inline model::ModelConfig GqaModel(int seq_len) {
 struct DirectEngines {
   std::unique_ptr<model::GradientEngine> ref, direct, direct32;
 };
+// Turns the direct pass's AVX-512 kernels on or off for a test and back on when it ends (an ASSERT's early return
+// must not leave the portable kernels on for later tests).
+class Avx512Switch {
+ public:
+  Avx512Switch() = default;
+  Avx512Switch(const Avx512Switch&) = delete;
+  Avx512Switch& operator=(const Avx512Switch&) = delete;
+  ~Avx512Switch() { model::internal::SetAvx512ForTesting(true); }
+  void Set(bool enabled) { model::internal::SetAvx512ForTesting(enabled); }
+};
+
 inline absl::StatusOr<DirectEngines> RandomDirectEngines(const model::ModelConfig& cfg, uint32_t seed) {
   model::EngineOptions o;
   o.use_double = true;

@@ -215,12 +215,10 @@ TEST(TokenGradients, BadRangesAndIdsAreRefused) {
 // the largest value. The H200 run found token 1 wrong here (chunks of 16), where only float64 had been compared.
 TEST(TokenGradients, Float32DirectEqualsFloat64Reference) {
   SCOPED_TRACE(rapidin::testing::FuzzReplay());
-  struct RestoreAvx512 {  // an ASSERT's early return must not leave the portable kernels on for later tests
-    ~RestoreAvx512() { internal::SetAvx512ForTesting(true); }
-  } restore;
+  rapidin::testing::Avx512Switch avx;
   std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 9));
   for (bool avx512 : {true, false}) {
-    internal::SetAvx512ForTesting(avx512);
+    avx.Set(avx512);
     for (int heads : {4, 8}) {
       ModelConfig c;
       c.dim = 64;
@@ -274,16 +272,14 @@ TEST(TokenGradients, Float32DirectEqualsFloat64Reference) {
 // input gradient's 32 columns included); head dimension 8 takes the attention's row moments.
 TEST(TokenGradients, Float32ScoresReducedInThePassEqualFloat64Reference) {
   SCOPED_TRACE(rapidin::testing::FuzzReplay());
-  struct RestoreAvx512 {
-    ~RestoreAvx512() { internal::SetAvx512ForTesting(true); }
-  } restore;
+  rapidin::testing::Avx512Switch avx;
   std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed() + 23));
   struct Shape {
     int dim, hidden, heads, kv_heads;
     bool tied;
   };
   for (bool avx512 : {true, false}) {
-    internal::SetAvx512ForTesting(avx512);
+    avx.Set(avx512);
     for (const Shape& sh : {Shape{64, 160, 4, 2, false}, Shape{64, 160, 8, 2, true}, Shape{40, 72, 5, 1, false}}) {
       ModelConfig c;
       c.dim = sh.dim;
@@ -295,20 +291,14 @@ TEST(TokenGradients, Float32ScoresReducedInThePassEqualFloat64Reference) {
       c.seq_len = 200;
       c.tied_output = sh.tied;
       SCOPED_TRACE(absl::StrCat("avx512 ", avx512, " dim ", sh.dim, " heads ", sh.heads));
-      const uint32_t seed = rng();
-      EngineOptions o;
-      o.use_double = true;
-      o.grad_path = "autograd";
-      auto ref = GradientEngine::Random(c, seed, o);
-      o.use_double = false;
-      o.grad_path = "direct";
-      auto f32 = GradientEngine::Random(c, seed, o);
-      ASSERT_TRUE(ref.ok() && f32.ok());
+      auto engines = rapidin::testing::RandomDirectEngines(c, rng());
+      ASSERT_TRUE(engines.ok()) << engines.status();
+      const GradientEngine *ref = engines->ref.get(), *f32 = engines->direct32.get();
       std::vector<int32_t> ids;
       for (int i = 0; i < 120; ++i) ids.push_back(static_cast<int32_t>(rng() % c.vocab_size));
       if (ids[1] == ids[0]) ids[1] = (ids[0] + 1) % c.vocab_size;
       std::normal_distribution<double> g;
-      std::vector<double> u((*ref)->grad_dim());
+      std::vector<double> u(ref->grad_dim());
       for (auto& v : u) v = g(rng);
       for (bool normalize : {false, true}) {
         TokenGradOptions to;
@@ -316,7 +306,7 @@ TEST(TokenGradients, Float32ScoresReducedInThePassEqualFloat64Reference) {
         to.normalize = normalize;
         to.chunk = 8;
         std::vector<double> want;
-        ASSERT_TRUE((*ref)->TokenScores(ids, 3, to, u, &want).ok());
+        ASSERT_TRUE(ref->TokenScores(ids, 3, to, u, &want).ok());
         double big = 0;
         for (double w : want) big = std::max(big, std::fabs(w));
         ASSERT_GT(big, 1e-6);
@@ -324,7 +314,7 @@ TEST(TokenGradients, Float32ScoresReducedInThePassEqualFloat64Reference) {
           to.chunk = chunk;
           to.threads = threads;
           std::vector<double> got;
-          ASSERT_TRUE((*f32)->TokenScores(ids, 3, to, u, &got).ok());
+          ASSERT_TRUE(f32->TokenScores(ids, 3, to, u, &got).ok());
           ASSERT_EQ(got.size(), want.size());
           for (size_t t = 0; t < want.size(); ++t) {
             ASSERT_NEAR(got[t], want[t], 1e-4 * big) << "normalize " << normalize << " chunk " << chunk << " token "

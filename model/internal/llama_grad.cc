@@ -1086,6 +1086,24 @@ Fwd<F> Forward(const LlamaShape& s, const LlamaWeights<F>& w, const int32_t* ids
 }
 
 #if defined(__x86_64__)
+// One k step of the register tiles (RowTile, ReduceTile): acc[i][z] += a[i * as] b[16 z ...] for MB rows and NZ vectors of 16
+// columns (the last one masked by `last`).
+template <int NZ, int MB>
+RAPIDIN_AVX512 RAPIDIN_INLINE void TileStep(const float* a, int64_t as, const float* b, __mmask16 last,
+                                            __m512 (&acc)[MB][NZ]) {
+  __m512 bv[NZ];
+#pragma GCC unroll 4
+  for (int z = 0; z < NZ; ++z) bv[z] = z == NZ - 1 ? _mm512_maskz_loadu_ps(last, b + 16 * z) : _mm512_loadu_ps(b + 16 * z);
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) {
+    const __m512 av = _mm512_set1_ps(a[i * as]);
+#pragma GCC unroll 4
+    for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_fmadd_ps(av, bv[z], acc[i][z]);
+  }
+}
+#endif
+
+#if defined(__x86_64__)
 // C = sum_p A_p B_p for up to three products (A_p: rows of K_p values, stride lda; B_p: K_p rows of N values,
 // stride ldb), C written (rows of N, stride ldc): the token pass's input gradients (M = positions x losses, N and K
 // the model's widths), where BLAS spent a zeroing sweep, packing and a second pass over C for each extra product.
@@ -1110,20 +1128,7 @@ RAPIDIN_AVX512 RAPIDIN_INLINE void RowTile(const RowProduct* pr, int np, int64_t
   for (int p = 0; p < np; ++p) {
     const float* a = pr[p].a + r0 * pr[p].lda;
     const float* b = pr[p].b + n0;
-    const int64_t lda = pr[p].lda, ldb = pr[p].ldb;
-    for (int k = 0; k < pr[p].k; ++k, b += ldb) {
-      __m512 bv[NZ];
-#pragma GCC unroll 4
-      for (int z = 0; z < NZ; ++z) {
-        bv[z] = z == NZ - 1 ? _mm512_maskz_loadu_ps(last, b + 16 * z) : _mm512_loadu_ps(b + 16 * z);
-      }
-#pragma GCC unroll 8
-      for (int i = 0; i < MB; ++i) {
-        const __m512 av = _mm512_set1_ps(a[i * lda + k]);
-#pragma GCC unroll 4
-        for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_fmadd_ps(av, bv[z], acc[i][z]);
-      }
-    }
+    for (int k = 0; k < pr[p].k; ++k, b += pr[p].ldb) TileStep<NZ, MB>(a + k, pr[p].lda, b, last, acc);
   }
 #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i) {
@@ -1232,19 +1237,7 @@ RAPIDIN_AVX512 RAPIDIN_INLINE void ReduceTile(const float* a, int64_t lda, const
   }
   a += m0;
   b += n0;
-  for (int t = 0; t < kb; ++t, a += lda, b += ldb) {
-    __m512 bv[NZ];
-#pragma GCC unroll 4
-    for (int z = 0; z < NZ; ++z) {
-      bv[z] = z == NZ - 1 ? _mm512_maskz_loadu_ps(last, b + 16 * z) : _mm512_loadu_ps(b + 16 * z);
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i) {
-      const __m512 av = _mm512_set1_ps(a[i]);
-#pragma GCC unroll 4
-      for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_fmadd_ps(av, bv[z], acc[i][z]);
-    }
-  }
+  for (int t = 0; t < kb; ++t, a += lda, b += ldb) TileStep<NZ, MB>(a, 1, b, last, acc);
   // Every loop over the accumulators is unrolled: one indexed at run time would keep them in memory.
   if (kWrite) {
 #pragma GCC unroll 8
