@@ -381,6 +381,20 @@ RAPIDIN_AVX512 inline void Transpose16(__m512 r[16]) {
   }
 }
 
+// delta[b][i] = do_i . o_i for c losses' output gradients (loss b's rows at dout + b * bo, stride ldo) against the
+// forward output o (stride ldq), rows [0, T): the softmax backward's row term, one per loss and row.
+inline void RowDeltas(const float* dout, int ldo, int64_t bo, const float* o, int ldq, int T, int hd, int c, int ld,
+                      float* delta) {
+  for (int b = 0; b < c; ++b) {
+    for (int i = 0; i < T; ++i) {
+      const float* doi = dout + b * bo + int64_t{i} * ldo;
+      float a = 0;
+      for (int d = 0; d < hd; ++d) a += doi[d] * o[int64_t{i} * ldq + d];
+      delta[int64_t{b} * ld + i] = a;
+    }
+  }
+}
+
 // AttnBackward512 in 16 x 16 tiles (rows i x keys j), for many rows and for c losses at once that share the
 // forward pass (a chunk of token losses: loss b's do rows at dout + b * bo, its dq at dq + b * bo, its dK, dV at
 // dkt / dvt + b * bkv). Per tile, the P chunk is read once for all c losses; per loss, dS in one pass (delta_i =
@@ -399,14 +413,7 @@ RAPIDIN_AVX512 void AttnBackwardTiles512(const float* q, int ldq, const float* o
   float* delta = s + 256;                   // c x ld
   float* dqt = delta + int64_t{c} * ld;     // c x hd x ld: dq transposed
   std::fill(dqt, dqt + int64_t{c} * hd * ld, 0.0f);
-  for (int b = 0; b < c; ++b) {
-    for (int i = 0; i < T; ++i) {
-      const float* doi = dout + b * bo + int64_t{i} * ldo;
-      float a = 0;
-      for (int d = 0; d < hd; ++d) a += doi[d] * o[int64_t{i} * ldq + d];
-      delta[int64_t{b} * ld + i] = a;
-    }
-  }
+  RowDeltas(dout, ldo, bo, o, ldq, T, hd, c, ld, delta);
   const __m512 sc = _mm512_set1_ps(scale);
   for (int ib = 0; ib < T; ib += 16) {
     const int nr = std::min(16, T - ib);
@@ -525,25 +532,15 @@ RAPIDIN_AVX512 void AttnBackwardMoments8(const float* q, int ldq, const float* o
                                          const float* P, const float* dout, int ldo, int T, int ld, float scale,
                                          float* dq, int lddq, float* dkt, float* dvt, int c, int64_t bo, int64_t bkv,
                                          float* s, const float* mkv) {
-  float* dsb = s;                  // 16 rows x 32 keys: a tile's dS (the 256 + c (hd + 1) ld scratch has room)
-  float* delta = s + 512;          // c x ld
-  for (int b = 0; b < c; ++b) {
-    for (int i = 0; i < T; ++i) {
-      const float* doi = dout + b * bo + int64_t{i} * ldo;
-      float a = 0;
-      for (int d = 0; d < 8; ++d) a += doi[d] * o[int64_t{i} * ldq + d];
-      delta[int64_t{b} * ld + i] = a;
-    }
-  }
+  float* dsb = s;          // 16 rows x 32 keys: a tile's dS (AttnScratch reserves 512 values ahead of delta)
+  float* delta = s + 512;  // c x ld
+  RowDeltas(dout, ldo, bo, o, ldq, T, 8, c, ld, delta);
   const __m512 sc = _mm512_set1_ps(scale);
   for (int ib = 0; ib < T; ib += 16) {
     const int nr = std::min(16, T - ib);
     for (int j0 = 0; j0 < ib + nr; j0 += 32) {
       const int r0 = std::max(0, j0 - ib);  // rows before j0 see none of these keys
       const bool two = j0 + 16 < ib + nr;   // some row sees the second chunk (then j0 + 16 < T <= ld)
-      // Without a second chunk its lanes run on the first chunk's keys times p1 = 0 (no branch in the loops) and
-      // are not stored.
-      const int j1 = two ? 16 : 0;
       if (j0 + 64 < ib + nr) {  // the rows' P two steps ahead (16 strided streams defeat the prefetchers)
         for (int r = std::max(0, j0 + 64 - ib); r < nr; ++r) {
           _mm_prefetch(reinterpret_cast<const char*>(P + int64_t{ib + r} * ld + j0 + 64), _MM_HINT_T0);
@@ -726,11 +723,39 @@ void ToHeadMajor(const F* src, int T, int nh, int hd, int ld, F* dst) {
     for (int c = 0; c < nh * hd; ++c) dst[int64_t{c} * ld + t] = row[c];
   }
 }
+
+// Back from head-major blocks: HeadMajorToRows below (c = 1 for one loss).
+#if defined(__x86_64__)
+// HeadMajorToRows for float on AVX-512 with KD a multiple of 16: 16 x 16 blocks through an in-register transpose.
+RAPIDIN_AVX512 void HeadMajorToRows512(const float* src, int P, int c, int KD, int ld, int64_t bsrc, float* dst) {
+  for (int b = 0; b < c; ++b) {
+    for (int t0 = 0; t0 < P; t0 += 16) {
+      const int nt = std::min(16, P - t0);
+      for (int c0 = 0; c0 < KD; c0 += 16) {
+        __m512 r[16];
+        for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(src + b * bsrc + int64_t{c0 + j} * ld + t0);
+        Transpose16(r);  // r[i]: position t0 + i, columns c0 ..
+        for (int i = 0; i < nt; ++i) _mm512_storeu_ps(dst + (int64_t{t0 + i} * c + b) * KD + c0, r[i]);
+      }
+    }
+  }
+}
+#endif
+
+// Loss b's head-major block (src + b * bsrc: KD rows of ld, columns = positions) to rows (t, b) of KD values
+// (dst row t * c + b), positions [0, P). The blocks' columns up to P rounded to 16 are read (ld covers them).
 template <class F>
-void FromHeadMajor(const F* src, int T, int nh, int hd, int ld, F* dst) {
-  for (int t = 0; t < T; ++t) {
-    F* row = dst + int64_t{t} * nh * hd;
-    for (int c = 0; c < nh * hd; ++c) row[c] = src[int64_t{c} * ld + t];
+void HeadMajorToRows(const F* src, int P, int c, int KD, int ld, int64_t bsrc, F* dst) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<F, float>) {
+    if (KD % 16 == 0 && UseAvx512()) return HeadMajorToRows512(src, P, c, KD, ld, bsrc, dst);
+  }
+#endif
+  for (int t = 0; t < P; ++t) {
+    for (int b = 0; b < c; ++b) {
+      F* r = dst + (int64_t{t} * c + b) * KD;
+      for (int col = 0; col < KD; ++col) r[col] = src[b * bsrc + int64_t{col} * ld + t];
+    }
   }
 }
 
@@ -1342,7 +1367,7 @@ void ReduceWeightGrad(const F* a, int64_t lda, const F* b, int64_t ldb, int kb, 
   }
 #endif
   F* g = Sized(block, int64_t{M} * N);
-  Gemm<F>(true, false, M, N, kb, a, static_cast<int>(lda), b, static_cast<int>(ldb), 0, g, N);
+  WeightGrad<F>(a, lda, b, ldb, kb, M, N, g);
   BlockDotNorm(g, t.pre, t.u, int64_t{M} * N, t.dot + slot, t.ss + slot);
 }
 
@@ -1436,8 +1461,8 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
       AttnBackward(ql + h * hd, HD, ol + h * hd, ktl + go, vtl + go, al + h * TT, doc + h * hd, HD, 0, T, ld, hd, scale,
                    dq + h * hd, HD, dkt + go, dvt + go, ds);
     }
-    FromHeadMajor(dkt, T, KV, hd, ld, dk);
-    FromHeadMajor(dvt, T, KV, hd, ld, dv);
+    HeadMajorToRows(dkt, T, 1, KD, ld, 0, dk);
+    HeadMajorToRows(dvt, T, 1, KD, ld, 0, dv);
     Rope(dq, T, H, hd, w.cos, w.sin, s.rope_half, true);
     Rope(dk, T, KV, hd, w.cos, w.sin, s.rope_half, true);
     if (gl && gl->wq) WeightGrad<F>(dq, HD, hl, D, T, HD, D, gl->wq);
@@ -1462,45 +1487,6 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
   TrimScratch(&S);
   return loss;
 }
-
-
-namespace {
-
-#if defined(__x86_64__)
-// HeadMajorToRows for float on AVX-512 with KD a multiple of 16: 16 x 16 blocks through an in-register transpose.
-RAPIDIN_AVX512 void HeadMajorToRows512(const float* src, int P, int c, int KD, int ld, int64_t bsrc, float* dst) {
-  for (int b = 0; b < c; ++b) {
-    for (int t0 = 0; t0 < P; t0 += 16) {
-      const int nt = std::min(16, P - t0);
-      for (int c0 = 0; c0 < KD; c0 += 16) {
-        __m512 r[16];
-        for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(src + b * bsrc + int64_t{c0 + j} * ld + t0);
-        Transpose16(r);  // r[i]: position t0 + i, columns c0 ..
-        for (int i = 0; i < nt; ++i) _mm512_storeu_ps(dst + (int64_t{t0 + i} * c + b) * KD + c0, r[i]);
-      }
-    }
-  }
-}
-#endif
-
-// Loss b's head-major block (src + b * bsrc: KD rows of ld, columns = positions) to rows (t, b) of KD values
-// (dst row t * c + b), positions [0, P). The blocks' columns up to P rounded to 16 are read (ld covers them).
-template <class F>
-void HeadMajorToRows(const F* src, int P, int c, int KD, int ld, int64_t bsrc, F* dst) {
-#if defined(__x86_64__)
-  if constexpr (std::is_same_v<F, float>) {
-    if (KD % 16 == 0 && UseAvx512()) return HeadMajorToRows512(src, P, c, KD, ld, bsrc, dst);
-  }
-#endif
-  for (int t = 0; t < P; ++t) {
-    for (int b = 0; b < c; ++b) {
-      F* r = dst + (int64_t{t} * c + b) * KD;
-      for (int col = 0; col < KD; ++col) r[col] = src[b * bsrc + int64_t{col} * ld + t];
-    }
-  }
-}
-
-}  // namespace
 
 template <class F>
 struct LlamaTokenPass<F>::State {
@@ -1688,7 +1674,7 @@ void LlamaTokenPass<F>::Run(int s0, int s1, const LlamaGrads<F>* gp, const Llama
   // Above the last attention: token b's block is the rank-one u v^T.
   auto rank_one = [&](F* blocks, const LlamaTarget* tg, int b, const F* u, int nu, const F* v, int nv) {
     if (tg && tg->u) ReduceWeightGrad(u, nu, v, nv, 1, nu, nv, *tg, b, &S.red);
-    if (blocks) Gemm<F>(true, false, nu, nv, 1, u, nu, v, nv, 0, blocks + int64_t{b} * nu * nv, nv);
+    if (blocks) WeightGrad<F>(u, nu, v, nv, 1, nu, nv, blocks + int64_t{b} * nu * nv);
   };
   std::fill(dx, dx + PC * D, F(0));
   for (int b = 0; b < c; ++b) {
@@ -1757,8 +1743,10 @@ void LlamaTokenPass<F>::Run(int s0, int s1, const LlamaGrads<F>* gp, const Llama
       }
 #endif
       if (!ffn512) {
-        Gemm<F>(false, false, static_cast<int>(PC), D, Fh, da1, Fh, lw.w1, D, 0, dh, D);
-        Gemm<F>(false, false, static_cast<int>(PC), D, Fh, da3, Fh, lw.w3, D, 1, dh, D);
+        const F* as[2] = {da1, da3};
+        const F* bs[2] = {lw.w1, lw.w3};
+        const int ks[2] = {Fh, Fh};
+        RowProducts<F>(2, as, bs, ks, PC, D, dh);
       }
       norm_back(xm, A.r2 + int64_t{l} * A.T, lw.ffn_norm, dh);
       // attention
@@ -2006,6 +1994,15 @@ RAPIDIN_CLONES void AttnForwardDualAny(const float* q, const float* qt, int ldq,
 }
 
 #if defined(__x86_64__)
+// Each of the 16 vectors' lane sums: those of acc[0..7] to lo[0..7], of acc[8..15] to hi[0..7] (one transpose).
+RAPIDIN_AVX512 inline void StoreLaneSums(__m512 acc[16], float* lo, float* hi) {
+  Transpose16(acc);  // lane k of the sum over the rows: the sum of acc[k]'s lanes
+  __m512 tot = acc[0];
+  for (int r = 1; r < 16; ++r) tot = _mm512_add_ps(tot, acc[r]);
+  _mm256_storeu_ps(lo, _mm512_castps512_ps256(tot));
+  _mm256_storeu_ps(hi, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(tot), 1)));
+}
+
 // A row's probabilities and their tangents for head dimension 8 (AttnRowDual on AVX-512): the 8 dimensions in
 // registers per 16-key chunk, p and p' written once each; zero past key i. q, qt: the row; p, pt: whole chunks.
 RAPIDIN_AVX512 void AttnRowDual8(const float* q, const float* qt, const float* kt, const float* ktt, int i, int ld,
@@ -2067,11 +2064,7 @@ RAPIDIN_AVX512 void AttnForwardDual8(const float* q, const float* qt, int ldq, c
         acc[8 + d] = _mm512_fmadd_ps(ptv, vd, _mm512_fmadd_ps(pv, _mm512_loadu_ps(vtt + int64_t{d} * ld + j0), acc[8 + d]));
       }
     }
-    Transpose16(acc);
-    __m512 tot = acc[0];
-    for (int r = 1; r < 16; ++r) tot = _mm512_add_ps(tot, acc[r]);
-    _mm256_storeu_ps(o + int64_t{i} * ldo, _mm512_castps512_ps256(tot));
-    _mm256_storeu_ps(ot + int64_t{i} * ldo, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(tot), 1)));
+    StoreLaneSums(acc, o + int64_t{i} * ldo, ot + int64_t{i} * ldo);
   }
 }
 #endif
@@ -2104,7 +2097,6 @@ RAPIDIN_AVX512 void AttnBackwardDual8(const float* q, const float* qt, const flo
     const int64_t ri = int64_t{i} * ldo;
     const int nc = (i + 16) / 16 * 16;  // keys [0, i] in whole chunks
     AttnRowDual8(q + ri, qt + ri, kt, ktt, i, ld, scale, p, pt);
-    __m512 a[8], b[8];
     // dp = do V^T and its tangent; dV += p^T do, dV' += p'^T do + p^T do'
     __m512 c[8], ct[8];
     for (int d = 0; d < 8; ++d) {
@@ -2134,6 +2126,7 @@ RAPIDIN_AVX512 void AttnBackwardDual8(const float* q, const float* qt, const flo
     const __m512 sc = _mm512_set1_ps(scale);
     __m512 acc[16];  // dq[d] in acc[d], dq'[d] in acc[8 + d], summed over lanes at the end
     for (int d = 0; d < 16; ++d) acc[d] = _mm512_setzero_ps();
+    __m512 a[8], b[8];
     for (int d = 0; d < 8; ++d) {  // q and q' of the row, for dK
       a[d] = _mm512_set1_ps(q[ri + d]);
       b[d] = _mm512_set1_ps(qt[ri + d]);
@@ -2154,11 +2147,7 @@ RAPIDIN_AVX512 void AttnBackwardDual8(const float* q, const float* qt, const flo
         _mm512_storeu_ps(dktd, _mm512_fmadd_ps(a[d], dst, _mm512_fmadd_ps(b[d], ds, _mm512_loadu_ps(dktd))));
       }
     }
-    Transpose16(acc);  // lane k of the sum over rows: the sum of acc[k]'s lanes
-    __m512 tot = acc[0];
-    for (int r = 1; r < 16; ++r) tot = _mm512_add_ps(tot, acc[r]);
-    _mm256_storeu_ps(dq + ri, _mm512_castps512_ps256(tot));
-    _mm256_storeu_ps(dqt + ri, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(tot), 1)));
+    StoreLaneSums(acc, dq + ri, dqt + ri);
   }
 }
 #endif
@@ -2352,10 +2341,10 @@ double LlamaInputGradTangent(const LlamaShape& s, const LlamaWeights<F>& w, cons
                        &doc.v[h * hd], &doc.t[h * hd], HD, T, ld, hd, scale, &dq.v[h * hd], &dq.t[h * hd],
                        &dkt.v[gl], &dkt.t[gl], &dvt.v[gl], &dvt.t[gl], scratch.data());
     }
-    FromHeadMajor(dkt.v.data(), T, KV, hd, ld, dk.v.data());
-    FromHeadMajor(dkt.t.data(), T, KV, hd, ld, dk.t.data());
-    FromHeadMajor(dvt.v.data(), T, KV, hd, ld, dv.v.data());
-    FromHeadMajor(dvt.t.data(), T, KV, hd, ld, dv.t.data());
+    HeadMajorToRows(dkt.v.data(), T, 1, KD, ld, 0, dk.v.data());
+    HeadMajorToRows(dkt.t.data(), T, 1, KD, ld, 0, dk.t.data());
+    HeadMajorToRows(dvt.v.data(), T, 1, KD, ld, 0, dv.v.data());
+    HeadMajorToRows(dvt.t.data(), T, 1, KD, ld, 0, dv.t.data());
     for (F* a : {dq.v.data(), dq.t.data()}) Rope(a, T, H, hd, w.cos, w.sin, s.rope_half, true);
     for (F* a : {dk.v.data(), dk.t.data()}) Rope(a, T, KV, hd, w.cos, w.sin, s.rope_half, true);
     LinBackDual(dq.v.data(), dq.t.data(), T, HD, lw.wq, lt.wq, D, F(0), dh.v.data(), dh.t.data());
