@@ -2,6 +2,8 @@
 #ifndef RAPIDIN_BENCH_BENCH_UTIL_H_
 #define RAPIDIN_BENCH_BENCH_UTIL_H_
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
@@ -16,10 +18,17 @@ inline double Median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+// 64-byte aligned; buffers of 32 MiB and more on 2 MiB pages where THP allows it, as the server's host tier allocates
+// its stores (storage/internal/host_shard.h), so a benchmark scans memory the way the server does. On 4 KiB pages a
+// one-vector scan of 100k x 4096 measured 26-28 ms against 20 ms on 2 MiB pages.
 template <class T>
 T* AlignedAlloc(size_t n) {
   size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
-  return static_cast<T*>(std::aligned_alloc(64, bytes));
+  if (bytes < (size_t{32} << 20)) return static_cast<T*>(std::aligned_alloc(64, bytes));
+  bytes = (bytes + (size_t{2} << 20) - 1) / (size_t{2} << 20) * (size_t{2} << 20);
+  void* p = std::aligned_alloc(size_t{2} << 20, bytes);
+  if (p != nullptr) ::madvise(p, bytes, MADV_HUGEPAGE);
+  return static_cast<T*>(p);
 }
 
 // Runs fn(t) on T threads and returns the wall time of the slowest.

@@ -36,6 +36,13 @@ void PairChunk(const uint16_t* rows, int64_t k, const float* packed, int64_t G, 
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) a[r][p] = _mm512_loadu_ps(reinterpret_cast<const float*>(acc + r * 2 * P + 2 * p));
   for (int64_t c = c0; c < c1; c += 8) {
+    if ((c & 31) == 0) {
+      // These columns of the next tile's rows into L1: streaming from memory, the FMAs otherwise waited on rows the
+      // hardware prefetchers had not brought yet (8 vectors over 100k x 4096 on 2 threads: 38.4 -> 34.6 ms,
+      // alternating in one process; no change at K = 65536; prefetching 4-8 tiles further into L2 too added
+      // nothing there and evicted the query chunk at K = 65536). A prefetch past the store does not fault.
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows + (r + R) * k + c), _MM_HINT_T0);
+    }
     __m512 x[R];
     for (int r = 0; r < R; ++r) {
       const __m512 h = _mm512_castps256_ps512(
