@@ -52,7 +52,11 @@ rate() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["recor
   echo
   echo "autograd: LibTorch's autograd, one record per pass, or several per padded pass (each record's weight gradients"
   echo "from the per-sample products dy_b^T x_b). direct: model/internal/llama_grad.cc, one record per pass (records"
-  echo "per pass does not apply), tested equal to autograd in float64 and within float rounding in float32."
+  echo "per pass does not apply), tested equal to autograd in float64 and within float rounding in float32. The direct"
+  echo "pass normalises each block layer-wise as it writes the float32 rows the sketch reads, so its normalisation is"
+  echo "in fwd+bwd (normalise s is 0); autograd's goes through LibTorch in float64, in fwd+bwd too, and normalise s is"
+  echo "its conversion to float32. In the top layer the direct pass computes only the positions a response token's"
+  echo "loss reads (the prompt's rows there reach no loss past their keys and values)."
   echo
   echo "## Sketch throughput"
   echo

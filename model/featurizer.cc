@@ -224,6 +224,28 @@ absl::Status Featurizer::CompressWith(const GradientEngine& e, const std::vector
     }
     return absl::OkStatus();
   }
+  if (e.grad_path() == "direct") {
+    // The direct pass's rows are float32 in host memory, normalised as they are written: sketched where they lie.
+    double sketch_s = 0;
+    absl::Status st = e.GradientRowsBatch(
+        batch, layer_norm_,
+        [&](const float* rows, int64_t n) {
+          const auto ts = Clock::now();
+          for (int64_t j = 0; j < n; ++j) {
+            (*out)[j].resize(k);
+            sketch_->Apply(rows + j * e.grad_dim(), (*out)[j].data());
+          }
+          sketch_s = std::chrono::duration<double>(Clock::now() - ts).count();
+          return absl::OkStatus();
+        },
+        gi);
+    if (!st.ok()) return st;
+    if (timing) {  // the normalisation is part of writing the rows, in grad
+      timing->grad += std::chrono::duration<double>(Clock::now() - t0).count() - sketch_s;
+      timing->sketch += sketch_s;
+    }
+    return absl::OkStatus();
+  }
   std::vector<std::vector<double>> grads;
   absl::Status st = e.GradientIdsBatch(batch, layer_norm_, &grads, gi);
   if (!st.ok()) return st;

@@ -155,11 +155,12 @@ RAPIDIN_INLINE F Dot(const F* a, const F* b, int n) {
   return s;
 }
 
-// Rows i of q (stride ldq), keys [0, i]: P row i = softmax(scale q_i K^T), o_i = P_i V (stride ldo).
+// Rows i in [i0, T) of q (stride ldq), keys [0, i]: P row i = softmax(scale q_i K^T), o_i = P_i V (stride ldo).
+// Rows before i0 are not touched.
 template <class F>
-RAPIDIN_INLINE void AttnForwardBody(const F* q, int ldq, const F* kt, const F* vt, int T, int ld, int hd, F scale,
-                                    F* P, F* o, int ldo) {
-  for (int i = 0; i < T; ++i) {
+RAPIDIN_INLINE void AttnForwardBody(const F* q, int ldq, const F* kt, const F* vt, int i0, int T, int ld, int hd,
+                                    F scale, F* P, F* o, int ldo) {
+  for (int i = i0; i < T; ++i) {
     F* p = P + int64_t{i} * ld;
     const F* qi = q + int64_t{i} * ldq;
     const int n = i + 1;
@@ -242,15 +243,15 @@ RAPIDIN_AVX512 inline __mmask16 Causal(int i, int j0) {
   return live >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << live) - 1);
 }
 
-RAPIDIN_AVX512 void AttnForward512(const float* q, int ldq, const float* kt, const float* vt, int T, int ld, int hd,
-                                   float scale, float* P, float* o, int ldo) {
+RAPIDIN_AVX512 void AttnForward512(const float* q, int ldq, const float* kt, const float* vt, int i0, int T, int ld,
+                                   int hd, float scale, float* P, float* o, int ldo) {
   // A row's scores, exponentials and probabilities live in an L1 row buffer; P receives each finished row once,
   // with streaming stores: P (layers x heads x T^2 / 2 values for the backward) is far larger than the caches, and
   // ordinary stores first read every line they write (a third of the forward attention's time under perf).
   thread_local std::vector<float> row_storage;
   if (row_storage.size() < static_cast<size_t>(ld) + 16) row_storage.resize(static_cast<size_t>(ld) + 16);
   float* r = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(row_storage.data()) + 63) & ~uintptr_t{63});
-  for (int i = 0; i < T; ++i) {
+  for (int i = i0; i < T; ++i) {
     float* p = P + int64_t{i} * ld;
     const float* qi = q + int64_t{i} * ldq;
     const int n = (i + 16) / 16 * 16;
@@ -405,7 +406,7 @@ inline void RowDeltas(const float* dout, int ldo, int64_t bo, const float* o, in
 // kHd: the head dimension when known at compile time (8: stories260K's; loops unrolled), or 0 (hd).
 template <int kHd>
 RAPIDIN_AVX512 void AttnBackwardTiles512(const float* q, int ldq, const float* o, const float* kt, const float* vt,
-                                         const float* P, const float* dout, int ldo, int T, int ld, int hd_any,
+                                         const float* P, const float* dout, int ldo, int i0, int T, int ld, int hd_any,
                                          float scale, float* dq, int lddq, float* dkt, float* dvt, int c,
                                          int64_t bo, int64_t bkv, float* s) {
   const int hd = kHd > 0 ? kHd : hd_any;
@@ -415,11 +416,12 @@ RAPIDIN_AVX512 void AttnBackwardTiles512(const float* q, int ldq, const float* o
   std::fill(dqt, dqt + int64_t{c} * hd * ld, 0.0f);
   RowDeltas(dout, ldo, bo, o, ldq, T, hd, c, ld, delta);
   const __m512 sc = _mm512_set1_ps(scale);
-  for (int ib = 0; ib < T; ib += 16) {
+  for (int ib = i0 / 16 * 16; ib < T; ib += 16) {
     const int nr = std::min(16, T - ib);
     const __mmask16 rows = nr >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nr) - 1);
     for (int j0 = 0; j0 < ib + nr; j0 += 16) {
-      const int r0 = std::max(0, j0 - ib);  // rows before j0 see none of these keys (their P chunk is unwritten)
+      // rows before j0 see none of these keys (their P chunk is unwritten), rows before i0 have no output gradient
+      const int r0 = std::max({0, j0 - ib, i0 - ib});
       if (j0 + 32 < ib + nr) {  // the rows' P two chunks ahead (16 strided streams defeat the prefetchers)
         for (int r = std::max(0, j0 + 32 - ib); r < nr; ++r) {
           _mm_prefetch(reinterpret_cast<const char*>(P + int64_t{ib + r} * ld + j0 + 32), _MM_HINT_T0);
@@ -621,16 +623,18 @@ RAPIDIN_AVX512 void AttnBackwardMoments8(const float* q, int ldq, const float* o
   }
 }
 
+// i0: the first query row with an output gradient (0 with mkv).
 void AttnBackwardTiles(const float* q, int ldq, const float* o, const float* kt, const float* vt, const float* P,
-                       const float* dout, int ldo, int T, int ld, int hd, float scale, float* dq, int lddq, float* dkt,
-                       float* dvt, int c, int64_t bo, int64_t bkv, float* s, const float* mkv = nullptr) {
+                       const float* dout, int ldo, int i0, int T, int ld, int hd, float scale, float* dq, int lddq,
+                       float* dkt, float* dvt, int c, int64_t bo, int64_t bkv, float* s, const float* mkv = nullptr) {
   if (hd == 8 && mkv) {
     return AttnBackwardMoments8(q, ldq, o, kt, vt, P, dout, ldo, T, ld, scale, dq, lddq, dkt, dvt, c, bo, bkv, s, mkv);
   }
   if (hd == 8) {
-    return AttnBackwardTiles512<8>(q, ldq, o, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo, bkv, s);
+    return AttnBackwardTiles512<8>(q, ldq, o, kt, vt, P, dout, ldo, i0, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo,
+                                   bkv, s);
   }
-  AttnBackwardTiles512<0>(q, ldq, o, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo, bkv, s);
+  AttnBackwardTiles512<0>(q, ldq, o, kt, vt, P, dout, ldo, i0, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo, bkv, s);
 }
 
 std::atomic<bool> g_avx512_allowed{true};
@@ -645,9 +649,9 @@ bool UseAttn512(int) { return false; }
 // The float kernels' AVX-512 forms (the CPU has it, and no test has turned them off).
 bool UseAvx512() { return UseAttn512(8); }
 
-RAPIDIN_CLONES void AttnForwardAny(const float* q, int ldq, const float* kt, const float* vt, int T, int ld, int hd,
-                                   float scale, float* P, float* o, int ldo) {
-  AttnForwardBody(q, ldq, kt, vt, T, ld, hd, scale, P, o, ldo);
+RAPIDIN_CLONES void AttnForwardAny(const float* q, int ldq, const float* kt, const float* vt, int i0, int T, int ld,
+                                   int hd, float scale, float* P, float* o, int ldo) {
+  AttnForwardBody(q, ldq, kt, vt, i0, T, ld, hd, scale, P, o, ldo);
 }
 RAPIDIN_CLONES void AttnBackwardAny(const float* q, int ldq, const float* kt, const float* vt, const float* P,
                                     const float* dout, int ldo, int i0, int T, int ld, int hd, float scale, float* dq,
@@ -658,17 +662,18 @@ RAPIDIN_CLONES void AttnBackwardAny(const float* q, int ldq, const float* kt, co
 // Scratch values the attention backward needs for c losses (the tiled kernels' tile, delta and dq^T).
 int64_t AttnScratch(int hd, int ld, int c = 1) { return 512 + int64_t{c} * (hd + 1) * ld; }
 
-// One head's attention, forward and backward (kt, vt, P, dkt, dvt with `ld` columns; ld a multiple of 16).
-void AttnForward(const float* q, int ldq, const float* kt, const float* vt, int T, int ld, int hd, float scale,
-                 float* P, float* o, int ldo) {
+// One head's attention, forward and backward (kt, vt, P, dkt, dvt with `ld` columns; ld a multiple of 16). The
+// forward computes query rows [i0, T) (P and o rows before i0 are left as they are).
+void AttnForward(const float* q, int ldq, const float* kt, const float* vt, int i0, int T, int ld, int hd,
+                 float scale, float* P, float* o, int ldo) {
 #if defined(__x86_64__)
-  if (UseAttn512(hd)) return AttnForward512(q, ldq, kt, vt, T, ld, hd, scale, P, o, ldo);
+  if (UseAttn512(hd)) return AttnForward512(q, ldq, kt, vt, i0, T, ld, hd, scale, P, o, ldo);
 #endif
-  AttnForwardAny(q, ldq, kt, vt, T, ld, hd, scale, P, o, ldo);
+  AttnForwardAny(q, ldq, kt, vt, i0, T, ld, hd, scale, P, o, ldo);
 }
-void AttnForward(const double* q, int ldq, const double* kt, const double* vt, int T, int ld, int hd, double scale,
-                 double* P, double* o, int ldo) {
-  AttnForwardBody(q, ldq, kt, vt, T, ld, hd, scale, P, o, ldo);
+void AttnForward(const double* q, int ldq, const double* kt, const double* vt, int i0, int T, int ld, int hd,
+                 double scale, double* P, double* o, int ldo) {
+  AttnForwardBody(q, ldq, kt, vt, i0, T, ld, hd, scale, P, o, ldo);
 }
 // Query rows [i0, T) (rows before i0 have a zero output gradient); dq rows have stride lddq (a batch of token
 // losses interleaves its rows).
@@ -678,8 +683,8 @@ void AttnBackward(const float* q, int ldq, const float* o, const float* kt, cons
                   float* dkt, float* dvt, float* dp) {
 #if defined(__x86_64__)
   if (UseAttn512(hd)) {
-    if (i0 == 0 && T >= 16) {
-      return AttnBackwardTiles(q, ldq, o, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, lddq, dkt, dvt, 1, 0, 0, dp);
+    if (T - i0 >= 16) {
+      return AttnBackwardTiles(q, ldq, o, kt, vt, P, dout, ldo, i0, T, ld, hd, scale, dq, lddq, dkt, dvt, 1, 0, 0, dp);
     }
     return AttnBackward512(q, ldq, kt, vt, P, dout, ldo, i0, T, ld, hd, scale, dq, lddq, dkt, dvt, dp);
   }
@@ -702,7 +707,7 @@ void AttnBackwardLosses(const F* q, int ldq, const F* o, const F* kt, const F* v
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<F, float>) {
     if (UseAttn512(hd) && T >= 16) {
-      return AttnBackwardTiles(q, ldq, o, kt, vt, P, dout, ldo, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo, bkv, dp,
+      return AttnBackwardTiles(q, ldq, o, kt, vt, P, dout, ldo, 0, T, ld, hd, scale, dq, lddq, dkt, dvt, c, bo, bkv, dp,
                                mkv);
     }
   }
@@ -1052,7 +1057,12 @@ struct Fwd {
 
 // The forward pass over positions [0, T): every layer's activations, and in A.x the final residual stream.
 template <class F>
-Fwd<F> Forward(const LlamaShape& s, const LlamaWeights<F>& w, const int32_t* ids, int T, Scratch<F>* S) {
+// top_from: the first position whose output the caller reads. The top layer computes its queries, attention, Wo
+// and feed-forward rows for positions [top_from, T) only (its keys and values for all of them); its rows before
+// top_from in oc, att, x_mid, h2, r2, a1, a3 and x are left as they were. A response loss starts at top_from =
+// response_begin - 1, which saves about half the top layer on Alpaca's records (half their tokens are the prompt).
+Fwd<F> Forward(const LlamaShape& s, const LlamaWeights<F>& w, const int32_t* ids, int T, Scratch<F>* S,
+               int top_from = 0) {
   const int D = s.dim, Fh = s.hidden, L = s.layers, H = s.heads, KV = s.kv_heads, hd = s.head_dim;
   const int HD = H * hd, KD = KV * hd, group = H / KV;
   const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(hd)));
@@ -1084,28 +1094,30 @@ Fwd<F> Forward(const LlamaShape& s, const LlamaWeights<F>& w, const int32_t* ids
     const auto& lw = w.layers[l];
     F *xi = A.x_in + l * TD, *hl = A.h1 + l * TD, *ql = A.q + l * THD, *kl = A.k + l * TKD, *vl = A.v + l * TKD;
     F *al = A.att + l * H * TT, *ol = A.oc + l * THD;
+    const int from = l == L - 1 ? top_from : 0, Tf = T - from;  // rows [from, T) past the keys and values
+    const int64_t fD = int64_t{from} * D, fF = int64_t{from} * Fh, fHD = int64_t{from} * HD;
     std::memcpy(xi, x, TD * sizeof(F));
     RmsNorm(x, lw.attn_norm, T, D, s.norm_eps, A.r1 + int64_t{l} * T, hl);
-    Gemm<F>(false, true, T, HD, D, hl, D, lw.wq, D, 0, ql, HD);
+    Gemm<F>(false, true, Tf, HD, D, hl + fD, D, lw.wq, D, 0, ql + fHD, HD);
     Gemm<F>(false, true, T, KD, D, hl, D, lw.wk, D, 0, kl, KD);
     Gemm<F>(false, true, T, KD, D, hl, D, lw.wv, D, 0, vl, KD);
-    Rope(ql, T, H, hd, w.cos, w.sin, s.rope_half, false);
+    Rope(ql + fHD, Tf, H, hd, w.cos + int64_t{from} * (hd / 2), w.sin + int64_t{from} * (hd / 2), s.rope_half, false);
     Rope(kl, T, KV, hd, w.cos, w.sin, s.rope_half, false);
     F *ktl = A.kt + l * KDL, *vtl = A.vt + l * KDL;
     ToHeadMajor(kl, T, KV, hd, ld, ktl);
     ToHeadMajor(vl, T, KV, hd, ld, vtl);
     for (int h = 0; h < H; ++h) {
       const int64_t go = int64_t{h / group} * hd * ld;
-      AttnForward(ql + h * hd, HD, ktl + go, vtl + go, T, ld, hd, scale, al + h * TT, ol + h * hd, HD);
+      AttnForward(ql + h * hd, HD, ktl + go, vtl + go, from, T, ld, hd, scale, al + h * TT, ol + h * hd, HD);
     }
-    Gemm<F>(false, true, T, D, HD, ol, HD, lw.wo, HD, 1, x, D);
+    Gemm<F>(false, true, Tf, D, HD, ol + fHD, HD, lw.wo, HD, 1, x + fD, D);
     F *xm = A.x_mid + l * TD, *h2l = A.h2 + l * TD, *a1l = A.a1 + l * TF, *a3l = A.a3 + l * TF;
-    std::memcpy(xm, x, TD * sizeof(F));
-    RmsNorm(x, lw.ffn_norm, T, D, s.norm_eps, A.r2 + int64_t{l} * T, h2l);
-    Gemm<F>(false, true, T, Fh, D, h2l, D, lw.w1, D, 0, a1l, Fh);
-    Gemm<F>(false, true, T, Fh, D, h2l, D, lw.w3, D, 0, a3l, Fh);
-    SiluMul(a1l, a3l, m, TF);
-    Gemm<F>(false, true, T, D, Fh, m, Fh, lw.w2, Fh, 1, x, D);
+    std::memcpy(xm + fD, x + fD, (TD - fD) * sizeof(F));
+    RmsNorm(x + fD, lw.ffn_norm, Tf, D, s.norm_eps, A.r2 + int64_t{l} * T + from, h2l + fD);
+    Gemm<F>(false, true, Tf, Fh, D, h2l + fD, D, lw.w1, D, 0, a1l + fF, Fh);
+    Gemm<F>(false, true, Tf, Fh, D, h2l + fD, D, lw.w3, D, 0, a3l + fF, Fh);
+    SiluMul(a1l + fF, a3l + fF, m + fF, TF - fF);
+    Gemm<F>(false, true, Tf, D, Fh, m + fF, Fh, lw.w2, Fh, 1, x + fD, D);
   }
   return A;
 }
@@ -1384,7 +1396,7 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
   const int p0 = response_begin - 1;   // first position in the loss
   const int R = T - p0;                // positions in the loss
   const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(hd)));
-  const Fwd<F> A = Forward(s, w, ids, T, &S);
+  const Fwd<F> A = Forward(s, w, ids, T, &S, p0);  // the top layer's rows before p0 reach no loss
   const int ld = A.ld;
   const int64_t TD = A.TD, TF = A.TF, THD = A.THD, TKD = A.TKD, TT = A.TT, KDL = A.KDL;
   F *x = A.x, *x_in = A.x_in, *h1 = A.h1, *r1 = A.r1, *q = A.q, *k = A.k, *v = A.v, *kt = A.kt, *vt = A.vt;
@@ -1434,38 +1446,44 @@ double LlamaLossGradient(const LlamaShape& s, const LlamaWeights<F>& w, const in
     F *xi = x_in + l * TD, *hl = h1 + l * TD, *ql = q + l * THD, *kl = k + l * TKD, *vl = v + l * TKD;
     F *al = att + l * H * TT, *ol = oc + l * THD;
     F *xm = x_mid + l * TD, *h2l = h2 + l * TD, *a1l = a1 + l * TF, *a3l = a3 + l * TF;
+    // In the top layer only rows [p0, T) have an output gradient (Forward skipped the others past its keys and
+    // values); below it every row has one.
+    const int from = l == L - 1 ? p0 : 0, Tf = T - from;
+    const int64_t fD = int64_t{from} * D, fF = int64_t{from} * Fh, fHD = int64_t{from} * HD;
+    const F* dxf = dx + fD;
     // feed-forward: x += (silu(a1) a3) W2^T
     if (gl && gl->w2) {
-      SiluMul(a1l, a3l, m, TF);
-      WeightGrad<F>(dx, D, m, Fh, T, D, Fh, gl->w2);
+      SiluMul(a1l + fF, a3l + fF, m + fF, TF - fF);
+      WeightGrad<F>(dxf, D, m + fF, Fh, Tf, D, Fh, gl->w2);
     }
-    RowProducts<F>(1, &dx, &lw.w2, &D, T, Fh, dm);
-    SiluMulBack(a1l, a3l, dm, da3, TF);  // dm becomes da1
-    if (gl && gl->w1) WeightGrad<F>(dm, Fh, h2l, D, T, Fh, D, gl->w1);
-    if (gl && gl->w3) WeightGrad<F>(da3, Fh, h2l, D, T, Fh, D, gl->w3);
+    RowProducts<F>(1, &dxf, &lw.w2, &D, Tf, Fh, dm + fF);
+    SiluMulBack(a1l + fF, a3l + fF, dm + fF, da3 + fF, TF - fF);  // dm becomes da1
+    if (gl && gl->w1) WeightGrad<F>(dm + fF, Fh, h2l + fD, D, Tf, Fh, D, gl->w1);
+    if (gl && gl->w3) WeightGrad<F>(da3 + fF, Fh, h2l + fD, D, Tf, Fh, D, gl->w3);
     {
-      const F* as[2] = {dm, da3};
+      const F* as[2] = {dm + fF, da3 + fF};
       const F* bs[2] = {lw.w1, lw.w3};
       const int ks[2] = {Fh, Fh};
-      RowProducts<F>(2, as, bs, ks, T, D, dh);
+      RowProducts<F>(2, as, bs, ks, Tf, D, dh + fD);
     }
-    RmsNormBack(xm, r2 + int64_t{l} * T, lw.ffn_norm, dh, T, D, dx);
+    RmsNormBack(xm + fD, r2 + int64_t{l} * T + from, lw.ffn_norm, dh + fD, Tf, D, dx + fD);
     // attention: x += oc Wo^T
-    if (gl && gl->wo) WeightGrad<F>(dx, D, ol, HD, T, D, HD, gl->wo);
-    RowProducts<F>(1, &dx, &lw.wo, &D, T, HD, doc);
+    if (gl && gl->wo) WeightGrad<F>(dxf, D, ol + fHD, HD, Tf, D, HD, gl->wo);
+    RowProducts<F>(1, &dxf, &lw.wo, &D, Tf, HD, doc + fHD);
     F *ktl = kt + l * KDL, *vtl = vt + l * KDL;
     std::fill(dkt, dkt + KDL, F(0));
     std::fill(dvt, dvt + KDL, F(0));
+    std::fill(dq, dq + fHD, F(0));  // the rows' dq is zero (the row kernel leaves it unwritten)
     for (int h = 0; h < H; ++h) {
       const int64_t go = int64_t{h / group} * hd * ld;
-      AttnBackward(ql + h * hd, HD, ol + h * hd, ktl + go, vtl + go, al + h * TT, doc + h * hd, HD, 0, T, ld, hd, scale,
-                   dq + h * hd, HD, dkt + go, dvt + go, ds);
+      AttnBackward(ql + h * hd, HD, ol + h * hd, ktl + go, vtl + go, al + h * TT, doc + h * hd, HD, from, T, ld, hd,
+                   scale, dq + h * hd, HD, dkt + go, dvt + go, ds);
     }
     HeadMajorToRows(dkt, T, 1, KD, ld, 0, dk);
     HeadMajorToRows(dvt, T, 1, KD, ld, 0, dv);
-    Rope(dq, T, H, hd, w.cos, w.sin, s.rope_half, true);
+    Rope(dq + fHD, Tf, H, hd, w.cos + int64_t{from} * (hd / 2), w.sin + int64_t{from} * (hd / 2), s.rope_half, true);
     Rope(dk, T, KV, hd, w.cos, w.sin, s.rope_half, true);
-    if (gl && gl->wq) WeightGrad<F>(dq, HD, hl, D, T, HD, D, gl->wq);
+    if (gl && gl->wq) WeightGrad<F>(dq + fHD, HD, hl + fD, D, Tf, HD, D, gl->wq);
     if (gl && gl->wk) WeightGrad<F>(dk, KD, hl, D, T, KD, D, gl->wk);
     if (gl && gl->wv) WeightGrad<F>(dv, KD, hl, D, T, KD, D, gl->wv);
     {
