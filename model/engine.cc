@@ -645,10 +645,14 @@ absl::Status GradientEngine::GradientRowsBatch(const std::vector<TokenizedExampl
     FillInfos(batch, losses, infos);
     if (impl_->DirectApplies() && impl_->dtype == torch::kFloat) {
       // The direct pass's float32 blocks are already in host memory: normalised straight into the rows, without
-      // LibTorch's double round trip (which took 7% of caching's samples under perf). Kept per thread: a record's
-      // rows are a megabyte, faulted in once rather than per record.
-      thread_local std::vector<float> rows;
-      rows.resize(static_cast<size_t>(B * impl_->dim));
+      // LibTorch's double round trip (which took 7% of caching's samples under perf). Up to 64 MiB of rows stay
+      // with the thread (stories260K's are 1 MiB a record), faulted in once rather than per record.
+      constexpr size_t kKeptFloats = size_t{16} << 20;
+      thread_local std::vector<float> kept;
+      std::vector<float> once;
+      const size_t n = static_cast<size_t>(B * impl_->dim);
+      std::vector<float>& rows = n <= kKeptFloats ? kept : once;
+      rows.resize(n);
       impl_->RowsHostF32(per, B, normalize, rows.data());
       return consume(rows.data(), B);
     }
