@@ -11,6 +11,7 @@
 #include "sentencepiece/model_min.pb.h"
 
 #include "absl/strings/str_cat.h"
+#include "model/internal/sp_normalizer.h"
 #include "model/internal/unicode.h"
 
 namespace rapidin::model {
@@ -85,10 +86,10 @@ class Llama2cTokenizer : public Tokenizer {
 
 
 // SentencePiece BPE models (tokenizer.model), read with rapidin's copy of the model schema and encoded the
-// way SentencePiece's BPE model does: whitespace handling of the normaliser spec (dummy prefix, collapsed
-// spaces, spaces as U+2581), greedy highest-score merges (leftmost first on ties), and byte fallback for
-// characters left unknown (the character's span goes to its last byte piece, earlier ones get empty spans,
-// as libsentencepiece reports them). An nmt_nfkc spec normalises with ICU's NFKC first.
+// way libsentencepiece does: its normaliser (internal/sp_normalizer.h: the model's own character map, then the
+// whitespace rules), greedy highest-score merges (leftmost first on ties), and byte fallback for characters left
+// unknown (the character's span goes to its last byte piece, earlier ones get empty spans, as libsentencepiece
+// reports them).
 class SentencePieceBpe : public Tokenizer {
  public:
   static absl::StatusOr<std::unique_ptr<Tokenizer>> Load(const std::string& path, int32_t vocab_size) {
@@ -103,14 +104,17 @@ class SentencePieceBpe : public Tokenizer {
       return absl::InvalidArgumentError(absl::StrCat(path, " has ", m.pieces_size(),
                                                      " pieces; the model's vocabulary is ", vocab_size));
     }
+    if (m.trainer_spec().treat_whitespace_as_suffix()) {
+      return absl::UnimplementedError(absl::StrCat(path, ": treat_whitespace_as_suffix is not supported"));
+    }
     std::unique_ptr<SentencePieceBpe> t(new SentencePieceBpe());
     t->m_ = m;
-    const std::string& rule = m.normalizer_spec().name();
-    if (rule.find("nfkc") != std::string::npos) {
-      t->nfkc_ = true;
-    } else if (!rule.empty() && rule != "identity") {
-      return absl::UnimplementedError(absl::StrCat(path, ": normalization rule \"", rule, "\" is not supported"));
-    }
+    // The rule's name is informational: the map in the model is what libsentencepiece applies (none: identity).
+    const auto& ns = m.normalizer_spec();
+    auto norm = internal::SpNormalizer::Create(
+        {ns.precompiled_charsmap(), ns.add_dummy_prefix(), ns.remove_extra_whitespaces(), ns.escape_whitespaces()});
+    if (!norm.ok()) return absl::DataLossError(absl::StrCat(path, ": ", norm.status().message()));
+    t->norm_.emplace(std::move(*norm));
     for (int i = 0; i < m.pieces_size(); ++i) {
       const auto& p = m.pieces(i);
       using P = rapidin::sentencepiece::ModelProto::SentencePiece;
@@ -124,61 +128,31 @@ class SentencePieceBpe : public Tokenizer {
   }
 
   Encoding Encode(const std::string& raw, bool) const override {
-    // An NFKC normaliser spec (nmt_nfkc, SentencePiece's default) runs first, with the spans mapped back to the
-    // caller's bytes. Its extra rules beyond NFKC are not applied (tests/fixtures/tokenizers/nfkc.json checks
-    // the common cases against libsentencepiece).
-    if (!nfkc_) return EncodeNormalized(raw);
-    const internal::Normalized norm = internal::Normalize(raw, internal::NormalForm::kNfkc);
-    Encoding e = EncodeNormalized(norm.text);
-    // SentencePiece maps a normalised position to the start of its source run: a token ends where the next
-    // position starts, so the pieces of an expansion (fi from U+FB01) are empty except the last.
-    const int32_t n = static_cast<int32_t>(norm.text.size()), raw_n = static_cast<int32_t>(raw.size());
-    auto start = [&](int32_t i) {
-      if (i >= n) return raw_n;
-      int32_t r = i;  // the first byte of i's run (bytes of one changed run share their source range)
-      while (r > 0 && norm.begin[r - 1] == norm.begin[i] && norm.end[r - 1] == norm.end[i]) --r;
-      return norm.begin[r];
-    };
-    for (Span& sp : e.spans) sp = {start(sp.begin), start(sp.end)};
+    std::string text;
+    std::vector<int32_t> to_raw;
+    norm_->Normalize(raw, &text, &to_raw);
+    Encoding e = EncodeNormalized(text);
+    for (Span& sp : e.spans) sp = {to_raw[sp.begin], to_raw[sp.end]};
     return e;
   }
 
+  // text: normalised (spaces already U+2581); spans in text's bytes.
   Encoding EncodeNormalized(const std::string& text) const {
-    static const std::string kSpace = "\xe2\x96\x81";
-    const auto& ns = m_.normalizer_spec();
-    // 1. Characters with their source byte spans; spaces become U+2581 (collapsed and trimmed when asked).
+    // 1. Characters.
     struct Sym {
       std::string s;
       int32_t begin, end;
       bool unknown;
     };
     std::vector<Sym> syms;
-    size_t i = 0;
     const size_t n = text.size();
-    if (ns.remove_extra_whitespaces()) {
-      while (i < n && text[i] == ' ') ++i;
-    }
-    size_t stop = n;
-    if (ns.remove_extra_whitespaces()) {
-      while (stop > i && text[stop - 1] == ' ') --stop;
-    }
-    if (ns.add_dummy_prefix() && i < stop) syms.push_back({kSpace, static_cast<int32_t>(i), static_cast<int32_t>(i), false});
-    while (i < stop) {
+    for (size_t i = 0; i < n;) {
       size_t len = 1;
       const unsigned char c = text[i];
       if (c >= 0xF0) len = 4;
       else if (c >= 0xE0) len = 3;
       else if (c >= 0xC0) len = 2;
-      if (i + len > stop) len = 1;
-      if (text[i] == ' ' && ns.escape_whitespaces()) {
-        syms.push_back({kSpace, static_cast<int32_t>(i), static_cast<int32_t>(i + 1), false});
-        ++i;
-        if (ns.remove_extra_whitespaces()) {
-          while (i < stop && text[i] == ' ') ++i;
-          syms.back().end = static_cast<int32_t>(i);
-        }
-        continue;
-      }
+      if (i + len > n) len = 1;
       std::string ch = text.substr(i, len);
       const bool unknown = lookup_.find(ch) == lookup_.end();
       syms.push_back({ch, static_cast<int32_t>(i), static_cast<int32_t>(i + len), unknown});
@@ -251,7 +225,7 @@ class SentencePieceBpe : public Tokenizer {
   rapidin::sentencepiece::ModelProto m_;
   std::unordered_map<std::string, int32_t> lookup_;
   int32_t byte_id_[256] = {0};
-  bool nfkc_ = false;
+  std::optional<internal::SpNormalizer> norm_;
 };
 
 }  // namespace

@@ -245,12 +245,25 @@ TEST(HuggingFace, SentencePieceMatchesReference) {
   };
   const nlohmann::json ref = Reference();  // a range-for over Reference()["tokenizer"] would dangle
   for (const auto& r : ref["tokenizer"]) same(r);
-  // Varied texts (scripts/make_sentencepiece_reference.py): repeated and leading spaces, characters outside the
-  // vocabulary, long texts with hundreds of merges (no tabs or newlines: their nmt_nfkc mapping is not implemented).
+  // Varied texts (scripts/make_sentencepiece_reference.py): repeated and leading spaces, tabs, newlines, control and
+  // zero-width characters (rewritten by the model's nmt_nfkc map), characters outside the vocabulary, long texts
+  // with hundreds of merges.
   std::ifstream in(kDir + "/sentencepiece_texts.json");
   const nlohmann::json many = nlohmann::json::parse(in);
   ASSERT_GE(many.size(), 100u);
   for (const auto& r : many) same(r);
+  // Byte strings: malformed UTF-8 (each bad byte becomes U+FFFD), NUL bytes, whitespace only, the empty string.
+  std::ifstream bin(kDir + "/sentencepiece_bytes.json");
+  const nlohmann::json bytes = nlohmann::json::parse(bin);
+  ASSERT_GE(bytes.size(), 10u);
+  for (nlohmann::json r : bytes) {
+    const std::string hex = r["hex"].get<std::string>();
+    std::string text;
+    for (size_t i = 0; i + 1 < hex.size(); i += 2) text.push_back(static_cast<char>(std::stoi(hex.substr(i, 2), nullptr, 16)));
+    r["text"] = text;  // nlohmann keeps the bytes as they are
+    SCOPED_TRACE(hex);
+    same(r);
+  }
   EXPECT_EQ(Tokenizer::Load(kDir + "/tokenizer.model", 321).status().code(), absl::StatusCode::kInvalidArgument);
   // The whole HF directory with its tokenizer. Its 64-position context cannot hold the Alpaca prompt: a clear error.
   EngineOptions o;

@@ -4,11 +4,13 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <random>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 #include "model/tokenizer.h"
+#include "sentencepiece/model_min.pb.h"
 #include "tests/test_util.h"
 
 namespace rapidin::model {
@@ -130,6 +132,59 @@ TEST(SentencePieceNfkc, IdsAndSpansEqualSentencePiece) {
     }
     EXPECT_EQ(b, c["begin"].get<std::vector<int32_t>>()) << text;
     EXPECT_EQ(en, c["end"].get<std::vector<int32_t>>()) << text;
+  }
+}
+
+// A SentencePiece model whose character map is broken, or that puts whitespace after words, is refused by name;
+// one whose map was corrupted in place still encodes anything without reading outside it, and every span lies in
+// the input, in order.
+TEST(SentencePieceNfkc, BrokenMapsAndArbitraryBytes) {
+  const std::string path = RAPIDIN_SOURCE_DIR "/tests/fixtures/hf_tiny/tokenizer.model";
+  rapidin::sentencepiece::ModelProto m;
+  {
+    std::ifstream in(path, std::ios::binary);
+    ASSERT_TRUE(m.ParseFromIstream(&in));
+  }
+  ASSERT_GT(m.normalizer_spec().precompiled_charsmap().size(), 1000u);
+  rapidin::testing::TempDir dir;
+  auto load = [&](const rapidin::sentencepiece::ModelProto& mm) {
+    std::ofstream(dir.path("t.model"), std::ios::binary) << mm.SerializeAsString();
+    return Tokenizer::Load(dir.path("t.model"), 320);
+  };
+  for (const std::string blob : {std::string("\x05\x00"), std::string("\xff\xff\xff\x7f....", 8),
+                                 std::string("\x06\x00\x00\x00abcdefgh", 12)}) {
+    auto bad = m;
+    bad.mutable_normalizer_spec()->set_precompiled_charsmap(blob);
+    auto t = load(bad);
+    EXPECT_EQ(t.status().code(), absl::StatusCode::kDataLoss) << t.status();
+  }
+  auto suffix = m;
+  suffix.mutable_trainer_spec()->set_treat_whitespace_as_suffix(true);
+  EXPECT_EQ(load(suffix).status().code(), absl::StatusCode::kUnimplemented);
+
+  std::mt19937 rng(static_cast<uint32_t>(rapidin::testing::FuzzSeed()));
+  SCOPED_TRACE(rapidin::testing::FuzzReplay());
+  auto corrupt = m;
+  std::string* blob = corrupt.mutable_normalizer_spec()->mutable_precompiled_charsmap();
+  for (int i = 0; i < 2000; ++i) (*blob)[4 + rng() % (blob->size() - 4)] = static_cast<char>(rng());
+  for (const auto* mm : {&m, &corrupt}) {
+    auto t = load(*mm);
+    ASSERT_TRUE(t.ok()) << t.status();
+    for (int r = 0; r < 300; ++r) {
+      std::string text(rng() % 40, '\0');
+      for (char& c : text) c = static_cast<char>(rng() % 4 == 0 ? "\t\n \xe2\x80\x8b\xff"[rng() % 8] : rng());
+      const Encoding e = (*t)->Encode(text, true);
+      ASSERT_EQ(e.ids.size(), e.spans.size());
+      int32_t prev = 0;
+      for (size_t i = 0; i < e.spans.size(); ++i) {
+        EXPECT_GE(e.ids[i], 0);
+        EXPECT_LT(e.ids[i], 320);
+        EXPECT_LE(prev, e.spans[i].begin);
+        EXPECT_LE(e.spans[i].begin, e.spans[i].end);
+        EXPECT_LE(e.spans[i].end, static_cast<int32_t>(text.size()));
+        prev = e.spans[i].begin;
+      }
+    }
   }
 }
 
