@@ -12,7 +12,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "model/internal/sp_normalizer.h"
-#include "model/internal/unicode.h"
 
 namespace rapidin::model {
 
