@@ -87,6 +87,11 @@ absl::Status ScanTopK(const uint16_t* store, int64_t n, int64_t k, const float* 
   // row (with 4-row blocks at K = 65536, a quarter of the rows went that way and 8 vectors cost 2.2x one).
   block_rows = block_rows < 12 ? 12 : block_rows / 6 * 6;
   std::vector<float> scores(static_cast<size_t>(block_rows) * q);
+  std::vector<float> help_thr(q), harm_thr(q);
+  for (int j = 0; j < q; ++j) {
+    help_thr[j] = (*helpful)[j].Threshold();
+    harm_thr[j] = (*harmful)[j].Threshold();
+  }
 #if defined(__x86_64__)
   // The pair kernel's packed queries, made once per scan rather than once per block.
   internal::PackedQueries packed(nullptr, &std::free);
@@ -103,12 +108,21 @@ absl::Status ScanTopK(const uint16_t* store, int64_t n, int64_t k, const float* 
       absl::Status st = ScoreF16(store + r0 * k, rows, k, queries, q, scores.data(), impl);
       if (!st.ok()) return st;
     }
+    // Only scores that can still enter reach the selectors; the thresholds sit in two arrays instead of 2 x q heaps
+    // (8 vectors over 100k x 4096 on 2 threads: 34.1 -> 32.9 ms, 32 vectors 131.0 -> 124.9, alternating in one
+    // process). NaN passes neither test, as Push would drop it.
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t index = first_index + (r0 + r) * index_stride;
       const float* s = scores.data() + r * q;
       for (int j = 0; j < q; ++j) {
-        (*helpful)[j].Push(s[j], index);
-        (*harmful)[j].Push(s[j], index);
+        if (s[j] >= help_thr[j]) {
+          (*helpful)[j].Push(s[j], index);
+          help_thr[j] = (*helpful)[j].Threshold();
+        }
+        if (s[j] <= harm_thr[j]) {
+          (*harmful)[j].Push(s[j], index);
+          harm_thr[j] = (*harmful)[j].Threshold();
+        }
       }
     }
   }

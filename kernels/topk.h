@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace rapidin::kernels {
@@ -44,6 +45,17 @@ class TopK {
     } else if (Before({score, index}, heap_.front())) {
       ReplaceTop({score, index});
     }
+  }
+
+  // A score that ranks after this one can never be kept: the worst kept score once k are kept, else the end of
+  // the order (-inf for helpful, +inf for harmful). A caller may skip Push for scores strictly past it (below it
+  // for helpful, above it for harmful); an equal score may still enter by its index.
+  float Threshold() const {
+    if (k_ == 0) return largest_ ? std::numeric_limits<float>::infinity() : -std::numeric_limits<float>::infinity();
+    if (static_cast<int>(heap_.size()) < k_) {
+      return largest_ ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity();
+    }
+    return heap_.front().score;
   }
 
   int k() const { return k_; }

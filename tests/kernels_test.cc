@@ -283,6 +283,35 @@ TEST_P(ScanTopKTest, ShardedScanEqualsBruteForce) {
 INSTANTIATE_TEST_SUITE_P(Shapes, ScanTopKTest,
                          ::testing::Values(Shape{1001, 37, 3}, Shape{1001, 37, 10}, Shape{31, 40007, 10}));
 
+// Selectors that already hold later rows (a second segment scanned first) must still take equal scores from earlier
+// rows, which rank first: ScanTopK skips only scores strictly past a selector's threshold. Every row is the same,
+// so every score ties; both ends keep rows 0..k-1. And a NaN row is never kept.
+TEST(ScanTopK, TiesFromEarlierRowsEnterFullSelectors) {
+  const int64_t n = 40, k = 24;
+  const int q = 8, top = 5;
+  const auto one = RandomHalves(k);
+  std::vector<uint16_t> store;
+  for (int64_t r = 0; r < n; ++r) store.insert(store.end(), one.begin(), one.end());
+  for (int64_t c = 0; c < k; ++c) store[7 * k + c] = 0x7E00;  // a NaN row
+  const auto queries = RandomFloats(q * k);
+  std::vector<TopK> h, m;
+  for (int j = 0; j < q; ++j) {
+    h.emplace_back(top, true);
+    m.emplace_back(top, false);
+  }
+  ASSERT_TRUE(ScanTopK(store.data() + n / 2 * k, n / 2, k, queries.data(), q, n / 2, 1, &h, &m).ok());
+  ASSERT_TRUE(ScanTopK(store.data(), n / 2, k, queries.data(), q, 0, 1, &h, &m).ok());
+  for (int j = 0; j < q; ++j) {
+    for (const TopK* t : {&h[j], &m[j]}) {
+      const auto got = t->Sorted();
+      ASSERT_EQ(got.size(), static_cast<size_t>(top));
+      std::vector<int64_t> want = {0, 1, 2, 3, 4}, idx;
+      for (const auto& c : got) idx.push_back(c.index);
+      EXPECT_EQ(idx, want) << "query " << j << (t->largest() ? " helpful" : " harmful");
+    }
+  }
+}
+
 }  // namespace
 }  // namespace rapidin::kernels
 
