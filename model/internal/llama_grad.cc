@@ -675,8 +675,9 @@ void AttnForward(const double* q, int ldq, const double* kt, const double* vt, i
                  double scale, double* P, double* o, int ldo) {
   AttnForwardBody(q, ldq, kt, vt, i0, T, ld, hd, scale, P, o, ldo);
 }
-// Query rows [i0, T) (rows before i0 have a zero output gradient); dq rows have stride lddq (a batch of token
-// losses interleaves its rows).
+// Query rows [i0, T) (rows before i0 have a zero output gradient, and their dq is either written as zero or left
+// as it was: callers that read it clear it first); dq rows have stride lddq (a batch of token losses interleaves
+// its rows).
 // o: the forward output rows (stride ldq). dp: AttnScratch(hd, ld) values.
 void AttnBackward(const float* q, int ldq, const float* o, const float* kt, const float* vt, const float* P,
                   const float* dout, int ldo, int i0, int T, int ld, int hd, float scale, float* dq, int lddq,
