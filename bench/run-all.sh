@@ -51,7 +51,7 @@ perf = {
     "scan_ms_8_before": k["scan_ms_8_before"], "scan_ms_16": k["scan_ms_16"], "scan_ms_32": k["scan_ms_32"],
     "scan_ms_1_k65536": k.get("scan_ms_1_k65536"), "scan_ms_8_k65536": k.get("scan_ms_8_k65536"),
     "scan_ms_8_k65536_before": k.get("scan_ms_8_k65536_before"),
-    "read_gbps": k["read_gbps"], "kernel_peak_gflops": k["kernel_peak_gflops"],
+    "read_gbps": k["read_gbps"], "kernel_peak_gflops": k["kernel_peak_gflops"], "fma_peak_gflops": k.get("fma_peak_gflops"),
     "faiss_pypi_flat_ms_1": s.get("faiss_pypi_flat_ms_1"), "faiss_pypi_flat_ms_8": s.get("faiss_pypi_flat_ms_8"),
     "faiss_pypi_sqfp16_ms_1": s.get("faiss_pypi_sqfp16_ms_1"), "faiss_pypi_sqfp16_ms_8": s.get("faiss_pypi_sqfp16_ms_8"),
     "rapidin_scan_ms_1_peers_run": s.get("rapidin_ms_1"), "rapidin_scan_ms_8_peers_run": s.get("rapidin_ms_8"),
