@@ -203,40 +203,27 @@ absl::Status Featurizer::CompressWith(const GradientEngine& e, const std::vector
   const auto t0 = Clock::now();
   const int64_t k = sketch_->params().k;
   out->assign(batch.size(), {});
-  if (device_sketch_) {
-    std::vector<float> all;
+  if (device_sketch_ || e.grad_path() == "direct") {
+    // Rows in float32 where the engine writes them, sketched there: in device memory by the device sketch, or in host
+    // memory (the direct pass's, normalised as they are written) one row at a time.
     double sketch_s = 0;
     absl::Status st = e.GradientRowsBatch(
         batch, layer_norm_,
         [&](const float* rows, int64_t n) {
           const auto ts = Clock::now();
-          all.resize(n * k);
-          absl::Status s = device_sketch_->Apply(rows, n, all.data());
-          sketch_s = std::chrono::duration<double>(Clock::now() - ts).count();
-          return s;
-        },
-        gi);
-    if (!st.ok()) return st;
-    for (size_t j = 0; j < batch.size(); ++j) (*out)[j].assign(all.begin() + j * k, all.begin() + (j + 1) * k);
-    if (timing) {
-      timing->grad += std::chrono::duration<double>(Clock::now() - t0).count() - sketch_s;
-      timing->sketch += sketch_s;
-    }
-    return absl::OkStatus();
-  }
-  if (e.grad_path() == "direct") {
-    // The direct pass's rows are float32 in host memory, normalised as they are written: sketched where they lie.
-    double sketch_s = 0;
-    absl::Status st = e.GradientRowsBatch(
-        batch, layer_norm_,
-        [&](const float* rows, int64_t n) {
-          const auto ts = Clock::now();
-          for (int64_t j = 0; j < n; ++j) {
-            (*out)[j].resize(k);
-            sketch_->Apply(rows + j * e.grad_dim(), (*out)[j].data());
+          absl::Status s;
+          if (device_sketch_) {
+            std::vector<float> all(n * k);
+            s = device_sketch_->Apply(rows, n, all.data());
+            for (int64_t j = 0; s.ok() && j < n; ++j) (*out)[j].assign(all.begin() + j * k, all.begin() + (j + 1) * k);
+          } else {
+            for (int64_t j = 0; j < n; ++j) {
+              (*out)[j].resize(k);
+              sketch_->Apply(rows + j * e.grad_dim(), (*out)[j].data());
+            }
           }
           sketch_s = std::chrono::duration<double>(Clock::now() - ts).count();
-          return absl::OkStatus();
+          return s;
         },
         gi);
     if (!st.ok()) return st;

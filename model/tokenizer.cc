@@ -113,7 +113,7 @@ class SentencePieceBpe : public Tokenizer {
     auto norm = internal::SpNormalizer::Create(
         {ns.precompiled_charsmap(), ns.add_dummy_prefix(), ns.remove_extra_whitespaces(), ns.escape_whitespaces()});
     if (!norm.ok()) return absl::DataLossError(absl::StrCat(path, ": ", norm.status().message()));
-    t->norm_.emplace(std::move(*norm));
+    t->norm_ = std::move(*norm);
     for (int i = 0; i < m.pieces_size(); ++i) {
       const auto& p = m.pieces(i);
       using P = rapidin::sentencepiece::ModelProto::SentencePiece;
@@ -129,7 +129,7 @@ class SentencePieceBpe : public Tokenizer {
   Encoding Encode(const std::string& raw, bool) const override {
     std::string text;
     std::vector<int32_t> to_raw;
-    norm_->Normalize(raw, &text, &to_raw);
+    norm_.Normalize(raw, &text, &to_raw);
     Encoding e = EncodeNormalized(text);
     for (Span& sp : e.spans) sp = {to_raw[sp.begin], to_raw[sp.end]};
     return e;
@@ -224,7 +224,7 @@ class SentencePieceBpe : public Tokenizer {
   rapidin::sentencepiece::ModelProto m_;
   std::unordered_map<std::string, int32_t> lookup_;
   int32_t byte_id_[256] = {0};
-  std::optional<internal::SpNormalizer> norm_;
+  internal::SpNormalizer norm_;  // identity until Load sets the model's
 };
 
 }  // namespace
