@@ -56,8 +56,9 @@ absl::StatusOr<SpNormalizer> SpNormalizer::Create(Spec spec) {
     }
     n.units_.resize(trie_bytes / 4);
     std::memcpy(n.units_.data(), blob.data() + 4, trie_bytes);
-    n.pool_begin_ = 4 + size_t{trie_bytes};
+    n.pool_ = blob.substr(4 + size_t{trie_bytes});
   }
+  spec.precompiled_charsmap.clear();
   n.spec_ = std::move(spec);
   return n;
 }
@@ -86,12 +87,10 @@ std::pair<std::string_view, size_t> SpNormalizer::NormalizePrefix(std::string_vi
     }
   }
   if (longest > 0) {
-    const std::string& blob = spec_.precompiled_charsmap;
-    const size_t at = pool_begin_ + value;
-    if (at < blob.size()) {
-      const char* s = blob.data() + at;
-      const void* nul = std::memchr(s, '\0', blob.size() - at);
-      const size_t len = nul ? static_cast<const char*>(nul) - s : blob.size() - at;
+    if (value < pool_.size()) {
+      const char* s = pool_.data() + value;
+      const void* nul = std::memchr(s, '\0', pool_.size() - value);
+      const size_t len = nul ? static_cast<const char*>(nul) - s : pool_.size() - value;
       return {std::string_view(s, len), longest};
     }
   }

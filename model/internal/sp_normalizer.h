@@ -37,9 +37,9 @@ class SpNormalizer {
   std::pair<std::string_view, size_t> NormalizePrefix(std::string_view input) const;
 
  private:
-  Spec spec_;
+  Spec spec_;                    // its precompiled_charsmap is moved into the two below
   std::vector<uint32_t> units_;  // the double array
-  size_t pool_begin_ = 0;        // the rewritten strings (NUL-terminated) start here in spec_.precompiled_charsmap
+  std::string pool_;             // the rewritten strings, NUL-terminated
 };
 
 }  // namespace rapidin::model::internal
