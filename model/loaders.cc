@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
 #include <mutex>
 #include <thread>
 #include <filesystem>
@@ -144,19 +145,40 @@ absl::Status ParseHfConfig(const nlohmann::json& j, ModelConfig* c, Arch* arch) 
         absl::StrCat(key, " ", j[key].dump(), " is not supported for ", name));
   };
   auto present = [&](const char* key) { return j.contains(key) && !j[key].is_null(); };
+  // An integer field as int: nlohmann's get<int> wraps a larger number silently (a mutated max_position_embeddings
+  // of 66666666666664 became 184298152 positions, and rotary tables of gigabytes).
+  auto int_of = [&](const char* key) {
+    const nlohmann::json& v = j.at(key);
+    bool fits = false;
+    double x = 0;
+    if (v.is_number_unsigned()) {
+      fits = v.get<uint64_t>() <= uint64_t{INT32_MAX};
+      x = fits ? static_cast<double>(v.get<uint64_t>()) : 0;
+    } else if (v.is_number_integer()) {
+      x = static_cast<double>(v.get<int64_t>());
+      fits = x >= INT32_MIN && x <= INT32_MAX;
+    } else if (v.is_number_float()) {  // 2048.0 is 2048
+      x = v.get<double>();
+      fits = x >= INT32_MIN && x <= INT32_MAX && x == std::floor(x);
+    } else {
+      (void)v.get<int>();  // throws type_error for what is not a number, as before
+    }
+    if (!fits) throw std::out_of_range(absl::StrCat(key, " ", v.dump(), " is not a 32-bit integer"));
+    return static_cast<int>(x);
+  };
   try {
-    c->dim = j.at("hidden_size").get<int>();
-    c->hidden_dim = j.at("intermediate_size").get<int>();
-    c->n_layers = j.at("num_hidden_layers").get<int>();
-    c->n_heads = j.at("num_attention_heads").get<int>();
-    c->n_kv_heads = present("num_key_value_heads") ? j["num_key_value_heads"].get<int>() : c->n_heads;
-    c->vocab_size = j.at("vocab_size").get<int>();
-    c->seq_len = j.value("max_position_embeddings", 2048);
+    c->dim = int_of("hidden_size");
+    c->hidden_dim = int_of("intermediate_size");
+    c->n_layers = int_of("num_hidden_layers");
+    c->n_heads = int_of("num_attention_heads");
+    c->n_kv_heads = present("num_key_value_heads") ? int_of("num_key_value_heads") : c->n_heads;
+    c->vocab_size = int_of("vocab_size");
+    c->seq_len = present("max_position_embeddings") ? int_of("max_position_embeddings") : 2048;
     c->norm_eps = j.value("rms_norm_eps", 1e-6f);
     c->rope_theta = j.value("rope_theta", 10000.0f);
     // save_pretrained leaves out a value equal to the class default: Gemma ties by default, the others do not.
     c->tied_output = j.value("tie_word_embeddings", gemma);
-    c->head_dim = present("head_dim") ? j["head_dim"].get<int>() : (gemma ? 256 : 0);
+    c->head_dim = present("head_dim") ? int_of("head_dim") : (gemma ? 256 : 0);
     // Projection biases: only Qwen2's q/k/v, which its class always has.
     arch->qkv_bias = name == "Qwen2ForCausalLM";
     for (const char* key : {"attention_bias", "mlp_bias"}) {
@@ -200,7 +222,7 @@ absl::Status ParseHfConfig(const nlohmann::json& j, ModelConfig* c, Arch* arch) 
       // within the window, where they agree.
       handled.insert({"sliding_window", "original_max_position_embeddings"});
       arch->fused = true;
-      if (present("sliding_window")) c->seq_len = std::min(c->seq_len, j["sliding_window"].get<int>());
+      if (present("sliding_window")) c->seq_len = std::min(c->seq_len, int_of("sliding_window"));
     }
     if (name == "LlamaForCausalLM") {
       handled.insert("rope_scaling");
@@ -519,6 +541,13 @@ absl::StatusOr<std::unique_ptr<GradientEngine>> GradientEngine::LoadHf(const Eng
   if (c.dim <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 || c.HeadDim() <= 0 || c.HeadDim() % 2 != 0 ||
       c.n_heads % c.n_kv_heads != 0 || c.n_layers <= 0 || c.vocab_size <= 0 || c.hidden_dim <= 0) {
     return absl::DataLossError("config.json: implausible model dimensions");
+  }
+  // The rotary tables are built for every position at load: a context beyond 4M positions is refused rather than
+  // allocated (the largest released configs hold about 1M).
+  constexpr int kMaxPositions = 1 << 22;
+  if (c.seq_len <= 0 || c.seq_len > kMaxPositions) {
+    return absl::DataLossError(absl::StrCat("config.json: max_position_embeddings ", c.seq_len,
+                                            " is outside [1, ", kMaxPositions, "]"));
   }
   // Weights: one file, or an index naming the shards.
   std::map<std::string, torch::Tensor> t;

@@ -7,6 +7,8 @@
 #include <random>
 #include <filesystem>
 #include <fstream>
+#include <tuple>
+#include <chrono>
 #include <nlohmann/json.hpp>
 
 #include "model/engine.h"
@@ -132,6 +134,34 @@ TEST(HuggingFace, BaseModelAndClearErrors) {
   o.adapter_path = "";
   o.tokenizer_path = dir.path("config.json");  // not a tokenizer
   EXPECT_FALSE(GradientEngine::Load(o).ok());
+  // Integer fields must fit an int (no silent wrap), the context must be one the rotary tables can hold; a whole
+  // number written as a float is still that number.
+  rapidin::testing::TempDir cp;
+  for (const char* name : {"config.json", "model.safetensors.index.json", "model-00001-of-00003.safetensors",
+                           "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"}) {
+    std::filesystem::copy_file(kDir + "/" + name, cp.path(name));
+  }
+  const nlohmann::json good = nlohmann::json::parse(std::ifstream(kDir + "/config.json"));
+  o = EngineOptions();
+  o.model_path = cp.path();
+  for (const auto& [key, value, ok] : std::vector<std::tuple<std::string, nlohmann::json, bool>>{
+           {"max_position_embeddings", 66666666666664, false}, {"max_position_embeddings", 1 << 23, false},
+           {"max_position_embeddings", -64, false},            {"max_position_embeddings", 64.5, false},
+           {"max_position_embeddings", 18446744073709551610u, false}, {"hidden_size", 4294967312, false},
+           {"max_position_embeddings", 64.0, true},            {"max_position_embeddings", 1e30, false}}) {
+    nlohmann::json c = good;
+    c[key] = value;
+    std::ofstream(cp.path("config.json")) << c.dump();
+    const auto t0 = std::chrono::steady_clock::now();
+    auto e = GradientEngine::Load(o);
+    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0) << key << " " << value;
+    if (ok) {
+      EXPECT_TRUE(e.ok()) << key << " " << value << ": " << e.status();
+      continue;
+    }
+    EXPECT_EQ(e.status().code(), absl::StatusCode::kDataLoss) << key << " " << value << ": " << e.status();
+    EXPECT_NE(e.status().message().find(key), std::string::npos) << e.status();
+  }
 }
 
 // What the loader does not implement is refused by name, never approximated by the Llama forward: another
